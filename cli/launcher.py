@@ -1,0 +1,93 @@
+"""vtorque-launch: the body of a VM job's wrapper script. Runs the user's script in the job's first guest.
+
+It runs as the job's owner on the job's first node, after the prologue saw every guest ready. The user's
+script arrives base64-encoded on stdin (from the wrapper's here-document); its stdout, stderr and exit code
+become the job's, through ssh with the job's own key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+# Run the script from a private temp file so it keeps its own interpreter line; its stdin is /dev/null as for
+# any batch job.
+REMOTE = 'f=$(mktemp) && cat > "$f" && chmod 700 "$f" && "$f" </dev/null; rc=$?; rm -f "$f"; exit $rc'
+SSH_OPTIONS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+               "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=20", "-o", "ServerAliveInterval=30"]
+
+
+def job_id_from_env(env=os.environ) -> str | None:
+    return env.get("PBS_JOBID") or env.get("SLURM_JOB_ID")
+
+
+def find_first_guest(job_dir: Path, wait: float) -> dict | None:
+    deadline = time.monotonic() + wait
+    while True:
+        guests = []
+        for path in job_dir.glob("*.json"):
+            try:
+                guests.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue
+        if guests:
+            return min(guests, key=lambda g: g["index"])
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.5)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--ssh-key", required=True, type=click.Path(dir_okay=False), help="The job's private ssh key.")
+@click.option("--traceparent", default=None, help="W3C trace context of the job's submission.")
+@click.option("--wait", default=30.0, show_default=True, help="Seconds to wait for the guest's address.")
+def main(ssh_key: str, traceparent: str | None, wait: float) -> None:
+    from vtorque.shared import tracing
+    from vtorque.shared.config import ConfigError, load_config
+    from vtorque.shared.job_script import user_script_from_stdin
+    from vtorque.shared.logs import job_context
+
+    script = user_script_from_stdin(sys.stdin.read())
+    job_id = job_id_from_env()
+    if not job_id:
+        raise click.ClickException("no PBS_JOBID or SLURM_JOB_ID: vtorque-launch runs inside a batch job")
+    try:
+        config = load_config()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc))
+    guest = find_first_guest(config.job_dir(job_id), wait)
+    if guest is None:
+        raise click.ClickException(f"job {job_id} has no ready guest on this node ({config.job_dir(job_id)})")
+    tracing.setup_tracing("vtorque-launcher", config.tracing)
+    rc = 255
+    with job_context(job_id):
+        token = tracing.otel_context.attach(tracing.context_from_traceparent(traceparent))
+        try:
+            with tracing.tracer().start_as_current_span("run job in guest", attributes={
+                    "vtorque.guest": guest["guest"], "vtorque.node": guest["node"]}) as span:
+                argv = ["ssh", "-i", ssh_key, "-p", str(guest["ssh_port"]), *SSH_OPTIONS,
+                        f"{guest['user']}@{guest['address']}", REMOTE]
+                rc = subprocess.run(argv, input=script).returncode
+                span.set_attribute("vtorque.exit_code", rc)
+                if rc == 255:
+                    tracing.mark_error(span, "ssh to the guest failed")
+                    print(f"vtorque: could not reach guest {guest['guest']} over ssh", file=sys.stderr)
+        finally:
+            tracing.otel_context.detach(token)
+            tracing.shutdown_tracing()
+    # The key was made for this job only.
+    key_dir = Path(ssh_key).parent
+    if key_dir.parent.name == "keys":
+        shutil.rmtree(key_dir, ignore_errors=True)
+    sys.exit(rc)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""What every scheduler's prologue and epilogue do for a VM job, once the scheduler adapter (torque.py,
+slurm.py) has turned its arguments and environment into a JobContext.
+
+The prologue publishes JobStarted and waits until every planned guest is ready, or something fails, or the
+deadline passes; the answer is an Outcome that the adapter maps to the scheduler's exit codes. The
+epilogue publishes JobEnded and waits, bounded, for each node's teardown confirmation.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, TextIO
+
+from opentelemetry.trace import Link, get_current_span
+
+from vtorque.shared import messages as m
+from vtorque.shared import tracing
+from vtorque.shared.config import Config
+from vtorque.shared.hook_channel import BrokerUnreachable, HookChannel
+from vtorque.shared.job_script import JobHeader
+from vtorque.shared.logs import job_context
+from vtorque.shared.spec import SpecError, validate
+
+
+class Verdict(enum.Enum):
+    READY = "ready"
+    REJECTED = "rejected"  # a retry cannot cure it: bad spec, unknown image
+    FAILED = "failed"  # infrastructure: a retry may cure it
+
+
+@dataclass
+class Outcome:
+    verdict: Verdict
+    reason: str = ""
+    ready: list[m.GuestReady] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class JobContext:
+    scheduler: str
+    job_id: str
+    owner: m.Owner
+    nodes: list[m.NodeAllocation]
+    header: JobHeader
+
+
+class Progress:
+    """One line per step, prefixed, into the job's output where the scheduler gives us one."""
+
+    def __init__(self, stream: TextIO = sys.stdout):
+        self.stream = stream
+        self.t0 = time.monotonic()
+
+    def __call__(self, text: str) -> None:
+        print(f"vtorque [{time.monotonic() - self.t0:6.1f}s] {text}", file=self.stream, flush=True)
+
+
+def run_prologue(job: JobContext, config: Config, deadline_s: float, progress: Callable[[str], None],
+                 channel_factory=HookChannel) -> Outcome:
+    with job_context(job.job_id):
+        parent = tracing.context_from_traceparent(job.header.traceparent)
+        token = tracing.otel_context.attach(parent)
+        try:
+            with tracing.tracer().start_as_current_span("prologue", attributes={
+                    "vtorque.scheduler": job.scheduler, "vtorque.nodes": len(job.nodes)}) as span:
+                outcome = _prologue(job, config, deadline_s, progress, channel_factory)
+                span.set_attribute("vtorque.verdict", outcome.verdict.value)
+                if outcome.verdict is not Verdict.READY:
+                    tracing.mark_error(span, outcome.reason)
+                return outcome
+        finally:
+            tracing.otel_context.detach(token)
+
+
+def _prologue(job: JobContext, config: Config, deadline_s: float, progress, channel_factory) -> Outcome:
+    try:
+        spec = validate(job.header.spec, config)
+    except SpecError as exc:
+        return Outcome(Verdict.REJECTED, f"bad VM spec: {exc}")
+    digest = config.images.catalog[spec.img].sha256
+    deadline = time.monotonic() + deadline_s
+    progress(f"job {job.job_id}: {len(job.nodes)} node(s), image {spec.img}, {spec.vcpus} vCPU, "
+             f"{spec.ram_mib} MiB; waiting up to {deadline_s:.0f}s for the guests")
+    try:
+        channel = channel_factory(config.broker.connection_url(),
+                                  [f"job.{m.routing_word(job.job_id)}.#", f"image.{digest}.#"],
+                                  attempts=config.hooks.broker_attempts, timeout=config.broker.connect_timeout)
+    except BrokerUnreachable as exc:
+        return Outcome(Verdict.FAILED, str(exc))
+    try:
+        channel.publish(m.JobStarted.new(
+            job_id=job.job_id, deadline=deadline_s, scheduler=job.scheduler, owner=job.owner, nodes=job.nodes,
+            spec=dict(job.header.spec), ssh_authorized_keys=list(job.header.ssh_pubkeys)))
+        return _wait_for_guests(channel, deadline, deadline_s, progress)
+    except Exception as exc:  # noqa: BLE001 - a broker error mid-wait is an infrastructure failure, not a crash
+        return Outcome(Verdict.FAILED, f"lost the broker while waiting: {exc!r}")
+    finally:
+        channel.close()
+
+
+def _wait_for_guests(channel, deadline: float, deadline_s: float, progress) -> Outcome:
+    expected: set[str] | None = None
+    ready: dict[str, m.GuestReady] = {}
+    links: list[Link] = []
+    for event, headers in channel.events(deadline):
+        if isinstance(event, m.JobPlanned):
+            expected = {g.name for g in event.guests}
+            progress(f"planned {len(expected)} guest(s) on {', '.join(sorted({g.node for g in event.guests}))}")
+        elif isinstance(event, m.JobRejected):
+            return Outcome(Verdict.REJECTED, event.reason)
+        elif isinstance(event, m.ImageStaged):
+            how = "already cached" if event.cached else f"{event.bytes / 2**20:.0f} MiB in {event.seconds:.1f}s"
+            progress(f"image {event.image} staged ({how})")
+        elif isinstance(event, m.ImageStageFailed):
+            return Outcome(Verdict.REJECTED, f"image {event.image}: {event.reason}")
+        elif isinstance(event, m.GuestFailed):
+            tail = f"\n--- console of {event.guest} ---\n{event.console_tail}" if event.console_tail else ""
+            progress(f"guest {event.guest} on {event.node} failed: {event.reason}{tail}")
+            verdict = Verdict.FAILED if event.retryable else Verdict.REJECTED
+            return Outcome(verdict, f"guest {event.guest} on {event.node}: {event.reason}")
+        elif isinstance(event, m.GuestReady):
+            ready[event.guest] = event
+            ctx = get_current_span(tracing.extract(headers)).get_span_context()
+            if ctx.is_valid:
+                links.append(Link(ctx))
+            progress(f"guest {event.guest} ready on {event.node} after {event.timings.ready:.1f}s")
+        if expected is not None and expected <= set(ready):
+            # Fan-in: one span linking every guest's readiness.
+            with tracing.tracer().start_as_current_span("all guests ready", links=links, attributes={
+                    "messaging.batch.message_count": len(links)}):
+                pass
+            progress("all guests ready; starting the job")
+            return Outcome(Verdict.READY, ready=[ready[name] for name in sorted(expected)])
+    waiting = "the plan" if expected is None else f"{len(expected - set(ready))} guest(s)"
+    return Outcome(Verdict.FAILED, f"timed out after {deadline_s:.0f}s waiting for {waiting}")
+
+
+def run_epilogue(job: JobContext, config: Config, exit_status: int | None, progress,
+                 channel_factory=HookChannel) -> bool:
+    """True when every node confirmed its teardown in time."""
+    with job_context(job.job_id):
+        parent = tracing.context_from_traceparent(job.header.traceparent)
+        token = tracing.otel_context.attach(parent)
+        try:
+            with tracing.tracer().start_as_current_span("epilogue", attributes={
+                    "vtorque.scheduler": job.scheduler, "vtorque.exit_status": exit_status or 0}) as span:
+                nodes = [n.host for n in job.nodes]
+                deadline = time.monotonic() + config.hooks.epilogue_timeout
+                try:
+                    channel = channel_factory(config.broker.connection_url(),
+                                              [f"job.{m.routing_word(job.job_id)}.guests_torn_down"],
+                                              attempts=config.hooks.broker_attempts,
+                                              timeout=config.broker.connect_timeout)
+                except BrokerUnreachable as exc:
+                    progress(f"cannot ask for teardown: {exc}; the node workers' reconciliation will remove the guests")
+                    tracing.mark_error(span, str(exc))
+                    return False
+                try:
+                    channel.publish(m.JobEnded.new(job_id=job.job_id, deadline=config.hooks.epilogue_timeout,
+                                                   scheduler=job.scheduler, nodes=nodes, exit_status=exit_status))
+                    pending = set(nodes)
+                    for event, _ in channel.events(deadline):
+                        if isinstance(event, m.GuestsTornDown):
+                            pending.discard(event.node)
+                            progress(f"{event.node}: removed {len(event.guests)} guest(s)")
+                            if not pending:
+                                return True
+                    progress(f"teardown not confirmed by {', '.join(sorted(pending))} in time")
+                    tracing.mark_error(span, "teardown not confirmed")
+                    return False
+                finally:
+                    channel.close()
+        finally:
+            tracing.otel_context.detach(token)

@@ -1,0 +1,110 @@
+"""libvirt domain XML for one guest. Pure: takes a plan and paths, returns XML; never reads the host."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from datetime import datetime
+
+from vtorque.shared import messages as m
+
+METADATA_NS = "https://vtorque.org/xmlns/guest/1"
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+
+
+@dataclass(frozen=True)
+class GuestDisks:
+    overlay: str  # qcow2 on the base image, the guest's root disk
+    seed: str  # NoCloud seed ISO (label cidata), read-only
+    console_log: str
+
+
+@dataclass(frozen=True)
+class BootSource:
+    """Direct kernel boot for images that carry no boot loader (the project's test guest)."""
+
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str | None = None
+
+
+@dataclass(frozen=True)
+class GuestMetadata:
+    job_id: str
+    owner: str
+    deadline: datetime
+    index: int
+    ssh_port: int
+
+
+def domain_xml(guest: m.GuestPlan, disks: GuestDisks, boot: BootSource, meta: GuestMetadata,
+               domain_type: str = "qemu") -> str:
+    ET.register_namespace("qemu", QEMU_NS)
+    dom = ET.Element("domain", {"type": domain_type})
+    ET.SubElement(dom, "name").text = guest.name
+
+    metadata = ET.SubElement(ET.SubElement(dom, "metadata"), f"{{{METADATA_NS}}}guest")
+    for key, value in (("job", meta.job_id), ("owner", meta.owner), ("deadline", meta.deadline.isoformat()),
+                       ("index", str(meta.index)), ("ssh-port", str(meta.ssh_port))):
+        ET.SubElement(metadata, f"{{{METADATA_NS}}}{key}").text = value
+
+    ET.SubElement(dom, "memory", {"unit": "MiB"}).text = str(guest.ram_mib)
+    ET.SubElement(dom, "vcpu", {"placement": "static"}).text = str(guest.vcpus)
+    if guest.cores:
+        tune = ET.SubElement(dom, "cputune")
+        for vcpu in range(guest.vcpus):
+            ET.SubElement(tune, "vcpupin", {"vcpu": str(vcpu), "cpuset": str(guest.cores[vcpu % len(guest.cores)])})
+
+    os_el = ET.SubElement(dom, "os")
+    ET.SubElement(os_el, "type", {"arch": "x86_64", "machine": "pc"}).text = "hvm"
+    if boot.kernel:
+        ET.SubElement(os_el, "kernel").text = boot.kernel
+        if boot.initrd:
+            ET.SubElement(os_el, "initrd").text = boot.initrd
+        ET.SubElement(os_el, "cmdline").text = boot.cmdline or "console=ttyS0 root=/dev/vda rw quiet panic=-1"
+    else:
+        ET.SubElement(os_el, "boot", {"dev": "hd"})
+    ET.SubElement(ET.SubElement(dom, "features"), "acpi")
+    if domain_type == "kvm":
+        ET.SubElement(dom, "cpu", {"mode": "host-passthrough"})
+    else:
+        cpu = ET.SubElement(dom, "cpu", {"mode": "custom", "match": "exact"})
+        ET.SubElement(cpu, "model", {"fallback": "allow"}).text = "qemu64"
+    for event in ("on_poweroff", "on_reboot", "on_crash"):
+        ET.SubElement(dom, event).text = "destroy"
+
+    dev = ET.SubElement(dom, "devices")
+    ET.SubElement(dev, "controller", {"type": "usb", "model": "none"})
+    ET.SubElement(dev, "memballoon", {"model": "none"})
+    _disk(dev, disks.overlay, "qcow2", "vda", readonly=False)
+    _disk(dev, disks.seed, "raw", "vdb", readonly=True)
+    serial = ET.SubElement(dev, "serial", {"type": "file"})
+    ET.SubElement(serial, "source", {"path": disks.console_log})
+    ET.SubElement(serial, "target", {"port": "0"})
+
+    # User-mode networking with the guest's sshd forwarded to a loopback port: libvirt 9.0 ignores
+    # <portForward> on type='user', so the netdev goes on the QEMU command line.
+    cmd = ET.SubElement(dom, f"{{{QEMU_NS}}}commandline")
+    for arg in ("-netdev", f"user,id=vtnet0,hostfwd=tcp:127.0.0.1:{meta.ssh_port}-:22",
+                "-device", "virtio-net-pci,netdev=vtnet0,addr=0x10"):
+        ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", {"value": arg})
+    ET.indent(dom)
+    return ET.tostring(dom, encoding="unicode")
+
+
+def _disk(devices: ET.Element, path: str, fmt: str, target: str, readonly: bool) -> None:
+    disk = ET.SubElement(devices, "disk", {"type": "file", "device": "disk"})
+    ET.SubElement(disk, "driver", {"name": "qemu", "type": fmt})
+    ET.SubElement(disk, "source", {"file": path})
+    ET.SubElement(disk, "target", {"dev": target, "bus": "virtio"})
+    if readonly:
+        ET.SubElement(disk, "readonly")
+
+
+def parse_metadata(xml: str) -> dict[str, str]:
+    """The vtorque metadata of a domain's XML, or {} for a domain that is not ours."""
+    root = ET.fromstring(xml)
+    node = root.find(f"metadata/{{{METADATA_NS}}}guest")
+    if node is None:
+        return {}
+    return {child.tag.split("}", 1)[1]: child.text or "" for child in node}

@@ -1,0 +1,77 @@
+"""Is the guest up? Console markers from the guest, then sshd's banner on the forwarded port."""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+KERNEL_UP = b"VTORQUE-KERNEL-UP"
+GUEST_READY = b"VTORQUE-GUEST-READY"
+GUEST_FAILED = b"VTORQUE-GUEST-FAILED"
+
+
+class BootFailed(Exception):
+    def __init__(self, reason: str, retryable: bool, console_tail: str = ""):
+        super().__init__(reason)
+        self.reason, self.retryable, self.console_tail = reason, retryable, console_tail
+
+
+@dataclass(frozen=True)
+class Readiness:
+    kernel_up: float | None  # monotonic times
+    ready: float
+
+
+def console_tail(path: str | Path, lines: int = 20) -> str:
+    try:
+        data = Path(path).read_bytes()[-8192:]
+    except OSError:
+        return ""
+    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+
+
+def ssh_banner(port: int, host: str = "127.0.0.1", timeout: float = 2.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            return sock.recv(4) == b"SSH-"
+    except OSError:
+        return False
+
+
+def wait_ready(console: str | Path, port: int, is_active: Callable[[], bool], deadline: float,
+               poll: float = 0.05) -> Readiness:
+    """Block until the guest is reachable over ssh, or raise BootFailed. `deadline` is monotonic."""
+    kernel_up = None
+    seen_ready = False
+    offset, buf = 0, b""
+    last_alive_check = 0.0
+    while True:
+        now = time.monotonic()
+        try:
+            with open(console, "rb") as fh:
+                fh.seek(offset)
+                chunk = fh.read()
+        except OSError:
+            chunk = b""
+        if chunk:
+            offset += len(chunk)
+            buf = (buf + chunk)[-4096:]
+            if kernel_up is None and KERNEL_UP in buf:
+                kernel_up = now
+            if GUEST_FAILED in buf:
+                raise BootFailed("the guest reported a failure", False, console_tail(console))
+            seen_ready = seen_ready or GUEST_READY in buf
+        if seen_ready and ssh_banner(port):
+            return Readiness(kernel_up, time.monotonic())
+        if now - last_alive_check > 1.0:
+            last_alive_check = now
+            if not is_active():
+                raise BootFailed("the guest stopped during boot", True, console_tail(console))
+        if now >= deadline:
+            what = "sshd did not answer" if seen_ready else "no readiness signal"
+            raise BootFailed(f"boot timed out: {what}", True, console_tail(console))
+        time.sleep(poll)

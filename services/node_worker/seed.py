@@ -1,0 +1,42 @@
+"""The per-guest cloud-init NoCloud seed: its files' contents. Pure; shared/ writes nothing here."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+from vtorque.shared import messages as m
+
+
+def seed_files(guest: m.GuestPlan, job_id: str) -> dict[str, bytes]:
+    """meta-data and user-data for cloud images; vtorque.env for minimal guests that have no cloud-init."""
+    owner = guest.owner
+    home = "/root" if owner.uid == 0 else f"/home/{owner.user}"
+    meta = {"instance-id": guest.name, "local-hostname": guest.name}
+    user = {
+        "name": owner.user,
+        "uid": owner.uid,
+        "homedir": home,
+        "shell": "/bin/sh",
+        "lock_passwd": True,
+        "ssh_authorized_keys": guest.ssh_authorized_keys,
+    }
+    user_data = "#cloud-config\n" + json.dumps(
+        {"hostname": guest.name, "users": [user], "ssh_pwauth": False, "disable_root": owner.uid != 0},
+        indent=1, sort_keys=True) + "\n"
+    env = {
+        "VT_HOSTNAME": guest.name,
+        "VT_USER": owner.user,
+        "VT_UID": str(owner.uid),
+        "VT_GID": str(owner.gid),
+        "VT_HOME": home,
+        "VT_JOB_ID": job_id,
+        "VT_SSH_AUTHORIZED_KEYS": "\n".join(guest.ssh_authorized_keys),
+    }
+    env_text = "".join(f"{key}={shlex.quote(value)}\n" for key, value in env.items())
+    return {
+        # JSON is a subset of YAML: cloud-init reads it, and no YAML library is needed to write it safely.
+        "meta-data": json.dumps(meta, indent=1).encode() + b"\n",
+        "user-data": user_data.encode(),
+        "vtorque.env": env_text.encode(),
+    }

@@ -1,0 +1,218 @@
+"""The node worker: boots a job's guests on this node, says when they are ready, and removes them at the end.
+
+Idempotent per guest: a redelivered BootGuests for a guest that already runs re-announces it instead of
+booting it twice; a TeardownGuests for a job with nothing left here just confirms.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from opentelemetry import trace
+
+from vtorque.services.image_stager.store import ImageStore
+from vtorque.shared import messages as m
+from vtorque.shared import tracing
+from vtorque.shared.bus import EventWaiter, Publisher, node_queue
+from vtorque.shared.config import Config
+from vtorque.shared.logs import log
+
+from . import disks
+from .domain import BootSource, GuestMetadata, domain_xml
+from .hypervisor import Hypervisor, HypervisorError, detect_domain_type
+from .readiness import BootFailed, Readiness, ssh_banner, wait_ready
+from .seed import seed_files
+
+LOG = logging.getLogger("vtorque.node_worker")
+
+
+class NodeWorker:
+    name = "node-worker"
+
+    def __init__(self, config: Config, publisher: Publisher, hypervisor: Hypervisor | None = None,
+                 store: ImageStore | None = None):
+        self.config, self.publisher = config, publisher
+        self.node = config.node.node_name()
+        self.hv = hypervisor or Hypervisor(config.node.libvirt_uri)
+        self.store = store or ImageStore(config.images.store)
+        self.domain_type = detect_domain_type(config.node.domain_type)
+
+    def queues(self):
+        return [node_queue(self.node)]
+
+    def handlers(self):
+        return {m.BootGuests: self.on_boot_guests, m.TeardownGuests: self.on_teardown_guests}
+
+    # -- boot -------------------------------------------------------------------------------------------
+
+    def on_boot_guests(self, cmd: m.BootGuests) -> None:
+        for guest in cmd.guests:
+            if guest.node != self.node:
+                log(LOG, logging.WARNING, "guest planned for another node ignored", guest=guest.name)
+                continue
+            self._boot(cmd, guest)
+
+    def _boot(self, cmd: m.BootGuests, guest: m.GuestPlan) -> None:
+        attrs = {tracing.JOB_ID: cmd.job_id, "vtorque.guest": guest.name, "vtorque.node": self.node,
+                 "vtorque.image.digest": guest.image_digest}
+        with tracing.tracer().start_as_current_span("boot guest", attributes=attrs) as span:
+            started = time.monotonic()
+            try:
+                if self._reannounce(cmd, guest):
+                    return
+                timings, port = self._boot_fresh(cmd, guest, started)
+            except BootFailed as exc:
+                tracing.mark_error(span, exc.reason)
+                self._fail(cmd, guest, exc.reason, exc.retryable, exc.console_tail)
+                return
+            except (HypervisorError, disks.DiskError, OSError) as exc:
+                tracing.mark_error(span, exc)
+                self._fail(cmd, guest, str(exc), True, "")
+                return
+            self._write_job_file(cmd.job_id, guest, port)
+            log(LOG, logging.INFO, "guest ready", guest=guest.name, port=port, ready_s=round(timings.ready, 2))
+            self.publisher.publish(m.GuestReady.new(
+                job_id=cmd.job_id, deadline=cmd.deadline, guest=guest.name, node=self.node, index=guest.index,
+                address="127.0.0.1", ssh_port=port, timings=timings))
+
+    def _reannounce(self, cmd: m.BootGuests, guest: m.GuestPlan) -> bool:
+        dom = self.hv.lookup(guest.name)
+        if dom is None:
+            return False
+        meta = self.hv.vtorque_domains().get(guest.name, {})
+        port = int(meta.get("ssh-port", "0") or 0)
+        if self.hv.is_active(guest.name) and meta.get("job") == cmd.job_id and port and ssh_banner(port):
+            log(LOG, logging.INFO, "guest already running, announcing it again", guest=guest.name)
+            zero = m.PhaseTimings(image=0, disks=0, define=0, start=0, kernel_up=None, ready=0)
+            self._write_job_file(cmd.job_id, guest, port)
+            self.publisher.publish(m.GuestReady.new(
+                job_id=cmd.job_id, deadline=cmd.deadline, guest=guest.name, node=self.node, index=guest.index,
+                address="127.0.0.1", ssh_port=port, timings=zero))
+            return True
+        # A half-booted leftover of an earlier attempt: start over from nothing.
+        self.hv.remove(guest.name)
+        disks.remove(self.config.node.guest_dir, guest.name)
+        return False
+
+    def _boot_fresh(self, cmd: m.BootGuests, guest: m.GuestPlan, t0: float) -> tuple[m.PhaseTimings, int]:
+        deadline = min(time.monotonic() + self.config.node.boot_timeout,
+                       time.monotonic() + (cmd.deadline - m.utcnow()).total_seconds())
+        entry = self.config.images.catalog.get(guest.image)
+        if entry is None or entry.sha256 != guest.image_digest:
+            raise BootFailed(f"image {guest.image} is not in this node's catalog", False)
+        with _phase("wait for image"):
+            base = self._wait_for_image(cmd, guest.image_digest, deadline)
+        t_image = time.monotonic()
+        with _phase("prepare disks"):
+            files = disks.prepare(self.config.node.guest_dir, guest.name, cmd.job_id, base, entry.format,
+                                  seed_files(guest, cmd.job_id))
+        t_disks = time.monotonic()
+        try:
+            port = self._free_port()
+            meta = GuestMetadata(job_id=cmd.job_id, owner=guest.owner.user, deadline=cmd.deadline,
+                                 index=guest.index, ssh_port=port)
+            xml = domain_xml(guest, files, BootSource(entry.kernel, entry.initrd, entry.cmdline), meta,
+                             self.domain_type)
+            with _phase("define domain"):
+                dom = self.hv.define(xml)
+            t_define = time.monotonic()
+            with _phase("start domain"):
+                self.hv.start(dom)
+            t_start = time.monotonic()
+            with _phase("wait until ready") as span:
+                ready: Readiness = wait_ready(files.console_log, port, lambda: self.hv.is_active(guest.name),
+                                              deadline)
+                if ready.kernel_up:
+                    span.add_event("kernel up", timestamp=time.time_ns() - int((time.monotonic() - ready.kernel_up) * 1e9))
+        except BaseException:
+            self.hv.remove(guest.name)
+            disks.remove(self.config.node.guest_dir, guest.name)
+            raise
+        timings = m.PhaseTimings(
+            image=t_image - t0, disks=t_disks - t0, define=t_define - t0, start=t_start - t0,
+            kernel_up=(ready.kernel_up - t0) if ready.kernel_up else None, ready=ready.ready - t0)
+        return timings, port
+
+    def _wait_for_image(self, cmd: m.BootGuests, digest: str, deadline: float) -> Path:
+        if self.store.has(digest):
+            return self.store.path(digest)
+        waiter = EventWaiter(self.config.broker.connection_url(), [f"image.{digest}.#"])
+        try:
+            # Subscribed first, then looked again: a staging that finished in between is not missed.
+            if self.store.has(digest):
+                return self.store.path(digest)
+            while True:
+                event = waiter.next(deadline)
+                if event is None:
+                    raise BootFailed(f"image {digest[:12]}… was not staged in time", True)
+                if isinstance(event, m.ImageStaged) and self.store.has(digest):
+                    return self.store.path(digest)
+                if isinstance(event, m.ImageStageFailed):
+                    raise BootFailed(f"image staging failed: {event.reason}", False)
+        finally:
+            waiter.close()
+
+    def _free_port(self) -> int:
+        taken = {int(meta.get("ssh-port") or 0) for meta in self.hv.vtorque_domains().values()}
+        for port in range(self.config.node.ssh_port_min, self.config.node.ssh_port_max + 1):
+            if port in taken:
+                continue
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+        raise BootFailed("no free loopback port for the guest's ssh", True)
+
+    def _write_job_file(self, job_id: str, guest: m.GuestPlan, port: int) -> None:
+        """What the job's launcher (running as the owner) reads to reach its guests."""
+        jdir = self.config.job_dir(job_id)
+        jdir.mkdir(parents=True, exist_ok=True)
+        os.chmod(jdir.parent, 0o755)
+        doc = {"job_id": job_id, "guest": guest.name, "index": guest.index, "node": self.node,
+               "address": "127.0.0.1", "ssh_port": port, "user": guest.owner.user, "vcpus": guest.vcpus}
+        tmp = jdir / f".{guest.name}.json.tmp"
+        tmp.write_text(json.dumps(doc))
+        os.chmod(tmp, 0o644)
+        os.rename(tmp, jdir / f"{guest.name}.json")
+
+    def _fail(self, cmd: m.BootGuests, guest: m.GuestPlan, reason: str, retryable: bool, tail: str) -> None:
+        log(LOG, logging.ERROR, "guest failed", guest=guest.name, reason=reason, retryable=retryable)
+        self.publisher.publish(m.GuestFailed.new(
+            job_id=cmd.job_id, deadline=cmd.deadline, guest=guest.name, node=self.node, reason=reason,
+            retryable=retryable, console_tail=tail[-4000:]))
+
+    # -- teardown ---------------------------------------------------------------------------------------
+
+    def on_teardown_guests(self, cmd: m.TeardownGuests) -> None:
+        removed = self.teardown_job(cmd.job_id)
+        self.publisher.publish(m.GuestsTornDown.new(
+            job_id=cmd.job_id, deadline=cmd.deadline, node=self.node, guests=removed[0], disks_removed=removed[1]))
+
+    def teardown_job(self, job_id: str) -> tuple[list[str], int]:
+        names = [name for name, meta in self.hv.vtorque_domains().items() if meta.get("job") == job_id]
+        for name in names:
+            self.hv.remove(name)
+        removed_disks = 0
+        for name in set(names) | set(disks.guests_of_job(self.config.node.guest_dir, job_id)):
+            removed_disks += disks.remove(self.config.node.guest_dir, name)
+        jdir = self.config.job_dir(job_id)
+        if jdir.exists():
+            for f in jdir.iterdir():
+                f.unlink(missing_ok=True)
+            jdir.rmdir()
+        log(LOG, logging.INFO, "guests removed", guests=names, disks=removed_disks)
+        return sorted(names), removed_disks
+
+
+@contextmanager
+def _phase(name: str):
+    with tracing.tracer().start_as_current_span(name) as span:
+        yield span

@@ -1,0 +1,57 @@
+"""The scheduler bridge: job events from the hooks become plans and per-node commands.
+
+Stateless: everything it needs is in the event, so any replica can take any message, and a redelivered
+event only republishes the same plan (node workers and the stager are idempotent).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from vtorque.shared import messages as m
+from vtorque.shared.bus import Publisher, bridge_queue
+from vtorque.shared.config import Config
+from vtorque.shared.logs import log
+from vtorque.shared.spec import SpecError, validate
+
+from .planning import boot_commands, plan_guests
+
+LOG = logging.getLogger("vtorque.bridge")
+
+
+class SchedulerBridge:
+    name = "bridge"
+
+    def __init__(self, config: Config, publisher: Publisher):
+        self.config, self.publisher = config, publisher
+
+    def queues(self):
+        return [bridge_queue()]
+
+    def handlers(self):
+        return {m.JobStarted: self.on_job_started, m.JobEnded: self.on_job_ended}
+
+    def on_job_started(self, job: m.JobStarted) -> None:
+        try:
+            spec = validate(job.spec, self.config)
+        except SpecError as exc:
+            log(LOG, logging.WARNING, "job rejected", reason=str(exc))
+            self.publisher.publish(m.JobRejected.new(job_id=job.job_id, deadline=job.deadline, reason=str(exc)))
+            return
+        if not job.nodes:
+            self.publisher.publish(m.JobRejected.new(job_id=job.job_id, deadline=job.deadline,
+                                                     reason="the scheduler gave the job no nodes"))
+            return
+        guests = plan_guests(job, spec, self.config)
+        self.publisher.publish(m.JobPlanned.new(job_id=job.job_id, deadline=job.deadline, guests=guests))
+        # Staging is asked first so it overlaps the node workers' own preparation.
+        self.publisher.publish(m.StageImage.new(job_id=job.job_id, deadline=job.deadline, image=spec.img,
+                                                digest=guests[0].image_digest))
+        for command in boot_commands(job, guests):
+            self.publisher.publish(command)
+        log(LOG, logging.INFO, "job planned", guests=len(guests), nodes=[n.host for n in job.nodes])
+
+    def on_job_ended(self, job: m.JobEnded) -> None:
+        for node in dict.fromkeys(job.nodes):
+            self.publisher.publish(m.TeardownGuests.new(job_id=job.job_id, deadline=job.deadline, node=node))
+        log(LOG, logging.INFO, "teardown requested", nodes=job.nodes)

@@ -1,0 +1,306 @@
+"""The bus on kombu: the whole broker topology in one place, a confirming publisher, and the consumer runtime.
+
+Delivery is at-least-once: persistent messages, publisher confirms, manual ack only after the handler's
+effect (including the messages it publishes) is done, prefetch 1. The handler runs in a worker thread while
+the consuming thread keeps the connection's heartbeats going, so a five-minute guest boot does not get the
+consumer disconnected. A body that does not decode, or an unexpected handler crash, is dead-lettered with
+its reason in the `x-vtorque-reason` header; a command past its deadline is dropped with a CommandExpired
+event.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+import kombu
+import msgspec
+from kombu import Connection, Exchange, Queue, binding
+
+from vtorque.shared import messages as m
+from vtorque.shared import tracing
+from vtorque.shared.logs import job_context, log
+
+LOG = logging.getLogger("vtorque.bus")
+
+EVENTS = Exchange("vtorque.events", type="topic", durable=True)
+COMMANDS = Exchange("vtorque.commands", type="direct", durable=True)
+DEAD = Exchange("vtorque.dead", type="fanout", durable=True)
+DEAD_QUEUE = Queue("vtorque.dead", exchange=DEAD, routing_key="", durable=True)
+
+_QUORUM = {"x-queue-type": "quorum", "x-dead-letter-exchange": DEAD.name, "x-delivery-limit": 10}
+_CLASSIC = {"x-dead-letter-exchange": DEAD.name}
+
+
+# -- topology ---------------------------------------------------------------------------------------------
+
+def bridge_queue() -> Queue:
+    """The bridge pool consumes scheduler job events (competing consumers on one quorum queue)."""
+    return Queue("vtorque.bridge", exchange=EVENTS, durable=True, queue_arguments=_QUORUM, bindings=[
+        binding(EVENTS, routing_key="job.*.job_started"),
+        binding(EVENTS, routing_key="job.*.job_ended"),
+    ])
+
+
+def stager_queue() -> Queue:
+    return Queue("vtorque.stager", exchange=COMMANDS, routing_key="stager", durable=True, queue_arguments=_QUORUM)
+
+
+def node_queue(host: str) -> Queue:
+    """One durable classic queue per node: a quorum queue per node does not scale (1,024 wedged the broker)."""
+    return Queue(f"vtorque.node.{host}", exchange=COMMANDS, routing_key=f"node.{host}", durable=True,
+                 queue_arguments=_CLASSIC)
+
+
+def command_route(command: m.Command) -> tuple[Queue, str]:
+    if isinstance(command, m.StageImage):
+        return stager_queue(), "stager"
+    if isinstance(command, (m.BootGuests, m.TeardownGuests)):
+        return node_queue(command.node), f"node.{command.node}"
+    raise TypeError(f"no route for {type(command).__name__}")
+
+
+def declare_topology(channel, queues: Iterable[Queue] = ()) -> None:
+    for exchange in (EVENTS, COMMANDS, DEAD):
+        exchange(channel).declare()
+    DEAD_QUEUE(channel).declare()
+    for queue in queues:
+        queue(channel).declare()
+
+
+def connect(url: str, heartbeat: int = 0, timeout: float = 5.0) -> Connection:
+    conn = Connection(url, heartbeat=heartbeat, connect_timeout=timeout,
+                      transport_options={"confirm_publish": True})
+    conn.ensure_connection(max_retries=3, interval_start=0.2, interval_step=0.5, timeout=timeout)
+    return conn
+
+
+# -- publishing -------------------------------------------------------------------------------------------
+
+class Publisher:
+    """Publishes messages with confirms; one per thread (py-amqp connections are not thread-safe)."""
+
+    def __init__(self, url: str, timeout: float = 5.0):
+        self.url, self.timeout = url, timeout
+        self._conn: Connection | None = None
+        self._producer: kombu.Producer | None = None
+        self._declared: set[str] = set()
+
+    def _ensure(self) -> kombu.Producer:
+        if self._producer is None:
+            self._conn = connect(self.url, heartbeat=0, timeout=self.timeout)
+            channel = self._conn.channel()
+            declare_topology(channel)
+            self._producer = kombu.Producer(channel)
+        return self._producer
+
+    def publish(self, message: m.Message) -> None:
+        for attempt in (1, 2):
+            try:
+                self._publish_once(message)
+                return
+            except (OSError, kombu.exceptions.OperationalError, ConnectionError) as exc:
+                # A confirm lost with the connection may mean a duplicate: consumers are idempotent.
+                self.close()
+                if attempt == 2:
+                    raise
+                log(LOG, logging.WARNING, "publish failed, reconnecting", error=str(exc))
+
+    def _publish_once(self, message: m.Message) -> None:
+        producer = self._ensure()
+        if isinstance(message, m.Command):
+            queue, routing_key = command_route(message)
+            if queue.name not in self._declared:
+                # A command waits in its queue for a consumer that has not started yet: never dropped unrouted.
+                queue(producer.channel).declare()
+                self._declared.add(queue.name)
+            exchange = COMMANDS.name
+        else:
+            routing_key, exchange = message.routing_key(), EVENTS.name
+        with tracing.publish_span(message, exchange, routing_key) as headers:
+            producer.publish(
+                m.encode(message), exchange=exchange, routing_key=routing_key, headers=headers,
+                delivery_mode=2, content_type="application/json", content_encoding="utf-8",
+                message_id=message.message_id, type=type(message).__name__, retry=False,
+            )
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.release()
+            except Exception:  # noqa: BLE001 - closing a broken connection must not mask the real error
+                pass
+        self._conn = self._producer = None
+        self._declared.clear()
+
+
+class EventWaiter:
+    """An exclusive queue bound to some event patterns, declared before the awaited thing is triggered."""
+
+    def __init__(self, url: str, patterns: Iterable[str], timeout: float = 5.0):
+        self.conn = connect(url, heartbeat=0, timeout=timeout)
+        channel = self.conn.channel()
+        declare_topology(channel)
+        self.queue = Queue(exclusive=True, auto_delete=True, durable=False,
+                           bindings=[binding(EVENTS, routing_key=p) for p in patterns])(channel)
+        self.queue.declare()
+        self._inbox: list[m.Message] = []
+        self.consumer = kombu.Consumer(channel, queues=[self.queue], on_message=self._on_message, no_ack=True)
+        self.consumer.consume()
+
+    def _on_message(self, raw: kombu.Message) -> None:
+        try:
+            self._inbox.append(m.decode(raw.body))
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            log(LOG, logging.WARNING, "ignored an undecodable event while waiting")
+
+    def next(self, deadline: float) -> m.Message | None:
+        """The next event, or None when the monotonic `deadline` passes."""
+        while not self._inbox:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                self.conn.drain_events(timeout=min(remaining, 1.0))
+            except socket.timeout:
+                pass
+        return self._inbox.pop(0)
+
+    def close(self) -> None:
+        try:
+            self.conn.release()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# -- consuming --------------------------------------------------------------------------------------------
+
+Handler = Callable[[m.Message], None]
+
+
+@dataclass
+class _Pending:
+    raw: kombu.Message
+    future: concurrent.futures.Future
+    started: float = field(default_factory=time.monotonic)
+
+
+class ServiceRunner:
+    """Consumes a service's queues and runs its typed handlers one message at a time."""
+
+    def __init__(self, url: str, queues: list[Queue], handlers: Mapping[type, Handler], *,
+                 heartbeat: int = 30, prefetch: int = 1,
+                 on_idle: Callable[[], None] | None = None):
+        self.url, self.queues, self.handlers = url, queues, dict(handlers)
+        # Only the consuming thread uses this one; handlers publish through their own (one per thread).
+        self.publisher = Publisher(url)
+        self.heartbeat, self.prefetch = heartbeat, prefetch
+        self.on_idle = on_idle
+        self.stop_event = threading.Event()
+        self.ready = threading.Event()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="handler")
+        self._pending: _Pending | None = None
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self._run_connection()
+            except (OSError, kombu.exceptions.OperationalError, ConnectionError) as exc:
+                if self.stop_event.is_set():
+                    break
+                log(LOG, logging.WARNING, "broker connection lost, reconnecting", error=str(exc))
+                self._wait_pending()
+                time.sleep(1.0)
+        self._pool.shutdown(wait=True)
+        self.publisher.close()
+
+    def _wait_pending(self) -> None:
+        # The delivery's channel is gone, so it will be redelivered; let the handler finish so its effect is
+        # visible to the redelivery (handlers are idempotent).
+        if self._pending is not None:
+            concurrent.futures.wait([self._pending.future])
+            self._pending = None
+
+    def _run_connection(self) -> None:
+        with Connection(self.url, heartbeat=self.heartbeat, connect_timeout=5) as conn:
+            conn.ensure_connection(max_retries=1)
+            channel = conn.channel()
+            declare_topology(channel, self.queues)
+            consumer = kombu.Consumer(channel, queues=self.queues, on_message=self._on_message, no_ack=False,
+                                      prefetch_count=self.prefetch)
+            with consumer:
+                self.ready.set()
+                while not self.stop_event.is_set():
+                    try:
+                        conn.drain_events(timeout=0.5)
+                    except socket.timeout:
+                        pass
+                    conn.heartbeat_check()
+                    self._settle()
+                    if self._pending is None and self.on_idle is not None:
+                        self.on_idle()
+                self._wait_pending()
+
+    def _on_message(self, raw: kombu.Message) -> None:
+        queue = raw.delivery_info.get("routing_key", "")
+        try:
+            message = m.decode(raw.body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self._dead_letter(raw, f"undecodable: {exc}")
+            return
+        handler = self.handlers.get(type(message))
+        if handler is None:
+            self._dead_letter(raw, f"no handler for {type(message).__name__} here")
+            return
+        if isinstance(message, m.Command) and message.expired():
+            with job_context(message.job_id):
+                log(LOG, logging.WARNING, "command past its deadline, dropped", command=type(message).__name__)
+                self.publisher.publish(m.CommandExpired.new(
+                    job_id=message.job_id, deadline=60.0, command=type(message).__name__,
+                    command_id=message.message_id))
+            raw.ack()
+            return
+        future = self._pool.submit(self._handle, handler, message, raw.delivery_info, dict(raw.headers or {}),
+                                   queue)
+        self._pending = _Pending(raw, future)
+
+    def _handle(self, handler: Handler, message: m.Message, info: dict, headers: dict, routing_key: str) -> None:
+        queue = ",".join(q.name for q in self.queues)
+        with job_context(message.job_id), tracing.process_span(
+                message, queue, routing_key, headers, exchange=info.get("exchange", "")) as span:
+            try:
+                handler(message)
+            except Exception as exc:
+                tracing.mark_error(span, exc)
+                raise
+
+    def _settle(self) -> None:
+        pending = self._pending
+        if pending is None or not pending.future.done():
+            return
+        self._pending = None
+        exc = pending.future.exception()
+        if exc is None:
+            pending.raw.ack()
+            return
+        LOG.error("handler crashed", exc_info=exc)
+        self._dead_letter(pending.raw, f"handler crashed: {type(exc).__name__}: {exc}")
+
+    def _dead_letter(self, raw: kombu.Message, reason: str) -> None:
+        log(LOG, logging.ERROR, "dead-lettering a message", reason=reason[:500])
+        headers = dict(raw.headers or {})
+        headers.update({"x-vtorque-reason": reason[:1000],
+                        "x-vtorque-routing-key": raw.delivery_info.get("routing_key", ""),
+                        "x-vtorque-exchange": raw.delivery_info.get("exchange", "")})
+        self.publisher._ensure().publish(raw.body, exchange=DEAD.name, routing_key="", headers=headers,
+                                         delivery_mode=2, content_type=raw.content_type or "application/json",
+                                         retry=False)
+        raw.ack()

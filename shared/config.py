@@ -1,0 +1,178 @@
+"""Site configuration: one TOML file (/etc/vtorque/vtorque.toml) plus VTORQUE_* overrides, decoded strictly.
+
+An override names its key path with double underscores: VTORQUE_BROKER__URL sets [broker] url. Any error
+names the key, e.g. "vtorque.toml: spec.max_vcpus: Expected `int`, got `str`".
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from pathlib import Path
+from typing import Literal, Mapping
+
+import msgspec
+
+DEFAULT_PATH = "/etc/vtorque/vtorque.toml"
+IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ConfigError(Exception):
+    pass
+
+
+class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class BrokerConfig(_Section):
+    url: str = "amqp://127.0.0.1:5672//"
+    # "user:password" on one line; kept out of the main file so the file can stay world-readable for vsub.
+    credentials_file: str | None = None
+    heartbeat: int = 30
+    connect_timeout: float = 5.0
+
+    def connection_url(self) -> str:
+        if not self.credentials_file:
+            return self.url
+        try:
+            creds = Path(self.credentials_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"broker.credentials_file: cannot read {self.credentials_file}: {exc.strerror}")
+        if ":" not in creds:
+            raise ConfigError("broker.credentials_file: expected one line 'user:password'")
+        scheme, _, rest = self.url.partition("://")
+        rest = rest.split("@", 1)[-1]
+        return f"{scheme}://{creds}@{rest}"
+
+
+class TracingConfig(_Section):
+    # OTLP/HTTP base endpoint (e.g. http://jaeger:4318); unset: spans go to OTLP-JSON files under `dir`.
+    otlp_endpoint: str | None = None
+    dir: str = "/var/lib/vtorque/traces"
+
+
+class ImageEntry(_Section):
+    source: str
+    sha256: str
+    format: Literal["qcow2", "raw"] = "qcow2"
+    # Direct kernel boot (the test guest); cloud images boot from their own disk and leave these unset.
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str | None = None
+
+
+class ImagesConfig(_Section):
+    store: str = "/var/lib/vtorque/images"
+    catalog: dict[str, ImageEntry] = {}
+
+
+class SpecConfig(_Section):
+    default_vcpus: int = 1
+    max_vcpus: int = 64
+    default_ram: str = "512M"
+    max_ram: str = "256G"
+    min_ram: str = "64M"
+
+
+class NodeConfig(_Section):
+    name: str | None = None  # default: short host name, as the scheduler names nodes
+    libvirt_uri: str = "qemu:///system"
+    domain_type: Literal["auto", "kvm", "qemu"] = "auto"
+    guest_dir: str = "/var/lib/vtorque/guests"
+    boot_timeout: float = 180.0
+    ssh_port_min: int = 22000
+    ssh_port_max: int = 22999
+
+    def node_name(self) -> str:
+        return self.name or socket.gethostname().split(".")[0]
+
+
+class HooksConfig(_Section):
+    # Seconds the prologue waits for all guests; keep it under the scheduler's own prologue timeout.
+    prologue_timeout: float = 240.0
+    epilogue_timeout: float = 60.0
+    broker_attempts: int = 3
+    # Infrastructure failures requeue a job at most this many times, then it is aborted with the reason.
+    max_requeues: int = 2
+
+
+class Config(_Section):
+    state_dir: str = "/var/lib/vtorque"
+    log_level: str = "INFO"
+    broker: BrokerConfig = msgspec.field(default_factory=BrokerConfig)
+    tracing: TracingConfig = msgspec.field(default_factory=TracingConfig)
+    images: ImagesConfig = msgspec.field(default_factory=ImagesConfig)
+    spec: SpecConfig = msgspec.field(default_factory=SpecConfig)
+    node: NodeConfig = msgspec.field(default_factory=NodeConfig)
+    hooks: HooksConfig = msgspec.field(default_factory=HooksConfig)
+
+    def job_dir(self, job_id: str) -> Path:
+        """Where a node keeps what the job's launcher reads (its guests' addresses)."""
+        return Path(self.state_dir) / "jobs" / re.sub(r"[^A-Za-z0-9_-]", lambda c: f"%{ord(c.group()):02X}", job_id)
+
+
+def config_path(env: Mapping[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    return env.get("VTORQUE_CONFIG", DEFAULT_PATH)
+
+
+def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
+    env = os.environ if env is None else env
+    path = path or config_path(env)
+    data: dict = {}
+    name = os.path.basename(path)
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        if "VTORQUE_CONFIG" in env or path != DEFAULT_PATH:
+            raise ConfigError(f"{path}: no such file")
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}")
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}")
+    _apply_env(data, env)
+    try:
+        config = msgspec.convert(data, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{name}: {_explain(exc)}") from None
+    for image in config.images.catalog:
+        if not IMAGE_NAME.match(image):
+            raise ConfigError(f"{name}: images.catalog.{image}: an image name is letters, digits, '.', '_', '-'")
+    for image, entry in config.images.catalog.items():
+        if not re.fullmatch(r"[0-9a-f]{64}", entry.sha256):
+            raise ConfigError(f"{name}: images.catalog.{image}.sha256: expected 64 lowercase hex digits")
+    return config
+
+
+def _apply_env(data: dict, env: Mapping[str, str]) -> None:
+    for key, value in env.items():
+        if not key.startswith("VTORQUE_") or key == "VTORQUE_CONFIG":
+            continue
+        path = key[len("VTORQUE_"):].lower().split("__")
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{key}: {'.'.join(path[:-1])} is not a section")
+            node = child
+        node[path[-1]] = value
+
+
+def _explain(exc: msgspec.ValidationError) -> str:
+    text = str(exc)
+    m = re.match(r"(?s)(.*?) - at `\$(.*)`$", text)
+    if not m:
+        return text
+    message, where = m.groups()
+    where = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", where).lstrip(".")
+    unknown = re.match(r"Object contains unknown field `(.+)`", message)
+    if unknown:
+        return f"{'.'.join(filter(None, [where, unknown.group(1)]))}: unknown key"
+    missing = re.match(r"Object missing required field `(.+)`", message)
+    if missing:
+        return f"{'.'.join(filter(None, [where, missing.group(1)]))}: required key missing"
+    return f"{where or '(top)'}: {message}"

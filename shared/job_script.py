@@ -1,0 +1,100 @@
+"""The wrapper job script vsub submits: its header carries the VM spec and the trace context to the hooks,
+and its body hands the user's script to the launcher, which runs it in the guest. Pure: text in, text out.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import shlex
+from dataclasses import dataclass, field
+
+MARK = "# vtorque-"
+SPEC_LINE = "# vtorque-spec: "  # the hooks' shell fast path greps for exactly this
+HEADER_LINES = 64  # the header is within the first lines; hooks never read further
+_DIRECTIVE = re.compile(r"^#(PBS|SBATCH)\s")
+_VM_DIRECTIVE = re.compile(r"^#PBS\s+-vm\s+(\S.*?)\s*$")
+END = "VTORQUE_SCRIPT_END"
+
+
+class ScriptError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class JobHeader:
+    spec: dict[str, str]
+    ssh_pubkeys: list[str] = field(default_factory=list)
+    traceparent: str | None = None
+
+
+def inline_vm_options(script: str) -> list[str]:
+    """`#PBS -vm ...` values from the script's leading directive block (the command line wins over these)."""
+    found = []
+    for line in _leading_block(script):
+        match = _VM_DIRECTIVE.match(line)
+        if match:
+            found.append(match.group(1))
+    return found
+
+
+def _leading_block(script: str) -> list[str]:
+    """The shebang, comments and blank lines before the first command: where qsub and sbatch read directives."""
+    block = []
+    for line in script.splitlines():
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            break
+        block.append(line)
+    return block
+
+
+def render_wrapper(user_script: str, spec: dict[str, str], ssh_pubkey: str, ssh_key_path: str,
+                   traceparent: str | None, launcher: str) -> str:
+    for value in (ssh_pubkey, ssh_key_path, traceparent or "", *spec.values()):
+        if "\n" in value or "\r" in value:
+            raise ScriptError("a header value holds a line break")
+    spec_text = ",".join(f"{k}={v}" for k, v in sorted(spec.items()))
+    lines = ["#!/bin/sh", "# vtorque-job: 1", f"{SPEC_LINE}{spec_text}", f"# vtorque-ssh-pubkey: {ssh_pubkey}"]
+    if traceparent:
+        lines.append(f"# vtorque-traceparent: {traceparent}")
+    # The user's own directives stay in the leading block so qsub/sbatch still honour them; -vm is ours.
+    lines += [line for line in _leading_block(user_script)
+              if _DIRECTIVE.match(line) and not _VM_DIRECTIVE.match(line)]
+    argv = [launcher, "--ssh-key", ssh_key_path]
+    if traceparent:
+        argv += ["--traceparent", traceparent]
+    encoded = base64.encodebytes(user_script.encode()).decode()
+    lines += ["", "# Runs the job's script inside its VM (vtorque).",
+              f"exec {shlex.join(argv)} <<'{END}'", encoded.rstrip("\n"), END, ""]
+    return "\n".join(lines)
+
+
+def parse_header(text: str) -> JobHeader | None:
+    """The vtorque header of a job script, or None for a job that is not a VM job."""
+    spec: dict[str, str] | None = None
+    keys: list[str] = []
+    traceparent = None
+    for line in text.splitlines()[:HEADER_LINES]:
+        if not line.startswith(MARK):
+            continue
+        name, _, value = line[len("# "):].partition(": ")
+        value = value.strip()
+        if name == "vtorque-spec":
+            spec = {}
+            for item in filter(None, value.split(",")):
+                key, sep, val = item.partition("=")
+                if not sep:
+                    raise ScriptError(f"malformed vtorque-spec item {item!r}")
+                spec[key] = val
+        elif name == "vtorque-ssh-pubkey" and value:
+            keys.append(value)
+        elif name == "vtorque-traceparent" and value:
+            traceparent = value
+    if spec is None:
+        return None
+    return JobHeader(spec=spec, ssh_pubkeys=keys, traceparent=traceparent)
+
+
+def user_script_from_stdin(data: str) -> bytes:
+    return base64.decodebytes(data.encode())

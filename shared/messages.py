@@ -1,0 +1,223 @@
+"""The message contract: every body that crosses the broker, as msgspec Structs in one tagged union.
+
+Commands ask one consumer group to act; events say what happened. Each body carries its own id, the job it
+belongs to, when it was made and the absolute deadline after which nobody should act on it. Trace context
+never travels in the body: it is in the AMQP headers (see shared/tracing.py).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import datetime, timedelta, timezone
+from typing import ClassVar, Literal, Union
+
+import msgspec
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_message_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Message(msgspec.Struct, tag_field="type", kw_only=True, forbid_unknown_fields=True, frozen=True):
+    message_id: str
+    job_id: str
+    created_at: datetime
+    deadline: datetime
+
+    kind: ClassVar[Literal["command", "event"]]
+
+    @classmethod
+    def new(cls, *, job_id: str, deadline: datetime | float, **fields):
+        """Stamp a fresh message. `deadline` is absolute (datetime) or seconds from now (float)."""
+        now = utcnow()
+        if not isinstance(deadline, datetime):
+            deadline = now + timedelta(seconds=float(deadline))
+        return cls(message_id=new_message_id(), job_id=job_id, created_at=now, deadline=deadline, **fields)
+
+    def expired(self, now: datetime | None = None) -> bool:
+        return (now or utcnow()) >= self.deadline
+
+    @property
+    def event_name(self) -> str:
+        return _snake(type(self).__name__)
+
+
+class Command(Message, frozen=True):
+    kind: ClassVar[Literal["command", "event"]] = "command"
+
+
+class Event(Message, frozen=True):
+    kind: ClassVar[Literal["command", "event"]] = "event"
+
+    def routing_key(self) -> str:
+        return f"job.{routing_word(self.job_id)}.{self.event_name}"
+
+
+# -- shared parts -----------------------------------------------------------------------------------------
+
+class NodeAllocation(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    host: str
+    ncpus: int
+    cores: list[int] | None = None  # the host cores the scheduler gave the job, when it says
+
+
+class Owner(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    user: str
+    uid: int
+    gid: int
+    group: str | None = None
+
+
+class GuestPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str  # libvirt domain name, unique per job and guest
+    node: str
+    index: int  # rank of the guest within the job, 0 runs the job script
+    image: str  # catalog name
+    image_digest: str  # sha256 hex of the verified base image
+    vcpus: int
+    ram_mib: int
+    cores: list[int] | None
+    owner: Owner
+    ssh_authorized_keys: list[str]
+
+
+class PhaseTimings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Seconds from the node worker receiving the boot command."""
+
+    image: float
+    disks: float
+    define: float
+    start: float
+    kernel_up: float | None
+    ready: float
+
+
+# -- events -----------------------------------------------------------------------------------------------
+
+class JobStarted(Event, frozen=True):
+    """A job with a VM spec is about to start: the prologue is waiting for its guests."""
+
+    scheduler: Literal["torque", "slurm"]
+    owner: Owner
+    nodes: list[NodeAllocation]
+    spec: dict[str, str]  # as the user wrote it: validated again by the bridge
+    ssh_authorized_keys: list[str]
+
+
+class JobEnded(Event, frozen=True):
+    scheduler: Literal["torque", "slurm"]
+    nodes: list[str]
+    exit_status: int | None = None
+
+
+class JobPlanned(Event, frozen=True):
+    guests: list[GuestPlan]
+
+
+class JobRejected(Event, frozen=True):
+    """The bridge refused the job for good: a retry cannot cure it."""
+
+    reason: str
+
+
+class ImageStaged(Event, frozen=True):
+    image: str
+    digest: str
+    path: str
+    bytes: int
+    seconds: float
+    cached: bool
+
+    def routing_key(self) -> str:
+        return f"image.{self.digest}.staged"
+
+
+class ImageStageFailed(Event, frozen=True):
+    image: str
+    digest: str
+    reason: str
+
+    def routing_key(self) -> str:
+        return f"image.{self.digest}.stage_failed"
+
+
+class GuestReady(Event, frozen=True):
+    guest: str
+    node: str
+    index: int
+    address: str
+    ssh_port: int
+    timings: PhaseTimings
+
+
+class GuestFailed(Event, frozen=True):
+    guest: str
+    node: str
+    reason: str
+    retryable: bool
+    console_tail: str = ""
+
+
+class GuestsTornDown(Event, frozen=True):
+    node: str
+    guests: list[str]
+    disks_removed: int
+
+
+class CommandExpired(Event, frozen=True):
+    command: str
+    command_id: str
+
+
+# -- commands ---------------------------------------------------------------------------------------------
+
+class StageImage(Command, frozen=True):
+    image: str
+    digest: str
+
+
+class BootGuests(Command, frozen=True):
+    node: str
+    guests: list[GuestPlan]
+
+
+class TeardownGuests(Command, frozen=True):
+    node: str
+
+
+AnyMessage = Union[
+    JobStarted, JobEnded, JobPlanned, JobRejected, ImageStaged, ImageStageFailed, GuestReady, GuestFailed,
+    GuestsTornDown, CommandExpired, StageImage, BootGuests, TeardownGuests,
+]
+MESSAGE_TYPES: tuple[type[Message], ...] = AnyMessage.__args__  # type: ignore[attr-defined]
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(AnyMessage)
+
+
+def encode(message: Message) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode(body: bytes) -> Message:
+    """Strict: unknown types, unknown fields and wrong types all raise msgspec.ValidationError/DecodeError."""
+    return _decoder.decode(body)
+
+
+def contract_schema() -> dict:
+    """JSON Schema of every message, generated from the Structs (docs/contract.json is this, checked in CI)."""
+    return msgspec.json.schema(AnyMessage)
+
+
+def routing_word(value: str) -> str:
+    """One word of a topic routing key: Torque job ids hold dots ("1.vm"), which split words."""
+    return re.sub(r"[^A-Za-z0-9_-]", lambda m: "%{:02X}".format(ord(m.group())), value)
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()

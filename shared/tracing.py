@@ -1,0 +1,192 @@
+"""OpenTelemetry set-up per process, W3C trace context in AMQP headers, and messaging spans.
+
+Spans follow the OpenTelemetry messaging conventions for RabbitMQ. Every span of a job carries `pbs.job_id`.
+With no OTLP endpoint configured, spans are appended as OTLP-JSON lines to <tracing.dir>/<service>.<uid>.jsonl
+so `vtorque trace JOBID` can always read a job's spans back.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import threading
+import uuid
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+
+from vtorque.shared.config import TracingConfig
+from vtorque.shared.logs import current_job_id
+
+JOB_ID = "pbs.job_id"
+_provider: TracerProvider | None = None
+
+
+class JobIdSpanProcessor(SpanProcessor):
+    """Stamps `pbs.job_id` on every span started while a job is being handled (see logs.job_context)."""
+
+    def on_start(self, span, parent_context=None) -> None:
+        job_id = current_job_id()
+        if job_id and span.is_recording():
+            span.set_attribute(JOB_ID, job_id)
+
+
+class OtlpJsonFileExporter(SpanExporter):
+    """One ExportTraceServiceRequest per line, in the OTLP/JSON encoding (hex ids)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        from google.protobuf import json_format
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+        doc = json_format.MessageToDict(encode_spans(spans))
+        _ids_to_hex(doc)
+        import json
+
+        line = json.dumps(doc, separators=(",", ":")) + "\n"
+        try:
+            with self._lock, open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(line)
+        except OSError:
+            return SpanExportResult.FAILURE
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _ids_to_hex(doc: dict) -> None:
+    for rs in doc.get("resourceSpans", []):
+        for ss in rs.get("scopeSpans", []):
+            for span in ss.get("spans", []):
+                for key in ("traceId", "spanId", "parentSpanId"):
+                    if span.get(key):
+                        span[key] = base64.b64decode(span[key]).hex()
+                for link in span.get("links", []):
+                    for key in ("traceId", "spanId"):
+                        if link.get(key):
+                            link[key] = base64.b64decode(link[key]).hex()
+
+
+def trace_file(config: TracingConfig, service: str) -> Path:
+    return Path(config.dir) / f"{service}.{os.getuid()}.jsonl"
+
+
+def setup_tracing(service: str, config: TracingConfig) -> TracerProvider:
+    """Install the process-wide tracer provider for `service` (service.name). Idempotent per process."""
+    global _provider
+    if _provider is not None:
+        return _provider
+    resource = Resource.create({"service.name": service, "service.instance.id": uuid.uuid4().hex[:12]})
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(JobIdSpanProcessor())
+    exporter: SpanExporter
+    if config.otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter(endpoint=config.otlp_endpoint.rstrip("/") + "/v1/traces", timeout=5)
+    else:
+        path = trace_file(config, service)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass
+        exporter = OtlpJsonFileExporter(path)
+    provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=500))
+    trace.set_tracer_provider(provider)
+    _provider = provider
+    return provider
+
+
+def shutdown_tracing() -> None:
+    if _provider is not None:
+        _provider.force_flush(5000)
+        _provider.shutdown()
+
+
+def tracer() -> trace.Tracer:
+    return trace.get_tracer("vtorque")
+
+
+# -- context in AMQP headers ------------------------------------------------------------------------------
+
+def inject(headers: dict | None = None) -> dict:
+    headers = {} if headers is None else headers
+    propagate.inject(headers)
+    return headers
+
+
+def extract(headers: Mapping | None) -> otel_context.Context:
+    carrier = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in (headers or {}).items()
+               if isinstance(v, (str, bytes))}
+    return propagate.extract(carrier)
+
+
+def context_from_traceparent(traceparent: str | None) -> otel_context.Context:
+    return extract({"traceparent": traceparent} if traceparent else {})
+
+
+def current_traceparent() -> str | None:
+    return inject({}).get("traceparent")
+
+
+def current_trace_id() -> str | None:
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else None
+
+
+# -- messaging spans --------------------------------------------------------------------------------------
+
+def _message_attributes(message, destination: str, routing_key: str, operation: str, op_type: str) -> dict:
+    return {
+        "messaging.system": "rabbitmq",
+        "messaging.operation.name": operation,
+        "messaging.operation.type": op_type,
+        "messaging.destination.name": destination,
+        "messaging.rabbitmq.destination.routing_key": routing_key,
+        "messaging.message.id": message.message_id,
+        "vtorque.message.type": type(message).__name__,
+        JOB_ID: message.job_id,
+    }
+
+
+@contextlib.contextmanager
+def publish_span(message, exchange: str, routing_key: str) -> Iterator[dict]:
+    """A PRODUCER span around one publish; yields the AMQP headers carrying its context."""
+    attrs = _message_attributes(message, exchange, routing_key, "publish", "send")
+    with tracer().start_as_current_span(f"publish {exchange}", kind=SpanKind.PRODUCER, attributes=attrs):
+        yield inject({})
+
+
+@contextlib.contextmanager
+def process_span(message, queue: str, routing_key: str, headers: Mapping | None, exchange: str = ""):
+    """A CONSUMER span for handling one delivery: child of the producer span, and linked to it."""
+    parent = extract(headers)
+    producer = trace.get_current_span(parent).get_span_context()
+    links = [Link(producer)] if producer.is_valid else []
+    attrs = _message_attributes(message, exchange, routing_key, "process", "process")
+    attrs["messaging.destination.subscription.name"] = queue
+    token = otel_context.attach(parent)
+    try:
+        with tracer().start_as_current_span(f"process {queue}", kind=SpanKind.CONSUMER, attributes=attrs,
+                                            links=links) as span:
+            yield span
+    finally:
+        otel_context.detach(token)
+
+
+def mark_error(span: trace.Span, exc: BaseException | str) -> None:
+    span.set_status(Status(StatusCode.ERROR, str(exc)))
+    if isinstance(exc, BaseException):
+        span.record_exception(exc)
+        span.set_attribute("error.type", type(exc).__name__)
