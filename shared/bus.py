@@ -150,7 +150,8 @@ class EventWaiter:
                            bindings=[binding(EVENTS, routing_key=p) for p in patterns])(channel)
         self.queue.declare()
         self._inbox: list[m.Message] = []
-        self.consumer = kombu.Consumer(channel, queues=[self.queue], on_message=self._on_message, no_ack=True)
+        self.consumer = kombu.Consumer(channel, queues=[self.queue], on_message=self._on_message, no_ack=True,
+                                       auto_declare=False)
         self.consumer.consume()
 
     def _on_message(self, raw: kombu.Message) -> None:

@@ -135,6 +135,13 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}")
     _apply_env(data, env)
+    catalog = data.get("images", {}).get("catalog", {}) if isinstance(data.get("images"), dict) else {}
+    for image, entry in (catalog.items() if isinstance(catalog, dict) else ()):
+        # msgspec reports a bad dict value as `catalog[...]`: check each entry alone to name it.
+        try:
+            msgspec.convert(entry, ImageEntry, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"{name}: images.catalog.{image}.{_explain(exc)}".replace(".(top): ", ": ")) from None
     try:
         config = msgspec.convert(data, Config, strict=False)
     except msgspec.ValidationError as exc:
@@ -165,9 +172,7 @@ def _apply_env(data: dict, env: Mapping[str, str]) -> None:
 def _explain(exc: msgspec.ValidationError) -> str:
     text = str(exc)
     m = re.match(r"(?s)(.*?) - at `\$(.*)`$", text)
-    if not m:
-        return text
-    message, where = m.groups()
+    message, where = m.groups() if m else (text, "")
     where = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", where).lstrip(".")
     unknown = re.match(r"Object contains unknown field `(.+)`", message)
     if unknown:

@@ -45,8 +45,10 @@ def parse_options(texts: Iterable[str]) -> dict[str, str]:
         for item in text.split(","):
             key, sep, value = item.partition("=")
             key = key.strip().lower()
-            if not sep or not key:
-                raise SpecError(key or item, None, "expected key=value")
+            if not key:
+                raise SpecError("-vm", text, "expected key=value pairs separated by commas")
+            if not sep:
+                raise SpecError(key, None, "expected key=value")
             if key not in KEYS:
                 raise SpecError(key, value, f"unknown key; known keys: {', '.join(KEYS)}")
             if key in options:

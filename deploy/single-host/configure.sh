@@ -1,0 +1,77 @@
+#!/bin/sh
+# Configure vtorque on this one machine: site config, hook entry points, state directories.
+# Usage: configure.sh GUEST_DIR   (GUEST_DIR holds the test guest built by tests/guest/build.sh)
+# Env: PREFIX (/opt/vtorque), VTORQUE_STACK_DIR (/var/lib/vtorque-stack), ETC (/etc/vtorque)
+set -eu
+GUEST_DIR=${1:?usage: configure.sh GUEST_DIR}
+PREFIX=${PREFIX:-/opt/vtorque}
+ETC=${ETC:-/etc/vtorque}
+STATE=${STATE:-/var/lib/vtorque}
+STACK=${VTORQUE_STACK_DIR:-/var/lib/vtorque-stack}
+HERE=$(cd "$(dirname "$0")/../.." && pwd)
+
+[ "$(id -u)" = 0 ] || { echo "configure: must run as root" >&2; exit 1; }
+for f in vmlinux initrd.img rootfs.qcow2 SHA256SUMS; do
+  [ -r "$GUEST_DIR/$f" ] || { echo "configure: $GUEST_DIR/$f missing: build the test guest first" >&2; exit 1; }
+done
+digest=$(awk '$2 ~ /rootfs.qcow2$/ {print $1}' "$GUEST_DIR/SHA256SUMS")
+
+install -d -m 755 "$ETC" "$STATE" "$STATE/images" "$STATE/jobs" "$STATE/hooks"
+install -d -m 711 "$STATE/guests"
+install -d -m 1777 "$STATE/traces"
+install -d -m 755 "$PREFIX/hooks/torque" "$PREFIX/hooks/slurm" /var/log/vtorque
+
+# Broker credentials stay out of the world-readable config; the Slurm hooks run as the slurm user.
+umask 027
+printf 'guest:guest\n' > "$ETC/broker.credentials.tmp"
+chgrp "$(id -gn slurm 2>/dev/null || echo root)" "$ETC/broker.credentials.tmp"
+mv "$ETC/broker.credentials.tmp" "$ETC/broker.credentials"
+umask 022
+
+cat > "$ETC/vtorque.toml.tmp" <<TOML
+# vtorque site configuration (single-host demo/test installation, written by deploy/single-host/configure.sh)
+state_dir = "$STATE"
+
+[broker]
+url = "amqp://127.0.0.1:5672//"
+credentials_file = "$ETC/broker.credentials"
+
+[tracing]
+dir = "$STATE/traces"
+
+[images]
+store = "$STATE/images"
+
+[images.catalog.tiny]
+source = "$GUEST_DIR/rootfs.qcow2"
+sha256 = "$digest"
+format = "qcow2"
+kernel = "$GUEST_DIR/vmlinux"
+initrd = "$GUEST_DIR/initrd.img"
+
+[spec]
+default_vcpus = 1
+max_vcpus = $(nproc)
+default_ram = "256M"
+max_ram = "2G"
+
+[node]
+guest_dir = "$STATE/guests"
+
+[hooks]
+prologue_timeout = 240
+epilogue_timeout = 60
+TOML
+mv "$ETC/vtorque.toml.tmp" "$ETC/vtorque.toml"
+
+slurm_state=""
+[ -r "$STACK/env" ] && slurm_state=$(. "$STACK/env"; grep -s '^StateSaveLocation=' "$SLURM_CONF" | cut -d= -f2)
+cat > "$ETC/hooks.env" <<ENV
+# Sourced by the hook entry points; a value already in the environment wins (tests use that).
+: "\${VTORQUE_PYTHON:=$PREFIX/venv/bin/python}"
+: "\${VTORQUE_SLURM_STATE:=${slurm_state:-$STACK/slurm/state}}"
+ENV
+
+for h in prologue epilogue; do install -m 755 "$HERE/hooks/torque/$h" "$PREFIX/hooks/torque/$h"; done
+for h in prolog_slurmctld epilog_slurmctld; do install -m 755 "$HERE/hooks/slurm/$h" "$PREFIX/hooks/slurm/$h"; done
+echo "configure: $ETC/vtorque.toml (image tiny = ${digest%????????????????????????????????????????????????????}…), hooks in $PREFIX/hooks"

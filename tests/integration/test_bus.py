@@ -1,0 +1,169 @@
+"""The bus against the real RabbitMQ on 127.0.0.1:5672."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import kombu
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from vtorque.shared import messages as m
+from vtorque.shared.bus import DEAD_QUEUE, EVENTS, EventWaiter, Publisher, ServiceRunner, node_queue
+
+HERE = os.path.dirname(__file__)
+
+
+def queue_depth(url, name):
+    with kombu.Connection(url) as conn:
+        _, messages, _ = conn.channel().queue_declare(name, passive=True)
+        return messages
+
+
+def wait_for(predicate, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def start_consumer(url, node, effects, mode=""):
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "bus_consumer.py"), url, node, str(effects), mode],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def test_a_command_survives_a_consumer_killed_before_its_ack(broker_url, node_name, tmp_path):
+    job = f"job-{uuid.uuid4().hex[:8]}"
+    publisher = Publisher(broker_url)
+    publisher.publish(m.TeardownGuests.new(job_id=job, deadline=60.0, node=node_name))
+    first = start_consumer(broker_url, node_name, tmp_path, "hang")
+    log = tmp_path / "log"
+    wait_for(lambda: log.exists() and "applied" in log.read_text(), what="the first consumer's effect")
+    first.kill()
+    first.wait()
+    assert queue_depth(broker_url, f"vtorque.node.{node_name}") == 1  # back in the queue, not lost
+    second = start_consumer(broker_url, node_name, tmp_path)
+    try:
+        wait_for(lambda: "already-done" in log.read_text(), what="the redelivery")
+        wait_for(lambda: queue_depth(broker_url, f"vtorque.node.{node_name}") == 0, what="the ack")
+    finally:
+        second.terminate()
+        second.wait(10)
+    lines = log.read_text().splitlines()
+    assert [l.split()[1] for l in lines] == ["applied", "already-done"]  # redelivered, effect once
+    publisher.close()
+
+
+def test_a_malformed_body_is_dead_lettered_with_its_reason(broker_url, node_name):
+    marker = f"garbage-{uuid.uuid4().hex}".encode()
+    runner = ServiceRunner(broker_url, [node_queue(node_name)], {m.TeardownGuests: lambda c: None})
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    assert runner.ready.wait(10)
+    with kombu.Connection(broker_url) as conn:
+        kombu.Producer(conn.channel()).publish(b"{" + marker, exchange="vtorque.commands",
+                                               routing_key=f"node.{node_name}", delivery_mode=2)
+        found = []
+        dead = DEAD_QUEUE(conn.channel())
+
+        def look():
+            msg = dead.get(no_ack=False)
+            while msg is not None:
+                if marker in msg.body:
+                    found.append(msg)
+                    msg.ack()
+                    return True
+                msg.reject(requeue=True) if False else msg.ack()
+                msg = dead.get(no_ack=False)
+            return False
+
+        wait_for(look, what="the dead letter")
+    runner.stop()
+    thread.join(10)
+    reason = found[0].headers["x-vtorque-reason"]
+    assert reason.startswith("undecodable") and found[0].headers["x-vtorque-routing-key"] == f"node.{node_name}"
+    assert queue_depth(broker_url, f"vtorque.node.{node_name}") == 0
+
+
+@pytest.fixture
+def spans():
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace._TRACER_PROVIDER = None  # the tests own the global provider
+    trace._TRACER_PROVIDER_SET_ONCE._done = False
+    trace.set_tracer_provider(provider)
+    yield exporter
+    provider.shutdown()
+
+
+def test_the_trace_context_crosses_the_broker(broker_url, node_name, spans):
+    done = threading.Event()
+    runner = ServiceRunner(broker_url, [node_queue(node_name)], {m.TeardownGuests: lambda c: done.set()})
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    assert runner.ready.wait(10)
+    publisher = Publisher(broker_url)
+    with trace.get_tracer("test").start_as_current_span("submit"):
+        publisher.publish(m.TeardownGuests.new(job_id="77.srv", deadline=60.0, node=node_name))
+    assert done.wait(15)
+    runner.stop()
+    thread.join(10)
+    publisher.close()
+    finished = spans.get_finished_spans()
+    producer = next(s for s in finished if s.kind is SpanKind.PRODUCER)
+    consumer = next(s for s in finished if s.kind is SpanKind.CONSUMER)
+    assert consumer.parent.span_id == producer.context.span_id
+    assert consumer.context.trace_id == producer.context.trace_id
+    assert [l.context.span_id for l in consumer.links] == [producer.context.span_id]
+    for span in (producer, consumer):
+        assert span.attributes["messaging.system"] == "rabbitmq"
+        assert span.attributes["pbs.job_id"] == "77.srv"
+    assert producer.attributes["messaging.rabbitmq.destination.routing_key"] == f"node.{node_name}"
+
+
+def test_an_expired_command_is_dropped_with_an_event(broker_url, node_name):
+    job = f"exp-{uuid.uuid4().hex[:8]}"
+    called = []
+    waiter = EventWaiter(broker_url, [f"job.{job}.command_expired"])
+    Publisher(broker_url).publish(m.TeardownGuests.new(job_id=job, deadline=-1.0, node=node_name))
+    runner = ServiceRunner(broker_url, [node_queue(node_name)], {m.TeardownGuests: called.append})
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    event = waiter.next(time.monotonic() + 15)
+    runner.stop()
+    thread.join(10)
+    waiter.close()
+    assert isinstance(event, m.CommandExpired) and event.command == "TeardownGuests"
+    assert called == []
+    assert queue_depth(broker_url, f"vtorque.node.{node_name}") == 0
+
+
+def test_a_slow_handler_keeps_its_connection(broker_url, node_name):
+    """Heartbeats keep flowing while the handler works longer than two heartbeat intervals."""
+    done = threading.Event()
+
+    def slow(cmd):
+        time.sleep(7)
+        done.set()
+
+    runner = ServiceRunner(broker_url, [node_queue(node_name)], {m.TeardownGuests: slow}, heartbeat=2)
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    assert runner.ready.wait(10)
+    Publisher(broker_url).publish(m.TeardownGuests.new(job_id="slow", deadline=60.0, node=node_name))
+    assert done.wait(20)
+    wait_for(lambda: queue_depth(broker_url, f"vtorque.node.{node_name}") == 0, what="the ack after a slow handler")
+    runner.stop()
+    thread.join(10)

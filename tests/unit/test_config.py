@@ -1,0 +1,46 @@
+import pytest
+
+from vtorque.shared.config import ConfigError, load_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "vtorque.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_file_and_environment_overrides(tmp_path):
+    path = write(tmp_path, '[broker]\nurl = "amqp://a:5672//"\n[hooks]\nmax_requeues = 4\n')
+    config = load_config(path, env={"VTORQUE_BROKER__HEARTBEAT": "7", "VTORQUE_NODE__NAME": "n1"})
+    assert config.broker.url == "amqp://a:5672//"
+    assert config.broker.heartbeat == 7
+    assert config.hooks.max_requeues == 4
+    assert config.node.node_name() == "n1"
+
+
+@pytest.mark.parametrize("text,env,named", [
+    ('[broker]\nurll = "x"\n', {}, "broker.urll: unknown key"),
+    ('[broker]\nheartbeat = "often"\n', {}, "broker.heartbeat"),
+    ("", {"VTORQUE_HOOKS__MAX_REQUEUES": "many"}, "hooks.max_requeues"),
+    ("", {"VTORQUE_NOPE": "1"}, "nope: unknown key"),
+    ('[images.catalog.tiny]\nsource = "/x"\n', {}, "images.catalog.tiny.sha256: required key missing"),
+    ('[images.catalog.tiny]\nsource = "/x"\nsha256 = "xyz"\n', {}, "images.catalog.tiny.sha256"),
+    ('[images.catalog."../x"]\nsource = "/x"\nsha256 = "' + "a" * 64 + '"\n', {}, "images.catalog.../x"),
+    ("[broker\n", {}, "vtorque.toml"),
+])
+def test_errors_name_the_key(tmp_path, text, env, named):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text), env=env)
+    assert named in str(err.value)
+
+
+def test_a_named_file_must_exist(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(str(tmp_path / "missing.toml"), env={})
+
+
+def test_credentials_file_joins_the_url(tmp_path):
+    creds = tmp_path / "creds"
+    creds.write_text("svc:s3cret\n")
+    path = write(tmp_path, f'[broker]\nurl = "amqp://old:pw@host:5672/vh"\ncredentials_file = "{creds}"\n')
+    assert load_config(path, env={}).broker.connection_url() == "amqp://svc:s3cret@host:5672/vh"

@@ -1,0 +1,23 @@
+from vtorque.shared.job_script import inline_vm_options, parse_header, render_wrapper, user_script_from_stdin
+
+USER = "#!/bin/bash\n#PBS -N demo\n#PBS -vm img=tiny,vcpus=2\n#SBATCH --time=5\necho hi\n#PBS -vm ignored=1\n"
+
+
+def test_inline_vm_lines_come_from_the_leading_block_only():
+    assert inline_vm_options(USER) == ["img=tiny,vcpus=2"]
+
+
+def test_wrapper_header_round_trips_and_keeps_directives():
+    text = render_wrapper(USER, {"img": "tiny", "vcpus": "2"}, "ssh-ed25519 AAAA k", "/home/a/.vtorque/k",
+                          "00-" + "1" * 32 + "-" + "2" * 16 + "-01", "/opt/vtorque/venv/bin/vtorque-launch")
+    header = parse_header(text)
+    assert header.spec == {"img": "tiny", "vcpus": "2"}
+    assert header.ssh_pubkeys == ["ssh-ed25519 AAAA k"]
+    assert header.traceparent.startswith("00-")
+    assert "#PBS -N demo" in text and "#SBATCH --time=5" in text and "#PBS -vm" not in text
+    body = text.split("<<'VTORQUE_SCRIPT_END'\n", 1)[1].split("\nVTORQUE_SCRIPT_END", 1)[0]
+    assert user_script_from_stdin(body).decode() == USER
+
+
+def test_a_plain_script_has_no_header():
+    assert parse_header("#!/bin/sh\necho hi\n") is None

@@ -1,0 +1,67 @@
+"""Domain XML and seed contents (pure), and the XML accepted by libvirt's test driver."""
+
+import xml.etree.ElementTree as ET
+from datetime import datetime, timezone
+
+import pytest
+
+from vtorque.services.node_worker.domain import BootSource, GuestDisks, GuestMetadata, domain_xml, parse_metadata
+from vtorque.services.node_worker.seed import seed_files
+from vtorque.shared import messages as m
+
+GUEST = m.GuestPlan(name="vt-7_srv-n1-0", node="n1", index=0, image="tiny", image_digest="a" * 64, vcpus=2,
+                    ram_mib=256, cores=[3, 5], owner=m.Owner(user="bob", uid=1001, gid=1002),
+                    ssh_authorized_keys=["ssh-ed25519 AAAAkey bob"])
+DISKS = GuestDisks(overlay="/g/vt/root.qcow2", seed="/g/vt/seed.iso", console_log="/g/vt/console.log")
+META = GuestMetadata(job_id="7.srv", owner="bob", deadline=datetime(2030, 1, 1, tzinfo=timezone.utc), index=0,
+                     ssh_port=22001)
+
+
+def test_domain_carries_the_plan():
+    xml = domain_xml(GUEST, DISKS, BootSource("/k/vmlinux", "/k/initrd.img"), META)
+    root = ET.fromstring(xml)
+    assert root.get("type") == "qemu"
+    assert root.findtext("vcpu") == "2" and root.find("memory").get("unit") == "MiB"
+    assert root.findtext("memory") == "256"
+    assert [(p.get("vcpu"), p.get("cpuset")) for p in root.iter("vcpupin")] == [("0", "3"), ("1", "5")]
+    sources = [d.find("source").get("file") for d in root.iter("disk")]
+    assert sources == [DISKS.overlay, DISKS.seed]
+    assert root.find("devices/serial/source").get("path") == DISKS.console_log
+    assert "hostfwd=tcp:127.0.0.1:22001-:22" in xml
+    assert parse_metadata(xml) == {"job": "7.srv", "owner": "bob", "deadline": "2030-01-01T00:00:00+00:00",
+                                   "index": "0", "ssh-port": "22001"}
+
+
+def test_cloud_image_boots_from_disk_and_kvm_passes_the_cpu_through():
+    root = ET.fromstring(domain_xml(GUEST, DISKS, BootSource(), META, domain_type="kvm"))
+    assert root.find("os/kernel") is None and root.find("os/boot").get("dev") == "hd"
+    assert root.find("cpu").get("mode") == "host-passthrough"
+
+
+def test_libvirt_accepts_the_xml():
+    libvirt = pytest.importorskip("libvirt")
+    conn = libvirt.open("test:///default")
+    xml = domain_xml(GUEST, DISKS, BootSource("/k/vmlinux", "/k/initrd.img"), META).replace(
+        "<domain type=\"qemu\"", "<domain type=\"test\"")
+    dom = conn.defineXML(xml)
+    try:
+        assert parse_metadata(dom.XMLDesc(0))["job"] == "7.srv"
+    finally:
+        dom.undefine()
+
+
+def test_seed_gives_the_owner_and_only_the_job_key():
+    files = seed_files(GUEST, "7.srv")
+    env = files["vtorque.env"].decode()
+    assert "VT_USER=bob\n" in env and "VT_UID=1001\n" in env and "VT_GID=1002\n" in env
+    assert "VT_SSH_AUTHORIZED_KEYS='ssh-ed25519 AAAAkey bob'" in env
+    assert files["user-data"].startswith(b"#cloud-config\n")
+    assert b'"ssh_pwauth": false' in files["user-data"]
+
+
+def test_seed_values_cannot_inject_shell():
+    evil = m.GuestPlan(**{**{f: getattr(GUEST, f) for f in GUEST.__struct_fields__},
+                          "ssh_authorized_keys": ["x'; reboot; '"]})
+    line = [l for l in seed_files(evil, "1")["vtorque.env"].decode().splitlines() if l.startswith("VT_SSH")][0]
+    import shlex
+    assert shlex.split(line.split("=", 1)[1]) == ["x'; reboot; '"]

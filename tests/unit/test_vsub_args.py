@@ -1,0 +1,25 @@
+import pytest
+
+from vtorque.cli.vsub import UsageError, split_args
+
+
+def test_vm_options_are_taken_out_and_the_rest_passes_through():
+    args, vm, at, dry = split_args(["-N", "x", "-vm", "img=tiny", "-l", "nodes=1:ppn=2", "-V", "-vm", "vcpus=2",
+                                    "job.sh"])
+    assert args == ["-N", "x", "-l", "nodes=1:ppn=2", "-V", "job.sh"]
+    assert vm == ["img=tiny", "vcpus=2"] and args[at] == "job.sh" and not dry
+
+
+def test_v_with_a_value_is_not_vm():
+    args, vm, at, _ = split_args(["-v", "FOO=bar", "job.sh"])
+    assert vm == [] and args == ["-v", "FOO=bar", "job.sh"] and at == 2
+
+
+def test_vm_without_value_is_a_usage_error():
+    with pytest.raises(UsageError):
+        split_args(["job.sh", "-vm"]) if False else split_args(["-vm"])
+
+
+def test_no_script_means_stdin():
+    _, vm, at, _ = split_args(["-vm", "img=tiny"])
+    assert at is None and vm == ["img=tiny"]
