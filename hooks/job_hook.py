@@ -94,14 +94,14 @@ def _prologue(job: JobContext, config: Config, deadline_s: float, progress, chan
         channel.publish(m.JobStarted.new(
             job_id=job.job_id, deadline=deadline_s, scheduler=job.scheduler, owner=job.owner, nodes=job.nodes,
             spec=dict(job.header.spec), ssh_authorized_keys=list(job.header.ssh_pubkeys)))
-        return _wait_for_guests(channel, deadline, deadline_s, progress)
+        return _wait_for_guests(channel, job.job_id, deadline, deadline_s, progress)
     except Exception as exc:  # noqa: BLE001 - a broker error mid-wait is an infrastructure failure, not a crash
         return Outcome(Verdict.FAILED, f"lost the broker while waiting: {exc!r}")
     finally:
         channel.close()
 
 
-def _wait_for_guests(channel, deadline: float, deadline_s: float, progress) -> Outcome:
+def _wait_for_guests(channel, job_id: str, deadline: float, deadline_s: float, progress) -> Outcome:
     expected: set[str] | None = None
     ready: dict[str, m.GuestReady] = {}
     links: list[Link] = []
@@ -112,9 +112,13 @@ def _wait_for_guests(channel, deadline: float, deadline_s: float, progress) -> O
         elif isinstance(event, m.JobRejected):
             return Outcome(Verdict.REJECTED, event.reason)
         elif isinstance(event, m.ImageStaged):
+            if event.job_id != job_id:
+                continue  # another job's staging of the same image
             how = "already cached" if event.cached else f"{event.bytes / 2**20:.0f} MiB in {event.seconds:.1f}s"
             progress(f"image {event.image} staged ({how})")
         elif isinstance(event, m.ImageStageFailed):
+            if event.job_id != job_id:
+                continue
             return Outcome(Verdict.REJECTED, f"image {event.image}: {event.reason}")
         elif isinstance(event, m.GuestFailed):
             tail = f"\n--- console of {event.guest} ---\n{event.console_tail}" if event.console_tail else ""

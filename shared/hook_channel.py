@@ -5,6 +5,7 @@ hook publishes, so no answer can be missed; then a bounded wait. (Not direct rep
 from __future__ import annotations
 
 import time
+import urllib.parse
 import uuid
 from typing import Iterable, Iterator
 
@@ -24,6 +25,9 @@ class BrokerUnreachable(Exception):
 class HookChannel:
     def __init__(self, url: str, patterns: Iterable[str], attempts: int = 3, timeout: float = 5.0):
         params = pika.URLParameters(url)
+        # kombu reads "amqp://host//" as vhost "/", pika as vhost "": one config URL must mean one vhost.
+        path = urllib.parse.urlsplit(url).path
+        params.virtual_host = "/" if path in ("", "/", "//") else urllib.parse.unquote(path[1:])
         params.connection_attempts = max(1, attempts)
         params.retry_delay = 1.0
         params.socket_timeout = timeout

@@ -1,0 +1,47 @@
+# vtorque on one machine (Debian 12, as root): `make demo` sets up and runs a VM job; `make test` runs the tests.
+PREFIX    ?= /opt/vtorque
+VENV      ?= $(PREFIX)/venv
+GUEST_DIR ?= /var/cache/vtorque/testguest
+STACK_DIR ?= /var/lib/vtorque-stack
+PY        := $(VENV)/bin/python
+export PREFIX VTORQUE_STACK_DIR := $(STACK_DIR)
+
+.PHONY: demo test setup deps venv guest configure stack services down unit
+
+demo: setup
+	deploy/single-host/demo.sh
+
+test: setup
+	. $(STACK_DIR)/env && $(PY) -m pytest tests -v --durations=15
+
+unit: venv
+	$(PY) -m pytest tests/unit -q
+
+setup: deps venv guest stack configure services
+
+deps:
+	deploy/install-deps.sh
+
+# Debian's python, not a user's pyenv: the Slurm hooks run as the slurm user and must be able to execute it.
+# --system-site-packages brings Debian's python3-libvirt (no compiler needed).
+venv: deps
+	@[ -x $(PY) ] || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
+	@$(PY) -c 'import vtorque.shared.bus, libvirt, pika, kombu' && echo "venv: $(VENV) ready"
+
+guest: deps
+	tests/guest/build.sh $(GUEST_DIR)
+
+stack: deps
+	VTORQUE_HOOK_DIR=$(PREFIX)/hooks deploy/single-host/stack.sh start
+
+configure: venv guest stack
+	deploy/single-host/configure.sh $(GUEST_DIR)
+
+services: configure
+	deploy/single-host/services.sh stop >/dev/null
+	deploy/single-host/services.sh start
+
+down:
+	-deploy/single-host/services.sh stop
+	-deploy/single-host/stack.sh stop
