@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None, env=os.environ) -> int:
     try:
         if which == "epilogue":
             exit_status = int(args[9]) if args[9].lstrip("-").isdigit() else None
+            if exit_status != -14:  # -14: the prologue asked for a requeue; any other end is the job's last
+                _requeue_counter(config.state_dir, job.job_id).unlink(missing_ok=True)
             run_epilogue(job, config, exit_status, progress)
             return 0  # Torque ignores the epilogue's exit code; reconciliation covers what it missed
         counter = _requeue_counter(config.state_dir, job.job_id)

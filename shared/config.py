@@ -156,10 +156,15 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
 
 
 def _apply_env(data: dict, env: Mapping[str, str]) -> None:
+    """VTORQUE_<SECTION>__<KEY> and VTORQUE_<TOP_LEVEL_KEY> override the file; other VTORQUE_* names
+    (VTORQUE_CONFIG, VTORQUE_PYTHON used by the hook entry points, ...) are not configuration."""
+    top_level = set(Config.__struct_fields__)
     for key, value in env.items():
-        if not key.startswith("VTORQUE_") or key == "VTORQUE_CONFIG":
+        if not key.startswith("VTORQUE_"):
             continue
         path = key[len("VTORQUE_"):].lower().split("__")
+        if len(path) == 1 and path[0] not in top_level:
+            continue
         node = data
         for part in path[:-1]:
             child = node.setdefault(part, {})

@@ -22,7 +22,7 @@ def test_file_and_environment_overrides(tmp_path):
     ('[broker]\nurll = "x"\n', {}, "broker.urll: unknown key"),
     ('[broker]\nheartbeat = "often"\n', {}, "broker.heartbeat"),
     ("", {"VTORQUE_HOOKS__MAX_REQUEUES": "many"}, "hooks.max_requeues"),
-    ("", {"VTORQUE_NOPE": "1"}, "nope: unknown key"),
+    ("", {"VTORQUE_NOPE__X": "1"}, "nope: unknown key"),
     ('[images.catalog.tiny]\nsource = "/x"\n', {}, "images.catalog.tiny.sha256: required key missing"),
     ('[images.catalog.tiny]\nsource = "/x"\nsha256 = "xyz"\n', {}, "images.catalog.tiny.sha256"),
     ('[images.catalog."../x"]\nsource = "/x"\nsha256 = "' + "a" * 64 + '"\n', {}, "images.catalog.../x"),
@@ -44,3 +44,9 @@ def test_credentials_file_joins_the_url(tmp_path):
     creds.write_text("svc:s3cret\n")
     path = write(tmp_path, f'[broker]\nurl = "amqp://old:pw@host:5672/vh"\ncredentials_file = "{creds}"\n')
     assert load_config(path, env={}).broker.connection_url() == "amqp://svc:s3cret@host:5672/vh"
+
+
+def test_other_vtorque_variables_are_not_configuration(tmp_path):
+    path = write(tmp_path, "")
+    config = load_config(path, env={"VTORQUE_PYTHON": "/x/python", "VTORQUE_STACK_DIR": "/s", "VTORQUE_STATE_DIR": "/st"})
+    assert config.state_dir == "/st"

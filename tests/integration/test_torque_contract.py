@@ -1,0 +1,422 @@
+"""Contract tests: our Torque root prologue/epilogue (hooks/torque/*), replayed with the invocations recorded
+from a real TORQUE 6.1 (torque-hooks.md, torque-recorded/). Fast; needs only RabbitMQ at 127.0.0.1:5672.
+
+The shell entry points come from this checkout; the Python side they exec (`-m vtorque.hooks.torque`) is the
+package installed in the interpreter running pytest: reinstall it after changing hooks/*.py.
+"""
+
+from __future__ import annotations
+
+import grp
+import pwd
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pika
+import pytest
+
+from . import torque_replay as tr
+from vtorque.shared import messages as m
+from vtorque.shared.job_script import render_wrapper
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+EVENTS_EXCHANGE = "vtorque.events"
+GUARD_SECONDS = 30.0  # a guard against endless loops, not a benchmark
+HOOK_DEFAULT_PYTHON = "/opt/vtorque/venv/bin/python"  # what hooks/torque/* exec without VTORQUE_PYTHON
+
+PROLOGUES = tr.recorded_invocations("prologue")
+EPILOGUES = tr.recorded_invocations("epilogue")
+
+
+def _ids(invocations):
+    return [inv.source for inv in invocations]
+
+
+# -- fixtures ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def torque_home(tmp_path) -> tr.TorqueHome:
+    return tr.TorqueHome(tmp_path / "torque")
+
+
+@pytest.fixture
+def sentinel(tmp_path):
+    return tr.sentinel_python(tmp_path)
+
+
+@pytest.fixture
+def image_source(tmp_path) -> Path:
+    path = tmp_path / "images" / "tiny.raw"
+    path.parent.mkdir()
+    path.write_bytes(b"\0" * 4096 + b"vtorque contract test image\n")
+    return path
+
+
+@pytest.fixture
+def make_config(tmp_path, image_source):
+    """Writes a config; keyword arguments override hooks/broker settings. Returns (path, state_dir)."""
+    state_dir = tmp_path / "state"
+
+    def make(broker_url: str = AMQP_URL, **hooks) -> tuple[Path, Path]:
+        settings = {"prologue_timeout": 5.0, "epilogue_timeout": 2.0, "broker_attempts": 1, "max_requeues": 2}
+        settings.update(hooks)
+        return tr.write_config(tmp_path / "vtorque.toml", {
+            "state_dir": str(state_dir),
+            "broker": {"url": broker_url, "connect_timeout": 1.0},
+            "tracing": {"dir": str(tmp_path / "traces")},
+            "hooks": settings,
+            "images.catalog.tiny": {"source": str(image_source), "sha256": tr.sha256_file(image_source),
+                                    "format": "raw"},
+        }), state_dir
+
+    return make
+
+
+@pytest.fixture
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the socket is
+
+
+@pytest.fixture
+def events():
+    """An exclusive queue bound to vtorque.events `job.#`, declared before the hook runs; drain() reads it."""
+    try:
+        conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    except pika.exceptions.AMQPError as exc:
+        pytest.fail(f"RabbitMQ is required at {AMQP_URL}: {exc!r}")
+    channel = conn.channel()
+    channel.exchange_declare(EVENTS_EXCHANGE, exchange_type="topic", durable=True)
+    queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+    channel.queue_bind(queue, EVENTS_EXCHANGE, routing_key="job.#")
+
+    class Events:
+        def drain(self) -> list[tuple[str, str | None, m.Message | None]]:
+            """(routing key, AMQP type, decoded message or None) of everything queued so far."""
+            conn.sleep(0.2)  # publisher confirms mean routed already; this is slack only
+            got = []
+            while True:
+                method, props, body = channel.basic_get(queue, auto_ack=True)
+                if method is None:
+                    return got
+                try:
+                    message = m.decode(body)
+                except Exception:  # noqa: BLE001 - someone else's traffic on the shared broker
+                    message = None
+                got.append((method.routing_key, props.type, message))
+
+        def job_started(self, job_id: str) -> list:
+            return [msg for key, kind, msg in self.drain()
+                    if (isinstance(msg, m.JobStarted) and msg.job_id == job_id)
+                    or (kind == "JobStarted" and key.startswith(f"job.{m.routing_word(job_id)}."))]
+
+    yield Events()
+    conn.close()
+
+
+def owner_on_this_host() -> tuple[str, str]:
+    """The recorded job owner when it exists here, else `nobody` (the hook resolves the owner's uid/gid)."""
+    for user in ("trqtest", "nobody"):
+        try:
+            pw = pwd.getpwnam(user)
+        except KeyError:
+            continue
+        try:
+            return user, grp.getgrgid(pw.pw_gid).gr_name
+        except KeyError:
+            continue
+    pytest.fail("neither trqtest nor nobody exists on this host")
+
+
+def unique_job_id() -> str:
+    """Torque-shaped (<seq>.<server>), unlikely to meet other traffic on the shared broker."""
+    return f"{random.randrange(10**6, 10**7)}.vm"
+
+
+def vm_invocation(inv: tr.Invocation, job_id: str | None = None) -> tr.Invocation:
+    user, group = owner_on_this_host()
+    inv = inv.with_args(a2=user, a3=group)
+    return inv.with_job_id(job_id) if job_id else inv
+
+
+def vm_script(spec: dict[str, str]) -> str:
+    """The wrapper vsub submits, with `spec` in its header (rendered as is: validation is the hook's job)."""
+    return render_wrapper("#!/bin/sh\n#PBS -N vmjob\nhostname\n", spec, "ssh-ed25519 AAAAC3Nza test@vsub",
+                          "/home/trqtest/.ssh/vtorque_job", None, "/opt/vtorque/venv/bin/vtorque-launch")
+
+
+def hook_env(config: Path) -> dict[str, str]:
+    """The environment additions for a run that must reach the real Python side.
+
+    VTORQUE_PYTHON is added only when pytest's interpreter is not the hooks' default one: the config loader
+    takes every VTORQUE_* variable for an override, so VTORQUE_PYTHON breaks the hook (see
+    test_vtorque_python_does_not_break_the_config, a known bug).
+    """
+    env = {"VTORQUE_CONFIG": str(config)}
+    if sys.executable != HOOK_DEFAULT_PYTHON:
+        env["VTORQUE_PYTHON"] = sys.executable
+    return env
+
+
+def first(invocations: list[tr.Invocation], job_id: str) -> tr.Invocation:
+    return next(inv for inv in invocations if inv.job_id == job_id and "run2" not in inv.source)
+
+
+GOOD_SPEC = {"img": "tiny", "vcpus": "1", "ram": "256M"}
+
+
+# -- the recordings themselves ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("hook", ["prologue", "epilogue"])
+def test_recordings_match_the_documented_contract(hook):
+    logs = tr.root_hook_logs(hook)
+    assert len(logs) >= 16, f"expected the 13 + 3 recorded {hook} logs, found {[p.name for p in logs]}"
+    for path in logs:
+        runs = tr.parse_log(path)
+        assert runs, f"{path}: no hook run parsed"
+        for inv in runs:
+            where = inv.source
+            assert inv.hook == hook, where
+            assert inv.argc == tr.ARGC[hook] == len(inv.argv), where
+            assert inv.argv0 == f"{tr.RECORDED_HOME}/mom_priv/{hook}", where
+            assert inv.cwd == f"{tr.RECORDED_HOME}/mom_priv", where
+            assert inv.umask == (0o077 if hook == "prologue" else 0o022), where
+            assert inv.script_path == f"{tr.RECORDED_HOME}/mom_priv/jobs/{inv.job_id}.SC", where
+            env = inv.environ()
+            assert env["PBS_NODEFILE"] == f"{tr.RECORDED_HOME}/aux//{inv.job_id}", where
+            assert {"PATH", "LANG", "PBS_MSHOST", "PBS_NP", "PBS_NUM_NODES", "PBS_NUM_PPN", "PBS_NODENUM",
+                    "PBS_O_WORKDIR", "PBS_RESOURCE_NODES"} <= set(env), where
+            assert not {"PBS_JOBID", "PBS_JOBNAME", "PBS_QUEUE", "HOME", "USER", "FOO"} & set(env), where
+            if hook == "epilogue":
+                assert inv.argv[9].lstrip("-").isdigit(), where  # $10 = exit status
+
+
+# -- 2. non-VM jobs: exit 0, no Python ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("inv", PROLOGUES + EPILOGUES, ids=_ids(PROLOGUES + EPILOGUES))
+def test_plain_job_leaves_without_python(inv, torque_home, sentinel):
+    python, called = sentinel
+    assert len(inv.argv) == tr.ARGC[inv.hook], "argv[1..] count differs from the recorded contract"
+    prepared = torque_home.prepare(inv)
+    assert prepared.script.read_text() == tr.PLAIN_SCRIPT
+    assert prepared.nodefile.read_text().split() == [inv.environ()["PBS_MSHOST"]] * int(inv.environ()["PBS_NP"])
+    result = tr.run_hook(inv.hook, prepared, {"VTORQUE_PYTHON": str(python),
+                                              "VTORQUE_CONFIG": str(torque_home.root / "absent.toml")})
+    assert result.returncode == 0, str(result)
+    assert not called.exists(), f"Python was started for a plain job: {called.read_text()}"
+    assert result.stdout == result.stderr == "", str(result)
+
+
+@pytest.mark.parametrize("hook", ["prologue", "epilogue"])
+def test_missing_job_script_leaves_without_python(hook, torque_home, sentinel):
+    python, called = sentinel
+    inv = first(PROLOGUES if hook == "prologue" else EPILOGUES, "1.vm")
+    result = tr.run_hook(hook, torque_home.prepare(inv, script_text=None), {"VTORQUE_PYTHON": str(python)})
+    assert result.returncode == 0, str(result)
+    assert not called.exists()
+
+
+@pytest.mark.parametrize("hook", ["prologue", "epilogue"])
+def test_spec_line_past_the_header_is_not_a_vm_job(hook, torque_home, sentinel):
+    """Both sides read only the first 64 lines (job_script.HEADER_LINES)."""
+    python, called = sentinel
+    inv = first(PROLOGUES if hook == "prologue" else EPILOGUES, "1.vm")
+    script = "#!/bin/sh\n" + "# filler\n" * 63 + "# vtorque-spec: img=tiny\nhostname\n"
+    result = tr.run_hook(hook, torque_home.prepare(inv, script), {"VTORQUE_PYTHON": str(python)})
+    assert result.returncode == 0, str(result)
+    assert not called.exists()
+
+
+@pytest.mark.parametrize("job_id", ["1.vm", "0.vm"])  # job 0 has no account: an empty $7 / $9
+@pytest.mark.parametrize("hook", ["prologue", "epilogue"])
+def test_vm_job_execs_python_with_the_recorded_arguments(hook, job_id, torque_home, sentinel):
+    """The positive control for the sentinel: a vtorque header reaches Python, with argv[1..] unchanged."""
+    python, called = sentinel
+    inv = first(PROLOGUES if hook == "prologue" else EPILOGUES, job_id)
+    prepared = torque_home.prepare(inv, vm_script(GOOD_SPEC))
+    result = tr.run_hook(hook, prepared, {"VTORQUE_PYTHON": str(python)})
+    assert result.returncode == 97, str(result)  # exec'd: the sentinel's own code comes back
+    assert called.read_text().split("\n")[:-1] == ["-P", "-m", "vtorque.hooks.torque", hook, *prepared.argv]
+    assert len(called.read_text().split("\n")[:-1]) == 3 + tr.ARGC[hook]
+
+
+# -- 3. VM job with a bad spec: abort, one line naming the key, nothing published ---------------------------
+
+@pytest.mark.parametrize("spec, key", [
+    ({"img": "tiny", "vcpus": "abc"}, "vcpus"),
+    ({"img": "nosuchimage"}, "img"),
+    ({"img": "../../etc/passwd"}, "img"),
+    ({"img": "tiny", "color": "red"}, "color"),
+    ({"img": "tiny", "ram": "lots"}, "ram"),
+    ({"vcpus": "2"}, "img"),
+], ids=["vcpus-not-a-number", "unknown-image", "image-path", "unknown-key", "ram-not-a-size", "no-image"])
+def test_bad_spec_aborts_without_publishing(spec, key, torque_home, make_config, events):
+    config, _ = make_config()
+    inv = vm_invocation(first(PROLOGUES, "1.vm"), unique_job_id())
+    prepared = torque_home.prepare(inv, vm_script(spec))
+    result = tr.run_hook("prologue", prepared, hook_env(config), timeout=GUARD_SECONDS)
+    assert result.returncode == 1, str(result)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, str(result)
+    assert f"-vm {key}" in lines[0], str(result)
+    assert events.job_started(inv.job_id) == []
+
+
+def test_good_spec_publishes_job_started(torque_home, make_config, events):
+    """The positive control for the consumer above: a valid spec is published (then times out: no bridge)."""
+    config, state_dir = make_config(prologue_timeout=1.0)
+    inv = vm_invocation(first(PROLOGUES, "1.vm"), unique_job_id())
+    prepared = torque_home.prepare(inv, vm_script(GOOD_SPEC))
+    result = tr.run_hook("prologue", prepared, hook_env(config), timeout=GUARD_SECONDS)
+    assert result.returncode == 2, str(result)  # an infrastructure failure (no guests in time): requeue
+    assert "timed out" in result.stderr, str(result)
+    started = events.job_started(inv.job_id)
+    assert len(started) == 1, started
+    event = started[0]
+    assert (event.scheduler, event.spec, event.owner.user) == ("torque", GOOD_SPEC, inv.argv[1])
+    assert [(n.host, n.ncpus) for n in event.nodes] == [("vm", 2)]  # PBS_NODEFILE: vm twice (PBS_NP=2)
+
+
+def test_unknown_job_owner_aborts(torque_home, make_config, events):
+    """The recorded owner (trqtest) is not a local account here: the prologue aborts and says why."""
+    try:
+        pwd.getpwnam("trqtest")
+        pytest.skip("trqtest exists on this host")
+    except KeyError:
+        pass
+    config, _ = make_config()
+    inv = first(PROLOGUES, "1.vm").with_job_id(unique_job_id())
+    result = tr.run_hook("prologue", torque_home.prepare(inv, vm_script(GOOD_SPEC)),
+                         hook_env(config), timeout=GUARD_SECONDS)
+    assert result.returncode == 1, str(result)
+    assert "trqtest" in result.stderr and "unknown" in result.stderr, str(result)
+    assert events.job_started(inv.job_id) == []
+
+
+# -- 4. broker unreachable: bounded requeues, counted per job under state_dir -------------------------------
+
+def test_broker_unreachable_requeues_twice_then_aborts(torque_home, make_config, closed_port):
+    config, state_dir = make_config(broker_url=f"amqp://guest:guest@127.0.0.1:{closed_port}/%2F",
+                                    max_requeues=2, broker_attempts=1)
+    job_a, job_b = unique_job_id(), unique_job_id()
+    base = vm_invocation(first(PROLOGUES, "1.vm"))
+    env = hook_env(config)
+
+    def counter(job_id: str) -> Path:
+        return state_dir / "hooks" / "torque" / f"{m.routing_word(job_id)}.requeues"
+
+    def run(job_id: str) -> tr.Result:
+        inv = base.with_job_id(job_id)
+        result = tr.run_hook("prologue", torque_home.prepare(inv, vm_script(GOOD_SPEC)), env,
+                             timeout=GUARD_SECONDS)
+        assert result.seconds < GUARD_SECONDS, str(result)
+        return result
+
+    for n in (1, 2):
+        result = run(job_a)
+        assert result.returncode == 2, str(result)
+        assert f"requeued ({n} of 2)" in result.stderr and "broker unreachable" in result.stderr, str(result)
+        assert counter(job_a).read_text().strip() == str(n)
+
+    other = run(job_b)  # another job counts from 0
+    assert other.returncode == 2, str(other)
+    assert "requeued (1 of 2)" in other.stderr, str(other)
+    assert counter(job_b).read_text().strip() == "1"
+
+    last = run(job_a)
+    assert last.returncode == 1, str(last)
+    assert "aborted" in last.stderr and "broker unreachable" in last.stderr, str(last)
+    assert not counter(job_a).exists()
+    assert counter(job_b).read_text().strip() == "1"
+    assert all(p.is_relative_to(state_dir) for p in state_dir.rglob("*.requeues"))
+
+
+# -- 5. epilogue of a VM job, broker unreachable -------------------------------------------------------------
+
+def test_epilogue_without_broker_exits_0_and_says_so(torque_home, make_config, closed_port):
+    config, _ = make_config(broker_url=f"amqp://guest:guest@127.0.0.1:{closed_port}/%2F", broker_attempts=1)
+    inv = vm_invocation(first(EPILOGUES, "1.vm"), unique_job_id())
+    result = tr.run_hook("epilogue", torque_home.prepare(inv, vm_script(GOOD_SPEC)),
+                         hook_env(config), timeout=GUARD_SECONDS)
+    assert result.returncode == 0, str(result)
+    assert result.seconds < GUARD_SECONDS
+    assert "broker unreachable" in result.stdout and "reconciliation" in result.stdout, str(result)
+
+
+def test_epilogue_publishes_job_ended(torque_home, make_config, events):
+    config, _ = make_config(epilogue_timeout=1.0)
+    inv = vm_invocation(first(EPILOGUES, "1.vm"), unique_job_id())
+    result = tr.run_hook("epilogue", torque_home.prepare(inv, vm_script(GOOD_SPEC)),
+                         hook_env(config), timeout=GUARD_SECONDS)
+    assert result.returncode == 0, str(result)
+    ended = [msg for _, _, msg in events.drain() if isinstance(msg, m.JobEnded) and msg.job_id == inv.job_id]
+    assert [(e.nodes, e.exit_status) for e in ended] == [(["vm"], 3)]  # $10 = 3 recorded for job 1
+
+
+# -- 6. the Python side's own argument check ----------------------------------------------------------------
+
+@pytest.mark.parametrize("hook, args, code, message", [
+    ("prologue", 7, 1, "expects 8 arguments, got 7"),
+    ("prologue", 9, 1, "expects 8 arguments, got 9"),
+    ("epilogue", 10, 0, "expects 11 arguments, got 10"),  # Torque ignores epilogue codes
+])
+def test_python_side_rejects_wrong_argument_counts(hook, args, code, message, tmp_path):
+    argv = [sys.executable, "-m", "vtorque.hooks.torque", hook, *[f"a{i}" for i in range(1, args + 1)]]
+    proc = subprocess.run(argv, env={"PATH": "/bin:/usr/bin", "LANG": "C.UTF-8"}, cwd=tmp_path,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=GUARD_SECONDS)
+    assert proc.returncode == code, proc
+    assert message in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("argv", [[], ["precancel", "x"]])
+def test_python_side_usage(argv, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "vtorque.hooks.torque", *argv], cwd=tmp_path,
+                          env={"PATH": "/bin:/usr/bin"}, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=GUARD_SECONDS)
+    assert proc.returncode == 1
+    assert "usage:" in proc.stderr
+
+
+# -- the broker URL form the deployment writes ------------------------------------------------------------
+
+def test_default_style_broker_url_reaches_the_broker(torque_home, make_config, events):
+    """'amqp://host:5672//' (config default, deploy/single-host/configure.sh) is kombu's way to say vhost "/";
+    pika alone reads it as vhost '' (NOT_ALLOWED), so the hooks must read it as kombu does."""
+    config, _ = make_config(broker_url="amqp://guest:guest@127.0.0.1:5672//", prologue_timeout=1.0)
+    inv = vm_invocation(first(PROLOGUES, "1.vm"), unique_job_id())
+    result = tr.run_hook("prologue", torque_home.prepare(inv, vm_script(GOOD_SPEC)),
+                         hook_env(config), timeout=GUARD_SECONDS)
+    assert "broker unreachable" not in result.stderr, str(result)
+    assert len(events.job_started(inv.job_id)) == 1
+
+
+def test_vtorque_python_does_not_break_the_config(torque_home, make_config, events):
+    config, _ = make_config(prologue_timeout=1.0)
+    inv = vm_invocation(first(PROLOGUES, "1.vm"), unique_job_id())
+    result = tr.run_hook("prologue", torque_home.prepare(inv, vm_script(GOOD_SPEC)),
+                         {"VTORQUE_CONFIG": str(config), "VTORQUE_PYTHON": sys.executable}, timeout=GUARD_SECONDS)
+    assert "unknown key" not in result.stderr, str(result)
+    assert len(events.job_started(inv.job_id)) == 1, str(result)
+
+
+def test_requeue_counter_is_dropped_when_the_job_really_ends(torque_home, make_config, closed_port):
+    config, state_dir = make_config(broker_url=f"amqp://guest:guest@127.0.0.1:{closed_port}/%2F")
+    job_id = unique_job_id()
+    counter = state_dir / "hooks" / "torque" / f"{m.routing_word(job_id)}.requeues"
+    prologue = vm_invocation(first(PROLOGUES, "4.vm"), job_id)
+    assert tr.run_hook("prologue", torque_home.prepare(prologue, vm_script(GOOD_SPEC)), hook_env(config),
+                       timeout=GUARD_SECONDS).returncode == 2
+    requeued = vm_invocation(first(EPILOGUES, "4.vm"), job_id)  # recorded after a requeue: $10 = -14
+    assert requeued.argv[9] == "-14"
+    tr.run_hook("epilogue", torque_home.prepare(requeued, vm_script(GOOD_SPEC)), hook_env(config),
+                timeout=GUARD_SECONDS)
+    assert counter.read_text().strip() == "1"  # the job is coming back: keep counting
+    deleted = vm_invocation(first(EPILOGUES, "10.vm"), job_id)  # recorded qdel of a running job: $10 = 271
+    assert deleted.argv[9] == "271"
+    tr.run_hook("epilogue", torque_home.prepare(deleted, vm_script(GOOD_SPEC)), hook_env(config),
+                timeout=GUARD_SECONDS)
+    assert not counter.exists(), "the job has ended, but its requeue count stays for the next job with its id"

@@ -1,0 +1,291 @@
+"""Replays hook invocations recorded from a real TORQUE 6.1 (../shared/reference/torque-recorded/*.log)
+against our own hook entry points.
+
+A recording holds one or more runs of a hook (a requeued job's prologue runs many times), each like:
+
+    === prologue start 00:22:31.846 pid=25783 ppid=25782 sid=25783 cwd=/var/spool/torque/mom_priv
+    argc=8
+    argv[0]=</var/spool/torque/mom_priv/prologue>
+    argv[1]=<1.vm>
+    ...
+    umask=0077
+    --- env (sorted):
+    LANG=C.UTF-8
+    ...
+    === prologue exiting with 0 at 00:22:31.889
+
+`parse_log` turns that into `Invocation`s; `TorqueHome` lays out a TORQUE_HOME-like tmp tree (mom_priv/jobs/
+<jobid>.SC, aux/<jobid>) and rewrites every recorded /var/spool/torque path into it; `run_hook` runs one of
+our entry points with exactly the recorded argv[1..], `env -i` plus the recorded environment (plus only
+VTORQUE_CONFIG / VTORQUE_PYTHON), cwd = the tmp mom_priv, stdin /dev/null, the recorded umask and a new
+session, as pbs_mom does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+HOOKS = REPO / "hooks" / "torque"
+RECORDED = Path(os.environ.get("VTORQUE_TORQUE_RECORDED", "/work/shared/reference/torque-recorded"))
+RECORDED_HOME = "/var/spool/torque"  # the recordings were rewritten to the default TORQUE_HOME
+ARGC = {"prologue": 8, "epilogue": 11}  # recorded (torque-hooks.md 5.1)
+ALLOWED_ADDITIONS = frozenset({"VTORQUE_CONFIG", "VTORQUE_PYTHON"})
+
+_START = re.compile(r"^=== (?P<hook>\S+) start .*\bcwd=(?P<cwd>\S+)\s*$")
+_ARGV = re.compile(r"^argv\[(?P<i>[0-9]+)\]=<(?P<value>.*)>$")
+
+
+class RecordingError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Invocation:
+    hook: str  # the recorded file name in mom_priv: prologue, epilogue, prologue.user, ...
+    source: str  # "<log file>#<run number>"
+    argc: int  # as the logger printed it ($#)
+    argv: tuple[str, ...]  # argv[1..]
+    argv0: str
+    cwd: str
+    umask: int
+    env: tuple[tuple[str, str], ...]  # sorted, as recorded
+
+    @property
+    def job_id(self) -> str:
+        return self.argv[0]
+
+    @property
+    def script_index(self) -> int:
+        """0-based index into argv[1..] of the job script path: $8 (prologue) or $11 (epilogue)."""
+        return self.argc - 1
+
+    @property
+    def script_path(self) -> str:
+        return self.argv[self.script_index]
+
+    def environ(self) -> dict[str, str]:
+        return dict(self.env)
+
+    def key(self) -> tuple:
+        """What a replay depends on (identical requeue runs collapse to one)."""
+        return (self.hook, self.argv, self.cwd, self.umask, self.env)
+
+    def with_args(self, **by_position: str) -> "Invocation":
+        """A copy with some arguments replaced, by 1-based position: with_args(a2="nobody")."""
+        argv = list(self.argv)
+        for name, value in by_position.items():
+            argv[int(name.lstrip("a")) - 1] = value
+        return dataclasses.replace(self, argv=tuple(argv), source=self.source + "*")
+
+    def with_job_id(self, job_id: str) -> "Invocation":
+        """A copy for another job: $1, the script path and PBS_NODEFILE all name the job id."""
+        old = self.job_id
+
+        def swap(value: str) -> str:
+            head, sep, tail = value.rpartition("/")
+            if sep and tail in (old, f"{old}.SC"):
+                return head + sep + tail.replace(old, job_id, 1)
+            return value
+
+        argv = (job_id, *(swap(a) for a in self.argv[1:]))
+        env = tuple((k, swap(v) if k == "PBS_NODEFILE" else v) for k, v in self.env)
+        return dataclasses.replace(self, argv=argv, env=env, source=f"{self.source}[{job_id}]")
+
+
+def parse_log(path: Path) -> list[Invocation]:
+    """Every hook run recorded in one log file, in order."""
+    runs: list[Invocation] = []
+    current: dict | None = None
+    in_env = False
+
+    def finish() -> None:
+        if current is None:
+            return
+        argv = current["argv"]
+        if sorted(argv) != list(range(len(argv))):
+            raise RecordingError(f"{current['source']}: argv indices {sorted(argv)} are not contiguous")
+        if current["argc"] is None or current["umask"] is None:
+            raise RecordingError(f"{current['source']}: no argc or umask line")
+        if len(argv) != current["argc"] + 1:
+            raise RecordingError(f"{current['source']}: argc={current['argc']} but {len(argv) - 1} argv lines")
+        runs.append(Invocation(
+            hook=current["hook"], source=current["source"], argc=current["argc"],
+            argv=tuple(argv[i] for i in range(1, len(argv))), argv0=argv[0], cwd=current["cwd"],
+            umask=current["umask"], env=tuple(sorted(current["env"].items()))))
+
+    for line in path.read_text().splitlines():
+        start = _START.match(line)
+        if start:
+            finish()
+            current = {"hook": start["hook"], "cwd": start["cwd"], "argc": None, "argv": {}, "umask": None,
+                       "env": {}, "source": f"{path.name}#{len(runs) + 1}"}
+            in_env = False
+            continue
+        if current is None:
+            continue
+        if line.startswith("=== "):  # "=== prologue exiting with 0 at ..."
+            in_env = False
+            continue
+        if in_env:
+            name, sep, value = line.partition("=")
+            if sep and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                if name in current["env"]:
+                    raise RecordingError(f"{current['source']}: {name} twice in the env block")
+                current["env"][name] = value
+                continue
+            in_env = False  # the logger's own later lines, e.g. "sleeping 120 at ..." (psleep)
+        elif line.startswith("argc="):
+            current["argc"] = int(line[len("argc="):])
+        elif (arg := _ARGV.match(line)) is not None:
+            current["argv"][int(arg["i"])] = arg["value"]
+        elif line.startswith("umask="):
+            current["umask"] = int(line[len("umask="):], 8)
+        elif line.startswith("--- env"):
+            in_env = True
+    finish()
+    return runs
+
+
+def root_hook_logs(hook: str) -> list[Path]:
+    """The root prologue.N.vm.log / epilogue.N.vm.log recordings, both runs (not .user, precancel, per-job)."""
+    pattern = re.compile(rf"^{re.escape(hook)}\.[0-9]+\.vm\.log$")
+    found = [p for d in (RECORDED, RECORDED / "run2") if d.is_dir() for p in sorted(d.iterdir())
+             if pattern.match(p.name)]
+    return found
+
+
+def recorded_invocations(hook: str) -> list[Invocation]:
+    """Distinct recorded runs of the root `hook` (the 111 identical requeue runs of one job count once)."""
+    seen: dict[tuple, Invocation] = {}
+    for path in root_hook_logs(hook):
+        for inv in parse_log(path):
+            if inv.hook != hook:
+                raise RecordingError(f"{inv.source}: a {inv.hook} run in a {hook} log")
+            seen.setdefault(inv.key(), dataclasses.replace(
+                inv, source=f"{path.parent.name}/{inv.source}" if path.parent != RECORDED else inv.source))
+    return list(seen.values())
+
+
+# -- the tmp TORQUE_HOME ----------------------------------------------------------------------------------
+
+PLAIN_SCRIPT = "#!/bin/sh\n#PBS -N hooktest\nhostname\nexit 3\n"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    argv: list[str]  # argv[1..], paths rewritten
+    env: dict[str, str]
+    cwd: Path
+    umask: int
+    script: Path
+    nodefile: Path | None
+
+
+class TorqueHome:
+    """A TORQUE_HOME-like tree under `root`: mom_priv/jobs, aux, spool."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.mom_priv = root / "mom_priv"
+        for sub in (self.mom_priv / "jobs", root / "aux", root / "spool"):
+            sub.mkdir(parents=True, exist_ok=True)
+
+    def rewrite(self, value: str) -> str:
+        if value == RECORDED_HOME or value.startswith(RECORDED_HOME + "/"):
+            return str(self.root) + value[len(RECORDED_HOME):]
+        return value
+
+    def prepare(self, inv: Invocation, script_text: str | None = PLAIN_SCRIPT) -> Prepared:
+        """Rewrite the invocation into this tree and write its job script (None: leave it missing) and node file."""
+        argv = [self.rewrite(a) for a in inv.argv]
+        env = {k: self.rewrite(v) for k, v in inv.env}
+        script = Path(argv[inv.script_index])
+        if not script.is_relative_to(self.mom_priv / "jobs"):
+            raise RecordingError(f"{inv.source}: script {inv.script_path} is not under mom_priv/jobs")
+        if script_text is not None:
+            script.write_text(script_text)
+        nodefile = None
+        if "PBS_NODEFILE" in env:
+            nodefile = Path(env["PBS_NODEFILE"])
+            if not nodefile.is_relative_to(self.root / "aux"):
+                raise RecordingError(f"{inv.source}: PBS_NODEFILE {env['PBS_NODEFILE']} is not under aux/")
+            host = env.get("PBS_MSHOST", "localhost")
+            nodefile.write_text(f"{host}\n" * int(env.get("PBS_NP", "1")))
+        cwd = Path(self.rewrite(inv.cwd))
+        cwd.mkdir(parents=True, exist_ok=True)
+        if "PWD" in env:
+            env["PWD"] = str(cwd)
+        return Prepared(argv=argv, env=env, cwd=cwd, umask=inv.umask, script=script, nodefile=nodefile)
+
+
+@dataclass(frozen=True)
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    def __str__(self) -> str:
+        return (f"exit {self.returncode} after {self.seconds:.1f}s\n--- stdout\n{self.stdout}"
+                f"--- stderr\n{self.stderr}")
+
+
+def run_hook(hook: str, prepared: Prepared, add_env: dict[str, str] | None = None,
+             timeout: float = 60.0, entry: Path | None = None) -> Result:
+    """Run our hooks/torque/<hook> as pbs_mom runs its hooks."""
+    add_env = dict(add_env or {})
+    extra = set(add_env) - ALLOWED_ADDITIONS
+    if extra:
+        raise ValueError(f"only {sorted(ALLOWED_ADDITIONS)} may be added to the recorded environment, not {extra}")
+    env = {**prepared.env, **add_env}
+    t0 = time.monotonic()
+    proc = subprocess.run([str(entry or HOOKS / hook), *prepared.argv], env=env, cwd=prepared.cwd,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+                          umask=prepared.umask, start_new_session=True)
+    return Result(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - t0)
+
+
+# -- helpers for the VM-job side ------------------------------------------------------------------------
+
+def sentinel_python(directory: Path) -> tuple[Path, Path]:
+    """A stand-in for VTORQUE_PYTHON that records its arguments (one per line) and exits 97."""
+    marker = directory / "python-was-called"
+    script = directory / "sentinel-python"
+    script.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" >> '{marker}'\nexit 97\n")
+    script.chmod(0o755)
+    return script, marker
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def write_config(path: Path, sections: dict) -> Path:
+    """A TOML file from {"state_dir": ..., "broker": {...}, "images.catalog.tiny": {...}}."""
+    lines = [f"{k} = {toml_value(v)}" for k, v in sections.items() if not isinstance(v, dict)]
+    for name, table in sections.items():
+        if isinstance(table, dict):
+            lines += ["", f"[{name}]"] + [f"{k} = {toml_value(v)}" for k, v in table.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
