@@ -119,8 +119,11 @@ def make_seed(path, rundir, env, instance_id):
         cwd=src, check=True)
 
 
-def domain_xml(name, guest_dir, overlay, seed, serial_log, port, memory_mib=128, vcpus=1):
+def domain_xml(name, guest_dir, overlay, seed, serial_log, port, memory_mib=128, vcpus=1,
+               virtio_rng=False):
     e = lambda s: escape(str(s), {"'": "&apos;"})  # noqa: E731
+    rng = ("\n    <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>"
+           if virtio_rng else "")
     return f"""<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{e(name)}</name>
   <memory unit='MiB'>{int(memory_mib)}</memory>
@@ -155,7 +158,7 @@ def domain_xml(name, guest_dir, overlay, seed, serial_log, port, memory_mib=128,
     <serial type='file'>
       <source path='{e(serial_log)}'/>
       <target port='0'/>
-    </serial>
+    </serial>{rng}
   </devices>
   <qemu:commandline>
     <qemu:arg value='-netdev'/>
@@ -167,20 +170,49 @@ def domain_xml(name, guest_dir, overlay, seed, serial_log, port, memory_mib=128,
 """
 
 
-def _probe_banner(port, deadline, stop, result):
-    """Reconnect until the forwarded port yields bytes starting with SSH-."""
-    while not stop.is_set() and time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-                s.settimeout(0.5)
-                data = s.recv(64)
+def _probe_banner(port, deadline, stop, result, start_evt, interval=0.2, max_age=3.0):
+    """Find the first moment the forwarded port yields bytes starting with "SSH-".
+
+    slirp accepts the host side of a forwarded connection at once, whatever the
+    guest does, so a single probe can hang (SYN lost before the guest NIC is
+    up) or be slow (the first dropbear connection under TCG). Keep several
+    overlapping non-blocking probes: open a new one every `interval` seconds,
+    drop those older than `max_age`, first banner wins.
+    """
+    import selectors
+    start_evt.wait(max(0.0, deadline - time.monotonic()))
+    sel = selectors.DefaultSelector()
+    next_open = 0.0
+    try:
+        while not stop.is_set() and time.monotonic() < deadline:
+            now = time.monotonic()
+            if now >= next_open:
+                next_open = now + interval
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.setblocking(False)
+                s.connect_ex(("127.0.0.1", port))
+                sel.register(s, selectors.EVENT_READ, now)
+            for key, _ in sel.select(timeout=0.02):
+                s = key.fileobj
+                try:
+                    data = s.recv(64)
+                except OSError:
+                    data = b""
                 if data.startswith(b"SSH-"):
                     result["t"] = time.monotonic()
                     result["banner"] = data.split(b"\r\n")[0].decode("ascii", "replace")
                     return
-        except OSError:
-            pass
-        stop.wait(0.05)
+                sel.unregister(s)
+                s.close()
+            now = time.monotonic()
+            for key in list(sel.get_map().values()):
+                if now - key.data > max_age:
+                    sel.unregister(key.fileobj)
+                    key.fileobj.close()
+    finally:
+        for key in list(sel.get_map().values()):
+            key.fileobj.close()
+        sel.close()
 
 
 def _check_dir_reachable(path):
@@ -198,7 +230,7 @@ def _check_dir_reachable(path):
 
 
 def boot_bare(guest_dir, workdir, *, conn=None, memory_mib=128, vcpus=1, timeout=180.0,
-              user="vtbench", uid=2000, gid=2000, name=None):
+              user="vtbench", uid=2000, gid=2000, name=None, virtio_rng=False):
     """Boot the built test guest once and return a dict of timings (seconds).
 
     All files go to a fresh subdirectory of `workdir` that is removed again, and
@@ -244,7 +276,8 @@ def boot_bare(guest_dir, workdir, *, conn=None, memory_mib=128, vcpus=1, timeout
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b",
                         os.path.join(guest_dir, "rootfs.qcow2"), "-F", "qcow2", overlay],
                        check=True)
-        xml = domain_xml(name, guest_dir, overlay, seed, serial_log, port, memory_mib, vcpus)
+        xml = domain_xml(name, guest_dir, overlay, seed, serial_log, port, memory_mib, vcpus,
+                         virtio_rng)
 
         t0 = time.monotonic()
         deadline = t0 + timeout
@@ -252,8 +285,9 @@ def boot_bare(guest_dir, workdir, *, conn=None, memory_mib=128, vcpus=1, timeout
         timings["create_s"] = time.monotonic() - t0
 
         banner = {}
-        prober = threading.Thread(target=_probe_banner, args=(port, deadline, stop, banner),
-                                  daemon=True)
+        kernel_up = threading.Event()  # no point probing before the guest kernel runs
+        prober = threading.Thread(target=_probe_banner,
+                                  args=(port, deadline, stop, banner, kernel_up), daemon=True)
         prober.start()
 
         seen = {}
@@ -272,6 +306,8 @@ def boot_bare(guest_dir, workdir, *, conn=None, memory_mib=128, vcpus=1, timeout
                     for tok in line.split():
                         if tok.startswith("uptime="):
                             seen[key_.replace("_s", "_uptime")] = float(tok[len("uptime="):])
+            if "kernel_up_s" in seen:
+                kernel_up.set()
             if MARK_FAILED in data:
                 line = data[data.index(MARK_FAILED):].split(b"\n")[0].decode("ascii", "replace")
                 raise BootError(f"guest reported: {line.strip()}", {**timings, **seen})
@@ -299,7 +335,8 @@ def boot_bare(guest_dir, workdir, *, conn=None, memory_mib=128, vcpus=1, timeout
         t2 = time.monotonic()
         timings["ssh_cmd_s"] = t2 - t1
         timings["total_s"] = t2 - t0
-        out = r.stdout.decode("utf-8", "replace").split()
+        timings["stdout"] = r.stdout.decode("utf-8", "replace")
+        out = timings["stdout"].split()
         timings["exit_code"] = r.returncode
         timings["uname_r"] = out[0] if out else None
         timings["nproc"] = int(out[1]) if len(out) > 1 and out[1].isdigit() else None
@@ -367,6 +404,8 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float, default=180.0, help="per boot, seconds")
     ap.add_argument("--user", default="vtbench", help="job user in the guest (or root)")
     ap.add_argument("--no-build", action="store_true", help="do not run build.sh first")
+    ap.add_argument("--virtio-rng", action="store_true",
+                    help="add a virtio-rng device (not part of the standard domain shape)")
     args = ap.parse_args(argv)
 
     if os.geteuid() != 0:
@@ -397,7 +436,8 @@ def main(argv=None):
         for i in range(args.runs):
             try:
                 r = boot_bare(args.guest_dir, workdir, conn=conn, memory_mib=args.memory,
-                              vcpus=args.vcpus, timeout=args.timeout, user=args.user)
+                              vcpus=args.vcpus, timeout=args.timeout, user=args.user,
+                              virtio_rng=args.virtio_rng)
             except BootError as e:
                 failed = True
                 r = {**e.timings, "ok": False, "error": str(e)}
@@ -419,7 +459,8 @@ def main(argv=None):
         ok = [r for r in results if r.get("ok")]
         summary = {k: statistics.median(r[k] for r in ok) for _, k in COLUMNS} if ok else {}
         print(json.dumps({"runs": results, "median": summary, "guest_dir": args.guest_dir,
-                          "memory_mib": args.memory, "vcpus": args.vcpus}, indent=2))
+                          "memory_mib": args.memory, "vcpus": args.vcpus,
+                          "virtio_rng": args.virtio_rng}, indent=2))
     else:
         print_table(results)
     return 1 if failed else 0

@@ -34,7 +34,7 @@ PLUGDIR=/usr/lib/x86_64-linux-gnu/slurm-wlm
 H=$(hostname -s)
 export SLURM_CONF=$S/etc/slurm.conf
 MUNGE_SOCK=$S/munge-run/munge.socket
-RABBIT_LOGS=/var/log/rabbitmq
+RABBIT_LOGS=${RABBITMQ_LOG_BASE:-/var/log/rabbitmq}
 LIBVIRTD_LOG=/var/log/libvirt/libvirtd.log
 
 # ---------------------------------------------------------------------------------------------
@@ -98,6 +98,7 @@ munge_ok() { munge -S "$MUNGE_SOCK" -n 2>/dev/null | unmunge -S "$MUNGE_SOCK" >/
 node_state() { timeout 5 sinfo -h -N -n "$H" -o %T 2>/dev/null | head -1; }
 
 need_root() { [ "$(id -u)" = 0 ] || die "must run as root"; }
+# fd 9 holds the lock; every daemon is launched with 9>&- so it does not inherit (and keep) the lock
 lock() {
   mkdir -p "$STACK_DIR"
   exec 9>"$STACK_DIR/.lock"
@@ -109,10 +110,11 @@ rabbit_start() {
   begin
   if amqp_ok; then ok rabbitmq "already answering on $AMQP_HOST:$AMQP_PORT"; return; fi
   local how="was starting"
-  if ! pgrep -u rabbitmq -x beam.smp >/dev/null; then
+  # a node that is booting (e.g. started by the machine a moment ago) answers an Erlang ping before AMQP
+  if ! timeout 20 rabbitmqctl -q ping >/dev/null 2>&1; then
     pgrep -x epmd >/dev/null || touch "$STATE/epmd.started"
     # root -> the Debian wrapper switches to the rabbitmq user
-    if ! rabbitmq-server -detached >"$LOGD/rabbitmq-start.log" 2>&1; then
+    if ! rabbitmq-server -detached >"$LOGD/rabbitmq-start.log" 2>&1 9>&-; then
       fail rabbitmq "rabbitmq-server -detached failed" "$LOGD/rabbitmq-start.log and $(rabbit_log)"
     fi
     touch "$STATE/rabbitmq.started"
@@ -150,7 +152,7 @@ libvirt_start() {
   if [ -n "$(root_daemon_pid virtlogd)" ]; then
     how_log="virtlogd running"
   else
-    if virtlogd -d >>"$LOGD/virtlogd.log" 2>&1; then
+    if virtlogd -d >>"$LOGD/virtlogd.log" 2>&1 9>&-; then
       for _ in $(seq 1 50); do pid_ok /run/virtlogd.pid virtlogd && break; sleep 0.1; done
       pid_ok /run/virtlogd.pid virtlogd || fail libvirt "virtlogd -d returned but /run/virtlogd.pid is not a live virtlogd" "$LOGD/virtlogd.log"
       pid_of /run/virtlogd.pid >"$STATE/virtlogd.pid"
@@ -165,7 +167,7 @@ libvirt_start() {
   if [ -n "$(root_daemon_pid libvirtd)" ]; then
     how_lv="libvirtd running"
   else
-    if libvirtd -d >>"$LOGD/libvirtd.log" 2>&1; then
+    if libvirtd -d >>"$LOGD/libvirtd.log" 2>&1 9>&-; then
       # libvirtd -d returns only after the daemon initialised (or failed); it wrote /run/libvirtd.pid
       for _ in $(seq 1 50); do pid_ok /run/libvirtd.pid libvirtd && break; sleep 0.1; done
       pid_ok /run/libvirtd.pid libvirtd || fail libvirt "libvirtd -d returned but /run/libvirtd.pid is not a live libvirtd" "$LIBVIRTD_LOG"
@@ -198,7 +200,7 @@ libvirt_stop() {
       what="$what $f not started by stack.sh;"
     fi
   done
-  ok libvirt "${what# }"
+  what=${what# }; ok libvirt "${what%;}"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -284,7 +286,7 @@ munge_start() {
   if pid_ok "$S/munge-run/munged.pid" munged && munge_ok; then ok munge "already running (pid $(pid_of "$S/munge-run/munged.pid"))"; return; fi
   runuser -u munge -- munged --force --key-file="$S/munge/munge.key" --socket="$MUNGE_SOCK" \
     --pid-file="$S/munge-run/munged.pid" --log-file="$S/munge/munged.log" --seed-file="$S/munge/munged.seed" \
-    >"$S/munge/munged.stdout" 2>&1 || fail munge "munged did not start" "$S/munge/munged.log and $S/munge/munged.stdout"
+    >"$S/munge/munged.stdout" 2>&1 9>&- || fail munge "munged did not start" "$S/munge/munged.log and $S/munge/munged.stdout"
   for _ in $(seq 1 50); do munge_ok && { ok munge "started (socket $MUNGE_SOCK)"; return; }; sleep 0.1; done
   fail munge "munge/unmunge round trip fails" "$S/munge/munged.log"
 }
@@ -294,19 +296,26 @@ slurm_start() {
   local started="" st resumed=0 last_resume=0 ctld_pid="" slurmd_pid=""
   # cwd of the daemons (and so of PrologSlurmctld/EpilogSlurmctld): a directory that always exists
   if ! pid_ok "$S/run/slurmctld.pid" slurmctld; then
-    ( cd / && exec setsid slurmctld -D -c -f "$SLURM_CONF" >"$S/log/slurmctld.stdout" 2>&1 </dev/null ) &
+    ( cd / && exec setsid slurmctld -D -c -f "$SLURM_CONF" >"$S/log/slurmctld.stdout" 2>&1 </dev/null 9>&- ) &
     ctld_pid=$!
     started="$started slurmctld"
   fi
   if ! pid_ok "$S/run/slurmd.pid" slurmd; then
-    ( cd / && exec setsid slurmd -D -f "$SLURM_CONF" >"$S/log/slurmd.stdout" 2>&1 </dev/null ) &
+    ( cd / && exec setsid slurmd -D -f "$SLURM_CONF" >"$S/log/slurmd.stdout" 2>&1 </dev/null 9>&- ) &
     slurmd_pid=$!
     started="$started slurmd"
   fi
   if [ -z "$started" ] && [ "$CONF_CHANGED" = 1 ]; then
+    # Trap (Slurm 22.05): 'scontrol reconfigure' does NOT make slurmctld start running a PrologSlurmctld
+    # that was unset when it started (tested). So restart slurmctld WITHOUT -c (the queue and running
+    # jobs are kept), then reconfigure so that slurmd re-reads slurm.conf too.
+    stop_pids "$(pid_of "$S/run/slurmctld.pid")"
+    ( cd / && exec setsid slurmctld -D -f "$SLURM_CONF" >>"$S/log/slurmctld.stdout" 2>&1 </dev/null 9>&- ) &
+    ctld_pid=$!
+    for _ in $(seq 1 100); do timeout 5 scontrol ping 2>/dev/null | grep -q 'is UP' && break; sleep 0.1; done
     timeout 20 scontrol reconfigure >"$S/log/reconfigure.log" 2>&1 ||
       fail slurm "scontrol reconfigure failed" "$S/log/reconfigure.log and $S/log/slurmctld.log"
-    started=" (already running; slurm.conf changed -> scontrol reconfigure)"
+    started=" (already running; slurm.conf changed -> slurmctld restarted, queue kept)"
   elif [ -z "$started" ]; then
     started=" (already running, slurm.conf unchanged)"
   else

@@ -241,7 +241,7 @@ def test_vm_job_execs_python_with_the_recorded_arguments(hook, job_id, torque_ho
     result = tr.run_hook(hook, prepared, {"VTORQUE_PYTHON": str(python)})
     assert result.returncode == 97, str(result)  # exec'd: the sentinel's own code comes back
     assert called.read_text().split("\n")[:-1] == ["-P", "-m", "vtorque.hooks.torque", hook, *prepared.argv]
-    assert len(called.read_text().split("\n")[:-1]) == 3 + tr.ARGC[hook]
+    assert len(called.read_text().split("\n")[:-1]) == 4 + tr.ARGC[hook]
 
 
 # -- 3. VM job with a bad spec: abort, one line naming the key, nothing published ---------------------------
