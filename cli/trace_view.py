@@ -88,12 +88,12 @@ def waterfall(spans: list[SpanRow], width: int = 40) -> str:
             s, d = by_id[s.parent_id], d + 1
         return d
 
-    out = [f"{'service':<18} {'span':<42} {'start':>8} {'duration':>9} {'status':<6} timeline"]
+    out = [f"{'service':<19} {'span':<42} {'start':>8} {'duration':>9} {'status':<6} timeline"]
     for s in spans:
         a = int((s.start_ns - t0) / total * width)
         b = max(a + 1, int((s.end_ns - t0) / total * width))
         name = ("  " * depth(s) + s.name)[:42]
-        out.append(f"{s.service[:18]:<18} {name:<42} {(s.start_ns - t0) / 1e9:7.2f}s {(s.end_ns - s.start_ns) / 1e9:8.3f}s "
+        out.append(f"{s.service[:19]:<19} {name:<42} {(s.start_ns - t0) / 1e9:7.2f}s {(s.end_ns - s.start_ns) / 1e9:8.3f}s "
                    f"{s.status:<6} {' ' * a}{'█' * (b - a)}")
     return "\n".join(out)
 

@@ -29,9 +29,9 @@ while squeue -h -j "$job" 2>/dev/null | grep -q .; do
 done
 t1=$(date +%s.%N)
 printf '== job %s finished after %ss\n' "$job" "$(elapsed "$t0" "$t1")"
-echo "== output ($JOBS/vmdemo.o$job):"
-sed 's/^/   | /' "vmdemo.o$job"
-[ -s "vmdemo.e$job" ] && { echo "== stderr:"; sed 's/^/   | /' "vmdemo.e$job"; }
+echo "== output ($JOBS/vmdemo.sh.o$job):"
+sed 's/^/   | /' "vmdemo.sh.o$job"
+[ -s "vmdemo.sh.e$job" ] && { echo "== stderr:"; sed "s/^/   | /" "vmdemo.sh.e$job"; }
 sleep 1.5  # the services export spans in batches every 0.5 s
 echo "== trace:"
 vtorque trace "$job"

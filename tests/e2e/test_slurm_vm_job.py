@@ -5,10 +5,10 @@ import os
 import time
 from pathlib import Path
 
-import libvirt
 import pytest
 
 from vtorque.cli.trace_view import job_spans, load
+from vtorque.services.node_worker.hypervisor import Hypervisor
 from vtorque.shared.config import load_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.guest]
@@ -25,11 +25,8 @@ echo "to-stderr" >&2
 
 def vtorque_leftovers(job_id: str) -> tuple[list[str], list[str]]:
     config = load_config()
-    conn = libvirt.open(config.node.libvirt_uri)
-    try:
-        domains = [d.name() for d in conn.listAllDomains() if f"<job>{job_id}</job>" in d.XMLDesc(0)]
-    finally:
-        conn.close()
+    domains = [name for name, meta in Hypervisor(config.node.libvirt_uri).vtorque_domains().items()
+               if meta.get("job") == job_id]
     disks = [p.name for p in Path(config.node.guest_dir).glob("*/job") if p.read_text() == job_id]
     return domains, disks
 
@@ -44,7 +41,7 @@ def submit(slurm, *args) -> str:
 
 def test_a_vm_job_runs_in_its_guest_and_leaves_nothing(slurm):
     slurm.write("marker.sh", MARKER_JOB)
-    job_id = submit(slurm, "-vm", "img=tiny,vcpus=2,ram=256M", "marker.sh")
+    job_id = submit(slurm, "-N", "marker", "-vm", "img=tiny,vcpus=2,ram=256M", "marker.sh")
     slurm.wait(job_id)
     out = (slurm.workdir / f"marker.o{job_id}").read_text()
     err = (slurm.workdir / f"marker.e{job_id}").read_text()
@@ -80,7 +77,7 @@ def test_the_guest_exit_code_becomes_the_job_exit_code(slurm):
     slurm.write("three.sh", "#!/bin/sh\necho before\nexit 3\n")
     job_id = submit(slurm, "-vm", "img=tiny", "three.sh")
     slurm.wait(job_id)
-    assert "before" in (slurm.workdir / f"three.o{job_id}").read_text()
+    assert "before" in (slurm.workdir / f"three.sh.o{job_id}").read_text()  # named as qsub names it
     assert slurm.exit_code(job_id) == 3
     assert vtorque_leftovers(job_id) == ([], [])
 
