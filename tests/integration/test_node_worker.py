@@ -1,0 +1,135 @@
+"""The node worker with real libvirt + QEMU (TCG) and the real RabbitMQ, under a node name of its own."""
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from vtorque.cli.launcher import SSH_OPTIONS
+from vtorque.services.image_stager.store import ImageStore
+from vtorque.services.node_worker.hypervisor import Hypervisor
+from vtorque.services.node_worker.service import NodeWorker
+from vtorque.shared import messages as m
+from vtorque.shared.bus import EventWaiter, Publisher, ServiceRunner
+from vtorque.shared.config import Config, ImagesConfig, NodeConfig, load_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.guest]
+
+
+@pytest.fixture
+def worker(broker_url, node_name):
+    site = load_config()  # the installed site config knows where the test guest is
+    if "tiny" not in site.images.catalog:
+        pytest.fail("no image 'tiny' in /etc/vtorque/vtorque.toml: `make test` configures it")
+    # QEMU runs as libvirt-qemu: its files must be below directories it may traverse, not in pytest's tmp.
+    root = Path(site.state_dir) / f"test-{uuid.uuid4().hex[:8]}"
+    root.mkdir(mode=0o711)
+    config = Config(state_dir=str(root), broker=site.broker, tracing=site.tracing,
+                    images=ImagesConfig(store=str(root / "images"), catalog=site.images.catalog),
+                    node=NodeConfig(name=node_name, guest_dir=str(root / "guests"), boot_timeout=120))
+    entry = site.images.catalog["tiny"]
+    ImageStore(config.images.store).stage(entry.source, entry.sha256)
+    svc = NodeWorker(config, Publisher(broker_url))
+    runner = ServiceRunner(broker_url, svc.queues(), svc.handlers())
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    assert runner.ready.wait(15)
+    yield config, svc
+    runner.stop()
+    thread.join(30)
+    for name, meta in svc.hv.vtorque_domains().items():
+        if meta.get("job", "").startswith("nw-"):
+            svc.hv.remove(name)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ssh_key(tmp_path_factory):
+    key = tmp_path_factory.mktemp("key") / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    return key
+
+
+def guest(config, job, key, digest=None):
+    entry = config.images.catalog["tiny"]
+    return m.GuestPlan(name=f"vt-{job}-{config.node.name}-0", node=config.node.name, index=0, image="tiny",
+                       image_digest=digest or entry.sha256, vcpus=2, ram_mib=192, cores=None,
+                       owner=m.Owner(user="root", uid=0, gid=0), ssh_authorized_keys=[key.with_suffix(".pub").read_text().strip()])
+
+
+def expect(waiter, kind, timeout=150):
+    deadline = time.monotonic() + timeout
+    while (event := waiter.next(deadline)) is not None:
+        if isinstance(event, kind):
+            return event
+        if isinstance(event, m.GuestFailed):
+            pytest.fail(f"guest failed: {event.reason}\n{event.console_tail}")
+    pytest.fail(f"no {kind.__name__} within {timeout}s")
+
+
+def test_boot_reannounce_and_teardown(broker_url, worker, ssh_key):
+    config, svc = worker
+    job = f"nw-{uuid.uuid4().hex[:6]}"
+    plan = guest(config, job, ssh_key)
+    waiter = EventWaiter(broker_url, [f"job.{job}.#"])
+    publisher = Publisher(broker_url)
+    try:
+        publisher.publish(m.BootGuests.new(job_id=job, deadline=300.0, node=config.node.name, guests=[plan]))
+        ready = expect(waiter, m.GuestReady)
+        assert ready.guest == plan.name and ready.node == config.node.name
+        t = ready.timings
+        assert 0 <= t.image <= t.disks <= t.define <= t.start <= t.ready and t.kernel_up and t.kernel_up <= t.ready
+        dom = svc.hv.lookup(plan.name)
+        state, max_kib, _, vcpus, _ = dom.info()
+        assert (vcpus, max_kib) == (2, 192 * 1024)
+        first_id = dom.ID()
+        job_file = config.job_dir(job) / f"{plan.name}.json"
+        assert job_file.exists()
+        # Only the job's key gets in, and it reaches the guest's own kernel.
+        run = subprocess.run(["ssh", "-i", str(ssh_key), "-p", str(ready.ssh_port), *SSH_OPTIONS, "root@127.0.0.1",
+                              "uname -r; nproc"], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.split() == [run.stdout.split()[0], "2"] and run.stdout.split()[0] != os.uname().release
+
+        # A redelivered command re-announces the running guest instead of booting it twice.
+        publisher.publish(m.BootGuests.new(job_id=job, deadline=300.0, node=config.node.name, guests=[plan]))
+        again = expect(waiter, m.GuestReady)
+        assert again.timings.ready == 0 and again.ssh_port == ready.ssh_port
+        assert svc.hv.lookup(plan.name).ID() == first_id
+
+        publisher.publish(m.TeardownGuests.new(job_id=job, deadline=60.0, node=config.node.name))
+        gone = expect(waiter, m.GuestsTornDown, timeout=60)
+        assert gone.guests == [plan.name] and gone.disks_removed == 1
+        assert svc.hv.lookup(plan.name) is None
+        assert not (Path(config.node.guest_dir) / plan.name).exists()
+        assert not config.job_dir(job).exists()
+
+        # Teardown again: nothing left, still confirmed.
+        publisher.publish(m.TeardownGuests.new(job_id=job, deadline=60.0, node=config.node.name))
+        assert expect(waiter, m.GuestsTornDown, timeout=60).guests == []
+    finally:
+        waiter.close()
+        publisher.close()
+
+
+def test_an_image_this_node_does_not_know_fails_cleanly(broker_url, worker, ssh_key):
+    config, svc = worker
+    job = f"nw-{uuid.uuid4().hex[:6]}"
+    plan = guest(config, job, ssh_key, digest="f" * 64)
+    waiter = EventWaiter(broker_url, [f"job.{job}.#"])
+    try:
+        Publisher(broker_url).publish(m.BootGuests.new(job_id=job, deadline=60.0, node=config.node.name,
+                                                       guests=[plan]))
+        deadline = time.monotonic() + 30
+        event = waiter.next(deadline)
+        assert isinstance(event, m.GuestFailed) and not event.retryable
+        assert "catalog" in event.reason
+        assert svc.hv.lookup(plan.name) is None
+        assert not (Path(config.node.guest_dir) / plan.name).exists()
+    finally:
+        waiter.close()
