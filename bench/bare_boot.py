@@ -423,10 +423,12 @@ def main(argv=None):
         sys.exit(f"bare_boot.py: error: cannot connect to {LIBVIRT_URI}: {e}\n"
                  "  start it with: chgrp kvm /dev/kvm; chmod 660 /dev/kvm; virtlogd -d; libvirtd -d")
 
-    # SIGTERM -> KeyboardInterrupt so the finally blocks clean up.
+    # SIGINT/SIGTERM -> KeyboardInterrupt so the finally blocks clean up (SIGINT
+    # explicitly too: a shell's background job inherits it ignored).
     def _term(_sig, _frm):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, _term)
+    signal.signal(signal.SIGINT, _term)
 
     workdir = tempfile.mkdtemp(prefix="vtorque-bare-boot.")
     results = []

@@ -78,6 +78,9 @@ def domain_xml(guest: m.GuestPlan, disks: GuestDisks, boot: BootSource, meta: Gu
     ET.SubElement(dev, "memballoon", {"model": "none"})
     _disk(dev, disks.overlay, "qcow2", "vda", readonly=False)
     _disk(dev, disks.seed, "raw", "vdb", readonly=True)
+    # Without an entropy source a TCG guest's sshd waits ~1 s for kernel randomness before its banner.
+    rng = ET.SubElement(dev, "rng", {"model": "virtio"})
+    ET.SubElement(rng, "backend", {"model": "random"}).text = "/dev/urandom"
     serial = ET.SubElement(dev, "serial", {"type": "file"})
     ET.SubElement(serial, "source", {"path": disks.console_log})
     ET.SubElement(serial, "target", {"port": "0"})

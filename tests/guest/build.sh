@@ -23,6 +23,10 @@ step() { printf '%s: [%5.1fs] %s\n' "$ME" "$(awk -v a="$START" -v b="$EPOCHREALT
 OUT=$1
 
 [ "$(id -u)" -eq 0 ] || die "must run as root (mknod, file ownership in the images)"
+case "$(cat /etc/debian_version 2>/dev/null)" in
+    12.*|bookworm*) ;;
+    *) echo "$ME: warning: made for Debian 12 (bookworm); /etc/debian_version says '$(cat /etc/debian_version 2>/dev/null)'" >&2 ;;
+esac
 for tool in apt-get apt-cache dpkg-query dpkg-deb tar busybox cpio gzip mkfs.ext4 qemu-img \
             sha256sum ldd ldconfig flock find sort awk sed mknod; do
     command -v "$tool" >/dev/null 2>&1 || die "required tool '$tool' not found (Debian 12 packages: apt, dpkg, tar, busybox-static, cpio, gzip, e2fsprogs, qemu-utils, coreutils, libc-bin, util-linux, findutils, gawk|mawk, sed)"
