@@ -48,7 +48,10 @@ def find_first_guest(job_dir: Path, wait: float) -> dict | None:
 @click.option("--ssh-key", required=True, type=click.Path(dir_okay=False), help="The job's private ssh key.")
 @click.option("--traceparent", default=None, help="W3C trace context of the job's submission.")
 @click.option("--wait", default=30.0, show_default=True, help="Seconds to wait for the guest's address.")
-def main(ssh_key: str, traceparent: str | None, wait: float) -> None:
+@click.option("--vm-prologue", default=None, help="Your script to run in the guest before the job.")
+@click.option("--vm-epilogue", default=None, help="Your script to run in the guest after the job.")
+def main(ssh_key: str, traceparent: str | None, wait: float, vm_prologue: str | None,
+         vm_epilogue: str | None) -> None:
     from vtorque.shared import tracing
     from vtorque.shared.config import ConfigError, load_config
     from vtorque.shared.job_script import user_script_from_stdin
@@ -70,15 +73,19 @@ def main(ssh_key: str, traceparent: str | None, wait: float) -> None:
     with job_context(job_id):
         token = tracing.otel_context.attach(tracing.context_from_traceparent(traceparent))
         try:
-            with tracing.tracer().start_as_current_span("run job in guest", attributes={
-                    "vtorque.guest": guest["guest"], "vtorque.node": guest["node"]}) as span:
-                argv = ["ssh", "-i", ssh_key, "-p", str(guest["ssh_port"]), *SSH_OPTIONS,
-                        f"{guest['user']}@{guest['address']}", REMOTE]
-                rc = subprocess.run(argv, input=script).returncode
-                span.set_attribute("vtorque.exit_code", rc)
-                if rc == 255:
-                    tracing.mark_error(span, "ssh to the guest failed")
-                    print(f"vtorque: could not reach guest {guest['guest']} over ssh", file=sys.stderr)
+            argv = ["ssh", "-i", ssh_key, "-p", str(guest["ssh_port"]), *SSH_OPTIONS,
+                    f"{guest['user']}@{guest['address']}", REMOTE]
+            rc = 0
+            if vm_prologue:
+                rc = _run_in_guest("vm_prologue", argv, _read_own(vm_prologue), guest)
+                if rc != 0:
+                    print(f"vtorque: vm_prologue {vm_prologue} exited {rc}; the job was not run", file=sys.stderr)
+            if rc == 0:
+                rc = _run_in_guest("job", argv, script, guest)
+            if vm_epilogue:
+                erc = _run_in_guest("vm_epilogue", argv, _read_own(vm_epilogue), guest)
+                if erc != 0:
+                    print(f"vtorque: vm_epilogue {vm_epilogue} exited {erc}", file=sys.stderr)
         finally:
             tracing.otel_context.detach(token)
             tracing.shutdown_tracing()
@@ -87,6 +94,27 @@ def main(ssh_key: str, traceparent: str | None, wait: float) -> None:
     if key_dir.parent.name == "keys":
         shutil.rmtree(key_dir, ignore_errors=True)
     sys.exit(rc)
+
+
+def _read_own(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {path}: {exc.strerror}")
+
+
+def _run_in_guest(what: str, argv: list[str], script: bytes, guest: dict) -> int:
+    from vtorque.shared import tracing
+
+    name = "run job in guest" if what == "job" else f"run {what} in guest"
+    with tracing.tracer().start_as_current_span(name, attributes={
+            "vtorque.guest": guest["guest"], "vtorque.node": guest["node"]}) as span:
+        rc = subprocess.run(argv, input=script).returncode
+        span.set_attribute("vtorque.exit_code", rc)
+        if rc == 255:
+            tracing.mark_error(span, "ssh to the guest failed")
+            print(f"vtorque: could not reach guest {guest['guest']} over ssh", file=sys.stderr)
+        return rc
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from vtorque.shared.config import Config
 from vtorque.shared.hook_channel import BrokerUnreachable, HookChannel
 from vtorque.shared.job_script import JobHeader
 from vtorque.shared.logs import job_context
-from vtorque.shared.spec import SpecError, validate
+from vtorque.shared.spec import SpecError, validate, validate_user_metadata
 
 
 class Verdict(enum.Enum):
@@ -78,6 +78,7 @@ def run_prologue(job: JobContext, config: Config, deadline_s: float, progress: C
 def _prologue(job: JobContext, config: Config, deadline_s: float, progress, channel_factory) -> Outcome:
     try:
         spec = validate(job.header.spec, config)
+        validate_user_metadata(job.header.user_metadata)
     except SpecError as exc:
         return Outcome(Verdict.REJECTED, f"bad VM spec: {exc}")
     digest = config.images.catalog[spec.img].sha256
@@ -93,7 +94,8 @@ def _prologue(job: JobContext, config: Config, deadline_s: float, progress, chan
     try:
         channel.publish(m.JobStarted.new(
             job_id=job.job_id, deadline=deadline_s, scheduler=job.scheduler, owner=job.owner, nodes=job.nodes,
-            spec=dict(job.header.spec), ssh_authorized_keys=list(job.header.ssh_pubkeys)))
+            spec=dict(job.header.spec), ssh_authorized_keys=list(job.header.ssh_pubkeys),
+            user_metadata=dict(job.header.user_metadata)))
         return _wait_for_guests(channel, job.job_id, deadline, deadline_s, progress)
     except Exception as exc:  # noqa: BLE001 - a broker error mid-wait is an infrastructure failure, not a crash
         return Outcome(Verdict.FAILED, f"lost the broker while waiting: {exc!r}")

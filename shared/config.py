@@ -52,12 +52,17 @@ class TracingConfig(_Section):
     # OTLP/HTTP base endpoint (e.g. http://jaeger:4318); unset: spans go to OTLP-JSON files under `dir`.
     otlp_endpoint: str | None = None
     dir: str = "/var/lib/vtorque/traces"
+    # Jaeger's query service (e.g. http://jaeger:16686): `vtorque trace`/`status` read traces there when set.
+    query_endpoint: str | None = None
+    # Seconds between metric exports (OTLP /v1/metrics, or <dir>/<service>.<uid>.metrics.jsonl without endpoint).
+    metrics_interval: float = 15.0
 
 
 class ImageEntry(_Section):
     source: str
     sha256: str
     format: Literal["qcow2", "raw"] = "qcow2"
+    distro: str | None = None
     # Direct kernel boot (the test guest); cloud images boot from their own disk and leave these unset.
     kernel: str | None = None
     initrd: str | None = None
@@ -70,21 +75,47 @@ class ImagesConfig(_Section):
 
 
 class SpecConfig(_Section):
+    """Defaults and limits for the -vm keys (see shared/spec.py KEYS_TABLE)."""
+
+    default_img: str | None = None
+    default_distro: str = "debian"
     default_vcpus: int = 1
     max_vcpus: int = 64
     default_ram: str = "512M"
-    max_ram: str = "256G"
     min_ram: str = "64M"
+    max_ram: str = "256G"
+    default_vcpu_pinning: bool = True
+    max_vms_per_node: int = 8
+    vrdma_enabled: bool = True
+    iocm_enabled: bool = True
+    default_iocm_min_cores: int = 1
+    default_iocm_max_cores: int = 2
+    max_iocm_cores: int = 4
+    default_fs_type: Literal["ramdisk", "sharedfs"] = "sharedfs"
+    max_disk: str = "100G"
+    # What a node keeps for itself; vsub raises ppn/mem so the VMs fit beside it.
+    host_reserve_cores: int = 1
+    host_reserve_ram: str = "2G"
+    max_cores_per_node: int = 1024
+    max_ram_per_node: str = "64T"
+    # Directories besides the owner's home where -vm files (vm_prologue, disk images, metadata) may live.
+    user_dirs: list[str] = []
+    # qsub arguments that make a VM job own its nodes on this site (Torque: ["-n"]; Moab: ["-l",
+    # "naccesspolicy=singlejob"]); empty: nodes may be shared.
+    exclusive_args: list[str] = []
 
 
 class NodeConfig(_Section):
     name: str | None = None  # default: short host name, as the scheduler names nodes
     libvirt_uri: str = "qemu:///system"
     domain_type: Literal["auto", "kvm", "qemu"] = "auto"
-    guest_dir: str = "/var/lib/vtorque/guests"
+    guest_dir: str = "/var/lib/vtorque/guests"  # fs_type=sharedfs: a directory on shared scratch on clusters
+    ramdisk_dir: str = "/dev/shm/vtorque/guests"  # fs_type=ramdisk: node-local memory
     boot_timeout: float = 180.0
     ssh_port_min: int = 22000
     ssh_port_max: int = 22999
+    # Seconds between NodeHeartbeat events (what `vtorque nodes` shows); a node silent for 3 of them is stale.
+    heartbeat_interval: float = 10.0
 
     def node_name(self) -> str:
         return self.name or socket.gethostname().split(".")[0]
@@ -99,6 +130,24 @@ class HooksConfig(_Section):
     max_requeues: int = 2
 
 
+class TorqueConfig(_Section):
+    """Torque's side (hooks/torque.py, `vtorque install-hooks`); see docs/admin-guide.md."""
+
+    # TORQUE_HOME; a hook installed in <home>/mom_priv finds it from its own path first.
+    home: str = "/var/spool/torque"
+    # Seconds kept free below Torque's own prologue kill ($prologalarm - 10 s) for start-up and the answer.
+    prologue_margin: float = 15.0
+    # `qstat -f JOBID` gives exec_host (the job's cores); PATH in a hook is only /bin:/usr/bin.
+    qstat: str = "qstat"
+    qstat_timeout: float = 5.0
+    # The prologue fails the job early (infrastructure: bounded requeue) when a node of the job has no node
+    # worker consuming its queue after this many seconds, instead of waiting out the whole deadline.
+    require_node_workers: bool = True
+    node_worker_grace: float = 5.0
+    # The hooks' own structured log (the job's .o/.e never reach the user when the prologue aborts).
+    log_file: str = "/var/log/vtorque/torque-hooks.log"
+
+
 class Config(_Section):
     state_dir: str = "/var/lib/vtorque"
     log_level: str = "INFO"
@@ -108,6 +157,7 @@ class Config(_Section):
     spec: SpecConfig = msgspec.field(default_factory=SpecConfig)
     node: NodeConfig = msgspec.field(default_factory=NodeConfig)
     hooks: HooksConfig = msgspec.field(default_factory=HooksConfig)
+    torque: TorqueConfig = msgspec.field(default_factory=TorqueConfig)
 
     def job_dir(self, job_id: str) -> Path:
         """Where a node keeps what the job's launcher reads (its guests' addresses)."""

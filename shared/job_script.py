@@ -5,6 +5,7 @@ and its body hands the user's script to the launcher, which runs it in the guest
 from __future__ import annotations
 
 import base64
+import json
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ MARK = "# vtorque-"
 SPEC_LINE = "# vtorque-spec: "  # the hooks' shell fast path greps for exactly this
 HEADER_LINES = 64  # the header is within the first lines; hooks never read further
 _DIRECTIVE = re.compile(r"^#(PBS|SBATCH)\s")
-_VM_DIRECTIVE = re.compile(r"^#PBS\s+-vm\s+(\S.*?)\s*$")
+_VM_DIRECTIVE = re.compile(r"^#PBS\s+-vm(?:\s+(.*?))?\s*$")
 END = "VTORQUE_SCRIPT_END"
 
 
@@ -26,6 +27,7 @@ class JobHeader:
     spec: dict[str, str]
     ssh_pubkeys: list[str] = field(default_factory=list)
     traceparent: str | None = None
+    user_metadata: dict = field(default_factory=dict)
 
 
 def inline_vm_options(script: str) -> list[str]:
@@ -34,7 +36,7 @@ def inline_vm_options(script: str) -> list[str]:
     for line in _leading_block(script):
         match = _VM_DIRECTIVE.match(line)
         if match:
-            found.append(match.group(1))
+            found.append(match.group(1) or "")
     return found
 
 
@@ -50,7 +52,7 @@ def _leading_block(script: str) -> list[str]:
 
 
 def render_wrapper(user_script: str, spec: dict[str, str], ssh_pubkey: str, ssh_key_path: str,
-                   traceparent: str | None, launcher: str) -> str:
+                   traceparent: str | None, launcher: str, user_metadata: dict | None = None) -> str:
     for value in (ssh_pubkey, ssh_key_path, traceparent or "", *spec.values()):
         if "\n" in value or "\r" in value:
             raise ScriptError("a header value holds a line break")
@@ -58,12 +60,21 @@ def render_wrapper(user_script: str, spec: dict[str, str], ssh_pubkey: str, ssh_
     lines = ["#!/bin/sh", "# vtorque-job: 1", f"{SPEC_LINE}{spec_text}", f"# vtorque-ssh-pubkey: {ssh_pubkey}"]
     if traceparent:
         lines.append(f"# vtorque-traceparent: {traceparent}")
+    if user_metadata:
+        # The user's cloud-init additions travel with the job: the hooks cannot read the user's files.
+        packed = base64.b64encode(json.dumps(user_metadata, sort_keys=True).encode()).decode()
+        if len(packed) > 16384:
+            raise ScriptError("-vm metadata: the cloud-init file is too large (16 KiB at most)")
+        lines.append(f"# vtorque-metadata: {packed}")
     # The user's own directives stay in the leading block so qsub/sbatch still honour them; -vm is ours.
     lines += [line for line in _leading_block(user_script)
               if _DIRECTIVE.match(line) and not _VM_DIRECTIVE.match(line)]
     argv = [launcher, "--ssh-key", ssh_key_path]
     if traceparent:
         argv += ["--traceparent", traceparent]
+    for key in ("vm_prologue", "vm_epilogue"):
+        if spec.get(key):
+            argv += [f"--{key.replace('_', '-')}", spec[key]]
     encoded = base64.encodebytes(user_script.encode()).decode()
     lines += ["", "# Runs the job's script inside its VM (vtorque).",
               f"exec {shlex.join(argv)} <<'{END}'", encoded.rstrip("\n"), END, ""]
@@ -75,6 +86,7 @@ def parse_header(text: str) -> JobHeader | None:
     spec: dict[str, str] | None = None
     keys: list[str] = []
     traceparent = None
+    metadata: dict = {}
     for line in text.splitlines()[:HEADER_LINES]:
         if not line.startswith(MARK):
             continue
@@ -91,9 +103,14 @@ def parse_header(text: str) -> JobHeader | None:
             keys.append(value)
         elif name == "vtorque-traceparent" and value:
             traceparent = value
+        elif name == "vtorque-metadata" and value:
+            try:
+                metadata = json.loads(base64.b64decode(value, validate=True))
+            except (ValueError, TypeError):
+                raise ScriptError("malformed vtorque-metadata header") from None
     if spec is None:
         return None
-    return JobHeader(spec=spec, ssh_pubkeys=keys, traceparent=traceparent)
+    return JobHeader(spec=spec, ssh_pubkeys=keys, traceparent=traceparent, user_metadata=metadata)
 
 
 def user_script_from_stdin(data: str) -> bytes:

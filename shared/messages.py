@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import datetime, timedelta, timezone
-from typing import ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import msgspec
 
@@ -73,7 +73,12 @@ class Owner(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     group: str | None = None
 
 
-class GuestPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class DataDisk(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    size_mib: int | None = None  # a new empty disk
+    image: str | None = None  # the owner's own image file
+
+
+class GuestPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     name: str  # libvirt domain name, unique per job and guest
     node: str
     index: int  # rank of the guest within the job, 0 runs the job script
@@ -84,6 +89,16 @@ class GuestPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cores: list[int] | None
     owner: Owner
     ssh_authorized_keys: list[str]
+    distro: str = "debian"
+    arch: str = "x86_64"
+    emulator_cores: list[int] | None = None  # QEMU's own threads, on the host reserve
+    io_cores: list[int] | None = None  # IOcm: host cores for the guest's I/O threads
+    iocm_min_cores: int = 0
+    iocm_max_cores: int = 0
+    vrdma: bool = False
+    fs_type: Literal["ramdisk", "sharedfs"] = "sharedfs"
+    disk: DataDisk | None = None
+    user_metadata: dict[str, Any] = {}
 
 
 class PhaseTimings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -107,6 +122,7 @@ class JobStarted(Event, frozen=True):
     nodes: list[NodeAllocation]
     spec: dict[str, str]  # as the user wrote it: validated again by the bridge
     ssh_authorized_keys: list[str]
+    user_metadata: dict[str, Any] = {}  # the user's cloud-init additions (spec key `metadata`), checked again
 
 
 class JobEnded(Event, frozen=True):
@@ -174,6 +190,21 @@ class CommandExpired(Event, frozen=True):
     command_id: str
 
 
+class NodeHeartbeat(Event, frozen=True):
+    """A node worker is alive, and what it offers. Belongs to no job: job_id is "" and it is not traced."""
+
+    node: str
+    cores: int
+    mem_free_mib: int
+    guests_running: int
+    domain_type: Literal["kvm", "qemu"]  # qemu = TCG (software emulation)
+    capabilities: list[str] = []
+    interval: float = 10.0  # seconds until the next one
+
+    def routing_key(self) -> str:
+        return f"node.{routing_word(self.node)}.heartbeat"
+
+
 # -- commands ---------------------------------------------------------------------------------------------
 
 class StageImage(Command, frozen=True):
@@ -192,7 +223,7 @@ class TeardownGuests(Command, frozen=True):
 
 AnyMessage = Union[
     JobStarted, JobEnded, JobPlanned, JobRejected, ImageStaged, ImageStageFailed, GuestReady, GuestFailed,
-    GuestsTornDown, CommandExpired, StageImage, BootGuests, TeardownGuests,
+    GuestsTornDown, CommandExpired, StageImage, BootGuests, TeardownGuests, NodeHeartbeat,
 ]
 MESSAGE_TYPES: tuple[type[Message], ...] = AnyMessage.__args__  # type: ignore[attr-defined]
 

@@ -54,6 +54,12 @@ default_vcpus = 1
 max_vcpus = $(nproc)
 default_ram = "256M"
 max_ram = "2G"
+# One small machine: the host keeps nothing back, so a job may use every core for its VMs.
+host_reserve_cores = 0
+host_reserve_ram = "0M"
+max_cores_per_node = $(nproc)
+max_ram_per_node = "$(awk '/MemTotal/ {print int($2 / 1024) "M"}' /proc/meminfo)"
+user_dirs = ["$STACK/jobs"]
 
 [node]
 guest_dir = "$STATE/guests"

@@ -20,8 +20,9 @@ def guest_dir(root: str | Path, guest_name: str) -> Path:
 
 
 def prepare(root: str | Path, guest_name: str, job_id: str, base: Path, base_format: str,
-            seed: dict[str, bytes]) -> GuestDisks:
-    """Create the guest's directory, overlay and seed; on any failure nothing of it is left."""
+            seed: dict[str, bytes], data_size_mib: int | None = None, data_image: str | None = None) -> GuestDisks:
+    """Create the guest's directory, overlay, seed and extra disk; on any failure nothing of it is left.
+    `data_image` must already be checked (shared/user_files.py): it is attached, never copied or probed."""
     gdir = guest_dir(root, guest_name)
     Path(root).mkdir(parents=True, exist_ok=True)
     os.chmod(root, 0o711)  # QEMU runs as libvirt-qemu and must traverse to its disks, not list them
@@ -36,7 +37,16 @@ def prepare(root: str | Path, guest_name: str, job_id: str, base: Path, base_for
         write_seed_iso(seed, seed_path)
         console = gdir / "console.log"
         console.touch()
-        return GuestDisks(overlay=str(overlay), seed=str(seed_path), console_log=str(console))
+        data, data_format = None, "qcow2"
+        if data_size_mib:
+            data = gdir / "data.qcow2"
+            _run(["qemu-img", "create", "-q", "-f", "qcow2", str(data), f"{data_size_mib}M"])
+        elif data_image:
+            # The format comes from the name, never from probing: a "raw" user file with a qcow2 header
+            # could otherwise name any host file as its backing file.
+            data, data_format = Path(data_image), ("qcow2" if data_image.endswith(".qcow2") else "raw")
+        return GuestDisks(overlay=str(overlay), seed=str(seed_path), console_log=str(console),
+                          data=str(data) if data else None, data_format=data_format)
     except BaseException:
         shutil.rmtree(gdir, ignore_errors=True)
         raise

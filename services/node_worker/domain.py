@@ -17,6 +17,8 @@ class GuestDisks:
     overlay: str  # qcow2 on the base image, the guest's root disk
     seed: str  # NoCloud seed ISO (label cidata), read-only
     console_log: str
+    data: str | None = None  # the job's extra disk (spec key `disk`), first guest only
+    data_format: str = "qcow2"
 
 
 @dataclass(frozen=True)
@@ -50,13 +52,24 @@ def domain_xml(guest: m.GuestPlan, disks: GuestDisks, boot: BootSource, meta: Gu
 
     ET.SubElement(dom, "memory", {"unit": "MiB"}).text = str(guest.ram_mib)
     ET.SubElement(dom, "vcpu", {"placement": "static"}).text = str(guest.vcpus)
-    if guest.cores:
+    iothreads = guest.iocm_max_cores
+    if iothreads:
+        # IOcm: one I/O thread per possible I/O core; the node worker's controller widens or narrows the
+        # cores they may run on between iocm_min_cores and iocm_max_cores.
+        ET.SubElement(dom, "iothreads").text = str(iothreads)
+    if guest.cores or guest.emulator_cores or (iothreads and guest.io_cores):
         tune = ET.SubElement(dom, "cputune")
-        for vcpu in range(guest.vcpus):
+        for vcpu in range(guest.vcpus if guest.cores else 0):
             ET.SubElement(tune, "vcpupin", {"vcpu": str(vcpu), "cpuset": str(guest.cores[vcpu % len(guest.cores)])})
+        if guest.emulator_cores:
+            ET.SubElement(tune, "emulatorpin", {"cpuset": cpuset(guest.emulator_cores)})
+        if iothreads and guest.io_cores:
+            active = cpuset(guest.io_cores[:max(1, guest.iocm_min_cores)])
+            for thread in range(1, iothreads + 1):
+                ET.SubElement(tune, "iothreadpin", {"iothread": str(thread), "cpuset": active})
 
     os_el = ET.SubElement(dom, "os")
-    ET.SubElement(os_el, "type", {"arch": "x86_64", "machine": "pc"}).text = "hvm"
+    ET.SubElement(os_el, "type", {"arch": guest.arch, "machine": "pc"}).text = "hvm"
     if boot.kernel:
         ET.SubElement(os_el, "kernel").text = boot.kernel
         if boot.initrd:
@@ -76,8 +89,15 @@ def domain_xml(guest: m.GuestPlan, disks: GuestDisks, boot: BootSource, meta: Gu
     dev = ET.SubElement(dom, "devices")
     ET.SubElement(dev, "controller", {"type": "usb", "model": "none"})
     ET.SubElement(dev, "memballoon", {"model": "none"})
-    _disk(dev, disks.overlay, "qcow2", "vda", readonly=False)
+    _disk(dev, disks.overlay, "qcow2", "vda", readonly=False, iothread=1 if iothreads else None)
     _disk(dev, disks.seed, "raw", "vdb", readonly=True)
+    if disks.data:
+        _disk(dev, disks.data, disks.data_format, "vdc", readonly=False, iothread=min(2, iothreads) or None)
+    if guest.vrdma:
+        # The vRDMA backend this host has: inter-VM shared memory between the job's guests on one node.
+        shmem = ET.SubElement(dev, "shmem", {"name": shmem_name(meta.job_id)})
+        ET.SubElement(shmem, "model", {"type": "ivshmem-plain"})
+        ET.SubElement(shmem, "size", {"unit": "M"}).text = "64"
     # Without an entropy source a TCG guest's sshd waits ~1 s for kernel randomness before its banner.
     rng = ET.SubElement(dev, "rng", {"model": "virtio"})
     ET.SubElement(rng, "backend", {"model": "random"}).text = "/dev/urandom"
@@ -95,9 +115,20 @@ def domain_xml(guest: m.GuestPlan, disks: GuestDisks, boot: BootSource, meta: Gu
     return ET.tostring(dom, encoding="unicode")
 
 
-def _disk(devices: ET.Element, path: str, fmt: str, target: str, readonly: bool) -> None:
+def cpuset(cores: list[int]) -> str:
+    return ",".join(str(c) for c in cores)
+
+
+def shmem_name(job_id: str) -> str:
+    return "vtorque-" + "".join(c if c.isalnum() or c in "_-" else "_" for c in job_id)
+
+
+def _disk(devices: ET.Element, path: str, fmt: str, target: str, readonly: bool, iothread: int | None = None) -> None:
     disk = ET.SubElement(devices, "disk", {"type": "file", "device": "disk"})
-    ET.SubElement(disk, "driver", {"name": "qemu", "type": fmt})
+    driver = {"name": "qemu", "type": fmt}
+    if iothread:
+        driver["iothread"] = str(iothread)
+    ET.SubElement(disk, "driver", driver)
     ET.SubElement(disk, "source", {"file": path})
     ET.SubElement(disk, "target", {"dev": target, "bus": "virtio"})
     if readonly:

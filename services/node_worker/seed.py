@@ -9,10 +9,18 @@ from vtorque.shared import messages as m
 
 
 def seed_files(guest: m.GuestPlan, job_id: str) -> dict[str, bytes]:
-    """meta-data and user-data for cloud images; vtorque.env for minimal guests that have no cloud-init."""
+    """meta-data and user-data for cloud images; vtorque.env for minimal guests that have no cloud-init.
+    The user's own cloud-init keys (already checked: shared/spec.py validate_user_metadata) are merged in;
+    vtorque's keys win."""
     owner = guest.owner
     home = "/root" if owner.uid == 0 else f"/home/{owner.user}"
     meta = {"instance-id": guest.name, "local-hostname": guest.name}
+    if guest.distro == "osv":
+        # OSv has no users or sshd: its cloud-init takes files and a command to run (vTorque's metadata.osv).
+        user_data = "#cloud-config\n" + json.dumps({**guest.user_metadata, "files": {
+            "/etc/vtorque.env": f"VT_JOB_ID={shlex.quote(job_id)}\n"}}, indent=1, sort_keys=True) + "\n"
+        return {"meta-data": json.dumps(meta, indent=1).encode() + b"\n", "user-data": user_data.encode(),
+                "vtorque.env": f"VT_HOSTNAME={shlex.quote(guest.name)}\nVT_JOB_ID={shlex.quote(job_id)}\n".encode()}
     user = {
         "name": owner.user,
         "uid": owner.uid,
@@ -21,9 +29,10 @@ def seed_files(guest: m.GuestPlan, job_id: str) -> dict[str, bytes]:
         "lock_passwd": True,
         "ssh_authorized_keys": guest.ssh_authorized_keys,
     }
-    user_data = "#cloud-config\n" + json.dumps(
-        {"hostname": guest.name, "users": [user], "ssh_pwauth": False, "disable_root": owner.uid != 0},
-        indent=1, sort_keys=True) + "\n"
+    ours = {"hostname": guest.name, "users": [user], "ssh_pwauth": False, "disable_root": owner.uid != 0}
+    if guest.distro in ("redhat", "centos"):
+        ours["users"][0]["shell"] = "/bin/bash"
+    user_data = "#cloud-config\n" + json.dumps({**guest.user_metadata, **ours}, indent=1, sort_keys=True) + "\n"
     env = {
         "VT_HOSTNAME": guest.name,
         "VT_USER": owner.user,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pwd
 import socket
 import time
 from contextlib import contextmanager
@@ -22,6 +23,8 @@ from vtorque.shared import tracing
 from vtorque.shared.bus import EventWaiter, Publisher, node_queue
 from vtorque.shared.config import Config
 from vtorque.shared.logs import log
+from vtorque.shared.spec import SpecError
+from vtorque.shared.user_files import check_user_file
 
 from . import disks
 from .domain import BootSource, GuestMetadata, domain_xml
@@ -97,8 +100,29 @@ class NodeWorker:
             return True
         # A half-booted leftover of an earlier attempt: start over from nothing.
         self.hv.remove(guest.name)
-        disks.remove(self.config.node.guest_dir, guest.name)
+        self._remove_disks(guest.name)
         return False
+
+    def _roots(self) -> list[str]:
+        return [self.config.node.guest_dir, self.config.node.ramdisk_dir]
+
+    def _root(self, guest: m.GuestPlan) -> str:
+        return self.config.node.ramdisk_dir if guest.fs_type == "ramdisk" else self.config.node.guest_dir
+
+    def _remove_disks(self, name: str) -> int:
+        return sum(disks.remove(root, name) for root in self._roots())
+
+    def _data_image(self, guest: m.GuestPlan) -> str | None:
+        if not guest.disk or not guest.disk.image:
+            return None
+        try:
+            home = pwd.getpwnam(guest.owner.user).pw_dir
+        except KeyError:
+            raise BootFailed(f"job owner {guest.owner.user} is unknown on {self.node}", False) from None
+        try:
+            return check_user_file("disk", guest.disk.image, guest.owner.uid, home, self.config.spec.user_dirs)
+        except SpecError as exc:
+            raise BootFailed(str(exc), False) from None
 
     def _boot_fresh(self, cmd: m.BootGuests, guest: m.GuestPlan, t0: float) -> tuple[m.PhaseTimings, int]:
         deadline = min(time.monotonic() + self.config.node.boot_timeout,
@@ -110,8 +134,10 @@ class NodeWorker:
             base = self._wait_for_image(cmd, guest.image_digest, deadline)
         t_image = time.monotonic()
         with _phase("prepare disks"):
-            files = disks.prepare(self.config.node.guest_dir, guest.name, cmd.job_id, base, entry.format,
-                                  seed_files(guest, cmd.job_id))
+            files = disks.prepare(self._root(guest), guest.name, cmd.job_id, base, entry.format,
+                                  seed_files(guest, cmd.job_id),
+                                  data_size_mib=guest.disk.size_mib if guest.disk else None,
+                                  data_image=self._data_image(guest))
         t_disks = time.monotonic()
         try:
             port = self._free_port()
@@ -132,7 +158,7 @@ class NodeWorker:
                     span.add_event("kernel up", timestamp=time.time_ns() - int((time.monotonic() - ready.kernel_up) * 1e9))
         except BaseException:
             self.hv.remove(guest.name)
-            disks.remove(self.config.node.guest_dir, guest.name)
+            self._remove_disks(guest.name)
             raise
         timings = m.PhaseTimings(
             image=t_image - t0, disks=t_disks - t0, define=t_define - t0, start=t_start - t0,
@@ -201,8 +227,9 @@ class NodeWorker:
         for name in names:
             self.hv.remove(name)
         removed_disks = 0
-        for name in set(names) | set(disks.guests_of_job(self.config.node.guest_dir, job_id)):
-            removed_disks += disks.remove(self.config.node.guest_dir, name)
+        leftovers = {name for root in self._roots() for name in disks.guests_of_job(root, job_id)}
+        for name in set(names) | leftovers:
+            removed_disks += self._remove_disks(name)
         jdir = self.config.job_dir(job_id)
         if jdir.exists():
             for f in jdir.iterdir():

@@ -12,9 +12,9 @@ from vtorque.shared import messages as m
 from vtorque.shared.bus import Publisher, bridge_queue
 from vtorque.shared.config import Config
 from vtorque.shared.logs import log
-from vtorque.shared.spec import SpecError, validate
+from vtorque.shared.spec import SpecError, validate, validate_user_metadata
 
-from .planning import boot_commands, plan_guests
+from .planning import PlanError, boot_commands, plan_guests
 
 LOG = logging.getLogger("vtorque.bridge")
 
@@ -34,15 +34,14 @@ class SchedulerBridge:
     def on_job_started(self, job: m.JobStarted) -> None:
         try:
             spec = validate(job.spec, self.config)
-        except SpecError as exc:
+            user_metadata = validate_user_metadata(job.user_metadata)
+            if not job.nodes:
+                raise PlanError("the scheduler gave the job no nodes")
+            guests = plan_guests(job, spec, self.config, user_metadata)
+        except (SpecError, PlanError) as exc:
             log(LOG, logging.WARNING, "job rejected", reason=str(exc))
             self.publisher.publish(m.JobRejected.new(job_id=job.job_id, deadline=job.deadline, reason=str(exc)))
             return
-        if not job.nodes:
-            self.publisher.publish(m.JobRejected.new(job_id=job.job_id, deadline=job.deadline,
-                                                     reason="the scheduler gave the job no nodes"))
-            return
-        guests = plan_guests(job, spec, self.config)
         self.publisher.publish(m.JobPlanned.new(job_id=job.job_id, deadline=job.deadline, guests=guests))
         # Staging is asked first so it overlaps the node workers' own preparation.
         self.publisher.publish(m.StageImage.new(job_id=job.job_id, deadline=job.deadline, image=spec.img,

@@ -21,3 +21,11 @@ def test_wrapper_header_round_trips_and_keeps_directives():
 
 def test_a_plain_script_has_no_header():
     assert parse_header("#!/bin/sh\necho hi\n") is None
+
+
+def test_metadata_and_vm_scripts_travel_in_the_wrapper():
+    text = render_wrapper("echo hi\n", {"img": "tiny", "vm_prologue": "/home/a/pre.sh"}, "ssh-ed25519 K", "/k",
+                          None, "/opt/l", {"packages": ["htop"]})
+    header = parse_header(text)
+    assert header.user_metadata == {"packages": ["htop"]}
+    assert "--vm-prologue /home/a/pre.sh" in text

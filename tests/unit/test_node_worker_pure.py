@@ -65,3 +65,48 @@ def test_seed_values_cannot_inject_shell():
     line = [l for l in seed_files(evil, "1")["vtorque.env"].decode().splitlines() if l.startswith("VT_SSH")][0]
     import shlex
     assert shlex.split(line.split("=", 1)[1]) == ["x'; reboot; '"]
+
+
+FULL = m.GuestPlan(name="vt-8-n1-0", node="n1", index=0, image="tiny", image_digest="a" * 64, vcpus=2, ram_mib=512,
+                   cores=[1, 2], owner=m.Owner(user="bob", uid=1001, gid=1002), ssh_authorized_keys=["k"],
+                   distro="centos", emulator_cores=[0], io_cores=[3, 4], iocm_min_cores=1, iocm_max_cores=2,
+                   vrdma=True, fs_type="ramdisk", disk=m.DataDisk(size_mib=1024),
+                   user_metadata={"packages": ["htop"], "hostname": "evil"})
+
+
+def test_every_key_reaches_the_guest_definition():
+    disks = GuestDisks(overlay="/g/root.qcow2", seed="/g/seed.iso", console_log="/g/c.log", data="/g/data.qcow2")
+    root = ET.fromstring(domain_xml(FULL, disks, BootSource("/k/vmlinux"), META))
+    assert root.findtext("iothreads") == "2"
+    assert [(p.get("iothread"), p.get("cpuset")) for p in root.iter("iothreadpin")] == [("1", "3"), ("2", "3")]
+    assert root.find("cputune/emulatorpin").get("cpuset") == "0"
+    assert [(p.get("vcpu"), p.get("cpuset")) for p in root.iter("vcpupin")] == [("0", "1"), ("1", "2")]
+    targets = {d.find("target").get("dev"): d for d in root.iter("disk")}
+    assert targets["vdc"].find("source").get("file") == "/g/data.qcow2"
+    assert targets["vda"].find("driver").get("iothread") == "1"
+    assert root.find("devices/shmem/model").get("type") == "ivshmem-plain"
+    assert root.find("os/type").get("arch") == "x86_64"
+
+
+def test_full_definition_is_accepted_by_libvirt():
+    libvirt = pytest.importorskip("libvirt")
+    conn = libvirt.open("test:///default")
+    disks = GuestDisks(overlay="/g/root.qcow2", seed="/g/seed.iso", console_log="/g/c.log", data="/g/d.img",
+                       data_format="raw")
+    xml = domain_xml(FULL, disks, BootSource("/k/vmlinux"), META).replace('type="qemu"', 'type="test"', 1)
+    dom = conn.defineXML(xml)
+    try:
+        back = ET.fromstring(dom.XMLDesc(0))
+        assert back.findtext("iothreads") == "2" and back.find("devices/shmem") is not None
+    finally:
+        dom.undefine()
+
+
+def test_user_metadata_is_merged_but_ours_wins_and_distro_shapes_the_seed():
+    import json
+    data = json.loads(seed_files(FULL, "8")["user-data"].decode().split("\n", 1)[1])
+    assert data["packages"] == ["htop"] and data["hostname"] == "vt-8-n1-0"
+    assert data["users"][0]["shell"] == "/bin/bash"  # redhat/centos flavour
+    osv = m.GuestPlan(**{**{f: getattr(FULL, f) for f in FULL.__struct_fields__}, "distro": "osv"})
+    osv_data = json.loads(seed_files(osv, "8")["user-data"].decode().split("\n", 1)[1])
+    assert "users" not in osv_data and "/etc/vtorque.env" in osv_data["files"]
