@@ -48,6 +48,10 @@ def run(service: str) -> None:
     runner = ServiceRunner(url, svc.queues(), svc.handlers(), heartbeat=config.broker.heartbeat)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: runner.stop())
+    if service == "node-worker":
+        from vtorque.services.node_worker.heartbeat import Heartbeat
+
+        Heartbeat(svc, runner.stop_event).start()  # NodeHeartbeat events for `vtorque nodes`
     import logging
 
     logging.getLogger("vtorque").info("%s consuming %s", service, ", ".join(q.name for q in svc.queues()))
@@ -58,24 +62,90 @@ def run(service: str) -> None:
         tracing.shutdown_tracing()
 
 
+def _job_spans(config, job_id: str):
+    """The job's spans from Jaeger when [tracing] query_endpoint is set, else from the local span files."""
+    from vtorque.cli.trace_view import QueryError, jaeger_job_spans, job_spans, load
+
+    if config.tracing.query_endpoint:
+        try:
+            spans = jaeger_job_spans(config.tracing.query_endpoint, job_id)
+        except QueryError as exc:
+            raise click.ClickException(str(exc))
+        where = config.tracing.query_endpoint
+    else:
+        spans, where = job_spans(load(config.tracing.dir), job_id), config.tracing.dir
+    if not spans:
+        raise click.ClickException(f"no spans for job {job_id} in {where}")
+    return spans
+
+
 @main.command()
 @click.argument("job_id")
 @click.option("--json", "as_json", is_flag=True, help="The spans as JSON lines, for scripts.")
 def trace(job_id: str, as_json: bool) -> None:
-    """Draw a job's trace as a waterfall (from the local OTLP-JSON span files)."""
-    from vtorque.cli.trace_view import job_spans, load, waterfall
+    """Draw a job's trace as a waterfall (Jaeger's query API if configured, else the local span files)."""
+    from vtorque.cli.trace_view import waterfall
 
     config = _config()
-    spans = job_spans(load(config.tracing.dir), job_id)
-    if not spans:
-        raise click.ClickException(f"no spans for job {job_id} in {config.tracing.dir}")
+    spans = _job_spans(config, job_id)
     if as_json:
         for s in spans:
-            click.echo(json.dumps(s.__dict__))
+            click.echo(json.dumps(s.to_json()))
         return
     traces = {s.trace_id for s in spans}
     click.echo(f"job {job_id}: {len(spans)} spans in {len(traces)} trace(s) {', '.join(sorted(traces))}")
     click.echo(waterfall(spans))
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="The status as one JSON object.")
+def status(job_id: str, as_json: bool) -> None:
+    """A job's phase, nodes, guests and timings (read from its trace)."""
+    from vtorque.cli.status import job_status, render_status
+
+    st = job_status(job_id, _job_spans(_config(), job_id))
+    click.echo(json.dumps(st.to_json()) if as_json else render_status(st))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per node.")
+def nodes(as_json: bool) -> None:
+    """The node workers' latest heartbeats: cores, free memory, guests running, KVM or TCG."""
+    from vtorque.cli.status import latest_per_node, read_heartbeats, render_nodes
+    from vtorque.shared import messages as m
+
+    config = _config()
+    try:
+        beats = latest_per_node(read_heartbeats(config.broker.connection_url(), config.broker.connect_timeout))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc))
+    except Exception as exc:  # noqa: BLE001 - the broker's own errors vary by transport
+        raise click.ClickException(f"broker {config.broker.url}: {exc}")
+    if as_json:
+        for b in beats:
+            click.echo(m.encode(b).decode())
+        return
+    if not beats:
+        raise click.ClickException("no node worker has sent a heartbeat in the last minute")
+    click.echo(render_nodes(beats))
+
+
+@main.command()
+@click.option("--check", "only", multiple=True, metavar="NAME",
+              help="Run only this check (repeatable), e.g. --check broker: the containers' health checks.")
+def doctor(only: tuple[str, ...]) -> None:
+    """Check this host: broker, libvirt, KVM or TCG, image store, clock skew (and the checks others add)."""
+    from vtorque.cli.doctor import CHECKS, FAIL, check_name, render, run_checks
+
+    names = {check_name(c): c for c in CHECKS}
+    unknown = [n for n in only if n not in names]
+    if unknown:
+        raise click.BadParameter(f"no check {unknown[0]!r}; checks: {', '.join(names)}", param_hint="--check")
+    results = run_checks(_config(), [names[n] for n in only] or None)
+    click.echo(render(results))
+    if any(r.status == FAIL for r in results):
+        sys.exit(1)
 
 
 @main.command()

@@ -1,10 +1,17 @@
-"""Reading a job's spans back from the OTLP-JSON files and drawing them as a waterfall. Pure but for `load`."""
+"""Reading a job's spans back and drawing them as a waterfall: from the local OTLP-JSON files, or from Jaeger's
+query service when [tracing] query_endpoint is set. Pure but for `load` and `jaeger_job_spans`."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+# Jaeger searches per service: these are the services whose spans carry pbs.job_id in every job's trace.
+JAEGER_SERVICES = ("vtorque-hook", "vtorque-bridge", "vtorque-node-worker")
 
 
 @dataclass(frozen=True)
@@ -20,6 +27,13 @@ class SpanRow:
     status: str
     attributes: dict
     links: int
+    link_ids: list = field(default_factory=list)  # "traceid:spanid" of each link
+    resource: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        doc = asdict(self)
+        doc["duration_ns"] = self.end_ns - self.start_ns
+        return doc
 
 
 def _value(v: dict):
@@ -52,8 +66,72 @@ def parse_lines(lines) -> list[SpanRow]:
                         start_ns=int(s.get("startTimeUnixNano", 0)), end_ns=int(s.get("endTimeUnixNano", 0)),
                         status=s.get("status", {}).get("code", "STATUS_CODE_UNSET").replace("STATUS_CODE_", "").lower(),
                         attributes={a["key"]: _value(a["value"]) for a in s.get("attributes", [])},
-                        links=len(s.get("links", []))))
+                        links=len(s.get("links", [])),
+                        link_ids=[f"{ln.get('traceId', '')}:{ln.get('spanId', '')}" for ln in s.get("links", [])],
+                        resource=res))
     return rows
+
+
+# -- Jaeger ----------------------------------------------------------------------------------------------
+
+def parse_jaeger(doc: dict) -> list[SpanRow]:
+    """Spans of Jaeger's query API answer (`/api/traces`: {"data": [{"spans", "processes"}]}).
+
+    Jaeger keeps the OTLP kind and status as tags (span.kind, otel.status_code), the parent as a CHILD_OF
+    reference and every OTLP link as a FOLLOWS_FROM reference."""
+    rows = []
+    for tr in doc.get("data") or []:
+        processes = tr.get("processes", {})
+        for s in tr.get("spans", []):
+            tags = {t["key"]: t.get("value") for t in s.get("tags", [])}
+            proc = processes.get(s.get("processID", ""), {})
+            resource = {t["key"]: t.get("value") for t in proc.get("tags", [])}
+            resource["service.name"] = proc.get("serviceName", "?")
+            parent, links = "", []
+            for ref in s.get("references", []):
+                if ref.get("refType") == "CHILD_OF" and not parent and ref.get("traceID") == s.get("traceID"):
+                    parent = ref.get("spanID", "")
+                else:
+                    links.append(f"{ref.get('traceID', '')}:{ref.get('spanID', '')}")
+            start_ns = int(s.get("startTime", 0)) * 1000  # Jaeger: microseconds
+            status = str(tags.pop("otel.status_code", "unset")).lower()
+            if tags.pop("error", False) and status == "unset":
+                status = "error"
+            rows.append(SpanRow(
+                trace_id=s.get("traceID", "").rjust(32, "0"), span_id=s.get("spanID", "").rjust(16, "0"),
+                parent_id=parent.rjust(16, "0") if parent else "", service=resource["service.name"],
+                name=s.get("operationName", ""), kind=str(tags.pop("span.kind", "internal")).lower(),
+                start_ns=start_ns, end_ns=start_ns + int(s.get("duration", 0)) * 1000, status=status,
+                attributes={k: v for k, v in tags.items() if not k.startswith(("otel.", "internal."))},
+                links=len(links), link_ids=links, resource=resource))
+    return rows
+
+
+def _get_json(url: str, timeout: float) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - an operator-configured http URL
+        return json.load(resp)
+
+
+class QueryError(Exception):
+    pass
+
+
+def jaeger_job_spans(endpoint: str, job_id: str, lookback: str = "7d", timeout: float = 10.0) -> list[SpanRow]:
+    """The job's traces from Jaeger: search each service for pbs.job_id, then fetch every trace found whole."""
+    base = endpoint.rstrip("/")
+    trace_ids: set[str] = set()
+    try:
+        for service in JAEGER_SERVICES:
+            query = urllib.parse.urlencode({"service": service, "tags": json.dumps({"pbs.job_id": job_id}),
+                                            "lookback": lookback, "limit": 50})
+            found = _get_json(f"{base}/api/traces?{query}", timeout)
+            trace_ids |= {t.get("traceID", "") for t in found.get("data") or []}
+        rows: list[SpanRow] = []
+        for trace_id in sorted(filter(None, trace_ids)):
+            rows += parse_jaeger(_get_json(f"{base}/api/traces/{trace_id}", timeout))
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise QueryError(f"tracing.query_endpoint {endpoint}: {exc}") from None
+    return sorted(rows, key=lambda r: r.start_ns)
 
 
 def load(trace_dir: str | Path) -> list[SpanRow]:
@@ -73,6 +151,17 @@ def job_spans(rows: list[SpanRow], job_id: str) -> list[SpanRow]:
     return sorted((r for r in rows if r.trace_id in traces), key=lambda r: r.start_ns)
 
 
+def queue_wait(spans: list[SpanRow]) -> tuple[int, int] | None:
+    """(start, end) ns of the job's wait in the scheduler's queue: from the end of the submission span to the
+    start of the first hook span (the prologue). Derived: no process is alive to record it as a span."""
+    submit = [s for s in spans if s.name == "vsub submit"]
+    hooks = [s for s in spans if s.name == "prologue"]
+    if not submit or not hooks:
+        return None
+    start, end = min(s.end_ns for s in submit), min(s.start_ns for s in hooks)
+    return (start, end) if end > start else None
+
+
 def waterfall(spans: list[SpanRow], width: int = 40) -> str:
     if not spans:
         return "no spans"
@@ -89,7 +178,14 @@ def waterfall(spans: list[SpanRow], width: int = 40) -> str:
         return d
 
     out = [f"{'service':<19} {'span':<42} {'start':>8} {'duration':>9} {'status':<6} timeline"]
+    wait = queue_wait(spans)
     for s in spans:
+        if wait and s.name == "prologue" and s.start_ns == wait[1]:
+            a = int((wait[0] - t0) / total * width)
+            b = max(a + 1, int((wait[1] - t0) / total * width))
+            out.append(f"{'(scheduler)':<19} {'  (queue wait)':<42} {(wait[0] - t0) / 1e9:7.2f}s "
+                       f"{(wait[1] - wait[0]) / 1e9:8.3f}s {'':<6} {' ' * a}{'░' * (b - a)}")
+            wait = None
         a = int((s.start_ns - t0) / total * width)
         b = max(a + 1, int((s.end_ns - t0) / total * width))
         name = ("  " * depth(s) + s.name)[:42]

@@ -22,20 +22,35 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
+from vtorque.shared import metrics
 from vtorque.shared.config import TracingConfig
 from vtorque.shared.logs import current_job_id
 
 JOB_ID = "pbs.job_id"
+GUEST, NODE, IMAGE_DIGEST = "vtorque.guest", "vtorque.node", "vtorque.image.digest"
+# What a child span takes over from its parent in the same process when it does not say otherwise: a boot
+# phase or a publish inside "boot guest" belongs to the same guest, node and image.
+INHERITED = (JOB_ID, GUEST, NODE, IMAGE_DIGEST)
 _provider: TracerProvider | None = None
 
 
 class JobIdSpanProcessor(SpanProcessor):
-    """Stamps `pbs.job_id` on every span started while a job is being handled (see logs.job_context)."""
+    """Stamps `pbs.job_id` on every span started while a job is being handled (see logs.job_context), and
+    carries the job, guest, node and image digest down from a local parent span."""
 
     def on_start(self, span, parent_context=None) -> None:
+        if not span.is_recording():
+            return
+        own = span.attributes or {}
         job_id = current_job_id()
-        if job_id and span.is_recording():
+        if job_id and JOB_ID not in own:
             span.set_attribute(JOB_ID, job_id)
+        parent = trace.get_current_span(parent_context)
+        inherited = getattr(parent, "attributes", None)  # only SDK spans of this process have attributes
+        if inherited:
+            for key in INHERITED:
+                if key not in own and key not in (span.attributes or {}) and inherited.get(key):
+                    span.set_attribute(key, inherited[key])
 
 
 class OtlpJsonFileExporter(SpanExporter):
@@ -87,7 +102,10 @@ def setup_tracing(service: str, config: TracingConfig) -> TracerProvider:
     global _provider
     if _provider is not None:
         return _provider
-    resource = Resource.create({"service.name": service, "service.instance.id": uuid.uuid4().hex[:12]})
+    import socket
+
+    resource = Resource.create({"service.name": service, "service.instance.id": uuid.uuid4().hex[:12],
+                                "host.name": socket.gethostname()})
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(JobIdSpanProcessor())
     exporter: SpanExporter
@@ -105,6 +123,8 @@ def setup_tracing(service: str, config: TracingConfig) -> TracerProvider:
     provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=500))
     trace.set_tracer_provider(provider)
     _provider = provider
+    # Metrics go where the spans go (same endpoint or same directory), from every process that traces.
+    metrics.setup_metrics(service, config, resource)
     return provider
 
 
@@ -112,6 +132,7 @@ def shutdown_tracing() -> None:
     if _provider is not None:
         _provider.force_flush(5000)
         _provider.shutdown()
+    metrics.shutdown_metrics()
 
 
 def tracer() -> trace.Tracer:
@@ -148,7 +169,7 @@ def current_trace_id() -> str | None:
 # -- messaging spans --------------------------------------------------------------------------------------
 
 def _message_attributes(message, destination: str, routing_key: str, operation: str, op_type: str) -> dict:
-    return {
+    attrs = {
         "messaging.system": "rabbitmq",
         "messaging.operation.name": operation,
         "messaging.operation.type": op_type,
@@ -158,11 +179,24 @@ def _message_attributes(message, destination: str, routing_key: str, operation: 
         "vtorque.message.type": type(message).__name__,
         JOB_ID: message.job_id,
     }
+    # The message's own guest/node/image, where it names one (GuestReady, BootGuests, StageImage, ...).
+    for field, key in (("guest", GUEST), ("node", NODE), ("digest", IMAGE_DIGEST)):
+        value = getattr(message, field, None)
+        if isinstance(value, str) and value:
+            attrs[key] = value
+    return attrs
 
 
 @contextlib.contextmanager
 def publish_span(message, exchange: str, routing_key: str) -> Iterator[dict]:
-    """A PRODUCER span around one publish; yields the AMQP headers carrying its context."""
+    """A PRODUCER span around one publish; yields the AMQP headers carrying its context.
+
+    A message of no job (a node heartbeat) gets no span: a root span every few seconds per node would bury
+    the jobs' traces."""
+    metrics.observe_published(message)
+    if not message.job_id:
+        yield {}
+        return
     attrs = _message_attributes(message, exchange, routing_key, "publish", "send")
     with tracer().start_as_current_span(f"publish {exchange}", kind=SpanKind.PRODUCER, attributes=attrs):
         yield inject({})
@@ -176,6 +210,7 @@ def process_span(message, queue: str, routing_key: str, headers: Mapping | None,
     links = [Link(producer)] if producer.is_valid else []
     attrs = _message_attributes(message, exchange, routing_key, "process", "process")
     attrs["messaging.destination.subscription.name"] = queue
+    metrics.observe_delivery(message, queue)
     token = otel_context.attach(parent)
     try:
         with tracer().start_as_current_span(f"process {queue}", kind=SpanKind.CONSUMER, attributes=attrs,

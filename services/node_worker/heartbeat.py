@@ -1,0 +1,128 @@
+"""The node worker's heartbeat: every node.heartbeat_interval seconds a NodeHeartbeat event says the node is
+alive and what it has (cores, free memory, guests running, KVM or TCG, capabilities). `vtorque nodes` shows
+them.
+
+It runs in a thread of its own (with its own broker connection) rather than in the consumer's idle hook: the
+consumer is not idle while a guest boots, and a node busy booting is exactly the one an operator asks about.
+
+Heartbeats also go to the durable queue `vtorque.nodes`, where each one expires after NODES_TTL seconds: a
+reader (`vtorque nodes`) gets every live node's latest heartbeat at once, without waiting for the next round,
+and takes them without acknowledging, so they stay there for the next reader.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from kombu import Queue, binding
+
+from vtorque.shared import messages as m
+from vtorque.shared import metrics
+from vtorque.shared.bus import EVENTS, Publisher, connect, declare_topology
+from vtorque.shared.logs import log
+
+LOG = logging.getLogger("vtorque.node_worker.heartbeat")
+NODES_QUEUE = "vtorque.nodes"
+NODES_TTL_MS = 60_000  # one minute of heartbeats per node stays readable; older ones expire in the broker
+TTL_INTERVALS = 3
+
+
+def nodes_queue() -> Queue:
+    """Classic, durable, bounded: old heartbeats expire on their own and the queue never grows past it."""
+    return Queue(NODES_QUEUE, exchange=EVENTS, durable=True, bindings=[binding(EVENTS, routing_key="node.*.heartbeat")],
+                 queue_arguments={"x-message-ttl": NODES_TTL_MS, "x-max-length": 100_000, "x-overflow": "drop-head"})
+
+
+# -- pure ------------------------------------------------------------------------------------------------
+
+def mem_available_mib(meminfo: str) -> int:
+    """MemAvailable from /proc/meminfo's text (kB), in MiB; 0 if absent."""
+    for line in meminfo.splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+def capabilities(domain_type: str, kernel_boot_images: int, hugepages: bool) -> list[str]:
+    caps = ["kvm" if domain_type == "kvm" else "tcg"]
+    if kernel_boot_images:
+        caps.append("direct-kernel-boot")
+    if hugepages:
+        caps.append("hugepages")
+    return caps
+
+
+def is_stale(beat: m.NodeHeartbeat, now=None) -> bool:
+    """A node that missed three beats in a row."""
+    age = ((now or m.utcnow()) - beat.created_at).total_seconds()
+    return age > TTL_INTERVALS * beat.interval
+
+
+# -- I/O -------------------------------------------------------------------------------------------------
+
+def node_facts(worker) -> m.NodeHeartbeat:
+    config = worker.config
+    try:
+        meminfo = open("/proc/meminfo", encoding="ascii").read()
+    except OSError:
+        meminfo = ""
+    domains = worker.hv.vtorque_domains()
+    running = sum(1 for name in domains if worker.hv.is_active(name))
+    hugepages = os.path.exists("/sys/kernel/mm/hugepages") and any(
+        _read_int(f"/sys/kernel/mm/hugepages/{d}/free_hugepages") for d in _listdir("/sys/kernel/mm/hugepages"))
+    interval = config.node.heartbeat_interval
+    return m.NodeHeartbeat.new(
+        job_id="", deadline=TTL_INTERVALS * interval, node=worker.node, cores=os.cpu_count() or 1,
+        mem_free_mib=mem_available_mib(meminfo), guests_running=running, domain_type=worker.domain_type,
+        capabilities=capabilities(worker.domain_type, sum(1 for e in config.images.catalog.values() if e.kernel),
+                                  hugepages),
+        interval=interval)
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _read_int(path: str) -> int:
+    try:
+        return int(open(path).read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+class Heartbeat:
+    """A daemon thread publishing the node's heartbeat until `stop` is set."""
+
+    def __init__(self, worker, stop: threading.Event):
+        self.worker, self.stop = worker, stop
+        self.interval = max(0.5, float(worker.config.node.heartbeat_interval))
+        self.url = worker.config.broker.connection_url()
+        self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> "Heartbeat":
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        publisher = Publisher(self.url)
+        declared = False
+        while not self.stop.is_set():
+            try:
+                if not declared:
+                    with connect(self.url) as conn:
+                        channel = conn.channel()
+                        declare_topology(channel, [nodes_queue()])
+                    declared = True
+                beat = node_facts(self.worker)
+                metrics.set_guests_running(beat.node, beat.guests_running)
+                publisher.publish(beat)
+            except Exception as exc:  # noqa: BLE001 - a missed beat must not end the beating
+                log(LOG, logging.WARNING, "heartbeat not sent", error=str(exc))
+                publisher.close()
+            self.stop.wait(self.interval)
+        publisher.close()

@@ -1,0 +1,163 @@
+"""Pure parts of issue 7's observability: metric derivation, Jaeger parsing, job status, heartbeats, doctor."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from pathlib import Path
+
+from vtorque.cli import doctor, status, trace_view
+from vtorque.cli.trace_view import SpanRow
+from vtorque.services.node_worker import heartbeat
+from vtorque.shared import messages as m
+from vtorque.shared import metrics
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
+
+
+def test_phase_durations_are_steps_of_the_cumulative_timings():
+    t = m.PhaseTimings(image=0.5, disks=0.6, define=0.7, start=1.0, kernel_up=2.0, ready=5.0)
+    got = metrics.phase_durations(t)
+    assert list(got) == ["image", "disks", "define", "start", "kernel_up", "ready"]
+    assert abs(sum(got.values()) - 5.0) < 1e-9 and abs(got["ready"] - 3.0) < 1e-9
+    without = metrics.phase_durations(m.PhaseTimings(image=0, disks=0, define=0, start=1.0, kernel_up=None, ready=4.0))
+    assert "kernel_up" not in without and without["ready"] == 3.0
+
+
+def test_failure_types_are_a_small_fixed_set():
+    def failed(reason, cls=m.GuestFailed):
+        extra = {"guest": "g", "node": "n", "retryable": True} if cls is m.GuestFailed else {}
+        extra |= {"image": "tiny", "digest": "a" * 64} if cls is m.ImageStageFailed else {}
+        return cls.new(job_id="1.x", deadline=5.0, reason=reason, **extra)
+
+    assert metrics.failure_type(failed("boot timed out: no readiness signal")) == "boot_timeout"
+    assert metrics.failure_type(failed("the guest stopped during boot")) == "boot_guest_crashed"
+    assert metrics.failure_type(failed("image tiny is not in this node's catalog")) == "boot_unknown_image"
+    assert metrics.failure_type(failed("sha256 mismatch", m.ImageStageFailed)) == "stage_image_digest_mismatch"
+    assert metrics.failure_type(failed("bad VM spec: -vm vcpus: not a number", m.JobRejected)) == "rejected_bad_spec"
+    assert metrics.failure_type(failed("something new")) == "boot_other"
+    expired = m.CommandExpired.new(job_id="1.x", deadline=1.0, command="BootGuests", command_id="c")
+    assert metrics.failure_type(expired) == "command_expired"
+    assert metrics.failure_type(m.TeardownGuests.new(job_id="1", deadline=1.0, node="n")) is None
+
+
+def test_queue_lag_never_negative():
+    now = m.utcnow()
+    assert metrics.queue_lag(now - timedelta(seconds=2), now) == 2.0
+    assert metrics.queue_lag(now + timedelta(seconds=2), now) == 0.0
+
+
+def test_every_instrument_is_documented_with_its_unit():
+    text = DOCS.read_text()
+    for name, (_, unit, _) in metrics.INSTRUMENTS.items():
+        row = [line for line in text.splitlines() if f"`{name}`" in line]
+        assert row, f"{name} is not in docs/operations.md"
+        assert f"`{unit}`" in row[0], f"{name}: unit {unit} not on its docs row"
+
+
+JAEGER = {"data": [{
+    "traceID": "abc", "processes": {"p1": {"serviceName": "vtorque-hook", "tags": [{"key": "host.name", "value": "n1"}]},
+                                    "p2": {"serviceName": "vtorque-bridge", "tags": []}},
+    "spans": [
+        {"traceID": "abc", "spanID": "1", "operationName": "prologue", "references": [], "startTime": 1_000_000,
+         "duration": 5_000_000, "processID": "p1", "tags": [{"key": "pbs.job_id", "value": "7.srv"}]},
+        {"traceID": "abc", "spanID": "2", "operationName": "process vtorque.bridge", "startTime": 1_100_000,
+         "duration": 1000, "processID": "p2",
+         "references": [{"refType": "CHILD_OF", "traceID": "abc", "spanID": "1"},
+                        {"refType": "FOLLOWS_FROM", "traceID": "abc", "spanID": "1"}],
+         "tags": [{"key": "span.kind", "value": "consumer"}, {"key": "otel.status_code", "value": "ERROR"},
+                  {"key": "pbs.job_id", "value": "7.srv"}]},
+    ]}]}
+
+
+def test_parse_jaeger_keeps_parents_links_kinds_status():
+    rows = {r.name: r for r in trace_view.parse_jaeger(JAEGER)}
+    pro, proc = rows["prologue"], rows["process vtorque.bridge"]
+    assert pro.trace_id == "abc".rjust(32, "0") and pro.parent_id == "" and pro.kind == "internal"
+    assert pro.service == "vtorque-hook" and pro.end_ns - pro.start_ns == 5_000_000_000
+    assert proc.parent_id == pro.span_id and proc.kind == "consumer" and proc.status == "error"
+    assert proc.links == 1 and proc.attributes == {"pbs.job_id": "7.srv"}
+    assert trace_view.job_spans(list(rows.values()), "7.srv") == [pro, proc]
+
+
+def _span(name, sid, parent="", kind="internal", start=0, end=1, status="unset", **attrs):
+    return SpanRow(trace_id="t" * 32, span_id=sid, parent_id=parent, service="s", name=name, kind=kind,
+                   start_ns=int(start * 1e9), end_ns=int(end * 1e9), status=status, attributes=attrs, links=0)
+
+
+def _pub(kind, sid, parent, start, **attrs):
+    return _span("publish x", sid, parent, "producer", start, start + 0.001, **{"vtorque.message.type": kind, **attrs})
+
+
+def test_job_status_from_the_trace():
+    spans = [
+        _span("vsub submit", "a", start=0, end=0.1),
+        _span("prologue", "b", "a", start=2.1, end=8),
+        _pub("JobStarted", "c", "b", 2.2), _pub("JobPlanned", "d", "b", 2.3),
+        _pub("BootGuests", "e", "d", 2.4, **{"vtorque.node": "n1"}),
+        _span("boot guest", "f", "e", start=2.5, end=7.5, **{"vtorque.guest": "vt-1-n1-0", "vtorque.node": "n1"}),
+        _span("start domain", "g", "f", start=3, end=3.5),
+        _pub("GuestReady", "h", "f", 7.5), _span("all guests ready", "i", "b", start=7.9, end=7.9),
+    ]
+    st = status.job_status("1.srv", spans)
+    assert st.phase == "running" and st.nodes == ["n1"] and not st.failure
+    (g,) = st.guests
+    assert (g.guest, g.state, g.boot_s, g.phases) == ("vt-1-n1-0", "ready", 5.0, {"start domain": 0.5})
+    assert st.timings["queue_wait"] == 2.0 and st.timings["prologue"] == 5.9
+    assert "vt-1-n1-0" in status.render_status(st)
+    ended = spans + [_pub("JobEnded", "j", "a", 20), _pub("GuestsTornDown", "k", "j", 21, **{"vtorque.node": "n1"})]
+    st = status.job_status("1.srv", ended)
+    assert st.phase == "done" and st.guests[0].state == "torn down"
+    failed = spans[:5] + [_pub("GuestFailed", "x", "e", 9, **{"vtorque.guest": "vt-1-n1-0", "vtorque.node": "n1"})]
+    st = status.job_status("1.srv", failed)
+    assert st.phase == "failed" and st.failure == "GuestFailed" and st.guests[0].state == "failed"
+
+
+def test_waterfall_shows_the_queue_wait():
+    spans = [_span("vsub submit", "a", start=0, end=0.1), _span("prologue", "b", "a", start=2.1, end=3)]
+    text = trace_view.waterfall(spans)
+    assert re.search(r"\(queue wait\)\s+0\.10s\s+2\.000s", text), text
+
+
+def _beat(node="n1", age=0.0, interval=10.0):
+    beat = m.NodeHeartbeat.new(job_id="", deadline=30.0, node=node, cores=2, mem_free_mib=100, guests_running=1,
+                               domain_type="qemu", capabilities=["tcg"], interval=interval)
+    return beat, beat.created_at + timedelta(seconds=age)
+
+
+def test_heartbeat_is_an_event_of_no_job_with_its_own_routing_key():
+    beat, _ = _beat("node.1")
+    assert beat.routing_key() == "node.node%2E1.heartbeat"
+    assert m.decode(m.encode(beat)) == beat
+
+
+def test_heartbeat_pure_parts():
+    assert heartbeat.mem_available_mib("MemTotal: 100 kB\nMemAvailable:   2097152 kB\n") == 2048
+    assert heartbeat.mem_available_mib("") == 0
+    assert heartbeat.capabilities("kvm", 0, True) == ["kvm", "hugepages"]
+    assert heartbeat.capabilities("qemu", 1, False) == ["tcg", "direct-kernel-boot"]
+    beat, now = _beat(age=29)
+    assert not heartbeat.is_stale(beat, now)
+    assert heartbeat.is_stale(beat, now + timedelta(seconds=2))
+
+
+def test_nodes_table_keeps_the_latest_beat_per_node():
+    old, _ = _beat("n1")
+    new, now = _beat("n1", age=0)
+    other, _ = _beat("n2")
+    latest = status.latest_per_node([new, other, old])
+    assert [b.node for b in latest] == ["n1", "n2"] and latest[0] is new
+    text = status.render_nodes(latest, now)
+    assert "n1" in text and "tcg" in text and "up" in text
+
+
+def test_skew_bounds_and_a_crashing_check():
+    assert doctor.skew_bounds(0.5, 10) == (-0.5, 9.5)  # fresh beat: cannot be far off
+    assert doctor.skew_bounds(-5, 10)[0] == 5  # a beat from the future: that node is ahead by ≥5 s
+
+    def check_boom(config):
+        raise RuntimeError("boom")
+
+    (result,) = doctor.run_checks(None, [check_boom])
+    assert result.status == doctor.FAIL and result.name == "boom" and "boom" in result.detail
+    assert "FAIL" in doctor.render([result])
