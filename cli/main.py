@@ -148,6 +148,31 @@ def doctor(only: tuple[str, ...]) -> None:
         sys.exit(1)
 
 
+@main.command("install-hooks")
+@click.option("--torque-home", type=click.Path(file_okay=False), default=None,
+              help="TORQUE_HOME of this node's pbs_mom (default: [torque] home, /var/spool/torque).")
+@click.option("--uninstall", is_flag=True, help="Remove vtorque's hooks and put back what was there.")
+def install_hooks(torque_home: str | None, uninstall: bool) -> None:
+    """Install vtorque's Torque prologue, epilogue and epilogue.precancel on this node (keeps and chains
+    a site prologue/epilogue); idempotent. Run it on every node of the cluster."""
+    import os
+    from pathlib import Path
+
+    from vtorque.cli.install_hooks import InstallError, install, uninstall as remove
+
+    if os.geteuid() != 0:
+        raise click.ClickException("install-hooks must run as root (the hooks must be root-owned)")
+    home = Path(torque_home or _config().torque.home)
+    try:
+        actions = remove(home) if uninstall else install(home)
+    except (InstallError, OSError) as exc:
+        raise click.ClickException(str(exc))
+    for action in actions:
+        click.echo(f"{home / 'mom_priv' / action.hook}: {action.what}")
+    if not actions:
+        click.echo(f"{home / 'mom_priv'}: nothing of vtorque's here")
+
+
 @main.command()
 def contract() -> None:
     """Print the message contract (JSON Schema generated from the message Structs)."""

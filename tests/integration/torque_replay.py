@@ -37,7 +37,8 @@ REPO = Path(__file__).resolve().parents[2]
 HOOKS = REPO / "hooks" / "torque"
 RECORDED = Path(os.environ.get("VTORQUE_TORQUE_RECORDED", "/work/shared/reference/torque-recorded"))
 RECORDED_HOME = "/var/spool/torque"  # the recordings were rewritten to the default TORQUE_HOME
-ARGC = {"prologue": 8, "epilogue": 11}  # recorded (torque-hooks.md 5.1)
+ARGC = {"prologue": 8, "epilogue": 11, "epilogue.precancel": 11}  # recorded (torque-hooks.md 5.1, 5.4b)
+ACCOUNTING = RECORDED / "accounting" / "20261126"
 ALLOWED_ADDITIONS = frozenset({"VTORQUE_CONFIG", "VTORQUE_PYTHON"})
 
 _START = re.compile(r"^=== (?P<hook>\S+) start .*\bcwd=(?P<cwd>\S+)\s*$")
@@ -204,10 +205,23 @@ class TorqueHome:
             return str(self.root) + value[len(RECORDED_HOME):]
         return value
 
-    def prepare(self, inv: Invocation, script_text: str | None = PLAIN_SCRIPT) -> Prepared:
-        """Rewrite the invocation into this tree and write its job script (None: leave it missing) and node file."""
+    def prepare(self, inv: Invocation, script_text: str | None = PLAIN_SCRIPT, workdir: Path | None = None,
+                nodefile_hosts: list[str] | None = None) -> Prepared:
+        """Rewrite the invocation into this tree and write its job script (None: leave it missing) and node file.
+
+        `workdir` stands in for the recorded submit directory (PBS_O_WORKDIR=/home/trqtest, also the cwd of the
+        hooks that run as the user), which does not exist here. `nodefile_hosts` replaces the recorded one-host
+        node file (PBS_MSHOST repeated PBS_NP times) for multi-node replays."""
+        recorded_workdir = inv.environ().get("PBS_O_WORKDIR")
+
+        def rewrite(value: str) -> str:
+            if workdir is not None and recorded_workdir and (
+                    value == recorded_workdir or value.startswith(recorded_workdir + "/")):
+                return str(workdir) + value[len(recorded_workdir):]
+            return self.rewrite(value)
+
         argv = [self.rewrite(a) for a in inv.argv]
-        env = {k: self.rewrite(v) for k, v in inv.env}
+        env = {k: rewrite(v) for k, v in inv.env}
         script = Path(argv[inv.script_index])
         if not script.is_relative_to(self.mom_priv / "jobs"):
             raise RecordingError(f"{inv.source}: script {inv.script_path} is not under mom_priv/jobs")
@@ -219,8 +233,9 @@ class TorqueHome:
             if not nodefile.is_relative_to(self.root / "aux"):
                 raise RecordingError(f"{inv.source}: PBS_NODEFILE {env['PBS_NODEFILE']} is not under aux/")
             host = env.get("PBS_MSHOST", "localhost")
-            nodefile.write_text(f"{host}\n" * int(env.get("PBS_NP", "1")))
-        cwd = Path(self.rewrite(inv.cwd))
+            hosts = nodefile_hosts or [host] * int(env.get("PBS_NP", "1"))
+            nodefile.write_text("".join(f"{h}\n" for h in hosts))
+        cwd = Path(rewrite(inv.cwd))
         cwd.mkdir(parents=True, exist_ok=True)
         if "PWD" in env:
             env["PWD"] = str(cwd)
@@ -240,18 +255,95 @@ class Result:
 
 
 def run_hook(hook: str, prepared: Prepared, add_env: dict[str, str] | None = None,
-             timeout: float = 60.0, entry: Path | None = None) -> Result:
-    """Run our hooks/torque/<hook> as pbs_mom runs its hooks."""
+             timeout: float = 60.0, entry: Path | None = None, as_user: tuple[int, int] | None = None,
+             devnull_stdio: bool = False) -> Result:
+    """Run our hooks/torque/<hook> as pbs_mom runs its hooks: `as_user` (uid, gid) for the ones that run as
+    the job's owner (epilogue.precancel), `devnull_stdio` for the precancel's stdout/stderr on /dev/null."""
     add_env = dict(add_env or {})
     extra = set(add_env) - ALLOWED_ADDITIONS
     if extra:
         raise ValueError(f"only {sorted(ALLOWED_ADDITIONS)} may be added to the recorded environment, not {extra}")
     env = {**prepared.env, **add_env}
     t0 = time.monotonic()
+    user = {} if as_user is None else {"user": as_user[0], "group": as_user[1], "extra_groups": []}
+    out = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL} if devnull_stdio else {"capture_output": True}
     proc = subprocess.run([str(entry or HOOKS / hook), *prepared.argv], env=env, cwd=prepared.cwd,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
-                          umask=prepared.umask, start_new_session=True)
-    return Result(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - t0)
+                          stdin=subprocess.DEVNULL, text=True, timeout=timeout,
+                          umask=prepared.umask, start_new_session=True, **user, **out)
+    return Result(proc.returncode, proc.stdout or "", proc.stderr or "", time.monotonic() - t0)
+
+
+# -- the server's side: accounting records and a qstat that answers from them ------------------------------
+
+def accounting_records() -> list:
+    """The recorded server accounting log (torque-hooks.md 8), parsed."""
+    from vtorque.services.scheduler_bridge.torque_exec_host import parse_accounting
+
+    return parse_accounting(ACCOUNTING.read_text())
+
+
+def first_start_record(job_id: str):
+    """The job's first S record in the first run (run2 re-used job ids 0-3 after the db was re-created)."""
+    return next(r for r in accounting_records() if r.type == "S" and r.job_id == job_id)
+
+
+QSTAT_F_ATTRS = [("Job_Name", "jobname"), ("Job_Owner", "owner"), ("queue", "queue"), ("Account_Name", "account"),
+                 ("exec_host", "exec_host"), ("start_count", "start_count")]
+
+
+def qstat_f_text(job_id: str, attrs: dict[str, str]) -> str:
+    """`qstat -f` of a running job, from an accounting record's fields. qstat's output was not recorded: this
+    follows Torque 6.1's layout (`Job Id:`, then `    name = value`, long values folded at 78 columns onto
+    lines that start with a tab), which is what the hook's parser must cope with."""
+    lines = [f"Job Id: {job_id}"]
+    for name, key in QSTAT_F_ATTRS + [(k, k) for k in attrs if k.startswith("Resource_List.")]:
+        if key not in attrs:
+            continue
+        line = f"    {name} = {attrs[key]}"
+        first, rest = line[:78], line[78:]
+        lines.append(first)
+        while rest:
+            lines.append("\t" + rest[:70])
+            rest = rest[70:]
+    lines.append("    job_state = R")
+    return "\n".join(lines) + "\n"
+
+
+def qstat_stand_in(directory: Path, jobs: dict[str, dict[str, str]]) -> Path:
+    """An executable `qstat` answering `qstat -f JOBID` for `jobs` (id -> accounting attrs), exit 153 and
+    Torque's message for any other job."""
+    answers = directory / "qstat-answers"
+    answers.mkdir(parents=True, exist_ok=True)
+    for job_id, attrs in jobs.items():
+        (answers / job_id).write_text(qstat_f_text(job_id, attrs))
+    script = directory / "qstat"
+    script.write_text(f"""#!/bin/sh
+[ "$1" = -f ] && [ -n "$2" ] || {{ echo "usage: qstat -f JOBID" >&2; exit 2; }}
+[ -f '{answers}/'"$2" ] || {{ echo "qstat: Unknown Job Id $2" >&2; exit 153; }}
+cat '{answers}/'"$2"
+""")
+    script.chmod(0o755)
+    return script
+
+
+# -- a broker vhost of one's own ---------------------------------------------------------------------------
+
+class PrivateVhost:
+    """A RabbitMQ vhost for one test session, so its events and commands meet no other test's services (the
+    single-host stack's own bridge and node worker consume the default vhost)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.url = f"amqp://guest:guest@127.0.0.1:5672/{name}"
+
+    def __enter__(self) -> "PrivateVhost":
+        subprocess.run(["rabbitmqctl", "-q", "add_vhost", self.name], check=True, capture_output=True, timeout=60)
+        subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", self.name, "guest", ".*", ".*", ".*"],
+                       check=True, capture_output=True, timeout=60)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", self.name], capture_output=True, timeout=60)
 
 
 # -- helpers for the VM-job side ------------------------------------------------------------------------
