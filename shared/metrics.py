@@ -246,8 +246,7 @@ def shutdown_metrics() -> None:
     global _provider
     if _provider is not None:
         try:
-            _provider.force_flush(5000)
-            _provider.shutdown(5000)
+            _provider.shutdown(5000)  # the periodic reader collects and exports once more on shutdown
         except Exception:  # noqa: BLE001 - shutting down must not mask the process's own exit
             pass
         _provider = None  # later observations are no-ops, not warnings from a shut-down provider
