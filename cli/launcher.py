@@ -8,6 +8,7 @@ become the job's, through ssh with the job's own key.
 from __future__ import annotations
 
 import json
+import shlex
 import os
 import shutil
 import subprocess
@@ -20,6 +21,13 @@ import click
 # Run the script from a private temp file so it keeps its own interpreter line; its stdin is /dev/null as for
 # any batch job.
 REMOTE = 'f=$(mktemp) && cat > "$f" && chmod 700 "$f" && "$f" </dev/null; rc=$?; rm -f "$f"; exit $rc'
+# Inside the guest, as on a host: the job's node file (the job's guests, each once per vCPU) and its id.
+NODEFILE = "/etc/vtorque/nodefile"
+
+
+def remote_command(job_id: str) -> str:
+    return (f"[ -r {NODEFILE} ] && export PBS_NODEFILE={NODEFILE}; "
+            f"export PBS_JOBID={shlex.quote(job_id)} VTORQUE_JOB_ID={shlex.quote(job_id)}; {REMOTE}")
 SSH_OPTIONS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
                "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=20", "-o", "ServerAliveInterval=30"]
 
@@ -74,7 +82,7 @@ def main(ssh_key: str, traceparent: str | None, wait: float, vm_prologue: str | 
         token = tracing.otel_context.attach(tracing.context_from_traceparent(traceparent))
         try:
             argv = ["ssh", "-i", ssh_key, "-p", str(guest["ssh_port"]), *SSH_OPTIONS,
-                    f"{guest['user']}@{guest['address']}", REMOTE]
+                    f"{guest['user']}@{guest['address']}", remote_command(job_id)]
             rc = 0
             if vm_prologue:
                 rc = _run_in_guest("vm_prologue", argv, _read_own(vm_prologue), guest)

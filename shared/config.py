@@ -67,11 +67,36 @@ class ImageEntry(_Section):
     kernel: str | None = None
     initrd: str | None = None
     cmdline: str | None = None
+    # `format` is what guests' overlays back onto; a source in another format (or compress = true, qcow2 only)
+    # is converted by the stager with qemu-img after its sha256 (always of the source's bytes) was checked.
+    source_format: Literal["qcow2", "raw"] | None = None
+    compress: bool = False
+    size: int | None = None  # bytes of the source, when known: progress totals and room made before a copy
 
 
 class ImagesConfig(_Section):
     store: str = "/var/lib/vtorque/images"
     catalog: dict[str, ImageEntry] = {}
+    # More catalog entries, written by `vtorque images add/update/remove` (same [images.catalog.NAME] tables;
+    # an entry there replaces one of the same name here). Relative to this file's directory; default
+    # images.toml beside it. Running services re-read it when it changes.
+    catalog_file: str | None = None
+    store_budget: str | None = None  # e.g. "200G": least recently used images beyond it are evicted
+    http_timeout: float = 30.0  # seconds for an http(s) source to connect, and for each read
+    http_retries: int = 5  # retries in a row of a dropped download (each resumes where it stopped)
+    progress_interval: float = 1.0  # seconds between ImageStagingProgress events of one staging
+    concurrent_stagings: int = 4  # StageImage commands one stager process works on at once
+
+
+class PrefetchConfig(_Section):
+    """`vtorque run prefetch`: watches the scheduler's queue and stages a VM job's image before it starts."""
+
+    scheduler: Literal["auto", "torque", "slurm"] = "auto"  # auto: torque if its accounting dir exists
+    torque_home: str = "/var/spool/torque"  # server_priv/accounting/YYYYMMDD and server_priv/jobs/<id>.SC
+    slurm_state_dir: str | None = None  # slurmctld's StateSaveLocation (job scripts); else scontrol
+    poll_interval: float = 1.0
+    state_file: str | None = None  # default <state_dir>/prefetch/<scheduler>.json
+    deadline: float = 3600.0  # seconds a prefetch StageImage stays worth doing
 
 
 class SpecConfig(_Section):
@@ -111,6 +136,9 @@ class NodeConfig(_Section):
     domain_type: Literal["auto", "kvm", "qemu"] = "auto"
     guest_dir: str = "/var/lib/vtorque/guests"  # fs_type=sharedfs: a directory on shared scratch on clusters
     ramdisk_dir: str = "/dev/shm/vtorque/guests"  # fs_type=ramdisk: node-local memory
+    # The host address the job network's multicast UDP goes through: the node's cluster-network address on a
+    # cluster (guests of a job on different nodes then share one segment), loopback on one test host.
+    job_network_localaddr: str = "127.0.0.1"
     boot_timeout: float = 180.0
     ssh_port_min: int = 22000
     ssh_port_max: int = 22999
@@ -158,6 +186,7 @@ class Config(_Section):
     node: NodeConfig = msgspec.field(default_factory=NodeConfig)
     hooks: HooksConfig = msgspec.field(default_factory=HooksConfig)
     torque: TorqueConfig = msgspec.field(default_factory=TorqueConfig)
+    prefetch: PrefetchConfig = msgspec.field(default_factory=PrefetchConfig)
 
     def job_dir(self, job_id: str) -> Path:
         """Where a node keeps what the job's launcher reads (its guests' addresses)."""
@@ -185,6 +214,7 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}")
     _apply_env(data, env)
+    file_entries = _merge_catalog_file(data, path)
     catalog = data.get("images", {}).get("catalog", {}) if isinstance(data.get("images"), dict) else {}
     for image, entry in (catalog.items() if isinstance(catalog, dict) else ()):
         # msgspec reports a bad dict value as `catalog[...]`: check each entry alone to name it.
@@ -202,7 +232,96 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
     for image, entry in config.images.catalog.items():
         if not re.fullmatch(r"[0-9a-f]{64}", entry.sha256):
             raise ConfigError(f"{name}: images.catalog.{image}.sha256: expected 64 lowercase hex digits")
+    if config.images.catalog_file:
+        _remember_catalog_file(config, file_entries)
     return config
+
+
+# -- the writable catalog file (images.toml) ------------------------------------------------------------------
+
+_catalog_files: dict[str, tuple[tuple, dict[str, ImageEntry]]] = {}
+
+
+def _catalog_stamp(path: str) -> tuple:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return ()
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def read_catalog_file(path: str) -> dict[str, ImageEntry]:
+    """The entries of a catalog file (no file: none), each checked; errors name the file and the entry."""
+    name = os.path.basename(path)
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}")
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}")
+    images = data.pop("images", {})
+    if data or not isinstance(images, dict) or set(images) - {"catalog"}:
+        raise ConfigError(f"{name}: holds only [images.catalog.NAME] tables")
+    entries = {}
+    for image, entry in (images.get("catalog") or {}).items():
+        if not IMAGE_NAME.match(image):
+            raise ConfigError(f"{name}: images.catalog.{image}: an image name is letters, digits, '.', '_', '-'")
+        try:
+            entries[image] = msgspec.convert(entry, ImageEntry, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"{name}: images.catalog.{image}.{_explain(exc)}".replace(".(top): ", ": ")) from None
+        if not re.fullmatch(r"[0-9a-f]{64}", entries[image].sha256):
+            raise ConfigError(f"{name}: images.catalog.{image}.sha256: expected 64 lowercase hex digits")
+    return entries
+
+
+def _merge_catalog_file(data: dict, config_file: str) -> dict[str, ImageEntry]:
+    images = data.setdefault("images", {})
+    if not isinstance(images, dict):
+        return {}
+    where = images.get("catalog_file") or "images.toml"
+    if not isinstance(where, str):
+        return {}
+    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), where)
+    images["catalog_file"] = path
+    entries = read_catalog_file(path)
+    if entries:
+        catalog = images.setdefault("catalog", {})
+        if isinstance(catalog, dict):
+            catalog.update({image: msgspec.to_builtins(entry) for image, entry in entries.items()})
+    return entries
+
+
+def _remember_catalog_file(config: Config, entries: dict[str, ImageEntry]) -> None:
+    path = config.images.catalog_file
+    _catalog_files[path] = (_catalog_stamp(path), {n: config.images.catalog[n] for n in entries})
+
+
+def refresh_catalog(config: Config) -> bool:
+    """Re-read the catalog file if it changed since `config` was loaded (a running service learns of
+    `vtorque images add/update/remove` without a restart); True when the catalog changed. A broken file
+    leaves the catalog as it was."""
+    path = config.images.catalog_file
+    if not path:
+        return False
+    stamp = _catalog_stamp(path)
+    old_stamp, old_entries = _catalog_files.get(path, ((), {}))
+    if stamp == old_stamp:
+        return False
+    try:
+        entries = read_catalog_file(path)
+    except ConfigError:
+        return False
+    catalog = config.images.catalog
+    for image, entry in old_entries.items():
+        if image not in entries and catalog.get(image) is entry:
+            del catalog[image]
+    catalog.update(entries)
+    _catalog_files[path] = (stamp, dict(entries))
+    return True
 
 
 def _apply_env(data: dict, env: Mapping[str, str]) -> None:

@@ -162,6 +162,47 @@ class ImageStageFailed(Event, frozen=True):
         return f"image.{self.digest}.stage_failed"
 
 
+class ImageStagingProgress(Event, frozen=True):
+    """How far a staging is: published by the stager that copies, about once per images.progress_interval."""
+
+    image: str
+    digest: str
+    bytes: int  # copied (and hashed) so far
+    total: int | None  # the source's size, when known
+    rate: float  # bytes per second over the last interval
+
+    def routing_key(self) -> str:
+        return f"image.{self.digest}.staging_progress"
+
+
+class ImageStageCancelled(Event, frozen=True):
+    """A staging stopped because every job that wanted the image was deleted. Not a failure: node workers
+    keep waiting, and a later request stages the image again."""
+
+    image: str
+    digest: str
+    reason: str
+
+    def routing_key(self) -> str:
+        return f"image.{self.digest}.stage_cancelled"
+
+
+class JobQueued(Event, frozen=True):
+    """The scheduler queued a VM job (Torque accounting `Q` record, a pending Slurm job): the bridge asks for
+    its image now, so staging overlaps the wait in the queue. Published by `vtorque run prefetch`."""
+
+    scheduler: Literal["torque", "slurm"]
+    spec: dict[str, str]  # the job script's vtorque-spec header, as written: the bridge validates it
+
+
+class JobDeleted(Event, frozen=True):
+    """The scheduler deleted or aborted a VM job (Torque `D`/`A`, a cancelled pending Slurm job): a staging
+    that only it wanted stops."""
+
+    scheduler: Literal["torque", "slurm"]
+    reason: str = ""
+
+
 class GuestReady(Event, frozen=True):
     guest: str
     node: str
@@ -212,9 +253,30 @@ class StageImage(Command, frozen=True):
     digest: str
 
 
+class GuestPeer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Every guest of the job, as each guest sees the others: for its hosts file and node file."""
+
+    name: str
+    index: int
+    node: str
+    vcpus: int
+    address: str  # on the job network
+
+
+class JobNetwork(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The job's own L2 segment: QEMU's socket netdev on a multicast group (a virtual hub that needs no host
+    bridge); every guest of the job, on any node of the job, joins it with a second NIC."""
+
+    group: str
+    port: int
+    prefix: int  # guest addresses are <network address>/prefix
+
+
 class BootGuests(Command, frozen=True):
     node: str
     guests: list[GuestPlan]
+    peers: list[GuestPeer] = []
+    network: JobNetwork | None = None
 
 
 class TeardownGuests(Command, frozen=True):
@@ -224,6 +286,7 @@ class TeardownGuests(Command, frozen=True):
 AnyMessage = Union[
     JobStarted, JobEnded, JobPlanned, JobRejected, ImageStaged, ImageStageFailed, GuestReady, GuestFailed,
     GuestsTornDown, CommandExpired, StageImage, BootGuests, TeardownGuests, NodeHeartbeat,
+    ImageStagingProgress, ImageStageCancelled, JobQueued, JobDeleted,
 ]
 MESSAGE_TYPES: tuple[type[Message], ...] = AnyMessage.__args__  # type: ignore[attr-defined]
 

@@ -8,6 +8,8 @@ from datetime import datetime
 
 from vtorque.shared import messages as m
 
+from . import numa, vrdma
+
 METADATA_NS = "https://vtorque.org/xmlns/guest/1"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 
@@ -31,6 +33,16 @@ class BootSource:
 
 
 @dataclass(frozen=True)
+class JobNic:
+    """The guest's second NIC, on the job's multicast segment (see messages.JobNetwork)."""
+
+    group: str
+    port: int
+    mac: str
+    localaddr: str = "127.0.0.1"  # the host address the segment's UDP goes through
+
+
+@dataclass(frozen=True)
 class GuestMetadata:
     job_id: str
     owner: str
@@ -40,7 +52,8 @@ class GuestMetadata:
 
 
 def domain_xml(guest: m.GuestPlan, disks: GuestDisks, boot: BootSource, meta: GuestMetadata,
-               domain_type: str = "qemu") -> str:
+               domain_type: str = "qemu", job_nic: JobNic | None = None,
+               vrdma_choice: vrdma.Choice | None = None, numa_topology: numa.Topology | None = None) -> str:
     ET.register_namespace("qemu", QEMU_NS)
     dom = ET.Element("domain", {"type": domain_type})
     ET.SubElement(dom, "name").text = guest.name
@@ -49,6 +62,11 @@ def domain_xml(guest: m.GuestPlan, disks: GuestDisks, boot: BootSource, meta: Gu
     for key, value in (("job", meta.job_id), ("owner", meta.owner), ("deadline", meta.deadline.isoformat()),
                        ("index", str(meta.index)), ("ssh-port", str(meta.ssh_port))):
         ET.SubElement(metadata, f"{{{METADATA_NS}}}{key}").text = value
+    if guest.iocm_max_cores and guest.io_cores:
+        # What the node worker's IOcm controller (iocm.py) needs to move the I/O cores of the running guest.
+        for key, value in (("iocm-cores", cpuset(guest.io_cores)), ("iocm-min", str(guest.iocm_min_cores)),
+                           ("iocm-max", str(guest.iocm_max_cores))):
+            ET.SubElement(metadata, f"{{{METADATA_NS}}}{key}").text = value
 
     ET.SubElement(dom, "memory", {"unit": "MiB"}).text = str(guest.ram_mib)
     ET.SubElement(dom, "vcpu", {"placement": "static"}).text = str(guest.vcpus)
@@ -67,6 +85,11 @@ def domain_xml(guest: m.GuestPlan, disks: GuestDisks, boot: BootSource, meta: Gu
             active = cpuset(guest.io_cores[:max(1, guest.iocm_min_cores)])
             for thread in range(1, iothreads + 1):
                 ET.SubElement(tune, "iothreadpin", {"iothread": str(thread), "cpuset": active})
+
+    placement = numa.nodeset(guest.cores, numa_topology or {})
+    if placement:
+        # Memory on the NUMA nodes of the guest's cores (only on hosts with more than one node).
+        ET.SubElement(ET.SubElement(dom, "numatune"), "memory", {"mode": "strict", "nodeset": placement})
 
     os_el = ET.SubElement(dom, "os")
     ET.SubElement(os_el, "type", {"arch": guest.arch, "machine": "pc"}).text = "hvm"
@@ -93,11 +116,12 @@ def domain_xml(guest: m.GuestPlan, disks: GuestDisks, boot: BootSource, meta: Gu
     _disk(dev, disks.seed, "raw", "vdb", readonly=True)
     if disks.data:
         _disk(dev, disks.data, disks.data_format, "vdc", readonly=False, iothread=min(2, iothreads) or None)
+    vrdma_args: list[str] = []
     if guest.vrdma:
-        # The vRDMA backend this host has: inter-VM shared memory between the job's guests on one node.
-        shmem = ET.SubElement(dev, "shmem", {"name": shmem_name(meta.job_id)})
-        ET.SubElement(shmem, "model", {"type": "ivshmem-plain"})
-        ET.SubElement(shmem, "size", {"unit": "M"}).text = "64"
+        # The backend the node worker chose (vrdma.choose); without one, shared memory between the job's
+        # guests on this node.
+        choice = vrdma_choice or vrdma.Choice(vrdma.IVSHMEM, shmem_name=shmem_name(meta.job_id))
+        vrdma_args = vrdma.apply(dom, dev, choice)
     # Without an entropy source a TCG guest's sshd waits ~1 s for kernel randomness before its banner.
     rng = ET.SubElement(dev, "rng", {"model": "virtio"})
     ET.SubElement(rng, "backend", {"model": "random"}).text = "/dev/urandom"
@@ -108,8 +132,15 @@ def domain_xml(guest: m.GuestPlan, disks: GuestDisks, boot: BootSource, meta: Gu
     # User-mode networking with the guest's sshd forwarded to a loopback port: libvirt 9.0 ignores
     # <portForward> on type='user', so the netdev goes on the QEMU command line.
     cmd = ET.SubElement(dom, f"{{{QEMU_NS}}}commandline")
-    for arg in ("-netdev", f"user,id=vtnet0,hostfwd=tcp:127.0.0.1:{meta.ssh_port}-:22",
-                "-device", "virtio-net-pci,netdev=vtnet0,addr=0x10"):
+    args = ["-netdev", f"user,id=vtnet0,hostfwd=tcp:127.0.0.1:{meta.ssh_port}-:22",
+            "-device", "virtio-net-pci,netdev=vtnet0,addr=0x10"]
+    if job_nic:
+        # The job's guests, on every node, share one L2 segment: QEMU's socket netdev on a multicast group.
+        args += ["-netdev", f"socket,id=vtjob0,mcast={job_nic.group}:{job_nic.port},localaddr={job_nic.localaddr}",
+                 "-device", f"virtio-net-pci,netdev=vtjob0,mac={job_nic.mac},addr=0x11"]
+    for arg in args:
+        ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", {"value": arg})
+    for arg in vrdma_args:
         ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", {"value": arg})
     ET.indent(dom)
     return ET.tostring(dom, encoding="unicode")
@@ -119,8 +150,7 @@ def cpuset(cores: list[int]) -> str:
     return ",".join(str(c) for c in cores)
 
 
-def shmem_name(job_id: str) -> str:
-    return "vtorque-" + "".join(c if c.isalnum() or c in "_-" else "_" for c in job_id)
+shmem_name = vrdma.shmem_name
 
 
 def _disk(devices: ET.Element, path: str, fmt: str, target: str, readonly: bool, iothread: int | None = None) -> None:

@@ -8,7 +8,8 @@ import shlex
 from vtorque.shared import messages as m
 
 
-def seed_files(guest: m.GuestPlan, job_id: str) -> dict[str, bytes]:
+def seed_files(guest: m.GuestPlan, job_id: str, peers: list[m.GuestPeer] | None = None,
+               network: m.JobNetwork | None = None, mac: str | None = None) -> dict[str, bytes]:
     """meta-data and user-data for cloud images; vtorque.env for minimal guests that have no cloud-init.
     The user's own cloud-init keys (already checked: shared/spec.py validate_user_metadata) are merged in;
     vtorque's keys win."""
@@ -29,10 +30,9 @@ def seed_files(guest: m.GuestPlan, job_id: str) -> dict[str, bytes]:
         "lock_passwd": True,
         "ssh_authorized_keys": guest.ssh_authorized_keys,
     }
-    ours = {"hostname": guest.name, "users": [user], "ssh_pwauth": False, "disable_root": owner.uid != 0}
+    ours: dict = {"hostname": guest.name, "users": [user], "ssh_pwauth": False, "disable_root": owner.uid != 0}
     if guest.distro in ("redhat", "centos"):
-        ours["users"][0]["shell"] = "/bin/bash"
-    user_data = "#cloud-config\n" + json.dumps({**guest.user_metadata, **ours}, indent=1, sort_keys=True) + "\n"
+        user["shell"] = "/bin/bash"
     env = {
         "VT_HOSTNAME": guest.name,
         "VT_USER": owner.user,
@@ -42,8 +42,23 @@ def seed_files(guest: m.GuestPlan, job_id: str) -> dict[str, bytes]:
         "VT_JOB_ID": job_id,
         "VT_SSH_AUTHORIZED_KEYS": "\n".join(guest.ssh_authorized_keys),
     }
+    files: dict[str, bytes] = {}
+    if peers and network and mac:
+        me = next(p for p in peers if p.name == guest.name)
+        ranked = sorted(peers, key=lambda p: p.index)
+        hosts = "".join(f"{p.address} {p.name}\n" for p in ranked)
+        # As PBS_NODEFILE lists a host once per core: each guest once per vCPU, rank 0 first.
+        nodefile = "".join(f"{p.name}\n" * p.vcpus for p in ranked)
+        env |= {"VT_JOB_IP": f"{me.address}/{network.prefix}", "VT_JOB_MAC": mac, "VT_HOSTS": hosts,
+                "VT_NODEFILE": nodefile}
+        files["network-config"] = json.dumps({"version": 2, "ethernets": {"jobnet": {
+            "match": {"macaddress": mac}, "addresses": [f"{me.address}/{network.prefix}"]}}}, indent=1).encode()
+        ours |= {"manage_etc_hosts": False, "write_files": [
+            {"path": "/etc/vtorque/nodefile", "permissions": "0644", "content": nodefile},
+            {"path": "/etc/hosts", "permissions": "0644", "append": True, "content": hosts}]}
+    user_data = "#cloud-config\n" + json.dumps({**guest.user_metadata, **ours}, indent=1, sort_keys=True) + "\n"
     env_text = "".join(f"{key}={shlex.quote(value)}\n" for key, value in env.items())
-    return {
+    return files | {
         # JSON is a subset of YAML: cloud-init reads it, and no YAML library is needed to write it safely.
         "meta-data": json.dumps(meta, indent=1).encode() + b"\n",
         "user-data": user_data.encode(),

@@ -6,11 +6,15 @@ booting it twice; a TeardownGuests for a job with nothing left here just confirm
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextvars
+import fcntl
 import json
 import logging
 import os
 import pwd
 import socket
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,8 +30,10 @@ from vtorque.shared.logs import log
 from vtorque.shared.spec import SpecError
 from vtorque.shared.user_files import check_user_file
 
+from vtorque.shared.job_network import guest_mac
+
 from . import disks
-from .domain import BootSource, GuestMetadata, domain_xml
+from .domain import BootSource, GuestMetadata, JobNic, domain_xml
 from .hypervisor import Hypervisor, HypervisorError, detect_domain_type
 from .readiness import BootFailed, Readiness, ssh_banner, wait_ready
 from .seed import seed_files
@@ -45,6 +51,7 @@ class NodeWorker:
         self.hv = hypervisor or Hypervisor(config.node.libvirt_uri)
         self.store = store or ImageStore(config.images.store)
         self.domain_type = detect_domain_type(config.node.domain_type)
+        self._thread_lock = threading.Lock()
 
     def queues(self):
         return [node_queue(self.node)]
@@ -55,53 +62,55 @@ class NodeWorker:
     # -- boot -------------------------------------------------------------------------------------------
 
     def on_boot_guests(self, cmd: m.BootGuests) -> None:
+        mine = [g for g in cmd.guests if g.node == self.node]
         for guest in cmd.guests:
             if guest.node != self.node:
                 log(LOG, logging.WARNING, "guest planned for another node ignored", guest=guest.name)
-                continue
-            self._boot(cmd, guest)
+        # The node's guests boot side by side (each mostly waits for its kernel); the answers are published
+        # from this thread, which owns the publisher's connection.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(mine)),
+                                                   thread_name_prefix="boot") as pool:
+            futures = [pool.submit(contextvars.copy_context().run, self._boot, cmd, guest) for guest in mine]
+            for future in futures:
+                self.publisher.publish(future.result())
 
-    def _boot(self, cmd: m.BootGuests, guest: m.GuestPlan) -> None:
+    def _boot(self, cmd: m.BootGuests, guest: m.GuestPlan) -> m.Event:
         attrs = {tracing.JOB_ID: cmd.job_id, "vtorque.guest": guest.name, "vtorque.node": self.node,
                  "vtorque.image.digest": guest.image_digest}
         with tracing.tracer().start_as_current_span("boot guest", attributes=attrs) as span:
             started = time.monotonic()
             try:
-                if self._reannounce(cmd, guest):
-                    return
+                again = self._reannounce(cmd, guest)
+                if again is not None:
+                    return again
                 timings, port = self._boot_fresh(cmd, guest, started)
             except BootFailed as exc:
                 tracing.mark_error(span, exc.reason)
-                self._fail(cmd, guest, exc.reason, exc.retryable, exc.console_tail)
-                return
+                return self._fail(cmd, guest, exc.reason, exc.retryable, exc.console_tail)
             except (HypervisorError, disks.DiskError, OSError) as exc:
                 tracing.mark_error(span, exc)
-                self._fail(cmd, guest, str(exc), True, "")
-                return
+                return self._fail(cmd, guest, str(exc), True, "")
             self._write_job_file(cmd.job_id, guest, port)
             log(LOG, logging.INFO, "guest ready", guest=guest.name, port=port, ready_s=round(timings.ready, 2))
-            self.publisher.publish(m.GuestReady.new(
-                job_id=cmd.job_id, deadline=cmd.deadline, guest=guest.name, node=self.node, index=guest.index,
-                address="127.0.0.1", ssh_port=port, timings=timings))
+            return m.GuestReady.new(job_id=cmd.job_id, deadline=cmd.deadline, guest=guest.name, node=self.node,
+                                    index=guest.index, address="127.0.0.1", ssh_port=port, timings=timings)
 
-    def _reannounce(self, cmd: m.BootGuests, guest: m.GuestPlan) -> bool:
+    def _reannounce(self, cmd: m.BootGuests, guest: m.GuestPlan) -> m.GuestReady | None:
         dom = self.hv.lookup(guest.name)
         if dom is None:
-            return False
+            return None
         meta = self.hv.vtorque_domains().get(guest.name, {})
         port = int(meta.get("ssh-port", "0") or 0)
         if self.hv.is_active(guest.name) and meta.get("job") == cmd.job_id and port and ssh_banner(port):
             log(LOG, logging.INFO, "guest already running, announcing it again", guest=guest.name)
             zero = m.PhaseTimings(image=0, disks=0, define=0, start=0, kernel_up=None, ready=0)
             self._write_job_file(cmd.job_id, guest, port)
-            self.publisher.publish(m.GuestReady.new(
-                job_id=cmd.job_id, deadline=cmd.deadline, guest=guest.name, node=self.node, index=guest.index,
-                address="127.0.0.1", ssh_port=port, timings=zero))
-            return True
+            return m.GuestReady.new(job_id=cmd.job_id, deadline=cmd.deadline, guest=guest.name, node=self.node,
+                                    index=guest.index, address="127.0.0.1", ssh_port=port, timings=zero)
         # A half-booted leftover of an earlier attempt: start over from nothing.
         self.hv.remove(guest.name)
         self._remove_disks(guest.name)
-        return False
+        return None
 
     def _roots(self) -> list[str]:
         return [self.config.node.guest_dir, self.config.node.ramdisk_dir]
@@ -133,24 +142,30 @@ class NodeWorker:
         with _phase("wait for image"):
             base = self._wait_for_image(cmd, guest.image_digest, deadline)
         t_image = time.monotonic()
+        mac = guest_mac(cmd.job_id, guest.index) if cmd.network else None
+        job_nic = JobNic(cmd.network.group, cmd.network.port, mac, self.config.node.job_network_localaddr) \
+            if cmd.network and mac else None
         with _phase("prepare disks"):
             files = disks.prepare(self._root(guest), guest.name, cmd.job_id, base, entry.format,
-                                  seed_files(guest, cmd.job_id),
+                                  seed_files(guest, cmd.job_id, cmd.peers, cmd.network, mac),
                                   data_size_mib=guest.disk.size_mib if guest.disk else None,
                                   data_image=self._data_image(guest))
         t_disks = time.monotonic()
         try:
-            port = self._free_port()
-            meta = GuestMetadata(job_id=cmd.job_id, owner=guest.owner.user, deadline=cmd.deadline,
-                                 index=guest.index, ssh_port=port)
-            xml = domain_xml(guest, files, BootSource(entry.kernel, entry.initrd, entry.cmdline), meta,
-                             self.domain_type)
-            with _phase("define domain"):
-                dom = self.hv.define(xml)
-            t_define = time.monotonic()
-            with _phase("start domain"):
-                self.hv.start(dom)
-            t_start = time.monotonic()
+            with self._port_lock():
+                # Choosing a port and starting the QEMU that binds it is one step on this host: two boots (or
+                # two node workers on one test host) must not pick the same free port.
+                port = self._free_port()
+                meta = GuestMetadata(job_id=cmd.job_id, owner=guest.owner.user, deadline=cmd.deadline,
+                                     index=guest.index, ssh_port=port)
+                xml = domain_xml(guest, files, BootSource(entry.kernel, entry.initrd, entry.cmdline), meta,
+                                 self.domain_type, job_nic)
+                with _phase("define domain"):
+                    dom = self.hv.define(xml)
+                t_define = time.monotonic()
+                with _phase("start domain"):
+                    self.hv.start(dom)
+                t_start = time.monotonic()
             with _phase("wait until ready") as span:
                 ready: Readiness = wait_ready(files.console_log, port, lambda: self.hv.is_active(guest.name),
                                               deadline)
@@ -184,6 +199,17 @@ class NodeWorker:
         finally:
             waiter.close()
 
+    @contextmanager
+    def _port_lock(self):
+        with self._thread_lock:
+            Path(self.config.node.guest_dir).mkdir(parents=True, exist_ok=True)
+            with open(Path(self.config.node.guest_dir) / ".ports.lock", "a") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+
     def _free_port(self) -> int:
         taken = {int(meta.get("ssh-port") or 0) for meta in self.hv.vtorque_domains().values()}
         for port in range(self.config.node.ssh_port_min, self.config.node.ssh_port_max + 1):
@@ -209,11 +235,10 @@ class NodeWorker:
         os.chmod(tmp, 0o644)
         os.rename(tmp, jdir / f"{guest.name}.json")
 
-    def _fail(self, cmd: m.BootGuests, guest: m.GuestPlan, reason: str, retryable: bool, tail: str) -> None:
+    def _fail(self, cmd: m.BootGuests, guest: m.GuestPlan, reason: str, retryable: bool, tail: str) -> m.GuestFailed:
         log(LOG, logging.ERROR, "guest failed", guest=guest.name, reason=reason, retryable=retryable)
-        self.publisher.publish(m.GuestFailed.new(
-            job_id=cmd.job_id, deadline=cmd.deadline, guest=guest.name, node=self.node, reason=reason,
-            retryable=retryable, console_tail=tail[-4000:]))
+        return m.GuestFailed.new(job_id=cmd.job_id, deadline=cmd.deadline, guest=guest.name, node=self.node,
+                                 reason=reason, retryable=retryable, console_tail=tail[-4000:])
 
     # -- teardown ---------------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import re
 
 from vtorque.shared import messages as m
 from vtorque.shared.config import Config
+from vtorque.shared.job_network import guest_address, job_network
 from vtorque.shared.spec import SpecError, VMSpec
 
 
@@ -81,5 +82,9 @@ def boot_commands(job: m.JobStarted, guests: list[m.GuestPlan]) -> list[m.BootGu
     by_node: dict[str, list[m.GuestPlan]] = {}
     for guest in guests:
         by_node.setdefault(guest.node, []).append(guest)
-    return [m.BootGuests.new(job_id=job.job_id, deadline=job.deadline, node=node, guests=plan)
+    peers = [m.GuestPeer(name=g.name, index=g.index, node=g.node, vcpus=g.vcpus, address=guest_address(g.index))
+             for g in guests]
+    network = job_network(job.job_id)
+    return [m.BootGuests.new(job_id=job.job_id, deadline=job.deadline, node=node, guests=plan, peers=peers,
+                             network=network)
             for node, plan in by_node.items()]

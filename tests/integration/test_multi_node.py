@@ -1,0 +1,75 @@
+"""A job on two nodes with two VMs per node, on this one machine: two node workers under node names of their
+own boot their shares; the hook waits for all four; the guests reach each other over the job network by
+name; the node file lists them as PBS_NODEFILE would; the epilogue leaves nothing."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from vtorque.cli.launcher import SSH_OPTIONS, remote_command
+from vtorque.hooks.job_hook import JobContext, Verdict, run_epilogue, run_prologue
+from vtorque.services.node_worker.hypervisor import Hypervisor
+from vtorque.shared import messages as m
+from vtorque.shared.config import load_config
+from vtorque.shared.job_script import JobHeader
+
+pytestmark = [pytest.mark.slow, pytest.mark.guest]
+
+
+@pytest.fixture
+def two_node_workers(broker_url, tmp_path):
+    names = [f"nw{uuid.uuid4().hex[:5]}a", f"nw{uuid.uuid4().hex[:5]}b"]
+    procs = []
+    for name in names:
+        env = dict(os.environ, VTORQUE_NODE__NAME=name)
+        log = open(tmp_path / f"{name}.log", "w")
+        procs.append(subprocess.Popen([str(Path(sys.executable).parent / "vtorque"), "run", "node-worker"],
+                                      env=env, stdout=log, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + 30
+    while not all("consuming" in (tmp_path / f"{n}.log").read_text() for n in names):
+        assert time.monotonic() < deadline, "node workers did not start"
+        time.sleep(0.2)
+    yield names
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        proc.wait(30)
+
+
+def test_four_guests_on_two_nodes_reach_each_other(two_node_workers, tmp_path):
+    config = load_config()
+    key = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    job_id = f"mn{uuid.uuid4().hex[:6]}"
+    header = JobHeader(spec={"img": "tiny", "vcpus": "1", "ram": "128M", "vms_per_node": "2"},
+                       ssh_pubkeys=[key.with_suffix(".pub").read_text().strip()])
+    job = JobContext(scheduler="torque", job_id=job_id, owner=m.Owner(user="root", uid=0, gid=0),
+                     nodes=[m.NodeAllocation(host=n, ncpus=2) for n in two_node_workers], header=header)
+    lines = []
+    try:
+        outcome = run_prologue(job, config, 240, lines.append)
+        assert outcome.verdict is Verdict.READY, (outcome.reason, lines)
+        assert sorted(((r.node, r.index) for r in outcome.ready), key=lambda x: x[1]) == [
+            (two_node_workers[0], 0), (two_node_workers[0], 1), (two_node_workers[1], 2), (two_node_workers[1], 3)]
+        rank0 = next(r for r in outcome.ready if r.index == 0)
+        names = [r.guest for r in sorted(outcome.ready, key=lambda r: r.index)]
+        # From rank 0: the node file, and every other guest by name over the job network.
+        script = ("cat $PBS_NODEFILE; for h in $(sort -u $PBS_NODEFILE); do "
+                  "ping -c1 -W3 $h >/dev/null && echo reach-$h; done\n")
+        run = subprocess.run(["ssh", "-i", str(key), "-p", str(rank0.ssh_port), *SSH_OPTIONS, "root@127.0.0.1",
+                              remote_command(job_id)], input=script.encode(), capture_output=True, timeout=120)
+        out = run.stdout.decode().split()
+        assert run.returncode == 0, run.stderr
+        assert out[:4] == names  # one line per vCPU, rank order
+        assert sorted(o for o in out if o.startswith("reach-")) == sorted(f"reach-{n}" for n in names)
+    finally:
+        assert run_epilogue(job, config, 0, lines.append), lines
+    hv = Hypervisor(config.node.libvirt_uri)
+    assert [n for n, meta in hv.vtorque_domains().items() if meta.get("job") == job_id] == []
+    assert not list(Path(config.node.guest_dir).glob(f"vt-{job_id}-*"))
