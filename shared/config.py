@@ -128,6 +128,9 @@ class SpecConfig(_Section):
     # qsub arguments that make a VM job own its nodes on this site (Torque: ["-n"]; Moab: ["-l",
     # "naccesspolicy=singlejob"]); empty: nodes may be shared.
     exclusive_args: list[str] = []
+    # vRDMA backends a vrdma=true job must get (any of them); empty: the best each node has. E.g.
+    # ["sriov-vf", "skvm-virtio-rdma"] on a site where shared memory on one node is not enough.
+    vrdma_require: list[Literal["sriov-vf", "skvm-virtio-rdma", "pvrdma", "ivshmem"]] = []
 
 
 class NodeConfig(_Section):
@@ -144,6 +147,19 @@ class NodeConfig(_Section):
     ssh_port_max: int = 22999
     # Seconds between NodeHeartbeat events (what `vtorque nodes` shows); a node silent for 3 of them is stale.
     heartbeat_interval: float = 10.0
+    # vRDMA backends this node may give guests, best first (services/node_worker/vrdma.py); drop one to
+    # forbid it here.
+    vrdma_backends: list[Literal["sriov-vf", "skvm-virtio-rdma", "pvrdma", "ivshmem"]] = msgspec.field(
+        default_factory=lambda: ["sriov-vf", "skvm-virtio-rdma", "pvrdma", "ivshmem"])
+    # IOcm controller (services/node_worker/iocm.py): seconds between samples of the guests' I/O; a guest gets
+    # one more I/O core after iocm_widen_samples samples in a row above iocm_widen_mib_s per active core, and
+    # one fewer after iocm_narrow_samples samples in a row where one core fewer would carry less than
+    # iocm_narrow_mib_s each. 0 < narrow < widen keeps a steady load from flapping.
+    iocm_interval: float = 2.0
+    iocm_widen_mib_s: float = 64.0
+    iocm_narrow_mib_s: float = 16.0
+    iocm_widen_samples: int = 2
+    iocm_narrow_samples: int = 5
 
     def node_name(self) -> str:
         return self.name or socket.gethostname().split(".")[0]

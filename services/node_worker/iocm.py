@@ -348,3 +348,17 @@ class IocmController:
         for gone in set(self._last) - seen:
             self._last.pop(gone, None)
             self._state.pop(gone, None)
+
+
+def policy_from(node_config) -> Policy:
+    """The [node] iocm_* keys as a Policy; a bad pair names the keys."""
+    try:
+        return Policy(high=node_config.iocm_widen_mib_s * 2**20, low=node_config.iocm_narrow_mib_s * 2**20,
+                      up_samples=node_config.iocm_widen_samples, down_samples=node_config.iocm_narrow_samples)
+    except ValueError as exc:
+        raise ValueError(f"node.iocm_narrow_mib_s/iocm_widen_mib_s/iocm_*_samples: {exc}") from None
+
+
+def start(worker, stop: threading.Event) -> IocmController:
+    """The node worker's IOcm thread (cli/main.py starts it beside the heartbeat)."""
+    return IocmController(worker.hv, stop, worker.config.node.iocm_interval, policy_from(worker.config.node)).start()

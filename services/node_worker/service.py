@@ -33,6 +33,7 @@ from vtorque.shared.user_files import check_user_file
 from vtorque.shared.job_network import guest_mac
 
 from . import disks
+from . import numa, vrdma
 from .domain import BootSource, GuestMetadata, JobNic, domain_xml
 from .hypervisor import Hypervisor, HypervisorError, detect_domain_type
 from .readiness import BootFailed, Readiness, ssh_banner, wait_ready
@@ -63,6 +64,12 @@ class NodeWorker:
 
     def on_boot_guests(self, cmd: m.BootGuests) -> None:
         mine = [g for g in cmd.guests if g.node == self.node]
+        refused = vrdma.check_boot(self, cmd, mine)
+        if refused:
+            # Before any guest boots: a node without the vRDMA the job asked for fails it for good.
+            for guest in mine:
+                self.publisher.publish(self._fail(cmd, guest, refused, False, ""))
+            return
         for guest in cmd.guests:
             if guest.node != self.node:
                 log(LOG, logging.WARNING, "guest planned for another node ignored", guest=guest.name)
@@ -159,7 +166,8 @@ class NodeWorker:
                 meta = GuestMetadata(job_id=cmd.job_id, owner=guest.owner.user, deadline=cmd.deadline,
                                      index=guest.index, ssh_port=port)
                 xml = domain_xml(guest, files, BootSource(entry.kernel, entry.initrd, entry.cmdline), meta,
-                                 self.domain_type, job_nic)
+                                 self.domain_type, job_nic, vrdma_choice=vrdma.for_guest(self, cmd, guest),
+                                 numa_topology=numa.host_topology())
                 with _phase("define domain"):
                     dom = self.hv.define(xml)
                 t_define = time.monotonic()

@@ -272,3 +272,49 @@ def _ls(path: Path) -> list[str]:
         return os.listdir(path)
     except OSError:
         return []
+
+
+# -- I/O: the node worker's use ------------------------------------------------------------------------------
+
+def _single_node(cmd, node: str) -> bool:
+    """Are all the job's guests on this node? (A command without peers is from a one-node plan.)"""
+    return all(p.node == node for p in cmd.peers)
+
+
+def _used_vfs(worker) -> frozenset[str]:
+    xmls = []
+    for name in worker.hv.vtorque_domains():
+        dom = worker.hv.lookup(name)
+        if dom is None:
+            continue
+        try:
+            xmls.append(dom.XMLDesc(0))
+        except Exception:  # noqa: BLE001 - it went away while we looked
+            continue
+    return used_vfs(xmls)
+
+
+def check_boot(worker, cmd, guests) -> str | None:
+    """Before any of the job's guests boots here: the reason this node cannot give them vRDMA, or None."""
+    if not any(g.vrdma for g in guests):
+        return None
+    try:
+        choose(worker.node, probe(), cmd.job_id, list(worker.config.node.vrdma_backends),
+               list(worker.config.spec.vrdma_require), _single_node(cmd, worker.node), _used_vfs(worker))
+    except VrdmaUnavailable as exc:
+        return str(exc)
+    return None
+
+
+def for_guest(worker, cmd, guest) -> Choice | None:
+    """The backend for one guest, chosen right before its domain is defined (under the node worker's define
+    lock, so two guests never get the same VF). Raises BootFailed (not retryable) when there is none."""
+    if not guest.vrdma:
+        return None
+    from .readiness import BootFailed
+
+    try:
+        return choose(worker.node, probe(), cmd.job_id, list(worker.config.node.vrdma_backends),
+                      list(worker.config.spec.vrdma_require), _single_node(cmd, worker.node), _used_vfs(worker))
+    except VrdmaUnavailable as exc:
+        raise BootFailed(str(exc), False) from None
