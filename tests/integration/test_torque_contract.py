@@ -434,3 +434,85 @@ def test_requeue_counter_is_dropped_when_the_job_really_ends(torque_home, make_c
     tr.run_hook("epilogue", torque_home.prepare(deleted, vm_script(GOOD_SPEC)), hook_env(config),
                 timeout=GUARD_SECONDS)
     assert not counter.exists(), "the job has ended, but its requeue count stays for the next job with its id"
+
+
+# -- the server's accounting records: every recorded end, and exec_host --------------------------------------
+
+def test_each_recorded_epilogue_saw_the_exit_status_the_server_accounted():
+    """$10 of a job's last recorded epilogue run is the Exit_status of its accounting E record (first db)."""
+    ended: dict[str, str] = {}
+    for record in tr.accounting_records():
+        if record.type == "E":
+            ended.setdefault(record.job_id, record.attrs["Exit_status"])
+    seen = 0
+    for path in tr.root_hook_logs("epilogue"):
+        if path.parent != tr.RECORDED:
+            continue
+        runs = tr.parse_log(path)
+        if runs[-1].job_id == "9.vm":
+            # The permission-error requeue loop (-14 in every epilogue run) ended by qdel: accounted as 0.
+            assert {r.argv[9] for r in runs} == {"-14"} and ended["9.vm"] == "0"
+            continue
+        assert runs[-1].argv[9] == ended[runs[-1].job_id], path.name
+        seen += 1
+    assert seen == 12
+    assert {ended[j] for j in ("3.vm", "4.vm", "10.vm", "11.vm")} == {"-2", "-14", "271", "-11"}
+
+
+@pytest.mark.parametrize("job_id", ["1.vm", "3.vm", "4.vm", "10.vm", "11.vm"],
+                         ids=["exit-3", "prologue-abort--2", "requeue--14", "qdel-271", "walltime--11"])
+def test_every_recorded_end_still_tears_down(job_id, torque_home, make_config, events):
+    """Walltime (-11), qdel (271), a failed prologue (-2, -14) and a normal end: the epilogue always asks for
+    the teardown, with Torque's exit status."""
+    config, _ = make_config(epilogue_timeout=0.5)
+    inv = vm_invocation(first(EPILOGUES, job_id), unique_job_id())
+    result = tr.run_hook("epilogue", torque_home.prepare(inv, vm_script(GOOD_SPEC)), hook_env(config),
+                         timeout=GUARD_SECONDS)
+    assert result.returncode == 0, str(result)
+    ended = [msg for _, _, msg in events.drain() if isinstance(msg, m.JobEnded) and msg.job_id == inv.job_id]
+    assert [(e.nodes, e.exit_status) for e in ended] == [(["vm"], int(inv.argv[9]))]
+
+
+@pytest.mark.parametrize("job_id, cores", [("1.vm", [0, 1]), ("3.vm", [1]), ("2.vm", [0])])
+def test_cores_come_from_exec_host_as_the_server_recorded_it(job_id, cores, torque_home, make_config, events,
+                                                             tmp_path):
+    """qstat -f (a stand-in answering from the recorded S record) gives exec_host; JobStarted carries the
+    cores next to the node file's host and count."""
+    record = tr.first_start_record(job_id)
+    inv = vm_invocation(first(PROLOGUES, job_id), unique_job_id())
+    qstat = tr.qstat_stand_in(tmp_path / "bin", {inv.job_id: record.attrs})
+    config, _ = make_config(prologue_timeout=0.5, torque={"qstat": str(qstat)})
+    result = tr.run_hook("prologue", torque_home.prepare(inv, vm_script(GOOD_SPEC)), hook_env(config),
+                         timeout=GUARD_SECONDS)
+    assert result.returncode == 2, str(result)
+    started = events.job_started(inv.job_id)
+    assert [(n.host, n.ncpus, n.cores) for n in started[0].nodes] == [("vm", len(cores), cores)]
+
+
+def test_without_qstat_the_cores_are_unknown(torque_home, make_config, events):
+    config, _ = make_config(prologue_timeout=0.5)  # [torque] qstat names nothing that exists
+    inv = vm_invocation(first(PROLOGUES, "1.vm"), unique_job_id())
+    tr.run_hook("prologue", torque_home.prepare(inv, vm_script(GOOD_SPEC)), hook_env(config), timeout=GUARD_SECONDS)
+    assert [(n.host, n.ncpus, n.cores) for n in events.job_started(inv.job_id)[0].nodes] == [("vm", 2, None)]
+
+
+def test_a_prologalarm_too_small_for_any_boot_aborts_with_the_reason(torque_home, make_config, events):
+    (torque_home.mom_priv / "config").write_text("$prologalarm 2\n")
+    config, _ = make_config()
+    inv = vm_invocation(first(PROLOGUES, "1.vm"), unique_job_id())
+    result = tr.run_hook("prologue", torque_home.prepare(inv, vm_script(GOOD_SPEC)), hook_env(config),
+                         timeout=GUARD_SECONDS)
+    assert result.returncode == 1, str(result)
+    assert "$prologalarm 2" in result.stderr and "raise it" in result.stderr
+    assert events.job_started(inv.job_id) == []
+
+
+def test_a_garbled_requeue_counter_aborts_instead_of_looping(torque_home, make_config, closed_port):
+    config, state_dir = make_config(broker_url=f"amqp://guest:guest@127.0.0.1:{closed_port}/%2F")
+    inv = vm_invocation(first(PROLOGUES, "4.vm"), unique_job_id())
+    counter = state_dir / "hooks" / "torque" / f"{m.routing_word(inv.job_id)}.requeues"
+    counter.parent.mkdir(parents=True)
+    counter.write_text("not a number")
+    result = tr.run_hook("prologue", torque_home.prepare(inv, vm_script(GOOD_SPEC)), hook_env(config),
+                         timeout=GUARD_SECONDS)
+    assert result.returncode == 1, str(result)
