@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import threading
 
 import click
 
 from vtorque.shared.config import ConfigError, load_config
 
-SERVICES = ("bridge", "stager", "node-worker")
+SERVICES = ("bridge", "stager", "node-worker", "prefetch")
 
 
 def _config():
@@ -38,6 +39,9 @@ def run(service: str) -> None:
     tracing.setup_tracing(f"vtorque-{service}", config.tracing)
     url = config.broker.connection_url()
     publisher = Publisher(url)  # used by the handler thread only
+    if service == "prefetch":  # not a consumer: follows the scheduler's queue (services/scheduler_bridge/accounting.py)
+        _run_prefetch(config, publisher)
+        return
     if service == "bridge":
         from vtorque.services.scheduler_bridge.service import SchedulerBridge as cls
     elif service == "stager":
@@ -46,8 +50,15 @@ def run(service: str) -> None:
         from vtorque.services.node_worker.service import NodeWorker as cls
     svc = cls(config, publisher)
     runner = ServiceRunner(url, svc.queues(), svc.handlers(), heartbeat=config.broker.heartbeat)
+    # More consumers in this process where the service asks for them (the stager: concurrent stagings, job
+    # deletions), each a ServiceRunner of its own in a thread, stopped with the main one.
+    extra = [ServiceRunner(url, queues, handlers, heartbeat=config.broker.heartbeat)
+             for queues, handlers in getattr(svc, "extra_consumers", list)()]
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: runner.stop())
+        signal.signal(sig, lambda *_: [r.stop() for r in (runner, *extra)])
+    extra_threads = [threading.Thread(target=r.run, name=f"consumer-{i}", daemon=True) for i, r in enumerate(extra)]
+    for thread in extra_threads:
+        thread.start()
     if service == "node-worker":
         from vtorque.services.node_worker.heartbeat import Heartbeat
 
@@ -57,6 +68,28 @@ def run(service: str) -> None:
     logging.getLogger("vtorque").info("%s consuming %s", service, ", ".join(q.name for q in svc.queues()))
     try:
         runner.run()
+    finally:
+        for r in extra:
+            r.stop()
+        for thread in extra_threads:
+            thread.join(60)
+        publisher.close()
+        tracing.shutdown_tracing()
+
+
+def _run_prefetch(config, publisher) -> None:
+    import logging
+
+    from vtorque.services.scheduler_bridge.accounting import make_prefetcher
+    from vtorque.shared import tracing
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    prefetcher = make_prefetcher(config, publisher)
+    logging.getLogger("vtorque").info("prefetch consuming the %s queue (no broker queue)", prefetcher.scheduler)
+    try:
+        prefetcher.run(stop)
     finally:
         publisher.close()
         tracing.shutdown_tracing()
@@ -180,6 +213,14 @@ def contract() -> None:
 
     click.echo(json.dumps(contract_schema(), indent=2, sort_keys=True))
 
+
+def _register_images() -> None:
+    from vtorque.cli.images import images
+
+    main.add_command(images)  # vtorque images list|show|add|update|remove|pull (cli/images.py)
+
+
+_register_images()
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -107,6 +107,7 @@ def _wait_for_guests(channel, job_id: str, deadline: float, deadline_s: float, p
     expected: set[str] | None = None
     ready: dict[str, m.GuestReady] = {}
     links: list[Link] = []
+    shown_progress = 0.0
     for event, headers in channel.events(deadline):
         if isinstance(event, m.JobPlanned):
             expected = {g.name for g in event.guests}
@@ -122,6 +123,14 @@ def _wait_for_guests(channel, job_id: str, deadline: float, deadline_s: float, p
             if event.job_id != job_id:
                 continue
             return Outcome(Verdict.REJECTED, f"image {event.image}: {event.reason}")
+        elif isinstance(event, m.ImageStagingProgress):
+            # Whichever job's request started the copy, it is this job's image: one copy serves all. At most
+            # one line every 5 s (the stager reports every second), and the last one.
+            if time.monotonic() - shown_progress >= 5 or (event.total and event.bytes >= event.total):
+                shown_progress = time.monotonic()
+                of = f"/{event.total / 2**20:.0f}" if event.total else ""
+                progress(f"image {event.image}: {event.bytes / 2**20:.0f}{of} MiB staged, "
+                         f"{event.rate / 2**20:.0f} MiB/s")
         elif isinstance(event, m.GuestFailed):
             tail = f"\n--- console of {event.guest} ---\n{event.console_tail}" if event.console_tail else ""
             progress(f"guest {event.guest} on {event.node} failed: {event.reason}{tail}")

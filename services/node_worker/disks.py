@@ -8,6 +8,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from vtorque.services.image_stager import leases
+
 from .domain import GuestDisks
 
 
@@ -27,11 +29,13 @@ def prepare(root: str | Path, guest_name: str, job_id: str, base: Path, base_for
     Path(root).mkdir(parents=True, exist_ok=True)
     os.chmod(root, 0o711)  # QEMU runs as libvirt-qemu and must traverse to its disks, not list them
     if gdir.exists():
+        leases.release(gdir)
         shutil.rmtree(gdir)
     gdir.mkdir(mode=0o711)
     try:
         (gdir / "job").write_text(job_id)
         overlay = gdir / "root.qcow2"
+        leases.take(base, gdir, job_id)  # the store never evicts a base image while an overlay uses it
         _run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base), str(overlay)])
         seed_path = gdir / "seed.iso"
         write_seed_iso(seed, seed_path)
@@ -48,6 +52,7 @@ def prepare(root: str | Path, guest_name: str, job_id: str, base: Path, base_for
         return GuestDisks(overlay=str(overlay), seed=str(seed_path), console_log=str(console),
                           data=str(data) if data else None, data_format=data_format)
     except BaseException:
+        leases.release(gdir)
         shutil.rmtree(gdir, ignore_errors=True)
         raise
 
@@ -65,6 +70,7 @@ def remove(root: str | Path, guest_name: str) -> bool:
     gdir = guest_dir(root, guest_name)
     if not gdir.exists():
         return False
+    leases.release(gdir)
     shutil.rmtree(gdir, ignore_errors=True)
     return True
 

@@ -9,14 +9,22 @@ from __future__ import annotations
 import logging
 
 from vtorque.shared import messages as m
-from vtorque.shared.bus import Publisher, bridge_queue
-from vtorque.shared.config import Config
+from kombu import Queue, binding
+
+from vtorque.shared.bus import _QUORUM, EVENTS, Publisher, bridge_queue
+from vtorque.shared.config import Config, refresh_catalog
 from vtorque.shared.logs import log
 from vtorque.shared.spec import SpecError, validate, validate_user_metadata
 
 from .planning import PlanError, boot_commands, plan_guests
 
 LOG = logging.getLogger("vtorque.bridge")
+
+
+def prefetch_queue() -> Queue:
+    """JobQueued events (from `vtorque run prefetch`): a queue of their own, beside the hooks' job events."""
+    return Queue("vtorque.bridge.prefetch", exchange=EVENTS, durable=True, queue_arguments=_QUORUM,
+                 bindings=[binding(EVENTS, routing_key="job.*.job_queued")])
 
 
 class SchedulerBridge:
@@ -26,12 +34,13 @@ class SchedulerBridge:
         self.config, self.publisher = config, publisher
 
     def queues(self):
-        return [bridge_queue()]
+        return [bridge_queue(), prefetch_queue()]
 
     def handlers(self):
-        return {m.JobStarted: self.on_job_started, m.JobEnded: self.on_job_ended}
+        return {m.JobStarted: self.on_job_started, m.JobEnded: self.on_job_ended, m.JobQueued: self.on_job_queued}
 
     def on_job_started(self, job: m.JobStarted) -> None:
+        refresh_catalog(self.config)  # an image `vtorque images add`ed since this bridge started
         try:
             spec = validate(job.spec, self.config)
             user_metadata = validate_user_metadata(job.user_metadata)
@@ -54,3 +63,17 @@ class SchedulerBridge:
         for node in dict.fromkeys(job.nodes):
             self.publisher.publish(m.TeardownGuests.new(job_id=job.job_id, deadline=job.deadline, node=node))
         log(LOG, logging.INFO, "teardown requested", nodes=job.nodes)
+
+    def on_job_queued(self, job: m.JobQueued) -> None:
+        """Prefetch: the job waits in the queue; stage its image now. The prologue's own StageImage then finds
+        it cached. A spec that does not validate is left to the prologue, which rejects the job with reason."""
+        refresh_catalog(self.config)
+        try:
+            spec = validate(job.spec, self.config)
+        except SpecError as exc:
+            log(LOG, logging.INFO, "queued job not prefetched", reason=str(exc))
+            return
+        digest = self.config.images.catalog[spec.img].sha256
+        self.publisher.publish(m.StageImage.new(job_id=job.job_id, deadline=job.deadline, image=spec.img,
+                                                digest=digest))
+        log(LOG, logging.INFO, "image prefetch asked", image=spec.img, digest=digest[:12])

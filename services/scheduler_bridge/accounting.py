@@ -1,0 +1,445 @@
+"""Prefetch: learn that a VM job was queued, so its image is staged while it waits (`vtorque run prefetch`).
+
+Torque: pbs_server writes one accounting record a line to server_priv/accounting/YYYYMMDD (a new file each
+day): `MM/DD/YYYY HH:MM:SS;TYPE;JOBID;key=value ...`, TYPE Q queued, S started, E ended, D deleted, A aborted,
+R rerun (reference/torque-hooks.md §8). This follows those files: a `Q` record of a job whose script
+(server_priv/jobs/<id>.SC, or jobs/<digit>/ with use_jobs_subdirs) carries a vtorque-spec header becomes a
+JobQueued event, which the bridge turns into StageImage; a `D` or `A` record of such a job becomes JobDeleted,
+which withdraws its staging. Where it is in which file is saved after every record it acted on, so a restart
+neither misses nor repeats records; a new day's file is taken once the old one is read to its end.
+
+Slurm has no queue log to follow; slurmctld knows its pending jobs: this polls `squeue -t all`, reads a new
+pending job's script where the Slurm hooks read it (slurmctld's state directory, else `scontrol write
+batch_script`), and reports a pending job that was cancelled (or vanished) before it started as deleted.
+
+Parsing and the decisions are pure functions (unit-tested on the recorded accounting log); the classes at the
+end do the file and subprocess I/O and publish.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Iterable
+
+from vtorque.shared import messages as m
+from vtorque.shared.config import Config
+from vtorque.shared.job_script import HEADER_LINES, JobHeader, ScriptError, parse_header
+from vtorque.shared.logs import log
+
+LOG = logging.getLogger("vtorque.prefetch")
+_RECORD_TIME = re.compile(r"^\d{2}/\d{2}/\d{4} \d{2}:\d{2}:\d{2}$")
+_LOG_NAME = re.compile(r"^\d{8}$")
+_MESSAGE_IDS = uuid.UUID("6d3c1f0e-6a53-4c57-9a7e-0c2f6f1f7a11")
+
+# -- pure: Torque accounting records ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AccountingRecord:
+    when: datetime
+    type: str  # Q S E D A R (others are kept and ignored)
+    job_id: str
+    attrs: dict[str, str]
+
+
+def parse_attrs(text: str) -> dict[str, str]:
+    """`user=a group=b Resource_List.nodes=1:ppn=2` → dict; words without '=' are ignored."""
+    attrs = {}
+    for word in text.split():
+        key, sep, value = word.partition("=")
+        if sep and key:
+            attrs[key] = value
+    return attrs
+
+
+def parse_record(line: str) -> AccountingRecord | None:
+    """One line of the accounting log, or None for a line that is not a record (blank, torn, foreign)."""
+    parts = line.rstrip("\r\n").split(";", 3)
+    if len(parts) < 3 or not _RECORD_TIME.match(parts[0]):
+        return None
+    rtype, job_id = parts[1], parts[2]
+    if not re.fullmatch(r"[A-Z]", rtype) or not job_id or any(c.isspace() for c in job_id):
+        return None
+    try:
+        when = datetime.strptime(parts[0], "%m/%d/%Y %H:%M:%S")
+    except ValueError:
+        return None
+    return AccountingRecord(when, rtype, job_id, parse_attrs(parts[3] if len(parts) > 3 else ""))
+
+
+def is_log_name(name: str) -> bool:
+    return bool(_LOG_NAME.match(name))
+
+
+def later_logs(names: Iterable[str], current: str | None) -> list[str]:
+    """The day files after `current`, oldest first (YYYYMMDD sorts by date)."""
+    return sorted(n for n in names if is_log_name(n) and (current is None or n > current))
+
+
+def still_queued(records: Iterable[AccountingRecord]) -> list[str]:
+    """Jobs queued and not yet started, ended, deleted or aborted at the end of `records`, in queue order:
+    what a prefetcher starting with no saved state should stage (a job id may be reused: a new Q counts)."""
+    queued: dict[str, None] = {}
+    for rec in records:
+        if rec.type == "Q":
+            queued.pop(rec.job_id, None)
+            queued[rec.job_id] = None
+        elif rec.type in ("S", "E", "D", "A"):
+            queued.pop(rec.job_id, None)
+    return list(queued)
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str  # "queued": stage its image; "deleted": withdraw its staging
+    job_id: str
+    reason: str = ""
+
+
+class PrefetchBook:
+    """Which VM jobs the prefetcher announced and has not seen end; what each record means for them.
+
+    `is_vm(job_id)` is asked once, on a job's Q record: it reads the job's script (I/O stays outside)."""
+
+    def __init__(self, vm_jobs: dict[str, float] | None = None):
+        self.vm_jobs: dict[str, float] = dict(vm_jobs or {})
+
+    def on_record(self, rec: AccountingRecord, is_vm) -> list[Action]:
+        if rec.type == "Q":
+            if is_vm(rec.job_id):
+                self.vm_jobs[rec.job_id] = rec.when.timestamp()
+                return [Action("queued", rec.job_id)]
+            self.vm_jobs.pop(rec.job_id, None)
+            return []
+        if rec.type in ("D", "A") and rec.job_id in self.vm_jobs:
+            del self.vm_jobs[rec.job_id]
+            who = rec.attrs.get("requestor", "")
+            reason = "deleted" + (f" by {who}" if who else "") if rec.type == "D" else "aborted"
+            return [Action("deleted", rec.job_id, reason)]
+        if rec.type == "E":
+            self.vm_jobs.pop(rec.job_id, None)
+        return []
+
+
+# -- pure: Slurm's queue ----------------------------------------------------------------------------------
+
+SLURM_WAITING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
+SLURM_WITHDRAWN = {"CANCELLED", "DEADLINE", "REVOKED"}
+
+
+def parse_squeue(text: str) -> dict[str, str]:
+    """`squeue -h -t all -o %i|%T` → {job id: state}; array and het-job members ("12_3", "7+1") are skipped."""
+    states = {}
+    for line in text.splitlines():
+        job_id, sep, state = line.strip().partition("|")
+        if sep and job_id.isdigit():
+            states[job_id] = state.strip().upper()
+    return states
+
+
+def slurm_changes(known: dict[str, str], states: dict[str, str]) -> tuple[list[str], list[str], list[str]]:
+    """(newly pending, withdrawn before they started, started or otherwise done) relative to `known`."""
+    new = sorted((j for j, s in states.items() if s in SLURM_WAITING and j not in known), key=int)
+    withdrawn, done = [], []
+    for job_id in sorted(known, key=int):
+        state = states.get(job_id)
+        if state in SLURM_WAITING:
+            continue
+        (withdrawn if state is None or state in SLURM_WITHDRAWN else done).append(job_id)
+    return new, withdrawn, done
+
+
+# -- I/O: following the log -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Cursor:
+    file: str | None  # YYYYMMDD
+    offset: int = 0
+    inode: int | None = None
+
+
+class AccountingFollower:
+    """Reads records from server_priv/accounting/ from a cursor on, across day files."""
+
+    def __init__(self, directory: Path, cursor: Cursor):
+        self.directory, self.cursor = Path(directory), cursor
+
+    def names(self) -> list[str]:
+        try:
+            return [p.name for p in self.directory.iterdir()]
+        except FileNotFoundError:
+            return []
+
+    def read_new(self) -> list[tuple[AccountingRecord | None, Cursor]]:
+        """Every complete line after the cursor, each with the cursor just past it. The cursor moves to the
+        next day's file only once that file exists and the current one was read to its end after that."""
+        out: list[tuple[AccountingRecord | None, Cursor]] = []
+        while True:
+            if self.cursor.file is None:
+                first = later_logs(self.names(), None)
+                if not first:
+                    return out
+                self.cursor = Cursor(first[0])
+            later = later_logs(self.names(), self.cursor.file)  # looked at before reading: see below
+            try:
+                fh = open(self.directory / self.cursor.file, "rb")
+            except FileNotFoundError:
+                if not later:
+                    return out
+                self.cursor = Cursor(later[0])
+                out.append((None, self.cursor))
+                continue
+            with fh:
+                st = os.fstat(fh.fileno())
+                offset = self.cursor.offset
+                if (self.cursor.inode not in (None, st.st_ino)) or st.st_size < offset:
+                    log(LOG, logging.WARNING, "accounting file replaced or truncated: reading it from the start",
+                        file=self.cursor.file)
+                    offset = 0
+                fh.seek(offset)
+                data = fh.read()
+            end = data.rfind(b"\n") + 1
+            # Once a later file existed before this read, the server had stopped writing this one: a last
+            # line without its newline is complete.
+            if later and end < len(data):
+                end = len(data)
+            for raw in data[:end].splitlines(keepends=True):
+                offset += len(raw)
+                rec = parse_record(raw.decode("utf-8", "replace"))
+                out.append((rec, Cursor(self.cursor.file, offset, st.st_ino)))
+            self.cursor = Cursor(self.cursor.file, offset, st.st_ino)
+            if not later:
+                return out
+            self.cursor = Cursor(later[0])
+            out.append((None, self.cursor))
+
+
+def torque_job_script(torque_home: str | Path, job_id: str) -> Path | None:
+    """The server's copy of a job's script: server_priv/jobs/<id>.SC, or jobs/<last digit>/<id>.SC when the
+    server has use_jobs_subdirs."""
+    jobs = Path(torque_home) / "server_priv" / "jobs"
+    if "/" in job_id or job_id.startswith("."):
+        return None
+    candidates = [jobs / f"{job_id}.SC"]
+    digits = re.match(r"\d+", job_id)
+    if digits:
+        candidates.append(jobs / digits.group()[-1] / f"{job_id}.SC")
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def read_header(path: Path | None) -> JobHeader | None:
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            head = "".join(fh.readline() for _ in range(HEADER_LINES))
+    except OSError:
+        return None
+    try:
+        return parse_header(head)
+    except ScriptError as exc:
+        log(LOG, logging.WARNING, "job script header unreadable", script=str(path), error=str(exc))
+        return None
+
+
+# -- I/O: the prefetchers ---------------------------------------------------------------------------------
+
+class _Prefetcher:
+    scheduler = ""
+
+    def __init__(self, config: Config, publisher, state_path: Path):
+        self.config, self.publisher, self.state_path = config, publisher, Path(state_path)
+
+    def _load_state(self) -> dict:
+        try:
+            return json.loads(self.state_path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log(LOG, logging.WARNING, "prefetch state unreadable: starting afresh", path=str(self.state_path),
+                error=str(exc))
+            return {}
+
+    def _save_state(self, state: dict) -> None:
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_name(f".{self.state_path.name}.tmp")
+        with open(tmp, "w") as fh:
+            json.dump(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.rename(tmp, self.state_path)
+
+    def _queued(self, job_id: str, header: JobHeader, key: str) -> None:
+        self.publisher.publish(m.JobQueued(
+            message_id=_message_id(self.scheduler, key), job_id=job_id, created_at=m.utcnow(),
+            deadline=m.utcnow() + _seconds(self.config.prefetch.deadline), scheduler=self.scheduler,
+            spec=dict(header.spec)))
+        log(LOG, logging.INFO, "VM job queued: image prefetch asked", job_id=job_id, spec=header.spec)
+
+    def _deleted(self, job_id: str, reason: str, key: str) -> None:
+        self.publisher.publish(m.JobDeleted(
+            message_id=_message_id(self.scheduler, key), job_id=job_id, created_at=m.utcnow(),
+            deadline=m.utcnow() + _seconds(self.config.prefetch.deadline), scheduler=self.scheduler,
+            reason=reason))
+        log(LOG, logging.INFO, "VM job deleted while queued: its staging withdrawn", job_id=job_id, reason=reason)
+
+    def step(self) -> int:
+        raise NotImplementedError
+
+    def run(self, stop: threading.Event) -> None:
+        log(LOG, logging.INFO, "prefetch following the scheduler", scheduler=self.scheduler)
+        while not stop.is_set():
+            try:
+                self.step()
+            except Exception as exc:  # noqa: BLE001 - broker or scheduler hiccup: the saved state lets us retry
+                log(LOG, logging.WARNING, "prefetch step failed, retrying", error=f"{type(exc).__name__}: {exc}")
+                stop.wait(min(10.0, 5 * self.config.prefetch.poll_interval))
+                continue
+            stop.wait(self.config.prefetch.poll_interval)
+
+
+class TorquePrefetch(_Prefetcher):
+    scheduler = "torque"
+
+    def __init__(self, config: Config, publisher, state_path: Path, torque_home: str | Path | None = None):
+        super().__init__(config, publisher, state_path)
+        self.torque_home = Path(torque_home or config.prefetch.torque_home)
+        self.directory = self.torque_home / "server_priv" / "accounting"
+        state = self._load_state()
+        self.book = PrefetchBook(state.get("vm_jobs"))
+        self.started = bool(state)
+        cursor = Cursor(state.get("file"), int(state.get("offset", 0)), state.get("inode")) if state else None
+        self.follower = AccountingFollower(self.directory, cursor or Cursor(None))
+
+    def _header(self, job_id: str) -> JobHeader | None:
+        return read_header(torque_job_script(self.torque_home, job_id))
+
+    def _state(self) -> dict:
+        c = self.follower.cursor
+        return {"scheduler": "torque", "file": c.file, "offset": c.offset, "inode": c.inode,
+                "vm_jobs": self.book.vm_jobs}
+
+    def _first_start(self) -> None:
+        """No saved state: skip the history of the newest day file, but stage for its jobs still queued."""
+        names = later_logs(self.follower.names(), None)
+        if not names:
+            return
+        read = AccountingFollower(self.directory, Cursor(names[-1])).read_new()
+        records = [rec for rec, _ in read if rec is not None]
+        for job_id in still_queued(records):
+            header = self._header(job_id)
+            if header is not None:
+                self.book.vm_jobs[job_id] = time.time()
+                self._queued(job_id, header, f"start:{names[-1]}:{job_id}")
+        self.follower.cursor = read[-1][1] if read else Cursor(names[-1])
+        self._save_state(self._state())
+
+    def step(self) -> int:
+        if not self.started:
+            self._first_start()
+            self.started = True
+        acted = 0
+        pending_save = False
+        for rec, cursor in self.follower.read_new():
+            headers: dict[str, JobHeader | None] = {}
+            if rec is not None:
+                def is_vm(job_id: str) -> bool:
+                    headers[job_id] = self._header(job_id)
+                    return headers[job_id] is not None
+
+                for action in self.book.on_record(rec, is_vm):
+                    key = f"{cursor.file}:{cursor.offset}"
+                    if action.kind == "queued":
+                        self._queued(action.job_id, headers[action.job_id], key)
+                    else:
+                        self._deleted(action.job_id, action.reason, key)
+                    acted += 1
+            # Published (and confirmed) first, then the cursor saved: a crash in between repeats one record,
+            # with the same message id, and never loses one.
+            self.follower.cursor = cursor
+            if acted or rec is None:
+                self._save_state(self._state())
+                pending_save = False
+            else:
+                pending_save = True
+        if pending_save:
+            self._save_state(self._state())
+        return acted
+
+
+class SlurmPrefetch(_Prefetcher):
+    scheduler = "slurm"
+    SQUEUE = "/usr/bin/squeue"
+
+    def __init__(self, config: Config, publisher, state_path: Path, state_dir: str | None = None):
+        super().__init__(config, publisher, state_path)
+        self.state_dir = state_dir or config.prefetch.slurm_state_dir or os.environ.get("VTORQUE_SLURM_STATE")
+        self.known: dict[str, str] = dict(self._load_state().get("jobs", {}))
+
+    def _header(self, job_id: str) -> JobHeader | None:
+        from vtorque.hooks.slurm import job_script_head
+
+        try:
+            return parse_header(job_script_head(job_id, self.state_dir))
+        except (ScriptError, OSError, subprocess.SubprocessError) as exc:
+            log(LOG, logging.WARNING, "job script unreadable", job_id=job_id, error=str(exc))
+            return None
+
+    def step(self) -> int:
+        proc = subprocess.run([self.SQUEUE, "-h", "-t", "all", "-o", "%i|%T"], capture_output=True, text=True,
+                              timeout=30)
+        if proc.returncode != 0:
+            raise OSError(f"squeue failed: {proc.stderr.strip()[:200]}")
+        new, withdrawn, done = slurm_changes(self.known, parse_squeue(proc.stdout))
+        acted = 0
+        for job_id in new:
+            header = self._header(job_id)
+            self.known[job_id] = "vm" if header is not None else "plain"
+            if header is not None:
+                self._queued(job_id, header, f"queued:{job_id}")
+                acted += 1
+            self._save_state({"scheduler": "slurm", "jobs": self.known})
+        for job_id in withdrawn:
+            if self.known.pop(job_id) == "vm":
+                self._deleted(job_id, "cancelled while pending", f"deleted:{job_id}")
+                acted += 1
+        for job_id in done:
+            self.known.pop(job_id, None)
+        if withdrawn or done:
+            self._save_state({"scheduler": "slurm", "jobs": self.known})
+        return acted
+
+
+def detect_scheduler(config: Config) -> str:
+    if config.prefetch.scheduler != "auto":
+        return config.prefetch.scheduler
+    if (Path(config.prefetch.torque_home) / "server_priv" / "accounting").is_dir():
+        return "torque"
+    return "slurm"
+
+
+def make_prefetcher(config: Config, publisher) -> _Prefetcher:
+    scheduler = detect_scheduler(config)
+    state = Path(config.prefetch.state_file or Path(config.state_dir) / "prefetch" / f"{scheduler}.json")
+    return (TorquePrefetch if scheduler == "torque" else SlurmPrefetch)(config, publisher, state)
+
+
+def _message_id(scheduler: str, key: str) -> str:
+    """The same record always gives the same message id, so a record repeated after a crash is recognisable."""
+    return uuid.uuid5(_MESSAGE_IDS, f"{scheduler}:{key}").hex
+
+
+def _seconds(value: float):
+    from datetime import timedelta
+
+    return timedelta(seconds=value)
