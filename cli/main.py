@@ -63,6 +63,12 @@ def run(service: str) -> None:
         from vtorque.services.node_worker.heartbeat import Heartbeat
 
         Heartbeat(svc, runner.stop_event).start()  # NodeHeartbeat events for `vtorque nodes`
+        from vtorque.services.node_worker import iocm
+
+        try:  # IOcm: moves running guests' I/O cores between iocm_min_cores and iocm_max_cores with their load
+            iocm.start(svc, runner.stop_event)
+        except ValueError as exc:
+            raise click.ClickException(str(exc))
     import logging
 
     logging.getLogger("vtorque").info("%s consuming %s", service, ", ".join(q.name for q in svc.queues()))

@@ -23,6 +23,8 @@ from vtorque.shared import metrics
 from vtorque.shared.bus import EVENTS, Publisher, connect, declare_topology
 from vtorque.shared.logs import log
 
+from . import iocm, vrdma
+
 LOG = logging.getLogger("vtorque.node_worker.heartbeat")
 NODES_QUEUE = "vtorque.nodes"
 NODES_TTL_MS = 60_000  # one minute of heartbeats per node stays readable; older ones expire in the broker
@@ -77,7 +79,7 @@ def node_facts(worker) -> m.NodeHeartbeat:
         job_id="", deadline=TTL_INTERVALS * interval, node=worker.node, cores=os.cpu_count() or 1,
         mem_free_mib=mem_available_mib(meminfo), guests_running=running, domain_type=worker.domain_type,
         capabilities=capabilities(worker.domain_type, sum(1 for e in config.images.catalog.values() if e.kernel),
-                                  hugepages),
+                                  hugepages) + iocm.capabilities() + vrdma.capabilities(vrdma.probe()),
         interval=interval)
 
 

@@ -1,0 +1,175 @@
+"""Exact pinning, IOcm and vRDMA on a real guest (libvirt + QEMU/TCG, real RabbitMQ): one boot.
+
+This host has 2 cores: the guest's vCPU goes on core 0, QEMU's emulator threads on core 1 (the host
+reserve), and its I/O cores are [1, 0] with iocm_min_cores=1, iocm_max_cores=2, so the controller has room to
+widen the I/O threads' pinning from {1} to {0,1} under load and narrow it back when idle.
+"""
+
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from vtorque.cli.launcher import SSH_OPTIONS
+from vtorque.services.image_stager.store import ImageStore
+from vtorque.services.node_worker import iocm, vrdma
+from vtorque.services.node_worker.service import NodeWorker
+from vtorque.shared import messages as m
+from vtorque.shared.bus import EventWaiter, Publisher, ServiceRunner
+from vtorque.shared.config import Config, ImagesConfig, NodeConfig, SpecConfig, load_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.guest]
+
+
+@pytest.fixture
+def worker(broker_url, node_name):
+    site = load_config()
+    if "tiny" not in site.images.catalog:
+        pytest.fail("no image 'tiny' in /etc/vtorque/vtorque.toml: `make test` configures it")
+    root = Path(site.state_dir) / f"test-{uuid.uuid4().hex[:8]}"
+    root.mkdir(mode=0o711)
+    config = Config(state_dir=str(root), broker=site.broker, tracing=site.tracing,
+                    images=ImagesConfig(store=str(root / "images"), catalog=site.images.catalog),
+                    node=NodeConfig(name=node_name, guest_dir=str(root / "guests"), boot_timeout=120),
+                    spec=SpecConfig(vrdma_require=[]))
+    entry = site.images.catalog["tiny"]
+    ImageStore(config.images.store).stage(entry.source, entry.sha256)
+    svc = NodeWorker(config, Publisher(broker_url))
+    runner = ServiceRunner(broker_url, svc.queues(), svc.handlers())
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    assert runner.ready.wait(15)
+    yield config, svc
+    runner.stop()
+    thread.join(30)
+    for name, meta in svc.hv.vtorque_domains().items():
+        if meta.get("job", "").startswith("io-"):
+            svc.hv.remove(name)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ssh_key(tmp_path_factory):
+    key = tmp_path_factory.mktemp("key") / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    return key
+
+
+def expect(waiter, kind, timeout=150):
+    deadline = time.monotonic() + timeout
+    while (event := waiter.next(deadline)) is not None:
+        if isinstance(event, kind):
+            return event
+        if isinstance(event, m.GuestFailed) and kind is not m.GuestFailed:
+            pytest.fail(f"guest failed: {event.reason}\n{event.console_tail}")
+    pytest.fail(f"no {kind.__name__} within {timeout}s")
+
+
+def cores(cpumap) -> list[int]:
+    return [i for i, on in enumerate(cpumap) if on]
+
+
+def iothread_cores(dom) -> dict[int, list[int]]:
+    return {tid: cores(cpumap) for tid, cpumap in dom.ioThreadInfo(0)}
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return time.monotonic()
+        time.sleep(0.25)
+    pytest.fail(f"not within {timeout}s: {what}")
+
+
+def test_pinning_iocm_and_vrdma_on_a_running_guest(broker_url, worker, ssh_key):
+    config, svc = worker
+    job = f"io-{uuid.uuid4().hex[:6]}"
+    entry = config.images.catalog["tiny"]
+    plan = m.GuestPlan(name=f"vt-{job}-{config.node.name}-0", node=config.node.name, index=0, image="tiny",
+                       image_digest=entry.sha256, vcpus=1, ram_mib=160, cores=[0], emulator_cores=[1],
+                       io_cores=[1, 0], iocm_min_cores=1, iocm_max_cores=2, vrdma=True,
+                       owner=m.Owner(user="root", uid=0, gid=0),
+                       ssh_authorized_keys=[ssh_key.with_suffix(".pub").read_text().strip()])
+    waiter = EventWaiter(broker_url, [f"job.{job}.#"])
+    publisher = Publisher(broker_url)
+    stop = threading.Event()
+    try:
+        publisher.publish(m.BootGuests.new(job_id=job, deadline=300.0, node=config.node.name, guests=[plan]))
+        ready = expect(waiter, m.GuestReady)
+        dom = svc.hv.lookup(plan.name)
+
+        # Exact pinning, as the libvirt API reports it on the running guest.
+        assert [cores(c) for c in dom.vcpuPinInfo(0)] == [[0]]
+        assert cores(dom.emulatorPinInfo(0)) == [1]
+        assert iothread_cores(dom) == {1: [1], 2: [1]}
+        xml = dom.XMLDesc(0)
+        assert "<numatune" not in xml  # one NUMA node on this host
+        # vRDMA: the backend this host has (ivshmem), and the guest sees the device (Red Hat 1af4:1110).
+        assert vrdma.available(vrdma.probe()) == [vrdma.IVSHMEM]
+        assert f"<shmem name='vtorque-{job}'>" in xml and "ivshmem-plain" in xml
+
+        def ssh(command, timeout=60):
+            return subprocess.run(["ssh", "-i", str(ssh_key), "-p", str(ready.ssh_port), *SSH_OPTIONS,
+                                   "root@127.0.0.1", command], capture_output=True, text=True, timeout=timeout)
+
+        pci = ssh("cat /sys/bus/pci/devices/*/vendor /sys/bus/pci/devices/*/device | tr '\\n' ' '")
+        assert pci.returncode == 0, pci.stderr
+        assert "0x1af4" in pci.stdout and "0x1110" in pci.stdout
+
+        # IOcm: a controller with thresholds this TCG guest's disk reaches, sampling every 0.5 s.
+        policy = iocm.Policy(high=2 * 2**20, low=256 * 2**10, up_samples=2, down_samples=4)
+        ctl = iocm.IocmController(svc.hv, stop, interval=0.5, policy=policy).start()
+        time.sleep(2)
+        assert iothread_cores(dom) == {1: [1], 2: [1]}, "widened without load"
+
+        load = subprocess.Popen(
+            ["ssh", "-i", str(ssh_key), "-p", str(ready.ssh_port), *SSH_OPTIONS, "root@127.0.0.1",
+             "rm -f /tmp/stop; while [ ! -e /tmp/stop ]; do "
+             "dd if=/dev/vda of=/dev/null bs=64k count=512 iflag=direct 2>/dev/null; done"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            t0 = time.monotonic()
+            widened = wait_for(lambda: iothread_cores(dom) == {1: [0, 1], 2: [0, 1]}, 60, "I/O cores widened")
+            print(f"widened {widened - t0:.1f}s after the load started")
+        finally:
+            assert ssh("touch /tmp/stop").returncode == 0
+            load.wait(30)
+        t1 = time.monotonic()
+        narrowed = wait_for(lambda: iothread_cores(dom) == {1: [1], 2: [1]}, 60, "I/O cores narrowed")
+        print(f"narrowed {narrowed - t1:.1f}s after the load stopped")
+        assert (plan.name, 1, 2) in ctl.changes and (plan.name, 2, 1) in ctl.changes
+        # The vCPU and emulator pinning were never touched.
+        assert [cores(c) for c in dom.vcpuPinInfo(0)] == [[0]] and cores(dom.emulatorPinInfo(0)) == [1]
+    finally:
+        stop.set()
+        waiter.close()
+        publisher.close()
+
+
+def test_a_node_without_the_required_vrdma_fails_before_any_boot(broker_url, worker, ssh_key):
+    config, svc = worker
+    config.spec.vrdma_require = ["sriov-vf"]  # this host has no RDMA hardware
+    job = f"io-{uuid.uuid4().hex[:6]}"
+    entry = config.images.catalog["tiny"]
+    plan = m.GuestPlan(name=f"vt-{job}-{config.node.name}-0", node=config.node.name, index=0, image="tiny",
+                       image_digest=entry.sha256, vcpus=1, ram_mib=128, cores=None, vrdma=True,
+                       owner=m.Owner(user="root", uid=0, gid=0), ssh_authorized_keys=["k"])
+    waiter = EventWaiter(broker_url, [f"job.{job}.#"])
+    try:
+        started = time.monotonic()
+        Publisher(broker_url).publish(m.BootGuests.new(job_id=job, deadline=60.0, node=config.node.name,
+                                                       guests=[plan]))
+        failed = expect(waiter, m.GuestFailed, timeout=30)
+        assert time.monotonic() - started < 10
+        assert not failed.retryable and failed.guest == plan.name
+        assert failed.reason.startswith(f"node {config.node.name} has no usable vRDMA backend")
+        assert "SR-IOV: no RDMA virtual functions" in failed.reason
+        assert svc.hv.lookup(plan.name) is None
+        assert not (Path(config.node.guest_dir) / plan.name).exists()
+    finally:
+        waiter.close()
