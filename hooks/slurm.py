@@ -54,13 +54,43 @@ def expand_cpus_per_node(expr: str, count: int) -> list[int]:
     return (cpus + [cpus[-1] if cpus else 1] * count)[:count]
 
 
+def parse_cpu_ids(text: str, expand=None) -> dict[str, list[int]]:
+    """The job's cores per node from `scontrol show job -d`: its detail lines read
+    `Nodes=n[1-2] CPU_IDs=0-1,4 Mem=100 GRES=`. A node list is expanded with `expand` (scontrol show
+    hostnames); without it only plain comma lists are. With select/cons_tres these are the node's CPU ids
+    as slurmd numbers them, which are the OS's where slurm.conf's topology matches the node."""
+    cores: dict[str, list[int]] = {}
+    for match in re.finditer(r"(?m)^\s*Nodes=(\S+)\s+CPU_IDs=([0-9,-]+)", text):
+        nodes, ids = match.groups()
+        cpu_ids: list[int] = []
+        for part in filter(None, ids.split(",")):
+            lo, _, hi = part.partition("-")
+            cpu_ids += range(int(lo), int(hi or lo) + 1)
+        hosts = expand(nodes) if expand and "[" in nodes else nodes.split(",")
+        for host in hosts:
+            cores.setdefault(host, []).extend(cpu_ids)
+    return cores
+
+
+def job_cpu_ids(job_id: str) -> dict[str, list[int]]:
+    """The cores Slurm gave the job on each node; {} when scontrol does not say (then nothing is pinned)."""
+    try:
+        proc = subprocess.run([f"{SBIN}/scontrol", "show", "job", "-d", job_id], capture_output=True, text=True,
+                              timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return parse_cpu_ids(proc.stdout, expand_hostlist) if proc.returncode == 0 else {}
+
+
 def job_context(env, header: JobHeader) -> JobContext:
     hosts = expand_hostlist(env.get("SLURM_JOB_NODELIST", ""))
     cpus = expand_cpus_per_node(env.get("SLURM_JOB_CPUS_PER_NODE", "1"), len(hosts))
+    cores = job_cpu_ids(env["SLURM_JOB_ID"]) if "SLURM_JOB_ID" in env else {}
     owner = m.Owner(user=env["SLURM_JOB_USER"], uid=int(env["SLURM_JOB_UID"]), gid=int(env["SLURM_JOB_GID"]),
                     group=env.get("SLURM_JOB_GROUP"))
     return JobContext(scheduler="slurm", job_id=env["SLURM_JOB_ID"], owner=owner,
-                      nodes=[m.NodeAllocation(host=h, ncpus=c) for h, c in zip(hosts, cpus)], header=header)
+                      nodes=[m.NodeAllocation(host=h, ncpus=c, cores=cores.get(h) or None) for h, c in zip(hosts, cpus)],
+                      header=header)
 
 
 def should_cancel(outcome: Outcome, restarts: int, max_requeues: int) -> bool:
