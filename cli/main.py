@@ -69,6 +69,11 @@ def run(service: str) -> None:
             iocm.start(svc, runner.stop_event)
         except ValueError as exc:
             raise click.ClickException(str(exc))
+        from vtorque.services.node_worker.reconcile import Reconciler, scheduler_check
+
+        # At start and on a timer: nothing outlives its job, even when a hook or this worker died mid-way.
+        Reconciler(svc, runner.stop_event, config.node.reconcile_interval,
+                   scheduler_check(config.node.scheduler)).start()
     import logging
 
     logging.getLogger("vtorque").info("%s consuming %s", service, ", ".join(q.name for q in svc.queues()))

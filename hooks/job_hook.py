@@ -45,6 +45,7 @@ class JobContext:
     owner: m.Owner
     nodes: list[m.NodeAllocation]
     header: JobHeader
+    walltime: float | None = None  # seconds: node workers remove the job's guests once it has passed
 
 
 class Progress:
@@ -95,7 +96,7 @@ def _prologue(job: JobContext, config: Config, deadline_s: float, progress, chan
         channel.publish(m.JobStarted.new(
             job_id=job.job_id, deadline=deadline_s, scheduler=job.scheduler, owner=job.owner, nodes=job.nodes,
             spec=dict(job.header.spec), ssh_authorized_keys=list(job.header.ssh_pubkeys),
-            user_metadata=dict(job.header.user_metadata)))
+            user_metadata=dict(job.header.user_metadata), walltime=job.walltime))
         return _wait_for_guests(channel, job.job_id, deadline, deadline_s, progress)
     except Exception as exc:  # noqa: BLE001 - a broker error mid-wait is an infrastructure failure, not a crash
         return Outcome(Verdict.FAILED, f"lost the broker while waiting: {exc!r}")

@@ -194,7 +194,19 @@ def job_context(argv: list[str], env, script_index: int, exec_host=None) -> JobC
     if header is None:
         return None
     return JobContext(scheduler="torque", job_id=argv[0], owner=owner(argv[1], argv[2]),
-                      nodes=nodes_from_nodefile(env.get("PBS_NODEFILE"), exec_host), header=header)
+                      nodes=nodes_from_nodefile(env.get("PBS_NODEFILE"), exec_host), header=header,
+                      walltime=walltime_seconds(argv[4]))
+
+
+def walltime_seconds(resource_list: str) -> float | None:
+    """`walltime=[[HH:]MM:]SS` from the Resource_List argument (prologue $5, epilogue $6)."""
+    for item in resource_list.split(","):
+        key, _, value = item.partition("=")
+        if key == "walltime" and value:
+            parts = value.split(":")
+            if all(p.isdigit() for p in parts) and len(parts) <= 3:
+                return float(sum(int(p) * 60 ** i for i, p in enumerate(reversed(parts))))
+    return None
 
 
 def hook_age(env) -> float:

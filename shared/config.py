@@ -142,6 +142,9 @@ class NodeConfig(_Section):
     # The host address the job network's multicast UDP goes through: the node's cluster-network address on a
     # cluster (guests of a job on different nodes then share one segment), loopback on one test host.
     job_network_localaddr: str = "127.0.0.1"
+    # Reconciliation (services/node_worker/reconcile.py): how often, and whom to ask whether a job still runs.
+    reconcile_interval: float = 30.0
+    scheduler: Literal["auto", "slurm", "torque", "none"] = "auto"
     boot_timeout: float = 180.0
     ssh_port_min: int = 22000
     ssh_port_max: int = 22999

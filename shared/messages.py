@@ -99,6 +99,7 @@ class GuestPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     fs_type: Literal["ramdisk", "sharedfs"] = "sharedfs"
     disk: DataDisk | None = None
     user_metadata: dict[str, Any] = {}
+    end_by: datetime | None = None  # the job's start + walltime, when the scheduler gave a walltime
 
 
 class PhaseTimings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -123,6 +124,7 @@ class JobStarted(Event, frozen=True):
     spec: dict[str, str]  # as the user wrote it: validated again by the bridge
     ssh_authorized_keys: list[str]
     user_metadata: dict[str, Any] = {}  # the user's cloud-init additions (spec key `metadata`), checked again
+    walltime: float | None = None  # seconds, when the scheduler's hook gives it
 
 
 class JobEnded(Event, frozen=True):

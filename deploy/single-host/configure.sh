@@ -71,11 +71,15 @@ TOML
 mv "$ETC/vtorque.toml.tmp" "$ETC/vtorque.toml"
 
 slurm_state=""
-[ -r "$STACK/env" ] && slurm_state=$(. "$STACK/env"; grep -s '^StateSaveLocation=' "$SLURM_CONF" | cut -d= -f2)
+slurm_conf=""
+[ -r "$STACK/env" ] && slurm_conf=$(. "$STACK/env"; echo "$SLURM_CONF")
+[ -n "$slurm_conf" ] && slurm_state=$(grep -s '^StateSaveLocation=' "$slurm_conf" | cut -d= -f2)
 cat > "$ETC/hooks.env" <<ENV
 # Sourced by the hook entry points; a value already in the environment wins (tests use that).
 : "\${VTORQUE_PYTHON:=$PREFIX/venv/bin/python}"
 : "\${VTORQUE_SLURM_STATE:=${slurm_state:-$STACK/slurm/state}}"
+# PrologSlurmctld gets no SLURM_CONF; scontrol/scancel in the hook need this stack's.
+${slurm_conf:+: "\${SLURM_CONF:=$slurm_conf}"; export SLURM_CONF}
 ENV
 
 for h in prologue epilogue; do install -m 755 "$HERE/hooks/torque/$h" "$PREFIX/hooks/torque/$h"; done

@@ -7,6 +7,9 @@ RUN=${RUN_DIR:-/run/vtorque}
 LOGS=${LOG_DIR:-/var/log/vtorque}
 SERVICES="bridge stager node-worker"
 mkdir -p "$RUN" "$LOGS"
+# The node worker asks Slurm whether a job still runs (reconciliation): it needs the stack's SLURM_CONF.
+STACK_ENV=${VTORQUE_STACK_DIR:-/var/lib/vtorque-stack}/env
+[ -r "$STACK_ENV" ] && . "$STACK_ENV"
 
 alive() { [ -s "$RUN/$1.pid" ] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
 

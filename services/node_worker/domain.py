@@ -46,9 +46,11 @@ class JobNic:
 class GuestMetadata:
     job_id: str
     owner: str
-    deadline: datetime
+    deadline: datetime  # of the boot: a guest not ready by then is removed by reconciliation
     index: int
     ssh_port: int
+    node: str = ""
+    end_by: datetime | None = None  # the job's start + walltime, when the scheduler said
 
 
 def domain_xml(guest: m.GuestPlan, disks: GuestDisks, boot: BootSource, meta: GuestMetadata,
@@ -60,8 +62,10 @@ def domain_xml(guest: m.GuestPlan, disks: GuestDisks, boot: BootSource, meta: Gu
 
     metadata = ET.SubElement(ET.SubElement(dom, "metadata"), f"{{{METADATA_NS}}}guest")
     for key, value in (("job", meta.job_id), ("owner", meta.owner), ("deadline", meta.deadline.isoformat()),
-                       ("index", str(meta.index)), ("ssh-port", str(meta.ssh_port))):
-        ET.SubElement(metadata, f"{{{METADATA_NS}}}{key}").text = value
+                       ("index", str(meta.index)), ("ssh-port", str(meta.ssh_port)), ("node", meta.node),
+                       ("end-by", meta.end_by.isoformat() if meta.end_by else "")):
+        if value:
+            ET.SubElement(metadata, f"{{{METADATA_NS}}}{key}").text = value
     if guest.iocm_max_cores and guest.io_cores:
         # What the node worker's IOcm controller (iocm.py) needs to move the I/O cores of the running guest.
         for key, value in (("iocm-cores", cpuset(guest.io_cores)), ("iocm-min", str(guest.iocm_min_cores)),

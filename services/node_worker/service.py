@@ -53,6 +53,7 @@ class NodeWorker:
         self.store = store or ImageStore(config.images.store)
         self.domain_type = detect_domain_type(config.node.domain_type)
         self._thread_lock = threading.Lock()
+        self._booting: set[str] = set()
 
     def queues(self):
         return [node_queue(self.node)]
@@ -82,6 +83,19 @@ class NodeWorker:
                 self.publisher.publish(future.result())
 
     def _boot(self, cmd: m.BootGuests, guest: m.GuestPlan) -> m.Event:
+        with self._thread_lock:
+            self._booting.add(guest.name)
+        try:
+            return self._boot_traced(cmd, guest)
+        finally:
+            with self._thread_lock:
+                self._booting.discard(guest.name)
+
+    def booting_now(self) -> set[str]:
+        with self._thread_lock:
+            return set(self._booting)
+
+    def _boot_traced(self, cmd: m.BootGuests, guest: m.GuestPlan) -> m.Event:
         attrs = {tracing.JOB_ID: cmd.job_id, "vtorque.guest": guest.name, "vtorque.node": self.node,
                  "vtorque.image.digest": guest.image_digest}
         with tracing.tracer().start_as_current_span("boot guest", attributes=attrs) as span:
@@ -108,9 +122,21 @@ class NodeWorker:
             return None
         meta = self.hv.vtorque_domains().get(guest.name, {})
         port = int(meta.get("ssh-port", "0") or 0)
-        if self.hv.is_active(guest.name) and meta.get("job") == cmd.job_id and port and ssh_banner(port):
+        if self.hv.is_active(guest.name) and meta.get("job") == cmd.job_id and port:
+            # Redelivered (the worker died, or its ack was lost): this guest already runs; never boot it twice.
+            started = time.monotonic()
+            if not ssh_banner(port):
+                console = next((Path(r) / guest.name / "console.log" for r in self._roots()
+                                if (Path(r) / guest.name / "console.log").exists()), None)
+                if console is None:
+                    raise BootFailed("a running guest without its files", True)
+                log(LOG, logging.INFO, "guest already booting, waiting for it", guest=guest.name)
+                deadline = started + max(1.0, (cmd.deadline - m.utcnow()).total_seconds())
+                wait_ready(console, port, lambda: self.hv.is_active(guest.name),
+                           min(deadline, started + self.config.node.boot_timeout))
             log(LOG, logging.INFO, "guest already running, announcing it again", guest=guest.name)
-            zero = m.PhaseTimings(image=0, disks=0, define=0, start=0, kernel_up=None, ready=0)
+            waited = time.monotonic() - started
+            zero = m.PhaseTimings(image=0, disks=0, define=0, start=0, kernel_up=None, ready=waited)
             self._write_job_file(cmd.job_id, guest, port)
             return m.GuestReady.new(job_id=cmd.job_id, deadline=cmd.deadline, guest=guest.name, node=self.node,
                                     index=guest.index, address="127.0.0.1", ssh_port=port, timings=zero)
@@ -157,6 +183,7 @@ class NodeWorker:
                                   seed_files(guest, cmd.job_id, cmd.peers, cmd.network, mac),
                                   data_size_mib=guest.disk.size_mib if guest.disk else None,
                                   data_image=self._data_image(guest))
+        (Path(files.overlay).parent / "node").write_text(self.node)  # whose it is, on a shared test host
         t_disks = time.monotonic()
         try:
             with self._port_lock():
@@ -164,7 +191,7 @@ class NodeWorker:
                 # two node workers on one test host) must not pick the same free port.
                 port = self._free_port()
                 meta = GuestMetadata(job_id=cmd.job_id, owner=guest.owner.user, deadline=cmd.deadline,
-                                     index=guest.index, ssh_port=port)
+                                     index=guest.index, ssh_port=port, node=self.node, end_by=guest.end_by)
                 xml = domain_xml(guest, files, BootSource(entry.kernel, entry.initrd, entry.cmdline), meta,
                                  self.domain_type, job_nic, vrdma_choice=vrdma.for_guest(self, cmd, guest),
                                  numa_topology=numa.host_topology())
@@ -255,21 +282,63 @@ class NodeWorker:
         self.publisher.publish(m.GuestsTornDown.new(
             job_id=cmd.job_id, deadline=cmd.deadline, node=self.node, guests=removed[0], disks_removed=removed[1]))
 
+    def guest_roots(self) -> list[str]:
+        return self._roots()
+
+    def remove_guest(self, name: str, job_id: str | None) -> None:
+        """Reconciliation's removal of one guest: domain, files, and the launcher's file for it."""
+        self.hv.remove(name)
+        self._remove_disks(name)
+        if job_id:
+            jdir = self.config.job_dir(job_id)
+            (jdir / f"{name}.json").unlink(missing_ok=True)
+            try:
+                jdir.rmdir()
+            except OSError:
+                pass  # gone already, or other guests' files are still there
+
+    def remove_orphan_job_files(self) -> None:
+        """The launcher's guest files of this node whose guest is gone (e.g. removed while this worker was down)."""
+        jobs = Path(self.config.state_dir) / "jobs"
+        alive = set(self.hv.vtorque_domains()) | self.booting_now()
+        for job_file in jobs.glob("*/*.json") if jobs.exists() else []:
+            if job_file.stem not in alive and self._is_mine(job_file):
+                job_file.unlink(missing_ok=True)
+                try:
+                    job_file.parent.rmdir()
+                except OSError:
+                    pass  # other guests' files are still there
+
+    def _is_mine(self, job_file: Path) -> bool:
+        try:
+            return json.loads(job_file.read_text()).get("node") == self.node
+        except (OSError, ValueError):
+            return False
+
     def teardown_job(self, job_id: str) -> tuple[list[str], int]:
-        names = [name for name, meta in self.hv.vtorque_domains().items() if meta.get("job") == job_id]
+        names = [name for name, meta in self.hv.vtorque_domains().items()
+                 if meta.get("job") == job_id and meta.get("node", self.node) == self.node]
         for name in names:
             self.hv.remove(name)
         removed_disks = 0
-        leftovers = {name for root in self._roots() for name in disks.guests_of_job(root, job_id)}
+        leftovers = {name for root in self._roots() for name in disks.guests_of_job(root, job_id)
+                     if _node_of(Path(root) / name) in (self.node, None)}
         for name in set(names) | leftovers:
             removed_disks += self._remove_disks(name)
         jdir = self.config.job_dir(job_id)
-        if jdir.exists():
-            for f in jdir.iterdir():
-                f.unlink(missing_ok=True)
+        for name in set(names) | leftovers:
+            (jdir / f"{name}.json").unlink(missing_ok=True)
+        if jdir.exists() and not any(jdir.iterdir()):
             jdir.rmdir()
         log(LOG, logging.INFO, "guests removed", guests=names, disks=removed_disks)
         return sorted(names), removed_disks
+
+
+def _node_of(gdir: Path) -> str | None:
+    try:
+        return (gdir / "node").read_text().strip()
+    except OSError:
+        return None
 
 
 @contextmanager

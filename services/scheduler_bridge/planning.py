@@ -8,6 +8,7 @@ threads go there), then each VM's vCPUs, then the IOcm I/O cores. When the sched
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 
 from vtorque.shared import messages as m
 from vtorque.shared.config import Config
@@ -74,6 +75,7 @@ def plan_guests(job: m.JobStarted, spec: VMSpec, config: Config, user_metadata: 
                 arch=spec.arch, emulator_cores=emulator, io_cores=io, iocm_min_cores=spec.iocm_min_cores,
                 iocm_max_cores=spec.iocm_max_cores, vrdma=spec.vrdma, fs_type=spec.fs_type, disk=disk,
                 user_metadata=dict(user_metadata or {}),
+                end_by=job.created_at + timedelta(seconds=job.walltime) if job.walltime else None,
             ))
     return guests
 

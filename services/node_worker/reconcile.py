@@ -1,0 +1,166 @@
+"""Reconciliation: nothing outlives its job, even when a hook or a service died mid-way.
+
+At start and every `node.reconcile_interval` seconds the node worker looks at what is on this node — domains
+carrying vtorque metadata for this node, guest directories, the launcher's job files — and removes:
+- a domain whose job the scheduler says is no longer running (finished, cancelled, requeued, unknown);
+- a domain past its job's end (start + walltime, when the scheduler gave a walltime) plus a grace period;
+- a domain that never became ready and whose boot deadline passed;
+- a guest directory (overlay, seed, console) with no domain, unless a boot of it is under way here;
+- a job file directory whose guests are gone.
+When the scheduler cannot be asked (command missing, timeout), nothing is removed for that reason: a wrong
+"gone" would kill a running job.
+
+`decide` is pure; `Reconciler` does the I/O in a thread of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Callable
+
+from vtorque.shared.logs import log
+
+LOG = logging.getLogger("vtorque.node_worker.reconcile")
+
+SLURM_ALIVE = {"RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "STOPPED", "RESIZING", "SIGNALING",
+               "STAGE_OUT"}
+TORQUE_ALIVE = {"R", "E", "S", "T", "W"}  # running, exiting, suspended, transit, waiting to run again later
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    job_id: str
+    boot_deadline: datetime | None
+    end_by: datetime | None
+    ready: bool
+
+
+@dataclass(frozen=True)
+class Removal:
+    name: str
+    reason: str
+
+
+def decide(domains: list[Domain], guest_dirs: dict[str, float], booting: set[str],
+           alive: Callable[[str], bool | None], now: datetime, now_mono_wall: float,
+           grace: timedelta = timedelta(minutes=2)) -> tuple[list[Removal], list[str]]:
+    """(domains to remove with why, guest directories to remove). `guest_dirs` maps a directory name to its
+    mtime (wall clock seconds); `alive(job_id)` is True, False, or None when unknown."""
+    removals: list[Removal] = []
+    verdicts: dict[str, bool | None] = {}
+    for dom in domains:
+        if dom.name in booting:
+            continue
+        if dom.job_id not in verdicts:
+            verdicts[dom.job_id] = alive(dom.job_id)
+        if verdicts[dom.job_id] is False:
+            removals.append(Removal(dom.name, f"job {dom.job_id} is no longer running"))
+        elif dom.end_by and now > dom.end_by + grace:
+            removals.append(Removal(dom.name, f"job {dom.job_id} passed its walltime"))
+        elif not dom.ready and dom.boot_deadline and now > dom.boot_deadline + grace:
+            removals.append(Removal(dom.name, "never became ready before its boot deadline"))
+    known = {d.name for d in domains}
+    stale = [name for name, mtime in guest_dirs.items()
+             if name not in known and name not in booting and now_mono_wall - mtime > grace.total_seconds()]
+    return removals, sorted(stale)
+
+
+def slurm_alive(job_id: str, timeout: float = 10.0) -> bool | None:
+    try:
+        proc = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                              timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return False if "Invalid job id" in proc.stderr else None
+    state = proc.stdout.strip()
+    return bool(state) and state in SLURM_ALIVE
+
+
+def torque_alive(job_id: str, timeout: float = 10.0) -> bool | None:
+    try:
+        proc = subprocess.run(["qstat", "-f", job_id], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return False if "Unknown Job" in proc.stderr else None
+    for line in proc.stdout.splitlines():
+        key, _, value = line.strip().partition(" = ")
+        if key == "job_state":
+            return value.strip() in TORQUE_ALIVE
+    return None
+
+
+def scheduler_check(kind: str) -> Callable[[str], bool | None]:
+    if kind == "auto":
+        kind = "slurm" if shutil.which("squeue") else "torque" if shutil.which("qstat") else "none"
+    return {"slurm": slurm_alive, "torque": torque_alive}.get(kind, lambda _job: None)
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+class Reconciler:
+    def __init__(self, worker, stop: threading.Event, interval: float, alive: Callable[[str], bool | None]):
+        self.worker, self.stop, self.interval, self.alive = worker, stop, interval, alive
+        self.thread = threading.Thread(target=self._loop, name="reconcile", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.run_once()
+            except Exception:  # noqa: BLE001 - one bad round must not end reconciliation for good
+                LOG.exception("reconcile round failed")
+            self.stop.wait(self.interval)
+
+    def run_once(self) -> list[Removal]:
+        w = self.worker
+        domains = []
+        for name, meta in w.hv.vtorque_domains().items():
+            if meta.get("node", w.node) != w.node:
+                continue  # another node worker's guest on a shared test host
+            domains.append(Domain(name=name, job_id=meta.get("job", ""),
+                                  boot_deadline=_parse_time(meta.get("deadline")),
+                                  end_by=_parse_time(meta.get("end-by")),
+                                  ready=(w.config.job_dir(meta.get("job", "")) / f"{name}.json").exists()))
+        dirs = {}
+        for root in w.guest_roots():
+            for job_file in Path(root).glob("*/job"):
+                if self._dir_node(job_file.parent) in (w.node, None):
+                    dirs[job_file.parent.name] = job_file.stat().st_mtime
+        removals, stale = decide(domains, dirs, w.booting_now(), self.alive, datetime.now(timezone.utc),
+                                 time.time())
+        for removal in removals:
+            log(LOG, logging.WARNING, "reconcile: removing guest", guest=removal.name, reason=removal.reason)
+            job = next(d.job_id for d in domains if d.name == removal.name)
+            w.remove_guest(removal.name, job)
+        for name in stale:
+            log(LOG, logging.WARNING, "reconcile: removing guest files without a domain", guest=name)
+            w.remove_guest(name, None)
+        w.remove_orphan_job_files()
+        return removals
+
+    @staticmethod
+    def _dir_node(gdir: Path) -> str | None:
+        try:
+            return (gdir / "node").read_text().strip()
+        except OSError:
+            return None
