@@ -198,17 +198,6 @@ def job_context(argv: list[str], env, script_index: int, exec_host=None) -> JobC
                       walltime=walltime_seconds(argv[4]))
 
 
-def walltime_seconds(resource_list: str) -> float | None:
-    """`walltime=[[HH:]MM:]SS` from the Resource_List argument (prologue $5, epilogue $6)."""
-    for item in resource_list.split(","):
-        key, _, value = item.partition("=")
-        if key == "walltime" and value:
-            parts = value.split(":")
-            if all(p.isdigit() for p in parts) and len(parts) <= 3:
-                return float(sum(int(p) * 60 ** i for i, p in enumerate(reversed(parts))))
-    return None
-
-
 def hook_age(env) -> float:
     """Seconds since pbs_mom started our shell entry point (our parent), so time spent in a chained site
     prologue counts against Torque's alarm; 0 when we were not started by it."""
