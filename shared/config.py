@@ -133,12 +133,23 @@ class SpecConfig(_Section):
     vrdma_require: list[Literal["sriov-vf", "skvm-virtio-rdma", "pvrdma", "ivshmem"]] = []
 
 
+class GuestMount(_Section):
+    """A site file system every job guest mounts (cloud-init `mounts`); {user} and {home} are the job owner's."""
+
+    source: str  # e.g. "nfs.example.org:/export/home/{user}"
+    target: str  # e.g. "{home}" or "/scratch"
+    fstype: str = "nfs"
+    options: str = "defaults,nofail,_netdev"
+
+
 class NodeConfig(_Section):
     name: str | None = None  # default: short host name, as the scheduler names nodes
     libvirt_uri: str = "qemu:///system"
     domain_type: Literal["auto", "kvm", "qemu"] = "auto"
     guest_dir: str = "/var/lib/vtorque/guests"  # fs_type=sharedfs: a directory on shared scratch on clusters
     ramdisk_dir: str = "/dev/shm/vtorque/guests"  # fs_type=ramdisk: node-local memory
+    # Home and scratch inside the guests, as the site serves them (vTorque's VM_NFS_HOME / VM_NFS_WS).
+    guest_mounts: list[GuestMount] = []
     # The host address the job network's multicast UDP goes through: the node's cluster-network address on a
     # cluster (guests of a job on different nodes then share one segment), loopback on one test host.
     job_network_localaddr: str = "127.0.0.1"

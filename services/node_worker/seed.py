@@ -6,10 +6,12 @@ import json
 import shlex
 
 from vtorque.shared import messages as m
+from vtorque.shared.config import GuestMount
 
 
 def seed_files(guest: m.GuestPlan, job_id: str, peers: list[m.GuestPeer] | None = None,
-               network: m.JobNetwork | None = None, mac: str | None = None) -> dict[str, bytes]:
+               network: m.JobNetwork | None = None, mac: str | None = None,
+               mounts: list[GuestMount] | None = None) -> dict[str, bytes]:
     """meta-data and user-data for cloud images; vtorque.env for minimal guests that have no cloud-init.
     The user's own cloud-init keys (already checked: shared/spec.py validate_user_metadata) are merged in;
     vtorque's keys win."""
@@ -56,6 +58,13 @@ def seed_files(guest: m.GuestPlan, job_id: str, peers: list[m.GuestPeer] | None 
         ours |= {"manage_etc_hosts": False, "write_files": [
             {"path": "/etc/vtorque/nodefile", "permissions": "0644", "content": nodefile},
             {"path": "/etc/hosts", "permissions": "0644", "append": True, "content": hosts}]}
+    if mounts:
+        def fill(text: str) -> str:
+            return text.replace("{user}", owner.user).replace("{home}", home)
+
+        table = [[fill(mt.source), fill(mt.target), mt.fstype, mt.options, "0", "0"] for mt in mounts]
+        ours["mounts"] = table
+        env["VT_MOUNTS"] = "".join(" ".join(row[:4]) + "\n" for row in table)
     user_data = "#cloud-config\n" + json.dumps({**guest.user_metadata, **ours}, indent=1, sort_keys=True) + "\n"
     env_text = "".join(f"{key}={shlex.quote(value)}\n" for key, value in env.items())
     return files | {

@@ -180,7 +180,8 @@ class NodeWorker:
             if cmd.network and mac else None
         with _phase("prepare disks"):
             files = disks.prepare(self._root(guest), guest.name, cmd.job_id, base, entry.format,
-                                  seed_files(guest, cmd.job_id, cmd.peers, cmd.network, mac),
+                                  seed_files(guest, cmd.job_id, cmd.peers, cmd.network, mac,
+                                             self.config.node.guest_mounts),
                                   data_size_mib=guest.disk.size_mib if guest.disk else None,
                                   data_image=self._data_image(guest))
         (Path(files.overlay).parent / "node").write_text(self.node)  # whose it is, on a shared test host

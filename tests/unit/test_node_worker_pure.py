@@ -110,3 +110,16 @@ def test_user_metadata_is_merged_but_ours_wins_and_distro_shapes_the_seed():
     osv = m.GuestPlan(**{**{f: getattr(FULL, f) for f in FULL.__struct_fields__}, "distro": "osv"})
     osv_data = json.loads(seed_files(osv, "8")["user-data"].decode().split("\n", 1)[1])
     assert "users" not in osv_data and "/etc/vtorque.env" in osv_data["files"]
+
+
+def test_site_mounts_for_home_and_scratch_reach_the_seed():
+    import json
+
+    from vtorque.shared.config import GuestMount
+    mounts = [GuestMount(source="nfs:/export/home/{user}", target="{home}"),
+              GuestMount(source="nfs:/scratch", target="/scratch", options="rw,nofail")]
+    files = seed_files(GUEST, "7.srv", mounts=mounts)
+    data = json.loads(files["user-data"].decode().split("\n", 1)[1])
+    assert data["mounts"] == [["nfs:/export/home/bob", "/home/bob", "nfs", "defaults,nofail,_netdev", "0", "0"],
+                              ["nfs:/scratch", "/scratch", "nfs", "rw,nofail", "0", "0"]]
+    assert "nfs:/export/home/bob /home/bob nfs" in files["vtorque.env"].decode()
