@@ -201,7 +201,7 @@ class LibvirtIocm:
     def apply(self, dom, guest: GuestIocm, cores: list[int]) -> None:
         import libvirt
 
-        host_cpus = dom.connect().getInfo()[2]
+        host_cpus = dom.connect().getCPUMap(0)[0]  # highest CPU id + 1, offline ones included
         cmap = cpumap(cores, host_cpus)
         for tid in guest.iothreads:
             dom.pinIOThread(tid, cmap, libvirt.VIR_DOMAIN_AFFECT_LIVE)
