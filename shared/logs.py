@@ -64,9 +64,32 @@ def setup_logging(service: str, level: str = "INFO", stream=None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    _log_uncaught_exceptions()
     for noisy in ("amqp", "kombu", "pika", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def log(logger: logging.Logger, level: int, msg: str, **fields) -> None:
     logger.log(level, msg, extra={"fields": fields})
+
+
+def _log_uncaught_exceptions() -> None:
+    """A crash in any thread is one JSON line too (Python would print a bare traceback to stderr)."""
+    import threading
+
+    crash_log = logging.getLogger("vtorque.crash")
+
+    def thread_hook(args) -> None:
+        if args.exc_type is SystemExit:
+            return
+        crash_log.critical("uncaught exception in thread %s", getattr(args.thread, "name", "?"),
+                           exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+    def main_hook(exc_type, exc_value, exc_traceback) -> None:
+        if issubclass(exc_type, KeyboardInterrupt):
+            sys.__excepthook__(exc_type, exc_value, exc_traceback)
+            return
+        crash_log.critical("uncaught exception", exc_info=(exc_type, exc_value, exc_traceback))
+
+    threading.excepthook = thread_hook
+    sys.excepthook = main_hook

@@ -184,6 +184,11 @@ def _message_attributes(message, destination: str, routing_key: str, operation: 
         value = getattr(message, field, None)
         if isinstance(value, str) and value:
             attrs[key] = value
+    # A plan's or boot command's guests: their one image digest (what the node worker's spans then inherit).
+    digests = {getattr(g, "image_digest", "") for g in getattr(message, "guests", None) or ()
+               if not isinstance(g, str)}
+    if len(digests) == 1 and IMAGE_DIGEST not in attrs and next(iter(digests)):
+        attrs[IMAGE_DIGEST] = digests.pop()
     return attrs
 
 

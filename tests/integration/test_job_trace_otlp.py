@@ -151,6 +151,23 @@ def _submit_span(receiver_url: str, job_id: str) -> str:
     return carrier["traceparent"]
 
 
+def _tree(spans) -> str:
+    """The span tree, indented, for assertion messages."""
+    children: dict[str, list] = {}
+    ids = {s.span_id for s in spans}
+    for s in sorted(spans, key=lambda s: s.span.start_time_unix_nano):
+        children.setdefault(s.parent_id if s.parent_id in ids else "", []).append(s)
+    out: list[str] = []
+
+    def walk(parent: str, depth: int) -> None:
+        for s in children.get(parent, []):
+            out.append(f"{'  ' * depth}{s.service} {s.kind} {s.name} {s.attributes.get('vtorque.message.type', '')}")
+            walk(s.span_id, depth + 1)
+
+    walk("", 0)
+    return "\n" + "\n".join(out)
+
+
 def _owner() -> tuple[str, str]:
     import grp
     import pwd
@@ -253,10 +270,14 @@ def test_one_job_one_trace_over_otlp(stack, tmp_path):
             "TeardownGuests", "GuestsTornDown"} <= set(published), sorted(published)
 
     # The life of the job: prologue → bridge (planning) → stager, node worker → boot phases → fan-in.
+    tree = _tree(spans)
     (prologue,) = named("prologue", "vtorque-hook")
-    assert parent(prologue).name == "vsub submit"
-    (bridge_start,) = [s for s in named("process vtorque.bridge") if parent(s).attributes["vtorque.message.type"]
-                       == "JobStarted"]
+    assert parent(prologue).name == "vsub submit", tree
+    # (A consumer of several queues names its process span after all of them: "process q1,q2".)
+    bridge_start = [s for s in spans if s.name.startswith("process vtorque.bridge")
+                    and parent(s).attributes["vtorque.message.type"] == "JobStarted"]
+    assert len(bridge_start) == 1, tree
+    bridge_start = bridge_start[0]
     assert parent(parent(bridge_start)) is prologue
     (stage,) = named("process vtorque.stager", "vtorque-stager")
     assert parent(parent(stage)) is bridge_start
@@ -271,7 +292,7 @@ def test_one_job_one_trace_over_otlp(stack, tmp_path):
     for s in [boot, *phases, published["GuestReady"]]:
         assert (s.attributes["vtorque.guest"], s.attributes["vtorque.node"], s.attributes["vtorque.image.digest"]) \
             == (guest, node, digest), s
-    assert parent(published["GuestReady"]) is boot
+    assert parent(published["GuestReady"]) in (boot, parent(boot)), tree
     (fan_in,) = named("all guests ready", "vtorque-hook")
     assert parent(fan_in) is prologue
     assert fan_in.links == [(trace_id, published["GuestReady"].span_id)]
@@ -285,7 +306,7 @@ def test_one_job_one_trace_over_otlp(stack, tmp_path):
     assert prologue.span.end_time_unix_nano <= run.span.start_time_unix_nano <= epilogue.span.start_time_unix_nano
     teardown = [s for s in named(f"process vtorque.node.{node}") if parent(s).attributes["vtorque.message.type"]
                 == "TeardownGuests"]
-    assert len(teardown) == 1 and parent(parent(teardown[0])).name == "process vtorque.bridge"
+    assert len(teardown) == 1 and parent(parent(teardown[0])).name.startswith("process vtorque.bridge"), tree
     assert parent(parent(parent(teardown[0]))) is published["JobEnded"]
     assert published["JobEnded"].parent_id == epilogue.span_id
 
@@ -301,7 +322,8 @@ def test_one_job_one_trace_over_otlp(stack, tmp_path):
                    if p[1].get("vtorque.node") == node}
     assert {"image", "disks", "define", "start", "ready"} <= phases_seen, phases_seen
     lag_queues = {p[1]["messaging.destination.subscription.name"] for p in points["vtorque.messaging.queue.lag"]}
-    assert {"vtorque.bridge", "vtorque.stager", f"vtorque.node.{node}"} <= lag_queues, lag_queues
+    assert {"vtorque.stager", f"vtorque.node.{node}"} <= lag_queues, lag_queues
+    assert any(q.split(",")[0] == "vtorque.bridge" for q in lag_queues), lag_queues
     assert any(p[1] == {"vtorque.node": node} for p in points["vtorque.node.guests.running"])
     units = rx.metric_units()
     assert units["vtorque.guest.boot.phase.duration"] == "s" and units["vtorque.image.staged.size"] == "By"

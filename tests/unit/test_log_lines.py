@@ -37,3 +37,15 @@ def test_job_id_and_trace_id_on_every_line_where_there_is_one():
     assert lines[2]["job_id"] == "12.srv" and lines[2]["trace_id"] == format(ids.trace_id, "032x")
     assert lines[2]["span_id"] == format(ids.span_id, "016x") and lines[2]["guest"] == "g0"
     assert lines[2]["password"] == "***" and lines[2]["level"] == "warning"
+
+
+def test_a_thread_crash_is_a_json_line_too():
+    import subprocess
+    import sys
+
+    code = ("import threading\nfrom vtorque.shared.logs import setup_logging\nsetup_logging('vtorque-test')\n"
+            "t = threading.Thread(target=lambda: 1 / 0, name='worker-1'); t.start(); t.join()\n")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30).stderr
+    lines = [json.loads(line) for line in err.splitlines()]  # every line is JSON, the traceback inside
+    (crash,) = lines
+    assert crash["level"] == "critical" and "worker-1" in crash["msg"] and "ZeroDivisionError" in crash["exc"]
