@@ -1,6 +1,6 @@
 """Every failure class of a Torque VM job, end to end on real services: the hooks installed with
 `install-hooks` into a TORQUE_HOME of their own and replayed as pbs_mom runs them (the recorded invocations),
-a bridge, a stager and a node worker named `vm` (the recorded host) running on a RabbitMQ vhost of their own,
+a bridge, a stager and a node worker of their own running on a RabbitMQ vhost of their own,
 real libvirt + QEMU guests. For each class: the exit code Torque gets, that it is bounded, and that the
 owner learns why (a file of theirs beside the job's output), plus the hooks' log and the trace.
 
@@ -46,6 +46,9 @@ class Stack:
         self.hook_log = root / "torque-hooks.log"
         self.procs: dict[str, subprocess.Popen] = {}
         self.jobs: set[str] = set()
+        # Not the recorded `vm`: this host's own node worker is `vm`, and each node worker reconciles the
+        # domains of its node name (asking Slurm here, which knows no Torque job).
+        self.node = f"t6{root.name[-8:]}"
 
     def config(self, broker_url: str | None = None, name: str = "vtorque.toml", **torque) -> Path:
         site = tomllib.loads(Path("/etc/vtorque/vtorque.toml").read_text())
@@ -62,7 +65,8 @@ class Stack:
             # In the catalog, but its file is gone: what "image missing" looks like on a cluster.
             "images.catalog.ghost": {**tiny, "source": str(self.root / "gone.qcow2"), "sha256": "0" * 64},
             "spec": site.get("spec", {}),
-            "node": {"name": "vm", "guest_dir": str(self.root / "guests"), "boot_timeout": 15.0},
+            "node": {"name": self.node, "guest_dir": str(self.root / "guests"), "boot_timeout": 15.0,
+                     "scheduler": "none"},  # no Torque here to ask whether a job still runs
             "hooks": {"prologue_timeout": 60.0, "epilogue_timeout": 30.0, "broker_attempts": 1, "max_requeues": 2},
             "torque": settings,
         })
@@ -93,8 +97,9 @@ class Stack:
     def run(self, hook: str, inv: tr.Invocation, config: Path, script: str | None = None, nodes=None,
             timeout: float = GUARD) -> tr.Result:
         self.jobs.add(inv.job_id)
+        np = int(inv.environ().get("PBS_NP", "1"))
         prepared = self.home.prepare(inv, script if script is not None else vm_script(GOOD_SPEC),
-                                     workdir=self.workdir, nodefile_hosts=nodes)
+                                     workdir=self.workdir, nodefile_hosts=nodes or [self.node] * np)
         return tr.run_hook(hook, prepared, hook_env(config), timeout=timeout, entry=self.home.mom_priv / hook)
 
     def reason(self, inv: tr.Invocation) -> tuple[str, os.stat_result]:
@@ -206,7 +211,7 @@ def test_node_without_a_node_worker_fails_early_and_bounded(stack):
     config = stack.root / "vtorque.toml"
     codes = []
     for attempt in (1, 2, 3):
-        result = stack.run("prologue", base, config, nodes=["vm", "vm", "n2", "n2"])
+        result = stack.run("prologue", base, config, nodes=[stack.node, stack.node, "n2", "n2"])
         codes.append(result.returncode)
         assert result.seconds < 15, str(result)  # node_worker_grace 2 s, not the 60 s deadline
         assert "no node worker is running on n2" in result.stderr, str(result)
@@ -278,7 +283,7 @@ def test_boot_timeout_from_prologalarm_requeues_and_nothing_is_left(stack):
 def test_qdel_while_booting_stops_the_prologue_and_removes_the_guest(stack):
     inv = job(first(PROLOGUES, "1.vm"))
     stack.jobs.add(inv.job_id)
-    prepared = stack.home.prepare(inv, vm_script(GOOD_SPEC), workdir=stack.workdir)
+    prepared = stack.home.prepare(inv, vm_script(GOOD_SPEC), workdir=stack.workdir, nodefile_hosts=[stack.node] * 2)
     env = {**prepared.env, **hook_env(stack.root / "vtorque.toml")}
     t0 = time.monotonic()
     prologue = subprocess.Popen([str(stack.home.mom_priv / "prologue"), *prepared.argv], env=env, cwd=prepared.cwd,
