@@ -62,13 +62,13 @@ def run(service: str) -> None:
     if service == "node-worker":
         from vtorque.services.node_worker.heartbeat import Heartbeat
 
-        Heartbeat(svc, runner.stop_event).start()  # NodeHeartbeat events for `vtorque nodes`
         from vtorque.services.node_worker import iocm
 
         try:  # IOcm: moves running guests' I/O cores between iocm_min_cores and iocm_max_cores with their load
             iocm.start(svc, runner.stop_event)
         except ValueError as exc:
             raise click.ClickException(str(exc))
+        Heartbeat(svc, runner.stop_event).start()  # NodeHeartbeat events for `vtorque nodes`
         from vtorque.services.node_worker.reconcile import Reconciler, scheduler_check
 
         # At start and on a timer: nothing outlives its job, even when a hook or this worker died mid-way.

@@ -351,12 +351,16 @@ class IocmController:
 
 
 def policy_from(node_config) -> Policy:
-    """The [node] iocm_* keys as a Policy; a bad pair names the keys."""
-    try:
-        return Policy(high=node_config.iocm_widen_mib_s * 2**20, low=node_config.iocm_narrow_mib_s * 2**20,
-                      up_samples=node_config.iocm_widen_samples, down_samples=node_config.iocm_narrow_samples)
-    except ValueError as exc:
-        raise ValueError(f"node.iocm_narrow_mib_s/iocm_widen_mib_s/iocm_*_samples: {exc}") from None
+    """The [node] iocm_* keys as a Policy; a bad value names its key."""
+    n = node_config
+    if not 0 <= n.iocm_narrow_mib_s < n.iocm_widen_mib_s:
+        raise ValueError(f"node.iocm_narrow_mib_s ({n.iocm_narrow_mib_s}) must be at least 0 and below "
+                         f"node.iocm_widen_mib_s ({n.iocm_widen_mib_s})")
+    for key in ("iocm_widen_samples", "iocm_narrow_samples"):
+        if getattr(n, key) < 1:
+            raise ValueError(f"node.{key}: must be at least 1")
+    return Policy(high=n.iocm_widen_mib_s * 2**20, low=n.iocm_narrow_mib_s * 2**20,
+                  up_samples=n.iocm_widen_samples, down_samples=n.iocm_narrow_samples)
 
 
 def start(worker, stop: threading.Event) -> IocmController:

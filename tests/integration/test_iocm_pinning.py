@@ -34,7 +34,9 @@ def worker(broker_url, node_name):
     root.mkdir(mode=0o711)
     config = Config(state_dir=str(root), broker=site.broker, tracing=site.tracing,
                     images=ImagesConfig(store=str(root / "images"), catalog=site.images.catalog),
-                    node=NodeConfig(name=node_name, guest_dir=str(root / "guests"), boot_timeout=120),
+                    node=NodeConfig(name=node_name, guest_dir=str(root / "guests"), boot_timeout=120,
+                                    iocm_interval=0.5, iocm_widen_mib_s=2.0, iocm_narrow_mib_s=0.25,
+                                    iocm_widen_samples=2, iocm_narrow_samples=4),
                     spec=SpecConfig(vrdma_require=[]))
     entry = site.images.catalog["tiny"]
     ImageStore(config.images.store).stage(entry.source, entry.sha256)
@@ -121,9 +123,10 @@ def test_pinning_iocm_and_vrdma_on_a_running_guest(broker_url, worker, ssh_key):
         assert pci.returncode == 0, pci.stderr
         assert "0x1af4" in pci.stdout and "0x1110" in pci.stdout
 
-        # IOcm: a controller with thresholds this TCG guest's disk reaches, sampling every 0.5 s.
-        policy = iocm.Policy(high=2 * 2**20, low=256 * 2**10, up_samples=2, down_samples=4)
-        ctl = iocm.IocmController(svc.hv, stop, interval=0.5, policy=policy).start()
+        # IOcm: the node worker's controller, as `vtorque run node-worker` starts it, with thresholds this
+        # TCG guest's disk reaches, sampling every 0.5 s.
+        ctl = iocm.start(svc, stop)
+        assert (ctl.interval, ctl.policy.high, ctl.policy.down_samples) == (0.5, 2 * 2**20, 4)
         time.sleep(2)
         assert iothread_cores(dom) == {1: [1], 2: [1]}, "widened without load"
 

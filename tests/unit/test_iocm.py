@@ -112,3 +112,14 @@ def test_skvm_detection_needs_the_worker_interface(tmp_path):
     assert iocm.SkvmIocm.present(str(tmp_path))
     assert iocm.detect_backend(str(tmp_path)).name == "skvm"
     assert iocm.capabilities(str(tmp_path)) == ["iocm", "iocm-skvm"]
+
+
+def test_policy_from_config_names_the_bad_key():
+    from vtorque.shared.config import NodeConfig
+
+    policy = iocm.policy_from(NodeConfig(iocm_widen_mib_s=8, iocm_narrow_mib_s=2))
+    assert (policy.high, policy.low, policy.up_samples, policy.down_samples) == (8 * MB, 2 * MB, 2, 5)
+    with pytest.raises(ValueError, match=r"node.iocm_narrow_mib_s \(9\) must be at least 0 and below"):
+        iocm.policy_from(NodeConfig(iocm_widen_mib_s=8, iocm_narrow_mib_s=9))
+    with pytest.raises(ValueError, match="node.iocm_narrow_samples: must be at least 1"):
+        iocm.policy_from(NodeConfig(iocm_narrow_samples=0))
