@@ -224,6 +224,14 @@ class NodeWorker:
             # Subscribed first, then looked again: a staging that finished in between is not missed.
             if self.store.has(digest):
                 return self.store.path(digest)
+            # And asked again: a staging that already failed before we listened answers again (the stager is
+            # single-flight, so this never copies twice). Its own connection: this is a boot thread.
+            image = next(g.image for g in cmd.guests if g.image_digest == digest)
+            asker = Publisher(self.config.broker.connection_url())
+            try:
+                asker.publish(m.StageImage.new(job_id=cmd.job_id, deadline=cmd.deadline, image=image, digest=digest))
+            finally:
+                asker.close()
             while True:
                 event = waiter.next(deadline)
                 if event is None:
