@@ -10,6 +10,7 @@ event.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import socket
@@ -206,6 +207,8 @@ class ServiceRunner:
         self.ready = threading.Event()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="handler")
         self._pending: _Pending | None = None
+        self._backlog: collections.deque[kombu.Message] = collections.deque()
+        self._queue_by_tag: dict[str, str] = {}
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -225,10 +228,11 @@ class ServiceRunner:
 
     def _wait_pending(self) -> None:
         # The delivery's channel is gone, so it will be redelivered; let the handler finish so its effect is
-        # visible to the redelivery (handlers are idempotent).
+        # visible to the redelivery (handlers are idempotent). The backlog is redelivered too, unhandled.
         if self._pending is not None:
             concurrent.futures.wait([self._pending.future])
             self._pending = None
+        self._backlog.clear()
 
     def _run_connection(self) -> None:
         with Connection(self.url, heartbeat=self.heartbeat, connect_timeout=5) as conn:
@@ -238,6 +242,8 @@ class ServiceRunner:
             consumer = kombu.Consumer(channel, queues=self.queues, on_message=self._on_message, no_ack=False,
                                       prefetch_count=self.prefetch)
             with consumer:
+                # Which queue a delivery came from, for its span and lag metric: kombu tags one consumer per queue.
+                self._queue_by_tag = {tag: name for name, tag in consumer._active_tags.items()}
                 self.ready.set()
                 while not self.stop_event.is_set():
                     try:
@@ -251,7 +257,16 @@ class ServiceRunner:
                 self._wait_pending()
 
     def _on_message(self, raw: kombu.Message) -> None:
-        queue = raw.delivery_info.get("routing_key", "")
+        # Prefetch is per consumer: with several queues, a second delivery can arrive while one is handled.
+        # Handlers run one at a time, in arrival order.
+        if self._pending is not None:
+            self._backlog.append(raw)
+            return
+        self._start(raw)
+
+    def _start(self, raw: kombu.Message) -> None:
+        queue = self._queue_by_tag.get(raw.delivery_info.get("consumer_tag", ""), "")
+        routing_key = raw.delivery_info.get("routing_key", "")
         try:
             message = m.decode(raw.body)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -270,11 +285,11 @@ class ServiceRunner:
             raw.ack()
             return
         future = self._pool.submit(self._handle, handler, message, raw.delivery_info, dict(raw.headers or {}),
-                                   queue)
+                                   routing_key, queue or ",".join(q.name for q in self.queues))
         self._pending = _Pending(raw, future)
 
-    def _handle(self, handler: Handler, message: m.Message, info: dict, headers: dict, routing_key: str) -> None:
-        queue = ",".join(q.name for q in self.queues)
+    def _handle(self, handler: Handler, message: m.Message, info: dict, headers: dict, routing_key: str,
+                queue: str) -> None:
         with job_context(message.job_id), tracing.process_span(
                 message, queue, routing_key, headers, exchange=info.get("exchange", "")) as span:
             try:
@@ -291,9 +306,11 @@ class ServiceRunner:
         exc = pending.future.exception()
         if exc is None:
             pending.raw.ack()
-            return
-        LOG.error("handler crashed", exc_info=exc)
-        self._dead_letter(pending.raw, f"handler crashed: {type(exc).__name__}: {exc}")
+        else:
+            LOG.error("handler crashed", exc_info=exc)
+            self._dead_letter(pending.raw, f"handler crashed: {type(exc).__name__}: {exc}")
+        while self._pending is None and self._backlog:
+            self._start(self._backlog.popleft())
 
     def _dead_letter(self, raw: kombu.Message, reason: str) -> None:
         log(LOG, logging.ERROR, "dead-lettering a message", reason=reason[:500])

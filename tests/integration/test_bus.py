@@ -167,3 +167,37 @@ def test_a_slow_handler_keeps_its_connection(broker_url, node_name):
     wait_for(lambda: queue_depth(broker_url, f"vtorque.node.{node_name}") == 0, what="the ack after a slow handler")
     runner.stop()
     thread.join(10)
+
+
+def test_two_queues_are_handled_one_at_a_time_and_all_acked(broker_url, node_name):
+    """Prefetch is per consumer: a delivery on the second queue while the first is handled waits its turn."""
+    other = f"{node_name}-b"
+    running, seen, overlap = [], [], []
+
+    def handle(cmd):
+        if running:
+            overlap.append(cmd.job_id)
+        running.append(cmd.job_id)
+        time.sleep(0.5)
+        seen.append(cmd.job_id)
+        running.pop()
+
+    runner = ServiceRunner(broker_url, [node_queue(node_name), node_queue(other)], {m.TeardownGuests: handle})
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    assert runner.ready.wait(10)
+    publisher = Publisher(broker_url)
+    for i in range(3):
+        publisher.publish(m.TeardownGuests.new(job_id=f"a{i}", deadline=60.0, node=node_name))
+        publisher.publish(m.TeardownGuests.new(job_id=f"b{i}", deadline=60.0, node=other))
+    try:
+        wait_for(lambda: len(seen) == 6, what="all six handled")
+        wait_for(lambda: queue_depth(broker_url, f"vtorque.node.{node_name}") == 0
+                 and queue_depth(broker_url, f"vtorque.node.{other}") == 0, what="all acked")
+        assert overlap == [] and sorted(seen) == ["a0", "a1", "a2", "b0", "b1", "b2"]
+    finally:
+        runner.stop()
+        thread.join(10)
+        publisher.close()
+        with kombu.Connection(broker_url) as conn:
+            conn.channel().queue_delete(f"vtorque.node.{other}")
