@@ -94,8 +94,7 @@ def skew_bounds(age_s: float, interval_s: float) -> tuple[float, float]:
 
 def check_clock(config, max_skew: float = 2.0) -> Check:
     """NTP sync here (timedatectl), and the other nodes' clocks from their heartbeats' timestamps."""
-    from vtorque.cli.status import latest_per_node, read_heartbeats
-    from vtorque.services.node_worker.heartbeat import is_stale
+    from vtorque.shared.node_registry import is_stale, latest_per_node, read_heartbeats
     from vtorque.shared.messages import utcnow
 
     notes, status = [], OK

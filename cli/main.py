@@ -156,7 +156,8 @@ def status(job_id: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per node.")
 def nodes(as_json: bool) -> None:
     """The node workers' latest heartbeats: cores, free memory, guests running, KVM or TCG."""
-    from vtorque.cli.status import latest_per_node, read_heartbeats, render_nodes
+    from vtorque.cli.status import render_nodes
+    from vtorque.shared.node_registry import latest_per_node, read_heartbeats
     from vtorque.shared import messages as m
 
     config = _config()

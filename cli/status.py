@@ -141,16 +141,8 @@ def render_status(st: JobStatus) -> str:
 
 # -- nodes -----------------------------------------------------------------------------------------------
 
-def latest_per_node(beats: list) -> list:
-    latest: dict = {}
-    for beat in beats:
-        if beat.node not in latest or beat.created_at > latest[beat.node].created_at:
-            latest[beat.node] = beat
-    return [latest[n] for n in sorted(latest)]
-
-
 def render_nodes(beats: list, now=None) -> str:
-    from vtorque.services.node_worker.heartbeat import is_stale
+    from vtorque.shared.node_registry import is_stale
     from vtorque.shared.messages import utcnow
 
     now = now or utcnow()
@@ -163,37 +155,3 @@ def render_nodes(beats: list, now=None) -> str:
                    f"{accel:<5} {age:>5.0f}s  {','.join(b.capabilities)}")
     return "\n".join(out)
 
-
-def read_heartbeats(url: str, timeout: float = 5.0) -> list:
-    """Every heartbeat in the vtorque.nodes queue, taken without acknowledging (so they stay for others)."""
-    import msgspec
-
-    from vtorque.services.node_worker.heartbeat import nodes_queue
-    from vtorque.shared import messages as m
-    from vtorque.shared.bus import connect, declare_topology
-
-    beats = []
-    conn = connect(url, timeout=timeout)
-    try:
-        channel = conn.channel()
-        queue = nodes_queue()
-        declare_topology(channel, [queue])
-        bound = queue(channel)
-        seen: set[str] = set()
-        while True:
-            raw = bound.get(no_ack=False)
-            if raw is None:
-                break
-            if raw.properties.get("message_id") in seen:
-                break  # a requeued one came round again: we have them all
-            try:
-                msg = m.decode(raw.body)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                raw.ack()  # not a heartbeat anyone can read: drop it
-                continue
-            seen.add(msg.message_id)
-            if isinstance(msg, m.NodeHeartbeat):
-                beats.append(msg)
-    finally:
-        conn.release()  # the unacknowledged heartbeats go back to the queue
-    return beats

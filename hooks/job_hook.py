@@ -114,7 +114,7 @@ def _wait_for_guests(channel, job_id: str, deadline: float, deadline_s: float, p
             expected = {g.name for g in event.guests}
             progress(f"planned {len(expected)} guest(s) on {', '.join(sorted({g.node for g in event.guests}))}")
         elif isinstance(event, m.JobRejected):
-            return Outcome(Verdict.REJECTED, event.reason)
+            return Outcome(Verdict.FAILED if event.retryable else Verdict.REJECTED, event.reason)
         elif isinstance(event, m.ImageStaged):
             if event.job_id != job_id:
                 continue  # another job's staging of the same image

@@ -131,6 +131,8 @@ class SpecConfig(_Section):
     # vRDMA backends a vrdma=true job must get (any of them); empty: the best each node has. E.g.
     # ["sriov-vf", "skvm-virtio-rdma"] on a site where shared memory on one node is not enough.
     vrdma_require: list[Literal["sriov-vf", "skvm-virtio-rdma", "pvrdma", "ivshmem"]] = []
+    # The bridge plans only onto nodes whose node worker sent a fresh heartbeat with what the spec needs.
+    check_node_capabilities: bool = True
 
 
 class GuestMount(_Section):

@@ -138,9 +138,10 @@ class JobPlanned(Event, frozen=True):
 
 
 class JobRejected(Event, frozen=True):
-    """The bridge refused the job for good: a retry cannot cure it."""
+    """The bridge refused the job: for good, unless `retryable` (e.g. a node worker not heard from)."""
 
     reason: str
+    retryable: bool = False
 
 
 class ImageStaged(Event, frozen=True):

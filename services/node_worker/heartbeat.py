@@ -16,26 +16,16 @@ import logging
 import os
 import threading
 
-from kombu import Queue, binding
 
 from vtorque.shared import messages as m
 from vtorque.shared import metrics
-from vtorque.shared.bus import EVENTS, Publisher, connect, declare_topology
+from vtorque.shared.bus import Publisher, connect, declare_topology
 from vtorque.shared.logs import log
+from vtorque.shared.node_registry import TTL_INTERVALS, is_stale, nodes_queue  # noqa: F401 - is_stale: callers' API
 
 from . import iocm, vrdma
 
 LOG = logging.getLogger("vtorque.node_worker.heartbeat")
-NODES_QUEUE = "vtorque.nodes"
-NODES_TTL_MS = 60_000  # one minute of heartbeats per node stays readable; older ones expire in the broker
-TTL_INTERVALS = 3
-
-
-def nodes_queue() -> Queue:
-    """Classic, durable, bounded: old heartbeats expire on their own and the queue never grows past it."""
-    return Queue(NODES_QUEUE, exchange=EVENTS, durable=True, bindings=[binding(EVENTS, routing_key="node.*.heartbeat")],
-                 queue_arguments={"x-message-ttl": NODES_TTL_MS, "x-max-length": 100_000, "x-overflow": "drop-head"})
-
 
 # -- pure ------------------------------------------------------------------------------------------------
 
@@ -54,12 +44,6 @@ def capabilities(domain_type: str, kernel_boot_images: int, hugepages: bool) -> 
     if hugepages:
         caps.append("hugepages")
     return caps
-
-
-def is_stale(beat: m.NodeHeartbeat, now=None) -> bool:
-    """A node that missed three beats in a row."""
-    age = ((now or m.utcnow()) - beat.created_at).total_seconds()
-    return age > TTL_INTERVALS * beat.interval
 
 
 # -- I/O -------------------------------------------------------------------------------------------------

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import logging
 
-from vtorque.shared import messages as m
+import uuid
+
 from kombu import Queue, binding
+
+from vtorque.shared import messages as m
 
 from vtorque.shared.bus import _QUORUM, EVENTS, Publisher, bridge_queue
 from vtorque.shared.config import Config, refresh_catalog
 from vtorque.shared.logs import log
+from vtorque.shared.node_registry import read_heartbeats
 from vtorque.shared.spec import SpecError, validate, validate_user_metadata
 
+from .capacity import Unfit, check_nodes
 from .planning import PlanError, boot_commands, plan_guests
 
 LOG = logging.getLogger("vtorque.bridge")
@@ -32,12 +37,39 @@ class SchedulerBridge:
 
     def __init__(self, config: Config, publisher: Publisher):
         self.config, self.publisher = config, publisher
+        # The nodes' latest heartbeats: what each node can do. Not job state: every replica keeps its own copy
+        # from its own subscription (and the retained ones in vtorque.nodes), so none needs another's.
+        self.beats: dict[str, m.NodeHeartbeat] = {}
+        self._beats_queue = Queue(f"vtorque.bridge.nodes.{uuid.uuid4().hex[:12]}", exchange=EVENTS,
+                                  exclusive=True, auto_delete=True, durable=False,
+                                  bindings=[binding(EVENTS, routing_key="node.*.heartbeat")])
 
     def queues(self):
-        return [bridge_queue(), prefetch_queue()]
+        queues = [bridge_queue(), prefetch_queue()]
+        if self.config.spec.check_node_capabilities:
+            queues.append(self._beats_queue)
+        return queues
 
     def handlers(self):
-        return {m.JobStarted: self.on_job_started, m.JobEnded: self.on_job_ended, m.JobQueued: self.on_job_queued}
+        return {m.JobStarted: self.on_job_started, m.JobEnded: self.on_job_ended, m.JobQueued: self.on_job_queued,
+                m.NodeHeartbeat: self.on_heartbeat}
+
+    def on_heartbeat(self, beat: m.NodeHeartbeat) -> None:
+        known = self.beats.get(beat.node)
+        if known is None or beat.created_at >= known.created_at:
+            self.beats[beat.node] = beat
+
+    def _unfit(self, spec, job: m.JobStarted) -> Unfit | None:
+        if not self.config.spec.check_node_capabilities:
+            return None
+        if any(n.host not in self.beats for n in job.nodes):
+            # A node worker that started moments ago: its first heartbeat is retained in vtorque.nodes.
+            try:
+                for beat in read_heartbeats(self.config.broker.connection_url(), self.config.broker.connect_timeout):
+                    self.on_heartbeat(beat)
+            except Exception as exc:  # noqa: BLE001 - then the cache is all there is
+                log(LOG, logging.WARNING, "could not read the retained heartbeats", error=str(exc))
+        return check_nodes(spec, job.nodes, self.beats, self.config, m.utcnow())
 
     def on_job_started(self, job: m.JobStarted) -> None:
         refresh_catalog(self.config)  # an image `vtorque images add`ed since this bridge started
@@ -47,9 +79,16 @@ class SchedulerBridge:
             if not job.nodes:
                 raise PlanError("the scheduler gave the job no nodes")
             guests = plan_guests(job, spec, self.config, user_metadata)
+            unfit = self._unfit(spec, job)
         except (SpecError, PlanError) as exc:
             log(LOG, logging.WARNING, "job rejected", reason=str(exc))
             self.publisher.publish(m.JobRejected.new(job_id=job.job_id, deadline=job.deadline, reason=str(exc)))
+            return
+        if unfit is not None:
+            # Before any guest boots: the plan goes only onto nodes that can run it.
+            log(LOG, logging.WARNING, "job rejected", reason=unfit.reason, retryable=unfit.retryable)
+            self.publisher.publish(m.JobRejected.new(job_id=job.job_id, deadline=job.deadline, reason=unfit.reason,
+                                                     retryable=unfit.retryable))
             return
         self.publisher.publish(m.JobPlanned.new(job_id=job.job_id, deadline=job.deadline, guests=guests))
         # Staging is asked first so it overlaps the node workers' own preparation.

@@ -10,7 +10,7 @@ from vtorque.cli import doctor, status, trace_view
 from vtorque.cli.trace_view import SpanRow
 from vtorque.services.node_worker import heartbeat
 from vtorque.shared import messages as m
-from vtorque.shared import metrics
+from vtorque.shared import metrics, node_registry
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 
@@ -145,7 +145,7 @@ def test_nodes_table_keeps_the_latest_beat_per_node():
     old, _ = _beat("n1")
     new, now = _beat("n1", age=0)
     other, _ = _beat("n2")
-    latest = status.latest_per_node([new, other, old])
+    latest = node_registry.latest_per_node([new, other, old])
     assert [b.node for b in latest] == ["n1", "n2"] and latest[0] is new
     text = status.render_nodes(latest, now)
     assert "n1" in text and "tcg" in text and "up" in text

@@ -1,0 +1,64 @@
+"""Which node workers are alive and what they offer: their NodeHeartbeat events, kept for a minute in the
+durable queue `vtorque.nodes` (each expires there on its own), read without acknowledging so they stay for
+the next reader. Used by `vtorque nodes`/`doctor` and by the bridge to plan only onto capable nodes."""
+
+from __future__ import annotations
+
+import msgspec
+from kombu import Queue, binding
+
+from vtorque.shared import messages as m
+from vtorque.shared.bus import EVENTS, connect, declare_topology
+
+NODES_QUEUE = "vtorque.nodes"
+NODES_TTL_MS = 60_000  # one minute of heartbeats per node stays readable; older ones expire in the broker
+TTL_INTERVALS = 3
+
+
+def nodes_queue() -> Queue:
+    """Classic, durable, bounded: old heartbeats expire on their own and the queue never grows past it."""
+    return Queue(NODES_QUEUE, exchange=EVENTS, durable=True, bindings=[binding(EVENTS, routing_key="node.*.heartbeat")],
+                 queue_arguments={"x-message-ttl": NODES_TTL_MS, "x-max-length": 100_000, "x-overflow": "drop-head"})
+
+
+def is_stale(beat: m.NodeHeartbeat, now=None) -> bool:
+    """A node that missed three beats in a row."""
+    age = ((now or m.utcnow()) - beat.created_at).total_seconds()
+    return age > TTL_INTERVALS * beat.interval
+
+
+def latest_per_node(beats: list) -> list:
+    latest: dict = {}
+    for beat in beats:
+        if beat.node not in latest or beat.created_at > latest[beat.node].created_at:
+            latest[beat.node] = beat
+    return [latest[n] for n in sorted(latest)]
+
+
+def read_heartbeats(url: str, timeout: float = 5.0) -> list:
+    """Every heartbeat in the vtorque.nodes queue, taken without acknowledging (so they stay for others)."""
+    beats = []
+    conn = connect(url, timeout=timeout)
+    try:
+        channel = conn.channel()
+        queue = nodes_queue()
+        declare_topology(channel, [queue])
+        bound = queue(channel)
+        seen: set[str] = set()
+        while True:
+            raw = bound.get(no_ack=False)
+            if raw is None:
+                break
+            if raw.properties.get("message_id") in seen:
+                break  # a requeued one came round again: we have them all
+            try:
+                msg = m.decode(raw.body)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                raw.ack()  # not a heartbeat anyone can read: drop it
+                continue
+            seen.add(msg.message_id)
+            if isinstance(msg, m.NodeHeartbeat):
+                beats.append(msg)
+    finally:
+        conn.release()  # the unacknowledged heartbeats go back to the queue
+    return beats
