@@ -91,24 +91,32 @@ class Heartbeat:
         self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
     def start(self) -> "Heartbeat":
+        # The first beat goes out before the worker consumes: a node that takes commands is a node the bridge
+        # already knows (it plans only onto nodes with a fresh heartbeat).
+        self._publisher = Publisher(self.url)
+        self._declared = False
+        self._beat()
         self.thread.start()
         return self
 
+    def _beat(self) -> None:
+        try:
+            if not self._declared:
+                with connect(self.url) as conn:
+                    channel = conn.channel()
+                    declare_topology(channel, [nodes_queue()])
+                self._declared = True
+            beat = node_facts(self.worker)
+            metrics.set_guests_running(beat.node, beat.guests_running)
+            self._publisher.publish(beat)
+        except Exception as exc:  # noqa: BLE001 - a missed beat must not end the beating
+            log(LOG, logging.WARNING, "heartbeat not sent", error=str(exc))
+            self._publisher.close()
+
     def _run(self) -> None:
-        publisher = Publisher(self.url)
-        declared = False
-        while not self.stop.is_set():
-            try:
-                if not declared:
-                    with connect(self.url) as conn:
-                        channel = conn.channel()
-                        declare_topology(channel, [nodes_queue()])
-                    declared = True
-                beat = node_facts(self.worker)
-                metrics.set_guests_running(beat.node, beat.guests_running)
-                publisher.publish(beat)
-            except Exception as exc:  # noqa: BLE001 - a missed beat must not end the beating
-                log(LOG, logging.WARNING, "heartbeat not sent", error=str(exc))
-                publisher.close()
-            self.stop.wait(self.interval)
-        publisher.close()
+        # A publisher of this thread's own (py-amqp connections are not thread-safe): the first was start()'s.
+        self._publisher.close()
+        self._publisher = Publisher(self.url)
+        while not self.stop.wait(self.interval):
+            self._beat()
+        self._publisher.close()
