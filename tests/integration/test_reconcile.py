@@ -85,6 +85,7 @@ def test_guests_of_a_job_that_ended_without_epilogue_are_removed(broker_url, tmp
         worker.wait(30)
         shutil.rmtree(stray, ignore_errors=True)
         hv.remove(f"vt-{job}-{node}-0")
+        shutil.rmtree(Path(config.node.guest_dir) / f"vt-{job}-{node}-0", ignore_errors=True)
 
 
 def test_a_worker_killed_mid_boot_does_not_boot_the_guest_twice(broker_url, tmp_path, key):
