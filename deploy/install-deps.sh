@@ -13,6 +13,7 @@ PKGS=(
   busybox-static cpio
   munge slurmctld slurmd slurm-client slurm-wlm-torque
   dropbear-bin genisoimage openssh-client e2fsprogs
+  debootstrap wget lz4  # tests/guest/cloud/build.sh: the Debian cloud test guest
 )
 LOCK_TIMEOUT=900
 APT_OPTS=(-o "DPkg::Lock::Timeout=$LOCK_TIMEOUT" -o "Acquire::Retries=3")

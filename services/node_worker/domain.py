@@ -12,6 +12,9 @@ from . import numa, vrdma
 
 METADATA_NS = "https://vtorque.org/xmlns/guest/1"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+# The user-mode NIC's MAC, the same in every guest (each guest's slirp network is its own), so a seed's
+# network-config can name it; outside 52:54:00:…, where job network MACs are (shared/job_network.py).
+USER_NET_MAC = "52:54:01:00:00:01"
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,7 @@ def domain_xml(guest: m.GuestPlan, disks: GuestDisks, boot: BootSource, meta: Gu
     # <portForward> on type='user', so the netdev goes on the QEMU command line.
     cmd = ET.SubElement(dom, f"{{{QEMU_NS}}}commandline")
     args = ["-netdev", f"user,id=vtnet0,hostfwd=tcp:127.0.0.1:{meta.ssh_port}-:22",
-            "-device", "virtio-net-pci,netdev=vtnet0,addr=0x10"]
+            "-device", f"virtio-net-pci,netdev=vtnet0,mac={USER_NET_MAC},addr=0x10"]
     if job_nic:
         # The job's guests, on every node, share one L2 segment: QEMU's socket netdev on a multicast group.
         args += ["-netdev", f"socket,id=vtjob0,mcast={job_nic.group}:{job_nic.port},localaddr={job_nic.localaddr}",

@@ -8,6 +8,10 @@ import shlex
 from vtorque.shared import messages as m
 from vtorque.shared.config import GuestMount
 
+from .domain import USER_NET_MAC
+
+READY_MESSAGE = "VTORQUE-GUEST-READY uptime=$UPTIME"
+
 
 def seed_files(guest: m.GuestPlan, job_id: str, peers: list[m.GuestPeer] | None = None,
                network: m.JobNetwork | None = None, mac: str | None = None,
@@ -32,7 +36,16 @@ def seed_files(guest: m.GuestPlan, job_id: str, peers: list[m.GuestPeer] | None 
         "lock_passwd": True,
         "ssh_authorized_keys": guest.ssh_authorized_keys,
     }
-    ours: dict = {"hostname": guest.name, "users": [user], "ssh_pwauth": False, "disable_root": owner.uid != 0}
+    ours: dict = {"hostname": guest.name, "users": [user], "ssh_pwauth": False, "disable_root": owner.uid != 0,
+                  # cloud-init writes this to the console when it is done: the readiness marker of cloud images
+                  # (readiness.py); the user's own final_message follows it.
+                  "final_message": " ".join(filter(None, [READY_MESSAGE, guest.user_metadata.get("final_message")]))}
+    if owner.uid != 0:
+        # The owner's own gid: cloud-init's users have no gid key, and useradd would make a group of its choosing.
+        # bootcmd runs before users-groups; the group keeps the gid if the image has one already.
+        user["primary_group"] = str(owner.gid)
+        ours["bootcmd"] = [["sh", "-c", 'getent group "$1" >/dev/null || groupadd -g "$1" "$2"', "vtorque-gid",
+                            str(owner.gid), owner.user]]
     if guest.distro in ("redhat", "centos"):
         user["shell"] = "/bin/bash"
     env = {
@@ -54,7 +67,9 @@ def seed_files(guest: m.GuestPlan, job_id: str, peers: list[m.GuestPeer] | None 
         env |= {"VT_JOB_IP": f"{me.address}/{network.prefix}", "VT_JOB_MAC": mac, "VT_HOSTS": hosts,
                 "VT_NODEFILE": nodefile}
         files["network-config"] = json.dumps({"version": 2, "ethernets": {"jobnet": {
-            "match": {"macaddress": mac}, "addresses": [f"{me.address}/{network.prefix}"]}}}, indent=1).encode()
+            "match": {"macaddress": mac}, "addresses": [f"{me.address}/{network.prefix}"]},
+            # A network-config turns off cloud-init's fallback DHCP: the user-mode NIC (sshd's port forward) too.
+            "usernet": {"match": {"macaddress": USER_NET_MAC}, "dhcp4": True}}}, indent=1).encode()
         ours |= {"manage_etc_hosts": False, "write_files": [
             {"path": "/etc/vtorque/nodefile", "permissions": "0644", "content": nodefile},
             {"path": "/etc/hosts", "permissions": "0644", "append": True, "content": hosts}]}
