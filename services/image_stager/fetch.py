@@ -176,32 +176,36 @@ def _copy_and_hash(src: int, dst: int, size: int, segments: list[tuple[int, int]
 def _copier(src: int, dst: int, size: int, segments: list[tuple[int, int]], state: _CopyState,
             chunk: int) -> None:
     try:
+        offset = 0
         for start, end in segments + [(size, size)]:
-            _advance(state, start, chunk)  # the hole before this segment is already "copied"
-            offset = start
+            while offset < start:  # a hole: nothing to copy (it reads as zeros), only to hand on, in steps
+                offset = min(start, offset + chunk)
+                if not _advance(state, offset, chunk):
+                    return
             while offset < end:
                 n = min(chunk, end - offset)
-                with state.cond:  # stay within WINDOW chunks of the hasher so it reads from the page cache
-                    while offset - state.hashed > WINDOW * chunk and not state.stop:
-                        state.cond.wait(0.5)
-                    if state.stop:
-                        return
                 _copy_range(src, dst, offset, n)
                 _start_writeback(dst, offset, n)
                 offset += n
-                _advance(state, offset, chunk)
+                if not _advance(state, offset, chunk):
+                    return
     except BaseException as exc:  # noqa: BLE001 - handed to the hashing thread, which raises it
         with state.cond:
             state.error = exc if isinstance(exc, OSError) else FetchError(str(exc))
             state.cond.notify_all()
 
 
-def _advance(state: _CopyState, offset: int, chunk: int) -> None:
+def _advance(state: _CopyState, offset: int, chunk: int) -> bool:
+    """Hand bytes up to `offset` to the hasher; first wait while more than WINDOW chunks are unhashed (they
+    must still be in the page cache when the hasher reads them). False when the hasher gave up."""
     with state.cond:
-        while offset - state.hashed > WINDOW * chunk and not state.stop:
+        while offset - state.hashed > (WINDOW + 1) * chunk and not state.stop:
             state.cond.wait(0.5)
+        if state.stop:
+            return False
         state.copied = max(state.copied, offset)
         state.cond.notify_all()
+        return True
 
 
 _use_copy_file_range = hasattr(os, "copy_file_range")
@@ -310,6 +314,7 @@ def download(url: str, dest: Path, *, timeout: float = 30.0, retries: int = 5, r
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, done)
+        os.lseek(fd, done, os.SEEK_SET)
         failures = 0
         total: int | None = None
         buf = bytearray(NET_BUFFER)
@@ -322,8 +327,10 @@ def download(url: str, dest: Path, *, timeout: float = 30.0, retries: int = 5, r
                 response = _open(url, done, validator, timeout)
                 with response:
                     status = response.status
-                    if done and status == 200:
-                        raise _Restart()
+                    if done and status == 200:  # it ignored the Range (or the file changed): take it all again
+                        os.ftruncate(fd, 0)
+                        os.lseek(fd, 0, os.SEEK_SET)
+                        done, h = 0, hashlib.sha256()
                     if status == 206:
                         rng = parse_content_range(response.headers.get("Content-Range"))
                         if rng is None or rng[0] != done:

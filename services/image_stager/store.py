@@ -341,7 +341,8 @@ class ImageStore:
                 continue
             digest = entry.name
             leases = self.live_leases(digest)
-            last = max([info.st_mtime, _mtime(self.root / "used" / digest)] + [_mtime(p) for p in leases])
+            used = _mtime(self.root / "used" / digest) or info.st_mtime  # the image's own mtime: when staged
+            last = max([used] + [_mtime(p) for p in leases])
             # Blocks, not the apparent size: a sparse raw image costs the store only its data.
             images.append(ImageUsage(digest, info.st_blocks * 512, last, len(leases), self._live_wants(digest),
                                      self.meta(digest)))
