@@ -7,15 +7,14 @@ callback and stop when `cancelled()` says so. Neither decides anything about the
 
 Why the local copy looks like this (measured, docs/benchmarks.md "Image staging"): sha256 runs at ~1.4 GB/s
 on one core here, about as fast as the disk reads, so hashing must overlap the copy rather than follow it;
-the kernel copy needs almost no CPU, leaving the other core to the hash. Writeback of each copied chunk is
-started at once (sync_file_range), so the fsync that makes the image durable finds little left to write.
-Holes in a sparse source (raw cloud images) stay holes: only its data segments are copied.
+the kernel copy needs little CPU, leaving the other core to the hash, which reads what was written straight
+from the page cache (mmap), so the bytes verified are the bytes stored. Neither function fsyncs: the store
+makes a verified image durable in the background (store.py). Holes in a sparse source (raw cloud images) stay
+holes: only its data segments are copied.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import hashlib
 import http.client
@@ -71,20 +70,6 @@ def _no_progress(done: int, total: int | None) -> None:
 
 # -- local files ------------------------------------------------------------------------------------------
 
-_SYNC_FILE_RANGE_WRITE = 2
-try:
-    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    _sync_file_range = _libc.sync_file_range
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-except (OSError, AttributeError):  # not glibc/Linux: the final fsync does all the writing
-    _sync_file_range = None
-
-
-def _start_writeback(fd: int, offset: int, length: int) -> None:
-    if _sync_file_range is not None:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
-
-
 def data_segments(fd: int, size: int) -> list[tuple[int, int]]:
     """[start, end) ranges holding data; holes between them read as zeros. Whole file if SEEK_DATA is absent."""
     segments: list[tuple[int, int]] = []
@@ -131,7 +116,6 @@ def copy_local(source: Path, dest: Path, *, progress: Progress = _no_progress, c
             os.ftruncate(dst, size)  # full length at once: holes stay holes, and the hasher may map any range
             os.posix_fadvise(src, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             digest = _copy_and_hash(src, dst, size, data_segments(src, size), progress, cancelled, chunk)
-            os.fsync(dst)
         finally:
             os.close(dst)
     finally:
@@ -185,7 +169,6 @@ def _copier(src: int, dst: int, size: int, segments: list[tuple[int, int]], stat
             while offset < end:
                 n = min(chunk, end - offset)
                 _copy_range(src, dst, offset, n)
-                _start_writeback(dst, offset, n)
                 offset += n
                 if not _advance(state, offset, chunk):
                     return
@@ -375,7 +358,6 @@ def download(url: str, dest: Path, *, timeout: float = 30.0, retries: int = 5, r
             except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
                 failures = 0 if got_bytes else failures
                 failures = _failed(url, failures, retries, _reason(exc), cancelled)
-        os.fsync(fd)
     finally:
         os.close(fd)
     sidecar.unlink(missing_ok=True)

@@ -78,6 +78,10 @@ class ImageStager:
         images = config.images
         self.store = store or ImageStore(images.store, budget=parse_size(images.store_budget),
                                          http_timeout=images.http_timeout, http_retries=images.http_retries)
+        try:  # what a stager that died left in tmp/: conversions at once, partial downloads when a day old
+            self.store.clean_tmp()
+        except OSError as exc:
+            log(LOG, logging.WARNING, "could not clean the store's tmp/", error=str(exc))
 
     def queues(self):
         return [stager_queue()]

@@ -1,9 +1,13 @@
 """The content-addressed image store: <store>/sha256/<digest>, verified while copied, written atomically.
 
-A file under sha256/ is always complete and verified: copies go to tmp/ and are renamed in only after their
-digest matched and their data reached the disk (fsync), so a crash at any point leaves either nothing there
-or a complete verified image. The store is a directory every stager (and every node worker) sees; all its
-coordination is in files, so it holds across threads, processes and hosts sharing it:
+An image under sha256/ is complete and verified: copies go to tmp/ and are renamed in only after their digest
+matched. Making the bytes durable (fsync) is not on the job's path: it runs in the background right after the
+rename, and until it is done the image's meta says `durable: false` with this host's boot id. In this boot the
+page cache holds exactly the verified bytes, so the image is good; after a crash and reboot it may not be, so
+an image staged here and not yet durable in an earlier boot is not `has()` and is verified again before use.
+So a crash at any point leaves either nothing usable or a complete verified image. The store is a directory
+every stager (and every node worker) sees; all its coordination is in files, so it holds across threads,
+processes and hosts sharing it:
 
     sha256/<digest>            verified images (the digest is the sha256 of the catalog's source bytes)
     meta/<digest>.json         how it was staged: source, formats, sizes, when, by whom
@@ -22,6 +26,7 @@ waiting, and skips images with leases or waiting requests.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import fcntl
@@ -40,6 +45,11 @@ from . import fetch
 from .fetch import FetchCancelled, FetchError
 
 HOST = socket.gethostname().split(".")[0]
+try:
+    BOOT_ID = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+except OSError:
+    BOOT_ID = ""
+_durability = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-fsync")
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 TOMBSTONE_TTL = 7 * 24 * 3600.0
@@ -117,13 +127,20 @@ class ImageStore:
                  http_retries: int = 5):
         self.root = Path(root)
         self.budget = budget
+        self._pending: list[concurrent.futures.Future] = []
         self.http_timeout, self.http_retries = http_timeout, http_retries
 
     def path(self, digest: str) -> Path:
         return self.root / "sha256" / digest
 
     def has(self, digest: str) -> bool:
-        return self.path(digest).is_file()
+        """The image is there, verified, and can be trusted (see `suspect`)."""
+        return self.path(digest).is_file() and not self.suspect(digest)
+
+    def suspect(self, digest: str) -> bool:
+        """Staged on this host in an earlier boot and not yet durable then: a crash may have torn it."""
+        meta = self.meta(digest)
+        return meta.get("durable") is False and meta.get("host") == HOST and meta.get("boot_id") != BOOT_ID
 
     def meta(self, digest: str) -> dict:
         try:
@@ -149,13 +166,13 @@ class ImageStore:
         cancelled = cancelled or (lambda: False)
         self._dirs()
         final = self.path(digest)
-        if final.is_file():
+        if self.has(digest):
             return self._hit(digest, started)
         lock = self._wait_for_lock(digest, cancelled)
         if lock is None:  # another stager finished it while we waited
             return self._hit(digest, started)
         try:
-            if final.is_file():
+            if final.is_file() and (not self.suspect(digest) or self._verify_again(digest)):
                 return self._hit(digest, started)
             if cancelled():
                 raise StageCancelled(f"staging of {digest[:12]}… cancelled: no job needs it any more")
@@ -194,7 +211,7 @@ class ImageStore:
                 except OSError as exc:
                     if exc.errno not in (errno.EAGAIN, errno.EACCES):
                         raise
-                if self.path(digest).is_file():
+                if self.has(digest):
                     fh.close()
                     return None
                 if cancelled():
@@ -243,17 +260,53 @@ class ImageStore:
             meta = {"digest": digest, "source": _shown(source), "format": target_format,
                     "source_format": source_format, "converted_from": converted_from, "compressed": compress,
                     "source_bytes": size, "bytes": staged.stat().st_size, "staged_at": time.time(),
-                    "host": HOST, "pid": os.getpid(), "job_id": job_id}
+                    "host": HOST, "pid": os.getpid(), "job_id": job_id, "durable": False, "boot_id": BOOT_ID}
             _write_atomic(self.root / "meta" / f"{digest}.json", json.dumps(meta, indent=1).encode(), 0o644)
             os.chmod(staged, 0o644)
             os.rename(staged, self.path(digest))
-            _fsync_dir(self.root / "sha256")
+            self._pending.append(_durability.submit(self._make_durable, digest))
             return size, converted_from
         finally:
             if not keep_part:
                 part.unlink(missing_ok=True)
                 sidecar.unlink(missing_ok=True)
             converted_path.unlink(missing_ok=True)
+
+    def _make_durable(self, digest: str) -> None:
+        path = self.path(digest)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return  # evicted meanwhile
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(path.parent)
+        meta = self.meta(digest)
+        if meta.get("durable") is False:
+            meta["durable"] = True
+            _write_atomic(self.root / "meta" / f"{digest}.json", json.dumps(meta, indent=1).encode(), 0o644)
+            _fsync_dir(self.root / "meta")
+
+    def wait_durable(self, timeout: float | None = None) -> None:
+        """Until the images this store object staged are on disk (tests, benchmarks, a clean shutdown)."""
+        concurrent.futures.wait(self._pending, timeout=timeout)
+        for future in self._pending:
+            if future.done():
+                future.result()
+        self._pending = [f for f in self._pending if not f.done()]
+
+    def _verify_again(self, digest: str) -> bool:
+        """Hash a suspect image (see `suspect`) again: True and durable when it is whole, else it is removed."""
+        size, got = fetch.hash_file(self.path(digest))
+        if got == digest:
+            self._make_durable(digest)
+            self.journal("verified-again", digest=digest, bytes=size)
+            return True
+        self.path(digest).unlink(missing_ok=True)
+        self.journal("torn", digest=digest, got=got)
+        return False
 
     def _check_space(self, needed: int | None) -> None:
         if not needed:
@@ -478,11 +531,6 @@ def _convert(src: Path, dst: Path, source_format: str, target_format: str, compr
         time.sleep(0.05)
     if proc.returncode != 0:
         raise StageError(f"qemu-img convert failed: {proc.stderr.read().strip()[:300]}")
-    fd = os.open(dst, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:

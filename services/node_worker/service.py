@@ -25,7 +25,7 @@ from vtorque.services.image_stager.store import ImageStore
 from vtorque.shared import messages as m
 from vtorque.shared import tracing
 from vtorque.shared.bus import EventWaiter, Publisher, node_queue
-from vtorque.shared.config import Config
+from vtorque.shared.config import Config, refresh_catalog
 from vtorque.shared.logs import log
 from vtorque.shared.spec import SpecError
 from vtorque.shared.user_files import check_user_file
@@ -170,6 +170,8 @@ class NodeWorker:
         deadline = min(time.monotonic() + self.config.node.boot_timeout,
                        time.monotonic() + (cmd.deadline - m.utcnow()).total_seconds())
         entry = self.config.images.catalog.get(guest.image)
+        if (entry is None or entry.sha256 != guest.image_digest) and refresh_catalog(self.config):
+            entry = self.config.images.catalog.get(guest.image)  # added by `vtorque images add` since we started
         if entry is None or entry.sha256 != guest.image_digest:
             raise BootFailed(f"image {guest.image} is not in this node's catalog", False)
         with _phase("wait for image"):

@@ -50,6 +50,48 @@ def test_a_local_image_is_verified_written_atomically_and_then_cached(tmp_path):
     assert [j["event"] for j in store.read_journal()] == ["copied"]
 
 
+def test_an_image_becomes_durable_in_the_background(tmp_path):
+    digest = ss.make_image(tmp_path / "b.raw", 8 * MiB)
+    store = ImageStore(tmp_path / "store")
+    store.stage(tmp_path / "b.raw", digest)
+    assert store.has(digest)  # usable at once: this boot's page cache holds the verified bytes
+    store.wait_durable(30)
+    assert store.meta(digest)["durable"] is True
+
+
+def crash_before_durable(store: ImageStore, digest: str) -> None:
+    """What a reboot before the background fsync leaves: meta from an earlier boot, not durable."""
+    meta_path = store.root / "meta" / f"{digest}.json"
+    meta = json.loads(meta_path.read_text())
+    meta.update(durable=False, boot_id="an-earlier-boot")
+    meta_path.write_text(json.dumps(meta))
+
+
+def test_after_a_crash_an_image_not_yet_durable_is_verified_again_before_use(tmp_path):
+    digest = ss.make_image(tmp_path / "v.raw", 8 * MiB)
+    store = ImageStore(tmp_path / "store")
+    store.stage(tmp_path / "v.raw", digest)
+    store.wait_durable(30)
+    crash_before_durable(store, digest)
+    assert not store.has(digest)  # a node worker waits for the stager rather than trusting it
+    again = store.stage(tmp_path / "v.raw", digest)
+    assert again.cached and store.has(digest) and store.meta(digest)["durable"] is True
+    assert [j["event"] for j in store.read_journal()] == ["copied", "verified-again"]
+
+
+def test_after_a_crash_a_torn_image_is_copied_again(tmp_path):
+    digest = ss.make_image(tmp_path / "w.raw", 8 * MiB)
+    store = ImageStore(tmp_path / "store")
+    store.stage(tmp_path / "w.raw", digest)
+    store.wait_durable(30)
+    crash_before_durable(store, digest)
+    with open(store.path(digest), "r+b") as fh:  # the tail never reached the disk
+        fh.truncate(5 * MiB)
+    staged = store.stage(tmp_path / "w.raw", digest)
+    assert not staged.cached and ss.sha256_of(staged.path) == digest
+    assert [j["event"] for j in store.read_journal()] == ["copied", "torn", "copied"]
+
+
 def test_a_sparse_image_stays_sparse(tmp_path):
     src = tmp_path / "sparse.raw"
     with open(src, "wb") as fh:
