@@ -349,3 +349,16 @@ def test_a_lease_on_an_evicted_image_is_refused(tmp_path):
 def test_a_base_outside_a_store_takes_no_lease(tmp_path):
     assert leases.take(tmp_path / "plain.qcow2", tmp_path) is None
     assert not leases.release(tmp_path)
+
+
+def test_the_node_workers_guest_disks_hold_a_lease_for_as_long_as_they_exist(tmp_path):
+    from vtorque.services.node_worker import disks
+
+    store, (e0, e1, e2) = stage_three(tmp_path)
+    seed = {"meta-data": b"instance-id: t\n", "user-data": b"#cloud-config\n"}
+    files = disks.prepare(tmp_path / "guests", "vt-9-n-0", "9.vm", store.path(e0), "raw", seed)
+    assert Path(files.overlay).exists()
+    assert [u.leases for u in store.usage() if u.digest == e0] == [1]
+    assert store.evict(0) == [e1, e2] and store.has(e0)
+    assert disks.remove(tmp_path / "guests", "vt-9-n-0")
+    assert store.evict(0) == [e0]
