@@ -45,3 +45,9 @@ services: configure
 down:
 	-deploy/single-host/services.sh stop
 	-deploy/single-host/stack.sh stop
+
+# The Debian 12 cloud guest with real cloud-init (tests/guest/cloud/README.md); test_cloud_guest.py builds it too.
+CLOUD_GUEST_DIR ?= /var/cache/vtorque/cloudguest
+.PHONY: cloud-guest
+cloud-guest: deps
+	tests/guest/cloud/build.sh $(CLOUD_GUEST_DIR)

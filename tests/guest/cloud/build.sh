@@ -94,6 +94,15 @@ if is_cached; then
     exit 0
 fi
 
+# Leftovers of a build that was killed (SIGKILL skips the traps): nobody else builds here while we hold the lock.
+for old in "$OUT"/.build.*; do
+    [ -d "$old" ] || continue
+    awk -v p="$old/" 'index($2, p) == 1 {print $2}' /proc/mounts | sort -r | while read -r mnt; do
+        umount -l "$mnt" || true
+    done
+    if ! grep -q " $old/" /proc/mounts; then rm -rf "$old"; fi
+done
+
 # No network: say so with exit 3, so a test can tell "cannot build here" from "the build is broken".
 if ! wget -q -T 20 -t 2 -O /dev/null "$MIRROR/dists/$SUITE/Release"; then
     echo "$ME: error: the Debian mirror of the host's apt sources cannot be reached (no network?)" >&2
