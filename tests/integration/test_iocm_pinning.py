@@ -5,7 +5,6 @@ reserve), and its I/O cores are [1, 0] with iocm_min_cores=1, iocm_max_cores=2, 
 widen the I/O threads' pinning from {1} to {0,1} under load and narrow it back when idle.
 """
 
-import shutil
 import subprocess
 import threading
 import time
@@ -15,43 +14,22 @@ from pathlib import Path
 import pytest
 
 from vtorque.cli.launcher import SSH_OPTIONS
-from vtorque.services.image_stager.store import ImageStore
 from vtorque.services.node_worker import iocm, vrdma
-from vtorque.services.node_worker.service import NodeWorker
 from vtorque.shared import messages as m
-from vtorque.shared.bus import EventWaiter, Publisher, ServiceRunner
-from vtorque.shared.config import Config, ImagesConfig, NodeConfig, SpecConfig, load_config
+from vtorque.shared.bus import EventWaiter, Publisher
+from vtorque.shared.config import SpecConfig
+
+from .guests import expect, node_worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.guest]
 
 
 @pytest.fixture
 def worker(broker_url, node_name):
-    site = load_config()
-    if "tiny" not in site.images.catalog:
-        pytest.fail("no image 'tiny' in /etc/vtorque/vtorque.toml: `make test` configures it")
-    root = Path(site.state_dir) / f"test-{uuid.uuid4().hex[:8]}"
-    root.mkdir(mode=0o711)
-    config = Config(state_dir=str(root), broker=site.broker, tracing=site.tracing,
-                    images=ImagesConfig(store=str(root / "images"), catalog=site.images.catalog),
-                    node=NodeConfig(name=node_name, guest_dir=str(root / "guests"), boot_timeout=120,
-                                    iocm_interval=0.5, iocm_widen_mib_s=2.0, iocm_narrow_mib_s=0.25,
-                                    iocm_widen_samples=2, iocm_narrow_samples=4),
-                    spec=SpecConfig(vrdma_require=[]))
-    entry = site.images.catalog["tiny"]
-    ImageStore(config.images.store).stage(entry.source, entry.sha256)
-    svc = NodeWorker(config, Publisher(broker_url))
-    runner = ServiceRunner(broker_url, svc.queues(), svc.handlers())
-    thread = threading.Thread(target=runner.run, daemon=True)
-    thread.start()
-    assert runner.ready.wait(15)
-    yield config, svc
-    runner.stop()
-    thread.join(30)
-    for name, meta in svc.hv.vtorque_domains().items():
-        if meta.get("job", "").startswith("io-"):
-            svc.hv.remove(name)
-    shutil.rmtree(root, ignore_errors=True)
+    with node_worker(broker_url, node_name, "io-", spec=SpecConfig(vrdma_require=[]), iocm_interval=0.5,
+                     iocm_widen_mib_s=2.0, iocm_narrow_mib_s=0.25, iocm_widen_samples=2,
+                     iocm_narrow_samples=4) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")
@@ -59,16 +37,6 @@ def ssh_key(tmp_path_factory):
     key = tmp_path_factory.mktemp("key") / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     return key
-
-
-def expect(waiter, kind, timeout=150):
-    deadline = time.monotonic() + timeout
-    while (event := waiter.next(deadline)) is not None:
-        if isinstance(event, kind):
-            return event
-        if isinstance(event, m.GuestFailed) and kind is not m.GuestFailed:
-            pytest.fail(f"guest failed: {event.reason}\n{event.console_tail}")
-    pytest.fail(f"no {kind.__name__} within {timeout}s")
 
 
 def cores(cpumap) -> list[int]:

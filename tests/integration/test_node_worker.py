@@ -1,9 +1,7 @@
 """The node worker with real libvirt + QEMU (TCG) and the real RabbitMQ, under a node name of its own."""
 
 import os
-import shutil
 import subprocess
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -11,41 +9,18 @@ from pathlib import Path
 import pytest
 
 from vtorque.cli.launcher import SSH_OPTIONS
-from vtorque.services.image_stager.store import ImageStore
-from vtorque.services.node_worker.hypervisor import Hypervisor
-from vtorque.services.node_worker.service import NodeWorker
 from vtorque.shared import messages as m
-from vtorque.shared.bus import EventWaiter, Publisher, ServiceRunner
-from vtorque.shared.config import Config, ImagesConfig, NodeConfig, load_config
+from vtorque.shared.bus import EventWaiter, Publisher
+
+from .guests import expect, node_worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.guest]
 
 
 @pytest.fixture
 def worker(broker_url, node_name):
-    site = load_config()  # the installed site config knows where the test guest is
-    if "tiny" not in site.images.catalog:
-        pytest.fail("no image 'tiny' in /etc/vtorque/vtorque.toml: `make test` configures it")
-    # QEMU runs as libvirt-qemu: its files must be below directories it may traverse, not in pytest's tmp.
-    root = Path(site.state_dir) / f"test-{uuid.uuid4().hex[:8]}"
-    root.mkdir(mode=0o711)
-    config = Config(state_dir=str(root), broker=site.broker, tracing=site.tracing,
-                    images=ImagesConfig(store=str(root / "images"), catalog=site.images.catalog),
-                    node=NodeConfig(name=node_name, guest_dir=str(root / "guests"), boot_timeout=120))
-    entry = site.images.catalog["tiny"]
-    ImageStore(config.images.store).stage(entry.source, entry.sha256)
-    svc = NodeWorker(config, Publisher(broker_url))
-    runner = ServiceRunner(broker_url, svc.queues(), svc.handlers())
-    thread = threading.Thread(target=runner.run, daemon=True)
-    thread.start()
-    assert runner.ready.wait(15)
-    yield config, svc
-    runner.stop()
-    thread.join(30)
-    for name, meta in svc.hv.vtorque_domains().items():
-        if meta.get("job", "").startswith("nw-"):
-            svc.hv.remove(name)
-    shutil.rmtree(root, ignore_errors=True)
+    with node_worker(broker_url, node_name, "nw-") as started:
+        yield started
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +35,6 @@ def guest(config, job, key, digest=None):
     return m.GuestPlan(name=f"vt-{job}-{config.node.name}-0", node=config.node.name, index=0, image="tiny",
                        image_digest=digest or entry.sha256, vcpus=2, ram_mib=192, cores=None,
                        owner=m.Owner(user="root", uid=0, gid=0), ssh_authorized_keys=[key.with_suffix(".pub").read_text().strip()])
-
-
-def expect(waiter, kind, timeout=150):
-    deadline = time.monotonic() + timeout
-    while (event := waiter.next(deadline)) is not None:
-        if isinstance(event, kind):
-            return event
-        if isinstance(event, m.GuestFailed):
-            pytest.fail(f"guest failed: {event.reason}\n{event.console_tail}")
-    pytest.fail(f"no {kind.__name__} within {timeout}s")
 
 
 def test_boot_reannounce_and_teardown(broker_url, worker, ssh_key):
