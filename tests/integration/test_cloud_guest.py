@@ -40,9 +40,9 @@ BOOT_TIMEOUT = 600.0
 def cloud_image() -> ImageEntry:
     """Build (or find cached) the image; skipped only when the build cannot reach the Debian mirror."""
     started = time.monotonic()
-    run = subprocess.run([str(REPO / "tests/guest/cloud/build.sh"), str(CACHE)], capture_output=True, text=True,
+    # Its progress lines go straight to this process's stdout (live with -s); stderr says why it failed.
+    run = subprocess.run([str(REPO / "tests/guest/cloud/build.sh"), str(CACHE)], stderr=subprocess.PIPE, text=True,
                          timeout=1800)
-    print(run.stdout, end="")
     if run.returncode == NO_NETWORK:
         pytest.skip(f"the Debian cloud guest cannot be built here without network: {run.stderr.strip()}")
     assert run.returncode == 0, f"tests/guest/cloud/build.sh failed (rc={run.returncode}):\n{run.stderr[-3000:]}"

@@ -105,7 +105,7 @@ done
 
 # No network: say so with exit 3, so a test can tell "cannot build here" from "the build is broken".
 if ! wget -q -T 20 -t 2 -O /dev/null "$MIRROR/dists/$SUITE/Release"; then
-    echo "$ME: error: the Debian mirror of the host's apt sources cannot be reached (no network?)" >&2
+    echo "$ME: error: the Debian mirror $MIRROR cannot be reached (no network?)" >&2
     exit 3
 fi
 
