@@ -37,6 +37,8 @@ def seed_files(guest: m.GuestPlan, job_id: str, peers: list[m.GuestPeer] | None 
         "ssh_authorized_keys": guest.ssh_authorized_keys,
     }
     ours: dict = {"hostname": guest.name, "users": [user], "ssh_pwauth": False, "disable_root": owner.uid != 0,
+                  # One host key type is enough for the job's own ssh: under TCG each more costs seconds of boot.
+                  "ssh_genkeytypes": ["ed25519"],
                   # cloud-init writes this to the console when it is done: the readiness marker of cloud images
                   # (readiness.py); the user's own final_message follows it.
                   "final_message": " ".join(filter(None, [READY_MESSAGE, guest.user_metadata.get("final_message")]))}

@@ -15,25 +15,28 @@ from vtorque.services.image_stager.store import ImageStore
 from vtorque.services.node_worker.service import NodeWorker
 from vtorque.shared import messages as m
 from vtorque.shared.bus import Publisher, ServiceRunner
-from vtorque.shared.config import Config, ImagesConfig, NodeConfig, SpecConfig, load_config
+from vtorque.shared.config import Config, ImageEntry, ImagesConfig, NodeConfig, SpecConfig, load_config
 
 
 @contextlib.contextmanager
-def node_worker(broker_url: str, node_name: str, job_prefix: str, spec: SpecConfig | None = None, **node):
+def node_worker(broker_url: str, node_name: str, job_prefix: str, spec: SpecConfig | None = None,
+                images: dict[str, ImageEntry] | None = None, **node):
     """A NodeWorker consuming `vtorque.node.<node_name>`, with a state root of its own under the site's
     state_dir (QEMU runs as libvirt-qemu and must traverse to the guest files: not pytest's tmp), the site's
-    test image staged into its own store. Yields (config, worker); removes its guests of `job_prefix`* after."""
+    test image (or `images`) staged into its own store. Yields (config, worker); removes its guests of
+    `job_prefix`* after."""
     site = load_config()
-    if "tiny" not in site.images.catalog:
+    if images is None and "tiny" not in site.images.catalog:
         pytest.fail("no image 'tiny' in /etc/vtorque/vtorque.toml: `make test` configures it")
+    catalog = images if images is not None else site.images.catalog
     root = Path(site.state_dir) / f"test-{uuid.uuid4().hex[:8]}"
     root.mkdir(mode=0o711)
     config = Config(state_dir=str(root), broker=site.broker, tracing=site.tracing,
-                    images=ImagesConfig(store=str(root / "images"), catalog=site.images.catalog),
+                    images=ImagesConfig(store=str(root / "images"), catalog=catalog),
                     node=NodeConfig(name=node_name, guest_dir=str(root / "guests"), **{"boot_timeout": 120, **node}),
                     spec=spec or SpecConfig())
-    entry = site.images.catalog["tiny"]
-    ImageStore(config.images.store).stage(entry.source, entry.sha256)
+    for entry in ([catalog["tiny"]] if images is None else catalog.values()):
+        ImageStore(config.images.store).stage(entry.source, entry.sha256)
     svc = NodeWorker(config, Publisher(broker_url))
     runner = ServiceRunner(broker_url, svc.queues(), svc.handlers())
     thread = threading.Thread(target=runner.run, daemon=True)

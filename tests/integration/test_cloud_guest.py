@@ -7,9 +7,7 @@ import grp
 import json
 import os
 import pwd
-import shutil
 import subprocess
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -17,12 +15,12 @@ from pathlib import Path
 import pytest
 
 from vtorque.cli.launcher import SSH_OPTIONS
-from vtorque.services.image_stager.store import ImageStore
-from vtorque.services.node_worker.service import NodeWorker
 from vtorque.shared import messages as m
-from vtorque.shared.bus import EventWaiter, Publisher, ServiceRunner
-from vtorque.shared.config import Config, ImageEntry, ImagesConfig, NodeConfig, load_config
+from vtorque.shared.bus import EventWaiter, Publisher
+from vtorque.shared.config import ImageEntry
 from vtorque.shared.job_network import guest_address, job_network
+
+from .guests import node_worker
 
 # Beyond pytest's 600 s default: a first build (about 2 min) plus a boot that may take up to BOOT_TIMEOUT.
 pytestmark = [pytest.mark.slow, pytest.mark.guest, pytest.mark.timeout(1800)]
@@ -78,28 +76,9 @@ def owner():
 
 @pytest.fixture
 def worker(broker_url, node_name, cloud_image):
-    site = load_config()
-    # QEMU runs as libvirt-qemu: the image store and guest files must be below directories it may traverse.
-    root = Path(site.state_dir) / f"test-cloud-{uuid.uuid4().hex[:8]}"
-    root.mkdir(mode=0o711)
-    config = Config(state_dir=str(root), broker=site.broker, tracing=site.tracing,
-                    images=ImagesConfig(store=str(root / "images"), catalog={"debian12-cloud": cloud_image}),
-                    node=NodeConfig(name=node_name, guest_dir=str(root / "guests"), boot_timeout=BOOT_TIMEOUT))
-    started = time.monotonic()
-    ImageStore(config.images.store).stage(cloud_image.source, cloud_image.sha256)
-    print(f"staged into the store in {time.monotonic() - started:.1f}s")
-    svc = NodeWorker(config, Publisher(broker_url))
-    runner = ServiceRunner(broker_url, svc.queues(), svc.handlers())
-    thread = threading.Thread(target=runner.run, daemon=True)
-    thread.start()
-    assert runner.ready.wait(15)
-    yield config, svc
-    runner.stop()
-    thread.join(30)
-    for name, meta in svc.hv.vtorque_domains().items():
-        if meta.get("job", "").startswith("cg-"):
-            svc.hv.remove(name)
-    shutil.rmtree(root, ignore_errors=True)
+    with node_worker(broker_url, node_name, "cg-", images={"debian12-cloud": cloud_image},
+                     boot_timeout=BOOT_TIMEOUT) as started:
+        yield started
 
 
 @pytest.fixture

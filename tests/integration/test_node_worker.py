@@ -65,7 +65,7 @@ def test_boot_reannounce_and_teardown(broker_url, worker, ssh_key):
         publisher.publish(m.BootGuests.new(job_id=job, deadline=300.0, node=config.node.name, guests=[plan]))
         again = expect(waiter, m.GuestReady)
         # Re-announced: no phase ran again (ready is only the time spent finding it up).
-        assert (again.timings.define, again.timings.start) == (0, 0) and again.timings.ready < 5
+        assert (again.timings.define, again.timings.start) == (0, 0) and again.timings.ready < 30
         assert again.ssh_port == ready.ssh_port
         assert svc.hv.lookup(plan.name).ID() == first_id
 
