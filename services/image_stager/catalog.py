@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -147,8 +148,6 @@ def inspect(source: str, *, sha256: str | None = None, fmt: str | None = None,
 
 def _inspect_url(url: str, sha256: str | None, fmt: str | None, progress) -> ImageFacts:
     request = urllib.request.Request(url, headers={"User-Agent": "vtorque-images", "Accept-Encoding": "identity"})
-    import hashlib
-
     h = hashlib.sha256()
     head = b""
     done = 0

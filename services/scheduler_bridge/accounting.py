@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Iterable
 
@@ -282,14 +282,14 @@ class _Prefetcher:
     def _queued(self, job_id: str, header: JobHeader, key: str) -> None:
         self.publisher.publish(m.JobQueued(
             message_id=_message_id(self.scheduler, key), job_id=job_id, created_at=m.utcnow(),
-            deadline=m.utcnow() + _seconds(self.config.prefetch.deadline), scheduler=self.scheduler,
+            deadline=m.utcnow() + timedelta(seconds=self.config.prefetch.deadline), scheduler=self.scheduler,
             spec=dict(header.spec)))
         log(LOG, logging.INFO, "VM job queued: image prefetch asked", job_id=job_id, spec=header.spec)
 
     def _deleted(self, job_id: str, reason: str, key: str) -> None:
         self.publisher.publish(m.JobDeleted(
             message_id=_message_id(self.scheduler, key), job_id=job_id, created_at=m.utcnow(),
-            deadline=m.utcnow() + _seconds(self.config.prefetch.deadline), scheduler=self.scheduler,
+            deadline=m.utcnow() + timedelta(seconds=self.config.prefetch.deadline), scheduler=self.scheduler,
             reason=reason))
         log(LOG, logging.INFO, "VM job deleted while queued: its staging withdrawn", job_id=job_id, reason=reason)
 
@@ -437,9 +437,3 @@ def make_prefetcher(config: Config, publisher) -> _Prefetcher:
 def _message_id(scheduler: str, key: str) -> str:
     """The same record always gives the same message id, so a record repeated after a crash is recognisable."""
     return uuid.uuid5(_MESSAGE_IDS, f"{scheduler}:{key}").hex
-
-
-def _seconds(value: float):
-    from datetime import timedelta
-
-    return timedelta(seconds=value)
