@@ -185,13 +185,14 @@ def test_one_job_one_trace_over_otlp(stack, tmp_path):
     key = tmp_path / "keys" / "job"
     key.parent.mkdir()
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    wrapper = render_wrapper("#!/bin/sh\necho OTEL-JOB-RAN on $(hostname)\n", {"img": "tiny", "ram": "256M"},
+    wrapper = render_wrapper("#!/bin/sh\necho OTEL-JOB-RAN on $(hostname)\nexit 7\n", {"img": "tiny", "ram": "256M"},
                              (key.parent / "job.pub").read_text().strip(), str(key), traceparent, LAUNCHER)
 
     user, group = _owner()
     home = tr.TorqueHome(tmp_path / "torque")
     pro = tr.recorded_invocations("prologue")[0].with_job_id(job_id).with_args(a2=user, a3=group)
-    epi = tr.recorded_invocations("epilogue")[0].with_job_id(job_id).with_args(a2=user, a3=group, a10="0")
+    # pbs_mom passes the job shell's exit status as the epilogue's $10: the wrapper's, i.e. the guest's.
+    epi_template = tr.recorded_invocations("epilogue")[0]
     hook_env = {"VTORQUE_CONFIG": str(config)}
     if sys.executable != "/opt/vtorque/venv/bin/python":
         hook_env["VTORQUE_PYTHON"] = sys.executable
@@ -205,8 +206,10 @@ def test_one_job_one_trace_over_otlp(stack, tmp_path):
     ran = subprocess.run(["sh", str(prepared.script)], env={**os.environ, "PBS_JOBID": job_id,
                                                              "VTORQUE_CONFIG": str(config)},
                          capture_output=True, text=True, timeout=120)
-    assert ran.returncode == 0 and "OTEL-JOB-RAN" in ran.stdout, (ran.stdout, ran.stderr)
+    # The guest's exit code is the job shell's: Torque records it as Exit_status and hands it to the epilogue.
+    assert ran.returncode == 7 and "OTEL-JOB-RAN" in ran.stdout, (ran.stdout, ran.stderr)
 
+    epi = epi_template.with_job_id(job_id).with_args(a2=user, a3=group, a10=str(ran.returncode))
     prepared_epi = home.prepare(epi, wrapper)
     prepared_epi.nodefile.write_text(f"{node}\n")
     result = tr.run_hook("epilogue", prepared_epi, hook_env, timeout=120)
@@ -243,6 +246,10 @@ def test_one_job_one_trace_over_otlp(stack, tmp_path):
 
     def named(name, service=None):
         return [s for s in spans if s.name == name and (service is None or s.service == service)]
+
+    # The guest's exit code, as the job's: in the launcher's run span and in the epilogue Torque gave it.
+    assert [s.attributes.get("vtorque.exit_code") for s in named("run job in guest")] == [7]
+    assert [s.attributes.get("vtorque.exit_status") for s in named("epilogue", "vtorque-hook")] == [7]
 
     def parent(s):
         return by_id[s.parent_id]
