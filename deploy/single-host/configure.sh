@@ -28,6 +28,11 @@ chgrp "$(id -gn slurm 2>/dev/null || echo root)" "$ETC/broker.credentials.tmp"
 mv "$ETC/broker.credentials.tmp" "$ETC/broker.credentials"
 umask 022
 
+slurm_state=""
+slurm_conf=""
+[ -r "$STACK/env" ] && slurm_conf=$(. "$STACK/env"; echo "$SLURM_CONF")
+[ -n "$slurm_conf" ] && slurm_state=$(grep -s '^StateSaveLocation=' "$slurm_conf" | cut -d= -f2)
+
 cat > "$ETC/vtorque.toml.tmp" <<TOML
 # vtorque site configuration (single-host demo/test installation, written by deploy/single-host/configure.sh)
 state_dir = "$STATE"
@@ -64,16 +69,16 @@ user_dirs = ["$STACK/jobs"]
 [node]
 guest_dir = "$STATE/guests"
 
+[prefetch]
+scheduler = "slurm"
+slurm_state_dir = "${slurm_state:-$STACK/slurm/state}"
+
 [hooks]
 prologue_timeout = 240
 epilogue_timeout = 60
 TOML
 mv "$ETC/vtorque.toml.tmp" "$ETC/vtorque.toml"
 
-slurm_state=""
-slurm_conf=""
-[ -r "$STACK/env" ] && slurm_conf=$(. "$STACK/env"; echo "$SLURM_CONF")
-[ -n "$slurm_conf" ] && slurm_state=$(grep -s '^StateSaveLocation=' "$slurm_conf" | cut -d= -f2)
 cat > "$ETC/hooks.env" <<ENV
 # Sourced by the hook entry points; a value already in the environment wins (tests use that).
 : "\${VTORQUE_PYTHON:=$PREFIX/venv/bin/python}"

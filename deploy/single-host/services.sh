@@ -1,11 +1,12 @@
 #!/bin/sh
-# Start/stop the three vtorque services on this machine (no systemd): bridge, stager, node worker.
+# Start/stop the vtorque services on this machine (no systemd): bridge, stager, node worker, and prefetch
+# (follows Slurm's queue and stages a VM job's image while it waits).
 # Usage: services.sh start|stop|status     Logs: /var/log/vtorque/<service>.log
 set -eu
 PREFIX=${PREFIX:-/opt/vtorque}
 RUN=${RUN_DIR:-/run/vtorque}
 LOGS=${LOG_DIR:-/var/log/vtorque}
-SERVICES="bridge stager node-worker"
+SERVICES="bridge stager node-worker prefetch"
 mkdir -p "$RUN" "$LOGS"
 # The node worker asks Slurm whether a job still runs (reconciliation): it needs the stack's SLURM_CONF.
 STACK_ENV=${VTORQUE_STACK_DIR:-/var/lib/vtorque-stack}/env
