@@ -152,8 +152,12 @@ def job_spans(rows: list[SpanRow], job_id: str) -> list[SpanRow]:
 
 
 def queue_wait(spans: list[SpanRow]) -> tuple[int, int] | None:
-    """(start, end) ns of the job's wait in the scheduler's queue: from the end of the submission span to the
-    start of the first hook span (the prologue). Derived: no process is alive to record it as a span."""
+    """(start, end) ns of the job's wait in the scheduler's queue: the prologue's "queue wait" span, or for
+    jobs submitted before vsub recorded its submit time, from the end of the submission span to the start of
+    the first hook span."""
+    recorded = [s for s in spans if s.name == "queue wait"]
+    if recorded:
+        return recorded[0].start_ns, recorded[0].end_ns
     submit = [s for s in spans if s.name == "vsub submit"]
     hooks = [s for s in spans if s.name == "prologue"]
     if not submit or not hooks:
@@ -178,7 +182,7 @@ def waterfall(spans: list[SpanRow], width: int = 40) -> str:
         return d
 
     out = [f"{'service':<19} {'span':<42} {'start':>8} {'duration':>9} {'status':<6} timeline"]
-    wait = queue_wait(spans)
+    wait = None if any(s.name == "queue wait" for s in spans) else queue_wait(spans)
     for s in spans:
         if wait and s.name == "prologue" and s.start_ns == wait[1]:
             a = int((wait[0] - t0) / total * width)

@@ -152,6 +152,7 @@ def _submit_vm_job(qsub_args: list[str], vm: list[str], script_at: int | None, d
     import shutil
     import subprocess
     import tempfile
+    import time
     import uuid
     from pathlib import Path
 
@@ -200,7 +201,7 @@ def _submit_vm_job(qsub_args: list[str], vm: list[str], script_at: int | None, d
             pubkey = _make_key(key_dir)
             launcher = str(Path(sys.executable).parent / "vtorque-launch")
             wrapper = render_wrapper(user_script, spec.as_options(), pubkey, str(key_dir / "id_ed25519"),
-                                     tracing.current_traceparent(), launcher, user_metadata)
+                                     tracing.current_traceparent(), launcher, user_metadata, time.time_ns())
             with tempfile.TemporaryDirectory(prefix="vsub-") as tmp:
                 wrapper_path = Path(tmp) / script_name
                 wrapper_path.write_text(wrapper)

@@ -65,6 +65,10 @@ def run_prologue(job: JobContext, config: Config, deadline_s: float, progress: C
         parent = tracing.context_from_traceparent(job.header.traceparent)
         token = tracing.otel_context.attach(parent)
         try:
+            if job.header.submitted_ns and job.header.submitted_ns < time.time_ns():
+                # The wait in the scheduler's queue, recorded now that it is over: nobody was alive during it.
+                tracing.tracer().start_span("queue wait", start_time=job.header.submitted_ns, attributes={
+                    "vtorque.scheduler": job.scheduler}).end()
             with tracing.tracer().start_as_current_span("prologue", attributes={
                     "vtorque.scheduler": job.scheduler, "vtorque.nodes": len(job.nodes)}) as span:
                 outcome = _prologue(job, config, deadline_s, progress, channel_factory)

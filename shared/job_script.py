@@ -28,6 +28,7 @@ class JobHeader:
     ssh_pubkeys: list[str] = field(default_factory=list)
     traceparent: str | None = None
     user_metadata: dict = field(default_factory=dict)
+    submitted_ns: int | None = None  # wall clock when vsub submitted: the queue wait starts here
 
 
 def inline_vm_options(script: str) -> list[str]:
@@ -52,7 +53,8 @@ def _leading_block(script: str) -> list[str]:
 
 
 def render_wrapper(user_script: str, spec: dict[str, str], ssh_pubkey: str, ssh_key_path: str,
-                   traceparent: str | None, launcher: str, user_metadata: dict | None = None) -> str:
+                   traceparent: str | None, launcher: str, user_metadata: dict | None = None,
+                   submitted_ns: int | None = None) -> str:
     for value in (ssh_pubkey, ssh_key_path, traceparent or "", *spec.values()):
         if "\n" in value or "\r" in value:
             raise ScriptError("a header value holds a line break")
@@ -60,6 +62,8 @@ def render_wrapper(user_script: str, spec: dict[str, str], ssh_pubkey: str, ssh_
     lines = ["#!/bin/sh", "# vtorque-job: 1", f"{SPEC_LINE}{spec_text}", f"# vtorque-ssh-pubkey: {ssh_pubkey}"]
     if traceparent:
         lines.append(f"# vtorque-traceparent: {traceparent}")
+    if submitted_ns:
+        lines.append(f"# vtorque-submitted: {submitted_ns}")
     if user_metadata:
         # The user's cloud-init additions travel with the job: the hooks cannot read the user's files.
         packed = base64.b64encode(json.dumps(user_metadata, sort_keys=True).encode()).decode()
@@ -87,6 +91,7 @@ def parse_header(text: str) -> JobHeader | None:
     keys: list[str] = []
     traceparent = None
     metadata: dict = {}
+    submitted = None
     for line in text.splitlines()[:HEADER_LINES]:
         if not line.startswith(MARK):
             continue
@@ -103,6 +108,8 @@ def parse_header(text: str) -> JobHeader | None:
             keys.append(value)
         elif name == "vtorque-traceparent" and value:
             traceparent = value
+        elif name == "vtorque-submitted" and value.isdigit():
+            submitted = int(value)
         elif name == "vtorque-metadata" and value:
             try:
                 metadata = json.loads(base64.b64decode(value, validate=True))
@@ -110,7 +117,8 @@ def parse_header(text: str) -> JobHeader | None:
                 raise ScriptError("malformed vtorque-metadata header") from None
     if spec is None:
         return None
-    return JobHeader(spec=spec, ssh_pubkeys=keys, traceparent=traceparent, user_metadata=metadata)
+    return JobHeader(spec=spec, ssh_pubkeys=keys, traceparent=traceparent, user_metadata=metadata,
+                     submitted_ns=submitted)
 
 
 def user_script_from_stdin(data: str) -> bytes:

@@ -21,7 +21,7 @@ from vtorque.shared.job_script import render_wrapper
 
 from . import stager_support as ss
 
-RECORDED = Path(__file__).parents[3] / "shared" / "reference" / "torque-recorded" / "accounting" / "20261126"
+RECORDED = Path(__file__).parents[1] / "data" / "torque-recorded" / "accounting" / "20261126"
 MiB = 2**20
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 HOOKS = REPO / "hooks" / "torque"
-RECORDED = Path(os.environ.get("VTORQUE_TORQUE_RECORDED", "/work/shared/reference/torque-recorded"))
+RECORDED = Path(os.environ.get("VTORQUE_TORQUE_RECORDED", Path(__file__).parents[1] / "data" / "torque-recorded"))
 RECORDED_HOME = "/var/spool/torque"  # the recordings were rewritten to the default TORQUE_HOME
 ARGC = {"prologue": 8, "epilogue": 11, "epilogue.precancel": 11}  # recorded (torque-hooks.md 5.1, 5.4b)
 ACCOUNTING = RECORDED / "accounting" / "20261126"

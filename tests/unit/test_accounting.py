@@ -10,7 +10,7 @@ from vtorque.services.scheduler_bridge.accounting import (
     Action, PrefetchBook, later_logs, parse_attrs, parse_record, parse_squeue, slurm_changes, still_queued,
 )
 
-RECORDED = Path(__file__).parents[3] / "shared" / "reference" / "torque-recorded" / "accounting" / "20261126"
+RECORDED = Path(__file__).parents[1] / "data" / "torque-recorded" / "accounting" / "20261126"
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 from vtorque.services.scheduler_bridge.torque_exec_host import (
     ExecHostError, parse_accounting, parse_core_list, parse_exec_host, parse_qstat_f)
 
-RECORDED = Path("/work/shared/reference/torque-recorded/accounting/20261126")
+RECORDED = Path(__file__).parents[1] / "data" / "torque-recorded" / "accounting" / "20261126"
 
 
 @pytest.mark.parametrize("text, want", [
