@@ -60,21 +60,23 @@ def seed_files(guest: m.GuestPlan, job_id: str, peers: list[m.GuestPeer] | None 
         "VT_SSH_AUTHORIZED_KEYS": "\n".join(guest.ssh_authorized_keys),
     }
     files: dict[str, bytes] = {}
-    if peers and network and mac:
-        me = next(p for p in peers if p.name == guest.name)
+    if peers:
         ranked = sorted(peers, key=lambda p: p.index)
-        hosts = "".join(f"{p.address} {p.name}\n" for p in ranked)
         # As PBS_NODEFILE lists a host once per core: each guest once per vCPU, rank 0 first.
         nodefile = "".join(f"{p.name}\n" * p.vcpus for p in ranked)
-        env |= {"VT_JOB_IP": f"{me.address}/{network.prefix}", "VT_JOB_MAC": mac, "VT_HOSTS": hosts,
-                "VT_NODEFILE": nodefile}
-        files["network-config"] = json.dumps({"version": 2, "ethernets": {"jobnet": {
-            "match": {"macaddress": mac}, "addresses": [f"{me.address}/{network.prefix}"]},
-            # A network-config turns off cloud-init's fallback DHCP: the user-mode NIC (sshd's port forward) too.
-            "usernet": {"match": {"macaddress": USER_NET_MAC}, "dhcp4": True}}}, indent=1).encode()
-        ours |= {"manage_etc_hosts": False, "write_files": [
-            {"path": "/etc/vtorque/nodefile", "permissions": "0644", "content": nodefile},
-            {"path": "/etc/hosts", "permissions": "0644", "append": True, "content": hosts}]}
+        env["VT_NODEFILE"] = nodefile
+        write_files = [{"path": "/etc/vtorque/nodefile", "permissions": "0644", "content": nodefile}]
+        if network and mac:
+            me = next(p for p in peers if p.name == guest.name)
+            hosts = "".join(f"{p.address} {p.name}\n" for p in ranked)
+            env |= {"VT_JOB_IP": f"{me.address}/{network.prefix}", "VT_JOB_MAC": mac, "VT_HOSTS": hosts}
+            files["network-config"] = json.dumps({"version": 2, "ethernets": {"jobnet": {
+                "match": {"macaddress": mac}, "addresses": [f"{me.address}/{network.prefix}"]},
+                # A network-config turns off cloud-init's fallback DHCP: the user-mode NIC (sshd's port forward) too.
+                "usernet": {"match": {"macaddress": USER_NET_MAC}, "dhcp4": True}}}, indent=1).encode()
+            write_files.append({"path": "/etc/hosts", "permissions": "0644", "append": True, "content": hosts})
+            ours["manage_etc_hosts"] = False
+        ours["write_files"] = write_files
     if mounts:
         def fill(text: str) -> str:
             return text.replace("{user}", owner.user).replace("{home}", home)

@@ -86,7 +86,8 @@ def boot_commands(job: m.JobStarted, guests: list[m.GuestPlan]) -> list[m.BootGu
         by_node.setdefault(guest.node, []).append(guest)
     peers = [m.GuestPeer(name=g.name, index=g.index, node=g.node, vcpus=g.vcpus, address=guest_address(g.index))
              for g in guests]
-    network = job_network(job.job_id)
+    # A job of one guest needs no network of its own: one NIC less to probe while it boots.
+    network = job_network(job.job_id) if len(guests) > 1 else None
     return [m.BootGuests.new(job_id=job.job_id, deadline=job.deadline, node=node, guests=plan, peers=peers,
                              network=network)
             for node, plan in by_node.items()]
