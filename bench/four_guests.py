@@ -40,7 +40,6 @@ def bare_boot_module():
 
 
 def four_bare(bare_boot, workdir: str) -> float:
-    t0 = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         runs = [pool.submit(bare_boot.boot_bare, GUEST_DIR, workdir, virtio_rng=True, name=f"vtbench4-{i}-{uuid.uuid4().hex[:6]}")
                 for i in range(4)]

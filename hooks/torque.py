@@ -19,7 +19,6 @@ and publishes JobEnded, so the teardown starts at once; the epilogue then confir
 from __future__ import annotations
 
 import grp
-import json
 import logging
 import os
 import pwd

@@ -21,7 +21,7 @@ from vtorque.shared import messages as m
 from vtorque.shared import metrics
 from vtorque.shared.bus import Publisher, connect, declare_topology
 from vtorque.shared.logs import log
-from vtorque.shared.node_registry import TTL_INTERVALS, is_stale, nodes_queue  # noqa: F401 - is_stale: callers' API
+from vtorque.shared.node_registry import TTL_INTERVALS, nodes_queue
 
 from . import iocm, vrdma
 

@@ -19,8 +19,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from opentelemetry import trace
-
 from vtorque.services.image_stager.store import ImageStore
 from vtorque.shared import messages as m
 from vtorque.shared import tracing

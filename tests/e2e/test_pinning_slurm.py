@@ -1,7 +1,6 @@
 """Exact pinning through Slurm: the guest's vCPU and I/O threads run on exactly the CPU ids Slurm gave the
 job (scontrol show job -d), as the libvirt API reports them on the running guest."""
 
-import subprocess
 import time
 
 import pytest

@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from vtorque.shared import messages as m
-from vtorque.shared.bus import DEAD_QUEUE, EVENTS, EventWaiter, Publisher, ServiceRunner, node_queue
+from vtorque.shared.bus import DEAD_QUEUE, EventWaiter, Publisher, ServiceRunner, node_queue
 
 HERE = os.path.dirname(__file__)
 

@@ -4,7 +4,6 @@ import io
 import json
 import logging
 
-from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 from vtorque.shared.logs import JsonFormatter, job_context, log

@@ -137,8 +137,8 @@ def test_heartbeat_pure_parts():
     assert heartbeat.capabilities("kvm", 0, True) == ["kvm", "hugepages"]
     assert heartbeat.capabilities("qemu", 1, False) == ["tcg", "direct-kernel-boot"]
     beat, now = _beat(age=29)
-    assert not heartbeat.is_stale(beat, now)
-    assert heartbeat.is_stale(beat, now + timedelta(seconds=2))
+    assert not node_registry.is_stale(beat, now)
+    assert node_registry.is_stale(beat, now + timedelta(seconds=2))
 
 
 def test_nodes_table_keeps_the_latest_beat_per_node():
