@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import concurrent.futures
-import importlib.util
 import statistics
 import subprocess
 import sys
@@ -26,17 +25,12 @@ from pathlib import Path
 from vtorque.hooks.job_hook import JobContext, Verdict, run_epilogue, run_prologue
 from vtorque.shared import messages as m
 from vtorque.shared.config import load_config
+
+import bare_boot  # bench/bare_boot.py: run as a script, bench/ is on sys.path
 from vtorque.shared.job_script import JobHeader
 
 HERE = Path(__file__).resolve().parent
 GUEST_DIR = "/var/cache/vtorque/testguest"
-
-
-def bare_boot_module():
-    spec = importlib.util.spec_from_file_location("bare_boot", HERE / "bare_boot.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def four_bare(bare_boot, workdir: str) -> float:
@@ -84,7 +78,6 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args(argv)
     config = load_config()
-    bare_boot = bare_boot_module()
     rows = []
     with tempfile.TemporaryDirectory(dir="/var/lib/vtorque") as tmp:
         Path(tmp).chmod(0o755)

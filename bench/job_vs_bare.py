@@ -15,7 +15,6 @@ Usage (root, stack and services up, as after `make demo`): bench/job_vs_bare.py 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -28,16 +27,11 @@ from pathlib import Path
 from vtorque.cli.trace_view import job_spans, load
 from vtorque.shared.config import load_config
 
+import bare_boot  # bench/bare_boot.py: run as a script, bench/ is on sys.path
+
 HERE = Path(__file__).resolve().parent
 STACK = Path(os.environ.get("VTORQUE_STACK_DIR", "/var/lib/vtorque-stack"))
 GUEST_DIR = "/var/cache/vtorque/testguest"
-
-
-def _bare_boot_module():
-    spec = importlib.util.spec_from_file_location("bare_boot", HERE / "bare_boot.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _env() -> dict:
@@ -87,7 +81,6 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    bare_boot = _bare_boot_module()
     env = _env()
     rows = []
     with tempfile.TemporaryDirectory(dir=STACK / "jobs") as tmp:

@@ -49,6 +49,20 @@ class Slurm:
             time.sleep(0.2)
         pytest.fail(f"job {job_id} still queued after {timeout}s: {self.run('scontrol', 'show', 'job', job_id).stdout}")
 
+    def running_domain(self, job_id: str, timeout: float = 120.0):
+        """(name, libvirt domain) of the job's first guest once it runs, while the job is still queued."""
+        from vtorque.services.node_worker.hypervisor import Hypervisor
+        from vtorque.shared.config import load_config
+
+        hv = Hypervisor(load_config().node.libvirt_uri)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and job_id in self.queued():
+            mine = [n for n, meta in hv.vtorque_domains().items() if meta.get("job") == job_id]
+            if mine and hv.is_active(mine[0]):
+                return mine[0], hv.lookup(mine[0])
+            time.sleep(0.2)
+        pytest.fail(f"the domain of job {job_id} never ran")
+
     def exit_code(self, job_id: str) -> int:
         out = self.run("scontrol", "show", "job", job_id, check=True).stdout
         field = next(w for w in out.split() if w.startswith("ExitCode="))

@@ -1,12 +1,10 @@
 """Exact pinning through Slurm: the guest's vCPU and I/O threads run on exactly the CPU ids Slurm gave the
 job (scontrol show job -d), as the libvirt API reports them on the running guest."""
 
-import time
 
 import pytest
 
 from vtorque.hooks.slurm import parse_cpu_ids
-from vtorque.services.node_worker.hypervisor import Hypervisor
 from vtorque.shared.config import load_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.guest]
@@ -23,17 +21,8 @@ def test_guest_runs_on_the_cores_slurm_gave(slurm):
     assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.strip()
     config = load_config()
-    hv = Hypervisor(config.node.libvirt_uri)
-    seen = None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and job_id in slurm.queued():
-        mine = [n for n, meta in hv.vtorque_domains().items() if meta.get("job") == job_id]
-        if mine and hv.is_active(mine[0]):
-            dom = hv.lookup(mine[0])
-            seen = ([cores(c) for c in dom.vcpuPinInfo(0)], {t: cores(c) for t, c in dom.ioThreadInfo(0)})
-            break
-        time.sleep(0.2)
-    assert seen, "the job's domain never ran"
+    _, dom = slurm.running_domain(job_id)
+    seen = ([cores(c) for c in dom.vcpuPinInfo(0)], {t: cores(c) for t, c in dom.ioThreadInfo(0)})
     shown = slurm.run("scontrol", "show", "job", "-d", job_id, check=True).stdout
     given = next(iter(parse_cpu_ids(shown).values()))
     reserve = config.spec.host_reserve_cores

@@ -1,12 +1,10 @@
 """Every -vm key of one job, through Slurm, seen where it must land: the guest, its definition, its disks."""
 
-import time
 from pathlib import Path
 
 import pytest
 
 from vtorque.services.node_worker.domain import parse_metadata
-from vtorque.services.node_worker.hypervisor import Hypervisor
 from vtorque.shared.config import load_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.guest]
@@ -35,18 +33,8 @@ def test_every_key_reaches_guest_definition_and_disks(slurm):
     assert "ppn=2" in proc.stderr  # 1 vCPU + 1 I/O core
 
     config = load_config()
-    hv = Hypervisor(config.node.libvirt_uri)
-    seen = None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and job_id in slurm.queued():
-        mine = [n for n, meta in hv.vtorque_domains().items() if meta.get("job") == job_id]
-        if mine and hv.is_active(mine[0]):
-            dom = hv.lookup(mine[0])
-            seen = (mine[0], dom.XMLDesc(0))
-            break
-        time.sleep(0.2)
-    assert seen, "the job's domain never ran"
-    name, xml = seen
+    name, dom = slurm.running_domain(job_id)
+    xml = dom.XMLDesc(0)
     assert parse_metadata(xml)["job"] == job_id
     assert "<iothreads>1</iothreads>" in xml and "ivshmem-plain" in xml
     assert "<target dev=\"vdc\"" in xml or "<target dev='vdc'" in xml
