@@ -16,8 +16,7 @@ ME=build.sh
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 START=$EPOCHREALTIME
 
-die() { echo "$ME: error: $*" >&2; exit 1; }
-step() { printf '%s: [%5.1fs] %s\n' "$ME" "$(awk -v a="$START" -v b="$EPOCHREALTIME" 'BEGIN {print b - a}')" "$*"; }
+. "$HERE/cache.sh"
 
 [ $# -eq 1 ] || { echo "usage: $ME OUTDIR" >&2; exit 2; }
 OUT=$1
@@ -84,33 +83,12 @@ BBVER=$(dpkg-query -W -f '${Version}' busybox-static 2>/dev/null || echo unknown
 DBVER=$(dpkg-query -W -f '${Version}' dropbear-bin 2>/dev/null || echo unknown)
 
 STAMP=$( {
-    sha256sum "$HERE/build.sh" "$HERE/initrd-init" "$HERE/vtorque-init" | awk '{print $1}'
+    sha256sum "$HERE/build.sh" "$HERE/cache.sh" "$HERE/initrd-init" "$HERE/vtorque-init" | awk '{print $1}'
     echo "kernel=$KPKG=$KPKGVER busybox-static=$BBVER dropbear-bin=$DBVER"
 } | sha256sum | awk '{print $1}')
 
 FILES=(vmlinux initrd.img rootfs.qcow2)
-is_cached() {
-    [ -f "$OUT/.stamp" ] && [ "$(cat "$OUT/.stamp")" = "$STAMP" ] || return 1
-    for f in "${FILES[@]}" SHA256SUMS; do [ -f "$OUT/$f" ] || return 1; done
-    # no re-hash here (fast path); verify with: cd OUTDIR && sha256sum -c SHA256SUMS
-    return 0
-}
-
-if is_cached; then
-    echo "$ME: cached: $OUT is up to date ($KPKG $KPKGVER, stamp ${STAMP:0:12})"
-    exit 0
-fi
-
-# Serialise concurrent builds into the same OUTDIR.
-exec 9>"$OUT/.lock"
-if ! flock -n 9; then
-    step "another build holds $OUT/.lock; waiting"
-    flock 9
-fi
-if is_cached; then
-    echo "$ME: cached: $OUT is up to date ($KPKG $KPKGVER, stamp ${STAMP:0:12})"
-    exit 0
-fi
+exit_if_cached_else_lock "$KPKG $KPKGVER"
 
 step "building test guest in $OUT ($KPKG $KPKGVER)"
 WORK=$(mktemp -d "$OUT/.build.XXXXXX")

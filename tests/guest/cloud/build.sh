@@ -28,8 +28,7 @@ KEYPKGS=(cloud-init openssh-server netplan.io linux-image-cloud-amd64 systemd in
 DISK_MIB=2048
 CMDLINE="console=ttyS0 root=/dev/vda rw quiet panic=-1"
 
-die() { echo "$ME: error: $*" >&2; exit 1; }
-step() { printf '%s: [%6.1fs] %s\n' "$ME" "$(awk -v a="$START" -v b="$EPOCHREALTIME" 'BEGIN {print b - a}')" "$*"; }
+. "$HERE/../cache.sh"
 
 [ $# -eq 1 ] || { echo "usage: $ME OUTDIR" >&2; exit 2; }
 OUT=$1
@@ -72,27 +71,10 @@ OUT=$(cd "$OUT" && pwd)
 VERSIONS=$(apt-cache policy "${KEYPKGS[@]}" 2>/dev/null |
            awk '/^[^ ]/ {p = $1} /Candidate:/ {printf "%s%s ", p, $2}')
 case "$VERSIONS" in *"(none)"*|"") die "apt-cache knows no candidate for some of ${KEYPKGS[*]} (run apt-get update): $VERSIONS" ;; esac
-STAMP=$( { sha256sum "$HERE/build.sh" | awk '{print $1}'; echo "$SUITE ${PKGS[*]} $VERSIONS"; } |
+STAMP=$( { sha256sum "$HERE/build.sh" "$HERE/../cache.sh" | awk '{print $1}'; echo "$SUITE ${PKGS[*]} $VERSIONS"; } |
          sha256sum | awk '{print $1}')
 FILES=(rootfs.qcow2 vmlinux initrd.img cmdline)
-is_cached() {
-    [ -f "$OUT/.stamp" ] && [ "$(cat "$OUT/.stamp")" = "$STAMP" ] || return 1
-    for f in "${FILES[@]}" SHA256SUMS; do [ -f "$OUT/$f" ] || return 1; done
-    return 0
-}
-if is_cached; then
-    echo "$ME: cached: $OUT is up to date (${VERSIONS% }, stamp ${STAMP:0:12})"
-    exit 0
-fi
-exec 9>"$OUT/.lock"
-if ! flock -n 9; then
-    step "another build holds $OUT/.lock; waiting"
-    flock 9
-fi
-if is_cached; then
-    echo "$ME: cached: $OUT is up to date (stamp ${STAMP:0:12})"
-    exit 0
-fi
+exit_if_cached_else_lock "${VERSIONS% }"
 
 # Leftovers of a build that was killed (SIGKILL skips the traps): nobody else builds here while we hold the lock.
 for old in "$OUT"/.build.*; do
