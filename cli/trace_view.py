@@ -196,10 +196,3 @@ def waterfall(spans: list[SpanRow], width: int = 40) -> str:
         out.append(f"{s.service[:19]:<19} {name:<42} {(s.start_ns - t0) / 1e9:7.2f}s {(s.end_ns - s.start_ns) / 1e9:8.3f}s "
                    f"{s.status:<6} {' ' * a}{'█' * (b - a)}")
     return "\n".join(out)
-
-
-def by_service(spans: list[SpanRow]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for s in spans:
-        counts[s.service] = counts.get(s.service, 0) + 1
-    return counts

@@ -85,9 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         script_path = qsub_args[script_at] if script_at is not None else None
         if not vm and not dry_run:
             # Fast path: only an inline "#PBS -vm" makes this a VM job; otherwise qsub gets it untouched.
-            from vtorque.shared.job_script import inline_vm_options
-
-            if script_path is None or not _has_inline_vm(script_path, inline_vm_options):
+            if script_path is None or not _has_inline_vm(script_path):
                 os.execvp("qsub", ["qsub", *argv])
         return _submit_vm_job(qsub_args, vm, script_at, dry_run)
     except _Help:
@@ -101,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         return USAGE_EXIT
 
 
-def _has_inline_vm(path: str, inline_vm_options) -> bool:
+def _has_inline_vm(path: str) -> bool:
+    from vtorque.shared.job_script import inline_vm_options
+
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
             return bool(inline_vm_options(fh.read(65536)))

@@ -130,6 +130,11 @@ class Publisher:
                 message_id=message.message_id, type=type(message).__name__, retry=False,
             )
 
+    def publish_raw(self, body: bytes, exchange: str, headers: dict, content_type: str) -> None:
+        """Republish a body as it came (dead-lettering keeps what could not be decoded, byte for byte)."""
+        self._ensure().publish(body, exchange=exchange, routing_key="", headers=headers, delivery_mode=2,
+                               content_type=content_type, retry=False)
+
     def close(self) -> None:
         if self._conn is not None:
             try:
@@ -318,7 +323,5 @@ class ServiceRunner:
         headers.update({"x-vtorque-reason": reason[:1000],
                         "x-vtorque-routing-key": raw.delivery_info.get("routing_key", ""),
                         "x-vtorque-exchange": raw.delivery_info.get("exchange", "")})
-        self.publisher._ensure().publish(raw.body, exchange=DEAD.name, routing_key="", headers=headers,
-                                         delivery_mode=2, content_type=raw.content_type or "application/json",
-                                         retry=False)
+        self.publisher.publish_raw(raw.body, DEAD.name, headers, raw.content_type or "application/json")
         raw.ack()

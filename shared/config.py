@@ -222,7 +222,9 @@ class Config(_Section):
 
     def job_dir(self, job_id: str) -> Path:
         """Where a node keeps what the job's launcher reads (its guests' addresses)."""
-        return Path(self.state_dir) / "jobs" / re.sub(r"[^A-Za-z0-9_-]", lambda c: f"%{ord(c.group()):02X}", job_id)
+        from vtorque.shared.messages import routing_word  # the one escaping of job ids into a single name
+
+        return Path(self.state_dir) / "jobs" / routing_word(job_id)
 
 
 def config_path(env: Mapping[str, str] | None = None) -> str:

@@ -161,11 +161,6 @@ def current_traceparent() -> str | None:
     return inject({}).get("traceparent")
 
 
-def current_trace_id() -> str | None:
-    ctx = trace.get_current_span().get_span_context()
-    return format(ctx.trace_id, "032x") if ctx.is_valid else None
-
-
 # -- messaging spans --------------------------------------------------------------------------------------
 
 def _message_attributes(message, destination: str, routing_key: str, operation: str, op_type: str) -> dict:

@@ -32,7 +32,7 @@ from vtorque.shared.job_network import guest_mac
 
 from . import disks
 from . import numa, vrdma
-from .domain import BootSource, GuestMetadata, JobNic, domain_xml
+from .domain import BootSource, GuestMetadata, JobNic, domain_xml, parse_metadata
 from .hypervisor import Hypervisor, HypervisorError, detect_domain_type
 from .readiness import BootFailed, Readiness, ssh_banner, wait_ready
 from .seed import seed_files
@@ -118,7 +118,7 @@ class NodeWorker:
         dom = self.hv.lookup(guest.name)
         if dom is None:
             return None
-        meta = self.hv.vtorque_domains().get(guest.name, {})
+        meta = parse_metadata(dom.XMLDesc(0))
         port = int(meta.get("ssh-port", "0") or 0)
         if self.hv.is_active(guest.name) and meta.get("job") == cmd.job_id and port:
             # Redelivered (the worker died, or its ack was lost): this guest already runs; never boot it twice.
