@@ -60,12 +60,29 @@ def find_first_guest(job_dir: Path, wait: float) -> dict | None:
 @click.option("--vm-epilogue", default=None, help="Your script to run in the guest after the job.")
 def main(ssh_key: str, traceparent: str | None, wait: float, vm_prologue: str | None,
          vm_epilogue: str | None) -> None:
+    try:
+        rc = _launch(ssh_key, traceparent, wait, vm_prologue, vm_epilogue)
+    finally:
+        # The key was made for this job only: gone when the job's run ends, however it ends.
+        key_dir = Path(ssh_key).parent
+        if key_dir.parent.name == "keys":
+            shutil.rmtree(key_dir, ignore_errors=True)
+    sys.exit(rc)
+
+
+def _launch(ssh_key: str, traceparent: str | None, wait: float, vm_prologue: str | None,
+            vm_epilogue: str | None) -> int:
+    import binascii
+
     from vtorque.shared import tracing
     from vtorque.shared.config import ConfigError, load_config
     from vtorque.shared.job_script import user_script_from_stdin
     from vtorque.shared.logs import job_context
 
-    script = user_script_from_stdin(sys.stdin.read())
+    try:
+        script = user_script_from_stdin(sys.stdin.read())
+    except (binascii.Error, ValueError):
+        raise click.ClickException("the job script in the wrapper is damaged (not base64)") from None
     job_id = job_id_from_env()
     if not job_id:
         raise click.ClickException("no PBS_JOBID or SLURM_JOB_ID: vtorque-launch runs inside a batch job")
@@ -97,11 +114,7 @@ def main(ssh_key: str, traceparent: str | None, wait: float, vm_prologue: str | 
         finally:
             tracing.otel_context.detach(token)
             tracing.shutdown_tracing()
-    # The key was made for this job only.
-    key_dir = Path(ssh_key).parent
-    if key_dir.parent.name == "keys":
-        shutil.rmtree(key_dir, ignore_errors=True)
-    sys.exit(rc)
+    return rc
 
 
 def _read_own(path: str) -> bytes:
