@@ -77,7 +77,6 @@ def _launch(ssh_key: str, traceparent: str | None, wait: float, vm_prologue: str
     from vtorque.shared import tracing
     from vtorque.shared.config import ConfigError, load_config
     from vtorque.shared.job_script import user_script_from_stdin
-    from vtorque.shared.logs import job_context
 
     try:
         script = user_script_from_stdin(sys.stdin.read())
@@ -95,9 +94,8 @@ def _launch(ssh_key: str, traceparent: str | None, wait: float, vm_prologue: str
         raise click.ClickException(f"job {job_id} has no ready guest on this node ({config.job_dir(job_id)})")
     tracing.setup_tracing("vtorque-launcher", config.tracing)
     rc = 255
-    with job_context(job_id):
-        token = tracing.otel_context.attach(tracing.context_from_traceparent(traceparent))
-        try:
+    try:
+        with tracing.job_trace(job_id, traceparent):
             argv = ["ssh", "-i", ssh_key, "-p", str(guest["ssh_port"]), *SSH_OPTIONS,
                     f"{guest['user']}@{guest['address']}", remote_command(job_id)]
             rc = 0
@@ -111,9 +109,8 @@ def _launch(ssh_key: str, traceparent: str | None, wait: float, vm_prologue: str
                 erc = _run_in_guest("vm_epilogue", argv, _read_own(vm_epilogue), guest)
                 if erc != 0:
                     print(f"vtorque: vm_epilogue {vm_epilogue} exited {erc}", file=sys.stderr)
-        finally:
-            tracing.otel_context.detach(token)
-            tracing.shutdown_tracing()
+    finally:
+        tracing.shutdown_tracing()
     return rc
 
 

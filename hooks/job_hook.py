@@ -21,7 +21,6 @@ from vtorque.shared import tracing
 from vtorque.shared.config import Config
 from vtorque.shared.hook_channel import BrokerUnreachable, HookChannel
 from vtorque.shared.job_script import JobHeader
-from vtorque.shared.logs import job_context
 from vtorque.shared.spec import SpecError, validate, validate_user_metadata
 
 
@@ -61,23 +60,18 @@ class Progress:
 
 def run_prologue(job: JobContext, config: Config, deadline_s: float, progress: Callable[[str], None],
                  channel_factory=HookChannel) -> Outcome:
-    with job_context(job.job_id):
-        parent = tracing.context_from_traceparent(job.header.traceparent)
-        token = tracing.otel_context.attach(parent)
-        try:
-            if job.header.submitted_ns and job.header.submitted_ns < time.time_ns():
-                # The wait in the scheduler's queue, recorded now that it is over: nobody was alive during it.
-                tracing.tracer().start_span("queue wait", start_time=job.header.submitted_ns, attributes={
-                    "vtorque.scheduler": job.scheduler}).end()
-            with tracing.tracer().start_as_current_span("prologue", attributes={
-                    "vtorque.scheduler": job.scheduler, "vtorque.nodes": len(job.nodes)}) as span:
-                outcome = _prologue(job, config, deadline_s, progress, channel_factory)
-                span.set_attribute("vtorque.verdict", outcome.verdict.value)
-                if outcome.verdict is not Verdict.READY:
-                    tracing.mark_error(span, outcome.reason)
-                return outcome
-        finally:
-            tracing.otel_context.detach(token)
+    with tracing.job_trace(job.job_id, job.header.traceparent):
+        if job.header.submitted_ns and job.header.submitted_ns < time.time_ns():
+            # The wait in the scheduler's queue, recorded now that it is over: nobody was alive during it.
+            tracing.tracer().start_span("queue wait", start_time=job.header.submitted_ns, attributes={
+                "vtorque.scheduler": job.scheduler}).end()
+        with tracing.tracer().start_as_current_span("prologue", attributes={
+                "vtorque.scheduler": job.scheduler, "vtorque.nodes": len(job.nodes)}) as span:
+            outcome = _prologue(job, config, deadline_s, progress, channel_factory)
+            span.set_attribute("vtorque.verdict", outcome.verdict.value)
+            if outcome.verdict is not Verdict.READY:
+                tracing.mark_error(span, outcome.reason)
+            return outcome
 
 
 def _prologue(job: JobContext, config: Config, deadline_s: float, progress, channel_factory) -> Outcome:
@@ -161,37 +155,32 @@ def _wait_for_guests(channel, job_id: str, deadline: float, deadline_s: float, p
 def run_epilogue(job: JobContext, config: Config, exit_status: int | None, progress,
                  channel_factory=HookChannel) -> bool:
     """True when every node confirmed its teardown in time."""
-    with job_context(job.job_id):
-        parent = tracing.context_from_traceparent(job.header.traceparent)
-        token = tracing.otel_context.attach(parent)
-        try:
-            with tracing.tracer().start_as_current_span("epilogue", attributes={
-                    "vtorque.scheduler": job.scheduler, "vtorque.exit_status": exit_status or 0}) as span:
-                nodes = [n.host for n in job.nodes]
-                deadline = time.monotonic() + config.hooks.epilogue_timeout
-                try:
-                    channel = channel_factory(config.broker.connection_url(),
-                                              [f"job.{m.routing_word(job.job_id)}.guests_torn_down"],
-                                              attempts=config.hooks.broker_attempts,
-                                              timeout=config.broker.connect_timeout)
-                except BrokerUnreachable as exc:
-                    progress(f"cannot ask for teardown: {exc}; the node workers' reconciliation will remove the guests")
-                    tracing.mark_error(span, str(exc))
-                    return False
-                try:
-                    channel.publish(m.JobEnded.new(job_id=job.job_id, deadline=config.hooks.epilogue_timeout,
-                                                   scheduler=job.scheduler, nodes=nodes, exit_status=exit_status))
-                    pending = set(nodes)
-                    for event, _ in channel.events(deadline):
-                        if isinstance(event, m.GuestsTornDown):
-                            pending.discard(event.node)
-                            progress(f"{event.node}: removed {len(event.guests)} guest(s)")
-                            if not pending:
-                                return True
-                    progress(f"teardown not confirmed by {', '.join(sorted(pending))} in time")
-                    tracing.mark_error(span, "teardown not confirmed")
-                    return False
-                finally:
-                    channel.close()
-        finally:
-            tracing.otel_context.detach(token)
+    with tracing.job_trace(job.job_id, job.header.traceparent):
+        with tracing.tracer().start_as_current_span("epilogue", attributes={
+                "vtorque.scheduler": job.scheduler, "vtorque.exit_status": exit_status or 0}) as span:
+            nodes = [n.host for n in job.nodes]
+            deadline = time.monotonic() + config.hooks.epilogue_timeout
+            try:
+                channel = channel_factory(config.broker.connection_url(),
+                                          [f"job.{m.routing_word(job.job_id)}.guests_torn_down"],
+                                          attempts=config.hooks.broker_attempts,
+                                          timeout=config.broker.connect_timeout)
+            except BrokerUnreachable as exc:
+                progress(f"cannot ask for teardown: {exc}; the node workers' reconciliation will remove the guests")
+                tracing.mark_error(span, str(exc))
+                return False
+            try:
+                channel.publish(m.JobEnded.new(job_id=job.job_id, deadline=config.hooks.epilogue_timeout,
+                                               scheduler=job.scheduler, nodes=nodes, exit_status=exit_status))
+                pending = set(nodes)
+                for event, _ in channel.events(deadline):
+                    if isinstance(event, m.GuestsTornDown):
+                        pending.discard(event.node)
+                        progress(f"{event.node}: removed {len(event.guests)} guest(s)")
+                        if not pending:
+                            return True
+                progress(f"teardown not confirmed by {', '.join(sorted(pending))} in time")
+                tracing.mark_error(span, "teardown not confirmed")
+                return False
+            finally:
+                channel.close()

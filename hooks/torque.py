@@ -401,10 +401,9 @@ def _publish_cancel(config, job_id: str, nodes: list[str], traceparent: str | No
     from vtorque.shared.hook_channel import BrokerUnreachable, HookChannel
 
     tracing.setup_tracing("vtorque-hook", config.tracing)
-    token = tracing.otel_context.attach(tracing.context_from_traceparent(traceparent))
     try:
-        with tracing.tracer().start_as_current_span("precancel", attributes={
-                tracing.JOB_ID: job_id, "vtorque.scheduler": "torque"}) as span:
+        with tracing.job_trace(job_id, traceparent), tracing.tracer().start_as_current_span(
+                "precancel", attributes={"vtorque.scheduler": "torque"}) as span:
             for attempt in range(1, 6):
                 try:
                     channel = HookChannel(config.broker.connection_url(), [], attempts=config.hooks.broker_attempts,
@@ -427,7 +426,6 @@ def _publish_cancel(config, job_id: str, nodes: list[str], traceparent: str | No
             tracing.mark_error(span, "cancel not published; the epilogue tears down")
             return 0
     finally:
-        tracing.otel_context.detach(token)
         tracing.shutdown_tracing()
 
 

@@ -24,7 +24,7 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from vtorque.shared import metrics
 from vtorque.shared.config import TracingConfig
-from vtorque.shared.logs import current_job_id
+from vtorque.shared.logs import current_job_id, job_context
 
 JOB_ID = "pbs.job_id"
 GUEST, NODE, IMAGE_DIGEST = "vtorque.guest", "vtorque.node", "vtorque.image.digest"
@@ -155,6 +155,18 @@ def extract(headers: Mapping | None) -> otel_context.Context:
 
 def context_from_traceparent(traceparent: str | None) -> otel_context.Context:
     return extract({"traceparent": traceparent} if traceparent else {})
+
+
+@contextlib.contextmanager
+def job_trace(job_id: str, traceparent: str | None):
+    """Work for one job, continuing the job's trace (the context vsub put in its script header): spans started
+    inside are children of that context and carry pbs.job_id."""
+    token = otel_context.attach(context_from_traceparent(traceparent))
+    try:
+        with job_context(job_id):
+            yield
+    finally:
+        otel_context.detach(token)
 
 
 def current_traceparent() -> str | None:

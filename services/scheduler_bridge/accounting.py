@@ -35,7 +35,7 @@ from vtorque.shared import messages as m
 from vtorque.shared.config import Config
 from vtorque.shared import tracing
 from vtorque.shared.job_script import HEADER_LINES, JobHeader, ScriptError, parse_header
-from vtorque.shared.logs import job_context, log
+from vtorque.shared.logs import log
 
 LOG = logging.getLogger("vtorque.prefetch")
 _RECORD_TIME = re.compile(r"^\d{2}/\d{2}/\d{4} \d{2}:\d{2}:\d{2}$")
@@ -282,15 +282,11 @@ class _Prefetcher:
 
     def _queued(self, job_id: str, header: JobHeader, key: str) -> None:
         # In the job's own trace (its script header carries vsub's context), so a job stays one trace.
-        token = tracing.otel_context.attach(tracing.context_from_traceparent(header.traceparent))
-        try:
-            with job_context(job_id), tracing.tracer().start_as_current_span("prefetch image"):
-                self.publisher.publish(m.JobQueued(
-                    message_id=_message_id(self.scheduler, key), job_id=job_id, created_at=m.utcnow(),
-                    deadline=m.utcnow() + timedelta(seconds=self.config.prefetch.deadline),
-                    scheduler=self.scheduler, spec=dict(header.spec)))
-        finally:
-            tracing.otel_context.detach(token)
+        with tracing.job_trace(job_id, header.traceparent), tracing.tracer().start_as_current_span("prefetch image"):
+            self.publisher.publish(m.JobQueued(
+                message_id=_message_id(self.scheduler, key), job_id=job_id, created_at=m.utcnow(),
+                deadline=m.utcnow() + timedelta(seconds=self.config.prefetch.deadline),
+                scheduler=self.scheduler, spec=dict(header.spec)))
         log(LOG, logging.INFO, "VM job queued: image prefetch asked", job_id=job_id, spec=header.spec)
 
     def _deleted(self, job_id: str, reason: str, key: str) -> None:
