@@ -84,13 +84,34 @@ def connect(url: str, heartbeat: int = 0, timeout: float = 5.0) -> Connection:
 # -- publishing -------------------------------------------------------------------------------------------
 
 class Publisher:
-    """Publishes messages with confirms; one per thread (py-amqp connections are not thread-safe)."""
+    """Publishes messages with confirms. py-amqp connections are not thread-safe, so each thread that publishes
+    through one Publisher gets a connection of its own (a service's handlers may run in several threads)."""
 
     def __init__(self, url: str, timeout: float = 5.0):
         self.url, self.timeout = url, timeout
-        self._conn: Connection | None = None
-        self._producer: kombu.Producer | None = None
-        self._declared: set[str] = set()
+        self._local = threading.local()
+
+    @property
+    def _conn(self) -> Connection | None:
+        return getattr(self._local, "conn", None)
+
+    @_conn.setter
+    def _conn(self, value) -> None:
+        self._local.conn = value
+
+    @property
+    def _producer(self) -> kombu.Producer | None:
+        return getattr(self._local, "producer", None)
+
+    @_producer.setter
+    def _producer(self, value) -> None:
+        self._local.producer = value
+
+    @property
+    def _declared(self) -> set[str]:
+        if not hasattr(self._local, "declared"):
+            self._local.declared = set()
+        return self._local.declared
 
     def _ensure(self) -> kombu.Producer:
         if self._producer is None:
@@ -136,6 +157,7 @@ class Publisher:
                                content_type=content_type, retry=False)
 
     def close(self) -> None:
+        """Close this thread's connection (the others close with their threads' ends or the process)."""
         if self._conn is not None:
             try:
                 self._conn.release()

@@ -201,3 +201,33 @@ def test_two_queues_are_handled_one_at_a_time_and_all_acked(broker_url, node_nam
         publisher.close()
         with kombu.Connection(broker_url) as conn:
             conn.channel().queue_delete(f"vtorque.node.{other}")
+
+
+def test_one_publisher_shared_by_threads_delivers_every_message(broker_url):
+    """A service's handlers may run in several threads (the stager's concurrent stagings) and share its
+    Publisher: each thread gets a connection of its own, so nothing is garbled or lost."""
+    job = f"thr-{uuid.uuid4().hex[:8]}"
+    waiter = EventWaiter(broker_url, [f"job.{job}.#"])
+    publisher = Publisher(broker_url)
+    errors = []
+
+    def burst(t):
+        try:
+            for i in range(25):
+                publisher.publish(m.JobRejected.new(job_id=job, deadline=60.0, reason=f"{t}-{i}"))
+        except Exception as exc:  # noqa: BLE001 - the assertion below reports it
+            errors.append(exc)
+        finally:
+            publisher.close()
+
+    threads = [threading.Thread(target=burst, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    got = set()
+    deadline = time.monotonic() + 20
+    while len(got) < 200 and (event := waiter.next(deadline)) is not None:
+        got.add(event.reason)
+    waiter.close()
+    assert errors == [] and len(got) == 200
