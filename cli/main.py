@@ -73,7 +73,7 @@ def run(service: str) -> None:
 
         # At start and on a timer: nothing outlives its job, even when a hook or this worker died mid-way.
         Reconciler(svc, runner.stop_event, config.node.reconcile_interval,
-                   scheduler_check(config.node.scheduler)).start()
+                   scheduler_check(config)).start()
     import logging
 
     logging.getLogger("vtorque").info("%s consuming %s", service, ", ".join(q.name for q in svc.queues()))

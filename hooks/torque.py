@@ -223,12 +223,10 @@ def qstat_exec_host(job_id: str, config) -> tuple["OrderedDict[str, list[int]] |
     """exec_host from `qstat -f JOBID` (the prologue's environment does not carry it); (None, why) if not."""
     from vtorque.services.scheduler_bridge.torque_exec_host import ExecHostError, parse_exec_host, parse_qstat_f
 
-    exe = config.torque.qstat
-    if "/" not in exe:
-        exe = shutil.which(exe, path="/usr/local/bin:/usr/bin:/bin:/opt/torque/bin") or exe
+    exe = config.scheduler.binary("qstat")  # [scheduler]: the site's Torque, never the first qstat on PATH
     try:
         proc = subprocess.run([exe, "-f", job_id], capture_output=True, text=True,
-                              timeout=config.torque.qstat_timeout, stdin=subprocess.DEVNULL)
+                              timeout=config.scheduler.timeout, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.SubprocessError) as exc:
         return None, f"qstat: {exc}"
     if proc.returncode != 0:

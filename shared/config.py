@@ -88,10 +88,36 @@ class ImagesConfig(_Section):
     concurrent_stagings: int = 4  # StageImage commands one stager process works on at once
 
 
+class SchedulerConfig(_Section):
+    """The site's one resource manager and its client binaries, named once (shared/scheduler.py uses them).
+
+    Every binary is called by absolute path: a hook's PATH is /bin:/usr/bin, and on a host with
+    slurm-wlm-torque the first `qsub`/`qstat` on PATH is Slurm's even on a Torque site."""
+
+    kind: Literal["torque", "slurm"] = "torque"
+    # Where the client binaries live; default /usr/local/bin for Torque (its `make install`), /usr/bin for Slurm.
+    bin_dir: str | None = None
+    # One binary elsewhere: its absolute path (e.g. qsub = "/opt/torque/bin/qsub").
+    qsub: str | None = None
+    qstat: str | None = None
+    qdel: str | None = None
+    qsig: str | None = None
+    squeue: str | None = None
+    scontrol: str | None = None
+    scancel: str | None = None
+    timeout: float = 10.0  # seconds for one query of the scheduler
+
+    def binary(self, name: str) -> str:
+        explicit = getattr(self, name, None) if name in type(self).__struct_fields__ else None
+        if explicit:
+            return explicit
+        default = "/usr/local/bin" if self.kind == "torque" else "/usr/bin"
+        return os.path.join(self.bin_dir or default, name)
+
+
 class PrefetchConfig(_Section):
     """`vtorque run prefetch`: watches the scheduler's queue and stages a VM job's image before it starts."""
 
-    scheduler: Literal["auto", "torque", "slurm"] = "auto"  # auto: torque if its accounting dir exists
     torque_home: str = "/var/spool/torque"  # server_priv/accounting/YYYYMMDD and server_priv/jobs/<id>.SC
     slurm_state_dir: str | None = None  # slurmctld's StateSaveLocation (job scripts); else scontrol
     poll_interval: float = 1.0
@@ -157,7 +183,6 @@ class NodeConfig(_Section):
     job_network_localaddr: str = "127.0.0.1"
     # Reconciliation (services/node_worker/reconcile.py): how often, and whom to ask whether a job still runs.
     reconcile_interval: float = 30.0
-    scheduler: Literal["auto", "slurm", "torque", "none"] = "auto"
     boot_timeout: float = 180.0
     ssh_port_min: int = 22000
     ssh_port_max: int = 22999
@@ -197,9 +222,6 @@ class TorqueConfig(_Section):
     home: str = "/var/spool/torque"
     # Seconds kept free below Torque's own prologue kill ($prologalarm - 10 s) for start-up and the answer.
     prologue_margin: float = 15.0
-    # `qstat -f JOBID` gives exec_host (the job's cores); PATH in a hook is only /bin:/usr/bin.
-    qstat: str = "qstat"
-    qstat_timeout: float = 5.0
     # The prologue fails the job early (infrastructure: bounded requeue) when a node of the job has no node
     # worker consuming its queue after this many seconds, instead of waiting out the whole deadline.
     require_node_workers: bool = True
@@ -219,6 +241,7 @@ class Config(_Section):
     hooks: HooksConfig = msgspec.field(default_factory=HooksConfig)
     torque: TorqueConfig = msgspec.field(default_factory=TorqueConfig)
     prefetch: PrefetchConfig = msgspec.field(default_factory=PrefetchConfig)
+    scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
 
     def job_dir(self, job_id: str) -> Path:
         """Where a node keeps what the job's launcher reads (its guests' addresses)."""
@@ -248,6 +271,7 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}")
     _apply_env(data, env)
+    _refuse_moved_keys(data, name)
     file_entries = _merge_catalog_file(data, path)
     catalog = data.get("images", {}).get("catalog", {}) if isinstance(data.get("images"), dict) else {}
     for image, entry in (catalog.items() if isinstance(catalog, dict) else ()):
@@ -356,6 +380,17 @@ def refresh_catalog(config: Config) -> bool:
     catalog.update(entries)
     _catalog_files[path] = (stamp, dict(entries))
     return True
+
+
+# Keys that named the scheduler in three places before [scheduler] named it once.
+_MOVED = {("prefetch", "scheduler"): "scheduler.kind", ("node", "scheduler"): "scheduler.kind",
+          ("torque", "qstat"): "scheduler.qstat", ("torque", "qstat_timeout"): "scheduler.timeout"}
+
+
+def _refuse_moved_keys(data: dict, name: str) -> None:
+    for (section, key), new in _MOVED.items():
+        if isinstance(data.get(section), dict) and key in data[section]:
+            raise ConfigError(f"{name}: {section}.{key}: moved to {new}")
 
 
 def _apply_env(data: dict, env: Mapping[str, str]) -> None:

@@ -69,8 +69,11 @@ user_dirs = ["$STACK/jobs"]
 [node]
 guest_dir = "$STATE/guests"
 
+[scheduler]
+kind = "slurm"
+bin_dir = "/usr/bin"
+
 [prefetch]
-scheduler = "slurm"
 slurm_state_dir = "${slurm_state:-$STACK/slurm/state}"
 
 [hooks]

@@ -16,8 +16,6 @@ When the scheduler cannot be asked (command missing, timeout), nothing is remove
 from __future__ import annotations
 
 import logging
-import shutil
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -29,9 +27,6 @@ from vtorque.shared.logs import log
 
 LOG = logging.getLogger("vtorque.node_worker.reconcile")
 
-SLURM_ALIVE = {"RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "STOPPED", "RESIZING", "SIGNALING",
-               "STAGE_OUT"}
-TORQUE_ALIVE = {"R", "E", "S", "T", "W"}  # running, exiting, suspended, transit, waiting to run again later
 
 
 @dataclass(frozen=True)
@@ -73,36 +68,21 @@ def decide(domains: list[Domain], guest_dirs: dict[str, float], booting: set[str
     return removals, sorted(stale)
 
 
-def slurm_alive(job_id: str, timeout: float = 10.0) -> bool | None:
-    try:
-        proc = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
-                              timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if proc.returncode != 0:
-        return False if "Invalid job id" in proc.stderr else None
-    state = proc.stdout.strip()
-    return bool(state) and state in SLURM_ALIVE
+def scheduler_check(config) -> Callable[[str], bool | None]:
+    """job id -> is it still running (True/False), or None when the scheduler cannot be asked."""
+    from vtorque.shared.scheduler import SchedulerError, scheduler_for
 
+    scheduler = scheduler_for(config)
 
-def torque_alive(job_id: str, timeout: float = 10.0) -> bool | None:
-    try:
-        proc = subprocess.run(["qstat", "-f", job_id], capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if proc.returncode != 0:
-        return False if "Unknown Job" in proc.stderr else None
-    for line in proc.stdout.splitlines():
-        key, _, value = line.strip().partition(" = ")
-        if key == "job_state":
-            return value.strip() in TORQUE_ALIVE
-    return None
+    def alive(job_id: str) -> bool | None:
+        try:
+            info = scheduler.job(job_id)
+        except SchedulerError as exc:
+            log(LOG, logging.WARNING, "scheduler not answering", job_id=job_id, error=str(exc))
+            return None
+        return info is not None and info.alive
 
-
-def scheduler_check(kind: str) -> Callable[[str], bool | None]:
-    if kind == "auto":
-        kind = "slurm" if shutil.which("squeue") else "torque" if shutil.which("qstat") else "none"
-    return {"slurm": slurm_alive, "torque": torque_alive}.get(kind, lambda _job: None)
+    return alive
 
 
 def _parse_time(text: str | None) -> datetime | None:

@@ -382,7 +382,6 @@ class TorquePrefetch(_Prefetcher):
 
 class SlurmPrefetch(_Prefetcher):
     scheduler = "slurm"
-    SQUEUE = "/usr/bin/squeue"
 
     def __init__(self, config: Config, publisher, state_path: Path, state_dir: str | None = None):
         super().__init__(config, publisher, state_path)
@@ -399,7 +398,7 @@ class SlurmPrefetch(_Prefetcher):
             return None
 
     def step(self) -> int:
-        proc = subprocess.run([self.SQUEUE, "-h", "-t", "all", "-o", "%i|%T"], capture_output=True, text=True,
+        proc = subprocess.run([self.config.scheduler.binary("squeue"), "-h", "-t", "all", "-o", "%i|%T"], capture_output=True, text=True,
                               timeout=30)
         if proc.returncode != 0:
             raise OSError(f"squeue failed: {proc.stderr.strip()[:200]}")
@@ -424,11 +423,7 @@ class SlurmPrefetch(_Prefetcher):
 
 
 def detect_scheduler(config: Config) -> str:
-    if config.prefetch.scheduler != "auto":
-        return config.prefetch.scheduler
-    if (Path(config.prefetch.torque_home) / "server_priv" / "accounting").is_dir():
-        return "torque"
-    return "slurm"
+    return config.scheduler.kind
 
 
 def make_prefetcher(config: Config, publisher) -> _Prefetcher:
