@@ -17,7 +17,8 @@ test: setup
 unit: venv
 	$(PY) -m pytest tests/unit -q
 
-setup: deps venv guest stack configure services
+# configure before stack: the hooks must exist before slurmctld starts (stack.sh restarts it when they change).
+setup: deps venv guest configure stack services
 
 deps:
 	deploy/install-deps.sh
@@ -32,13 +33,13 @@ venv: deps
 guest: deps
 	tests/guest/build.sh $(GUEST_DIR)
 
-stack: deps
+stack: deps configure
 	VTORQUE_HOOK_DIR=$(PREFIX)/hooks deploy/single-host/stack.sh start
 
-configure: venv guest stack
+configure: venv guest
 	deploy/single-host/configure.sh $(GUEST_DIR)
 
-services: configure
+services: configure stack
 	deploy/single-host/services.sh stop >/dev/null
 	deploy/single-host/services.sh start
 

@@ -28,10 +28,10 @@ chgrp "$(id -gn slurm 2>/dev/null || echo root)" "$ETC/broker.credentials.tmp"
 mv "$ETC/broker.credentials.tmp" "$ETC/broker.credentials"
 umask 022
 
-slurm_state=""
-slurm_conf=""
-[ -r "$STACK/env" ] && slurm_conf=$(. "$STACK/env"; echo "$SLURM_CONF")
-[ -n "$slurm_conf" ] && slurm_state=$(grep -s '^StateSaveLocation=' "$slurm_conf" | cut -d= -f2)
+# Where stack.sh puts Slurm (fixed paths under the stack dir): known before Slurm starts, because the hooks
+# must be in place before slurmctld starts (it checks PrologSlurmctld only then).
+slurm_conf=$STACK/slurm/etc/slurm.conf
+slurm_state=$STACK/slurm/state
 
 cat > "$ETC/vtorque.toml.tmp" <<TOML
 # vtorque site configuration (single-host demo/test installation, written by deploy/single-host/configure.sh)

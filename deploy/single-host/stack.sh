@@ -273,11 +273,19 @@ EOF
     if cmp -s "$f" "$f.new"; then rm -f "$f.new"; else mv -f "$f.new" "$f"; CONF_CHANGED=1; fi
     chmod 644 "$f"
   done
+  # slurmctld checks PrologSlurmctld/EpilogSlurmctld once, when it starts: a hook that was missing then is never
+  # run ("Invalid PrologSlurmctld"), and jobs run on the bare host. So the hooks' presence and content count as
+  # configuration: a hook that appears or changes restarts slurmctld like a changed slurm.conf does.
   if [ -n "$HOOK_DIR" ]; then
     for f in prolog_slurmctld epilog_slurmctld; do
-      [ -x "$HOOK_DIR/slurm/$f" ] || echo "stack: warning: $HOOK_DIR/slurm/$f is not (yet) an executable file; jobs will be requeued until it is" >&2
+      [ -x "$HOOK_DIR/slurm/$f" ] || die "$HOOK_DIR/slurm/$f is not an executable file: install the hooks first (deploy/single-host/configure.sh)"
     done
+    (cd "$HOOK_DIR/slurm" && sha256sum prolog_slurmctld epilog_slurmctld; sha256sum /etc/vtorque/hooks.env 2>/dev/null) >"$S/etc/hooks.stamp.new"
+  else
+    : >"$S/etc/hooks.stamp.new"
   fi
+  if cmp -s "$S/etc/hooks.stamp" "$S/etc/hooks.stamp.new"; then rm -f "$S/etc/hooks.stamp.new"
+  else mv -f "$S/etc/hooks.stamp.new" "$S/etc/hooks.stamp"; CONF_CHANGED=1; fi
 }
 
 munge_start() {
