@@ -307,8 +307,20 @@ def decode(body: bytes) -> Message:
 
 
 def contract_schema() -> dict:
-    """JSON Schema of every message, generated from the Structs (docs/contract.json is this, checked in CI)."""
-    return msgspec.json.schema(AnyMessage)
+    """JSON Schema of every message, generated from the Structs (docs/contract.json is this, checked in CI).
+
+    Descriptions are normalised here (docstring indentation and line breaks folded to single spaces) so the
+    document depends on the code, not on how a msgspec release formats docstrings."""
+    return _normalise_descriptions(msgspec.json.schema(AnyMessage))
+
+
+def _normalise_descriptions(node):
+    if isinstance(node, dict):
+        return {k: (" ".join(v.split()) if k in ("description", "title") and isinstance(v, str)
+                    else _normalise_descriptions(v)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_normalise_descriptions(v) for v in node]
+    return node
 
 
 def routing_word(value: str) -> str:
