@@ -136,7 +136,85 @@ def shutdown_tracing() -> None:
 
 
 def tracer() -> trace.Tracer:
-    return trace.get_tracer("vtorque")
+    """vtorque's tracer. Every span it starts ends with a real status (see `span`): the services, hooks, vsub
+    and the launcher all start theirs here, so this is the one place where a span's status is decided."""
+    return _StatusTracer(trace.get_tracer("vtorque"))
+
+
+def end_status(span, exc: BaseException | None = None) -> None:
+    """Give `span` its final status as it ends: ERROR with the exception when one escapes (unless the code
+    already marked the span with its own reason), else OK unless the code marked it ERROR. A span left UNSET
+    says nothing to the operator ("did this step work?"), so none is."""
+    status = getattr(span, "status", None)  # only SDK spans have one; a non-recording span has nothing to set
+    if status is None or not span.is_recording():
+        return
+    if exc is not None and not (isinstance(exc, SystemExit) and exc.code in (0, None)):
+        if status.status_code is not StatusCode.ERROR:
+            mark_error(span, exc if not isinstance(exc, SystemExit) else f"exit {exc.code}")
+    elif status.status_code is StatusCode.UNSET:
+        span.set_status(Status(StatusCode.OK))
+
+
+@contextlib.contextmanager
+def span(name: str, *, kind: SpanKind = SpanKind.INTERNAL, attributes: Mapping | None = None,
+         links: Sequence[Link] | None = (), start_time: int | None = None,
+         context: otel_context.Context | None = None, end_on_exit: bool = True) -> Iterator[trace.Span]:
+    """A span as the current span that ends OK, or ERROR with the reason: the exception that escaped it, or
+    what the code gave `mark_error` before it ended."""
+    with trace.get_tracer("vtorque").start_as_current_span(
+            name, context=context, kind=kind, attributes=attributes, links=links, start_time=start_time,
+            record_exception=False, set_status_on_exception=False, end_on_exit=end_on_exit) as current:
+        try:
+            yield current
+        except BaseException as exc:
+            end_status(current, exc)
+            raise
+        if end_on_exit:  # else the caller ends it, and decides then
+            end_status(current)
+
+
+class _StatusTracer:
+    """The SDK tracer, but its spans end with a status (`span` for the context-manager form; `start_span`
+    returns a span whose `end()` sets OK unless it was marked ERROR)."""
+
+    def __init__(self, inner: trace.Tracer):
+        self._inner = inner
+
+    def start_as_current_span(self, name: str, context=None, kind: SpanKind = SpanKind.INTERNAL,
+                              attributes=None, links=(), start_time=None, record_exception: bool = True,
+                              set_status_on_exception: bool = True, end_on_exit: bool = True):
+        return span(name, kind=kind, attributes=attributes, links=links, start_time=start_time,
+                    context=context, end_on_exit=end_on_exit)
+
+    def start_span(self, name: str, context=None, kind: SpanKind = SpanKind.INTERNAL, attributes=None,
+                   links=(), start_time=None, record_exception: bool = True,
+                   set_status_on_exception: bool = True) -> trace.Span:
+        return _EndsWithStatus(self._inner.start_span(name, context=context, kind=kind, attributes=attributes,
+                                                      links=links, start_time=start_time))
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+class _EndsWithStatus:
+    """A span started with `start_span`: ended by hand, so its status is set in `end()`."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def end(self, end_time: int | None = None) -> None:
+        end_status(self._inner)
+        self._inner.end(end_time)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        end_status(self._inner, exc)
+        self._inner.end()
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
 
 
 # -- context in AMQP headers ------------------------------------------------------------------------------
@@ -210,7 +288,7 @@ def publish_span(message, exchange: str, routing_key: str) -> Iterator[dict]:
         yield {}
         return
     attrs = _message_attributes(message, exchange, routing_key, "publish", "send")
-    with tracer().start_as_current_span(f"publish {exchange}", kind=SpanKind.PRODUCER, attributes=attrs):
+    with span(f"publish {exchange}", kind=SpanKind.PRODUCER, attributes=attrs):
         yield inject({})
 
 
@@ -225,15 +303,15 @@ def process_span(message, queue: str, routing_key: str, headers: Mapping | None,
     metrics.observe_delivery(message, queue)
     token = otel_context.attach(parent)
     try:
-        with tracer().start_as_current_span(f"process {queue}", kind=SpanKind.CONSUMER, attributes=attrs,
-                                            links=links) as span:
-            yield span
+        with span(f"process {queue}", kind=SpanKind.CONSUMER, attributes=attrs, links=links) as current:
+            yield current
     finally:
         otel_context.detach(token)
 
 
 def mark_error(span: trace.Span, exc: BaseException | str) -> None:
-    span.set_status(Status(StatusCode.ERROR, str(exc)))
+    """ERROR with the reason (an exception: its text, recorded as an event, and error.type)."""
+    span.set_status(Status(StatusCode.ERROR, str(exc) or (type(exc).__name__ if isinstance(exc, BaseException) else "error")))
     if isinstance(exc, BaseException):
         span.record_exception(exc)
         span.set_attribute("error.type", type(exc).__name__)

@@ -78,3 +78,63 @@ def test_without_an_endpoint_spans_are_otlp_json_lines(tmp_path):
     assert len(span["traceId"]) == 32 and len(span["spanId"]) == 16  # hex, as OTLP/JSON wants
     rows = job_spans(parse_lines(lines), "42.srv")
     assert {r.name for r in rows} == {"outer", "inner"} and {r.service for r in rows} == {"vtorque-test"}
+
+
+STATUSES = """
+import sys
+from vtorque.shared import messages as m, tracing
+from vtorque.shared.config import TracingConfig
+from vtorque.shared.logs import job_context
+tracing.setup_tracing("vtorque-test", TracingConfig(otlp_endpoint=None, dir=sys.argv[1]))
+with job_context("43.srv"):
+    with tracing.tracer().start_as_current_span("worked"):
+        pass
+    try:
+        with tracing.tracer().start_as_current_span("raised"):
+            raise RuntimeError("disk full")
+    except RuntimeError:
+        pass
+    with tracing.tracer().start_as_current_span("marked") as span:
+        tracing.mark_error(span, "guest never became ready")
+    try:
+        with tracing.tracer().start_as_current_span("marked then raised") as span:
+            tracing.mark_error(span, "own reason")
+            raise ValueError("other")
+    except ValueError:
+        pass
+    tracing.tracer().start_span("by hand").end()
+    with tracing.span("helper"):
+        pass
+    msg = m.JobEnded.new(job_id="43.srv", deadline=5.0, scheduler="slurm", nodes=["n1"])
+    with tracing.publish_span(msg, "vtorque.events", "job.43.job_ended") as headers:
+        pass
+    try:
+        with tracing.process_span(msg, "vtorque.bridge", "job.43.job_ended", headers):
+            raise KeyError("no plan")
+    except KeyError:
+        pass
+tracing.shutdown_tracing()
+"""
+
+
+def test_every_span_ends_ok_or_error_with_its_reason(tmp_path):
+    subprocess.run([sys.executable, "-c", STATUSES, str(tmp_path)], check=True, timeout=60)
+    docs = [json.loads(line) for f in tmp_path.glob("vtorque-test.*.jsonl") for line in f.read_text().splitlines()]
+    spans = {s["name"]: s for d in docs for rs in d.get("resourceSpans", []) for ss in rs["scopeSpans"] for s in ss["spans"]}
+    status = {name: (s.get("status", {}).get("code", "STATUS_CODE_UNSET"), s.get("status", {}).get("message", ""))
+              for name, s in spans.items()}
+    ok = ("STATUS_CODE_OK", "")
+    assert status == {
+        "worked": ok, "by hand": ok, "helper": ok, "publish vtorque.events": ok,
+        "raised": ("STATUS_CODE_ERROR", "disk full"),
+        "marked": ("STATUS_CODE_ERROR", "guest never became ready"),
+        "marked then raised": ("STATUS_CODE_ERROR", "own reason"),
+        "process vtorque.bridge": ("STATUS_CODE_ERROR", "'no plan'"),
+    }, status
+    raised = spans["raised"]
+    assert [e["name"] for e in raised.get("events", [])] == ["exception"]  # recorded once, not twice
+    attrs = {a["key"]: a["value"].get("stringValue") for a in raised["attributes"]}
+    assert attrs["error.type"] == "RuntimeError"
+    assert len(spans["marked then raised"].get("events", [])) == 0  # the code's own reason stands
+    rows = {r.name: r for r in parse_lines([json.dumps(d) for d in docs])}
+    assert rows["worked"].status == "ok" and rows["raised"].status == "error"
