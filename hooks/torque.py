@@ -18,6 +18,7 @@ and publishes JobEnded, so the teardown starts at once; the epilogue then confir
 
 from __future__ import annotations
 
+import dataclasses
 import grp
 import logging
 import os
@@ -219,9 +220,10 @@ def read_prologalarm(home: Path) -> int:
     return DEFAULT_PROLOGALARM if value is None else value
 
 
-def qstat_exec_host(job_id: str, config) -> tuple["OrderedDict[str, list[int]] | None", str]:
-    """exec_host from `qstat -f JOBID` (the prologue's environment does not carry it); (None, why) if not."""
-    from vtorque.services.scheduler_bridge.torque_exec_host import ExecHostError, parse_exec_host, parse_qstat_f
+def qstat_attrs(job_id: str, config) -> tuple[dict[str, str] | None, str]:
+    """`qstat -f JOBID` as {attribute: value} (exec_host, Error_Path, ...: the prologue's environment carries
+    none of them); (None, why) if qstat cannot answer."""
+    from vtorque.shared.scheduler import parse_qstat_f
 
     exe = config.scheduler.binary("qstat")  # [scheduler]: the site's Torque, never the first qstat on PATH
     try:
@@ -231,13 +233,26 @@ def qstat_exec_host(job_id: str, config) -> tuple["OrderedDict[str, list[int]] |
         return None, f"qstat: {exc}"
     if proc.returncode != 0:
         return None, f"qstat exit {proc.returncode}: {proc.stderr.strip()[:200]}"
-    value = parse_qstat_f(proc.stdout).get("exec_host")
+    return parse_qstat_f(proc.stdout), ""
+
+
+def exec_host_of(attrs: dict[str, str] | None, why: str = "") -> tuple["OrderedDict[str, list[int]] | None", str]:
+    from vtorque.shared.torque_exec_host import ExecHostError, parse_exec_host
+
+    if attrs is None:
+        return None, why
+    value = attrs.get("exec_host")
     if not value:
         return None, "qstat -f shows no exec_host"
     try:
         return parse_exec_host(value), ""
     except ExecHostError as exc:
         return None, str(exc)
+
+
+def qstat_exec_host(job_id: str, config) -> tuple["OrderedDict[str, list[int]] | None", str]:
+    """exec_host from `qstat -f JOBID`; (None, why) if not."""
+    return exec_host_of(*qstat_attrs(job_id, config))
 
 
 def setup_hook_log(config) -> None:
@@ -551,12 +566,13 @@ def _prologue(job: JobContext, args: list[str], config, home: Path, env, progres
                           f"(Torque kills the prologue after {torque_kill_after(alarm)} s; vtorque keeps "
                           f"{config.torque.prologue_margin:.0f} s): raise it")
     else:
-        exec_host, why = qstat_exec_host(job.job_id, config)
+        attrs, why = qstat_attrs(job.job_id, config)
+        exec_host, why = exec_host_of(attrs, why)
         if exec_host is None:
             hook_log(logging.INFO, "cores unknown: nothing will be pinned", job_id=job.job_id, why=why)
         else:
-            job = JobContext(scheduler=job.scheduler, job_id=job.job_id, owner=job.owner,
-                             nodes=nodes_from_nodefile(env.get("PBS_NODEFILE"), exec_host), header=job.header)
+            # Only the nodes change: everything else (walltime: the guests' end time) stays as Torque gave it.
+            job = dataclasses.replace(job, nodes=nodes_from_nodefile(env.get("PBS_NODEFILE"), exec_host))
         try:
             validate(job.header.spec, config)
             valid = True

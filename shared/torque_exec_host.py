@@ -2,8 +2,9 @@
 
 The prologue gets the job's hosts from PBS_NODEFILE (one line per core) but not which cores: those are in the
 job's `exec_host` attribute (`vm/0-1`, `n1/0-1+n2/2-3`, or the older one-slot-per-entry `n1/0+n1/1+n2/0`),
-which Torque shows in `qstat -f` and writes into the server's accounting `S`/`E` records
-(../shared/reference/torque-hooks.md §8).
+which Torque shows in `qstat -f` (parsed by shared/scheduler.parse_qstat_f) and writes into the server's
+accounting `S`/`E` records (../shared/reference/torque-hooks.md §8). In shared/ because both the Torque hook and
+the bridge read it, and hooks import nothing from services/.
 """
 
 from __future__ import annotations
@@ -52,23 +53,6 @@ def parse_exec_host(text: str) -> "OrderedDict[str, list[int]]":
         got = hosts.setdefault(short_host(host), [])
         got += [c for c in parse_core_list(cores) if c not in got]
     return hosts
-
-
-def parse_qstat_f(text: str) -> dict[str, str]:
-    """`qstat -f JOBID` -> {attribute: value}. Long values are folded onto lines starting with a tab."""
-    attrs: dict[str, str] = {}
-    last: str | None = None
-    for line in text.splitlines():
-        if line.startswith("\t") and last is not None:
-            attrs[last] += line[1:]  # a folded continuation: Torque breaks inside the value
-            continue
-        name, sep, value = line.strip().partition(" = ")
-        if sep:
-            attrs[name] = value
-            last = name
-        else:
-            last = None
-    return attrs
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from . import torque_replay as tr
 from vtorque.shared import messages as m
 from vtorque.shared.job_script import render_wrapper
 
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+STACK_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"  # the running stack's vhost: never published on as "vm"
 EVENTS_EXCHANGE = "vtorque.events"
 GUARD_SECONDS = 30.0  # a guard against endless loops, not a benchmark
 HOOK_DEFAULT_PYTHON = "/opt/vtorque/venv/bin/python"  # what hooks/torque/* exec without VTORQUE_PYTHON
@@ -37,6 +37,18 @@ def _ids(invocations):
 
 
 # -- fixtures ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vhost():
+    """A broker vhost of this module's own: this host is called `vm`, the recorded mother superior's name, so a
+    JobStarted for node `vm` on the stack's vhost would make the running bridge and node worker boot guests."""
+    try:
+        pika.BlockingConnection(pika.URLParameters(STACK_URL)).close()
+    except pika.exceptions.AMQPError as exc:
+        pytest.fail(f"RabbitMQ is required at 127.0.0.1:5672: {exc!r}")
+    with tr.PrivateVhost(f"vtorque-test-contract-{random.randrange(16**8):08x}") as v:
+        yield v
+
 
 @pytest.fixture
 def torque_home(tmp_path):
@@ -61,24 +73,27 @@ def image_source(tmp_path) -> Path:
 
 
 @pytest.fixture
-def make_config(tmp_path, image_source):
+def make_config(tmp_path, image_source, vhost):
     """Writes a config; keyword arguments override hooks/broker settings. Returns (path, state_dir)."""
     state_dir = tmp_path / "state"
 
-    def make(broker_url: str = AMQP_URL, torque: dict | None = None, **hooks) -> tuple[Path, Path]:
+    def make(broker_url: str | None = None, torque: dict | None = None, scheduler: dict | None = None,
+             **hooks) -> tuple[Path, Path]:
         settings = {"prologue_timeout": 5.0, "epilogue_timeout": 2.0, "broker_attempts": 1, "max_requeues": 2}
         settings.update(hooks)
         # No node worker check by default: these tests run no node worker "vm" of their own.
         torque_settings = {"home": str(tmp_path / "torque"), "log_file": str(tmp_path / "torque-hooks.log"),
-                           "qstat": str(tmp_path / "no-qstat"), "require_node_workers": False,
-                           "prologue_margin": 1.0}
+                           "require_node_workers": False, "prologue_margin": 1.0}
         torque_settings.update(torque or {})
+        scheduler_settings = {"kind": "torque", "qstat": str(tmp_path / "no-qstat"), "timeout": 5.0}
+        scheduler_settings.update(scheduler or {})
         return tr.write_config(tmp_path / "vtorque.toml", {
             "state_dir": str(state_dir),
-            "broker": {"url": broker_url, "connect_timeout": 1.0},
+            "broker": {"url": broker_url or vhost.url, "connect_timeout": 1.0},
             "tracing": {"dir": str(tmp_path / "traces")},
             "hooks": settings,
             "torque": torque_settings,
+            "scheduler": scheduler_settings,
             "images.catalog.tiny": {"source": str(image_source), "sha256": tr.sha256_file(image_source),
                                     "format": "raw"},
         }), state_dir
@@ -93,13 +108,11 @@ def closed_port() -> int:
         return s.getsockname()[1]  # closed again when the socket is
 
 
-@pytest.fixture
-def events():
-    """An exclusive queue bound to vtorque.events `job.#`, declared before the hook runs; drain() reads it."""
+def _events(url: str):
     try:
-        conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+        conn = pika.BlockingConnection(pika.URLParameters(url))
     except pika.exceptions.AMQPError as exc:
-        pytest.fail(f"RabbitMQ is required at {AMQP_URL}: {exc!r}")
+        pytest.fail(f"RabbitMQ is required at {url}: {exc!r}")
     channel = conn.channel()
     channel.exchange_declare(EVENTS_EXCHANGE, exchange_type="topic", durable=True)
     queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
@@ -125,7 +138,15 @@ def events():
                     if (isinstance(msg, m.JobStarted) and msg.job_id == job_id)
                     or (kind == "JobStarted" and key.startswith(f"job.{m.routing_word(job_id)}."))]
 
-    yield Events()
+    return Events(), conn
+
+
+@pytest.fixture
+def events(vhost):
+    """An exclusive queue bound to vtorque.events `job.#` on the test's vhost, declared before the hook runs;
+    drain() reads it."""
+    ev, conn = _events(vhost.url)
+    yield ev
     conn.close()
 
 
@@ -296,18 +317,13 @@ def test_good_spec_publishes_job_started(torque_home, make_config, events):
 
 
 def test_unknown_job_owner_aborts(torque_home, make_config, events):
-    """The recorded owner (trqtest) is not a local account here: the prologue aborts and says why."""
-    try:
-        pwd.getpwnam("trqtest")
-        pytest.skip("trqtest exists on this host")
-    except KeyError:
-        pass
+    """An owner that is no local account: the prologue aborts and says why."""
     config, _ = make_config()
-    inv = first(PROLOGUES, "1.vm").with_job_id(unique_job_id())
+    inv = first(PROLOGUES, "1.vm").with_job_id(unique_job_id()).with_args(a2="vtorque-nosuchuser")
     result = tr.run_hook("prologue", torque_home.prepare(inv, vm_script(GOOD_SPEC)),
                          hook_env(config), timeout=GUARD_SECONDS)
     assert result.returncode == 1, str(result)
-    assert "trqtest" in result.stderr and "unknown" in result.stderr, str(result)
+    assert "vtorque-nosuchuser" in result.stderr and "unknown" in result.stderr, str(result)
     assert events.job_started(inv.job_id) == []
 
 
@@ -400,12 +416,16 @@ def test_python_side_usage(argv, tmp_path):
 def test_default_style_broker_url_reaches_the_broker(torque_home, make_config, events):
     """'amqp://host:5672//' (config default, deploy/single-host/configure.sh) is kombu's way to say vhost "/";
     pika alone reads it as vhost '' (NOT_ALLOWED), so the hooks must read it as kombu does."""
-    config, _ = make_config(broker_url="amqp://guest:guest@127.0.0.1:5672//", prologue_timeout=1.0)
-    inv = vm_invocation(first(PROLOGUES, "1.vm"), unique_job_id())
-    result = tr.run_hook("prologue", torque_home.prepare(inv, vm_script(GOOD_SPEC)),
-                         hook_env(config), timeout=GUARD_SECONDS)
-    assert "broker unreachable" not in result.stderr, str(result)
-    assert len(events.job_started(inv.job_id)) == 1
+    ev, conn = _events(STACK_URL)  # vhost "/" is the stack's: the job's one node is no node of this host
+    try:
+        config, _ = make_config(broker_url="amqp://guest:guest@127.0.0.1:5672//", prologue_timeout=1.0)
+        inv = vm_invocation(first(PROLOGUES, "1.vm"), unique_job_id())
+        prepared = torque_home.prepare(inv, vm_script(GOOD_SPEC), nodefile_hosts=[f"t-nowhere-{inv.job_id[:7]}"])
+        result = tr.run_hook("prologue", prepared, hook_env(config), timeout=GUARD_SECONDS)
+        assert "broker unreachable" not in result.stderr, str(result)
+        assert len(ev.job_started(inv.job_id)) == 1
+    finally:
+        conn.close()
 
 
 def test_vtorque_python_does_not_break_the_config(torque_home, make_config, events):
@@ -481,7 +501,7 @@ def test_cores_come_from_exec_host_as_the_server_recorded_it(job_id, cores, torq
     record = tr.first_start_record(job_id)
     inv = vm_invocation(first(PROLOGUES, job_id), unique_job_id())
     qstat = tr.qstat_stand_in(tmp_path / "bin", {inv.job_id: record.attrs})
-    config, _ = make_config(prologue_timeout=0.5, torque={"qstat": str(qstat)})
+    config, _ = make_config(prologue_timeout=0.5, scheduler={"qstat": str(qstat)})
     result = tr.run_hook("prologue", torque_home.prepare(inv, vm_script(GOOD_SPEC)), hook_env(config),
                          timeout=GUARD_SECONDS)
     assert result.returncode == 2, str(result)
@@ -490,10 +510,42 @@ def test_cores_come_from_exec_host_as_the_server_recorded_it(job_id, cores, torq
 
 
 def test_without_qstat_the_cores_are_unknown(torque_home, make_config, events):
-    config, _ = make_config(prologue_timeout=0.5)  # [torque] qstat names nothing that exists
+    config, _ = make_config(prologue_timeout=0.5)  # [scheduler] qstat names nothing that exists
     inv = vm_invocation(first(PROLOGUES, "1.vm"), unique_job_id())
     tr.run_hook("prologue", torque_home.prepare(inv, vm_script(GOOD_SPEC)), hook_env(config), timeout=GUARD_SECONDS)
     assert [(n.host, n.ncpus, n.cores) for n in events.job_started(inv.job_id)[0].nodes] == [("vm", 2, None)]
+
+
+def test_guests_carry_the_walltime_and_are_removed_once_it_passed(torque_home, make_config, events, tmp_path):
+    """qstat gives the cores (the normal case): the JobStarted must still carry Resource_List's walltime, the
+    plan gives each guest its end time, and the node worker's reconciliation removes a guest past it."""
+    from datetime import timedelta
+
+    from vtorque.services.node_worker.reconcile import Domain, decide
+    from vtorque.services.scheduler_bridge.planning import plan_guests
+    from vtorque.shared.config import load_config
+    from vtorque.shared.spec import validate
+
+    record = tr.first_start_record("1.vm")  # walltime=00:05:00, exec_host=vm/0-1
+    inv = vm_invocation(first(PROLOGUES, "1.vm"), unique_job_id())
+    assert "walltime=00:05:00" in inv.argv[4]
+    qstat = tr.qstat_stand_in(tmp_path / "bin", {inv.job_id: record.attrs})
+    config, _ = make_config(prologue_timeout=0.5, scheduler={"qstat": str(qstat)})
+    tr.run_hook("prologue", torque_home.prepare(inv, vm_script(GOOD_SPEC)), hook_env(config), timeout=GUARD_SECONDS)
+    started = events.job_started(inv.job_id)
+    assert [n.cores for n in started[0].nodes] == [[0, 1]]  # qstat answered
+    assert started[0].walltime == 300
+
+    site = load_config(str(config))
+    guests = plan_guests(started[0], validate(started[0].spec, site), site)
+    end_by = started[0].created_at + timedelta(seconds=300)
+    assert [g.end_by for g in guests] == [end_by]
+    domain = Domain(name=guests[0].name, job_id=inv.job_id, boot_deadline=None, end_by=guests[0].end_by, ready=True)
+    grace = timedelta(minutes=2)
+    running = lambda job_id: True  # noqa: E731 - Torque still says R: only the walltime can end it
+    assert decide([domain], {}, set(), running, end_by + grace - timedelta(seconds=1), 0.0, grace) == ([], [])
+    removed, _ = decide([domain], {}, set(), running, end_by + grace + timedelta(seconds=1), 0.0, grace)
+    assert [(r.name, r.reason) for r in removed] == [(guests[0].name, f"job {inv.job_id} passed its walltime")]
 
 
 def test_a_prologalarm_too_small_for_any_boot_aborts_with_the_reason(torque_home, make_config, events):

@@ -54,7 +54,7 @@ class Stack:
         site = tomllib.loads(Path("/etc/vtorque/vtorque.toml").read_text())
         tiny = site["images"]["catalog"]["tiny"]
         settings = {"home": str(self.home.root), "log_file": str(self.hook_log), "require_node_workers": True,
-                    "node_worker_grace": 2.0, "prologue_margin": 2.0, "qstat": str(self.root / "bin" / "qstat")}
+                    "node_worker_grace": 2.0, "prologue_margin": 2.0}
         settings.update(torque)
         return tr.write_config(self.root / name, {
             "state_dir": str(self.state),
@@ -69,6 +69,7 @@ class Stack:
                      "scheduler": "none"},  # no Torque here to ask whether a job still runs
             "hooks": {"prologue_timeout": 60.0, "epilogue_timeout": 30.0, "broker_attempts": 1, "max_requeues": 2},
             "torque": settings,
+            "scheduler": {"kind": "torque", "qstat": str(self.root / "bin" / "qstat")},
         })
 
     def start(self, config: Path) -> None:

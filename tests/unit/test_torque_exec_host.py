@@ -1,11 +1,11 @@
-"""exec_host, qstat -f and accounting records, parsed (services/scheduler_bridge/torque_exec_host.py)."""
+"""exec_host, qstat -f and accounting records, parsed (shared/torque_exec_host.py, shared/scheduler.py)."""
 
 from pathlib import Path
 
 import pytest
 
-from vtorque.services.scheduler_bridge.torque_exec_host import (
-    ExecHostError, parse_accounting, parse_core_list, parse_exec_host, parse_qstat_f)
+from vtorque.shared.scheduler import parse_qstat_f
+from vtorque.shared.torque_exec_host import ExecHostError, parse_accounting, parse_core_list, parse_exec_host
 
 RECORDED = Path(__file__).parents[1] / "data" / "torque-recorded" / "accounting" / "20261126"
 
@@ -43,7 +43,6 @@ def test_qstat_f_unfolds_long_values():
     assert attrs["Resource_List.nodes"] == "8:ppn=2"
 
 
-@pytest.mark.skipif(not RECORDED.exists(), reason="recordings not on this machine")
 def test_recorded_accounting_records_parse():
     records = parse_accounting(RECORDED.read_text())
     starts = [r for r in records if r.type == "S"]
