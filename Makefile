@@ -4,6 +4,9 @@ VENV      ?= $(PREFIX)/venv
 GUEST_DIR ?= /var/cache/vtorque/testguest
 STACK_DIR ?= /var/lib/vtorque-stack
 PY        := $(VENV)/bin/python
+# bash with pipefail: a failed step (pip behind a filter included) fails the target.
+SHELL       := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
 export PREFIX VTORQUE_STACK_DIR := $(STACK_DIR)
 
 .PHONY: demo test setup deps venv guest configure stack services down unit
@@ -24,10 +27,16 @@ deps:
 	deploy/install-deps.sh
 
 # Debian's python, not a user's pyenv: the Slurm hooks run as the slurm user and must be able to execute it.
-# --system-site-packages brings Debian's python3-libvirt (no compiler needed).
+# --system-site-packages brings Debian's python3-libvirt (no compiler needed). Every other package comes from
+# requirements.lock (exact versions and hashes; `deploy/lock-deps.sh` regenerates it), so a fresh machine gets
+# exactly what CI tested. vtorque itself is installed editable: the checkout is the code the stack runs.
 venv: deps
-	@[ -x $(PY) ] || /usr/bin/python3 -m venv --system-site-packages $(VENV)
-	$(VENV)/bin/pip install -q --disable-pip-version-check '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
+	@[ -x $(PY) ] || { echo "venv: creating $(VENV) from /usr/bin/python3"; /usr/bin/python3 -m venv --system-site-packages $(VENV); }
+	@echo "venv: installing requirements.lock into $(VENV) (about 15 s on a fresh machine)"
+	$(VENV)/bin/pip install --disable-pip-version-check --require-hashes -r requirements.lock 2>&1 \
+	  | { grep -vE '^WARNING: Location|^Requirement already satisfied' || true; }
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 \
+	  | { grep -v '^WARNING: Location' || true; }
 	@$(PY) -c 'import vtorque.shared.bus, libvirt, pika, kombu' && echo "venv: $(VENV) ready"
 
 guest: deps
