@@ -8,6 +8,7 @@ unit-tested on recorded output; only `Torque.job`/`Slurm.job` run a command.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from typing import Literal, Protocol
@@ -28,6 +29,8 @@ class JobInfo(msgspec.Struct, kw_only=True, frozen=True):
     nodes: tuple[str, ...] = ()
     walltime_s: int | None = None
     reason: str | None = None  # the scheduler's reason/comment field, if it gives one
+    stdout: str | None = None  # where the job's output and error files go (paths on the job's first node)
+    stderr: str | None = None
 
     @property
     def alive(self) -> bool:
@@ -150,14 +153,21 @@ _SLURM_STATES: dict[str, State] = {
 }
 
 
-def parse_scontrol_oneliner(text: str) -> dict[str, str]:
-    """`scontrol -o show job JOBID` → {key: value}. Values may hold spaces only in the last keys (Command=,
-    WorkDir=, Comment=...): a word without '=' continues the value before it."""
+def parse_scontrol_oneliner(text: str, job_id: str | None = None) -> dict[str, str]:
+    """`scontrol -o show job JOBID` → {key: value}. Values may hold spaces (Command=, WorkDir=, Comment=,
+    Reason=(ReqNodeNotAvail, ...)): a word that is not `Key=` continues the value before it.
+
+    One line per job; an array or heterogeneous job gives several: the line whose JobId is `job_id` is read,
+    else the first."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if job_id is not None:
+        mine = [line for line in lines if line.lstrip().startswith(f"JobId={job_id} ")]
+        lines = mine or lines
     fields: dict[str, str] = {}
     key = None
-    for word in text.strip().split(" "):
+    for word in (lines[0] if lines else "").strip().split(" "):
         name, sep, value = word.partition("=")
-        if sep and re.fullmatch(r"[A-Za-z:/_]+", name):
+        if sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9:/_]*", name):
             key = name
             fields[key] = value
         elif key:
@@ -182,10 +192,11 @@ def expand_hostlist(expr: str) -> tuple[str, ...]:
 
 
 def slurm_job_info(job_id: str, text: str) -> JobInfo:
-    f = parse_scontrol_oneliner(text)
-    raw = f.get("JobState", "")
+    f = parse_scontrol_oneliner(text, job_id)
+    raw = f.get("JobState", "").rstrip("+")
     state: State = _SLURM_STATES.get(raw, "unknown")
     exit_code = None
+    # ExitCode=<status>:<signal> of the batch script; a job killed by a signal exits 128+signal, as a shell says
     if state not in ALIVE and re.fullmatch(r"\d+:\d+", f.get("ExitCode", "")):
         code, signal = map(int, f["ExitCode"].split(":"))
         exit_code = 128 + signal if signal else code
@@ -197,8 +208,9 @@ def slurm_job_info(job_id: str, text: str) -> JobInfo:
         reason = f["Comment"]
     elif f.get("Reason") not in (None, "", "None", "(null)"):
         reason = f["Reason"]
+    paths = {k: f[k] for k in ("StdOut", "StdErr") if f.get(k) not in (None, "", "(null)")}
     return JobInfo(job_id=job_id, state=state, raw_state=raw, exit_code=exit_code, owner=owner, nodes=nodes,
-                   walltime_s=wall, reason=reason)
+                   walltime_s=wall, reason=reason, stdout=paths.get("StdOut"), stderr=paths.get("StdErr"))
 
 
 class Slurm:
@@ -213,10 +225,20 @@ class Slurm:
     def job(self, job_id: str) -> JobInfo | None:
         proc = _run([self.binary("scontrol"), "-o", "show", "job", job_id], self.config.timeout)
         if proc.returncode != 0:
-            if "Invalid job id" in proc.stderr:
+            if "Invalid job id" in proc.stderr:  # never known, or forgotten MinJobAge seconds after it ended
                 return None
-            raise SchedulerError(f"scontrol exit {proc.returncode}: {proc.stderr.strip()[:200]}")
+            raise SchedulerError(f"scontrol exit {proc.returncode}: {_last_line(proc.stderr)}"
+                                 + ("" if os.environ.get("SLURM_CONF") or "configuration" not in proc.stderr
+                                    else " (SLURM_CONF is not set)"))
+        if not proc.stdout.strip():
+            return None
         return slurm_job_info(job_id, proc.stdout)
+
+
+def _last_line(text: str) -> str:
+    """scontrol's fatal error is its last line (the ones before say what it tried)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[-1] if lines else "no message")[:200]
 
 
 def scheduler_for(config) -> Scheduler:
