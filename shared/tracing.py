@@ -294,7 +294,14 @@ def publish_span(message, exchange: str, routing_key: str) -> Iterator[dict]:
 
 @contextlib.contextmanager
 def process_span(message, queue: str, routing_key: str, headers: Mapping | None, exchange: str = ""):
-    """A CONSUMER span for handling one delivery: child of the producer span, and linked to it."""
+    """A CONSUMER span for handling one delivery: child of the producer span, and linked to it.
+
+    A message of no job (a heartbeat) gets none, as in `publish_span`: the bridge consumes every node's
+    heartbeats, and a root span for each would bury the jobs' traces."""
+    if not message.job_id:
+        metrics.observe_delivery(message, queue)
+        yield trace.INVALID_SPAN
+        return
     parent = extract(headers)
     producer = trace.get_current_span(parent).get_span_context()
     links = [Link(producer)] if producer.is_valid else []

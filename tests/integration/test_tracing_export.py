@@ -113,6 +113,12 @@ with job_context("43.srv"):
             raise KeyError("no plan")
     except KeyError:
         pass
+beat = m.NodeHeartbeat.new(job_id="", deadline=30.0, node="n1", cores=2, mem_free_mib=100, guests_running=0,
+                           domain_type="qemu", capabilities=[], interval=10.0)
+with tracing.publish_span(beat, "vtorque.events", "node.n1.heartbeat") as headers:
+    pass
+with tracing.process_span(beat, "vtorque.bridge.nodes.x", "node.n1.heartbeat", headers) as span:
+    tracing.mark_error(span, "ignored: no span")
 tracing.shutdown_tracing()
 """
 
@@ -123,6 +129,7 @@ def test_every_span_ends_ok_or_error_with_its_reason(tmp_path):
     spans = {s["name"]: s for d in docs for rs in d.get("resourceSpans", []) for ss in rs["scopeSpans"] for s in ss["spans"]}
     status = {name: (s.get("status", {}).get("code", "STATUS_CODE_UNSET"), s.get("status", {}).get("message", ""))
               for name, s in spans.items()}
+    assert "process vtorque.bridge.nodes.x" not in spans  # a heartbeat (no job) makes no span either way
     ok = ("STATUS_CODE_OK", "")
     assert status == {
         "worked": ok, "by hand": ok, "helper": ok, "publish vtorque.events": ok,
