@@ -31,6 +31,7 @@ from vtorque.shared.logs import log
 LOG = logging.getLogger("vtorque.node_worker.iocm")
 
 SKVM_VHOST = "/sys/class/vhost"  # the sKVM IOcm module's interface (mikelangelo-project/dynamic-io-manager)
+# (read when called, not when defined: tests point it at a fake host's tree)
 
 
 # -- pure: the decision -----------------------------------------------------------------------------------
@@ -215,12 +216,13 @@ class SkvmIocm:
 
     name = "skvm"
 
-    def __init__(self, root: str = SKVM_VHOST, pid_dir: str = "/run/libvirt/qemu"):
-        self.root, self.pid_dir = Path(root), Path(pid_dir)
+    def __init__(self, root: str | None = None, pid_dir: str = "/run/libvirt/qemu"):
+        self.root, self.pid_dir = Path(root or SKVM_VHOST), Path(pid_dir)
 
     @staticmethod
-    def present(root: str = SKVM_VHOST) -> bool:
-        return (Path(root) / "worker" / "create").exists() and (Path(root) / "dev").is_dir()
+    def present(root: str | None = None) -> bool:
+        base = Path(root or SKVM_VHOST)
+        return (base / "worker" / "create").exists() and (base / "dev").is_dir()
 
     def _read(self, *parts: str) -> str:
         return (self.root.joinpath(*parts)).read_text().strip()
@@ -256,12 +258,12 @@ class SkvmIocm:
                 self._write(wid, "worker", "remove")
 
 
-def detect_backend(root: str = SKVM_VHOST):
+def detect_backend(root: str | None = None):
     """sKVM's interface where its module is loaded, else libvirt's iothread pinning."""
     return SkvmIocm(root) if SkvmIocm.present(root) else LibvirtIocm()
 
 
-def capabilities(root: str = SKVM_VHOST) -> list[str]:
+def capabilities(root: str | None = None) -> list[str]:
     return ["iocm", "iocm-skvm"] if SkvmIocm.present(root) else ["iocm"]
 
 

@@ -11,6 +11,9 @@ from pathlib import Path
 
 Topology = dict[int, frozenset[int]]  # NUMA node → its CPUs
 
+# Where host_topology reads the machine's facts; tests point it at a fake host's sysfs tree.
+SYSFS = "/sys"
+
 
 def nodeset(cores: list[int] | None, topology: Topology) -> str | None:
     """The NUMA nodes holding `cores`, as a libvirt nodeset ('0' or '0,1'); None when there is nothing to
@@ -29,9 +32,9 @@ def parse_cpulist(text: str) -> frozenset[int]:
     return frozenset(cpus)
 
 
-def host_topology(sysfs: str = "/sys") -> Topology:
+def host_topology(sysfs: str | None = None) -> Topology:
     """This host's NUMA nodes and their CPUs (from /sys/devices/system/node/nodeN/cpulist)."""
-    root = Path(sysfs) / "devices" / "system" / "node"
+    root = Path(sysfs or SYSFS) / "devices" / "system" / "node"
     topo: Topology = {}
     try:
         names = os.listdir(root)

@@ -2,6 +2,7 @@
 
 import pytest
 
+from conftest import FakeHost
 from vtorque.services.node_worker import iocm
 from vtorque.services.node_worker.iocm import Counters, Policy, State, decide, io_rate
 
@@ -98,10 +99,21 @@ def test_vhost_plan_one_worker_per_core_devices_spread():
     assert iocm.plan_vhost([], ["d.1"], []) == ([], [], {})
 
 
-def test_skvm_module_is_absent_here_so_libvirt_pins():
+def test_without_the_skvm_module_libvirt_pins(fake_host):
+    # Neither injected host (2 cores, 16 cores on 2 NUMA nodes) has sKVM's vhost interface.
     assert not iocm.SkvmIocm.present()
     assert iocm.detect_backend().name == "libvirt"
     assert iocm.capabilities() == ["iocm"]
+    assert iocm.IocmController(hv=None, stop=None).backend.name == "libvirt"
+
+
+@pytest.mark.parametrize("cores,numa_nodes", [(2, 1), (16, 2)])
+def test_with_the_skvm_module_its_interface_is_used(make_fake_host, cores, numa_nodes):
+    host = make_fake_host(FakeHost(f"{cores}-core-skvm", cores=cores, numa_nodes=numa_nodes, skvm=True))
+    assert iocm.SkvmIocm.present() and iocm.SkvmIocm().root == host.vhost
+    assert iocm.detect_backend().name == "skvm"
+    assert iocm.capabilities() == ["iocm", "iocm-skvm"]
+    assert iocm.IocmController(hv=None, stop=None).backend.name == "skvm"
 
 
 def test_skvm_detection_needs_the_worker_interface(tmp_path):

@@ -1,11 +1,14 @@
 """vRDMA (pure): parsing the node's facts, ranking and choosing backends, XML for every backend; and NUMA
-memory placement in the guest definition."""
+memory placement in the guest definition. The host facts come from fake hosts (tests/conftest.py), never from
+the machine the tests run on."""
 
 import xml.etree.ElementTree as ET
 from datetime import datetime, timezone
 
+import libvirt
 import pytest
 
+from conftest import FakeHost
 from vtorque.services.node_worker import numa, vrdma
 from vtorque.services.node_worker.domain import BootSource, GuestDisks, GuestMetadata, domain_xml, parse_metadata
 from vtorque.services.node_worker.vrdma import (IVSHMEM, PVRDMA, SKVM, SRIOV, BACKENDS, Choice, IbDevice, Probe,
@@ -18,7 +21,7 @@ name "pvrdma", bus PCI, desc "RDMA Device"
 Misc devices:
 name "ivshmem-plain", bus PCI, desc "Inter-VM shared memory"
 '''
-THIS_HOST = Probe(qemu_devices=vrdma.parse_device_help(HELP))  # as measured here: no RDMA hardware
+THIS_HOST = Probe(qemu_devices=vrdma.parse_device_help(HELP))  # a host without RDMA hardware
 MLX = IbDevice("mlx5_0", netdevs=("ens3f0",), vfs=("0000:03:00.1", "0000:03:00.2"),
                mad_sockets=((1, "/var/run/rdmacm-mux-mlx5_0-1"),))
 FULL = Probe(qemu_devices=frozenset({"pvrdma", "ivshmem-plain", "virtio-rdma-pci"}), ib_devices=(MLX,), iommu=True)
@@ -133,7 +136,6 @@ def test_guest_definition_carries_the_chosen_backend_and_iocm_facts():
 
 
 def test_every_backend_definition_is_accepted_by_libvirt():
-    libvirt = pytest.importorskip("libvirt")
     conn = libvirt.open("test:///default")
     for choice in (Choice(IVSHMEM, shmem_name="vtorque-9"), Choice(SRIOV, vf="0000:03:00.2"),
                    choose("n1", FULL, "9", [PVRDMA], [], True), Choice(SKVM, qemu_device="virtio-rdma-pci")):
@@ -165,5 +167,37 @@ def test_numatune_in_the_definition_only_on_a_numa_host():
     assert multi.find("numatune/memory").attrib == {"mode": "strict", "nodeset": "0"}
     single = ET.fromstring(domain_xml(GUEST, DISKS, BootSource(), META, numa_topology={0: frozenset({0, 1})}))
     assert single.find("numatune") is None
-    # This host: one NUMA node.
-    assert len(numa.host_topology()) == 1
+
+
+def test_the_topology_and_the_placement_come_from_the_host_the_node_worker_sees(fake_host):
+    """On the injected 2-core and 16-core hosts alike: host_topology reads that host's sysfs, and the guest's
+    memory goes to the nodes of its cores only where there is more than one node."""
+    host = fake_host.host
+    assert numa.host_topology() == host.topology()
+    assert sum(len(cpus) for cpus in numa.host_topology().values()) == host.cores
+    for cores in ([0], [host.cores - 1], [0, host.cores - 1]):
+        guest = m.GuestPlan(**{**{f: getattr(GUEST, f) for f in GUEST.__struct_fields__}, "cores": cores})
+        root = ET.fromstring(domain_xml(guest, DISKS, BootSource(), META, numa_topology=numa.host_topology()))
+        want = sorted({n for n, cpus in host.topology().items() if cpus & set(cores)})
+        if host.numa_nodes == 1:
+            assert root.find("numatune") is None
+        else:
+            assert root.find("numatune/memory").get("nodeset") == ",".join(map(str, want))
+    if host.numa_nodes == 2:
+        assert numa.nodeset([0, host.cores - 1], numa.host_topology()) == "0,1"
+
+
+def test_the_probe_reads_the_host_it_is_given(fake_host, make_fake_host):
+    """No RDMA hardware on either fake host: shared memory only; a host with a ConnectX, VFs and an IOMMU
+    offers SR-IOV first."""
+    assert fake_host.probe() == Probe(qemu_devices=frozenset({"e1000", "ivshmem-plain"}), ib_devices=(),
+                                      iommu=False)
+    assert vrdma.available(vrdma.probe()) == [IVSHMEM]  # the injected probe, as the node worker calls it
+    rdma = make_fake_host(FakeHost("16-core-2-numa-rdma", cores=16, numa_nodes=2, rdma=True,
+                                   qemu_devices=("pvrdma", "ivshmem-plain")))
+    found = rdma.probe()
+    assert found.iommu and [d.name for d in found.ib_devices] == ["mlx5_0"]
+    assert found.ib_devices[0].vfs == ("0000:03:00.1", "0000:03:00.2")
+    assert found.ib_devices[0].netdevs == ("ens3f0",)
+    assert vrdma.available(found) == [SRIOV, PVRDMA, IVSHMEM]
+    assert vrdma.available(vrdma.probe()) == [SRIOV, PVRDMA, IVSHMEM]  # now injected
