@@ -1,19 +1,25 @@
-"""vsub: qsub with `-vm key=value,...` for jobs that run inside virtual machines.
+"""vsub: qsub with `-vm key=value,...` for jobs that run inside virtual machines (the Python half).
 
-Every argument but `-vm` goes to the real qsub unchanged; a job without a VM spec is handed to qsub as is
-(exec, nothing else imported). For a VM job vsub validates the spec against the site config, writes the
-wrapper script (spec + trace context in its header), submits it under the user script's name so the output
-files keep their usual names, prints what qsub printed and exits with qsub's status.
+Users run the sh front (cli/vsub.sh, installed as `vsub`): a job without a VM goes from there to the site's
+qsub without starting Python. This module (`vtorque-vsub`) gets the rest: VM jobs, --dry-run/-gf, --help,
+--man. It decides exactly as the front does (split_args, is_vm_script, qsub_binary) so that run directly it
+behaves the same. Every argument but `-vm`, `--dry-run`/`-gf` goes to the real qsub unchanged; for a VM job
+vsub validates the spec against the site config, writes the wrapper script (spec + trace context in its
+header), submits it under the user script's name so the output files keep their usual names, prints what qsub
+printed and exits with qsub's status.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import sys
 
 USAGE_EXIT = 2
 # qsub options that take a value (Torque 6 and slurm-wlm-torque); everything else starting with '-' is a flag.
+# cli/vsub.sh has the same list.
 _QSUB_VALUE_OPTIONS = set("aAbcCdDeFjkKlLmMNopPqrStuvwW")
+DEFAULT_PREFIX = "#PBS"
 
 
 class UsageError(Exception):
@@ -24,8 +30,15 @@ class _Help(Exception):
     pass
 
 
+class _Man(Exception):
+    pass
+
+
 def split_args(argv: list[str]) -> tuple[list[str], list[str], int | None, bool]:
-    """(qsub args without -vm/--dry-run, -vm values, index of the script in the qsub args, dry_run)."""
+    """(qsub args without -vm/--dry-run/-gf, -vm values, index of the script in the qsub args, dry_run).
+
+    Options end at the first argument that is not one (the script); what follows it is the script's.
+    vTorque's `-gf` ("generate files only") is --dry-run."""
     qsub_args: list[str] = []
     vm: list[str] = []
     script_at: int | None = None
@@ -42,15 +55,21 @@ def split_args(argv: list[str]) -> tuple[list[str], list[str], int | None, bool]
             i += 1
         elif arg.startswith("-vm="):
             vm.append(arg[4:])
-        elif arg == "--dry-run":
+        elif arg in ("--dry-run", "-gf"):
             dry_run = True
         elif arg == "--help":
             raise _Help()
+        elif arg == "--man":
+            raise _Man()
         elif arg.startswith("-") and len(arg) > 1:
             qsub_args.append(arg)
-            if len(arg) == 2 and arg[1] in _QSUB_VALUE_OPTIONS and i + 1 < len(argv):
-                qsub_args.append(argv[i + 1])
-                i += 1
+            if len(arg) == 2 and arg[1] in _QSUB_VALUE_OPTIONS:
+                if i + 1 >= len(argv):
+                    if arg == "-C":
+                        raise UsageError("-C needs a value: the directive prefix, e.g. -C '#PBS'")
+                else:
+                    qsub_args.append(argv[i + 1])
+                    i += 1
         else:
             script_at = len(qsub_args)
             qsub_args.append(arg)
@@ -58,11 +77,136 @@ def split_args(argv: list[str]) -> tuple[list[str], list[str], int | None, bool]
     return qsub_args, vm, script_at, dry_run
 
 
-def _read_script(path: str | None) -> tuple[str, str]:
+def directive_prefix(options: list[str], env=None) -> str:
+    """qsub's directive prefix for these options (those before the script): the last -C, else $PBS_DPREFIX,
+    else #PBS. Empty: the script has no directives (qsub does not scan it)."""
+    env = os.environ if env is None else env
+    prefix = env.get("PBS_DPREFIX", DEFAULT_PREFIX)
+    i = 0
+    while i < len(options):
+        arg = options[i]
+        if arg == "-C" and i + 1 < len(options):
+            prefix = options[i + 1]
+            i += 1
+        elif arg.startswith("-C") and len(arg) > 2:
+            prefix = arg[2:]
+        elif len(arg) == 2 and arg[0] == "-" and arg[1] in _QSUB_VALUE_OPTIONS:
+            i += 1
+        i += 1
+    return prefix
+
+
+def is_vm_script(text: str, prefix: str) -> bool:
+    from vtorque.shared.job_script import inline_vm_options
+
+    return bool(inline_vm_options(text, prefix))
+
+
+def _script_is_vm(path: str, prefix: str) -> bool:
+    """A regular, readable script file with a leading `<prefix> -vm` line (anything else is qsub's to judge)."""
+    if not prefix or not os.path.isfile(path):
+        return False
+    lines = []
+    try:
+        with open(path, "rb") as fh:
+            for raw in fh:  # the leading block only: stop at the first command
+                line = raw.decode("utf-8", "replace")
+                lines.append(line)
+                stripped = line.strip(" \t\n\r\f\v")
+                if stripped and not stripped.startswith("#"):
+                    break
+    except OSError:
+        return False
+    return is_vm_script("".join(lines), prefix)
+
+
+def qsub_binary(config) -> str:
+    """The site's qsub ([scheduler] in the config), never the first `qsub` on PATH."""
+    from vtorque.shared.config import config_path
+
+    path = config.scheduler.binary("qsub")
+    if not os.path.isfile(path) or not os.access(path, os.X_OK):
+        raise UsageError(f"the site's qsub {path} is not an executable file ([scheduler] in {config_path()})")
+    return path
+
+
+def _load_config():
+    from vtorque.shared.config import ConfigError, load_config
+
+    try:
+        return load_config()
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _exec_qsub(argv: list[str], stdin_data: bytes | None = None):
+    qsub = qsub_binary(_load_config())
+    if stdin_data is not None:
+        import tempfile
+
+        tmp = tempfile.TemporaryFile()
+        tmp.write(stdin_data)
+        tmp.seek(0)
+        os.dup2(tmp.fileno(), 0)
+    sys.stdout.flush()
+    os.execv(qsub, [qsub, *argv])
+
+
+def _stdin_is_a_script() -> bool:
+    """A pipe or a file on stdin holds the job script; a terminal, a device or no stdin is qsub's to read."""
+    try:
+        mode = os.fstat(0).st_mode
+    except OSError:
+        return False
+    return not (os.isatty(0) or stat.S_ISCHR(mode))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        qsub_args, vm, script_at, dry_run = split_args(argv)
+        prefix = directive_prefix(qsub_args if script_at is None else qsub_args[:script_at])
+        script_path = qsub_args[script_at] if script_at is not None else None
+        stdin_data = None
+        if not vm and not dry_run:
+            # Not a VM job unless the script says so in a "#PBS -vm" line; otherwise qsub gets it untouched.
+            if script_path is not None and script_path != "-":
+                if not _script_is_vm(script_path, prefix):
+                    _exec_qsub(argv)
+            elif not _stdin_is_a_script():
+                _exec_qsub(argv)
+            else:
+                stdin_data = sys.stdin.buffer.read()
+                if not is_vm_script(stdin_data.decode("utf-8", "replace"), prefix):
+                    _exec_qsub(argv, stdin_data)
+        return _submit_vm_job(qsub_args, vm, script_at, dry_run, prefix, stdin_data)
+    except _Help:
+        return _guarded(_print_help)
+    except _Man:
+        return _guarded(_print_man)
+    except UsageError as exc:
+        print(f"vsub: {exc}", file=sys.stderr)
+        return USAGE_EXIT
+
+
+def _guarded(func) -> int:
+    try:
+        return func()
+    except UsageError as exc:
+        print(f"vsub: {exc}", file=sys.stderr)
+        return USAGE_EXIT
+
+
+def _read_script(path: str | None, stdin_data: bytes | None = None) -> tuple[str, str]:
     if path is None or path == "-":
-        if sys.stdin.isatty():
-            raise UsageError("no job script: give a script file or pipe one on stdin")
-        text = sys.stdin.read()
+        if stdin_data is None:
+            if not _stdin_is_a_script():
+                raise UsageError("no job script: give a script file or pipe one on stdin")
+            stdin_data = sys.stdin.buffer.read()
+        try:
+            text = stdin_data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError("the job script from stdin is not text (UTF-8)") from None
         if not text.strip():
             raise UsageError("the job script from stdin is empty")
         return text, "STDIN"
@@ -76,37 +220,6 @@ def _read_script(path: str | None) -> tuple[str, str]:
         raise UsageError(f"cannot read job script {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise UsageError(f"job script {path} is not text (UTF-8)") from None
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        qsub_args, vm, script_at, dry_run = split_args(argv)
-        script_path = qsub_args[script_at] if script_at is not None else None
-        if not vm and not dry_run:
-            # Fast path: only an inline "#PBS -vm" makes this a VM job; otherwise qsub gets it untouched.
-            if script_path is None or not _has_inline_vm(script_path):
-                os.execvp("qsub", ["qsub", *argv])
-        return _submit_vm_job(qsub_args, vm, script_at, dry_run)
-    except _Help:
-        try:
-            return _print_help()
-        except UsageError as exc:
-            print(f"vsub: {exc}", file=sys.stderr)
-            return USAGE_EXIT
-    except UsageError as exc:
-        print(f"vsub: {exc}", file=sys.stderr)
-        return USAGE_EXIT
-
-
-def _has_inline_vm(path: str) -> bool:
-    from vtorque.shared.job_script import inline_vm_options
-
-    try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            return bool(inline_vm_options(fh.read(65536)))
-    except OSError:
-        return False  # qsub reports an unreadable script in its own words
 
 
 PATH_KEYS = ("vm_prologue", "vm_epilogue", "metadata")
@@ -123,31 +236,139 @@ def resolve_paths(options: dict[str, str], cwd: str) -> dict[str, str]:
     return out
 
 
-def _print_help() -> int:
+VSUB_OPTIONS = """\
+  -vm key=value[,key=value]...   run the job inside virtual machines; repeatable, and also as '#PBS -vm ...'
+                                 lines in the script's leading comment block. Keys are case-insensitive
+                                 (IMG=, VCPUS= work); a key given again replaces the earlier value, so the
+                                 last -vm wins and the command line wins over the script
+  --dry-run, -gf                 print the qsub command and the wrapper script, submit nothing
+                                 (-gf: vTorque's "generate files only")
+  --help                         this summary
+  --man                          vsub's manual: the -vm keys of this site, examples, exit status"""
+
+
+def _qsub_usage(config) -> str:
+    """The site's qsub's own --help text (qsub named vsub), or one line saying why there is none."""
     import subprocess
 
-    from vtorque.shared.config import ConfigError, load_config
+    try:
+        qsub = qsub_binary(config)
+    except UsageError as exc:
+        return f"(no qsub usage: {exc})"
+    try:
+        usage = subprocess.run([qsub, "--help"], capture_output=True, text=True, timeout=30,
+                               stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"(no qsub usage: {qsub} --help: {exc})"
+    text = usage.stdout.strip()
+    if usage.returncode != 0 or not text:
+        first = (usage.stderr.strip().splitlines() or [f"exit status {usage.returncode}"])[0]
+        return f"(no qsub usage: {qsub} --help: {first})"
+    return text.replace("qsub", "vsub", 1)
+
+
+def _print_help() -> int:
     from vtorque.shared.spec import help_table
 
-    try:
-        site = load_config().spec
-    except ConfigError as exc:
-        raise UsageError(str(exc)) from None
-    try:
-        usage = subprocess.run(["qsub", "--help"], capture_output=True, text=True, timeout=30)
-        text = (usage.stdout or usage.stderr).strip()
-    except OSError:
-        text = "(qsub not found on PATH)"
-    print(text.replace("qsub", "vsub", 1) if text else "usage: vsub [qsub options] [script]")
-    print("\nvsub: every qsub option above, plus\n  -vm key=value[,key=value]...   run the job inside virtual "
-          "machines (repeatable; also as '#PBS -vm ...' lines in the script; the command line wins)\n"
-          "  --dry-run                      print the qsub command and the wrapper script, submit nothing\n\n"
-          "-vm keys (defaults and limits of this site):")
-    print(help_table(site))
+    config = _load_config()
+    print(_qsub_usage(config))
+    print(f"\nvsub: every qsub option above, plus\n{VSUB_OPTIONS}\n\n-vm keys (defaults and limits of this site):")
+    print(help_table(config.spec))
     return 0
 
 
-def _submit_vm_job(qsub_args: list[str], vm: list[str], script_at: int | None, dry_run: bool) -> int:
+MANUAL = """\
+VSUB(1)                                   vtorque                                   VSUB(1)
+
+NAME
+  vsub - submit a batch job that runs inside virtual machines (qsub with -vm)
+
+SYNOPSIS
+  vsub [qsub options] [-vm key=value[,key=value]...]... [--dry-run | -gf] [script [script args]]
+  vsub --help | --man
+
+DESCRIPTION
+  vsub takes every qsub option and passes it to the site's qsub ({qsub}) unchanged. With -vm (or a
+  '#PBS -vm' line in the script's leading comment block) the job's script runs inside KVM guests booted for
+  the job on its nodes, and the guests are removed when it ends. Without either, vsub is qsub: the job goes
+  to qsub untouched and nothing of vtorque runs.
+
+  For a VM job vsub checks the spec against this site's defaults, limits and image catalog, raises the
+  job's ppn/ncpus and mem where the VMs need more (and says so on stderr), writes a wrapper script named like
+  yours (so the .o/.e files keep their usual names) and submits it; it prints the job id as qsub does.
+  A script on stdin works as with qsub (its name is then STDIN). Options end at the script: what follows it
+  belongs to the script, as with qsub.
+
+OPTIONS
+{options}
+
+  With -C PREFIX (or $PBS_DPREFIX) qsub reads directives with that prefix; so does vsub ('PREFIX -vm ...').
+
+THE -vm KEYS (defaults and limits of this site)
+{table}
+
+  Booleans: true/false, yes/no, on/off, enabled/disabled, 1/0. Sizes: K, M, G, T (binary); a bare number is
+  MiB. Files (vm_prologue, vm_epilogue, disk images, metadata) are relative to the directory vsub runs in
+  and must be your own, under your home or a directory the site allows.
+
+EXAMPLES
+  vsub -l nodes=2,walltime=00:15:00 -vm vcpus=2 jobScript.sh        vTorque's form (the site's default image)
+  vsub -vm IMG=tiny,VCPUS=2 job.sh                                   upper-case keys
+  vsub -vm img=tiny -vm vms_per_node=2,vcpus=1 job.sh                several -vm options, merged
+  vsub -gf -vm img=tiny job.sh                                       the qsub command and wrapper; submits nothing
+  echo 'hostname' | vsub -vm img=tiny                                a script on stdin
+
+  In a script:
+    #!/bin/sh
+    #PBS -l walltime=01:00:00
+    #PBS -vm img=tiny,vcpus=2
+    mpirun ./simulate
+
+EXIT STATUS
+  qsub's status when vsub ran qsub; 2 when vsub refused the job (bad -vm value, unreadable script, no such
+  image, config error: one line on stderr naming the key, the value and what is allowed; nothing is
+  submitted); 0 for --dry-run, --help and --man.
+
+ENVIRONMENT
+  VTORQUE_CONFIG   the site config (default /etc/vtorque/vtorque.toml); [scheduler] names the qsub vsub runs
+  PBS_DPREFIX      the directive prefix when -C is not given (default #PBS)
+
+FILES
+  ~/.vtorque/keys/    the per-job ssh keys (removed when the job ends)
+
+SEE ALSO
+  vtorque status JOBID, vtorque trace JOBID; the user guide (docs/user-guide.md)
+
+QSUB'S OWN OPTIONS ({qsub} --help)
+{usage}
+"""
+
+
+def _print_man() -> int:
+    import textwrap
+
+    from vtorque.shared.spec import help_table
+
+    config = _load_config()
+    qsub = config.scheduler.binary("qsub")
+    text = MANUAL.format(qsub=qsub, options=VSUB_OPTIONS, table=help_table(config.spec),
+                         usage=textwrap.indent(_qsub_usage(config), "  "))
+    if sys.stdout.isatty():
+        import shlex
+        import subprocess
+
+        try:
+            pager = shlex.split(os.environ.get("PAGER") or "less -FRX")
+            if pager and subprocess.run(pager, input=text, text=True).returncode == 0:
+                return 0
+        except (OSError, ValueError):
+            pass
+    sys.stdout.write(text)
+    return 0
+
+
+def _submit_vm_job(qsub_args: list[str], vm: list[str], script_at: int | None, dry_run: bool,
+                   prefix: str = DEFAULT_PREFIX, stdin_data: bytes | None = None) -> int:
     import shlex
     import shutil
     import subprocess
@@ -158,17 +379,17 @@ def _submit_vm_job(qsub_args: list[str], vm: list[str], script_at: int | None, d
 
     from vtorque.cli.qsub_resources import fit
     from vtorque.shared import tracing
-    from vtorque.shared.config import ConfigError, load_config
+    from vtorque.shared.config import ConfigError
     from vtorque.shared.job_script import ScriptError, inline_vm_options, render_wrapper
     from vtorque.shared.spec import SpecError, parse_options, validate, validate_user_metadata
     from vtorque.shared.user_files import check_user_file
 
     script_path = qsub_args[script_at] if script_at is not None else None
-    user_script, script_name = _read_script(script_path)
+    user_script, script_name = _read_script(script_path, stdin_data)
+    config = _load_config()
     try:
-        config = load_config()
-        options = parse_options(inline_vm_options(user_script)) if inline_vm_options(user_script) else {}
-        options.update(parse_options(vm))  # the command line wins over the script, as with qsub
+        # The script's lines first, then the command line: a key given again wins (vTorque's rule too).
+        options = parse_options([*inline_vm_options(user_script, prefix), *vm])
         options = resolve_paths(options, os.getcwd())
         spec = validate(options, config)
         home = str(Path.home())
@@ -180,8 +401,7 @@ def _submit_vm_job(qsub_args: list[str], vm: list[str], script_at: int | None, d
         user_metadata = validate_user_metadata(_load_metadata(spec.metadata)) if spec.metadata else {}
     except (ConfigError, SpecError) as exc:
         raise UsageError(str(exc)) from None
-    if shutil.which("qsub") is None:
-        raise UsageError("qsub not found on PATH")
+    qsub = qsub_binary(config)
 
     before = qsub_args[:script_at] if script_at is not None else list(qsub_args)
     after = qsub_args[script_at + 1:] if script_at is not None else []
@@ -201,11 +421,12 @@ def _submit_vm_job(qsub_args: list[str], vm: list[str], script_at: int | None, d
             pubkey = _make_key(key_dir)
             launcher = str(Path(sys.executable).parent / "vtorque-launch")
             wrapper = render_wrapper(user_script, spec.as_options(), pubkey, str(key_dir / "id_ed25519"),
-                                     tracing.current_traceparent(), launcher, user_metadata, time.time_ns())
+                                     tracing.current_traceparent(), launcher, user_metadata, time.time_ns(),
+                                     prefix)
             with tempfile.TemporaryDirectory(prefix="vsub-") as tmp:
                 wrapper_path = Path(tmp) / script_name
                 wrapper_path.write_text(wrapper)
-                argv = ["qsub", *args, str(wrapper_path), *after]
+                argv = [qsub, *args, str(wrapper_path), *after]
                 if dry_run:
                     print(shlex.join(argv))
                     print(wrapper, end="")

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 MARK = "# vtorque-"
 SPEC_LINE = "# vtorque-spec: "  # the hooks' shell fast path greps for exactly this
 HEADER_LINES = 64  # the header is within the first lines; hooks never read further
-_DIRECTIVE = re.compile(r"^#(PBS|SBATCH)\s")
-_VM_DIRECTIVE = re.compile(r"^#PBS\s+-vm(?:\s+(.*?))?\s*$")
+_DIRECTIVE = re.compile(r"^#(PBS|SBATCH)\s", re.ASCII)
+DEFAULT_PREFIX = "#PBS"
+_WS = " \t\n\r\f\v"  # ASCII whitespace, as the sh front (cli/vsub.sh) sees it
 END = "VTORQUE_SCRIPT_END"
 
 
@@ -31,21 +32,30 @@ class JobHeader:
     submitted_ns: int | None = None  # wall clock when vsub submitted: the queue wait starts here
 
 
-def inline_vm_options(script: str) -> list[str]:
-    """`#PBS -vm ...` values from the script's leading directive block (the command line wins over these)."""
+def _vm_directive(prefix: str) -> re.Pattern:
+    return re.compile(rf"^{re.escape(prefix)}[{_WS}]+-vm(?:[{_WS}]+(.*?))?[{_WS}]*$", re.ASCII)
+
+
+def inline_vm_options(script: str, prefix: str = DEFAULT_PREFIX) -> list[str]:
+    """`<prefix> -vm ...` values from the script's leading directive block (the command line wins over these).
+    The prefix is qsub's directive prefix (-C, $PBS_DPREFIX, #PBS); an empty one means no directives."""
+    if not prefix:
+        return []
+    pattern = _vm_directive(prefix)
     found = []
     for line in _leading_block(script):
-        match = _VM_DIRECTIVE.match(line)
+        match = pattern.match(line)
         if match:
             found.append(match.group(1) or "")
     return found
 
 
 def _leading_block(script: str) -> list[str]:
-    """The shebang, comments and blank lines before the first command: where qsub and sbatch read directives."""
+    """The shebang, comments and blank lines before the first command: where qsub and sbatch read directives.
+    Lines end at "\n" only (as qsub and the sh front read them)."""
     block = []
-    for line in script.splitlines():
-        stripped = line.strip()
+    for line in script.split("\n"):
+        stripped = line.strip(_WS)
         if stripped and not stripped.startswith("#"):
             break
         block.append(line)
@@ -54,7 +64,7 @@ def _leading_block(script: str) -> list[str]:
 
 def render_wrapper(user_script: str, spec: dict[str, str], ssh_pubkey: str, ssh_key_path: str,
                    traceparent: str | None, launcher: str, user_metadata: dict | None = None,
-                   submitted_ns: int | None = None) -> str:
+                   submitted_ns: int | None = None, prefix: str = DEFAULT_PREFIX) -> str:
     for value in (ssh_pubkey, ssh_key_path, traceparent or "", *spec.values()):
         if "\n" in value or "\r" in value:
             raise ScriptError("a header value holds a line break")
@@ -71,8 +81,10 @@ def render_wrapper(user_script: str, spec: dict[str, str], ssh_pubkey: str, ssh_
             raise ScriptError("-vm metadata: the cloud-init file is too large (16 KiB at most)")
         lines.append(f"# vtorque-metadata: {packed}")
     # The user's own directives stay in the leading block so qsub/sbatch still honour them; -vm is ours.
+    vm_lines = [_vm_directive(DEFAULT_PREFIX)] + ([_vm_directive(prefix)] if prefix else [])
     lines += [line for line in _leading_block(user_script)
-              if _DIRECTIVE.match(line) and not _VM_DIRECTIVE.match(line)]
+              if (_DIRECTIVE.match(line) or (prefix and line.startswith(prefix)))
+              and not any(p.match(line) for p in vm_lines)]
     argv = [launcher, "--ssh-key", ssh_key_path]
     if traceparent:
         argv += ["--traceparent", traceparent]

@@ -20,8 +20,9 @@ from vtorque.shared.config import IMAGE_NAME, Config, SpecConfig
 DISTROS = ("debian", "ubuntu", "redhat", "centos", "osv")
 ARCHES = ("x86_64",)
 FS_TYPES = ("ramdisk", "sharedfs")
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
+# enabled/disabled: vTorque's words for the same (its inverted 0 = true, 1 = false is not taken over).
+_TRUE = {"true", "yes", "on", "1", "enabled"}
+_FALSE = {"false", "no", "off", "0", "disabled"}
 _SIZE = re.compile(r"^([0-9]{1,12})([KMGT]?)(i?B)?$", re.IGNORECASE)
 _UNIT_KIB = {"K": 1, "M": 1024, "G": 1024**2, "T": 1024**3}
 _PIN_MAP = re.compile(r"^[0-9]{1,4}(:[0-9]{1,4}){0,1023}$")
@@ -135,7 +136,9 @@ class VMSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
 
 
 def parse_options(texts: Iterable[str]) -> dict[str, str]:
-    """`-vm img=x,vcpus=2` values (repeatable) into a key → value map; a key given twice is an error."""
+    """`-vm img=x,vcpus=2` values (repeatable) into a key → value map. Keys are case-insensitive (IMG=, VCPUS=
+    as vTorque took them); a key given again replaces the earlier value, as in vTorque, so the last -vm wins
+    (and the command line, read after the script's `#PBS -vm` lines, wins over them)."""
     options: dict[str, str] = {}
     for text in texts:
         if not text.strip():
@@ -149,8 +152,7 @@ def parse_options(texts: Iterable[str]) -> dict[str, str]:
                 raise SpecError(key, None, "expected key=value")
             if key not in KEYS:
                 raise SpecError(key, value, f"unknown key; known keys: {', '.join(KEYS)}")
-            if key in options:
-                raise SpecError(key, value, f"given twice (first {key}={options[key]})")
+            options.pop(key, None)
             options[key] = value.strip()
     return options
 
@@ -170,7 +172,7 @@ def parse_bool(key: str, text: str) -> bool:
         return True
     if low in _FALSE:
         return False
-    raise SpecError(key, text, "true/false, yes/no, on/off or 1/0")
+    raise SpecError(key, text, "true/false, yes/no, on/off, enabled/disabled or 1/0")
 
 
 def _int(key: str, text: str, low: int, high: int, allowed: str | None = None) -> int:
@@ -211,7 +213,8 @@ def validate(options: Mapping[str, str], config: Config) -> VMSpec:
     known = ", ".join(sorted(catalog)) or "(the catalog is empty)"
     img = get("img") or site.default_img
     if not img:
-        raise SpecError("img", None, f"required; images: {known}")
+        raise SpecError("img", None, f"required: this site sets no default image ([spec] default_img); "
+                        f"give -vm img=NAME, one of: {known}")
     if not IMAGE_NAME.match(img):
         raise SpecError("img", img, f"not an image name (images come from the catalog: {known})")
     if img not in catalog:
@@ -236,7 +239,9 @@ def validate(options: Mapping[str, str], config: Config) -> VMSpec:
             raise SpecError("vcpu_pinning", pin_text, f"a map needs {vcpus} distinct core indexes, one per vCPU")
         pinning = True
     else:
-        pinning = parse_bool("vcpu_pinning", pin_text) if pin_text.lower() in _TRUE | _FALSE else _bad_pin(pin_text)
+        low = pin_text.lower()
+        pinning = True if low == "auto" else (  # vTorque's auto: pinned
+            parse_bool("vcpu_pinning", pin_text) if low in _TRUE | _FALSE else _bad_pin(pin_text))
 
     vrdma = parse_bool("vrdma", get("vrdma", "false"))
     if vrdma and not site.vrdma_enabled:

@@ -27,7 +27,8 @@ def test_defaults_come_from_the_site(config):
 
 
 @pytest.mark.parametrize("text,value", [("true", True), ("Yes", True), ("on", True), ("1", True),
-                                        ("false", False), ("NO", False), ("off", False), ("0", False)])
+                                        ("enabled", True), ("false", False), ("NO", False), ("off", False),
+                                        ("0", False), ("Disabled", False)])
 def test_booleans_mean_what_they_usually_mean(config, text, value):
     assert validate({"img": "tiny", "vrdma": text}, config).vrdma is value
 
@@ -56,7 +57,7 @@ BAD = [
     (["img=tiny,vcpus=abc"], "vcpus"), (["img=tiny,vcpus=0"], "vcpus"), (["img=tiny,vcpus=65"], "vcpus"),
     (["img=nosuch"], "img"), (["img=../../etc/passwd"], "img"), (["img=/etc/passwd"], "img"),
     (["img=tiny,ram=lots"], "ram"), (["img=tiny,ram=1P"], "ram"), (["img=tiny,ram=1M"], "ram"),
-    (["img=tiny,ram=999G"], "ram"), (["img=tiny,colour=blue"], "colour"), (["img=tiny", "img=tiny"], "img"),
+    (["img=tiny,ram=999G"], "ram"), (["img=tiny,colour=blue"], "colour"),
     (["img=tiny,novalue"], "novalue"), ([""], "-vm"), (["vcpus=2"], "img"), ([","], "-vm"),
     (["img=tiny,distro=windows"], "distro"), (["img=tiny,arch=arm64"], "arch"),
     (["img=tiny,vcpu_pinning=maybe"], "vcpu_pinning"), (["img=tiny,vcpus=2,vcpu_pinning=0:0"], "vcpu_pinning"),
