@@ -4,14 +4,25 @@ slurm.py) has turned its arguments and environment into a JobContext.
 The prologue publishes JobStarted and waits until every planned guest is ready, or something fails, or the
 deadline passes; the answer is an Outcome that the adapter maps to the scheduler's exit codes. The
 epilogue publishes JobEnded and waits, bounded, for each node's teardown confirmation.
+
+Every broker failure (pika's exceptions come out of HookChannel as BrokerUnreachable) is an infrastructure
+failure: the prologue answers FAILED (a bounded requeue with the reason), the epilogue gives up its wait and
+leaves the guests to reconciliation. Neither ever dies with a traceback.
+
+`guests_marker` (a file of the adapter's choosing, on the hook's host): the prologue creates it just before it
+publishes JobStarted (from then on guests may exist) and removes it when the bridge rejected the job before any
+plan; the epilogue of a job without it knows no guest was ever asked for and ends at once, without the broker,
+instead of waiting its whole epilogue_timeout for nodes that have nothing to confirm.
 """
 
 from __future__ import annotations
 
 import enum
+import os
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, TextIO
 
 from opentelemetry.trace import Link, get_current_span
@@ -35,6 +46,7 @@ class Outcome:
     verdict: Verdict
     reason: str = ""
     ready: list[m.GuestReady] = field(default_factory=list)
+    planned: bool = True  # guests may exist; False only when the bridge rejected the job before any plan
 
 
 @dataclass(frozen=True)
@@ -58,8 +70,23 @@ class Progress:
         print(f"vtorque [{time.monotonic() - self.t0:6.1f}s] {text}", file=self.stream, flush=True)
 
 
+CANCELLED_HEADER = "x-vtorque-cancelled"  # set by an adapter's channel on the JobRejected it makes of a cancel
+
+
+def _mark(marker: Path | None) -> bool:
+    """Create the marker; True when this call made it (an earlier attempt's marker is left to its epilogue)."""
+    if marker is None:
+        return False
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        return True
+    except FileExistsError:
+        return False
+
+
 def run_prologue(job: JobContext, config: Config, deadline_s: float, progress: Callable[[str], None],
-                 channel_factory=HookChannel) -> Outcome:
+                 channel_factory=HookChannel, guests_marker: Path | None = None) -> Outcome:
     with tracing.job_trace(job.job_id, job.header.traceparent):
         if job.header.submitted_ns and job.header.submitted_ns < time.time_ns():
             # The wait in the scheduler's queue, recorded now that it is over: nobody was alive during it.
@@ -67,14 +94,15 @@ def run_prologue(job: JobContext, config: Config, deadline_s: float, progress: C
                 "vtorque.scheduler": job.scheduler}).end()
         with tracing.tracer().start_as_current_span("prologue", attributes={
                 "vtorque.scheduler": job.scheduler, "vtorque.nodes": len(job.nodes)}) as span:
-            outcome = _prologue(job, config, deadline_s, progress, channel_factory)
+            outcome = _prologue(job, config, deadline_s, progress, channel_factory, guests_marker)
             span.set_attribute("vtorque.verdict", outcome.verdict.value)
             if outcome.verdict is not Verdict.READY:
                 tracing.mark_error(span, outcome.reason)
             return outcome
 
 
-def _prologue(job: JobContext, config: Config, deadline_s: float, progress, channel_factory) -> Outcome:
+def _prologue(job: JobContext, config: Config, deadline_s: float, progress, channel_factory,
+              guests_marker: Path | None) -> Outcome:
     try:
         spec = validate(job.header.spec, config)
         validate_user_metadata(job.header.user_metadata)
@@ -91,11 +119,20 @@ def _prologue(job: JobContext, config: Config, deadline_s: float, progress, chan
     except BrokerUnreachable as exc:
         return Outcome(Verdict.FAILED, str(exc))
     try:
+        try:
+            made = _mark(guests_marker)  # before the publish: a hook killed right after it still leaves the mark
+        except OSError as exc:
+            return Outcome(Verdict.FAILED, f"cannot record the job on this host: {exc}")
         channel.publish(m.JobStarted.new(
             job_id=job.job_id, deadline=deadline_s, scheduler=job.scheduler, owner=job.owner, nodes=job.nodes,
             spec=dict(job.header.spec), ssh_authorized_keys=list(job.header.ssh_pubkeys),
             user_metadata=dict(job.header.user_metadata), walltime=job.walltime))
-        return _wait_for_guests(channel, job.job_id, deadline, deadline_s, progress)
+        outcome = _wait_for_guests(channel, job.job_id, deadline, deadline_s, progress)
+        if not outcome.planned and made and guests_marker is not None:
+            guests_marker.unlink(missing_ok=True)  # the bridge rejected it before any plan: no guest anywhere
+        return outcome
+    except BrokerUnreachable as exc:
+        return Outcome(Verdict.FAILED, str(exc))
     except Exception as exc:  # noqa: BLE001 - a broker error mid-wait is an infrastructure failure, not a crash
         return Outcome(Verdict.FAILED, f"lost the broker while waiting: {exc!r}")
     finally:
@@ -112,7 +149,8 @@ def _wait_for_guests(channel, job_id: str, deadline: float, deadline_s: float, p
             expected = {g.name for g in event.guests}
             progress(f"planned {len(expected)} guest(s) on {', '.join(sorted({g.node for g in event.guests}))}")
         elif isinstance(event, m.JobRejected):
-            return Outcome(Verdict.FAILED if event.retryable else Verdict.REJECTED, event.reason)
+            planned = expected is not None or bool(headers.get(CANCELLED_HEADER))
+            return Outcome(Verdict.FAILED if event.retryable else Verdict.REJECTED, event.reason, planned=planned)
         elif isinstance(event, m.ImageStaged):
             if event.job_id != job_id:
                 continue  # another job's staging of the same image
@@ -153,11 +191,18 @@ def _wait_for_guests(channel, job_id: str, deadline: float, deadline_s: float, p
 
 
 def run_epilogue(job: JobContext, config: Config, exit_status: int | None, progress,
-                 channel_factory=HookChannel) -> bool:
-    """True when every node confirmed its teardown in time."""
+                 channel_factory=HookChannel, guests_marker: Path | None = None) -> bool:
+    """True when every node confirmed its teardown in time (or, with `guests_marker` absent, when no guest was
+    ever asked for). A confirmed teardown removes the marker."""
     with tracing.job_trace(job.job_id, job.header.traceparent):
         with tracing.tracer().start_as_current_span("epilogue", attributes={
                 "vtorque.scheduler": job.scheduler, "vtorque.exit_status": exit_status or 0}) as span:
+            if guests_marker is not None and not os.path.lexists(guests_marker):
+                # The prologue never published this job (bad spec, broker down, a node without a worker, ...):
+                # no node has anything of it to remove or confirm.
+                progress("no guest was ever asked for: nothing to remove")
+                span.set_attribute("vtorque.guests_asked", False)
+                return True
             nodes = [n.host for n in job.nodes]
             deadline = time.monotonic() + config.hooks.epilogue_timeout
             try:
@@ -178,9 +223,16 @@ def run_epilogue(job: JobContext, config: Config, exit_status: int | None, progr
                         pending.discard(event.node)
                         progress(f"{event.node}: removed {len(event.guests)} guest(s)")
                         if not pending:
+                            if guests_marker is not None:
+                                guests_marker.unlink(missing_ok=True)
                             return True
                 progress(f"teardown not confirmed by {', '.join(sorted(pending))} in time")
                 tracing.mark_error(span, "teardown not confirmed")
+                return False
+            except Exception as exc:  # noqa: BLE001 - BrokerUnreachable or worse: reconciliation takes over
+                progress(f"lost the broker during the teardown: {exc}; the node workers' reconciliation will "
+                         "remove the guests")
+                tracing.mark_error(span, str(exc))
                 return False
             finally:
                 channel.close()

@@ -334,6 +334,12 @@ def _requeue_counter(state_dir: str, job_id: str) -> Path:
     return Path(state_dir) / "hooks" / "torque" / f"{m.routing_word(job_id)}.requeues"
 
 
+def _guests_marker(state_dir: str, job_id: str) -> Path:
+    """Made by the prologue before it publishes JobStarted: without it the epilogue knows there is nothing to
+    tear down (hooks/job_hook.py)."""
+    return Path(state_dir) / "hooks" / "torque" / f"{m.routing_word(job_id)}.guests"
+
+
 def read_requeues(counter: Path, max_requeues: int) -> int:
     """A counter that is unreadable or not a number counts as exhausted: abort rather than loop."""
     try:
@@ -420,7 +426,7 @@ def _publish_cancel(config, job_id: str, nodes: list[str], traceparent: str | No
             for attempt in range(1, 6):
                 try:
                     channel = HookChannel(config.broker.connection_url(), [], attempts=config.hooks.broker_attempts,
-                                          timeout=config.broker.connect_timeout)
+                                          timeout=config.broker.connect_timeout, label=m.routing_word(job_id))
                 except BrokerUnreachable as exc:
                     hook_log(logging.WARNING, "cancel: broker unreachable", job_id=job_id, attempt=attempt,
                              error=str(exc))
@@ -431,6 +437,11 @@ def _publish_cancel(config, job_id: str, nodes: list[str], traceparent: str | No
                 try:
                     channel.publish(m.JobEnded.new(job_id=job_id, deadline=config.hooks.epilogue_timeout,
                                                    scheduler="torque", nodes=nodes, exit_status=None))
+                except BrokerUnreachable as exc:
+                    hook_log(logging.WARNING, "cancel: publish failed", job_id=job_id, attempt=attempt,
+                             error=str(exc))
+                    time.sleep(min(2 ** attempt, 10))
+                    continue
                 finally:
                     channel.close()
                 hook_log(logging.INFO, "cancel requested by the owner: teardown started", job_id=job_id,
@@ -448,8 +459,9 @@ def torque_channel_factory(config, hosts: list[str]):
     import pika
     import pika.exceptions
 
+    from vtorque.hooks.job_hook import CANCELLED_HEADER
     from vtorque.shared.bus import node_queue
-    from vtorque.shared.hook_channel import BrokerUnreachable, HookChannel
+    from vtorque.shared.hook_channel import BrokerUnreachable, HookChannel, describe
 
     class NodeWorkersMissing(BrokerUnreachable):
         pass
@@ -458,7 +470,11 @@ def torque_channel_factory(config, hosts: list[str]):
         def __init__(self, url, patterns, attempts=3, timeout=5.0):
             super().__init__(url, patterns, attempts=attempts, timeout=timeout)
             if config.torque.require_node_workers:
-                missing = self._missing_node_workers(hosts, config.torque.node_worker_grace)
+                try:
+                    missing = self._missing_node_workers(hosts, config.torque.node_worker_grace)
+                except pika.exceptions.AMQPError as exc:
+                    self.close()
+                    raise BrokerUnreachable(f"broker unusable: {describe(exc)}") from None
                 if missing:
                     self.close()
                     raise NodeWorkersMissing(
@@ -491,7 +507,8 @@ def torque_channel_factory(config, hosts: list[str]):
             for event, headers in super().events(deadline):
                 if isinstance(event, m.JobEnded):
                     yield m.JobRejected.new(job_id=event.job_id, deadline=event.deadline,
-                                            reason="the job was cancelled (qdel) while its guests were booting"), {}
+                                            reason="the job was cancelled (qdel) while its guests were booting"), {
+                        CANCELLED_HEADER: True}
                     return
                 yield event, headers
 
@@ -545,7 +562,10 @@ def _epilogue(job: JobContext, args: list[str], config, home: Path, progress) ->
     remove_cancel_dir(home, job.job_id)  # ends the cancel watcher: from here the epilogue tears down
     if exit_status != -14:  # -14: the prologue asked for a requeue; any other end is the job's last
         _requeue_counter(config.state_dir, job.job_id).unlink(missing_ok=True)
-    confirmed = run_epilogue(job, config, exit_status, progress)
+    marker = _guests_marker(config.state_dir, job.job_id)
+    confirmed = run_epilogue(job, config, exit_status, progress, guests_marker=marker)
+    if exit_status != -14:
+        marker.unlink(missing_ok=True)  # the job's last end: what is left is reconciliation's
     hook_log(logging.INFO if confirmed else logging.WARNING, "epilogue done", job_id=job.job_id,
              exit_status=exit_status, teardown_confirmed=confirmed)
     return 0  # Torque ignores the epilogue's exit code; reconciliation covers what it missed
@@ -589,7 +609,8 @@ def _prologue(job: JobContext, args: list[str], config, home: Path, env, progres
                 hook_log(logging.WARNING, "no cancel watcher", job_id=job.job_id, error=str(exc))
         remaining = deadline_s - (time.monotonic() - t0)
         outcome = run_prologue(job, config, remaining, progress,
-                               channel_factory=torque_channel_factory(config, [n.host for n in job.nodes]))
+                               channel_factory=torque_channel_factory(config, [n.host for n in job.nodes]),
+                               guests_marker=_guests_marker(config.state_dir, job.job_id))
     code = prologue_exit_code(outcome, requeues, config.hooks.max_requeues)
     if code == REQUEUE:
         counter.parent.mkdir(parents=True, exist_ok=True)

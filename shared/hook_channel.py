@@ -1,9 +1,17 @@
 """The hooks' side of the bus, on pika: an exclusive queue bound to the job's events, declared before the
 hook publishes, so no answer can be missed; then a bounded wait. (Not direct reply-to: that is at-most-once.)
+
+The queue is named in vtorque's namespace, `vtorque.hook.<label>.<random>` (label: the job's routing word), not
+left to the broker (`amq.gen-…`): a broker user limited to `^vtorque\\.` (docs/admin-guide.md §2) may declare it.
+
+Every AMQP failure here, whatever pika calls it (no connection, access refused, a channel the broker closed, a
+publish it did not confirm), is raised as BrokerUnreachable: the hooks treat all of them like a broker they
+cannot reach (a bounded requeue with a reason for the owner), never as a crash.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import urllib.parse
 import uuid
@@ -17,13 +25,36 @@ from vtorque.shared import messages as m
 from vtorque.shared import tracing
 from vtorque.shared.bus import EVENTS
 
+QUEUE_PREFIX = "vtorque.hook."
+
 
 class BrokerUnreachable(Exception):
     pass
 
 
+def describe(exc: BaseException) -> str:
+    """A one-line account of a pika failure that an owner's reason file can carry."""
+    if isinstance(exc, pika.exceptions.ChannelClosedByBroker):
+        return f"the broker refused: {exc.reply_code} {exc.reply_text}"
+    if isinstance(exc, pika.exceptions.ConnectionClosedByBroker):
+        return f"the broker closed the connection: {exc.reply_code} {exc.reply_text}"
+    if isinstance(exc, pika.exceptions.ProbableAccessDeniedError):
+        return f"the broker refused the login: {exc}"
+    return repr(exc)
+
+
+def queue_name(patterns: list[str], label: str | None = None) -> str:
+    """`vtorque.hook.<label>.<random>`; the label defaults to the job word of a `job.<word>.…` pattern."""
+    if label is None:
+        label = next((p.split(".")[1] for p in patterns if p.startswith("job.") and p.count(".") >= 2), "hook")
+    label = re.sub(r"[^A-Za-z0-9_%-]", "_", label)[:100] or "hook"
+    return f"{QUEUE_PREFIX}{label}.{uuid.uuid4().hex[:12]}"
+
+
 class HookChannel:
-    def __init__(self, url: str, patterns: Iterable[str], attempts: int = 3, timeout: float = 5.0):
+    def __init__(self, url: str, patterns: Iterable[str], attempts: int = 3, timeout: float = 5.0,
+                 label: str | None = None):
+        patterns = list(patterns)
         params = pika.URLParameters(url)
         # kombu reads "amqp://host//" as vhost "/", pika as vhost "": one config URL must mean one vhost.
         path = urllib.parse.urlsplit(url).path
@@ -34,42 +65,56 @@ class HookChannel:
         params.blocked_connection_timeout = 30
         params.heartbeat = 30
         params.client_properties = {"connection_name": f"vtorque-hook-{uuid.uuid4().hex[:8]}"}
+        self.conn = None
         try:
             self.conn = pika.BlockingConnection(params)
         except pika.exceptions.AMQPError as exc:
-            raise BrokerUnreachable(f"broker unreachable after {attempts} attempts: {exc!r}") from None
-        self.channel = self.conn.channel()
-        self.channel.exchange_declare(EVENTS.name, exchange_type="topic", durable=True)
-        self.queue = self.channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
-        for pattern in patterns:
-            self.channel.queue_bind(self.queue, EVENTS.name, routing_key=pattern)
-        self.channel.confirm_delivery()
+            raise BrokerUnreachable(f"broker unreachable after {attempts} attempts: {describe(exc)}") from None
+        try:
+            self.channel = self.conn.channel()
+            self.channel.exchange_declare(EVENTS.name, exchange_type="topic", durable=True)
+            self.queue = queue_name(patterns, label)
+            self.channel.queue_declare(self.queue, exclusive=True, auto_delete=True)
+            for pattern in patterns:
+                self.channel.queue_bind(self.queue, EVENTS.name, routing_key=pattern)
+            self.channel.confirm_delivery()
+        except pika.exceptions.AMQPError as exc:
+            self.close()
+            raise BrokerUnreachable(f"broker unusable: {describe(exc)}") from None
 
     def publish(self, event: m.Event) -> None:
         routing_key = event.routing_key()
         with tracing.publish_span(event, EVENTS.name, routing_key) as headers:
-            self.channel.basic_publish(
-                EVENTS.name, routing_key, m.encode(event),
-                pika.BasicProperties(delivery_mode=2, content_type="application/json", message_id=event.message_id,
-                                     type=type(event).__name__, headers=headers),
-            )
+            try:
+                self.channel.basic_publish(
+                    EVENTS.name, routing_key, m.encode(event),
+                    pika.BasicProperties(delivery_mode=2, content_type="application/json",
+                                         message_id=event.message_id, type=type(event).__name__, headers=headers),
+                )
+            except pika.exceptions.AMQPError as exc:
+                raise BrokerUnreachable(f"publish of {type(event).__name__} failed: {describe(exc)}") from None
 
     def events(self, deadline: float) -> Iterator[tuple[m.Message, dict]]:
         """(event, headers) until the monotonic deadline; undecodable events are skipped."""
-        while (remaining := deadline - time.monotonic()) > 0:
-            for method, props, body in self.channel.consume(self.queue, auto_ack=True,
-                                                            inactivity_timeout=min(remaining, 1.0)):
-                if method is None:
-                    break
-                try:
-                    yield m.decode(body), dict(props.headers or {})
-                except (msgspec.DecodeError, msgspec.ValidationError):
-                    continue
-                if time.monotonic() >= deadline:
-                    break
+        try:
+            while (remaining := deadline - time.monotonic()) > 0:
+                for method, props, body in self.channel.consume(self.queue, auto_ack=True,
+                                                                inactivity_timeout=min(remaining, 1.0)):
+                    if method is None:
+                        break
+                    try:
+                        event = m.decode(body)
+                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        continue
+                    yield event, dict(props.headers or {})
+                    if time.monotonic() >= deadline:
+                        break
+        except pika.exceptions.AMQPError as exc:
+            raise BrokerUnreachable(f"lost the broker while waiting: {describe(exc)}") from None
 
     def close(self) -> None:
         try:
-            self.conn.close()
+            if self.conn is not None:
+                self.conn.close()
         except Exception:  # noqa: BLE001 - the hook's answer matters, not a clean close
             pass

@@ -201,6 +201,15 @@ def first(invocations: list[tr.Invocation], job_id: str) -> tr.Invocation:
 GOOD_SPEC = {"img": "tiny", "vcpus": "1", "ram": "256M"}
 
 
+def published(state_dir: Path, job_id: str) -> Path:
+    """What the prologue leaves just before it publishes JobStarted: for an epilogue replayed on its own, the
+    job's guests may exist somewhere (hooks/job_hook.py guests_marker)."""
+    marker = state_dir / "hooks" / "torque" / f"{m.routing_word(job_id)}.guests"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    return marker
+
+
 # -- the recordings themselves ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("hook", ["prologue", "epilogue"])
@@ -368,8 +377,10 @@ def test_broker_unreachable_requeues_twice_then_aborts(torque_home, make_config,
 # -- 5. epilogue of a VM job, broker unreachable -------------------------------------------------------------
 
 def test_epilogue_without_broker_exits_0_and_says_so(torque_home, make_config, closed_port):
-    config, _ = make_config(broker_url=f"amqp://guest:guest@127.0.0.1:{closed_port}/%2F", broker_attempts=1)
+    config, state_dir = make_config(broker_url=f"amqp://guest:guest@127.0.0.1:{closed_port}/%2F",
+                                    broker_attempts=1)
     inv = vm_invocation(first(EPILOGUES, "1.vm"), unique_job_id())
+    published(state_dir, inv.job_id)
     result = tr.run_hook("epilogue", torque_home.prepare(inv, vm_script(GOOD_SPEC)),
                          hook_env(config), timeout=GUARD_SECONDS)
     assert result.returncode == 0, str(result)
@@ -378,8 +389,9 @@ def test_epilogue_without_broker_exits_0_and_says_so(torque_home, make_config, c
 
 
 def test_epilogue_publishes_job_ended(torque_home, make_config, events):
-    config, _ = make_config(epilogue_timeout=1.0)
+    config, state_dir = make_config(epilogue_timeout=1.0)
     inv = vm_invocation(first(EPILOGUES, "1.vm"), unique_job_id())
+    published(state_dir, inv.job_id)
     result = tr.run_hook("epilogue", torque_home.prepare(inv, vm_script(GOOD_SPEC)),
                          hook_env(config), timeout=GUARD_SECONDS)
     assert result.returncode == 0, str(result)
@@ -484,8 +496,9 @@ def test_each_recorded_epilogue_saw_the_exit_status_the_server_accounted():
 def test_every_recorded_end_still_tears_down(job_id, torque_home, make_config, events):
     """Walltime (-11), qdel (271), a failed prologue (-2, -14) and a normal end: the epilogue always asks for
     the teardown, with Torque's exit status."""
-    config, _ = make_config(epilogue_timeout=0.5)
+    config, state_dir = make_config(epilogue_timeout=0.5)
     inv = vm_invocation(first(EPILOGUES, job_id), unique_job_id())
+    published(state_dir, inv.job_id)
     result = tr.run_hook("epilogue", torque_home.prepare(inv, vm_script(GOOD_SPEC)), hook_env(config),
                          timeout=GUARD_SECONDS)
     assert result.returncode == 0, str(result)
