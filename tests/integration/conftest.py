@@ -1,28 +1,6 @@
-import uuid
-
-import kombu
-import pytest
-
-BROKER = "amqp://guest:guest@127.0.0.1:5672//"
-
-
-@pytest.fixture
-def broker_url():
-    try:
-        with kombu.Connection(BROKER, connect_timeout=3) as conn:
-            conn.ensure_connection(max_retries=1)
-    except Exception as exc:  # noqa: BLE001
-        pytest.fail(f"RabbitMQ is not reachable at 127.0.0.1:5672 ({exc}); `make test` starts it")
-    return BROKER
-
-
-@pytest.fixture
-def node_name():
-    """A node name of this test's own, and its queue removed afterwards."""
-    name = f"test-{uuid.uuid4().hex[:10]}"
-    yield name
-    with kombu.Connection(BROKER) as conn:
-        try:
-            conn.channel().queue_delete(f"vtorque.node.{name}")
-        except Exception:  # noqa: BLE001
-            pass
+"""Integration tests run against the real RabbitMQ and libvirt of this host, but never against the stack's
+own: the broker, node names and state directories they use come from tests/conftest.py (`broker_url` and
+`test_broker`: a vhost and user of the session's own; `node_name`; `test_site`: a config of the test's own
+whose directories are all under a temporary root; `test_guest`: the test guest image, independent of the
+site's catalog). A test here must not call load_config() without a path, publish on vhost "/", or use this
+host's name as a node name."""

@@ -1,4 +1,6 @@
-"""The bus against the real RabbitMQ on 127.0.0.1:5672."""
+"""The bus against the real RabbitMQ on 127.0.0.1:5672, in the test session's own vhost (tests/conftest.py); and
+the proof that nothing published there reaches the default vhost, where the single-host stack's services
+consume."""
 
 import os
 import subprocess
@@ -16,7 +18,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from vtorque.shared import messages as m
-from vtorque.shared.bus import DEAD_QUEUE, EventWaiter, Publisher, ServiceRunner, node_queue
+from vtorque.shared.bus import COMMANDS, DEAD_QUEUE, EVENTS, EventWaiter, Publisher, ServiceRunner, node_queue
 
 HERE = os.path.dirname(__file__)
 
@@ -231,3 +233,52 @@ def test_one_publisher_shared_by_threads_delivers_every_message(broker_url):
         got.add(event.reason)
     waiter.close()
     assert errors == [] and len(got) == 200
+
+
+STACK_VHOST_URL = "amqp://guest:guest@127.0.0.1:5672//"  # what the single-host stack's services use
+
+
+def test_the_test_broker_user_has_no_rights_on_the_stacks_vhost(test_broker):
+    outside = f"amqp://{test_broker.user}:{test_broker.password}@127.0.0.1:5672//"
+    with pytest.raises(Exception) as refused:
+        with kombu.Connection(outside, connect_timeout=3) as conn:
+            conn.ensure_connection(max_retries=1)
+            conn.channel()
+    assert "refused" in str(refused.value).lower() or "not allowed" in str(refused.value).lower() or \
+        "access" in str(refused.value).lower(), repr(refused.value)
+
+
+def test_what_tests_publish_never_reaches_the_stacks_vhost(broker_url):
+    """An observer on "/" bound as the stack's bridge, stager and this host's node worker are (every event, the
+    stager's and this host's command keys) sees nothing of what the test broker carries, while a listener on
+    the test vhost sees all of it. The messages are harmless even if they leaked: a job that does not exist
+    ended, and a teardown of it."""
+    host = os.uname().nodename.split(".")[0]  # the stack's node worker consumes node.<this host> on "/"
+    job = f"isolation-{uuid.uuid4().hex[:8]}"
+    with kombu.Connection(STACK_VHOST_URL, connect_timeout=3) as stack:
+        channel = stack.channel()
+        observer = kombu.Queue(f"vtorque-test-observer-{uuid.uuid4().hex[:8]}", exclusive=True, auto_delete=True,
+                               durable=False, bindings=[kombu.binding(EVENTS, routing_key="#"),
+                                                        kombu.binding(COMMANDS, routing_key="stager"),
+                                                        kombu.binding(COMMANDS, routing_key=f"node.{host}")])
+        observer(channel).declare()
+        waiter = EventWaiter(broker_url, [f"job.{job}.#"])
+        publisher = Publisher(broker_url)
+        try:
+            publisher.publish(m.JobEnded.new(job_id=job, deadline=30.0, scheduler="slurm", nodes=[host],
+                                             exit_status=0))
+            publisher.publish(m.TeardownGuests.new(job_id=job, deadline=30.0, node=host))
+            got = waiter.next(time.monotonic() + 10)
+            assert isinstance(got, m.JobEnded) and got.job_id == job  # the test vhost carried it
+            time.sleep(1.0)
+            seen = []
+            bound = observer(channel)
+            while (msg := bound.get(no_ack=True)) is not None:
+                if job.encode() in msg.body:
+                    seen.append(msg.delivery_info.get("routing_key"))
+            assert seen == [], f"the stack's vhost received the test's messages: {seen}"
+        finally:
+            waiter.close()
+            publisher.close()
+        with kombu.Connection(broker_url) as conn:
+            conn.channel().queue_delete(f"vtorque.node.{host}")
