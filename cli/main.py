@@ -21,6 +21,14 @@ def _config():
         raise click.ClickException(str(exc))
 
 
+def _close_inherited_fds() -> None:
+    """A daemon keeps nothing its starter had open: a lock held by the shell that ran `make demo` (or a
+    pipe a caller waits on to close) would otherwise stay held for as long as the service runs."""
+    import os
+
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """vtorque: batch jobs in virtual machines."""
@@ -30,6 +38,7 @@ def main() -> None:
 @click.argument("service", type=click.Choice(SERVICES))
 def run(service: str) -> None:
     """Run one service in the foreground until SIGTERM/SIGINT."""
+    _close_inherited_fds()
     from vtorque.shared import tracing
     from vtorque.shared.bus import Publisher, ServiceRunner
     from vtorque.shared.logs import setup_logging
@@ -76,7 +85,7 @@ def run(service: str) -> None:
                    scheduler_check(config)).start()
     import logging
 
-    logging.getLogger("vtorque").info("%s consuming %s", service, ", ".join(q.name for q in svc.queues()))
+    logging.getLogger("vtorque").info("%s starting; its queues: %s", service, ", ".join(q.name for q in svc.queues()))
     try:
         runner.run()
     finally:
@@ -125,10 +134,13 @@ def _job_spans(config, job_id: str):
 
 @main.command()
 @click.argument("job_id")
+@click.option("--all", "show_all", is_flag=True,
+              help="Every span, with the publish/process plumbing between the services.")
 @click.option("--json", "as_json", is_flag=True, help="The spans as JSON lines, for scripts.")
-def trace(job_id: str, as_json: bool) -> None:
-    """Draw a job's trace as a waterfall (Jaeger's query API if configured, else the local span files)."""
-    from vtorque.cli.trace_view import waterfall
+def trace(job_id: str, show_all: bool, as_json: bool) -> None:
+    """A job's phases (queue wait, prologue and each guest's boot, run, epilogue: durations and status), then
+    its trace as a waterfall (Jaeger's query API if configured, else the local span files)."""
+    from vtorque.cli.trace_view import is_plumbing, render_phases, waterfall
 
     config = _config()
     spans = _job_spans(config, job_id)
@@ -137,18 +149,35 @@ def trace(job_id: str, as_json: bool) -> None:
             click.echo(json.dumps(s.to_json()))
         return
     traces = {s.trace_id for s in spans}
-    click.echo(f"job {job_id}: {len(spans)} spans in {len(traces)} trace(s) {', '.join(sorted(traces))}")
-    click.echo(waterfall(spans))
+    click.echo(f"job {job_id}: {len(spans)} spans in trace {', '.join(sorted(traces))}")
+    click.echo(render_phases(spans))
+    click.echo("")
+    click.echo(waterfall(spans, plumbing=show_all))
+    hidden = sum(1 for s in spans if is_plumbing(s))
+    if hidden and not show_all:
+        click.echo(f"({hidden} publish/process spans between the services not shown: vtorque trace --all {job_id})")
 
 
 @main.command()
 @click.argument("job_id")
 @click.option("--json", "as_json", is_flag=True, help="The status as one JSON object.")
 def status(job_id: str, as_json: bool) -> None:
-    """A job's phase, nodes, guests and timings (read from its trace)."""
-    from vtorque.cli.status import job_status, render_status
+    """A job's state and exit code (asked of the scheduler) with its phase, nodes, guests and timings (from
+    its trace). When the scheduler no longer knows the job, the state comes from the trace, and it says so."""
+    from vtorque.cli.status import ask_scheduler, job_status, render_status
 
-    st = job_status(job_id, _job_spans(_config(), job_id))
+    config = _config()
+    answer = ask_scheduler(config, job_id)
+    try:
+        spans, no_trace = _job_spans(config, job_id), ""
+    except click.ClickException as exc:  # no spans (a job without -vm, or none written yet), or Jaeger down
+        spans, no_trace = [], exc.message
+    if not spans and answer.info is None:
+        asked = answer.error or f"{answer.kind} does not know it"
+        raise click.ClickException(f"job {job_id}: {asked}; {no_trace}")
+    st = job_status(job_id, spans, answer)
+    if no_trace:
+        st.notes.append(no_trace)
     click.echo(json.dumps(st.to_json()) if as_json else render_status(st))
 
 

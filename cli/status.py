@@ -1,20 +1,27 @@
 """`vtorque status JOBID` and `vtorque nodes`.
 
-A job's status is read from its trace: every message the services published for it is a PRODUCER span named
-by its type (vtorque.message.type), so the spans are the job's event log — what was planned, staged, booted,
-failed, torn down — and the "boot guest" spans hold each guest's node and phase timings. Nothing else keeps
-job state (the services are stateless by design). Pure but for `read_heartbeats`.
+The scheduler is the truth for a job's state and exit code: `vtorque status` asks it (shared/scheduler.py)
+and merges its answer with the job's trace. The trace adds what only vtorque knows: every message the
+services published for the job is a PRODUCER span named by its type (vtorque.message.type), so the spans are
+the job's event log — what was planned, staged, booted, failed, torn down — and the "boot guest" spans hold
+each guest's node and phase timings. When the scheduler no longer knows the job (Slurm forgets a job
+MinJobAge seconds after it ended; Torque after keep_completed) or cannot be asked, the status says so and
+falls back to the trace. Pure but for `ask_scheduler` and `read_heartbeats`.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import msgspec
+
 from vtorque.cli.trace_view import SpanRow, queue_wait
+from vtorque.shared.scheduler import ALIVE, JobInfo
 
 # The job's phase is the furthest one its published messages reached (later entries win).
 _PHASES = (
     ("vsub submit", "queued"),
+    ("prologue", "prologue"),  # the hook's span, before it published anything
     ("JobStarted", "prologue"),
     ("JobPlanned", "planned"),
     ("BootGuests", "booting"),
@@ -46,16 +53,110 @@ class JobStatus:
     guests: list[GuestStatus]
     failure: str = ""
     timings: dict[str, float] = field(default_factory=dict)  # seconds: queue_wait, prologue, epilogue, run...
+    # The scheduler's word on the job (merged in by `with_scheduler`); from the trace when it has none.
+    state: str = "unknown"  # shared/scheduler.py's State: queued, running, ..., completed, failed, cancelled
+    exit_code: int | None = None
+    state_from: str = "trace"  # "scheduler", or "trace" when the scheduler does not know the job
+    scheduler: dict | None = None  # its answer: kind, raw_state, reason, owner, nodes, stdout, stderr, ...
+    notes: list[str] = field(default_factory=list)  # why the state is from the trace; what does not add up
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class SchedulerAnswer:
+    """What `Scheduler.job` said: the job (None: it does not know it), or why it could not be asked."""
+    kind: str
+    info: JobInfo | None = None
+    error: str = ""
+
+
+def ask_scheduler(config, job_id: str) -> SchedulerAnswer:
+    from vtorque.shared.scheduler import SchedulerError, scheduler_for
+
+    sched = scheduler_for(config)
+    try:
+        return SchedulerAnswer(sched.kind, sched.job(job_id))
+    except SchedulerError as exc:
+        return SchedulerAnswer(sched.kind, error=str(exc))
+
+
+# What the scheduler forgets, and after how long by default (for the note that says so).
+_FORGETS = {"slurm": "Slurm forgets a job MinJobAge seconds, 300 by default, after it ends",
+            "torque": "Torque forgets a job keep_completed seconds after it ends"}
+_STARTED = {"prologue", "planned", "booting", "running"}
+
+
+def _run_exit_code(spans: list[SpanRow]) -> int | None:
+    """The user script's exit status as the launcher recorded it on "run job in guest"."""
+    for s in reversed(spans):
+        if s.name == "run job in guest" and isinstance(s.attributes.get("vtorque.exit_code"), int):
+            return s.attributes["vtorque.exit_code"]
+    return None
+
+
+def _state_from_trace(st: JobStatus, spans: list[SpanRow], ended: bool) -> tuple[str, int | None]:
+    """The trace's best guess at the scheduler's state; `ended`: the scheduler no longer knows the job, so it
+    is over whatever the trace says."""
+    code = _run_exit_code(spans)
+    if st.phase in ("rejected", "failed"):
+        return "failed", code
+    if st.phase == "done" or (ended and st.phase == "epilogue"):
+        if code is None:
+            return ("unknown" if ended else "exiting"), None
+        return ("completed" if code == 0 else "failed"), code
+    if ended:
+        return "unknown", code
+    if st.phase == "epilogue":
+        return "exiting", code
+    return ("running" if st.phase in _STARTED else "queued"), code
+
+
+def with_scheduler(st: JobStatus, spans: list[SpanRow], answer: SchedulerAnswer | None) -> JobStatus:
+    """Merge the scheduler's answer into a status read from the trace: the scheduler's state and exit code
+    win; the trace keeps the phases and guests. Notes say where the state came from when it is not the
+    scheduler, and what the two disagree on."""
+    notes = list(st.notes)
+    info = answer.info if answer else None
+    if info is not None:
+        st.state, st.exit_code, st.state_from = info.state, info.exit_code, "scheduler"
+        st.scheduler = {"kind": answer.kind, **msgspec.to_builtins(info)}
+        if not st.nodes and info.nodes:
+            st.nodes = list(info.nodes)
+        if spans and not info.alive and not any(s.name == "prologue" for s in spans):
+            notes.append(f"{answer.kind} ran the job but vtorque's prologue never did: it ran without its guests")
+        elif not info.alive and st.phase in _STARTED:
+            notes.append(f"{answer.kind} says the job ended; its trace stops at {st.phase!r} "
+                         "(no epilogue recorded yet, or it never ran)")
+    else:
+        if answer is None:
+            notes.append("the scheduler was not asked; state from the trace")
+        elif answer.error:
+            notes.append(f"cannot ask {answer.kind}: {answer.error}; state from the trace")
+        else:
+            notes.append(f"{answer.kind} no longer knows job {st.job_id} ({_FORGETS.get(answer.kind, 'it ended')}): "
+                         "state and exit code from the trace")
+            if spans and not any(s.name == "prologue" for s in spans):
+                notes.append("its trace has no prologue: vtorque's hook never ran for it (it ran without its "
+                             "guests, or was cancelled while queued)")
+        ended = answer is not None and not answer.error
+        st.state, st.exit_code = _state_from_trace(st, spans, ended)
+        st.state_from = "trace"
+    st.notes = notes
+    return st
 
 
 def _published(spans: list[SpanRow], kind: str) -> list[SpanRow]:
     return [s for s in spans if s.kind == "producer" and s.attributes.get("vtorque.message.type") == kind]
 
 
-def job_status(job_id: str, spans: list[SpanRow]) -> JobStatus:
+def job_status(job_id: str, spans: list[SpanRow], scheduler: SchedulerAnswer | None = None) -> JobStatus:
+    """The job's status from its trace, merged with the scheduler's answer (see `with_scheduler`)."""
+    return with_scheduler(trace_status(job_id, spans), spans, scheduler)
+
+
+def trace_status(job_id: str, spans: list[SpanRow]) -> JobStatus:
     seen = {s.attributes.get("vtorque.message.type") for s in spans if s.kind == "producer"}
     names = {s.name for s in spans}
     seen |= names
@@ -124,11 +225,24 @@ def job_status(job_id: str, spans: list[SpanRow]) -> JobStatus:
 
 
 def render_status(st: JobStatus) -> str:
-    out = [f"job {st.job_id}: {st.phase}" + (f" ({st.failure})" if st.failure else ""),
-           f"  trace  {', '.join(st.trace_ids) or '-'}",
-           f"  nodes  {', '.join(st.nodes) or '-'}"]
+    head = f"job {st.job_id}: {st.state}"
+    if st.exit_code is not None:
+        head += f", exit code {st.exit_code}"
+    sched = st.scheduler or {}
+    if sched:
+        head += f"  ({sched['kind']}: {sched['raw_state']}" + (f", {sched['reason']}" if sched.get("reason") else "") + ")"
+    else:
+        head += "  (from the trace)"
+    out = [head,
+           f"  vtorque  {st.phase}" + (f" ({st.failure})" if st.failure else ""),
+           f"  trace    {', '.join(st.trace_ids) or '-'}",
+           f"  nodes    {', '.join(st.nodes) or '-'}"]
+    if sched.get("stdout") or sched.get("stderr"):
+        out.append(f"  output   {sched.get('stdout') or '-'}")
+        if sched.get("stderr") and sched.get("stderr") != sched.get("stdout"):
+            out.append(f"  errors   {sched['stderr']}")
     if st.timings:
-        out.append("  times  " + "  ".join(f"{k} {v:.2f}s" for k, v in st.timings.items()))
+        out.append("  times    " + "  ".join(f"{k} {v:.2f}s" for k, v in st.timings.items()))
     if st.guests:
         out.append(f"  {'guest':<24} {'node':<14} {'state':<10} {'boot':>8}  phases")
         for g in st.guests:
@@ -136,6 +250,7 @@ def render_status(st: JobStatus) -> str:
             phases = "  ".join(f"{k} {v:.2f}s" for k, v in g.phases.items())
             out.append(f"  {g.guest[:24]:<24} {g.node[:14]:<14} {g.state:<10} {boot:>8}  {phases}"
                        + (f"  [{g.reason}]" if g.reason else ""))
+    out += [f"  note: {n}" for n in st.notes]
     return "\n".join(out)
 
 

@@ -66,7 +66,7 @@ JAEGER = {"data": [{
          "references": [{"refType": "CHILD_OF", "traceID": "abc", "spanID": "1"},
                         {"refType": "FOLLOWS_FROM", "traceID": "abc", "spanID": "1"}],
          "tags": [{"key": "span.kind", "value": "consumer"}, {"key": "otel.status_code", "value": "ERROR"},
-                  {"key": "pbs.job_id", "value": "7.srv"}]},
+                  {"key": "otel.status_description", "value": "no plan"}, {"key": "pbs.job_id", "value": "7.srv"}]},
     ]}]}
 
 
@@ -76,13 +76,16 @@ def test_parse_jaeger_keeps_parents_links_kinds_status():
     assert pro.trace_id == "abc".rjust(32, "0") and pro.parent_id == "" and pro.kind == "internal"
     assert pro.service == "vtorque-hook" and pro.end_ns - pro.start_ns == 5_000_000_000
     assert proc.parent_id == pro.span_id and proc.kind == "consumer" and proc.status == "error"
+    assert proc.status_message == "no plan" and pro.status_message == ""
     assert proc.links == 1 and proc.attributes == {"pbs.job_id": "7.srv"}
     assert trace_view.job_spans(list(rows.values()), "7.srv") == [pro, proc]
 
 
-def _span(name, sid, parent="", kind="internal", start=0, end=1, status="unset", **attrs):
-    return SpanRow(trace_id="t" * 32, span_id=sid, parent_id=parent, service="s", name=name, kind=kind,
-                   start_ns=int(start * 1e9), end_ns=int(end * 1e9), status=status, attributes=attrs, links=0)
+def _span(name, sid, parent="", kind="internal", start=0, end=1, status="ok", message="", trace="t" * 32,
+          **attrs):
+    return SpanRow(trace_id=trace, span_id=sid, parent_id=parent, service="s", name=name, kind=kind,
+                   start_ns=int(start * 1e9), end_ns=int(end * 1e9), status=status, attributes=attrs, links=0,
+                   status_message=message)
 
 
 def _pub(kind, sid, parent, start, **attrs):
@@ -161,3 +164,150 @@ def test_skew_bounds_and_a_crashing_check():
     (result,) = doctor.run_checks(None, [check_boom])
     assert result.status == doctor.FAIL and result.name == "boom" and "boom" in result.detail
     assert "FAIL" in doctor.render([result])
+
+
+# -- status merged with the scheduler's answer (issue 10 item 4) ---------------------------------------------
+
+from vtorque.shared.scheduler import JobInfo  # noqa: E402
+
+
+def _life(exit_code=0):
+    """A whole VM job as its trace tells it: submitted, queued, booted, run (exit_code), torn down."""
+    return [
+        _span("vsub submit", "a", start=0, end=0.1, **{"pbs.job_id": "5"}),
+        _span("queue wait", "q", "a", start=0.05, end=2.0),
+        _span("prologue", "b", "a", start=2.0, end=8),
+        _pub("JobStarted", "c", "b", 2.2), _pub("JobPlanned", "d", "b", 2.3),
+        _pub("BootGuests", "e", "d", 2.4, **{"vtorque.node": "n1"}),
+        _span("process vtorque.node.n1", "e2", "e", "consumer", start=2.45, end=7.6),
+        _span("boot guest", "f", "e2", start=2.5, end=7.5, **{"vtorque.guest": "vt-5-n1-0", "vtorque.node": "n1"}),
+        _span("start domain", "g", "f", start=3, end=3.5),
+        _span("wait until ready", "g2", "f", start=3.5, end=7.4),
+        _pub("GuestReady", "h", "f", 7.5), _span("all guests ready", "i", "b", start=7.9, end=7.9),
+        _span("run job in guest", "r", "a", start=8.2, end=9.2, **{"vtorque.exit_code": exit_code}),
+        _span("epilogue", "j0", "a", start=9.5, end=10.5),
+        _pub("JobEnded", "j", "j0", 9.6), _pub("GuestsTornDown", "k", "j", 10.4, **{"vtorque.node": "n1"}),
+    ]
+
+
+def _slurm(state, raw, code, reason=None):
+    return status.SchedulerAnswer("slurm", JobInfo(job_id="5", state=state, raw_state=raw, exit_code=code,
+                                                   owner="alice", nodes=("n1",), reason=reason,
+                                                   stdout="/home/alice/three.sh.o5",
+                                                   stderr="/home/alice/three.sh.e5"))
+
+
+def test_the_scheduler_gives_state_and_exit_code_the_trace_the_phases():
+    st = status.job_status("5", _life(3), _slurm("failed", "FAILED", 3, "NonZeroExitCode"))
+    assert (st.state, st.exit_code, st.state_from, st.phase) == ("failed", 3, "scheduler", "done")
+    assert st.scheduler["raw_state"] == "FAILED" and st.scheduler["kind"] == "slurm" and st.notes == []
+    assert st.guests[0].state == "torn down" and st.timings["run"] == 1.0
+    text = status.render_status(st)
+    assert text.splitlines()[0] == "job 5: failed, exit code 3  (slurm: FAILED, NonZeroExitCode)", text
+    assert "output   /home/alice/three.sh.o5" in text and "errors   /home/alice/three.sh.e5" in text
+    assert st.to_json()["exit_code"] == 3 and st.to_json()["state"] == "failed"
+
+
+def test_the_scheduler_wins_over_the_trace():
+    # the trace alone would say "running": the guests are up, nothing ended yet in the trace
+    running = _life()[:12]
+    st = status.job_status("5", running, _slurm("cancelled", "CANCELLED", 143))
+    assert (st.state, st.exit_code, st.phase) == ("cancelled", 143, "running")
+    assert any("trace stops at 'running'" in n for n in st.notes), st.notes
+    # a job that failed without vtorque's prologue (the hook was not installed): never "queued"
+    st = status.job_status("5", _life()[:1], _slurm("failed", "FAILED", 1, "NonZeroExitCode"))
+    assert (st.state, st.exit_code) == ("failed", 1)
+    assert any("prologue never did" in n for n in st.notes), st.notes
+    st = status.job_status("5", _life()[:3], _slurm("queued", "CONFIGURING", None))
+    assert (st.state, st.exit_code, st.phase, st.notes) == ("queued", None, "prologue", [])
+    assert "job 5: queued  (slurm: CONFIGURING)" in status.render_status(st)
+
+
+def test_a_forgotten_job_falls_back_to_the_trace_and_says_so():
+    forgot = status.SchedulerAnswer("slurm", None)
+    st = status.job_status("5", _life(3), forgot)
+    assert (st.state, st.exit_code, st.state_from) == ("failed", 3, "trace")
+    assert "slurm no longer knows job 5" in st.notes[0] and "MinJobAge" in st.notes[0]
+    text = status.render_status(st)
+    assert text.splitlines()[0] == "job 5: failed, exit code 3  (from the trace)" and "note: slurm no longer" in text
+    assert status.job_status("5", _life(0), forgot).state == "completed"
+    st = status.job_status("5", _life()[:1], forgot)  # ended (Slurm forgot it) but the hook never ran
+    assert st.state == "unknown" and st.exit_code is None and "never ran" in st.notes[1]
+
+
+def test_a_scheduler_that_cannot_be_asked_falls_back_to_the_trace():
+    down = status.SchedulerAnswer("slurm", error="scontrol exit 1: Unable to contact slurm controller")
+    st = status.job_status("5", _life()[:3], down)
+    assert (st.state, st.state_from) == ("running", "trace")
+    assert st.notes == ["cannot ask slurm: scontrol exit 1: Unable to contact slurm controller; state from the trace"]
+    assert status.job_status("5", _life()[:1], down).state == "queued"
+    assert status.job_status("5", _life(0), down).state == "completed"
+
+
+def test_ask_scheduler_turns_errors_into_an_answer(monkeypatch):
+    from vtorque.shared import scheduler
+    from vtorque.shared.config import Config, SchedulerConfig
+
+    def fail(argv, timeout):
+        raise scheduler.SchedulerError("scontrol: no such file")
+
+    monkeypatch.setattr(scheduler, "_run", fail)
+    answer = status.ask_scheduler(Config(scheduler=SchedulerConfig(kind="slurm")), "5")
+    assert answer == status.SchedulerAnswer("slurm", None, "scontrol: no such file")
+
+
+# -- the trace's phases first, the plumbing on request (issue 10 item 11) ------------------------------------
+
+def test_phases_are_the_users_steps_with_durations_and_status():
+    got = trace_view.phases(_life(3))
+    assert [(p.name, round(p.duration_s, 3), p.status) for p in got] == [
+        ("queue wait", 1.95, ""), ("prologue: boot guests", 6.0, "ok"), ("vt-5-n1-0 on n1", 5.0, "ok"),
+        ("run in guest", 1.0, "ok"), ("epilogue: tear down", 1.0, "ok")]
+    assert got[2].level == 1 and got[2].detail == "start domain 0.50s  wait until ready 3.90s"
+    assert got[3].detail == "exit code 3"
+    text = trace_view.render_phases(_life(3))
+    assert re.search(r"^run in guest\s+8\.20s\s+1\.00s\s+ok\s+exit code 3$", text, re.M), text
+    assert re.search(r"^total \(submit to last span\)\s+10\.50s$", text, re.M), text
+
+
+def test_a_missing_or_failed_phase_says_so():
+    failed = [_span("vsub submit", "a", start=0, end=0.1),
+              _span("prologue", "b", "a", start=2, end=5, status="error", message="image tiny: sha256 mismatch",
+                    **{"vtorque.verdict": "rejected"})]
+    got = {p.name: p for p in trace_view.phases(failed)}
+    assert got["prologue: boot guests"].status == "error"
+    assert got["prologue: boot guests"].detail == "image tiny: sha256 mismatch; rejected"
+    assert got["run in guest"].start_ns is None and got["epilogue: tear down"].start_ns is None
+    text = trace_view.render_phases(failed)
+    assert re.search(r"^run in guest\s+-\s+-\s+not in the trace$", text, re.M), text
+    requeued = failed + [_span("prologue", "c", "a", start=30, end=40)]
+    names = [p.name for p in trace_view.phases(requeued)]
+    assert names[1:3] == ["prologue: boot guests (attempt 1)", "prologue: boot guests (attempt 2)"]
+
+
+def test_the_waterfall_hides_the_plumbing_unless_asked():
+    spans = _life()
+    short = trace_view.waterfall(spans, plumbing=False)
+    rows = short.splitlines()[1:]
+    assert not any("publish x" in r or "process vtorque" in r for r in rows)
+    assert len(rows) == len([s for s in spans if s.kind == "internal"])
+    # boot guest sits under the prologue it serves, though its parents are publish/process spans
+    boot = next(r for r in rows if "boot guest" in r)
+    assert re.search(r"^s\s{19}    boot guest", boot), boot
+    full = trace_view.waterfall(spans).splitlines()[1:]
+    assert len(full) == len(spans) and any("publish x" in r for r in full)
+
+
+def test_an_error_row_says_why():
+    spans = [_span("vsub submit", "a", start=0, end=1),
+             _span("epilogue", "b", "a", start=1, end=2, status="error", message="teardown not confirmed")]
+    row = trace_view.waterfall(spans).splitlines()[-1]
+    assert row.split()[4] == "error" and row.endswith("  teardown not confirmed"), row
+
+
+def test_a_reused_job_id_shows_the_newest_trace_only():
+    old = [_span("vsub submit", "o", start=0, end=0.1, trace="1" * 32, **{"pbs.job_id": "1"})]
+    new = [_span("vsub submit", "n", start=100, end=100.1, trace="2" * 32, **{"pbs.job_id": "1"}),
+           _span("prologue", "p", "n", start=101, end=102, trace="2" * 32)]
+    assert trace_view.job_spans(old + new, "1") == new
+    assert len(trace_view.job_spans(old + new, "1", every_trace=True)) == 3
