@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
+import amqp.exceptions
 import kombu
 import msgspec
 from kombu import Connection, Exchange, Queue, binding
@@ -79,6 +80,14 @@ def connect(url: str, heartbeat: int = 0, timeout: float = 5.0) -> Connection:
                       transport_options={"confirm_publish": True})
     conn.ensure_connection(max_retries=3, interval_start=0.2, interval_step=0.5, timeout=timeout)
     return conn
+
+
+# What a lost or refused broker connection raises: socket errors, kombu's, and every AMQP error the broker
+# sends (541 INTERNAL_ERROR when a consumer races a quorum queue that is still being created on a broker that
+# is starting, 320 CONNECTION_FORCED on a graceful broker shutdown, 404/405 on a queue that went away).
+BROKER_ERRORS: tuple[type[BaseException], ...] = (OSError, ConnectionError, kombu.exceptions.KombuError,
+                                                  amqp.exceptions.AMQPError)
+RECONNECT_MAX_DELAY = 2.0  # seconds; back at work within a few seconds of the broker's return
 
 
 # -- publishing -------------------------------------------------------------------------------------------
@@ -236,20 +245,28 @@ class ServiceRunner:
         self._pending: _Pending | None = None
         self._backlog: collections.deque[kombu.Message] = collections.deque()
         self._queue_by_tag: dict[str, str] = {}
+        self._consuming = False
 
     def stop(self) -> None:
         self.stop_event.set()
 
     def run(self) -> None:
+        delay = 0.1
         while not self.stop_event.is_set():
+            self._consuming = False
             try:
                 self._run_connection()
-            except (OSError, kombu.exceptions.OperationalError, ConnectionError) as exc:
+            except BROKER_ERRORS as exc:
                 if self.stop_event.is_set():
                     break
-                log(LOG, logging.WARNING, "broker connection lost, reconnecting", error=str(exc))
+                if self._consuming:  # it was working: the first retry comes at once
+                    delay = 0.1
+                log(LOG, logging.WARNING, "broker connection lost, reconnecting", error=f"{type(exc).__name__}: {exc}",
+                    retry_in_s=delay)
                 self._wait_pending()
-                time.sleep(1.0)
+                self.publisher.close()  # its connection is as dead as ours
+                self.stop_event.wait(delay)
+                delay = min(delay * 2, RECONNECT_MAX_DELAY)
         self._pool.shutdown(wait=True)
         self.publisher.close()
 
@@ -272,6 +289,9 @@ class ServiceRunner:
                 # Which queue a delivery came from, for its span and lag metric: kombu tags one consumer per queue.
                 self._queue_by_tag = {tag: name for name, tag in consumer._active_tags.items()}
                 self.ready.set()
+                self._consuming = True
+                # what services.sh and operators wait for: said once connected, not when the process starts
+                log(LOG, logging.INFO, "consuming", queues=",".join(q.name for q in self.queues))
                 while not self.stop_event.is_set():
                     try:
                         conn.drain_events(timeout=0.5)
