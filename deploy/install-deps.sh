@@ -14,6 +14,7 @@ PKGS=(
   munge slurmctld slurmd slurm-client slurm-wlm-torque
   dropbear-bin genisoimage openssh-client e2fsprogs
   debootstrap wget lz4  # tests/guest/cloud/build.sh: the Debian cloud test guest
+  iproute2  # ss: stack.sh checks that RabbitMQ, epmd and Erlang distribution listen on loopback only
 )
 LOCK_TIMEOUT=900
 APT_OPTS=(-o "DPkg::Lock::Timeout=$LOCK_TIMEOUT" -o "Acquire::Retries=3")

@@ -108,7 +108,17 @@ lock() {
 # ---------------------------------------------------------------------------------------------
 rabbit_start() {
   begin
-  if amqp_ok; then ok rabbitmq "already answering on $AMQP_HOST:$AMQP_PORT"; return; fi
+  rabbit_loopback_config
+  local exposed
+  exposed=$(rabbit_exposed)
+  if [ -n "$exposed" ]; then
+    # e.g. started by the Debian package's postinst before the loopback settings existed: restart it on them
+    echo "stack: rabbitmq listens beyond loopback ($(echo $exposed)); restarting it on loopback only" >&2
+    timeout 90 rabbitmqctl shutdown >"$LOGD/rabbitmq-stop.log" 2>&1 || true
+    epmd -kill >/dev/null 2>&1 || true
+    for _ in $(seq 1 50); do [ -z "$(rabbit_exposed)" ] && break; sleep 0.2; done
+  fi
+  if amqp_ok; then ok rabbitmq "already answering on $AMQP_HOST:$AMQP_PORT, loopback only"; return; fi
   local how="was starting"
   # a node that is booting (e.g. started by the machine a moment ago) answers an Erlang ping before AMQP
   if ! timeout 20 rabbitmqctl -q ping >/dev/null 2>&1; then
@@ -121,10 +131,27 @@ rabbit_start() {
     how="started"
   fi
   for _ in $(seq 1 120); do
-    amqp_ok && { ok rabbitmq "$how, AMQP answering on $AMQP_HOST:$AMQP_PORT"; return; }
+    amqp_ok && { ok rabbitmq "$how, AMQP answering on $AMQP_HOST:$AMQP_PORT, loopback only"; return; }
     sleep 0.5
   done
   fail rabbitmq "no AMQP answer on $AMQP_HOST:$AMQP_PORT within 60s" "$(rabbit_log) ($RABBIT_LOGS/startup_err)"
+}
+
+# The single-host stack's broker listens on loopback only: AMQP, Erlang distribution and epmd (Debian's
+# defaults listen on every interface). Keys already set by the machine's own configuration are kept.
+RABBIT_ENV=/etc/rabbitmq/rabbitmq-env.conf
+RABBIT_CONF=/etc/rabbitmq/rabbitmq.conf
+rabbit_loopback_config() {
+  mkdir -p /etc/rabbitmq
+  touch "$RABBIT_ENV" "$RABBIT_CONF"
+  grep -qE '^listeners\.tcp' "$RABBIT_CONF" || echo "listeners.tcp.local = 127.0.0.1:$AMQP_PORT" >>"$RABBIT_CONF"
+  grep -qE '^(export )?ERL_EPMD_ADDRESS=' "$RABBIT_ENV" || echo "ERL_EPMD_ADDRESS=127.0.0.1" >>"$RABBIT_ENV"
+  grep -q 'inet_dist_use_interface' "$RABBIT_ENV" ||
+    echo 'SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"' >>"$RABBIT_ENV"
+}
+# listeners of RabbitMQ (AMQP 5672, distribution 25672) and epmd (4369) on an address other than loopback
+rabbit_exposed() {
+  ss -Hltn 2>/dev/null | awk '{print $4}' | grep -E ':(5672|25672|4369)$' | grep -vE '^(127\.[0-9.]+|\[::1\]):' || true
 }
 
 rabbit_stop() {

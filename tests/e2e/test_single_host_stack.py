@@ -1,0 +1,28 @@
+"""What `make` set up on this machine, read without changing it: the order of set-up and where things listen."""
+
+import re
+import subprocess
+from pathlib import Path
+
+from .conftest import PREFIX, STACK, _stack_env
+
+
+def test_the_broker_epmd_and_erlang_distribution_listen_on_loopback_only():
+    out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
+    mine = [line for line in out.splitlines() if re.search(r'"(beam\.smp|epmd)"', line)]
+    assert mine, "no RabbitMQ listener found"
+    local = [line.split()[3] for line in mine]
+    assert all(re.match(r"(127\.[0-9.]+|\[::1\]):\d+$", addr) for addr in local), local
+
+
+def test_slurmctld_runs_the_installed_hooks_since_its_last_start():
+    """slurmctld checks PrologSlurmctld once, at start: it must have started after the hooks were in place."""
+    env = _stack_env()
+    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, env=env,
+                            check=True).stdout
+    for key, hook in (("PrologSlurmctld", "prolog_slurmctld"), ("EpilogSlurmctld", "epilog_slurmctld")):
+        assert re.search(rf"^{key}\s*=\s*{re.escape(str(PREFIX / 'hooks/slurm' / hook))}$", config, re.M), config
+        assert (PREFIX / "hooks/slurm" / hook).stat().st_mode & 0o111
+    log = (STACK / "slurm/log/slurmctld.log").read_text(errors="replace")
+    since_start = log.rsplit("slurmctld version", 1)[-1]
+    assert "Invalid PrologSlurmctld" not in since_start and "Invalid EpilogSlurmctld" not in since_start
