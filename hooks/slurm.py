@@ -1,9 +1,21 @@
 """Slurm's PrologSlurmctld and EpilogSlurmctld for VM jobs (../shared/reference/slurm-single-host.md §4).
 
 They run as SlurmUser on the controller with no PATH and no argv; the job is described by SLURM_JOB_*
-variables. A non-zero PrologSlurmctld makes Slurm requeue the job (eligible again after ~120 s), so an
-infrastructure failure is retried while SLURM_JOB_RESTART_COUNT is below hooks.max_requeues; a rejection,
-or the last failure, cancels the job instead of letting it loop.
+variables. Slurm kills them at PrologEpilogTimeout (`scontrol show config`), so the hook's deadline is that
+timeout less a margin less the time the hook already ran, never more than hooks.prologue_timeout.
+
+What the owner is told, and how (docs/design.md, "Failure classes"):
+- a failure a retry may cure (broker unreachable, a node without a node worker, boot timeout) requeues: the
+  hook sets the job's Comment to `vtorque: requeued (N of M): <reason>` and exits 1 (Slurm requeues), while
+  SLURM_JOB_RESTART_COUNT is below hooks.max_requeues;
+- a rejection (bad spec, image failed to stage, guest failed for good), or the last failure, sets the Comment to
+  `vtorque: not started: <reason>` and exits 0. Slurm then starts the batch step as the owner, which creates
+  the job's StdOut/StdErr files the way the user asked for them; the wrapper's vtorque-launch reads the Comment
+  first (`refusal()` below), prints the one line to stderr and exits 1 without touching a guest. The job ends
+  FAILED, ExitCode 1, and EpilogSlurmctld tears down whatever was booted. (A `scancel` from inside the hook,
+  what this did before, also SIGKILLs the hook itself and the job's EpilogSlurmctld — recorded on Slurm
+  22.05 — and leaves no file: slurmd never hears of the job.)
+- a job that starts after a requeue gets the user's own Comment back.
 """
 
 from __future__ import annotations
@@ -12,6 +24,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from vtorque.shared import messages as m
@@ -19,29 +32,39 @@ from vtorque.shared.job_script import HEADER_LINES, JobHeader, ScriptError, pars
 
 from .job_hook import JobContext, Outcome, Verdict
 
-SBIN = "/usr/bin"
+PREFIX = "vtorque: "
+NOT_STARTED = PREFIX + "not started: "  # the launcher refuses to run a job whose Comment starts so
+REQUEUED = PREFIX + "requeued "
+USER_PART = " | your comment: "  # the owner's own --comment, kept after ours
+PROLOG_MARGIN = 10.0  # s kept below Slurm's kill for the answer: the Comment, the exit, tracing's flush
+NODE_WORKER_GRACE = 5.0  # s a node's queue may go without a consumer (a node worker restarting)
+NO_TIMEOUT = 65534  # what `scontrol show config` prints for an unset PrologEpilogTimeout: wait indefinitely
+COMMENT_MAX = 400  # characters of reason in the Comment (and the owner's one line)
 
 
-def job_script_head(job_id: str, state_dir: str | None) -> str:
-    if state_dir:
-        path = Path(state_dir) / f"hash.{int(job_id) % 10}" / f"job.{job_id}" / "script"
-        try:
-            with open(path, encoding="utf-8", errors="replace") as fh:
-                return "".join(fh.readline() for _ in range(HEADER_LINES))
-        except OSError:
-            pass
-    proc = subprocess.run([f"{SBIN}/scontrol", "write", "batch_script", job_id, "-"], capture_output=True,
-                          text=True, timeout=30)
-    return "\n".join(proc.stdout.splitlines()[:HEADER_LINES]) if proc.returncode == 0 else ""
+class SlurmTools:
+    """The Slurm client binaries the hook and the launcher call, by absolute path ([scheduler])."""
+
+    def __init__(self, config=None):
+        self.config = config
+
+    def path(self, name: str) -> str:
+        sched = getattr(self.config, "scheduler", None)
+        if sched is not None and sched.kind == "slurm":
+            return sched.binary(name)
+        return f"/usr/bin/{name}"
+
+    @property
+    def timeout(self) -> float:
+        sched = getattr(self.config, "scheduler", None)
+        return sched.timeout if sched is not None else 10.0
+
+    def run(self, *argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([self.path(argv[0]), *argv[1:]], capture_output=True, text=True,
+                              timeout=self.timeout, stdin=subprocess.DEVNULL)
 
 
-def expand_hostlist(expr: str) -> list[str]:
-    if "[" not in expr:
-        return [h for h in expr.split(",") if h]
-    proc = subprocess.run([f"{SBIN}/scontrol", "show", "hostnames", expr], capture_output=True, text=True,
-                          timeout=30, check=True)
-    return proc.stdout.split()
-
+# -- pure ---------------------------------------------------------------------------------------------------
 
 def expand_cpus_per_node(expr: str, count: int) -> list[int]:
     """SLURM_JOB_CPUS_PER_NODE: '2', '2(x3)', '4(x2),2'."""
@@ -72,20 +95,154 @@ def parse_cpu_ids(text: str, expand=None) -> dict[str, list[int]]:
     return cores
 
 
-def job_cpu_ids(job_id: str) -> dict[str, list[int]]:
-    """The cores Slurm gave the job on each node; {} when scontrol does not say (then nothing is pinned)."""
+def prolog_epilog_timeout(show_config: str) -> int | None:
+    """PrologEpilogTimeout from `scontrol show config`; None when Slurm waits indefinitely (unset)."""
+    match = re.search(r"(?m)^PrologEpilogTimeout\s*=\s*(\d+)", show_config)
+    if not match:
+        return None
+    value = int(match.group(1))
+    return None if value >= NO_TIMEOUT or value == 0 else value
+
+
+def prolog_room(timeout: int | None, margin: float, elapsed: float) -> float | None:
+    """Seconds before Slurm kills the hook, less the margin and what the hook already spent; None: no limit."""
+    return None if timeout is None else timeout - margin - elapsed
+
+
+def prolog_deadline(timeout: int | None, margin: float, cap: float, elapsed: float = 0.0) -> float:
+    """How long the prologue may wait for guests: never past Slurm's kill, never above hooks.prologue_timeout."""
+    room = prolog_room(timeout, margin, elapsed)
+    return cap if room is None else min(cap, room)
+
+
+def job_comment(show_job: str) -> str:
+    """The Comment of `scontrol show job` (its own line in the multi-line form; may contain spaces)."""
+    match = re.search(r"(?m)^\s*Comment=(.*?)\s*$", show_job)
+    return "" if match is None or match.group(1) == "(null)" else match.group(1)
+
+
+def users_comment(comment: str) -> str:
+    """What the owner put in --comment, with any comment of ours taken off."""
+    if comment.startswith(PREFIX):
+        return comment.partition(USER_PART)[2]
+    return comment
+
+
+def one_line(text: str, limit: int = COMMENT_MAX) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def comment_with(old: str, ours: str) -> str:
+    """Our comment first, the owner's own after it (kept across requeues)."""
+    theirs = users_comment(old)
+    return ours + (USER_PART + theirs if theirs else "")
+
+
+def requeue_comment(reason: str, attempt: int, max_requeues: int) -> str:
+    return f"{REQUEUED}({attempt} of {max_requeues}): {one_line(reason)}"
+
+
+def not_started_comment(reason: str, restarts: int) -> str:
+    after = f" (after {restarts} requeue{'s' if restarts != 1 else ''})" if restarts else ""
+    return f"{NOT_STARTED}{one_line(reason)}{after}"
+
+
+def refusal_line(job_id: str, comment: str) -> str | None:
+    """The owner's one line for a job the hook did not start, from its Comment; None when it may run."""
+    if not comment.startswith(NOT_STARTED):
+        return None
+    why = comment[len(NOT_STARTED):].partition(USER_PART)[0]
+    return f"vtorque: job {job_id} did not start: {why}"
+
+
+def decide(outcome: Outcome, restarts: int, max_requeues: int) -> str:
+    """run | requeue | refuse."""
+    if outcome.verdict is Verdict.READY:
+        return "run"
+    if outcome.verdict is Verdict.FAILED and restarts < max_requeues:
+        return "requeue"
+    return "refuse"
+
+
+def should_cancel(outcome: Outcome, restarts: int, max_requeues: int) -> bool:
+    """True when the job is not to start in guests (refused; it is no longer scancel'ed, see the module)."""
+    return decide(outcome, restarts, max_requeues) == "refuse"
+
+
+def process_age(pid: int | str = "self") -> float:
+    """Seconds since this process started: slurmscriptd started the shell entry point, which exec'd us."""
     try:
-        proc = subprocess.run([f"{SBIN}/scontrol", "show", "job", "-d", job_id], capture_output=True, text=True,
-                              timeout=30)
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        return max(0.0, float(Path("/proc/uptime").read_text().split()[0]) - started)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+# -- I/O ----------------------------------------------------------------------------------------------------
+
+def job_script_head(job_id: str, state_dir: str | None, tools: SlurmTools | None = None) -> str:
+    if state_dir:
+        path = Path(state_dir) / f"hash.{int(job_id) % 10}" / f"job.{job_id}" / "script"
+        try:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                return "".join(fh.readline() for _ in range(HEADER_LINES))
+        except OSError:
+            pass
+    proc = (tools or SlurmTools()).run("scontrol", "write", "batch_script", job_id, "-")
+    return "\n".join(proc.stdout.splitlines()[:HEADER_LINES]) if proc.returncode == 0 else ""
+
+
+def expand_hostlist(expr: str, tools: SlurmTools | None = None) -> list[str]:
+    if "[" not in expr:
+        return [h for h in expr.split(",") if h]
+    proc = (tools or SlurmTools()).run("scontrol", "show", "hostnames", expr)
+    if proc.returncode != 0:
+        raise ValueError(f"scontrol show hostnames {expr}: {proc.stderr.strip()[:200]}")
+    return proc.stdout.split()
+
+
+def show_job(job_id: str, tools: SlurmTools) -> str:
+    """`scontrol show job -d JOBID`, '' when scontrol does not answer."""
+    try:
+        proc = tools.run("scontrol", "show", "job", "-d", job_id)
     except (OSError, subprocess.SubprocessError):
-        return {}
-    return parse_cpu_ids(proc.stdout, expand_hostlist) if proc.returncode == 0 else {}
+        return ""
+    return proc.stdout if proc.returncode == 0 else ""
 
 
-def job_context(env, header: JobHeader) -> JobContext:
-    hosts = expand_hostlist(env.get("SLURM_JOB_NODELIST", ""))
+def read_prolog_timeout(tools: SlurmTools) -> tuple[int | None, str]:
+    """(PrologEpilogTimeout, '') or (None, why not)."""
+    try:
+        proc = tools.run("scontrol", "show", "config")
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"scontrol show config: {exc}"
+    if proc.returncode != 0:
+        return None, f"scontrol show config: exit {proc.returncode}: {proc.stderr.strip()[:200]}"
+    return prolog_epilog_timeout(proc.stdout), ""
+
+
+def set_comment(job_id: str, text: str, tools: SlurmTools) -> str | None:
+    """None when Slurm took it, else why not."""
+    try:
+        proc = tools.run("scontrol", "update", f"JobId={job_id}", f"Comment={text}")
+    except (OSError, subprocess.SubprocessError) as exc:
+        return str(exc)
+    return None if proc.returncode == 0 else (proc.stderr.strip() or f"exit {proc.returncode}")[:200]
+
+
+def refusal(job_id: str, config=None) -> str | None:
+    """For vtorque-launch, before it looks for a guest: the one line to print when the prologue did not start
+    this job (its Comment says so), else None. Runs as the job's owner (users may read their own jobs)."""
+    return refusal_line(job_id, job_comment(show_job(job_id, SlurmTools(config))))
+
+
+def job_context(env, header: JobHeader, tools: SlurmTools | None = None, show_job_text: str = "") -> JobContext:
+    tools = tools or SlurmTools()
+    hosts = expand_hostlist(env.get("SLURM_JOB_NODELIST", ""), tools)
     cpus = expand_cpus_per_node(env.get("SLURM_JOB_CPUS_PER_NODE", "1"), len(hosts))
-    cores = job_cpu_ids(env["SLURM_JOB_ID"]) if "SLURM_JOB_ID" in env else {}
+    cores = parse_cpu_ids(show_job_text, lambda e: expand_hostlist(e, tools)) if show_job_text else {}
     owner = m.Owner(user=env["SLURM_JOB_USER"], uid=int(env["SLURM_JOB_UID"]), gid=int(env["SLURM_JOB_GID"]),
                     group=env.get("SLURM_JOB_GROUP"))
     return JobContext(scheduler="slurm", job_id=env["SLURM_JOB_ID"], owner=owner,
@@ -93,51 +250,145 @@ def job_context(env, header: JobHeader) -> JobContext:
                       header=header)
 
 
-def should_cancel(outcome: Outcome, restarts: int, max_requeues: int) -> bool:
-    return outcome.verdict is Verdict.REJECTED or (outcome.verdict is Verdict.FAILED and restarts >= max_requeues)
+def slurm_channel_factory(hosts: list[str], grace: float = NODE_WORKER_GRACE):
+    """HookChannel that fails at once (an infrastructure failure: bounded requeue) when a node of the job has no
+    node worker consuming its queue, instead of waiting out the whole deadline; the same check the Torque
+    prologue makes (hooks/torque.py)."""
+    import pika.exceptions
+
+    from vtorque.shared.bus import node_queue
+    from vtorque.shared.hook_channel import BrokerUnreachable, HookChannel
+
+    class SlurmChannel(HookChannel):
+        def __init__(self, url, patterns, attempts=3, timeout=5.0):
+            super().__init__(url, patterns, attempts=attempts, timeout=timeout)
+            try:
+                missing = missing_node_workers(self.conn, hosts, grace)
+            except pika.exceptions.AMQPError as exc:
+                self.close()
+                raise BrokerUnreachable(f"cannot ask the broker for the node workers: {exc!r}") from None
+            if missing:
+                self.close()
+                raise BrokerUnreachable(
+                    f"no node worker is running on {', '.join(missing)} (nothing consumes "
+                    f"{', '.join(node_queue(h).name for h in missing)}); the job's guests cannot boot there")
+
+    return SlurmChannel
 
 
-def main(argv: list[str] | None = None, env=os.environ) -> int:
+def missing_node_workers(conn, wanted: list[str], grace: float) -> list[str]:
+    """The hosts whose node queue has no consumer, after up to `grace` s (passive declares on a pika
+    BlockingConnection; a 404 closes the channel, so a new one is opened for the next host)."""
+    import pika.exceptions
+
+    from vtorque.shared.bus import node_queue
+
+    end = time.monotonic() + grace
+    missing = list(dict.fromkeys(wanted))
+    check = None
+    while True:
+        still = []
+        for host in missing:
+            if check is None or check.is_closed:
+                check = conn.channel()
+            try:
+                if check.queue_declare(node_queue(host).name, passive=True).method.consumer_count == 0:
+                    still.append(host)
+            except pika.exceptions.ChannelClosedByBroker:  # 404: no node worker ever declared it
+                still.append(host)
+        missing = still
+        if not missing or time.monotonic() >= end:
+            if check is not None and check.is_open:
+                check.close()
+            return missing
+        conn.sleep(0.5)
+
+
+# -- entry point --------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None, env=os.environ, channel_factory=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     which = argv[0] if argv else ""
     if which not in ("prolog", "epilog"):
         print("usage: python -m vtorque.hooks.slurm prolog|epilog", file=sys.stderr)
         return 1
+    import msgspec
+
     from vtorque.shared import tracing
     from vtorque.shared.config import ConfigError, load_config
     from vtorque.hooks.job_hook import Progress, run_epilogue, run_prologue
 
     job_id = env.get("SLURM_JOB_ID", "")
     progress = Progress(sys.stderr)  # PrologSlurmctld output goes to the controller's log
+    tools = SlurmTools()
     try:
         config = load_config()
-        header = parse_header(job_script_head(job_id, env.get("VTORQUE_SLURM_STATE")))
+        tools = SlurmTools(config)
+        header = parse_header(job_script_head(job_id, env.get("VTORQUE_SLURM_STATE"), tools))
         if header is None:
             return 0
-        job = job_context(env, header)
-    except (ConfigError, ScriptError, ValueError, KeyError, subprocess.SubprocessError) as exc:
+        shown = show_job(job_id, tools) if job_id else ""
+        job = job_context(env, header, tools, shown)
+    except (ConfigError, ScriptError, ValueError, KeyError, OSError, subprocess.SubprocessError) as exc:
         print(f"vtorque: job {job_id}: {exc}", file=sys.stderr)
-        return 0 if which == "epilog" else 1
+        if which == "epilog":
+            return 0
+        # Without a config or a readable job we cannot wait for guests; say so where the owner looks.
+        return _refuse(job_id, f"the prologue could not read the job: {one_line(str(exc))}", "", 0, tools)
+    timeout, why = read_prolog_timeout(tools)
+    if why:
+        print(f"vtorque: job {job_id}: {why}; assuming no PrologEpilogTimeout", file=sys.stderr)
     tracing.setup_tracing("vtorque-hook", config.tracing)
     try:
         if which == "epilog":
             code = env.get("SLURM_JOB_EXIT_CODE2", "")
             status = int(code.split(":")[0]) if code.split(":")[0].isdigit() else None
-            run_epilogue(job, config, status, progress)
-            return 0
-        outcome = run_prologue(job, config, config.hooks.prologue_timeout, progress)
-        if outcome.verdict is Verdict.READY:
+            wait = prolog_deadline(timeout, PROLOG_MARGIN, config.hooks.epilogue_timeout, process_age())
+            hooks = msgspec.structs.replace(config.hooks, epilogue_timeout=max(wait, 1.0))
+            run_epilogue(job, msgspec.structs.replace(config, hooks=hooks), status, progress)
             return 0
         restarts = int(env.get("SLURM_JOB_RESTART_COUNT", "0") or 0)
-        if should_cancel(outcome, restarts, config.hooks.max_requeues):
-            print(f"vtorque: job {job_id} cancelled: {outcome.reason}", file=sys.stderr)
-            subprocess.run([f"{SBIN}/scancel", job_id], capture_output=True, timeout=30)
+        old_comment = job_comment(shown)
+        room = prolog_room(timeout, PROLOG_MARGIN, process_age())
+        if room is not None and room < 1:
+            outcome = Outcome(Verdict.REJECTED,
+                              f"PrologEpilogTimeout={timeout} in slurm.conf leaves no time to boot guests "
+                              f"(vtorque keeps {PROLOG_MARGIN:.0f} s for its answer): the administrator must raise it")
         else:
-            print(f"vtorque: job {job_id} requeued ({restarts + 1} of {config.hooks.max_requeues}): "
-                  f"{outcome.reason}", file=sys.stderr)
-        return 1
+            deadline_s = prolog_deadline(timeout, PROLOG_MARGIN, config.hooks.prologue_timeout, process_age())
+            factory = channel_factory or slurm_channel_factory([n.host for n in job.nodes])
+            outcome = run_prologue(job, config, deadline_s, progress, channel_factory=factory)
+        what = decide(outcome, restarts, config.hooks.max_requeues)
+        if what == "run":
+            if old_comment.startswith(PREFIX):  # an earlier attempt's requeue note: give the owner theirs back
+                set_comment(job_id, users_comment(old_comment), tools)
+            return 0
+        if what == "requeue":
+            text = requeue_comment(outcome.reason, restarts + 1, config.hooks.max_requeues)
+            problem = set_comment(job_id, comment_with(old_comment, text), tools)
+            print(f"vtorque: job {job_id} {text[len(PREFIX):]}"
+                  + (f" (Comment not set: {problem})" if problem else ""), file=sys.stderr)
+            return 1
+        return _refuse(job_id, outcome.reason, old_comment, restarts, tools)
     finally:
         tracing.shutdown_tracing()
+
+
+def _refuse(job_id: str, reason: str, old_comment: str, restarts: int, tools: SlurmTools) -> int:
+    """The job does not start in guests: the Comment says why and the batch step (vtorque-launch, as the owner)
+    prints it into the job's own error file. If Slurm will not take the Comment, cancel instead: no file then,
+    but the job does not linger."""
+    text = not_started_comment(reason, restarts)
+    problem = set_comment(job_id, comment_with(old_comment, text), tools) if job_id else "no SLURM_JOB_ID"
+    print(f"vtorque: job {job_id} {text[len(PREFIX):]}", file=sys.stderr)
+    if problem is None:
+        return 0
+    print(f"vtorque: job {job_id}: Comment not set ({problem}); cancelling it", file=sys.stderr)
+    try:
+        tools.run("scancel", job_id)  # Slurm SIGKILLs this hook now: nothing may follow
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return 1
 
 
 if __name__ == "__main__":
