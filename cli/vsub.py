@@ -120,6 +120,21 @@ def _script_is_vm(path: str, prefix: str) -> bool:
     return is_vm_script("".join(lines), prefix)
 
 
+def needs_python(argv: list[str], stdin_data: bytes | None = None) -> bool:
+    """Whether the sh front hands this command line to the Python vsub (a VM job, --dry-run/-gf, --help,
+    --man, a usage error); False: it goes to qsub untouched. `stdin_data`: the script piped in, if any."""
+    try:
+        qsub_args, vm, script_at, dry_run = split_args(argv)
+    except (UsageError, _Help, _Man):
+        return True
+    if vm or dry_run:
+        return True
+    prefix = directive_prefix(qsub_args if script_at is None else qsub_args[:script_at])
+    if script_at is not None and qsub_args[script_at] != "-":
+        return _script_is_vm(qsub_args[script_at], prefix)
+    return stdin_data is not None and is_vm_script(stdin_data.decode("utf-8", "replace"), prefix)
+
+
 def qsub_binary(config) -> str:
     """The site's qsub ([scheduler] in the config), never the first `qsub` on PATH."""
     from vtorque.shared.config import config_path
