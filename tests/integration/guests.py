@@ -1,44 +1,38 @@
-"""Helpers for tests that run a node worker in-process against the real broker and libvirt."""
+"""Helpers for tests that run a node worker in-process against the real broker and libvirt, on a site of the
+test's own (tests/conftest.py `test_site`: the session's vhost, a node name of its own, directories under a
+temporary root), never the single-host stack's."""
 
 from __future__ import annotations
 
 import contextlib
-import shutil
 import threading
 import time
-import uuid
-from pathlib import Path
 
 import pytest
 
-from vtorque.services.image_stager.store import ImageStore
 from vtorque.services.node_worker.service import NodeWorker
 from vtorque.shared import messages as m
 from vtorque.shared.bus import Publisher, ServiceRunner
-from vtorque.shared.config import Config, ImageEntry, ImagesConfig, NodeConfig, SpecConfig, load_config
+from vtorque.shared.config import ImageEntry, SpecConfig
 
 
 @contextlib.contextmanager
-def node_worker(broker_url: str, node_name: str, job_prefix: str, spec: SpecConfig | None = None,
-                images: dict[str, ImageEntry] | None = None, **node):
-    """A NodeWorker consuming `vtorque.node.<node_name>`, with a state root of its own under the site's
-    state_dir (QEMU runs as libvirt-qemu and must traverse to the guest files: not pytest's tmp), the site's
-    test image (or `images`) staged into its own store. Yields (config, worker); removes its guests of
-    `job_prefix`* after."""
-    site = load_config()
-    if images is None and "tiny" not in site.images.catalog:
-        pytest.fail("no image 'tiny' in /etc/vtorque/vtorque.toml: `make test` configures it")
-    catalog = images if images is not None else site.images.catalog
-    root = Path(site.state_dir) / f"test-{uuid.uuid4().hex[:8]}"
-    root.mkdir(mode=0o711)
-    config = Config(state_dir=str(root), broker=site.broker, tracing=site.tracing,
-                    images=ImagesConfig(store=str(root / "images"), catalog=catalog),
-                    node=NodeConfig(name=node_name, guest_dir=str(root / "guests"), **{"boot_timeout": 120, **node}),
-                    spec=spec or SpecConfig())
-    for entry in ([catalog["tiny"]] if images is None else catalog.values()):
-        ImageStore(config.images.store).stage(entry.source, entry.sha256)
-    svc = NodeWorker(config, Publisher(broker_url))
-    runner = ServiceRunner(broker_url, svc.queues(), svc.handlers())
+def node_worker(site, job_prefix: str, spec: SpecConfig | None = None, images: dict[str, ImageEntry] | None = None,
+                **node):
+    """A NodeWorker consuming `vtorque.node.<site.node>` with the site's config (`node` keys added to its
+    [node] section, `spec` as its [spec]), the catalog's images (or `images`) staged into the site's store.
+    Yields (config, worker); removes its guests of `job_prefix`* after."""
+    if images is not None:
+        site.catalog = dict(images)
+    if not site.catalog:
+        pytest.fail("node_worker needs images: put the test_guest fixture's entry in site.catalog")
+    site.sections.setdefault("node", {}).update({"boot_timeout": 120, **node})
+    config = site.config()
+    if spec is not None:
+        config.spec = spec
+    site.stage()
+    svc = NodeWorker(config, Publisher(site.broker_url))
+    runner = ServiceRunner(site.broker_url, svc.queues(), svc.handlers())
     thread = threading.Thread(target=runner.run, daemon=True)
     thread.start()
     assert runner.ready.wait(15)
@@ -48,9 +42,8 @@ def node_worker(broker_url: str, node_name: str, job_prefix: str, spec: SpecConf
         runner.stop()
         thread.join(30)
         for name, meta in svc.hv.vtorque_domains().items():
-            if meta.get("job", "").startswith(job_prefix):
+            if meta.get("job", "").startswith(job_prefix) and meta.get("node") == config.node.name:
                 svc.hv.remove(name)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def expect(waiter, kind, timeout: float = 150):

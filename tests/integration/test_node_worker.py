@@ -1,4 +1,5 @@
-"""The node worker with real libvirt + QEMU (TCG) and the real RabbitMQ, under a node name of its own."""
+"""The node worker with real libvirt + QEMU (TCG) and the real RabbitMQ, on a site of its own (the session's vhost,
+a node name of its own, directories under a temporary root)."""
 
 import os
 import subprocess
@@ -18,8 +19,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.guest]
 
 
 @pytest.fixture
-def worker(broker_url, node_name):
-    with node_worker(broker_url, node_name, "nw-") as started:
+def worker(test_site, test_guest):
+    test_site.catalog = {"tiny": test_guest}
+    with node_worker(test_site, "nw-") as started:
         yield started
 
 
