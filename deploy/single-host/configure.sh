@@ -55,7 +55,7 @@ kernel = "$GUEST_DIR/vmlinux"
 initrd = "$GUEST_DIR/initrd.img"
 
 [spec]
-# vTorque's documented form names no image (`vsub -l nodes=2,walltime=00:15:00 -vm vcpus=N job.sh`)
+# vTorque's documented form names no image: vsub -l nodes=2,walltime=00:15:00 -vm vcpus=N job.sh
 default_img = "tiny"
 default_vcpus = 1
 max_vcpus = $(nproc)

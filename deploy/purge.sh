@@ -1,0 +1,38 @@
+#!/bin/bash
+# purge.sh - undo everything `make demo`/`make test` put on this machine, so that the next run starts as on a
+# fresh Debian 12: the stack stopped, vtorque's guests destroyed, the Debian packages install-deps.sh installed
+# purged (RabbitMQ only with --rabbitmq: on some machines it is the machine's own service), the venv, the test
+# guests, the caches, the state, the configuration and the logs removed.
+#   deploy/purge.sh [--rabbitmq]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "purge: must run as root" >&2; exit 1; }
+keep_rabbit=1; [ "${1:-}" = --rabbitmq ] && keep_rabbit=0
+
+deploy/single-host/services.sh stop 2>/dev/null || true
+if command -v virsh >/dev/null && timeout 10 virsh -c qemu:///system version >/dev/null 2>&1; then
+  for d in $(virsh -c qemu:///system list --all --name 2>/dev/null | grep -E '^vt-|^vtorque' || true); do
+    virsh -c qemu:///system destroy "$d" >/dev/null 2>&1; virsh -c qemu:///system undefine "$d" --nvram >/dev/null 2>&1
+    echo "purge: removed guest $d"
+  done
+fi
+VTORQUE_STACK_DIR=/var/lib/vtorque-stack deploy/single-host/stack.sh stop 2>/dev/null || true
+pkill -x libvirtd 2>/dev/null; pkill -x virtlogd 2>/dev/null; pkill -x slurmctld 2>/dev/null; pkill -x slurmd 2>/dev/null
+pkill -x munged 2>/dev/null
+# the packages of install-deps.sh, as it lists them
+mapfile -t pkgs < <(sed -n '/^PKGS=(/,/^)/p' deploy/install-deps.sh | sed '1d;$d' | sed 's/#.*//' | tr ' ' '\n' | grep -v '^$')
+[ $keep_rabbit = 1 ] && pkgs=("${pkgs[@]/rabbitmq-server}")
+installed=()
+for p in "${pkgs[@]}"; do
+  [ -n "$p" ] && [ "$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null)" = installed ] && installed+=("$p")
+done
+if [ ${#installed[@]} -gt 0 ]; then
+  echo "purge: apt-get purge ${installed[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get purge -y -q "${installed[@]}" >/var/log/vtorque-purge.log 2>&1 ||
+    { echo "purge: apt-get purge failed, see /var/log/vtorque-purge.log" >&2; exit 1; }
+  DEBIAN_FRONTEND=noninteractive apt-get autoremove --purge -y -q >>/var/log/vtorque-purge.log 2>&1 || true
+fi
+rm -rf /opt/vtorque /var/cache/vtorque /var/lib/vtorque /var/lib/vtorque-stack /etc/vtorque /var/log/vtorque \
+       /run/vtorque /dev/shm/vtorque /var/log/vtorque-install-deps.log /etc/libvirt /var/lib/libvirt /var/log/libvirt
+rm -rf build ./*.egg-info
+echo "purge: done (kept: ${keep_rabbit/1/RabbitMQ}${keep_rabbit/0/nothing})"
