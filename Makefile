@@ -9,7 +9,7 @@ SHELL       := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
 export PREFIX VTORQUE_STACK_DIR := $(STACK_DIR)
 
-.PHONY: demo test setup deps venv guest configure stack services down unit
+.PHONY: demo test setup deps venv guest configure stack services down unit purge
 
 demo: setup
 	deploy/single-host/demo.sh
@@ -51,6 +51,10 @@ configure: venv guest
 services: configure stack
 	deploy/single-host/services.sh stop >/dev/null
 	deploy/single-host/services.sh start
+
+# Undo what demo/test installed (Debian packages, venv, guests, caches, state): the next run is a fresh machine's.
+purge:
+	deploy/purge.sh
 
 down:
 	-deploy/single-host/services.sh stop
