@@ -23,3 +23,10 @@ def test_vm_without_value_is_a_usage_error():
 def test_no_script_means_stdin():
     _, vm, at, _ = split_args(["-vm", "img=tiny"])
     assert at is None and vm == ["img=tiny"]
+
+
+def test_dash_c_without_its_prefix_is_a_usage_error_and_the_script_ends_the_options():
+    with pytest.raises(UsageError):
+        split_args(["-C"])
+    args, vm, at, dry = split_args(["job.sh", "-vm", "img=tiny", "--dry-run"])
+    assert args == ["job.sh", "-vm", "img=tiny", "--dry-run"] and vm == [] and at == 0 and not dry
