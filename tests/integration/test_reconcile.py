@@ -23,7 +23,9 @@ PERIOD = 3.0
 
 def start_worker(name, tmp_path, scheduler):
     env = dict(os.environ, VTORQUE_NODE__NAME=name, VTORQUE_NODE__RECONCILE_INTERVAL=str(PERIOD),
-               VTORQUE_NODE__SCHEDULER=scheduler)
+               VTORQUE_SCHEDULER__KIND="slurm")
+    if scheduler == "none":  # a scheduler that cannot be asked: reconciliation must not remove for that reason
+        env["VTORQUE_SCHEDULER__SCONTROL"] = str(tmp_path / "no-scontrol")
     log = tmp_path / f"{name}.{time.monotonic_ns()}.log"
     proc = subprocess.Popen([str(Path(sys.executable).parent / "vtorque"), "run", "node-worker"], env=env,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
