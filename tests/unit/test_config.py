@@ -50,3 +50,22 @@ def test_other_vtorque_variables_are_not_configuration(tmp_path):
     path = write(tmp_path, "")
     config = load_config(path, env={"VTORQUE_PYTHON": "/x/python", "VTORQUE_STACK_DIR": "/s", "VTORQUE_STATE_DIR": "/st"})
     assert config.state_dir == "/st"
+
+
+def test_the_scheduler_and_its_binaries_are_named_once(tmp_path):
+    torque = load_config(write(tmp_path, '[scheduler]\nkind = "torque"\n'), env={})
+    assert torque.scheduler.binary("qstat") == "/usr/local/bin/qstat"  # Torque's `make install`, not PATH
+    slurm = load_config(write(tmp_path, '[scheduler]\nkind = "slurm"\nscontrol = "/opt/slurm/bin/scontrol"\n'),
+                        env={"VTORQUE_SCHEDULER__BIN_DIR": "/opt/slurm/sbin"})
+    assert slurm.scheduler.binary("scontrol") == "/opt/slurm/bin/scontrol"
+    assert slurm.scheduler.binary("squeue") == "/opt/slurm/sbin/squeue"
+
+
+@pytest.mark.parametrize("text,moved", [
+    ('[prefetch]\nscheduler = "slurm"\n', "prefetch.scheduler: moved to scheduler.kind"),
+    ('[node]\nscheduler = "auto"\n', "node.scheduler: moved to scheduler.kind"),
+    ('[torque]\nqstat = "/usr/bin/qstat"\n', "torque.qstat: moved to scheduler.qstat"),
+])
+def test_a_key_that_moved_to_scheduler_says_where(tmp_path, text, moved):
+    with pytest.raises(ConfigError, match=moved):
+        load_config(write(tmp_path, text), env={})
