@@ -115,7 +115,8 @@ def _events(url: str):
         pytest.fail(f"RabbitMQ is required at {url}: {exc!r}")
     channel = conn.channel()
     channel.exchange_declare(EVENTS_EXCHANGE, exchange_type="topic", durable=True)
-    queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+    queue = f"vtorque.test.events.{random.randrange(16**8):08x}"  # vtorque's namespace: §2's permissions allow it
+    channel.queue_declare(queue, exclusive=True, auto_delete=True)
     channel.queue_bind(queue, EVENTS_EXCHANGE, routing_key="job.#")
 
     class Events:
@@ -581,3 +582,125 @@ def test_a_garbled_requeue_counter_aborts_instead_of_looping(torque_home, make_c
     result = tr.run_hook("prologue", torque_home.prepare(inv, vm_script(GOOD_SPEC)), hook_env(config),
                          timeout=GUARD_SECONDS)
     assert result.returncode == 1, str(result)
+
+
+# -- the broker permissions of docs/admin-guide.md §2, and a broker that refuses ------------------------------
+
+@pytest.fixture(scope="module")
+def guide_broker():
+    """A vhost and a broker user of this module's own, the user with exactly the admin guide's permissions
+    (`set_permissions -p vtorque vtorque-node '^vtorque\\.' '^vtorque\\.' '^vtorque\\.'`), and a second user with
+    none on that vhost. Both users and the vhost are deleted afterwards."""
+    tag = f"{random.randrange(16**8):08x}"
+    vhost, guide_user, bare_user, password = f"vtorque-test-perm-{tag}", f"vt-node-{tag}", f"vt-bare-{tag}", tag * 2
+
+    def ctl(*args: str) -> None:
+        subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+    ctl("add_vhost", vhost)
+    try:
+        ctl("add_user", guide_user, password)
+        ctl("add_user", bare_user, password)
+        ctl("set_permissions", "-p", vhost, guide_user, r"^vtorque\.", r"^vtorque\.", r"^vtorque\.")
+        ctl("set_permissions", "-p", vhost, bare_user, "^$", "^$", "^$")
+        yield {"guide": f"amqp://{guide_user}:{password}@127.0.0.1:5672/{vhost}",
+               "bare": f"amqp://{bare_user}:{password}@127.0.0.1:5672/{vhost}"}
+    finally:
+        for user in (guide_user, bare_user):
+            subprocess.run(["rabbitmqctl", "-q", "delete_user", user], capture_output=True, timeout=60)
+        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def owner_workdir():
+    """A PBS_O_WORKDIR the job's owner can write (the reason file goes there); pytest's tmp_path is root's 0700."""
+    import tempfile
+
+    user, _ = owner_on_this_host()
+    pw = pwd.getpwnam(user)
+    top = Path(tempfile.mkdtemp(prefix="vtorque-contract-", dir="/tmp"))
+    top.chmod(0o711)
+    work = top / "work"
+    work.mkdir()
+    import os
+
+    os.chown(work, pw.pw_uid, pw.pw_gid)
+    yield work
+    shutil.rmtree(top, ignore_errors=True)
+
+
+def test_admin_guide_permissions_let_the_prologue_declare_its_queue(torque_home, make_config, guide_broker,
+                                                                      owner_workdir):
+    """With exactly §2's permissions the hook's reply queue (vtorque.hook.…, not amq.gen-…) is declared and
+    JobStarted published; with no bridge on that vhost the prologue then times out: a counted requeue with a
+    reason file, no traceback."""
+    ev, conn = _events(guide_broker["guide"])  # the same user's view: it may read vtorque.events too
+    try:
+        config, _ = make_config(broker_url=guide_broker["guide"], prologue_timeout=1.0)
+        inv = vm_invocation(first(PROLOGUES, "1.vm"), unique_job_id())
+        prepared = torque_home.prepare(inv, vm_script(GOOD_SPEC), workdir=owner_workdir)
+        result = tr.run_hook("prologue", prepared, hook_env(config), timeout=GUARD_SECONDS)
+        assert result.returncode == 2, str(result)
+        assert "Traceback" not in result.stderr + result.stdout, str(result)
+        assert "requeued (1 of 2)" in result.stderr and "timed out" in result.stderr, str(result)
+        assert len(ev.job_started(inv.job_id)) == 1
+        reason = (owner_workdir / f"{inv.argv[3]}.v{inv.job_id.split('.')[0]}").read_text()
+        assert "timed out" in reason and "requeue 1 of 2" in reason, reason
+    finally:
+        conn.close()
+
+
+def test_a_broker_that_refuses_is_a_bounded_requeue_with_a_reason(torque_home, make_config, guide_broker,
+                                                                  owner_workdir):
+    """Access refused on the vhost (pika's ChannelClosedByBroker 403): like an unreachable broker, counted,
+    never Torque's endless requeue and never a traceback; then the abort."""
+    config, state_dir = make_config(broker_url=guide_broker["bare"], max_requeues=1)
+    inv = vm_invocation(first(PROLOGUES, "1.vm"), unique_job_id())
+    reason_file = owner_workdir / f"{inv.argv[3]}.v{inv.job_id.split('.')[0]}"
+    codes = []
+    for attempt in (1, 2):
+        result = tr.run_hook("prologue", torque_home.prepare(inv, vm_script(GOOD_SPEC), workdir=owner_workdir),
+                             hook_env(config), timeout=GUARD_SECONDS)
+        codes.append(result.returncode)
+        assert "Traceback" not in result.stderr + result.stdout, str(result)
+        assert "refused" in result.stderr and "ACCESS_REFUSED" in result.stderr, str(result)
+        text = reason_file.read_text()
+        assert "ACCESS_REFUSED" in text and (("requeue 1 of 1" in text) if attempt == 1 else "aborted" in text)
+    assert codes == [2, 1]
+    # Nothing was published: the epilogue (-2 after the abort) knows no guest was asked for and ends at once.
+    end = vm_invocation(first(EPILOGUES, "3.vm"), inv.job_id)
+    result = tr.run_hook("epilogue", torque_home.prepare(end, vm_script(GOOD_SPEC), workdir=owner_workdir),
+                         hook_env(config), timeout=GUARD_SECONDS)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, str(result)
+    assert "nothing to remove" in result.stdout, str(result)
+
+
+def test_epilogue_of_a_job_that_never_published_ends_at_once(torque_home, make_config, events):
+    """A bad spec aborts before anything is published; the epilogue ($10 = -2) must not wait its 30 s for
+    teardown confirmations no node will send (its node has no node worker on this vhost)."""
+    config, state_dir = make_config(epilogue_timeout=30.0)
+    inv = vm_invocation(first(PROLOGUES, "3.vm"), unique_job_id())
+    bad = vm_script({"img": "tiny", "vcpus": "abc"})
+    assert tr.run_hook("prologue", torque_home.prepare(inv, bad), hook_env(config),
+                       timeout=GUARD_SECONDS).returncode == 1
+    end = vm_invocation(first(EPILOGUES, "3.vm"), inv.job_id)
+    assert end.argv[9] == "-2"
+    result = tr.run_hook("epilogue", torque_home.prepare(end, bad), hook_env(config), timeout=GUARD_SECONDS)
+    assert result.returncode == 0, str(result)
+    assert result.seconds < 5, str(result)
+    assert [msg for _, _, msg in events.drain() if getattr(msg, "job_id", None) == inv.job_id] == []
+
+
+def test_epilogue_of_a_published_job_waits_for_its_nodes(torque_home, make_config, events):
+    """The other side: once JobStarted went out, guests may exist, so the epilogue asks and waits (bounded)."""
+    config, state_dir = make_config(prologue_timeout=0.5, epilogue_timeout=2.0)
+    inv = vm_invocation(first(PROLOGUES, "4.vm"), unique_job_id())
+    assert tr.run_hook("prologue", torque_home.prepare(inv, vm_script(GOOD_SPEC)), hook_env(config),
+                       timeout=GUARD_SECONDS).returncode == 2  # timed out: no bridge on this vhost
+    end = vm_invocation(first(EPILOGUES, "4.vm"), inv.job_id)  # -14
+    result = tr.run_hook("epilogue", torque_home.prepare(end, vm_script(GOOD_SPEC)), hook_env(config),
+                         timeout=GUARD_SECONDS)
+    assert "teardown not confirmed by vm" in result.stdout, str(result)
+    assert result.seconds >= 2.0
+    assert [type(msg).__name__ for _, _, msg in events.drain() if getattr(msg, "job_id", None) == inv.job_id] == [
+        "JobStarted", "JobEnded"]
