@@ -293,8 +293,14 @@ class ServiceRunner:
                 # what services.sh and operators wait for: said once connected, not when the process starts
                 log(LOG, logging.INFO, "consuming", queues=",".join(q.name for q in self.queues))
                 while not self.stop_event.is_set():
+                    # While a handler runs, wait for it rather than for the socket, so its delivery is acked
+                    # (and the next one let in) the moment it returns, not up to half a second later; the
+                    # socket is still read every half second for heartbeats.
+                    pending = self._pending
+                    if pending is not None:
+                        concurrent.futures.wait([pending.future], timeout=0.5)
                     try:
-                        conn.drain_events(timeout=0.5)
+                        conn.drain_events(timeout=0.001 if pending is not None else 0.5)
                     except socket.timeout:
                         pass
                     conn.heartbeat_check()
