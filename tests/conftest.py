@@ -338,8 +338,8 @@ def fake_scheduler(directory: Path) -> Path:
     jobs.mkdir(parents=True, exist_ok=True)
     script = directory / "scontrol"
     script.write_text(f"""#!/bin/sh
-# scontrol -o show job ID
-id=$5
+# scontrol -o show job ID: the job id is the last argument
+for id; do :; done
 if [ -e '{jobs}/'"$id" ]; then
     echo "JobId=$id JobName=test UserId=root(0) JobState=RUNNING Reason=None ExitCode=0:0 NodeList=(null)"
     exit 0

@@ -1,6 +1,7 @@
-"""A job on two nodes with two VMs per node, on this one machine: two node workers under node names of their
-own boot their shares; the hook waits for all four; the guests reach each other over the job network by
-name; the node file lists them as PBS_NODEFILE would; the epilogue leaves nothing."""
+"""A job on two nodes with two VMs per node, on this one machine: a bridge and two node workers of the test's
+own (`vtorque run`, on the test site: the session's vhost, node names of their own, directories under a
+temporary root) boot their shares; the hook waits for all four; the guests reach each other over the job
+network by name; the node file lists them as PBS_NODEFILE would; the epilogue leaves nothing."""
 
 import os
 import signal
@@ -16,24 +17,31 @@ from vtorque.cli.launcher import SSH_OPTIONS, remote_command
 from vtorque.hooks.job_hook import JobContext, Verdict, run_epilogue, run_prologue
 from vtorque.services.node_worker.hypervisor import Hypervisor
 from vtorque.shared import messages as m
-from vtorque.shared.config import load_config
 from vtorque.shared.job_script import JobHeader
 
 pytestmark = [pytest.mark.slow, pytest.mark.guest]
 
 
 @pytest.fixture
-def two_node_workers(broker_url, tmp_path):
+def site(test_site, test_guest):
+    test_site.catalog = {"tiny": test_guest}
+    test_site.stage()  # as the stager would have (the bridge's StageImage has no consumer here)
+    return test_site
+
+
+@pytest.fixture
+def two_node_workers(site, tmp_path):
     names = [f"nw{uuid.uuid4().hex[:5]}a", f"nw{uuid.uuid4().hex[:5]}b"]
     procs = []
-    for name in names:
-        env = dict(os.environ, VTORQUE_NODE__NAME=name)
+    for name, service in [("bridge", "bridge"), *((n, "node-worker") for n in names)]:
+        env = site.env(VTORQUE_NODE__NAME=name) if service == "node-worker" else site.env()
         log = open(tmp_path / f"{name}.log", "w")
-        procs.append(subprocess.Popen([str(Path(sys.executable).parent / "vtorque"), "run", "node-worker"],
+        procs.append(subprocess.Popen([str(Path(sys.executable).parent / "vtorque"), "run", service],
                                       env=env, stdout=log, stderr=subprocess.STDOUT))
     deadline = time.monotonic() + 30
-    while not all("consuming" in (tmp_path / f"{n}.log").read_text() for n in names):
-        assert time.monotonic() < deadline, "node workers did not start"
+    while not all("consuming" in (tmp_path / f"{n}.log").read_text() for n in ["bridge", *names]):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+            [(tmp_path / f"{n}.log").read_text()[-2000:] for n in ["bridge", *names]]
         time.sleep(0.2)
     yield names
     for proc in procs:
@@ -42,8 +50,8 @@ def two_node_workers(broker_url, tmp_path):
         proc.wait(30)
 
 
-def test_four_guests_on_two_nodes_reach_each_other(two_node_workers, tmp_path):
-    config = load_config()
+def test_four_guests_on_two_nodes_reach_each_other(site, two_node_workers, tmp_path):
+    config = site.config()
     key = tmp_path / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     job_id = f"mn{uuid.uuid4().hex[:6]}"

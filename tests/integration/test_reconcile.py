@@ -1,5 +1,8 @@
 """Reconciliation with real guests: a job whose epilogue never came loses its guests within one reconcile
-period; a node worker killed mid-boot and restarted does not boot the guest twice."""
+period; a node worker killed mid-boot and restarted does not boot the guest twice. The node workers are
+`vtorque run node-worker` processes on a site of the test's own (the session's vhost, node names of their own,
+directories under a temporary root); the scheduler they ask is a fake `scontrol` that knows exactly the jobs
+the test names, or none that can be asked (the test site's default), never the stack's Slurm."""
 
 import os
 import shutil
@@ -15,17 +18,16 @@ import pytest
 from vtorque.services.node_worker.hypervisor import Hypervisor
 from vtorque.shared import messages as m
 from vtorque.shared.bus import EventWaiter, Publisher
-from vtorque.shared.config import load_config
+
+from conftest import fake_scheduler
 
 pytestmark = [pytest.mark.slow, pytest.mark.guest]
 PERIOD = 3.0
 
 
-def start_worker(name, tmp_path, scheduler):
-    env = dict(os.environ, VTORQUE_NODE__NAME=name, VTORQUE_NODE__RECONCILE_INTERVAL=str(PERIOD),
-               VTORQUE_SCHEDULER__KIND="slurm")
-    if scheduler == "none":  # a scheduler that cannot be asked: reconciliation must not remove for that reason
-        env["VTORQUE_SCHEDULER__SCONTROL"] = str(tmp_path / "no-scontrol")
+def start_worker(site, tmp_path):
+    env = site.env(VTORQUE_NODE__RECONCILE_INTERVAL=str(PERIOD))
+    name = site.node
     log = tmp_path / f"{name}.{time.monotonic_ns()}.log"
     proc = subprocess.Popen([str(Path(sys.executable).parent / "vtorque"), "run", "node-worker"], env=env,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
@@ -54,13 +56,24 @@ def wait_for(predicate, timeout, what):
 
 
 @pytest.fixture
+def site(test_site, test_guest):
+    """The test site with its image in the store; its scheduler cannot be asked (reconciliation must then
+    remove nothing for that reason) unless a test installs fake_scheduler."""
+    test_site.catalog = {"tiny": test_guest}
+    test_site.stage()
+    return test_site
+
+
+@pytest.fixture
 def key():
     return "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG2dXW1vjFpNu2d0dw7Fqt5fLwRY7FTl1Qb4mK3xqQ9n test"
 
 
-def test_guests_of_a_job_that_ended_without_epilogue_are_removed(broker_url, tmp_path, key):
-    config = load_config()
-    node, job = f"rc{uuid.uuid4().hex[:6]}", str(900000 + int(uuid.uuid4().int % 90000))  # unknown to Slurm
+def test_guests_of_a_job_that_ended_without_epilogue_are_removed(site, broker_url, tmp_path, key):
+    fake_scheduler(site.root / "scheduler")  # knows no job at all
+    site.sections["scheduler"] = {"kind": "slurm", "bin_dir": str(site.root / "scheduler")}
+    config = site.config()
+    node, job = site.node, str(900000 + int(uuid.uuid4().int % 90000))  # unknown to the scheduler
     hv = Hypervisor(config.node.libvirt_uri)
     stray = Path(config.node.guest_dir) / f"vt-stray-{node}-0"
     stray.mkdir(parents=True)
@@ -68,7 +81,7 @@ def test_guests_of_a_job_that_ended_without_epilogue_are_removed(broker_url, tmp
     (stray / "node").write_text(node)
     os.utime(stray / "job", (time.time() - 600, time.time() - 600))
     waiter = EventWaiter(broker_url, [f"job.{job}.#"])
-    worker = start_worker(node, tmp_path, "slurm")
+    worker = start_worker(site, tmp_path)
     try:
         Publisher(broker_url).publish(plan(config, job, node, key))
         event = waiter.next(time.monotonic() + 120)
@@ -90,20 +103,20 @@ def test_guests_of_a_job_that_ended_without_epilogue_are_removed(broker_url, tmp
         shutil.rmtree(Path(config.node.guest_dir) / f"vt-{job}-{node}-0", ignore_errors=True)
 
 
-def test_a_worker_killed_mid_boot_does_not_boot_the_guest_twice(broker_url, tmp_path, key):
-    config = load_config()
-    node, job = f"rk{uuid.uuid4().hex[:6]}", f"kill{uuid.uuid4().hex[:6]}"
+def test_a_worker_killed_mid_boot_does_not_boot_the_guest_twice(site, broker_url, tmp_path, key):
+    config = site.config()
+    node, job = site.node, f"kill{uuid.uuid4().hex[:6]}"
     hv = Hypervisor(config.node.libvirt_uri)
     name = f"vt-{job}-{node}-0"
     waiter = EventWaiter(broker_url, [f"job.{job}.#"])
-    first = start_worker(node, tmp_path, "none")
+    first = start_worker(site, tmp_path)
     Publisher(broker_url).publish(plan(config, job, node, key))
     try:
         wait_for(lambda: hv.is_active(name), 60, "the guest to start")
         domain_id = hv.lookup(name).ID()
         first.kill()  # mid-boot: the command is not acked
         first.wait()
-        second = start_worker(node, tmp_path, "none")
+        second = start_worker(site, tmp_path)
         try:
             event = waiter.next(time.monotonic() + 120)
             assert isinstance(event, m.GuestReady), event
