@@ -244,6 +244,16 @@ def test_one_job_one_trace_over_otlp(stack, tmp_path):
     assert services == {"vtorque-vsub", "vtorque-hook", "vtorque-bridge", "vtorque-stager", "vtorque-node-worker",
                         "vtorque-launcher"}, services
 
+    # Every span vtorque made ends with a real status: OK, or ERROR with its reason (the "vsub submit" here is
+    # the test's own). This job went well, so nothing is ERROR.
+    from opentelemetry.proto.trace.v1.trace_pb2 import Status
+
+    made = [s for s in spans if s.service != "vtorque-vsub"]
+    assert not [s for s in made if s.span.status.code == Status.STATUS_CODE_UNSET], \
+        [(s.service, s.name) for s in made if s.span.status.code == Status.STATUS_CODE_UNSET]
+    assert all(s.span.status.code == Status.STATUS_CODE_OK for s in made), \
+        [(s.service, s.name, s.span.status.message) for s in made if s.span.status.code != Status.STATUS_CODE_OK]
+
     def named(name, service=None):
         return [s for s in spans if s.name == name and (service is None or s.service == service)]
 
