@@ -263,7 +263,7 @@ def hook_findings(torque_home: Path, prologue_margin: float = 15.0, prologue_cap
 
 def check_torque_hooks(config):
     """A `vtorque doctor` check (see cli/doctor.py): owner, mode and chaining of the Torque hooks here."""
-    from vtorque.cli.doctor import FAIL, OK, WARN, Check
+    from vtorque.cli.checks import FAIL, OK, WARN, Check
 
     found = hook_findings(Path(config.torque.home), config.torque.prologue_margin, config.hooks.prologue_timeout)
     worst = FAIL if any(s == "fail" for s, _ in found) else WARN if any(s == "warn" for s, _ in found) else OK
