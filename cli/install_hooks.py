@@ -102,6 +102,16 @@ def _write_atomically(path: Path, data: bytes, mode: int) -> None:
     os.rename(tmp, path)
 
 
+def _drop_stamps(site_dir: Path, name: str) -> None:
+    """The shell hooks' record that the kept site hook passed pbs_mom's permission rule (hooks/torque/prologue):
+    `.<name>.checked` (and a `.new` one being made)."""
+    for stamp in (site_dir / f".{name}.checked", site_dir / f".{name}.checked.new"):
+        try:
+            stamp.unlink()
+        except FileNotFoundError:
+            pass
+
+
 def install(torque_home: Path) -> list[Action]:
     mom_priv = _mom_priv(torque_home)
     site_dir = mom_priv / SITE_DIR
@@ -121,6 +131,7 @@ def install(torque_home: Path) -> list[Action]:
         if state == "site":
             site_dir.mkdir(mode=0o755, exist_ok=True)
             os.chmod(site_dir, 0o755)
+            _drop_stamps(site_dir, name)  # a verdict on an earlier kept hook says nothing of this one
             os.link(path, site_dir / name, follow_symlinks=False)
             actions.append(Action(name, f"site {name} kept as {site_dir / name}, runs first"))
         if state == "ours":
@@ -160,6 +171,9 @@ def uninstall(torque_home: Path) -> list[Action]:
         elif states[name] == "ours":
             path.unlink()
             actions.append(Action(name, "removed"))
+    for name in HOOKS:
+        if site_dir.is_dir() and not os.path.lexists(site_dir / name):
+            _drop_stamps(site_dir, name)
     if site_dir.is_dir() and not any(site_dir.iterdir()):
         site_dir.rmdir()
     cancel = mom_priv / CANCEL_DIR

@@ -149,6 +149,56 @@ def test_site_prologue_that_pbs_mom_would_refuse_is_not_run(site, sentinel_pytho
     assert any(s == "fail" and "kept site hook" in t for s, t in ih.hook_findings(home.root, python=sys.executable))
 
 
+@pytest.mark.parametrize("hook", ["prologue", "epilogue"])
+def test_a_plain_job_execs_the_site_hook_no_fork_of_ours(site, hook, sentinel_python):
+    """The fast path: for a job without -vm the site hook replaces our shell (same pid), so vtorque adds no
+    process and no wait to it; its exit code is the hook's."""
+    home, log, rc = site
+    pid_file = home.root.parent / "site.pid"
+    kept = home.mom_priv / hook
+    kept.write_text(f"#!/bin/sh\necho $$ > '{pid_file}'\nexit 3\n")
+    kept.chmod(0o500)
+    ih.install(home.root)
+    python, called = sentinel_python
+    inv = first(PROLOGUES if hook == "prologue" else EPILOGUES, "1.vm")
+    prepared = home.prepare(inv)
+    proc = subprocess.Popen([str(installed(home, hook)), *prepared.argv], env={**prepared.env,
+                            "VTORQUE_PYTHON": str(python)}, cwd=prepared.cwd, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 3
+    assert int(pid_file.read_text()) == proc.pid
+    assert not called.exists()
+
+
+def test_the_site_hook_is_checked_again_once_someone_changed_it(site, sentinel_python):
+    """The permission verdict is kept (a stamp, so the fast path needs no `stat` fork) only while the kept
+    hook is root's and unchanged since: a write by anyone (which sets its mtime to now) or a new owner makes
+    the hook check it again, and pbs_mom's rule refuses it."""
+    home, log, rc = site
+    ih.install(home.root)
+    kept = home.mom_priv / "vtorque-site" / "prologue"
+    stamp = home.mom_priv / "vtorque-site" / ".prologue.checked"
+    plain = home.prepare(first(PROLOGUES, "1.vm"))
+    assert tr.run_hook("prologue", plain, {}, entry=installed(home, "prologue")).returncode == 0
+    assert stamp.exists() and os.lstat(stamp).st_uid == 0
+    os.chmod(kept, 0o570)  # group-writable: a chmod alone leaves the mtime, the verdict stands ...
+    with open(kept, "a") as fh:  # ... until someone writes it, as a group member now could
+        fh.write("# changed\n")
+    result = tr.run_hook("prologue", plain, {}, entry=installed(home, "prologue"))
+    assert result.returncode == 1 and "pbs_mom would refuse it" in result.stderr, str(result)
+    assert not stamp.exists()
+    os.chmod(kept, 0o500)
+    assert tr.run_hook("prologue", plain, {}, entry=installed(home, "prologue")).returncode == 0
+    os.chown(kept, 65534, 0)  # a user's file now (who may set its mtime as they like): refused at once
+    result = tr.run_hook("prologue", plain, {}, entry=installed(home, "prologue"))
+    assert result.returncode == 1 and "pbs_mom would refuse it" in result.stderr, str(result)
+    os.chown(kept, 0, 0)
+    assert tr.run_hook("prologue", plain, {}, entry=installed(home, "prologue")).returncode == 0
+    ih.uninstall(home.root)
+    assert not (home.mom_priv / "vtorque-site").exists()  # the stamps go with it
+
+
 def test_site_epilogue_code_wins_and_the_teardown_still_runs(site, sentinel_python):
     home, log, rc = site
     epilogue = home.mom_priv / "epilogue"
