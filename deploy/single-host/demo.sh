@@ -75,8 +75,11 @@ echo "== trace (vtorque trace $job; every span: vtorque trace --all $job):"
 vtorque trace "$job" | sed 's/^/   /' || true
 
 # Did it run, in its guest, and succeed? Each check says what it saw.
-[ -r "$out" ] || fail "job $job left no output file at $out (Slurm: ${raw_state:-?}${reason:+, $reason})"
-grep -q '^VTORQUE-DEMO-MARKER' "$out" || fail "the demo's marker line is not in $out: the job's script did not run"
+slurm_says="Slurm: ${raw_state:-no answer}${reason:+, $reason}, exit code ${exit_code:-unknown}"
+first_error=$(sed -n '/./{p;q}' "$err" 2>/dev/null || true)
+[ -r "$out" ] || fail "job $job left no output file at $out ($slurm_says)${first_error:+; its stderr: $first_error}"
+grep -q '^VTORQUE-DEMO-MARKER' "$out" ||
+  fail "the demo's marker line is not in $out: the job's script did not run ($slurm_says)${first_error:+; its stderr: $first_error}"
 ran_on=$(sed -n 's/^VTORQUE-DEMO-MARKER running on //p' "$out" | head -n 1)
 ran_kernel=$(sed -n 's/^kernel release: //p' "$out" | head -n 1)
 [ "$ran_on" != "$host_name" ] || fail "job $job ran on the host ($host_name, kernel $ran_kernel), not in a guest"
@@ -87,7 +90,7 @@ case " $guest_names " in
 esac
 [ "$(field state_from)" = scheduler ] || fail "Slurm did not say how job $job ended ($(field notes))"
 [ "$state" = completed ] && [ "$exit_code" = 0 ] ||
-  fail "job $job ran in its guest $ran_on but ended $state (Slurm: $raw_state${reason:+, $reason}), exit code ${exit_code:-unknown}"
+  fail "job $job ran in its guest $ran_on but ended $state ($slurm_says)"
 
 cat <<MSG
 == demo OK: job $job ran in its guest $ran_on (kernel $ran_kernel; the host's is $host_kernel)
