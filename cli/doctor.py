@@ -7,20 +7,16 @@ Each check does its own I/O and never raises: whatever goes wrong is its answer.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
-OK, WARN, FAIL = "ok", "warn", "fail"
+from vtorque.cli.checks import FAIL, OK, WARN, Check, hook_environment, is_root, torque_hook_base_env, worst
 
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    status: str  # ok, warn, fail
-    detail: str
+# Check, OK, WARN, FAIL live in cli/checks.py (install_hooks.py needs them too) and are used from here as before.
 
 
 def check_broker(config) -> Check:
@@ -127,15 +123,145 @@ def check_clock(config, max_skew: float = 2.0) -> Check:
     return Check("clock", status, "; ".join(notes))
 
 
-def check_torque_hooks(config) -> Check:
-    """Torque hooks on this node: owner, mode, chaining, $prologalarm (cli/install_hooks.py)."""
-    from vtorque.cli.install_hooks import check_torque_hooks as check
+def _hooks_base_env(config) -> dict[str, str]:
+    """What the scheduler gives its hooks before hooks.env: Slurm's PrologSlurmctld gets (almost) nothing,
+    Torque's prologue gets <TORQUE_HOME>/pbs_environment."""
+    return torque_hook_base_env(config.torque.home) if config.scheduler.kind == "torque" else {}
 
-    return check(config)
+
+def _slurm_config(config, hook_env: dict[str, str]) -> tuple[str, str]:
+    """(`scontrol show config`, problem), asked with the SLURM_CONF the hooks use."""
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    value = hook_env.get("SLURM_CONF") or os.environ.get("SLURM_CONF")
+    if value:
+        env["SLURM_CONF"] = value
+    exe = config.scheduler.binary("scontrol")
+    try:
+        proc = subprocess.run([exe, "show", "config"], capture_output=True, text=True, env=env,
+                              timeout=config.scheduler.timeout, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return "", f"{exe} show config: {exc}"
+    if proc.returncode != 0:
+        return "", f"{exe} show config: exit {proc.returncode}: {proc.stderr.strip()[:200]}"
+    return proc.stdout, ""
+
+
+def slurm_user(show_config: str) -> str | None:
+    """SlurmUser (who runs PrologSlurmctld) from `scontrol show config`: `SlurmUser = slurm(64030)`."""
+    match = re.search(r"(?m)^SlurmUser\s*=\s*([^\s(]+)", show_config)
+    return match.group(1) if match else None
+
+
+HOOK_PROBE = """from vtorque.shared.config import config_path, load_config
+print(config_path(), flush=True)
+config = load_config()
+config.broker.connection_url()
+import vtorque.hooks.{module}
+"""
+
+
+def check_torque_hooks(config) -> Check:
+    """Torque hooks on this node: owner, mode, chaining, $prologalarm, the interpreter hooks.env names."""
+    from vtorque.cli.install_hooks import hook_findings
+
+    if config.scheduler.kind != "torque":
+        return Check("torque hooks", OK, f"not a Torque site ([scheduler] kind = {config.scheduler.kind})")
+    from vtorque.cli.checks import DEFAULT_PYTHON
+
+    python = hook_environment(base=_hooks_base_env(config))[0].get("VTORQUE_PYTHON")
+    found = hook_findings(Path(config.torque.home), config.torque.prologue_margin, config.hooks.prologue_timeout,
+                          python or DEFAULT_PYTHON)
+    shown = [t for s, t in found if s != OK] or [t for _, t in found]
+    return Check("torque hooks", worst(s for s, _ in found), "; ".join(shown))
+
+
+def check_hook_config(config) -> Check:
+    """The interpreter and the config file the hooks will use: hooks.env sourced as the entry points source it
+    (in the scheduler's hook environment), then that Python run as the user the hooks run as, loading the
+    config and the broker credentials as a hook does. Compared with the config this doctor read."""
+    from vtorque.cli import checks
+    from vtorque.shared.config import config_path
+
+    env_file = checks.HOOKS_ENV
+    env, problem = hook_environment(base=_hooks_base_env(config))
+    if problem:
+        return Check("hook config", FAIL, problem)
+    python = env.get("VTORQUE_PYTHON") or checks.DEFAULT_PYTHON
+    module, user = "torque", "root"
+    if config.scheduler.kind == "slurm":
+        module = "slurm"
+        user = slurm_user(_slurm_config(config, env)[0]) or "slurm"
+    run_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **_hooks_base_env(config), **env}
+    argv = [python, "-P", "-c", HOOK_PROBE.format(module=module)]
+    as_whom = user
+    if user != "root" and is_root():
+        argv = ["runuser", "-u", user, "--", *argv]
+    elif (user == "root") != is_root():
+        as_whom = f"uid {os.geteuid()} (the hooks run as {user}: run doctor as root to check as {user})"
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, env=run_env, cwd="/", timeout=60,
+                              stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return Check("hook config", FAIL, f"the hooks' python {python} does not start: {exc} "
+                                          f"(set VTORQUE_PYTHON in {env_file})")
+    hook_config = proc.stdout.strip().splitlines()[0] if proc.stdout.strip() else None
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        if hook_config is None:
+            return Check("hook config", FAIL, f"the hooks' python {python} cannot run vtorque as {as_whom}: {last} "
+                                              f"(set VTORQUE_PYTHON in {env_file})")
+        return Check("hook config", FAIL, f"the {module} hooks ({python}, as {as_whom}) cannot load "
+                                          f"{hook_config}: {last}")
+    mine = config_path()
+    if os.path.realpath(hook_config) != os.path.realpath(mine):
+        where = ("pbs_environment or " if module == "torque" else "") + env_file
+        return Check("hook config", WARN, f"the {module} hooks read {hook_config} (VTORQUE_CONFIG from {where}), "
+                                          f"this doctor read {mine}: they may disagree")
+    return Check("hook config", OK, f"{module} hooks run {python} as {as_whom}, read {hook_config}")
+
+
+def check_prologue_timeout(config) -> Check:
+    """hooks.prologue_timeout against the scheduler's own prologue timeout (Slurm: PrologEpilogTimeout; Torque:
+    $prologalarm): the hook waits the shorter, and a scheduler that kills the hook first loops the job."""
+    cap = config.hooks.prologue_timeout
+    if config.scheduler.kind == "slurm":
+        from vtorque.hooks.slurm import PROLOG_MARGIN, prolog_deadline, prolog_epilog_timeout
+
+        env, _ = hook_environment(base={})
+        shown, problem = _slurm_config(config, env)
+        if problem:
+            return Check("prologue timeout", WARN, f"cannot ask Slurm: {problem}")
+        timeout = prolog_epilog_timeout(shown)
+        if timeout is None:
+            return Check("prologue timeout", OK, f"PrologEpilogTimeout unset (Slurm never kills the hook); the "
+                                                 f"prologue waits up to hooks.prologue_timeout = {cap:.0f} s")
+        margin, kill = PROLOG_MARGIN, timeout
+        wait, scheduler = prolog_deadline(timeout, margin, cap), f"PrologEpilogTimeout={timeout}"
+        need = f"PrologEpilogTimeout to at least {cap + margin:.0f}"
+    else:
+        from vtorque.hooks.torque import TORQUE_ALARM_SLACK, prologue_deadline, read_prologalarm, torque_kill_after
+
+        home = Path(config.torque.home)
+        alarm = read_prologalarm(home)
+        margin = config.torque.prologue_margin
+        wait, scheduler = prologue_deadline(alarm, margin, cap), f"$prologalarm {alarm} ({home}/mom_priv/config)"
+        kill = torque_kill_after(alarm)
+        need = f"$prologalarm to at least {cap + margin + TORQUE_ALARM_SLACK:.0f}"
+    if wait < 1:
+        return Check("prologue timeout", FAIL, f"{scheduler}: the scheduler kills the prologue after {kill} s, "
+                                              f"which leaves no time to boot guests (vtorque keeps {margin:.0f} s): "
+                                              "every VM job is refused; raise it")
+    if wait < cap:
+        return Check("prologue timeout", WARN, f"hooks.prologue_timeout = {cap:.0f} s disagrees with {scheduler}: the "
+                                              f"scheduler kills the prologue after {kill} s, so guests get only "
+                                              f"{wait:.0f} s; raise {need} or lower hooks.prologue_timeout to "
+                                              f"{wait:.0f}")
+    return Check("prologue timeout", OK, f"{scheduler}: the prologue waits up to hooks.prologue_timeout = {cap:.0f} s, "
+                                        f"{kill - cap:.0f} s before the scheduler would kill it")
 
 
 CHECKS: list[Callable] = [check_broker, check_libvirt, check_accel, check_image_store, check_clock,
-                          check_torque_hooks]
+                          check_torque_hooks, check_hook_config, check_prologue_timeout]
 
 
 def check_name(check: Callable) -> str:
@@ -155,4 +281,4 @@ def run_checks(config, checks: list[Callable] | None = None) -> list[Check]:
 
 def render(results: list[Check]) -> str:
     mark = {OK: "ok  ", WARN: "warn", FAIL: "FAIL"}
-    return "\n".join(f"{mark.get(r.status, r.status)}  {r.name:<12} {r.detail}" for r in results)
+    return "\n".join(f"{mark.get(r.status, r.status)}  {r.name:<16} {r.detail}" for r in results)
