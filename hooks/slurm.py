@@ -27,10 +27,12 @@ import sys
 import time
 from pathlib import Path
 
-from vtorque.shared import messages as m
+from typing import TYPE_CHECKING
+
 from vtorque.shared.job_script import HEADER_LINES, JobHeader, ScriptError, parse_header
 
-from .job_hook import JobContext, Outcome, Verdict
+if TYPE_CHECKING:  # imported where used: vtorque-launch calls refusal() for every Slurm VM job, without pika
+    from .job_hook import JobContext, Outcome
 
 PREFIX = "vtorque: "
 NOT_STARTED = PREFIX + "not started: "  # the launcher refuses to run a job whose Comment starts so
@@ -158,6 +160,8 @@ def refusal_line(job_id: str, comment: str) -> str | None:
 
 def decide(outcome: Outcome, restarts: int, max_requeues: int) -> str:
     """run | requeue | refuse."""
+    from .job_hook import Verdict
+
     if outcome.verdict is Verdict.READY:
         return "run"
     if outcome.verdict is Verdict.FAILED and restarts < max_requeues:
@@ -239,6 +243,10 @@ def refusal(job_id: str, config=None) -> str | None:
 
 
 def job_context(env, header: JobHeader, tools: SlurmTools | None = None, show_job_text: str = "") -> JobContext:
+    from vtorque.shared import messages as m
+
+    from .job_hook import JobContext
+
     tools = tools or SlurmTools()
     hosts = expand_hostlist(env.get("SLURM_JOB_NODELIST", ""), tools)
     cpus = expand_cpus_per_node(env.get("SLURM_JOB_CPUS_PER_NODE", "1"), len(hosts))
@@ -316,7 +324,7 @@ def main(argv: list[str] | None = None, env=os.environ, channel_factory=None) ->
 
     from vtorque.shared import tracing
     from vtorque.shared.config import ConfigError, load_config
-    from vtorque.hooks.job_hook import Progress, run_epilogue, run_prologue
+    from vtorque.hooks.job_hook import Outcome, Progress, Verdict, run_epilogue, run_prologue
 
     job_id = env.get("SLURM_JOB_ID", "")
     progress = Progress(sys.stderr)  # PrologSlurmctld output goes to the controller's log

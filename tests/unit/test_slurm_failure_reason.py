@@ -85,3 +85,13 @@ def test_the_launcher_prints_one_line_for_a_refused_job_and_nothing_otherwise():
 def test_the_process_age_is_small_for_this_process_and_zero_for_none():
     assert 0 < slurm.process_age() < 3600 * 24 * 365
     assert slurm.process_age(2**22 + 12345) == 0.0
+
+
+def test_the_launchers_check_does_not_import_the_bus_client():
+    """vtorque-launch calls refusal() for every Slurm VM job: no pika (~0.2 s) for that."""
+    import subprocess
+    import sys
+
+    code = "import sys, vtorque.hooks.slurm as s; assert s.refusal; print('pika' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
