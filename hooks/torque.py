@@ -166,13 +166,44 @@ def reason_text(job_id: str, job_name: str, code: int, reason: str, attempt: int
                 node: str, when: datetime) -> str:
     if code == REQUEUE:
         then = (f"Torque will start the job again (requeue {attempt} of {max_requeues}); "
-                f"after {max_requeues} it is aborted.")
+                f"after {max_requeues} it is aborted. This is not the job's end: this file is rewritten with "
+                f"what finally happens.")
+    elif attempt > 1:
+        then = (f"Torque aborted the job (attempt {attempt}, after {attempt - 1} requeue(s)): this is its end. "
+                f"The .o/.e files Torque delivered for the requeued attempts are not the last word; the last "
+                f"attempt's are not delivered, so this file says why.")
     else:
         then = "Torque aborted the job: its .o and .e files are not delivered, so this file says why."
     return (f"vtorque: job {job_id} ({job_name}) did not start: {reason}\n"
             f"{then}\n"
             f"node {node}, {when.strftime('%Y-%m-%d %H:%M:%S UTC')}; "
             f"your administrator can show every step with `vtorque trace {job_id}`.\n")
+
+
+def started_text(job_id: str, job_name: str, attempt: int, node: str, when: datetime) -> str:
+    """The reason file of a job that started after requeues: the earlier "did not start" is no longer true."""
+    return (f"vtorque: job {job_id} ({job_name}) started on attempt {attempt}, after {attempt - 1} requeue(s); "
+            f"its guests were ready on node {node} at {when.strftime('%Y-%m-%d %H:%M:%S UTC')}.\n"
+            f"The requeue notes of the earlier attempts are superseded: the job's own .o/.e tell the rest.\n")
+
+
+def final_note(job_id: str, code: int, reason: str, attempt: int, reason_file: str | None) -> str:
+    """Appended to the .o/.e Torque delivered for the previous (requeued) attempt, which otherwise would be the
+    last thing the owner sees and still promise another start."""
+    where = f" (see {reason_file})" if reason_file else ""
+    return (f"vtorque: FINAL: job {job_id} was aborted on attempt {attempt}, not requeued again: {reason}{where}\n"
+            if code == ABORT else "")
+
+
+def delivered_paths(attrs: dict[str, str] | None) -> list[Path]:
+    """The job's .o/.e as `qstat -f` names them (Output_Path/Error_Path = `host:/path`), where they exist here."""
+    paths = []
+    for key in ("Output_Path", "Error_Path"):
+        value = (attrs or {}).get(key, "")
+        path = value.split(":", 1)[1] if ":" in value else value
+        if path.startswith("/") and path not in [str(p) for p in paths]:
+            paths.append(Path(path))
+    return paths
 
 
 # -- I/O helpers ------------------------------------------------------------------------------------------
@@ -276,9 +307,12 @@ def hook_log(level: int, msg: str, **fields) -> None:
     log(LOG, level, msg, **fields)
 
 
-def write_as_user(uid: int, gid: int, user: str, path: Path, text: str, timeout: float = 5.0) -> str | None:
+def write_as_user(uid: int, gid: int, user: str, path: Path, text: str, timeout: float = 5.0,
+                  append: bool = False) -> str | None:
     """Create `path` as the user (their own rights, so root squashing on NFS homes does not matter and the
-    file is theirs); refuses to follow a symlink. None when written, else why not."""
+    file is theirs), or with `append` add to it if it exists (never create); refuses to follow a symlink.
+    None when written, else why not."""
+    flags = (os.O_WRONLY | os.O_APPEND if append else os.O_WRONLY | os.O_CREAT | os.O_TRUNC) | os.O_NOFOLLOW
     rd, wr = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: only raw syscalls until _exit
@@ -287,7 +321,7 @@ def write_as_user(uid: int, gid: int, user: str, path: Path, text: str, timeout:
             os.initgroups(user, gid)
             os.setgid(gid)
             os.setuid(uid)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            fd = os.open(path, flags, 0o600)
             os.write(fd, text.encode())
             os.close(fd)
             os._exit(0)
@@ -580,6 +614,7 @@ def _prologue(job: JobContext, args: list[str], config, home: Path, env, progres
     deadline_s = prologue_deadline(alarm, config.torque.prologue_margin, config.hooks.prologue_timeout, elapsed)
     counter = _requeue_counter(config.state_dir, job.job_id)
     requeues = read_requeues(counter, config.hooks.max_requeues)
+    attrs = None
     if prologue_room(alarm, config.torque.prologue_margin, elapsed) < 1:
         outcome = Outcome(Verdict.REJECTED,
                           f"$prologalarm {alarm} in {home}/mom_priv/config leaves no time to boot guests "
@@ -612,23 +647,33 @@ def _prologue(job: JobContext, args: list[str], config, home: Path, env, progres
                                channel_factory=torque_channel_factory(config, [n.host for n in job.nodes]),
                                guests_marker=_guests_marker(config.state_dir, job.job_id))
     code = prologue_exit_code(outcome, requeues, config.hooks.max_requeues)
+    node, now = socket.gethostname().split(".")[0], datetime.now(timezone.utc)
     if code == REQUEUE:
         counter.parent.mkdir(parents=True, exist_ok=True)
         counter.write_text(str(requeues + 1))
-        print(f"vtorque: requeued ({requeues + 1} of {config.hooks.max_requeues}): {outcome.reason}",
-              file=sys.stderr)
-    elif code == ABORT:
-        counter.unlink(missing_ok=True)
-        print(f"vtorque: job aborted: {outcome.reason}", file=sys.stderr)
     else:
         counter.unlink(missing_ok=True)
     if code != RUN:
         text = reason_text(job.job_id, args[3], code, outcome.reason, requeues + 1, config.hooks.max_requeues,
-                           socket.gethostname().split(".")[0], datetime.now(timezone.utc))
+                           node, now)
         where = write_reason(job, args[3], env, text)
+        if code == REQUEUE:  # Torque delivers this attempt's .e: say it is not the end, and where the end goes
+            then = f"; what finally happens goes to {where}" if where else ""
+            print(f"vtorque: requeued ({requeues + 1} of {config.hooks.max_requeues}): {outcome.reason} "
+                  f"(Torque starts the job again{then})", file=sys.stderr)
+        else:
+            print(f"vtorque: job aborted: {outcome.reason}", file=sys.stderr)
+            if requeues:  # the previous attempt's delivered .o/.e still say "requeued": they get the end
+                note = final_note(job.job_id, code, outcome.reason, requeues + 1, where)
+                for path in delivered_paths(attrs):
+                    problem = write_as_user(job.owner.uid, job.owner.gid, job.owner.user, path, note, append=True)
+                    if problem:
+                        hook_log(logging.INFO, "final note not added", path=str(path), error=problem)
         hook_log(logging.WARNING, "prologue failed", job_id=job.job_id, exit_code=code, reason=outcome.reason,
                  verdict=outcome.verdict.value, requeues=requeues, reason_file=where)
     else:
+        if requeues:  # the reason file of an earlier attempt said "did not start": no longer true
+            write_reason(job, args[3], env, started_text(job.job_id, args[3], requeues + 1, node, now))
         hook_log(logging.INFO, "prologue done: guests ready", job_id=job.job_id,
                  guests=[g.guest for g in outcome.ready])
     return PY_REQUEUE if code == REQUEUE else code

@@ -704,3 +704,41 @@ def test_epilogue_of_a_published_job_waits_for_its_nodes(torque_home, make_confi
     assert result.seconds >= 2.0
     assert [type(msg).__name__ for _, _, msg in events.drain() if getattr(msg, "job_id", None) == inv.job_id] == [
         "JobStarted", "JobEnded"]
+
+
+def test_the_final_files_say_the_final_outcome(torque_home, make_config, guide_broker, owner_workdir, tmp_path):
+    """Real Torque delivers the .o/.e of every requeued attempt, but not those of the attempt it aborts: the
+    .e the owner finds would still say "requeued (1 of 1)". The requeue line says it is not the end and where
+    the end goes; the abort appends the final outcome to the delivered .o/.e (found with qstat -f) and the
+    reason file says it is the end."""
+    import os
+
+    inv = vm_invocation(first(PROLOGUES, "1.vm"), unique_job_id())
+    seq = inv.job_id.split(".")[0]
+    out, err = owner_workdir / f"{inv.argv[3]}.o{seq}", owner_workdir / f"{inv.argv[3]}.e{seq}"
+    reason_file = owner_workdir / f"{inv.argv[3]}.v{seq}"
+    attrs = dict(tr.first_start_record("1.vm").attrs, Output_Path=f"vm:{out}", Error_Path=f"vm:{err}")
+    qstat = tr.qstat_stand_in(tmp_path / "bin", {inv.job_id: attrs})
+    config, _ = make_config(broker_url=guide_broker["bare"], max_requeues=1, scheduler={"qstat": str(qstat)})
+    pw = pwd.getpwnam(inv.argv[1])
+
+    first_try = tr.run_hook("prologue", torque_home.prepare(inv, vm_script(GOOD_SPEC), workdir=owner_workdir),
+                            hook_env(config), timeout=GUARD_SECONDS)
+    assert first_try.returncode == 2, str(first_try)
+    assert f"requeued (1 of 1)" in first_try.stderr and f"what finally happens goes to {reason_file}" in (
+        first_try.stderr), str(first_try)
+    assert "not the job's end" in reason_file.read_text()
+    for path, text in ((out, first_try.stdout), (err, first_try.stderr)):  # what Torque delivers, as the owner
+        path.write_text(text)
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+
+    last = tr.run_hook("prologue", torque_home.prepare(inv, vm_script(GOOD_SPEC), workdir=owner_workdir),
+                       hook_env(config), timeout=GUARD_SECONDS)
+    assert last.returncode == 1, str(last)
+    for path in (out, err):
+        final = path.read_text().splitlines()[-1]
+        assert final.startswith(f"vtorque: FINAL: job {inv.job_id} was aborted on attempt 2"), path.read_text()
+        assert "ACCESS_REFUSED" in final and str(reason_file) in final
+        assert os.lstat(path).st_uid == pw.pw_uid
+    text = reason_file.read_text()
+    assert "this is its end" in text and "requeue" not in text.split("\n")[0], text

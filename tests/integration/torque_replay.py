@@ -288,7 +288,8 @@ def first_start_record(job_id: str):
 
 
 QSTAT_F_ATTRS = [("Job_Name", "jobname"), ("Job_Owner", "owner"), ("queue", "queue"), ("Account_Name", "account"),
-                 ("exec_host", "exec_host"), ("start_count", "start_count")]
+                 ("exec_host", "exec_host"), ("start_count", "start_count"), ("Output_Path", "Output_Path"),
+                 ("Error_Path", "Error_Path")]
 
 
 def qstat_f_text(job_id: str, attrs: dict[str, str]) -> str:

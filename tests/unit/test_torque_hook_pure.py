@@ -2,6 +2,7 @@
 
 from collections import OrderedDict
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 
@@ -98,3 +99,27 @@ def test_reason_text_says_what_happens_next():
     assert "not delivered" in abort and "vtorque trace 3.vm" in abort
     requeue = torque.reason_text("4.vm", "j", torque.REQUEUE, "boot timeout", 1, 2, "vm", when)
     assert "requeue 1 of 2" in requeue
+
+
+def test_the_final_reason_file_says_the_final_outcome():
+    """Torque delivers the .o/.e of every requeued attempt: what vtorque writes last must not promise
+    another start that will not come, nor say "did not start" of a job that started."""
+    when = datetime(2026, 11, 26, 0, 23, 1, tzinfo=timezone.utc)
+    requeue = torque.reason_text("4.vm", "j", torque.REQUEUE, "boot timeout", 2, 2, "vm", when)
+    assert "not the job's end" in requeue
+    last = torque.reason_text("4.vm", "j", torque.ABORT, "boot timeout", 3, 2, "vm", when)
+    assert "after 2 requeue(s)): this is its end" in last and "not the last word" in last
+    started = torque.started_text("4.vm", "j", 2, "vm", when)
+    assert started.startswith("vtorque: job 4.vm (j) started on attempt 2, after 1 requeue(s)")
+    note = torque.final_note("4.vm", torque.ABORT, "boot timeout", 3, "/home/u/j.v4")
+    assert note == "vtorque: FINAL: job 4.vm was aborted on attempt 3, not requeued again: boot timeout " \
+                   "(see /home/u/j.v4)\n"
+    assert torque.final_note("4.vm", torque.REQUEUE, "x", 2, None) == ""
+
+
+def test_delivered_paths_come_from_qstat():
+    attrs = {"Output_Path": "login1.cluster:/home/u/j.o4", "Error_Path": "login1.cluster:/home/u/j.e4"}
+    assert torque.delivered_paths(attrs) == [Path("/home/u/j.o4"), Path("/home/u/j.e4")]
+    joined = {"Output_Path": "vm:/home/u/j.o4", "Error_Path": "vm:/home/u/j.o4"}
+    assert torque.delivered_paths(joined) == [Path("/home/u/j.o4")]
+    assert torque.delivered_paths(None) == [] and torque.delivered_paths({"Error_Path": "vm:relative"}) == []
