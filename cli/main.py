@@ -149,7 +149,7 @@ def trace(job_id: str, show_all: bool, as_json: bool) -> None:
             click.echo(json.dumps(s.to_json()))
         return
     traces = {s.trace_id for s in spans}
-    click.echo(f"job {job_id}: {len(spans)} spans in trace {', '.join(sorted(traces))}")
+    click.echo(f"job {job_id}: {len(spans)} spans in trace{'s' if len(traces) > 1 else ''} {', '.join(sorted(traces))}")
     click.echo(render_phases(spans))
     click.echo("")
     click.echo(waterfall(spans, plumbing=show_all))

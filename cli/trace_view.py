@@ -138,7 +138,7 @@ def jaeger_job_spans(endpoint: str, job_id: str, lookback: str = "7d", timeout: 
             rows += parse_jaeger(_get_json(f"{base}/api/traces/{trace_id}", timeout))
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise QueryError(f"tracing.query_endpoint {endpoint}: {exc}") from None
-    return newest_trace(sorted(rows, key=lambda r: r.start_ns))
+    return newest_job(sorted(rows, key=lambda r: r.start_ns))
 
 
 def load(trace_dir: str | Path) -> list[SpanRow]:
@@ -153,24 +153,29 @@ def load(trace_dir: str | Path) -> list[SpanRow]:
 
 
 def job_spans(rows: list[SpanRow], job_id: str, every_trace: bool = False) -> list[SpanRow]:
-    """Every span of the job's trace (a span without the job id attribute still belongs to it).
+    """Every span of the job's traces (a span without the job id attribute still belongs to them).
 
-    A job's whole life is one trace. Several traces carry the same job id only when the scheduler gave the id
-    again (Slurm starts again from 1 when its state is wiped): the newest is the job's, unless `every_trace`."""
+    A job's life is one trace rooted at "vsub submit"; a few messages published outside it (a prefetch
+    cancel, an expired command) start traces of their own that carry the job id. The same id in an older
+    trace rooted at "vsub submit" is another job that the scheduler gave the id before (Slurm starts from 1
+    again when its state is wiped): left out unless `every_trace`."""
     traces = {r.trace_id for r in rows if r.attributes.get("pbs.job_id") == job_id}
     spans = sorted((r for r in rows if r.trace_id in traces), key=lambda r: r.start_ns)
-    return spans if every_trace else newest_trace(spans)
+    return spans if every_trace else newest_job(spans)
 
 
-def newest_trace(spans: list[SpanRow]) -> list[SpanRow]:
-    """The spans of the trace that began last."""
+def newest_job(spans: list[SpanRow]) -> list[SpanRow]:
+    """The spans of the last submission's trace and of the traces that began after it."""
+    submits = [s for s in spans if s.name == "vsub submit" and not s.parent_id]
+    if len({s.trace_id for s in submits}) <= 1:
+        return spans
+    last = max(submits, key=lambda s: s.start_ns)
     began: dict[str, int] = {}
     for s in spans:
         began[s.trace_id] = min(began.get(s.trace_id, s.start_ns), s.start_ns)
-    if len(began) <= 1:
-        return spans
-    newest = max(began, key=lambda t: began[t])
-    return [s for s in spans if s.trace_id == newest]
+    submitted = {s.trace_id for s in submits}
+    keep = {t for t, start in began.items() if t == last.trace_id or (t not in submitted and start >= last.start_ns)}
+    return [s for s in spans if s.trace_id in keep]
 
 
 def queue_wait(spans: list[SpanRow]) -> tuple[int, int] | None:

@@ -31,6 +31,8 @@ GUEST, NODE, IMAGE_DIGEST = "vtorque.guest", "vtorque.node", "vtorque.image.dige
 # What a child span takes over from its parent in the same process when it does not say otherwise: a boot
 # phase or a publish inside "boot guest" belongs to the same guest, node and image.
 INHERITED = (JOB_ID, GUEST, NODE, IMAGE_DIGEST)
+# Events that say a step of a job failed: the span that publishes one ends ERROR (see publish_span).
+FAILURE_EVENTS = frozenset({"JobRejected", "GuestFailed", "ImageStageFailed", "CommandExpired"})
 _provider: TracerProvider | None = None
 
 
@@ -288,8 +290,15 @@ def publish_span(message, exchange: str, routing_key: str) -> Iterator[dict]:
         yield {}
         return
     attrs = _message_attributes(message, exchange, routing_key, "publish", "send")
+    enclosing = trace.get_current_span()
     with span(f"publish {exchange}", kind=SpanKind.PRODUCER, attributes=attrs):
         yield inject({})
+    if type(message).__name__ in FAILURE_EVENTS:
+        # The publish worked; the work it reports on did not: the span of that work (a handler's process
+        # span, a guest's boot) ends ERROR with the reason, unless it already has its own.
+        status = getattr(enclosing, "status", None)
+        if enclosing.is_recording() and status is not None and status.status_code is not StatusCode.ERROR:
+            mark_error(enclosing, f"{type(message).__name__}: {getattr(message, 'reason', '') or 'see the event'}")
 
 
 @contextlib.contextmanager

@@ -113,6 +113,15 @@ with job_context("43.srv"):
             raise KeyError("no plan")
     except KeyError:
         pass
+    # a handler that reports a failure by an event (the bridge rejecting a job): its span ends ERROR
+    with tracing.tracer().start_as_current_span("handler rejects"):
+        rejected = m.JobRejected.new(job_id="43.srv", deadline=5.0, reason="image nosuch is not in the catalog")
+        with tracing.publish_span(rejected, "vtorque.events", "job.43.job_rejected"):
+            pass
+    with tracing.tracer().start_as_current_span("handler with its own reason") as span:
+        tracing.mark_error(span, "own")
+        with tracing.publish_span(rejected, "vtorque.events", "job.43.job_rejected"):
+            pass
 beat = m.NodeHeartbeat.new(job_id="", deadline=30.0, node="n1", cores=2, mem_free_mib=100, guests_running=0,
                            domain_type="qemu", capabilities=[], interval=10.0)
 with tracing.publish_span(beat, "vtorque.events", "node.n1.heartbeat") as headers:
@@ -137,6 +146,8 @@ def test_every_span_ends_ok_or_error_with_its_reason(tmp_path):
         "marked": ("STATUS_CODE_ERROR", "guest never became ready"),
         "marked then raised": ("STATUS_CODE_ERROR", "own reason"),
         "process vtorque.bridge": ("STATUS_CODE_ERROR", "'no plan'"),
+        "handler rejects": ("STATUS_CODE_ERROR", "JobRejected: image nosuch is not in the catalog"),
+        "handler with its own reason": ("STATUS_CODE_ERROR", "own"),
     }, status
     raised = spans["raised"]
     assert [e["name"] for e in raised.get("events", [])] == ["exception"]  # recorded once, not twice

@@ -305,9 +305,13 @@ def test_an_error_row_says_why():
     assert row.split()[4] == "error" and row.endswith("  teardown not confirmed"), row
 
 
-def test_a_reused_job_id_shows_the_newest_trace_only():
-    old = [_span("vsub submit", "o", start=0, end=0.1, trace="1" * 32, **{"pbs.job_id": "1"})]
+def test_a_reused_job_id_shows_the_newest_job_only():
+    old = [_span("vsub submit", "o", start=0, end=0.1, trace="1" * 32, **{"pbs.job_id": "1"}),
+           _span("publish x", "o2", start=0.5, end=0.6, kind="producer", trace="3" * 32, **{"pbs.job_id": "1"})]
     new = [_span("vsub submit", "n", start=100, end=100.1, trace="2" * 32, **{"pbs.job_id": "1"}),
            _span("prologue", "p", "n", start=101, end=102, trace="2" * 32)]
-    assert trace_view.job_spans(old + new, "1") == new
-    assert len(trace_view.job_spans(old + new, "1", every_trace=True)) == 3
+    # a message published outside the job's trace (a prefetch cancel): a trace of its own, still the job's
+    stray = [_span("publish x", "c", start=103, end=103.1, kind="producer", trace="4" * 32, **{"pbs.job_id": "1"})]
+    assert trace_view.job_spans(old + new + stray, "1") == new + stray
+    assert trace_view.job_spans(new + stray, "1") == new + stray
+    assert len(trace_view.job_spans(old + new + stray, "1", every_trace=True)) == 5
