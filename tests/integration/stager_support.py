@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import kombu
-
 from vtorque.services.image_stager.catalog import toml_value
 
 
@@ -157,23 +155,14 @@ class ImageServer:
 
 # -- a vhost of the test's own ------------------------------------------------------------------------------
 
-def _ctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=60)
-
-
 @contextlib.contextmanager
 def vhost():
-    """amqp URL of a fresh vhost (guest has all rights there); deleted afterwards with all its queues."""
-    name = f"vtorque-test-{uuid.uuid4().hex[:8]}"
-    _ctl("add_vhost", name)
-    try:
-        _ctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-        url = f"amqp://guest:guest@127.0.0.1:5672/{name}"
-        with kombu.Connection(url, connect_timeout=5) as conn:
-            conn.ensure_connection(max_retries=3)
-        yield url
-    finally:
-        _ctl("delete_vhost", name)
+    """amqp URL of a fresh vhost and a user with rights there only (tests/conftest.py); deleted afterwards
+    with all its queues."""
+    from conftest import private_broker_for
+
+    with private_broker_for() as broker:
+        yield broker.url
 
 
 # -- a site config and stager processes ---------------------------------------------------------------------
@@ -203,7 +192,9 @@ class Site:
         return self.config
 
     def env(self, **more) -> dict:
-        env = dict(os.environ, VTORQUE_CONFIG=str(self.config), **more)
+        """No VTORQUE_* of the caller's (a shell may carry the stack's): the site's config only."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VTORQUE_")}
+        env.update(VTORQUE_CONFIG=str(self.config), **more)
         return env
 
 

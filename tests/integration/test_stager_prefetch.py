@@ -16,7 +16,7 @@ from vtorque.services.image_stager.store import ImageStore
 from vtorque.services.scheduler_bridge.accounting import SlurmPrefetch, TorquePrefetch
 from vtorque.shared import messages as m
 from vtorque.shared.bus import EventWaiter, Publisher
-from vtorque.shared.config import Config, ImagesConfig, PrefetchConfig
+from vtorque.shared.config import Config, ImagesConfig, PrefetchConfig, SchedulerConfig
 from vtorque.shared.job_script import render_wrapper
 
 from . import stager_support as ss
@@ -200,7 +200,9 @@ def test_a_pending_slurm_job_is_prefetched_and_its_cancellation_withdraws_it(tmp
     script.write_text(vm_script())
     plain = work / "plain.sh"
     plain.write_text("#!/bin/sh\nhostname\n")
-    config = Config(state_dir=str(tmp_path / "state"), images=ImagesConfig(store=str(tmp_path / "store")))
+    # The stack's Slurm (this test submits held jobs there and looks only at those), its binaries in /usr/bin.
+    config = Config(state_dir=str(tmp_path / "state"), images=ImagesConfig(store=str(tmp_path / "store")),
+                    scheduler=SchedulerConfig(kind="slurm", bin_dir="/usr/bin"))
     waiter = EventWaiter(broker, ["job.*.job_queued", "job.*.job_deleted"])
     publisher = Publisher(broker)
     held = []
