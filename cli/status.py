@@ -233,10 +233,12 @@ def render_status(st: JobStatus) -> str:
         head += f"  ({sched['kind']}: {sched['raw_state']}" + (f", {sched['reason']}" if sched.get("reason") else "") + ")"
     else:
         head += "  (from the trace)"
-    out = [head,
-           f"  vtorque  {st.phase}" + (f" ({st.failure})" if st.failure else ""),
-           f"  trace    {', '.join(st.trace_ids) or '-'}",
-           f"  nodes    {', '.join(st.nodes) or '-'}"]
+    if st.trace_ids:
+        out = [head, f"  vtorque  {st.phase}" + (f" ({st.failure})" if st.failure else ""),
+               f"  trace    {', '.join(st.trace_ids)}"]
+    else:  # a job without -vm (vsub passed it to qsub untouched), or its spans are not written yet
+        out = [head, "  vtorque  - (no trace of this job)"]
+    out.append(f"  nodes    {', '.join(st.nodes) or '-'}")
     if sched.get("stdout") or sched.get("stderr"):
         out.append(f"  output   {sched.get('stdout') or '-'}")
         if sched.get("stderr") and sched.get("stderr") != sched.get("stdout"):

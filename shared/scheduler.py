@@ -172,7 +172,7 @@ def parse_scontrol_oneliner(text: str, job_id: str | None = None) -> dict[str, s
             fields[key] = value
         elif key:
             fields[key] += " " + word
-    return fields
+    return {k: v.rstrip() for k, v in fields.items()}  # a value may be followed by two spaces (Comment=)
 
 
 def expand_hostlist(expr: str) -> tuple[str, ...]:
@@ -197,7 +197,9 @@ def slurm_job_info(job_id: str, text: str) -> JobInfo:
     state: State = _SLURM_STATES.get(raw, "unknown")
     exit_code = None
     # ExitCode=<status>:<signal> of the batch script; a job killed by a signal exits 128+signal, as a shell says
-    if state not in ALIVE and re.fullmatch(r"\d+:\d+", f.get("ExitCode", "")):
+    # A job that never started (cancelled while pending: no BatchHost) has no exit status, though Slurm says 0:0.
+    ran = f.get("BatchHost") not in (None, "", "(null)")
+    if state not in ALIVE and ran and re.fullmatch(r"\d+:\d+", f.get("ExitCode", "")):
         code, signal = map(int, f["ExitCode"].split(":"))
         exit_code = 128 + signal if signal else code
     owner = f.get("UserId", "").split("(")[0] or None

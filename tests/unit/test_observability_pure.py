@@ -315,3 +315,11 @@ def test_a_reused_job_id_shows_the_newest_job_only():
     assert trace_view.job_spans(old + new + stray, "1") == new + stray
     assert trace_view.job_spans(new + stray, "1") == new + stray
     assert len(trace_view.job_spans(old + new + stray, "1", every_trace=True)) == 5
+
+
+def test_a_job_without_a_trace_has_the_schedulers_status():
+    st = status.job_status("5", [], _slurm("completed", "COMPLETED", 0))
+    assert (st.state, st.exit_code, st.phase, st.notes) == ("completed", 0, "unknown", [])
+    text = status.render_status(st)
+    assert text.splitlines()[:3] == ["job 5: completed, exit code 0  (slurm: COMPLETED)",
+                                     "  vtorque  - (no trace of this job)", "  nodes    n1"], text

@@ -148,3 +148,23 @@ def test_a_scheduler_that_cannot_be_asked_raises_with_its_last_line(monkeypatch)
 def test_a_missing_scontrol_is_a_scheduler_error(tmp_path):
     with pytest.raises(SchedulerError, match="no such file"):
         Slurm(SchedulerConfig(kind="slurm", bin_dir=str(tmp_path))).job("1")
+
+
+# Recorded: a job cancelled while held (never started; Slurm still says ExitCode=0:0, and NodeList is empty).
+CANCELLED_PENDING = 'JobId=70 JobName=plain UserId=root(0) GroupId=root(0) MCS_label=N/A Priority=0 Nice=0 Account=(null) QOS=(null) JobState=CANCELLED Reason=JobHeldUser Dependency=(null) Requeue=1 Restarts=0 BatchFlag=1 Reboot=0 ExitCode=0:0 RunTime=00:00:00 TimeLimit=00:05:00 TimeMin=N/A SubmitTime=2026-12-01T18:06:18 EligibleTime=Unknown AccrueTime=Unknown StartTime=2026-12-01T18:06:18 EndTime=2026-12-01T18:06:18 Deadline=N/A SuspendTime=None SecsPreSuspend=0 LastSchedEval=2026-12-01T18:06:18 Scheduler=Main Partition=batch AllocNode:Sid=localhost:11481 ReqNodeList=(null) ExcNodeList=(null) NodeList= NumNodes=1 NumCPUs=1 NumTasks=N/A CPUs/Task=1 ReqB:S:C:T=0:0:*:* TRES=cpu=1,mem=100M,node=1,billing=1 Socks/Node=* NtasksPerN:B:S:C=0:0:*:* CoreSpec=* MinCPUsNode=1 MinMemoryCPU=100M MinTmpDiskNode=0 Features=(null) DelayBoot=00:00:00 OverSubscribe=OK Contiguous=0 Licenses=(null) Network=(null) Command=/tmp/vsub-bench-drgw1skp/job.sh WorkDir=/tmp/vsub-bench-drgw1skp StdErr=/tmp/vsub-bench-drgw1skp/job.sh.e70 StdIn=/dev/null StdOut=/tmp/vsub-bench-drgw1skp/job.sh.o70 Power='
+# Recorded: a VM job whose image failed its sha256 check: vtorque's hook put the reason in Comment, which Slurm
+# prints followed by two spaces.
+REJECTED_10 = 'JobId=10 JobName=badsum UserId=nobody(1001) GroupId=nobody(1001) MCS_label=N/A Priority=4294901752 Nice=0 Account=(null) QOS=(null) JobState=FAILED Reason=NonZeroExitCode Dependency=(null) Requeue=1 Restarts=0 BatchFlag=1 Reboot=0 ExitCode=1:0 RunTime=00:00:00 TimeLimit=UNLIMITED TimeMin=N/A SubmitTime=2026-12-01T18:03:58 EligibleTime=2026-12-01T18:03:58 AccrueTime=2026-12-01T18:03:58 StartTime=2026-12-01T18:03:59 EndTime=2026-12-01T18:03:59 Deadline=N/A SuspendTime=None SecsPreSuspend=0 LastSchedEval=2026-12-01T18:03:59 Scheduler=Main Partition=batch AllocNode:Sid=localhost:11556 ReqNodeList=(null) ExcNodeList=(null) NodeList=vm BatchHost=vm NumNodes=1 NumCPUs=1 NumTasks=1 CPUs/Task=1 ReqB:S:C:T=0:0:*:* TRES=cpu=1,mem=256M,node=1,billing=1 Socks/Node=* NtasksPerN:B:S:C=0:0:*:* CoreSpec=* MinCPUsNode=1 MinMemoryNode=256M MinTmpDiskNode=0 Features=(null) DelayBoot=00:00:00 OverSubscribe=OK Contiguous=0 Licenses=(null) Network=(null) Command=/tmp/vsub-ii26ntok/bad.sh WorkDir=/var/lib/vtorque-stack/jobs/test-e65242bb Comment=vtorque: not started: image badsum-4f4cf0d8: sha256 mismatch for /var/lib/vtorque-stack/jobs/test-e65242bb/badsum.qcow2: the catalog says 000000000000…, the file is 0e7db0d4ad0a…; nothing was staged  StdErr=/var/lib/vtorque-stack/jobs/test-e65242bb/badsum.e10 StdIn=/dev/null StdOut=/var/lib/vtorque-stack/jobs/test-e65242bb/badsum.o10 Power='
+
+
+def test_a_job_cancelled_before_it_started_has_no_exit_code_and_no_nodes():
+    info = slurm_job_info("70", CANCELLED_PENDING)
+    assert (info.state, info.exit_code, info.nodes, info.reason) == ("cancelled", None, (), "JobHeldUser")
+    assert info.stdout == "/tmp/vsub-bench-drgw1skp/job.sh.o70" and info.walltime_s == 300
+
+
+def test_the_hooks_comment_is_the_reason_without_trailing_blanks():
+    info = slurm_job_info("10", REJECTED_10)
+    assert info.state == "failed" and info.exit_code == 1 and info.nodes == ("vm",)
+    assert info.reason.startswith("vtorque: not started: image badsum-") and info.reason.endswith("nothing was staged")
+    assert info.stderr.endswith("/badsum.e10")
