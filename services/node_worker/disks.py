@@ -1,96 +1,238 @@
-"""Per-guest files on the node: a qcow2 overlay on the cached base image, the seed ISO, the console log."""
+"""Per-guest files on the node: a qcow2 overlay on the cached base image, the seed ISO, the console log.
+
+Every path here is derived from a configured root and a checked guest name (trust.py), never taken from a
+message. The roots are created by root and checked before each use (trust.secure_dir: no symlink, no
+group/other write, owned by root): a directory a user made first (say /dev/shm/vtorque) is refused, not used.
+A guest's files are root's, mode 0600 (libvirt gives them to the QEMU user while the guest runs), in a 0711
+directory: nobody else can read a live overlay, a seed's user-data or a console.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
+import stat
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from vtorque.services.image_stager import leases
+from vtorque.shared.logs import log
+from vtorque.shared.user_files import copy_user_image
 
 from .domain import GuestDisks
+from .trust import Refused, check_guest_name, is_safe_dir, own_entry, secure_dir
+
+LOG = logging.getLogger("vtorque.node_worker.disks")
+FILE_MODE = 0o600
+DIR_MODE = 0o711  # QEMU runs as libvirt-qemu and must traverse to its disks, not list them
+SMALL = 4096
+SUBPROCESS_TIMEOUT = 120.0
 
 
 class DiskError(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class UserImage:
+    """The owner's own image (spec key `disk`), to be copied in as its owner (shared/user_files.py)."""
+
+    path: str
+    uid: int
+    gid: int
+    home: str
+    user_dirs: tuple[str, ...] = ()
+    timeout: float = 600.0
+
+    @property
+    def format(self) -> str:
+        # The format comes from the name, never from probing: a "raw" user file with a qcow2 header could
+        # otherwise name any host file as its backing file.
+        return "qcow2" if self.path.endswith(".qcow2") else "raw"
+
+
 def guest_dir(root: str | Path, guest_name: str) -> Path:
-    return Path(root) / guest_name
+    return Path(root) / check_guest_name(guest_name)
 
 
 def prepare(root: str | Path, guest_name: str, job_id: str, base: Path, base_format: str,
-            seed: dict[str, bytes], data_size_mib: int | None = None, data_image: str | None = None) -> GuestDisks:
+            seed: dict[str, bytes], data_size_mib: int | None = None, user_image: UserImage | None = None,
+            store: str | Path | None = None, node: str | None = None) -> GuestDisks:
     """Create the guest's directory, overlay, seed and extra disk; on any failure nothing of it is left.
-    `data_image` must already be checked (shared/user_files.py): it is attached, never copied or probed."""
+    Raises trust.Refused (an unsafe root, a bad name), UserFileRefused (the owner's image) or DiskError."""
     gdir = guest_dir(root, guest_name)
-    Path(root).mkdir(parents=True, exist_ok=True)
-    os.chmod(root, 0o711)  # QEMU runs as libvirt-qemu and must traverse to its disks, not list them
-    if gdir.exists():
-        leases.release(gdir)
-        shutil.rmtree(gdir)
-    gdir.mkdir(mode=0o711)
+    secure_dir(root, DIR_MODE)
+    if own_entry(Path(root), guest_name) is not None:
+        _remove_tree(gdir, store)  # a leftover of an earlier attempt at this guest
     try:
-        (gdir / "job").write_text(job_id)
+        os.mkdir(gdir, DIR_MODE)
+    except FileExistsError:
+        raise Refused(f"{gdir} exists and is not a guest directory of root's: refusing to use it") from None
+    os.chmod(gdir, DIR_MODE)
+    try:
+        _write_new(gdir / "job", job_id.encode())
+        if node:
+            _write_new(gdir / "node", node.encode())  # whose it is, on a shared test host
         overlay = gdir / "root.qcow2"
         leases.take(base, gdir, job_id)  # the store never evicts a base image while an overlay uses it
         _run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base), str(overlay)])
         seed_path = gdir / "seed.iso"
         write_seed_iso(seed, seed_path)
         console = gdir / "console.log"
-        console.touch()
+        _write_new(console, b"")
         data, data_format = None, "qcow2"
         if data_size_mib:
             data = gdir / "data.qcow2"
             _run(["qemu-img", "create", "-q", "-f", "qcow2", str(data), f"{data_size_mib}M"])
-        elif data_image:
-            # The format comes from the name, never from probing: a "raw" user file with a qcow2 header
-            # could otherwise name any host file as its backing file.
-            data, data_format = Path(data_image), ("qcow2" if data_image.endswith(".qcow2") else "raw")
+        elif user_image:
+            data_format = user_image.format
+            data = gdir / f"data.{data_format}"
+            fd = os.open(data, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+            try:
+                copy_user_image("disk", user_image.path, data_format, user_image.uid, user_image.gid,
+                                user_image.home, list(user_image.user_dirs), fd, timeout=user_image.timeout)
+            finally:
+                os.close(fd)
+        for path in (overlay, seed_path, data):
+            if path is not None:
+                os.chmod(path, FILE_MODE)
         return GuestDisks(overlay=str(overlay), seed=str(seed_path), console_log=str(console),
                           data=str(data) if data else None, data_format=data_format)
     except BaseException:
-        leases.release(gdir)
-        shutil.rmtree(gdir, ignore_errors=True)
+        _remove_tree(gdir, store)
         raise
 
 
 def write_seed_iso(files: dict[str, bytes], dest: Path) -> None:
     """A NoCloud seed as cloud-localds makes it: ISO 9660, volume label cidata, Joliet + Rock Ridge."""
-    with tempfile.TemporaryDirectory(prefix="vtorque-seed-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="vtorque-seed-") as tmp:  # 0700, root's
         for name, content in files.items():
-            (Path(tmp) / name).write_bytes(content)
+            if "/" in name or name.startswith("."):
+                raise DiskError(f"seed file name {name!r}")
+            _write_new(Path(tmp) / name, content)
         _run(["genisoimage", "-quiet", "-output", str(dest), "-volid", "cidata", "-joliet", "-rock",
               *[str(Path(tmp) / name) for name in files]])
 
 
-def remove(root: str | Path, guest_name: str) -> bool:
-    gdir = guest_dir(root, guest_name)
-    if not gdir.exists():
+def remove(root: str | Path, guest_name: str, store: str | Path | None = None) -> bool:
+    """Remove the guest's directory, when it is one root made in a root that is still safe; True if removed."""
+    try:
+        gdir = guest_dir(root, guest_name)
+    except Refused:
         return False
-    leases.release(gdir)
-    shutil.rmtree(gdir, ignore_errors=True)
+    why = is_safe_dir(root)
+    if why:
+        if Path(root).exists():
+            log(LOG, logging.WARNING, "guest root not used", root=str(root), reason=why)
+        return False
+    if own_entry(Path(root), guest_name) is None:
+        return False
+    _remove_tree(gdir, store)
     return True
+
+
+def guest_dirs(root: str | Path) -> dict[str, Path]:
+    """name → directory of every guest directory root made under `root`, when `root` is safe (else none)."""
+    why = is_safe_dir(root)
+    if why:
+        if Path(root).exists():
+            log(LOG, logging.WARNING, "guest root not used", root=str(root), reason=why)
+        return {}
+    found = {}
+    for entry in os.scandir(root):
+        if _valid_name(entry.name) and own_entry(Path(root), entry.name) is not None:
+            found[entry.name] = Path(root) / entry.name
+    return found
+
+
+def read_small(gdir: Path, name: str) -> str | None:
+    """A small file root wrote in a guest directory (job, node), never through a symlink; None otherwise."""
+    try:
+        fd = os.open(gdir / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_size > SMALL:
+            return None
+        return os.read(fd, SMALL).decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
+def mtime_of(gdir: Path, name: str = "job") -> float | None:
+    try:
+        st = os.lstat(gdir / name)
+    except OSError:
+        return None
+    return st.st_mtime if stat.S_ISREG(st.st_mode) and st.st_uid == 0 else None
 
 
 def guests_of_job(root: str | Path, job_id: str) -> list[str]:
     """Guest directories on this node that belong to `job_id`, whether or not a domain exists for them."""
-    found = []
-    for job_file in Path(root).glob("*/job"):
-        try:
-            if job_file.read_text() == job_id:
-                found.append(job_file.parent.name)
-        except OSError:
-            continue
-    return found
+    return sorted(name for name, gdir in guest_dirs(root).items() if read_small(gdir, "job") == job_id)
+
+
+def release_lease(gdir: Path, store: str | Path | None = None) -> bool:
+    """leases.release, but only for a marker root wrote that names this very guest's lease file: a marker
+    naming anything else is left alone (never an unlink of a path some file says)."""
+    marker = gdir / leases.MARKER
+    text = read_small(gdir, leases.MARKER)
+    if text is None:
+        return False
+    lease = Path(text.strip())
+    expected_parent = (Path(store).resolve() / "leases") if store else None
+    fine = (lease.is_absolute() and os.path.normpath(str(lease)) == str(lease)
+            and lease.name == leases.lease_name(gdir) and re.fullmatch(r"[0-9a-f]{64}", lease.parent.name)
+            and lease.parent.parent.name == "leases"
+            and (expected_parent is None or lease.parent.parent == expected_parent))
+    if not fine:
+        log(LOG, logging.WARNING, "lease marker names another file: left alone", guest_dir=str(gdir),
+            named=text.strip()[:200])
+        marker.unlink(missing_ok=True)
+        return False
+    existed = lease.exists()
+    lease.unlink(missing_ok=True)
+    marker.unlink(missing_ok=True)
+    return existed
+
+
+def _remove_tree(gdir: Path, store: str | Path | None) -> None:
+    if not os.path.isdir(gdir) or os.path.islink(gdir):
+        return
+    release_lease(gdir, store)
+    # shutil.rmtree walks by file descriptor (symlink-attack resistant); it never follows a link inside.
+    assert shutil.rmtree.avoids_symlink_attacks
+    shutil.rmtree(gdir, ignore_errors=True)
+
+
+def _valid_name(name: str) -> bool:
+    try:
+        check_guest_name(name)
+    except Refused:
+        return False
+    return True
+
+
+def _write_new(path: Path, content: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    try:
+        os.write(fd, content)
+    finally:
+        os.close(fd)
 
 
 def _run(argv: list[str]) -> None:
     try:
-        subprocess.run(argv, check=True, capture_output=True, text=True, timeout=120)
+        subprocess.run(argv, check=True, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, umask=0o077,
+                       stdin=subprocess.DEVNULL)
     except FileNotFoundError:
         raise DiskError(f"{argv[0]} is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise DiskError(f"{argv[0]} did not finish within {SUBPROCESS_TIMEOUT:.0f}s") from None
     except subprocess.CalledProcessError as exc:
         raise DiskError(f"{argv[0]} failed: {(exc.stderr or exc.stdout).strip()[:300]}") from None

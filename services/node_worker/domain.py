@@ -120,9 +120,10 @@ def domain_xml(guest: m.GuestPlan, disks: GuestDisks, boot: BootSource, meta: Gu
     ET.SubElement(dev, "controller", {"type": "usb", "model": "none"})
     ET.SubElement(dev, "memballoon", {"model": "none"})
     _disk(dev, disks.overlay, "qcow2", "vda", readonly=False, iothread=1 if iothreads else None)
-    _disk(dev, disks.seed, "raw", "vdb", readonly=True)
+    _disk(dev, disks.seed, "raw", "vdb", readonly=True, no_backing=True)
     if disks.data:
-        _disk(dev, disks.data, disks.data_format, "vdc", readonly=False, iothread=min(2, iothreads) or None)
+        _disk(dev, disks.data, disks.data_format, "vdc", readonly=False, iothread=min(2, iothreads) or None,
+              no_backing=True)
     vrdma_args: list[str] = []
     if guest.vrdma:
         # The backend the node worker chose (vrdma.choose); without one, shared memory between the job's
@@ -160,13 +161,17 @@ def cpuset(cores: list[int]) -> str:
 shmem_name = vrdma.shmem_name
 
 
-def _disk(devices: ET.Element, path: str, fmt: str, target: str, readonly: bool, iothread: int | None = None) -> None:
+def _disk(devices: ET.Element, path: str, fmt: str, target: str, readonly: bool, iothread: int | None = None,
+          no_backing: bool = False) -> None:
     disk = ET.SubElement(devices, "disk", {"type": "file", "device": "disk"})
     driver = {"name": "qemu", "type": fmt}
     if iothread:
         driver["iothread"] = str(iothread)
     ET.SubElement(disk, "driver", driver)
     ET.SubElement(disk, "source", {"file": path})
+    if no_backing:
+        # Said outright, so libvirt never reads a chain from the image's header (a user's data disk, the seed).
+        ET.SubElement(disk, "backingStore")
     ET.SubElement(disk, "target", {"dev": target, "bus": "virtio"})
     if readonly:
         ET.SubElement(disk, "readonly")

@@ -1,10 +1,17 @@
-"""The node's hypervisor through libvirt: define, start, find, and destroy vtorque's domains."""
+"""The node's hypervisor through libvirt: define, start, find, and destroy vtorque's domains.
+
+Every call has a deadline: it runs in a small pool of the hypervisor's own and the caller waits at most
+`timeout` seconds (a wedged libvirtd, or a QEMU stuck opening a file, must not wedge the node worker). A call
+that timed out raises HypervisorError; its thread is left to finish or hang on its own.
+"""
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import threading
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import libvirt
 
@@ -17,6 +24,12 @@ class HypervisorError(Exception):
     pass
 
 
+T = TypeVar("T")
+QUERY_TIMEOUT = 30.0  # lookups, listings, XML
+CHANGE_TIMEOUT = 60.0  # define, destroy, undefine
+START_TIMEOUT = 120.0  # QEMU's start (TCG on a loaded 2-core box takes seconds)
+
+
 def detect_domain_type(configured: str) -> str:
     """'kvm' only where it boots stock guests: the PVM flavour of KVM (software nested) does not."""
     if configured != "auto":
@@ -27,9 +40,20 @@ def detect_domain_type(configured: str) -> str:
 
 
 class Hypervisor:
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, query_timeout: float = QUERY_TIMEOUT, change_timeout: float = CHANGE_TIMEOUT,
+                 start_timeout: float = START_TIMEOUT):
         self.uri = uri
         self._local = threading.local()
+        self.query_timeout, self.change_timeout, self.start_timeout = query_timeout, change_timeout, start_timeout
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=6, thread_name_prefix="libvirt")
+
+    def _timed(self, what: str, timeout: float, fn: Callable[..., T], *args) -> T:
+        future = self._pool.submit(fn, *args)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise HypervisorError(f"libvirt did not answer {what} within {timeout:.0f}s") from None
 
     @property
     def conn(self) -> libvirt.virConnect:
@@ -43,6 +67,9 @@ class Hypervisor:
         return conn
 
     def lookup(self, name: str) -> libvirt.virDomain | None:
+        return self._timed(f"lookup {name}", self.query_timeout, self._lookup, name)
+
+    def _lookup(self, name: str) -> libvirt.virDomain | None:
         try:
             return self.conn.lookupByName(name)
         except libvirt.libvirtError as exc:
@@ -51,19 +78,36 @@ class Hypervisor:
             raise HypervisorError(exc.get_error_message()) from None
 
     def define(self, xml: str) -> libvirt.virDomain:
+        return self._timed("define", self.change_timeout, self._define, xml)
+
+    def _define(self, xml: str) -> libvirt.virDomain:
         try:
             return self.conn.defineXML(xml)
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"define failed: {exc.get_error_message()}") from None
 
     def start(self, dom: libvirt.virDomain) -> None:
+        self._timed("start", self.start_timeout, self._start, dom)
+
+    def xml(self, dom: libvirt.virDomain) -> str:
+        def get() -> str:
+            try:
+                return dom.XMLDesc(0)
+            except libvirt.libvirtError as exc:
+                raise HypervisorError(exc.get_error_message()) from None
+        return self._timed("the domain's XML", self.query_timeout, get)
+
+    def _start(self, dom: libvirt.virDomain) -> None:
         try:
             dom.create()
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"start failed: {exc.get_error_message()}") from None
 
     def is_active(self, name: str) -> bool:
-        dom = self.lookup(name)
+        return self._timed(f"is {name} active", self.query_timeout, self._is_active, name)
+
+    def _is_active(self, name: str) -> bool:
+        dom = self._lookup(name)
         try:
             return bool(dom and dom.isActive())
         except libvirt.libvirtError:
@@ -71,7 +115,10 @@ class Hypervisor:
 
     def remove(self, name: str) -> bool:
         """Destroy and undefine; True if there was a domain. Safe to call twice."""
-        dom = self.lookup(name)
+        return self._timed(f"remove {name}", 2 * self.change_timeout, self._remove, name)
+
+    def _remove(self, name: str) -> bool:
+        dom = self._lookup(name)
         if dom is None:
             return False
         try:
@@ -89,6 +136,9 @@ class Hypervisor:
 
     def vtorque_domains(self) -> dict[str, dict[str, str]]:
         """Every domain carrying vtorque metadata: name → metadata."""
+        return self._timed("list domains", self.query_timeout, self._vtorque_domains)
+
+    def _vtorque_domains(self) -> dict[str, dict[str, str]]:
         found = {}
         for dom in self.conn.listAllDomains():
             try:

@@ -25,6 +25,8 @@ from typing import Callable
 
 from vtorque.shared.logs import log
 
+from . import disks
+
 LOG = logging.getLogger("vtorque.node_worker.reconcile")
 
 
@@ -123,9 +125,12 @@ class Reconciler:
                                   ready=(w.config.job_dir(meta.get("job", "")) / f"{name}.json").exists()))
         dirs = {}
         for root in w.guest_roots():
-            for job_file in Path(root).glob("*/job"):
-                if self._dir_node(job_file.parent) in (w.node, None):
-                    dirs[job_file.parent.name] = job_file.stat().st_mtime
+            # Only directories root made in a root that is still root's alone (disks.guest_dirs): a tree a user
+            # planted (say /dev/shm/vtorque made before root did) is never read, let alone removed from.
+            for name, gdir in disks.guest_dirs(root).items():
+                mtime = disks.mtime_of(gdir, "job")
+                if mtime is not None and self._dir_node(gdir) in (w.node, None):
+                    dirs[name] = mtime
         removals, stale = decide(domains, dirs, w.booting_now(), self.alive, datetime.now(timezone.utc),
                                  time.time())
         for removal in removals:
@@ -140,7 +145,5 @@ class Reconciler:
 
     @staticmethod
     def _dir_node(gdir: Path) -> str | None:
-        try:
-            return (gdir / "node").read_text().strip()
-        except OSError:
-            return None
+        text = disks.read_small(gdir, "node")
+        return text.strip() if text is not None else None

@@ -12,7 +12,6 @@ import fcntl
 import json
 import logging
 import os
-import pwd
 import socket
 import threading
 import time
@@ -25,13 +24,12 @@ from vtorque.shared import tracing
 from vtorque.shared.bus import EventWaiter, Publisher, node_queue
 from vtorque.shared.config import Config, refresh_catalog
 from vtorque.shared.logs import log
-from vtorque.shared.spec import SpecError
-from vtorque.shared.user_files import check_user_file
+from vtorque.shared.user_files import UserFileRefused
 
 from vtorque.shared.job_network import guest_mac
 
 from . import disks
-from . import numa, vrdma
+from . import numa, trust, vrdma
 from .domain import BootSource, GuestMetadata, JobNic, domain_xml, parse_metadata
 from .hypervisor import Hypervisor, HypervisorError, detect_domain_type
 from .readiness import BootFailed, Readiness, ssh_banner, wait_ready
@@ -52,6 +50,7 @@ class NodeWorker:
         self.domain_type = detect_domain_type(config.node.domain_type)
         self._thread_lock = threading.Lock()
         self._booting: set[str] = set()
+        self._accounts: dict[tuple[str, str], trust.OwnerAccount] = {}  # (job, guest) → checked owner
 
     def queues(self):
         return [node_queue(self.node)]
@@ -63,6 +62,18 @@ class NodeWorker:
 
     def on_boot_guests(self, cmd: m.BootGuests) -> None:
         mine = [g for g in cmd.guests if g.node == self.node]
+        if any(g.image not in self.config.images.catalog for g in mine):
+            refresh_catalog(self.config)  # added by `vtorque images add` since we started
+        try:
+            # Root acts only on what it has checked itself: anyone who could publish this wrote it.
+            accounts = trust.check_boot(cmd, self.node, self.config)
+        except trust.Refused as exc:
+            reason = f"refused by node {self.node}: {exc}"
+            for guest in mine or [None]:
+                self.publisher.publish(self._fail(cmd, guest, reason, False, ""))
+            return
+        with self._thread_lock:
+            self._accounts.update({(cmd.job_id, n): a for n, a in accounts.items()})
         refused = vrdma.check_boot(self, cmd, mine)
         if refused:
             # Before any guest boots: a node without the vRDMA the job asked for fails it for good.
@@ -88,6 +99,7 @@ class NodeWorker:
         finally:
             with self._thread_lock:
                 self._booting.discard(guest.name)
+                self._accounts.pop((cmd.job_id, guest.name), None)
 
     def booting_now(self) -> set[str]:
         with self._thread_lock:
@@ -106,6 +118,9 @@ class NodeWorker:
             except BootFailed as exc:
                 tracing.mark_error(span, exc.reason)
                 return self._fail(cmd, guest, exc.reason, exc.retryable, exc.console_tail)
+            except (trust.Refused, UserFileRefused) as exc:
+                tracing.mark_error(span, exc)
+                return self._fail(cmd, guest, f"refused by node {self.node}: {exc}", False, "")
             except (HypervisorError, disks.DiskError, OSError) as exc:
                 tracing.mark_error(span, exc)
                 return self._fail(cmd, guest, str(exc), True, "")
@@ -118,7 +133,10 @@ class NodeWorker:
         dom = self.hv.lookup(guest.name)
         if dom is None:
             return None
-        meta = parse_metadata(dom.XMLDesc(0))
+        meta = parse_metadata(self.hv.xml(dom))
+        if meta.get("job") != cmd.job_id or meta.get("node", self.node) != self.node:
+            # Never touch a domain of another job (or another node worker's) a command happens to name.
+            raise trust.Refused(f"a domain named {guest.name} exists and is not this job's")
         port = int(meta.get("ssh-port", "0") or 0)
         if self.hv.is_active(guest.name) and meta.get("job") == cmd.job_id and port:
             # Redelivered (the worker died, or its ack was lost): this guest already runs; never boot it twice.
@@ -150,19 +168,16 @@ class NodeWorker:
         return self.config.node.ramdisk_dir if guest.fs_type == "ramdisk" else self.config.node.guest_dir
 
     def _remove_disks(self, name: str) -> int:
-        return sum(disks.remove(root, name) for root in self._roots())
+        return sum(disks.remove(root, name, store=self.config.images.store) for root in self._roots())
 
-    def _data_image(self, guest: m.GuestPlan) -> str | None:
+    def _user_image(self, cmd: m.BootGuests, guest: m.GuestPlan, deadline: float) -> disks.UserImage | None:
+        """The owner's own disk image, copied in as the owner (disks.prepare → shared/user_files.py)."""
         if not guest.disk or not guest.disk.image:
             return None
-        try:
-            home = pwd.getpwnam(guest.owner.user).pw_dir
-        except KeyError:
-            raise BootFailed(f"job owner {guest.owner.user} is unknown on {self.node}", False) from None
-        try:
-            return check_user_file("disk", guest.disk.image, guest.owner.uid, home, self.config.spec.user_dirs)
-        except SpecError as exc:
-            raise BootFailed(str(exc), False) from None
+        account = self._accounts.get((cmd.job_id, guest.name)) or trust.check_owner(guest.owner, self.config)
+        return disks.UserImage(path=guest.disk.image, uid=account.uid, gid=account.gid, home=account.home,
+                               user_dirs=tuple(self.config.spec.user_dirs),
+                               timeout=max(5.0, min(600.0, deadline - time.monotonic())))
 
     def _boot_fresh(self, cmd: m.BootGuests, guest: m.GuestPlan, t0: float) -> tuple[m.PhaseTimings, int]:
         deadline = min(time.monotonic() + self.config.node.boot_timeout,
@@ -183,8 +198,8 @@ class NodeWorker:
                                   seed_files(guest, cmd.job_id, cmd.peers, cmd.network, mac,
                                              self.config.node.guest_mounts),
                                   data_size_mib=guest.disk.size_mib if guest.disk else None,
-                                  data_image=self._data_image(guest))
-        (Path(files.overlay).parent / "node").write_text(self.node)  # whose it is, on a shared test host
+                                  user_image=self._user_image(cmd, guest, deadline),
+                                  store=self.config.images.store, node=self.node)
         t_disks = time.monotonic()
         try:
             with self._port_lock():
@@ -246,8 +261,9 @@ class NodeWorker:
     @contextmanager
     def _port_lock(self):
         with self._thread_lock:
-            Path(self.config.node.guest_dir).mkdir(parents=True, exist_ok=True)
-            with open(Path(self.config.node.guest_dir) / ".ports.lock", "a") as fh:
+            root = trust.secure_dir(self.config.node.guest_dir, disks.DIR_MODE)
+            fd = os.open(root / ".ports.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with open(fd, "a") as fh:
                 fcntl.flock(fh, fcntl.LOCK_EX)
                 try:
                     yield
@@ -269,24 +285,33 @@ class NodeWorker:
 
     def _write_job_file(self, job_id: str, guest: m.GuestPlan, port: int) -> None:
         """What the job's launcher (running as the owner) reads to reach its guests."""
-        jdir = self.config.job_dir(job_id)
-        jdir.mkdir(parents=True, exist_ok=True)
-        os.chmod(jdir.parent, 0o755)
+        jdir = trust.secure_dir(self.config.job_dir(trust.check_job_id(job_id)), 0o755)
         doc = {"job_id": job_id, "guest": guest.name, "index": guest.index, "node": self.node,
                "address": "127.0.0.1", "ssh_port": port, "user": guest.owner.user, "vcpus": guest.vcpus}
-        tmp = jdir / f".{guest.name}.json.tmp"
-        tmp.write_text(json.dumps(doc))
+        tmp = jdir / f".{trust.check_guest_name(guest.name)}.json.tmp"
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with open(fd, "w") as fh:
+            fh.write(json.dumps(doc))
         os.chmod(tmp, 0o644)
         os.rename(tmp, jdir / f"{guest.name}.json")
 
-    def _fail(self, cmd: m.BootGuests, guest: m.GuestPlan, reason: str, retryable: bool, tail: str) -> m.GuestFailed:
-        log(LOG, logging.ERROR, "guest failed", guest=guest.name, reason=reason, retryable=retryable)
-        return m.GuestFailed.new(job_id=cmd.job_id, deadline=cmd.deadline, guest=guest.name, node=self.node,
+    def _fail(self, cmd: m.BootGuests | m.TeardownGuests, guest: m.GuestPlan | None, reason: str, retryable: bool,
+              tail: str) -> m.GuestFailed:
+        name = guest.name[:200] if guest else ""
+        reason = reason[:1000]  # never a 100 kB value echoed whole
+        log(LOG, logging.ERROR, "guest failed", guest=name, reason=reason, retryable=retryable)
+        return m.GuestFailed.new(job_id=cmd.job_id[:200], deadline=cmd.deadline, guest=name, node=self.node,
                                  reason=reason, retryable=retryable, console_tail=tail[-4000:])
 
     # -- teardown ---------------------------------------------------------------------------------------
 
     def on_teardown_guests(self, cmd: m.TeardownGuests) -> None:
+        try:
+            trust.check_teardown(cmd)
+        except trust.Refused as exc:
+            self.publisher.publish(self._fail(cmd, None, f"refused by node {self.node}: {exc}", False, ""))
+            return
         removed = self.teardown_job(cmd.job_id)
         self.publisher.publish(m.GuestsTornDown.new(
             job_id=cmd.job_id, deadline=cmd.deadline, node=self.node, guests=removed[0], disks_removed=removed[1]))
@@ -298,7 +323,7 @@ class NodeWorker:
         """Reconciliation's removal of one guest: domain, files, and the launcher's file for it."""
         self.hv.remove(name)
         self._remove_disks(name)
-        if job_id:
+        if job_id and trust.JOB_ID.match(job_id) and ".." not in job_id:
             jdir = self.config.job_dir(job_id)
             (jdir / f"{name}.json").unlink(missing_ok=True)
             try:
@@ -309,6 +334,8 @@ class NodeWorker:
     def remove_orphan_job_files(self) -> None:
         """The launcher's guest files of this node whose guest is gone (e.g. removed while this worker was down)."""
         jobs = Path(self.config.state_dir) / "jobs"
+        if trust.is_safe_dir(jobs):
+            return
         alive = set(self.hv.vtorque_domains()) | self.booting_now()
         for job_file in jobs.glob("*/*.json") if jobs.exists() else []:
             if job_file.stem not in alive and self._is_mine(job_file):
@@ -333,6 +360,7 @@ class NodeWorker:
         removed_disks = 0
         leftovers = {name for root in self._roots() for name in disks.guests_of_job(root, job_id)
                      if _node_of(Path(root) / name) in (self.node, None)}
+        names = [n for n in names if trust.GUEST_NAME.match(n)]
         for name in set(names) | leftovers:
             removed_disks += self._remove_disks(name)
         jdir = self.config.job_dir(job_id)
@@ -345,10 +373,8 @@ class NodeWorker:
 
 
 def _node_of(gdir: Path) -> str | None:
-    try:
-        return (gdir / "node").read_text().strip()
-    except OSError:
-        return None
+    text = disks.read_small(gdir, "node")
+    return text.strip() if text is not None else None
 
 
 @contextmanager
