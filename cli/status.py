@@ -26,6 +26,8 @@ _PHASES = (
     ("JobPlanned", "planned"),
     ("BootGuests", "booting"),
     ("ready", "running"),  # every planned guest ready ("all guests ready")
+    ("run job in guest", "running"),  # the launcher's span
+    ("epilogue", "epilogue"),  # the hook's span, before it published anything
     ("JobEnded", "epilogue"),
     ("torn_down", "done"),
 )

@@ -3,6 +3,7 @@
 
 import json
 import re
+import subprocess
 import time
 
 import pytest
@@ -82,3 +83,36 @@ def test_a_job_no_one_knows_is_an_error(slurm):
     proc = slurm.run("vtorque", "status", "999999")
     assert proc.returncode == 1
     assert "job 999999: slurm does not know it; no spans for job 999999" in proc.stderr
+
+
+def _otlp_line(service: str, spans: list[dict]) -> str:
+    return json.dumps({"resourceSpans": [{
+        "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": service}}]},
+        "scopeSpans": [{"spans": spans}]}]})
+
+
+def _otlp_span(name, sid, parent, start_s, end_s, **attrs):
+    values = [{"key": k, "value": {"intValue": str(v)} if isinstance(v, int) else {"stringValue": v}}
+              for k, v in attrs.items()]
+    return {"traceId": "ab" * 16, "spanId": sid * 16, "parentSpanId": parent * 16 if parent else "", "name": name,
+            "kind": "SPAN_KIND_INTERNAL", "startTimeUnixNano": str(int(start_s * 1e9)),
+            "endTimeUnixNano": str(int(end_s * 1e9)), "status": {"code": "STATUS_CODE_OK"}, "attributes": values}
+
+
+def test_a_job_slurm_has_forgotten_is_told_from_its_trace_and_says_so(slurm, tmp_path):
+    """The real scontrol's answer for a job it does not know (as after MinJobAge), with a trace of that job."""
+    job_id = "987654"  # far above any id the single-host Slurm gives in a test run
+    assert slurm.run("scontrol", "show", "job", job_id).returncode != 0
+    t = time.time() - 3600
+    (tmp_path / "vtorque-test.0.jsonl").write_text(_otlp_line("vtorque-hook", [
+        _otlp_span("vsub submit", "1", "", t, t + 0.1, **{"pbs.job_id": job_id}),
+        _otlp_span("prologue", "2", "1", t + 1, t + 9, **{"pbs.job_id": job_id}),
+        _otlp_span("run job in guest", "3", "1", t + 10, t + 12, **{"pbs.job_id": job_id, "vtorque.exit_code": 3}),
+        _otlp_span("epilogue", "4", "1", t + 13, t + 14, **{"pbs.job_id": job_id}),
+    ]) + "\n")
+    env = {**slurm.env, "VTORQUE_TRACING__DIR": str(tmp_path)}
+    proc = subprocess.run(["vtorque", "status", job_id], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"job {job_id}: failed, exit code 3  (from the trace)", proc.stdout
+    assert f"note: slurm no longer knows job {job_id}" in proc.stdout and "MinJobAge" in proc.stdout
