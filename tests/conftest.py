@@ -69,7 +69,8 @@ class SkipPolicy:
             what = f"xfail: {report.wasxfail or 'no reason'}"
         elif report.skipped:
             longrepr = report.longrepr
-            what = f"skip: {longrepr[2] if isinstance(longrepr, tuple) else longrepr}"
+            reason = str(longrepr[2] if isinstance(longrepr, tuple) else longrepr)
+            what = f"skip: {reason.removeprefix('Skipped: ')}"
         else:
             return
         (self.allowed if self._allows(report.nodeid) else self.refused).setdefault(report.nodeid, what)
@@ -81,13 +82,16 @@ class SkipPolicy:
 
     @pytest.hookimpl
     def pytest_terminal_summary(self, terminalreporter) -> None:
+        if self.allowed:
+            terminalreporter.section(f"skips allowed by {self.source.name}")
+            for nodeid, what in self.allowed.items():
+                why = self.allowlist.get(nodeid) or self.allowlist.get(nodeid.split("[", 1)[0])
+                terminalreporter.line(f"{nodeid}: {what} ({why})")
         if self.refused:
             terminalreporter.section("skips not allowed (the session fails)", red=True)
             for nodeid, what in self.refused.items():
                 terminalreporter.line(f"{nodeid}: {what}")
             terminalreporter.line(f"a skip passes only when {self.source} names the test and why it may skip")
-        for nodeid, what in self.allowed.items():
-            terminalreporter.line(f"allowed by {self.source.name}: {nodeid}: {what} ({self.allowlist.get(nodeid) or self.allowlist.get(nodeid.split('[', 1)[0])})")
 
 
 def pytest_configure(config) -> None:
