@@ -93,6 +93,7 @@ def test_a_job_whose_image_fails_to_stage_tells_its_owner_why_in_one_line(slurm,
     assert "never-runs" not in (slurm.workdir / f"badsum.o{job_id}").read_text()
 
     assert "JobState=FAILED" in shown and "ExitCode=1:0" in shown, shown
+    print(f"\nwrong sha256: reason in {stderr_path} and the Comment {took:.2f} s after vsub")
     assert took < 25, f"the job took {took:.1f}s to fail"  # fails fast, not after the launcher's 30 s wait
     deadline = time.monotonic() + 30
     while vtorque_leftovers(job_id) != ([], []) and time.monotonic() < deadline:
