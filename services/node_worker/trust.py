@@ -36,6 +36,7 @@ DIGEST = re.compile(r"^[0-9a-f]{64}$")
 SSH_KEY = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)|sk-ssh-ed25519@openssh\.com|"
                      r"sk-ecdsa-sha2-nistp256@openssh\.com) [A-Za-z0-9+/]{16,16384}={0,3}( [\x20-\x7e]{0,200})?$")
 MIN_OWNER_UID = 1000  # below: system accounts (Debian's and most distributions' UID_MIN)
+NOBODY_UID = 65534
 MAX_GUESTS = 256
 MAX_KEYS = 32
 MAX_CORE = 65535
@@ -91,8 +92,9 @@ def check_owner(owner: m.Owner, config: Config) -> OwnerAccount:
         raise Refused(f"owner {owner.user} has uid {pw.pw_uid} on this node, not {owner.uid}")
     if pw.pw_gid != owner.gid:
         raise Refused(f"owner {owner.user} has gid {pw.pw_gid} on this node, not {owner.gid}")
-    if pw.pw_uid < MIN_OWNER_UID and not allow_system_owners(config):
-        what = "root" if pw.pw_uid == 0 else f"a system account (uid {pw.pw_uid} < {MIN_OWNER_UID})"
+    if (pw.pw_uid < MIN_OWNER_UID or pw.pw_uid == NOBODY_UID) and not allow_system_owners(config):
+        what = ("root" if pw.pw_uid == 0 else "the overflow account nobody" if pw.pw_uid == NOBODY_UID
+                else f"a system account (uid {pw.pw_uid} < {MIN_OWNER_UID})")
         raise Refused(f"owner {owner.user} is {what}: this site does not run guests for it "
                       f"([node] allow_system_owners)")
     if not pw.pw_dir.startswith("/") or pw.pw_dir == "/":

@@ -1,0 +1,173 @@
+"""The security suite's own fixtures: real unprivileged accounts (useradd, removed after the session), a site of
+its own under /tmp (no broker: handlers are called with hand-built commands, as anyone able to publish could
+build them), a tiny base image in that site's store, and snapshots of directory trees (paths, owners, modes,
+hashes) to prove an attack changed nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from vtorque.services.image_stager.store import ImageStore
+from vtorque.services.scheduler_bridge.planning import domain_name
+from vtorque.services.node_worker.hypervisor import Hypervisor
+from vtorque.services.node_worker.service import NodeWorker
+from vtorque.shared import messages as m
+from vtorque.shared.config import Config, ImageEntry, ImagesConfig, NodeConfig, SpecConfig
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG2dXW1vjFpNu2d0dw7Fqt5fLwRY7FTl1Qb4mK3xqQ9n test"
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    uid: int
+    gid: int
+    home: Path
+
+    def owner(self) -> m.Owner:
+        return m.Owner(user=self.name, uid=self.uid, gid=self.gid)
+
+    def run(self, *argv: str, **kw) -> subprocess.CompletedProcess:
+        """A command as this user (setgid/setuid, its own groups), as the user would run it."""
+        return subprocess.run(list(argv), user=self.uid, group=self.gid, extra_groups=[], cwd=self.home,
+                              capture_output=True, text=True, timeout=30, **kw)
+
+
+def _useradd(name: str) -> Account:
+    subprocess.run(["useradd", "-m", "-s", "/bin/sh", name], check=True, capture_output=True, timeout=30)
+    pw = pwd.getpwnam(name)
+    return Account(name, pw.pw_uid, pw.pw_gid, Path(pw.pw_dir))
+
+
+@pytest.fixture(scope="session")
+def users():
+    """Two ordinary local accounts, (attacker, victim); deleted with their homes after the session."""
+    tag = f"{os.getpid() % 100000}{uuid.uuid4().hex[:3]}"
+    made = []
+    try:
+        made.append(_useradd(f"vtsa{tag}"))
+        made.append(_useradd(f"vtsb{tag}"))
+        yield tuple(made)
+    finally:
+        for account in made:
+            subprocess.run(["userdel", "-r", account.name], capture_output=True, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def base_image(tmp_path_factory):
+    """A 1 MiB raw base image and its sha256 (what a catalog entry names)."""
+    path = tmp_path_factory.mktemp("base") / "tiny.raw"
+    path.write_bytes(b"\0" * (1 << 20))
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class Recorder:
+    """A publisher that keeps what the handler answered."""
+
+    def __init__(self):
+        self.sent: list[m.Message] = []
+
+    def publish(self, message: m.Message) -> None:
+        self.sent.append(message)
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class Site:
+    root: Path
+    config: Config
+    worker: NodeWorker
+    sent: Recorder
+
+    @property
+    def node(self) -> str:
+        return self.config.node.name
+
+    def plan(self, user: Account, job: str, **changes) -> m.GuestPlan:
+        digest = self.config.images.catalog["tiny"].sha256
+        guest = m.GuestPlan(name=domain_name(job, self.node, 0), node=self.node, index=0, image="tiny",
+                            image_digest=digest, vcpus=1, ram_mib=128, cores=None, owner=user.owner(),
+                            ssh_authorized_keys=[KEY])
+        return msgspec.structs.replace(guest, **changes)
+
+    def boot(self, job: str, *guests: m.GuestPlan, **more) -> list[m.Message]:
+        """A hand-built BootGuests, through the wire's own decoder, handed to the node worker."""
+        cmd = m.BootGuests.new(job_id=job, deadline=60.0, node=self.node, guests=list(guests), **more)
+        cmd = m.decode(m.encode(cmd))
+        before = len(self.sent.sent)
+        self.worker.on_boot_guests(cmd)
+        return self.sent.sent[before:]
+
+    def domains(self) -> dict[str, dict[str, str]]:
+        return {n: meta for n, meta in self.worker.hv.vtorque_domains().items() if meta.get("node") == self.node}
+
+
+def make_site(base_image, **node) -> Site:
+    root = Path(tempfile.mkdtemp(prefix="vtorque-sec-", dir="/tmp"))
+    root.chmod(0o711)
+    path, digest = base_image
+    ImageStore(str(root / "images")).stage(str(path), digest)
+    name = f"sec{uuid.uuid4().hex[:10]}"
+    config = Config(
+        state_dir=str(root / "state"),
+        images=ImagesConfig(store=str(root / "images"),
+                            catalog={"tiny": ImageEntry(source=str(path), sha256=digest, format="raw")}),
+        spec=SpecConfig(host_reserve_cores=0, host_reserve_ram="0M", max_vcpus=4, max_ram="1G", max_disk="1G",
+                        max_vms_per_node=2),
+        node=NodeConfig(name=name, guest_dir=str(root / "guests"), ramdisk_dir=str(root / "shm/vtorque/guests"),
+                        boot_timeout=15.0, **node))
+    sent = Recorder()
+    worker = NodeWorker(config, sent, hypervisor=Hypervisor("qemu:///system"))
+    return Site(root, config, worker, sent)
+
+
+@pytest.fixture
+def site(base_image):
+    s = make_site(base_image)
+    yield s
+    for name in s.domains():  # only if an attack got through: nothing of it may stay
+        s.worker.hv.remove(name)
+    shutil.rmtree(s.root, ignore_errors=True)
+
+
+def snapshot(top: Path, skip: tuple[str, ...] = ("images",)) -> dict[str, tuple]:
+    """Every entry under `top` (and `top`): owner, group, mode, and content hash or link target. The image
+    store (`images`, whose bookkeeping a stager's clock changes) is left out."""
+    out: dict[str, tuple] = {}
+    if not os.path.lexists(top):
+        return out
+    for here, dirs, files in os.walk(top, followlinks=False):
+        if here == str(top):
+            dirs[:] = [d for d in dirs if d not in skip]
+        for name in [""] if here == str(top) else []:
+            st = os.lstat(here)
+            out["."] = (st.st_uid, st.st_gid, st.st_mode)
+        for name in dirs + files:
+            p = Path(here) / name
+            st = os.lstat(p)
+            rel = str(p.relative_to(top))
+            if p.is_symlink():
+                out[rel] = (st.st_uid, st.st_gid, st.st_mode, os.readlink(p))
+            elif p.is_file():
+                out[rel] = (st.st_uid, st.st_gid, st.st_mode, hashlib.sha256(p.read_bytes()).hexdigest())
+            else:
+                out[rel] = (st.st_uid, st.st_gid, st.st_mode)
+    return out
+
+
+def file_state(path: Path) -> tuple:
+    st = os.lstat(path)
+    return st.st_uid, st.st_gid, st.st_mode, hashlib.sha256(path.read_bytes()).hexdigest()

@@ -1,0 +1,256 @@
+"""Issue 11 item 3: root acts only on what it has checked itself. Hand-built BootGuests/TeardownGuests (what
+anyone able to publish to a node's queue could send), through the wire's decoder into the node worker's
+handler: each is refused with a named reason, as GuestFailed that no retry cures, and nothing is created on
+disk (the site's whole tree is compared before and after) or in libvirt."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import uuid
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from vtorque.services.node_worker import trust
+from vtorque.services.scheduler_bridge.planning import domain_name
+from vtorque.shared import messages as m
+
+from .conftest import KEY, snapshot
+
+
+def job() -> str:
+    return f"{uuid.uuid4().int % 10**6}.sec"
+
+
+def refused(answers, *words: str) -> m.GuestFailed:
+    assert len(answers) >= 1 and all(isinstance(a, m.GuestFailed) for a in answers), answers
+    for answer in answers:
+        assert not answer.retryable, answer
+        assert answer.reason.startswith("refused by node"), answer.reason
+        for word in words:
+            assert word in answer.reason, answer.reason
+    return answers[0]
+
+
+def assert_nothing_happened(site, before: dict, *names: str) -> None:
+    assert snapshot(site.root) == before
+    assert site.domains() == {}
+    for name in names:
+        assert site.worker.hv.lookup(name) is None
+
+
+def test_a_well_formed_command_passes_the_checks(site, users):
+    """The control: the checks refuse what is wrong, not everything."""
+    a, _ = users
+    j = job()
+    cmd = m.BootGuests.new(job_id=j, deadline=60.0, node=site.node, guests=[site.plan(a, j)])
+    accounts = trust.check_boot(m.decode(m.encode(cmd)), site.node, site.config)
+    assert accounts[domain_name(j, site.node, 0)] == trust.OwnerAccount(a.name, a.uid, a.gid, str(a.home))
+
+
+# (a) the owner -----------------------------------------------------------------------------------------------
+
+def test_root_as_owner_is_refused(site, users):
+    a, _ = users
+    before, j = snapshot(site.root), job()
+    answers = site.boot(j, site.plan(a, j, owner=m.Owner(user="root", uid=0, gid=0)))
+    refused(answers, "owner root is root", "allow_system_owners")
+    assert_nothing_happened(site, before, domain_name(j, site.node, 0))
+
+
+@pytest.mark.parametrize("account", ["daemon", "bin", "nobody"])
+def test_a_system_account_as_owner_is_refused(site, users, account):
+    a, _ = users
+    pw = pwd.getpwnam(account)
+    before, j = snapshot(site.root), job()
+    answers = site.boot(j, site.plan(a, j, owner=m.Owner(user=account, uid=pw.pw_uid, gid=pw.pw_gid)))
+    refused(answers, f"owner {account} is ", "allow_system_owners")
+    assert_nothing_happened(site, before)
+
+
+def test_a_uid_that_is_not_the_names_is_refused(site, users):
+    """The attacker names herself but the victim's uid (or root's): the password database decides."""
+    a, b = users
+    for uid, gid in ((b.uid, a.gid), (0, a.gid), (a.uid, 0)):
+        before, j = snapshot(site.root), job()
+        answers = site.boot(j, site.plan(a, j, owner=m.Owner(user=a.name, uid=uid, gid=gid)))
+        refused(answers, f"owner {a.name} has")
+        assert_nothing_happened(site, before)
+
+
+def test_an_unknown_owner_is_refused(site, users):
+    a, _ = users
+    before, j = snapshot(site.root), job()
+    refused(site.boot(j, site.plan(a, j, owner=m.Owner(user="nosuchuser9", uid=4242, gid=4242))), "unknown")
+    assert_nothing_happened(site, before)
+
+
+def test_different_owners_in_one_job_are_refused(site, users):
+    a, b = users
+    before, j = snapshot(site.root), job()
+    g0 = site.plan(a, j)
+    g1 = site.plan(b, j, name=domain_name(j, site.node, 1), index=1)
+    refused(site.boot(j, g0, g1), "different owners")
+    assert_nothing_happened(site, before)
+
+
+# (b) names and paths -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["../canary", "vt-../../canary", "vt-x/../../canary", "vt-a" + "b" * 300,
+                                  "vt-\n", "..", "vt-.", "/tmp/x"])
+def test_a_guest_name_that_is_a_path_is_refused_and_the_directory_it_names_survives(site, users, name):
+    a, _ = users
+    canary = site.root / "canary"
+    canary.mkdir()
+    (canary / "keep").write_text("precious")
+    (site.root / "guests").mkdir(mode=0o711)
+    before, j = snapshot(site.root), job()
+    answers = site.boot(j, site.plan(a, j, name=name))
+    refused(answers, "is not a vtorque guest name")
+    assert all(len(x.reason) < 1100 for x in answers)  # an oversized value is not echoed whole
+    assert_nothing_happened(site, before)
+    assert (canary / "keep").read_text() == "precious"
+
+
+@pytest.mark.parametrize("job_id", ["../x", "1/../../canary", "..", "a" * 200, "1\n2", ""])
+def test_a_job_id_that_is_a_path_is_refused(site, users, job_id):
+    a, _ = users
+    before = snapshot(site.root)
+    refused(site.boot(job_id, site.plan(a, "x")), "is not a job id")
+    assert_nothing_happened(site, before)
+
+
+@pytest.mark.parametrize("job_id", ["../canary", "..", "x/../../canary"])
+def test_a_teardown_with_a_path_for_a_job_id_removes_nothing(site, users, job_id):
+    canary = site.root / "canary"
+    canary.mkdir()
+    (canary / "job").write_text(job_id)
+    jobs = site.root / "state" / "jobs"
+    jobs.mkdir(parents=True)
+    before = snapshot(site.root)
+    cmd = m.decode(m.encode(m.TeardownGuests.new(job_id=job_id, deadline=60.0, node=site.node)))
+    site.worker.on_teardown_guests(cmd)
+    refused(site.sent.sent[-1:], "is not a job id")
+    assert snapshot(site.root) == before
+
+
+def test_a_guest_named_like_another_jobs_domain_leaves_that_domain_alone(site, users):
+    """A boot command naming a guest of another job: not re-announced, not removed as a leftover."""
+    import libvirt
+
+    from vtorque.services.node_worker.domain import BootSource, GuestDisks, GuestMetadata, domain_xml
+    from vtorque.services.node_worker.hypervisor import Hypervisor
+
+    a, _ = users
+    site.worker.hv = Hypervisor("test:///default")  # a domain of the victim's, without booting anything
+    victim_job, j = job(), job()
+    name = domain_name(victim_job, site.node, 0)
+    victim = site.plan(a, victim_job, name=name)
+    xml = domain_xml(victim, GuestDisks("/nonexistent/o", "/nonexistent/s", "/nonexistent/c"), BootSource(),
+                     GuestMetadata(job_id=victim_job, owner=a.name, deadline=m.utcnow(), index=0, ssh_port=1,
+                                   node=site.node), domain_type="test")
+    dom = site.worker.hv.define(xml)
+    try:
+        answers = site.boot(j, site.plan(a, j, name=name))
+        refused(answers, "is not this job's")
+        assert site.worker.hv.lookup(name) is not None
+    finally:
+        try:
+            dom.undefine()
+        except libvirt.libvirtError:
+            pass
+
+
+# (c) the spec ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("changes,word", [
+    ({"vcpus": 10000}, "vcpus=10000"),
+    ({"vcpus": 0}, "vcpus=0"),
+    ({"ram_mib": 1 << 30}, "ram="),
+    ({"ram_mib": 1}, "ram="),
+    ({"distro": "plan9"}, "distro"),
+    ({"arch": "riscv"}, "arch"),
+    ({"image": "not-in-catalog"}, "no such image"),
+    ({"image": "../../etc"}, "malformed"),
+    ({"image_digest": "../" * 20 + "x" * 4}, "malformed"),
+    ({"disk": m.DataDisk(size_mib=1 << 24)}, "disk="),
+    ({"disk": m.DataDisk(image="/home/x/../../etc/shadow.img")}, "disk="),
+    ({"disk": m.DataDisk(image="relative.qcow2")}, "disk="),
+    ({"disk": m.DataDisk(size_mib=8, image="/home/x/a.img")}, "both"),
+    ({"iocm_min_cores": 3}, "iocm_min_cores"),
+    ({"iocm_min_cores": 1, "iocm_max_cores": 99}, "iocm_max_cores"),
+    ({"cores": list(range(40))}, "cores"),
+    ({"ssh_authorized_keys": ["ssh-ed25519 AAAA\ncommand=\"sh\" ssh-rsa AAAA"]}, "ssh_authorized_keys"),
+    ({"ssh_authorized_keys": []}, "ssh_authorized_keys"),
+])
+def test_an_invalid_or_oversized_spec_is_refused(site, users, changes, word):
+    a, _ = users
+    before, j = snapshot(site.root), job()
+    refused(site.boot(j, site.plan(a, j, **changes)), word)
+    assert_nothing_happened(site, before)
+
+
+def test_more_guests_on_a_node_than_the_site_allows_are_refused(site, users):
+    a, _ = users
+    before, j = snapshot(site.root), job()
+    guests = [site.plan(a, j, name=domain_name(j, site.node, k), index=k) for k in range(3)]  # max_vms_per_node=2
+    refused(site.boot(j, *guests), "vms_per_node")
+    assert_nothing_happened(site, before)
+
+
+def test_a_bad_job_network_is_refused(site, users):
+    a, _ = users
+    before, j = snapshot(site.root), job()
+    net = m.JobNetwork(group="127.0.0.1", port=5000, prefix=24) if "prefix" in m.JobNetwork.__struct_fields__ \
+        else None
+    assert net is not None
+    refused(site.boot(j, site.plan(a, j), network=net), "network")
+    assert_nothing_happened(site, before)
+
+
+# (d) the user's cloud-init metadata --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("metadata", [
+    {"runcmd": [["sh", "-c", "id"]]},
+    {"bootcmd": ["chmod 4755 /bin/sh"]},
+    {"users": [{"name": "root", "ssh_authorized_keys": [KEY]}]},
+    {"write_files": [{"path": "/etc/sudoers.d/x", "content": "ALL ALL=(ALL) NOPASSWD:ALL"}]},
+    {"disable_root": False},
+    {"ssh_authorized_keys": [KEY]},
+    {"mounts": [["/dev/vdc", "/mnt"]]},
+    {"packages": ["ok", "$(reboot)"]},
+    {"final_message": "x\nruncmd: [reboot]"},
+])
+def test_metadata_with_root_giving_keys_is_refused(site, users, metadata):
+    a, _ = users
+    before, j = snapshot(site.root), job()
+    refused(site.boot(j, site.plan(a, j, user_metadata=metadata)), "metadata")
+    assert_nothing_happened(site, before)
+
+
+def test_a_system_owner_is_allowed_only_where_the_site_says(site, users):
+    """[node] allow_system_owners: read from the config when it has the field (shared/config.py)."""
+    a, _ = users
+    cmd = m.BootGuests.new(job_id="1.sec", deadline=60.0, node=site.node,
+                           guests=[site.plan(a, "1.sec", owner=m.Owner(user="root", uid=0, gid=0))])
+    with pytest.raises(trust.Refused, match="allow_system_owners"):
+        trust.check_boot(cmd, site.node, site.config)
+    if "allow_system_owners" in type(site.config.node).__struct_fields__:
+        allowed = msgspec.structs.replace(site.config, node=msgspec.structs.replace(site.config.node,
+                                                                                    allow_system_owners=True))
+        assert trust.check_boot(cmd, site.node, allowed)
+
+
+def test_the_guest_dirs_stay_confined(site, users):
+    """Every path the worker derives stays under its root: no name the grammar lets through leaves it."""
+    from vtorque.services.node_worker import disks
+
+    for name in ("vt-1-n-0", "vt-" + "a" * 120, "vt-_-_"):
+        path = disks.guest_dir(site.config.node.guest_dir, name)
+        assert os.path.dirname(os.path.normpath(path)) == site.config.node.guest_dir
+    for name in ("vt-../x", "vt-a/b", "vt-" + "a" * 121, "x"):
+        with pytest.raises(trust.Refused):
+            disks.guest_dir(site.config.node.guest_dir, name)
+    assert Path(site.config.node.guest_dir).parent == site.root
