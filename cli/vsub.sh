@@ -20,7 +20,12 @@ nl='
 
 python_vsub() {
   p=${VTORQUE_VSUB_PY:-${0%/*}/vtorque-vsub}
-  [ -x "$p" ] || p=vtorque-vsub
+  if [ ! -x "$p" ]; then
+    p=$(command -v vtorque-vsub) || {
+      echo "vsub: the Python vsub (vtorque-vsub) is neither beside ${0} nor on PATH; install cli/vsub.sh beside it" >&2
+      exit 2
+    }
+  fi
   if [ -n "${buffered-}" ]; then
     exec "$p" "$@" <<VTORQUE_STDIN_END
 $buf

@@ -176,3 +176,9 @@ def test_a_missing_qsub_is_one_line_and_exit_2_and_nothing_runs(front):
     assert rc == 2 and who is None
     assert err.splitlines() == [f"vsub: the site's qsub /nonexistent/qsub is not an executable file "
                                 f"([scheduler] in {front.dir}/vtorque.toml)"]
+
+
+def test_without_the_python_vsub_a_vm_job_is_one_line_and_exit_2(front):
+    rc, who, _, _, err = front(["vm.sh"], env={"VTORQUE_VSUB_PY": str(front.dir / "none")})
+    assert rc == 2 and who is None
+    assert err.startswith("vsub: the Python vsub (vtorque-vsub) is neither beside ") and len(err.splitlines()) == 1
