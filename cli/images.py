@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from vtorque.shared import topology
 from vtorque.shared.config import Config, ConfigError, ImageEntry, load_config, read_catalog_file
 
 
@@ -315,7 +316,8 @@ def pull(name: str, timeout: float) -> None:
     url = config.broker.connection_url()
     job_id = f"pull-{uuid.uuid4().hex[:12]}"
     try:
-        waiter = EventWaiter(url, [f"image.{entry.sha256}.#"], timeout=config.broker.connect_timeout)
+        waiter = EventWaiter(url, [f"image.{entry.sha256}.#"], timeout=config.broker.connect_timeout,
+                             prefix=topology.prefix(topology.PULL_Q))
     except Exception as exc:  # noqa: BLE001 - one line, not a traceback
         raise click.ClickException(f"cannot reach the broker: {exc}")
     publisher = Publisher(url)

@@ -16,6 +16,7 @@ import logging
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
@@ -25,53 +26,94 @@ import msgspec
 from kombu import Connection, Exchange, Queue, binding
 
 from vtorque.shared import messages as m
+from vtorque.shared import topology
 from vtorque.shared import tracing
 from vtorque.shared.logs import job_context, log
 
 LOG = logging.getLogger("vtorque.bus")
 
-EVENTS = Exchange("vtorque.events", type="topic", durable=True)
-COMMANDS = Exchange("vtorque.commands", type="direct", durable=True)
-DEAD = Exchange("vtorque.dead", type="fanout", durable=True)
-DEAD_QUEUE = Queue("vtorque.dead", exchange=DEAD, routing_key="", durable=True)
-
-_QUORUM = {"x-queue-type": "quorum", "x-dead-letter-exchange": DEAD.name, "x-delivery-limit": 10}
-_CLASSIC = {"x-dead-letter-exchange": DEAD.name}
+# Exchanges and queues are built from the one topology table (shared/topology.py); nothing here names one.
+EVENTS = Exchange(topology.EVENTS, type=topology.EXCHANGES[topology.EVENTS], durable=True)
+COMMANDS = Exchange(topology.COMMANDS, type=topology.EXCHANGES[topology.COMMANDS], durable=True)
+DEAD = Exchange(topology.DEAD, type=topology.EXCHANGES[topology.DEAD], durable=True)
+_EXCHANGES = {e.name: e for e in (EVENTS, COMMANDS, DEAD)}
 
 
 # -- topology ---------------------------------------------------------------------------------------------
 
+def kombu_queue(spec: topology.QueueSpec) -> Queue:
+    """The kombu Queue of one (rendered) entry of the table."""
+    exchange = _EXCHANGES[spec.exchange]
+    private = spec.kind == "private"
+    return Queue(spec.name, exchange=exchange, durable=not private, exclusive=private, auto_delete=private,
+                 queue_arguments=spec.queue_arguments or None,
+                 bindings=[binding(exchange, routing_key=key) for key in spec.bindings])
+
+
+def table_queue(name: str, **names: str) -> Queue:
+    return kombu_queue(topology.queue(name, **names))
+
+
+def service_queues(role: topology.Role, **names: str) -> list[Queue]:
+    """The durable queues a service consumes, from the table (private ones are made by their owners)."""
+    return [kombu_queue(q.render(**names)) for q in topology.queues_of(role) if q.kind != "private"
+            and ("{node}" not in q.name or "node" in names)]
+
+
+DEAD_QUEUE = table_queue(topology.DEAD_QUEUE)
+
+
 def bridge_queue() -> Queue:
-    """The bridge pool consumes scheduler job events (competing consumers on one quorum queue)."""
-    return Queue("vtorque.bridge", exchange=EVENTS, durable=True, queue_arguments=_QUORUM, bindings=[
-        binding(EVENTS, routing_key="job.*.job_started"),
-        binding(EVENTS, routing_key="job.*.job_ended"),
-    ])
+    return table_queue(topology.BRIDGE_Q)
 
 
 def stager_queue() -> Queue:
-    return Queue("vtorque.stager", exchange=COMMANDS, routing_key="stager", durable=True, queue_arguments=_QUORUM)
+    return table_queue(topology.STAGER_Q)
 
 
 def node_queue(host: str) -> Queue:
-    """One durable classic queue per node: a quorum queue per node does not scale (1,024 wedged the broker)."""
-    return Queue(f"vtorque.node.{host}", exchange=COMMANDS, routing_key=f"node.{host}", durable=True,
-                 queue_arguments=_CLASSIC)
+    return table_queue(topology.NODE_Q, node=host)
 
 
 def command_route(command: m.Command) -> tuple[Queue, str]:
-    if isinstance(command, m.StageImage):
-        return stager_queue(), "stager"
-    if isinstance(command, (m.BootGuests, m.TeardownGuests)):
-        return node_queue(command.node), f"node.{command.node}"
-    raise TypeError(f"no route for {type(command).__name__}")
+    spec = topology.command_queue(command)
+    return kombu_queue(spec), spec.bindings[0]
+
+
+def _exists(channel, kind: str, name: str, exchange_type: str = "") -> bool:
+    """A passive declare on a channel of its own (a NotFound closes the channel it happens on); needs no
+    permission at all, so any broker user can check what the administrator's set-up made."""
+    probe = channel.connection.channel()
+    try:
+        if kind == "exchange":
+            probe.exchange_declare(name, exchange_type, durable=True, passive=True)
+        else:
+            probe.queue_declare(name, passive=True)
+        return True
+    except amqp.exceptions.NotFound:
+        return False
+    finally:
+        if probe.is_open:
+            probe.close()
 
 
 def declare_topology(channel, queues: Iterable[Queue] = ()) -> None:
-    for exchange in (EVENTS, COMMANDS, DEAD):
-        exchange(channel).declare()
-    DEAD_QUEUE(channel).declare()
+    """Checks the exchanges (`vtorque broker setup` made them); where they are missing and this user may create
+    them (a test's own vhost), creates them and the dead-letter queue. Then declares `queues`: the caller's
+    own, which its broker user may configure (shared/topology.py)."""
+    if not all(_exists(channel, "exchange", e.name, e.type) for e in (EVENTS, COMMANDS, DEAD)):
+        for exchange in (EVENTS, COMMANDS, DEAD):
+            exchange(channel).declare()
+        DEAD_QUEUE(channel).declare()
     for queue in queues:
+        queue(channel).declare()
+
+
+def ensure_queue(channel, queue: Queue) -> None:
+    """Someone else's queue (a command's target, the heartbeat store): used as it is when it exists, since
+    this user may not configure it; declared only where it is missing (a node worker not started yet: the
+    command then waits for it), which needs the right to."""
+    if not _exists(channel, "queue", queue.name):
         queue(channel).declare()
 
 
@@ -148,7 +190,7 @@ class Publisher:
             queue, routing_key = command_route(message)
             if queue.name not in self._declared:
                 # A command waits in its queue for a consumer that has not started yet: never dropped unrouted.
-                queue(producer.channel).declare()
+                ensure_queue(producer.channel, queue)
                 self._declared.add(queue.name)
             exchange = COMMANDS.name
         else:
@@ -179,12 +221,13 @@ class Publisher:
 class EventWaiter:
     """An exclusive queue bound to some event patterns, declared before the awaited thing is triggered."""
 
-    def __init__(self, url: str, patterns: Iterable[str], timeout: float = 5.0):
+    def __init__(self, url: str, patterns: Iterable[str], timeout: float = 5.0, prefix: str = topology.prefix(topology.WAIT_Q)):
         self.conn = connect(url, heartbeat=0, timeout=timeout)
         channel = self.conn.channel()
         declare_topology(channel)
-        self.queue = Queue(exclusive=True, auto_delete=True, durable=False,
-                           bindings=[binding(EVENTS, routing_key=p) for p in patterns])(channel)
+        # Named in vtorque's namespace (not amq.gen-…), so a broker user limited to its own names may declare it.
+        self.queue = Queue(f"{prefix}{uuid.uuid4().hex[:16]}", exclusive=True, auto_delete=True,
+                           durable=False, bindings=[binding(EVENTS, routing_key=p) for p in patterns])(channel)
         self.queue.declare()
         self._inbox: list[m.Message] = []
         self.consumer = kombu.Consumer(channel, queues=[self.queue], on_message=self._on_message, no_ack=True,

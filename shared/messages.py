@@ -55,7 +55,10 @@ class Event(Message, frozen=True):
     kind: ClassVar[Literal["command", "event"]] = "event"
 
     def routing_key(self) -> str:
-        return f"job.{routing_word(self.job_id)}.{self.event_name}"
+        """Where it goes on vtorque.events: the route the topology table gives its type."""
+        from vtorque.shared.topology import routing_key  # the table imports this module
+
+        return routing_key(self)
 
 
 # -- shared parts -----------------------------------------------------------------------------------------
@@ -152,17 +155,11 @@ class ImageStaged(Event, frozen=True):
     seconds: float
     cached: bool
 
-    def routing_key(self) -> str:
-        return f"image.{self.digest}.staged"
-
 
 class ImageStageFailed(Event, frozen=True):
     image: str
     digest: str
     reason: str
-
-    def routing_key(self) -> str:
-        return f"image.{self.digest}.stage_failed"
 
 
 class ImageStagingProgress(Event, frozen=True):
@@ -174,9 +171,6 @@ class ImageStagingProgress(Event, frozen=True):
     total: int | None  # the source's size, when known
     rate: float  # bytes per second over the last interval
 
-    def routing_key(self) -> str:
-        return f"image.{self.digest}.staging_progress"
-
 
 class ImageStageCancelled(Event, frozen=True):
     """A staging stopped because every job that wanted the image was deleted. Not a failure: node workers
@@ -185,9 +179,6 @@ class ImageStageCancelled(Event, frozen=True):
     image: str
     digest: str
     reason: str
-
-    def routing_key(self) -> str:
-        return f"image.{self.digest}.stage_cancelled"
 
 
 class JobQueued(Event, frozen=True):
@@ -244,9 +235,6 @@ class NodeHeartbeat(Event, frozen=True):
     domain_type: Literal["kvm", "qemu"]  # qemu = TCG (software emulation)
     capabilities: list[str] = []
     interval: float = 10.0  # seconds until the next one
-
-    def routing_key(self) -> str:
-        return f"node.{routing_word(self.node)}.heartbeat"
 
 
 # -- commands ---------------------------------------------------------------------------------------------

@@ -5,20 +5,19 @@ the next reader. Used by `vtorque nodes`/`doctor` and by the bridge to plan only
 from __future__ import annotations
 
 import msgspec
-from kombu import Queue, binding
+from kombu import Queue
 
 from vtorque.shared import messages as m
-from vtorque.shared.bus import EVENTS, connect, declare_topology
+from vtorque.shared import topology
+from vtorque.shared.bus import connect, declare_topology, ensure_queue, table_queue
 
-NODES_QUEUE = "vtorque.nodes"
-NODES_TTL_MS = 60_000  # one minute of heartbeats per node stays readable; older ones expire in the broker
+NODES_QUEUE = topology.NODES_Q
 TTL_INTERVALS = 3
 
 
 def nodes_queue() -> Queue:
-    """Classic, durable, bounded: old heartbeats expire on their own and the queue never grows past it."""
-    return Queue(NODES_QUEUE, exchange=EVENTS, durable=True, bindings=[binding(EVENTS, routing_key="node.*.heartbeat")],
-                 queue_arguments={"x-message-ttl": NODES_TTL_MS, "x-max-length": 100_000, "x-overflow": "drop-head"})
+    """Classic, durable, bounded (shared/topology.py): old heartbeats expire on their own, it never grows."""
+    return table_queue(NODES_QUEUE)
 
 
 def is_stale(beat: m.NodeHeartbeat, now=None) -> bool:
@@ -42,7 +41,8 @@ def read_heartbeats(url: str, timeout: float = 5.0) -> list:
     try:
         channel = conn.channel()
         queue = nodes_queue()
-        declare_topology(channel, [queue])
+        declare_topology(channel)
+        ensure_queue(channel, queue)
         bound = queue(channel)
         seen: set[str] = set()
         while True:

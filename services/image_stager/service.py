@@ -13,11 +13,12 @@ import logging
 import threading
 import time
 
-from kombu import Queue, binding
+from kombu import Queue
 from opentelemetry import trace
 
 from vtorque.shared import messages as m
-from vtorque.shared.bus import _QUORUM, EVENTS, Publisher, stager_queue
+from vtorque.shared import topology
+from vtorque.shared.bus import Publisher, stager_queue, table_queue
 from vtorque.shared.config import Config, ImageEntry, refresh_catalog
 from vtorque.shared.logs import log
 
@@ -28,8 +29,7 @@ LOG = logging.getLogger("vtorque.stager")
 
 def cancel_queue() -> Queue:
     """Job deletions for the stagers: a durable queue, so a deletion while every stager is down still counts."""
-    return Queue("vtorque.stager.cancel", exchange=EVENTS, durable=True, queue_arguments=_QUORUM,
-                 bindings=[binding(EVENTS, routing_key="job.*.job_deleted")])
+    return table_queue(topology.STAGER_CANCEL_Q)
 
 
 class ProgressMeter:

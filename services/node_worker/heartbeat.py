@@ -19,7 +19,7 @@ import threading
 
 from vtorque.shared import messages as m
 from vtorque.shared import metrics
-from vtorque.shared.bus import Publisher, connect, declare_topology
+from vtorque.shared.bus import Publisher, connect, declare_topology, ensure_queue
 from vtorque.shared.logs import log
 from vtorque.shared.node_registry import TTL_INTERVALS, nodes_queue
 
@@ -104,7 +104,8 @@ class Heartbeat:
             if not self._declared:
                 with connect(self.url) as conn:
                     channel = conn.channel()
-                    declare_topology(channel, [nodes_queue()])
+                    declare_topology(channel)
+                    ensure_queue(channel, nodes_queue())
                 self._declared = True
             beat = node_facts(self.worker)
             metrics.set_guests_running(beat.node, beat.guests_running)

@@ -10,11 +10,11 @@ import logging
 
 import uuid
 
-from kombu import Queue, binding
 
 from vtorque.shared import messages as m
+from vtorque.shared import topology
 
-from vtorque.shared.bus import _QUORUM, EVENTS, Publisher, bridge_queue
+from vtorque.shared.bus import Publisher, service_queues, table_queue
 from vtorque.shared.config import Config, refresh_catalog
 from vtorque.shared.logs import log
 from vtorque.shared.node_registry import read_heartbeats
@@ -26,12 +26,6 @@ from .planning import PlanError, boot_commands, plan_guests
 LOG = logging.getLogger("vtorque.bridge")
 
 
-def prefetch_queue() -> Queue:
-    """JobQueued events (from `vtorque run prefetch`): a queue of their own, beside the hooks' job events."""
-    return Queue("vtorque.bridge.prefetch", exchange=EVENTS, durable=True, queue_arguments=_QUORUM,
-                 bindings=[binding(EVENTS, routing_key="job.*.job_queued")])
-
-
 class SchedulerBridge:
     name = "bridge"
 
@@ -40,12 +34,10 @@ class SchedulerBridge:
         # The nodes' latest heartbeats: what each node can do. Not job state: every replica keeps its own copy
         # from its own subscription (and the retained ones in vtorque.nodes), so none needs another's.
         self.beats: dict[str, m.NodeHeartbeat] = {}
-        self._beats_queue = Queue(f"vtorque.bridge.nodes.{uuid.uuid4().hex[:12]}", exchange=EVENTS,
-                                  exclusive=True, auto_delete=True, durable=False,
-                                  bindings=[binding(EVENTS, routing_key="node.*.heartbeat")])
+        self._beats_queue = table_queue(topology.BRIDGE_NODES_Q, tag=uuid.uuid4().hex[:12])
 
     def queues(self):
-        queues = [bridge_queue(), prefetch_queue()]
+        queues = service_queues("bridge")
         if self.config.spec.check_node_capabilities:
             queues.append(self._beats_queue)
         return queues

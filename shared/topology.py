@@ -1,0 +1,288 @@
+"""The broker topology, in one table: every exchange and queue, what each queue is bound to, which service
+publishes each message type and which consumes it.
+
+Everything else derives from this table: the kombu queues of shared/bus.py, each service's queues, the broker
+users' permissions (`broker_permissions`), the consumers' sender checks (`may_publish`) and the contract
+document. No queue name or routing pattern is typed anywhere else. Pure data and functions: no kombu, no pika
+(the hooks import it without loading either).
+
+Routing keys: events go to the topic exchange `vtorque.events` as `job.<job>.<event>`, `image.<digest>.<event>`
+or `node.<host>.<event>` (each a single word: shared/messages.py routing_word); commands go to the direct
+exchange `vtorque.commands` with the routing key of their queue (`stager`, `node.<host>`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from vtorque.shared import messages as m
+
+EVENTS = "vtorque.events"
+COMMANDS = "vtorque.commands"
+DEAD = "vtorque.dead"
+DEAD_QUEUE = "vtorque.dead"
+EXCHANGES: dict[str, str] = {EVENTS: "topic", COMMANDS: "direct", DEAD: "fanout"}
+
+# The publishing parts of vtorque. Each runs as a broker user of its own (docs/security.md): `node` is one
+# user per node (`vtorque-node-<host>`), the others one user per role.
+Role = Literal["hook", "prefetch", "bridge", "stager", "node", "operator"]
+ROLES: tuple[Role, ...] = ("hook", "prefetch", "bridge", "stager", "node", "operator")
+
+# The queues' names (templates hold {node} or {tag}); code refers to these, never to the strings.
+BRIDGE_Q, BRIDGE_PREFETCH_Q, BRIDGE_NODES_Q = "vtorque.bridge", "vtorque.bridge.prefetch", "vtorque.bridge.nodes.{tag}"
+STAGER_Q, STAGER_CANCEL_Q = "vtorque.stager", "vtorque.stager.cancel"
+NODE_Q, NODES_Q = "vtorque.node.{node}", "vtorque.nodes"
+HOOK_Q, WAIT_Q, PULL_Q = "vtorque.hook.{tag}", "vtorque.wait.{tag}", "vtorque.pull.{tag}"
+
+QUORUM_ARGS = {"x-queue-type": "quorum", "x-dead-letter-exchange": DEAD, "x-delivery-limit": 10}
+CLASSIC_ARGS = {"x-dead-letter-exchange": DEAD}
+
+
+class _Keep(dict):
+    """str.format_map that leaves a placeholder it was not given as it is."""
+
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    """One queue (a template when its name holds `{node}` or `{tag}`)."""
+
+    name: str
+    consumer: Role
+    exchange: str
+    bindings: tuple[str, ...]  # routing keys (topic patterns on vtorque.events)
+    kind: Literal["quorum", "classic", "private"]  # private: exclusive, auto-delete, one process's own
+    arguments: dict = field(default_factory=dict)
+    why: str = ""
+    readers: tuple[Role, ...] = ()  # other roles that read it without consuming (basic.get, no ack)
+
+    def render(self, **names: str) -> "QueueSpec":
+        """This queue for one node / one waiter: `{node}` and `{tag}` filled in, in its name and bindings."""
+        fill = lambda text: text.format_map(_Keep(names))  # noqa: E731
+        return QueueSpec(fill(self.name), self.consumer, self.exchange, tuple(fill(b) for b in self.bindings),
+                         self.kind, self.arguments, self.why, self.readers)
+
+    @property
+    def queue_arguments(self) -> dict:
+        base = {"quorum": QUORUM_ARGS, "classic": CLASSIC_ARGS, "private": {}}[self.kind]
+        return {**base, **self.arguments}
+
+
+QUEUES: dict[str, QueueSpec] = {q.name: q for q in (
+    QueueSpec(BRIDGE_Q, "bridge", EVENTS, ("job.*.job_started", "job.*.job_ended"), "quorum",
+              why="the scheduler's job events, competing bridge replicas"),
+    QueueSpec(BRIDGE_PREFETCH_Q, "bridge", EVENTS, ("job.*.job_queued",), "quorum",
+              why="queued VM jobs (prefetch), beside the hooks' events"),
+    QueueSpec(BRIDGE_NODES_Q, "bridge", EVENTS, ("node.*.heartbeat",), "private",
+              why="each bridge replica's own copy of the nodes' heartbeats (capability planning)"),
+    QueueSpec(STAGER_Q, "stager", COMMANDS, ("stager",), "quorum", why="StageImage, competing stagers"),
+    QueueSpec(STAGER_CANCEL_Q, "stager", EVENTS, ("job.*.job_deleted",), "quorum",
+              why="deleted queued jobs: a staging nobody waits for stops"),
+    QueueSpec(NODE_Q, "node", COMMANDS, ("node.{node}",), "classic",
+              why="one node's commands (a quorum queue per node does not scale: 1,024 wedged the broker)"),
+    QueueSpec(NODES_Q, "operator", EVENTS, ("node.*.heartbeat",), "classic",
+              {"x-message-ttl": 60_000, "x-max-length": 100_000, "x-overflow": "drop-head"},
+              why="the last minute of heartbeats, read without ack by `vtorque nodes` and the bridge",
+              readers=("bridge",)),
+    QueueSpec(HOOK_Q, "hook", EVENTS, ("job.{job}.#", "image.{digest}.#"), "private",
+              why="a hook waiting for its job's events (declared before it publishes)"),
+    QueueSpec(WAIT_Q, "node", EVENTS, ("image.{digest}.#",), "private",
+              why="a node worker waiting for an image's staging"),
+    QueueSpec(PULL_Q, "operator", EVENTS, ("image.{digest}.#",), "private",
+              why="`vtorque images pull` showing a staging's progress"),
+    QueueSpec(DEAD_QUEUE, "operator", DEAD, ("",), "classic", why="dead letters, each with x-vtorque-reason"),
+)}
+
+
+@dataclass(frozen=True)
+class Flow:
+    publishers: frozenset[Role]
+    route: str  # routing key template ({job}, {digest}, {node}) or the command queue's routing key
+    consumers: frozenset[str]  # the queues (names as in QUEUES) it must reach, no more, no fewer
+
+
+def _flow(publishers: str, route: str, consumers: str) -> Flow:
+    return Flow(frozenset(publishers.split()), route, frozenset(consumers.split()))  # type: ignore[arg-type]
+
+
+_HOOK, _WAIT = HOOK_Q, f"{WAIT_Q} {PULL_Q}"
+
+
+# Who may publish each message type, and where it goes. CommandExpired is said by whoever dropped the command.
+FLOWS: dict[type, Flow] = {
+    m.JobStarted: _flow("hook", "job.{job}.job_started", f"vtorque.bridge {_HOOK}"),
+    m.JobEnded: _flow("hook", "job.{job}.job_ended", f"vtorque.bridge {_HOOK}"),
+    m.JobQueued: _flow("prefetch", "job.{job}.job_queued", f"vtorque.bridge.prefetch {_HOOK}"),
+    m.JobDeleted: _flow("prefetch", "job.{job}.job_deleted", f"vtorque.stager.cancel {_HOOK}"),
+    m.JobPlanned: _flow("bridge", "job.{job}.job_planned", _HOOK),
+    m.JobRejected: _flow("bridge", "job.{job}.job_rejected", _HOOK),
+    m.StageImage: _flow("bridge node operator", "stager", "vtorque.stager"),
+    m.BootGuests: _flow("bridge", "node.{node}", "vtorque.node.{node}"),
+    m.TeardownGuests: _flow("bridge", "node.{node}", "vtorque.node.{node}"),
+    m.ImageStaged: _flow("stager", "image.{digest}.staged", f"{_HOOK} {_WAIT}"),
+    m.ImageStageFailed: _flow("stager", "image.{digest}.stage_failed", f"{_HOOK} {_WAIT}"),
+    m.ImageStagingProgress: _flow("stager", "image.{digest}.staging_progress", f"{_HOOK} {_WAIT}"),
+    m.ImageStageCancelled: _flow("stager", "image.{digest}.stage_cancelled", f"{_HOOK} {_WAIT}"),
+    m.GuestReady: _flow("node", "job.{job}.guest_ready", _HOOK),
+    m.GuestFailed: _flow("node", "job.{job}.guest_failed", _HOOK),
+    m.GuestsTornDown: _flow("node", "job.{job}.guests_torn_down", _HOOK),
+    m.NodeHeartbeat: _flow("node", "node.{node}.heartbeat", "vtorque.bridge.nodes.{tag} vtorque.nodes"),
+    m.CommandExpired: _flow("stager node", "job.{job}.command_expired", _HOOK),
+}
+
+
+def routing_key(event: m.Event) -> str:
+    """An event's routing key from its type's route: job ids and node names escaped to one word each."""
+    return FLOWS[type(event)].route.format_map(_Keep({
+        "job": m.routing_word(event.job_id), "digest": getattr(event, "digest", ""),
+        "node": m.routing_word(getattr(event, "node", "") or "")}))
+
+
+def queue(name: str, **names: str) -> QueueSpec:
+    """A queue of the table, its template filled in: queue("vtorque.node.{node}", node="n1")."""
+    return QUEUES[name].render(**names) if names else QUEUES[name]
+
+
+def queues_of(role: Role) -> list[QueueSpec]:
+    return [q for q in QUEUES.values() if q.consumer == role]
+
+
+def command_queue(command: m.Command) -> QueueSpec:
+    """The queue a command goes to (its routing key is the queue's one binding)."""
+    route = FLOWS[type(command)].route
+    if route == "stager":
+        return queue(STAGER_Q)
+    return queue(NODE_Q, node=command.node)  # type: ignore[attr-defined]
+
+
+def prefix(template: str) -> str:
+    """The fixed start of a templated queue name: prefix(HOOK_Q) == "vtorque.hook."."""
+    return template.split("{", 1)[0]
+
+
+# -- what consumes what (the table read backwards) -------------------------------------------------------------
+
+def topic_matches(pattern: str, key: str) -> bool:
+    """AMQP topic matching: `*` is exactly one word, `#` zero or more."""
+    words, keys = pattern.split("."), key.split(".")
+
+    def match(i: int, j: int) -> bool:
+        if i == len(words):
+            return j == len(keys)
+        if words[i] == "#":
+            return any(match(i + 1, k) for k in range(j, len(keys) + 1))
+        return j < len(keys) and words[i] in ("*", keys[j]) and match(i + 1, j + 1)
+
+    return match(0, 0)
+
+
+def consumers_of(message_type: type, sample: dict[str, str] | None = None) -> set[str]:
+    """The table's queues (by their table name) that a message of this type reaches, its routing key made
+    from sample names; each queue is rendered with the same names (a hook waits on its own job and image)."""
+    sample = sample or {"job": "J", "digest": "D", "node": "N", "tag": "T"}
+    key = FLOWS[message_type].route.format_map(_Keep(sample))
+    exchange = COMMANDS if issubclass(message_type, m.Command) else EVENTS
+    reached = set()
+    for name, spec in QUEUES.items():
+        if spec.exchange != exchange:
+            continue
+        bound = spec.render(**sample)
+        if any(b == key if exchange == COMMANDS else topic_matches(b, key) for b in bound.bindings):
+            reached.add(name)
+    return reached
+
+
+# -- who may send what (consumers check the broker-validated user_id) ------------------------------------------
+
+USER_PREFIX = "vtorque-"
+
+
+def broker_user(role: Role, node: str | None = None) -> str:
+    return f"{USER_PREFIX}node-{node}" if role == "node" else f"{USER_PREFIX}{role}"
+
+
+def role_of(user: str | None) -> tuple[Role | None, str | None]:
+    """(role, node) of a broker user name; (None, None) for a user that is none of vtorque's."""
+    if not user or not user.startswith(USER_PREFIX):
+        return None, None
+    rest = user[len(USER_PREFIX):]
+    if rest.startswith("node-") and len(rest) > 5:
+        return "node", rest[5:]
+    return (rest, None) if rest in ROLES and rest != "node" else (None, None)  # type: ignore[return-value]
+
+
+def may_publish(user: str | None, message: m.Message) -> str | None:
+    """None if `user` may have sent `message`; else why not (the reason a consumer dead-letters it with).
+    A node's user speaks only for its own node."""
+    role, node = role_of(user)
+    flow = FLOWS.get(type(message))
+    if flow is None:
+        return f"{type(message).__name__} is in no flow of the topology table"
+    if role is None:
+        return f"{type(message).__name__} from broker user {user!r}, which is not one of vtorque's"
+    if role not in flow.publishers:
+        return f"{type(message).__name__} may be sent by {', '.join(sorted(flow.publishers))}, not by {user}"
+    claimed = getattr(message, "node", None)
+    if role == "node" and claimed is not None and claimed != node:
+        return f"{type(message).__name__} for node {claimed} sent by {user}"
+    return None
+
+
+# -- broker permissions, derived --------------------------------------------------------------------------------
+
+def _template_regex(template: str, node: str | None) -> str:
+    """A queue-name or routing-key template as a regex: {node} the node's own, {tag}/{job}/{digest} one word."""
+    out = ""
+    for part in re.split(r"(\{[a-z]+\})", template):
+        if part == "{node}":
+            out += re.escape(node) if node else r"[^.]+"
+        elif part == "{tag}":
+            out += r"[A-Za-z0-9_%-]+(\.[A-Za-z0-9_%-]+)*"  # a queue's own suffix: <job word>.<random>
+        elif part.startswith("{"):
+            out += r"[^.]+"
+        else:
+            out += re.escape(part)
+    return out
+
+
+def _any(regexes: list[str]) -> str:
+    regexes = sorted(set(regexes))
+    return "^(" + "|".join(regexes) + ")$" if regexes else "^$"
+
+
+@dataclass(frozen=True)
+class Permissions:
+    configure: str
+    write: str
+    read: str
+    topic_write: str  # routing keys this user may publish to vtorque.events
+    topic_read: str  # routing keys this user may bind its queues to on vtorque.events
+
+
+def broker_permissions(role: Role, node: str | None = None) -> Permissions:
+    """What one broker user may do, from the table alone: declare and read its own queues, write to the
+    exchanges its messages go to, publish only the routing keys of the messages it may send, bind only to
+    what its queues are bound to. Exchanges are declared by the administrator's set-up (`vtorque broker
+    setup`); a service only checks them (passive declare needs no permission)."""
+    own = [q for q in QUEUES.values() if q.consumer == role]
+    names = [_template_regex(q.name, node) for q in own]
+    sends = [t for t, f in FLOWS.items() if role in f.publishers]
+    exchanges = {COMMANDS if issubclass(t, m.Command) else EVENTS for t in sends}
+    if any(q.kind != "private" for q in own) or role in ("bridge", "stager", "node"):
+        exchanges.add(DEAD)  # dead letters (ServiceRunner republishes with the reason)
+    # Binding a queue needs read on the exchange; consuming, read on the queue.
+    bound_exchanges = {q.exchange for q in own}
+    keys = [_template_regex(FLOWS[t].route, node) for t in sends if not issubclass(t, m.Command)]
+    bind_keys = [_template_regex(b, node) for q in own if q.exchange == EVENTS for b in q.bindings]
+    also_read = [_template_regex(q.name, node) for q in QUEUES.values() if role in q.readers]
+    return Permissions(
+        configure=_any(names),
+        write=_any(names + [re.escape(e) for e in exchanges]),
+        read=_any(names + also_read + [re.escape(e) for e in bound_exchanges]),
+        topic_write=_any(keys),
+        topic_read=_any([k.replace(r"\#", r".*").replace(r"\*", r"[^.]+") for k in bind_keys]),
+    )
