@@ -18,7 +18,9 @@ import sys
 USAGE_EXIT = 2
 # qsub options that take a value (Torque 6 and slurm-wlm-torque); everything else starting with '-' is a flag.
 # cli/vsub.sh has the same list.
-_QSUB_VALUE_OPTIONS = set("aAbcCdDeFjkKlLmMNopPqrStuvwW")
+_QSUB_VALUE_OPTIONS = set("aAbcCdDeFjJkKlLmMNopPqrStuvwW")
+# slurm-wlm-torque's qsub also has -wd DIR and -pe shm N (Torque's getopt reads those as -w d and -p e).
+_SLURM_LONG_OPTIONS = {"-wd": 1, "-pe": 2}
 DEFAULT_PREFIX = "#PBS"
 
 
@@ -34,11 +36,11 @@ class _Man(Exception):
     pass
 
 
-def split_args(argv: list[str]) -> tuple[list[str], list[str], int | None, bool]:
+def split_args(argv: list[str], kind: str = "torque") -> tuple[list[str], list[str], int | None, bool]:
     """(qsub args without -vm/--dry-run/-gf, -vm values, index of the script in the qsub args, dry_run).
 
     Options end at the first argument that is not one (the script); what follows it is the script's.
-    vTorque's `-gf` ("generate files only") is --dry-run."""
+    vTorque's `-gf` ("generate files only") is --dry-run. `kind`: the site's scheduler ([scheduler] kind)."""
     qsub_args: list[str] = []
     vm: list[str] = []
     script_at: int | None = None
@@ -63,7 +65,11 @@ def split_args(argv: list[str]) -> tuple[list[str], list[str], int | None, bool]
             raise _Man()
         elif arg.startswith("-") and len(arg) > 1:
             qsub_args.append(arg)
-            if len(arg) == 2 and arg[1] in _QSUB_VALUE_OPTIONS:
+            if kind == "slurm" and arg in _SLURM_LONG_OPTIONS:
+                values = argv[i + 1:i + 1 + _SLURM_LONG_OPTIONS[arg]]
+                qsub_args += values
+                i += len(values)
+            elif len(arg) == 2 and arg[1] in _QSUB_VALUE_OPTIONS:
                 if i + 1 >= len(argv):
                     if arg == "-C":
                         raise UsageError("-C needs a value: the directive prefix, e.g. -C '#PBS'")
@@ -77,7 +83,7 @@ def split_args(argv: list[str]) -> tuple[list[str], list[str], int | None, bool]
     return qsub_args, vm, script_at, dry_run
 
 
-def directive_prefix(options: list[str], env=None) -> str:
+def directive_prefix(options: list[str], env=None, kind: str = "torque") -> str:
     """qsub's directive prefix for these options (those before the script): the last -C, else $PBS_DPREFIX,
     else #PBS. Empty: the script has no directives (qsub does not scan it)."""
     env = os.environ if env is None else env
@@ -90,6 +96,8 @@ def directive_prefix(options: list[str], env=None) -> str:
             i += 1
         elif arg.startswith("-C") and len(arg) > 2:
             prefix = arg[2:]
+        elif kind == "slurm" and arg in _SLURM_LONG_OPTIONS:
+            i += _SLURM_LONG_OPTIONS[arg]
         elif len(arg) == 2 and arg[0] == "-" and arg[1] in _QSUB_VALUE_OPTIONS:
             i += 1
         i += 1
@@ -120,16 +128,16 @@ def _script_is_vm(path: str, prefix: str) -> bool:
     return is_vm_script("".join(lines), prefix)
 
 
-def needs_python(argv: list[str], stdin_data: bytes | None = None) -> bool:
+def needs_python(argv: list[str], stdin_data: bytes | None = None, kind: str = "torque") -> bool:
     """Whether the sh front hands this command line to the Python vsub (a VM job, --dry-run/-gf, --help,
     --man, a usage error); False: it goes to qsub untouched. `stdin_data`: the script piped in, if any."""
     try:
-        qsub_args, vm, script_at, dry_run = split_args(argv)
+        qsub_args, vm, script_at, dry_run = split_args(argv, kind)
     except (UsageError, _Help, _Man):
         return True
     if vm or dry_run:
         return True
-    prefix = directive_prefix(qsub_args if script_at is None else qsub_args[:script_at])
+    prefix = directive_prefix(qsub_args if script_at is None else qsub_args[:script_at], kind=kind)
     if script_at is not None and qsub_args[script_at] != "-":
         return _script_is_vm(qsub_args[script_at], prefix)
     return stdin_data is not None and is_vm_script(stdin_data.decode("utf-8", "replace"), prefix)
@@ -154,8 +162,8 @@ def _load_config():
         raise UsageError(str(exc)) from None
 
 
-def _exec_qsub(argv: list[str], stdin_data: bytes | None = None):
-    qsub = qsub_binary(_load_config())
+def _exec_qsub(config, argv: list[str], stdin_data: bytes | None = None):
+    qsub = qsub_binary(config)
     if stdin_data is not None:
         import tempfile
 
@@ -179,21 +187,23 @@ def _stdin_is_a_script() -> bool:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        qsub_args, vm, script_at, dry_run = split_args(argv)
-        prefix = directive_prefix(qsub_args if script_at is None else qsub_args[:script_at])
+        config = _load_config()
+        qsub_args, vm, script_at, dry_run = split_args(argv, config.scheduler.kind)
+        prefix = directive_prefix(qsub_args if script_at is None else qsub_args[:script_at],
+                                  kind=config.scheduler.kind)
         script_path = qsub_args[script_at] if script_at is not None else None
         stdin_data = None
         if not vm and not dry_run:
             # Not a VM job unless the script says so in a "#PBS -vm" line; otherwise qsub gets it untouched.
             if script_path is not None and script_path != "-":
                 if not _script_is_vm(script_path, prefix):
-                    _exec_qsub(argv)
+                    _exec_qsub(config, argv)
             elif not _stdin_is_a_script():
-                _exec_qsub(argv)
+                _exec_qsub(config, argv)
             else:
                 stdin_data = sys.stdin.buffer.read()
                 if not is_vm_script(stdin_data.decode("utf-8", "replace"), prefix):
-                    _exec_qsub(argv, stdin_data)
+                    _exec_qsub(config, argv, stdin_data)
         return _submit_vm_job(qsub_args, vm, script_at, dry_run, prefix, stdin_data)
     except _Help:
         return _guarded(_print_help)

@@ -34,60 +34,6 @@ VTORQUE_STDIN_END
   exec "$p" "$@"
 }
 
-# -- the arguments: qsub's, as cli/vsub.py split_args reads them ------------------------------------------
-pfx=${PBS_DPREFIX-#PBS}
-script= have_script= skip= want_pfx=
-for a do
-  if [ -n "$skip" ]; then
-    skip=
-    [ -n "$want_pfx" ] && pfx=$a want_pfx=
-    continue
-  fi
-  case $a in
-    -vm|-vm=*|--dry-run|-gf|--help|--man) python_vsub "$@" ;;
-    -C) skip=1 want_pfx=1 ;;
-    -C?*) pfx=${a#-C} ;;
-    -[aAbcdDeFjkKlLmMNopPqrStuvwW]) skip=1 ;;
-    -?*) ;;
-    *) script=$a have_script=1; break ;;
-  esac
-done
-[ -n "$want_pfx" ] && python_vsub "$@"  # -C without its value: qsub's usage error, in vsub's words
-
-# -- the job script's leading block: a "<prefix> -vm" line makes a VM job ---------------------------------
-vm=
-scan() {
-  [ -n "$pfx" ] || return 0
-  while IFS= read -r l || [ -n "$l" ]; do
-    case $l in *[![:space:]]*) ;; *) continue ;; esac
-    case ${l#"${l%%[![:space:]]*}"} in '#'*) ;; *) return 0 ;; esac
-    case $l in
-      "$pfx"[[:space:]]*)
-        r=${l#"$pfx"}
-        case ${r#"${r%%[![:space:]]*}"} in -vm|-vm[[:space:]]*) vm=1; return 0 ;; esac ;;
-    esac
-  done
-}
-
-if [ -n "$have_script" ] && [ "$script" != - ]; then
-  [ -f "$script" ] && [ -r "$script" ] && scan < "$script"
-elif [ -t 0 ] || [ -c /dev/stdin ] || [ ! -e /dev/stdin ]; then
-  :  # a terminal, a device or no stdin at all: qsub reads it itself
-elif [ -f /dev/stdin ]; then
-  scan < /dev/stdin  # a fresh open of the file: qsub still reads it from the start
-else
-  # A pipe: read it all (qsub gets every byte back on its stdin), then look at its leading block.
-  buf= l=
-  while IFS= read -r l; do buf=$buf$l$nl; done
-  buf=$buf$l
-  buffered=1
-  scan <<VTORQUE_STDIN_END
-$buf
-VTORQUE_STDIN_END
-  buf=${buf%"$nl"}
-fi
-[ -n "$vm" ] && python_vsub "$@"
-
 # -- the site's qsub, from [scheduler] ------------------------------------------------------------------
 cfg=${VTORQUE_CONFIG-/etc/vtorque/vtorque.toml}
 kind=torque bindir= qsub=
@@ -132,6 +78,63 @@ case $kind in
   *) python_vsub "$@" ;;
 esac
 qsub=${qsub:-${bindir:-$dflt}/qsub}
+
+# -- the arguments: qsub's, as cli/vsub.py split_args reads them ------------------------------------------
+pfx=${PBS_DPREFIX-#PBS}
+script= have_script= skip=0 want_pfx=
+for a do
+  if [ "$skip" -gt 0 ]; then
+    skip=$((skip - 1))
+    [ -n "$want_pfx" ] && pfx=$a want_pfx=
+    continue
+  fi
+  case $a in
+    -vm|-vm=*|--dry-run|-gf|--help|--man) python_vsub "$@" ;;
+    -C) skip=1 want_pfx=1 ;;
+    -C?*) pfx=${a#-C} ;;
+    -[aAbcdDeFjJkKlLmMNopPqrStuvwW]) skip=1 ;;
+    -wd) [ "$kind" = slurm ] && skip=1 ;;  # slurm-wlm-torque's -wd DIR, -pe shm N (Torque: -w d, -p e)
+    -pe) [ "$kind" = slurm ] && skip=2 ;;
+    -?*) ;;
+    *) script=$a have_script=1; break ;;
+  esac
+done
+[ -n "$want_pfx" ] && python_vsub "$@"  # -C without its value: qsub's usage error, in vsub's words
+
+# -- the job script's leading block: a "<prefix> -vm" line makes a VM job ---------------------------------
+vm=
+scan() {
+  [ -n "$pfx" ] || return 0
+  while IFS= read -r l || [ -n "$l" ]; do
+    case $l in *[![:space:]]*) ;; *) continue ;; esac
+    case ${l#"${l%%[![:space:]]*}"} in '#'*) ;; *) return 0 ;; esac
+    case $l in
+      "$pfx"[[:space:]]*)
+        r=${l#"$pfx"}
+        case ${r#"${r%%[![:space:]]*}"} in -vm|-vm[[:space:]]*) vm=1; return 0 ;; esac ;;
+    esac
+  done
+}
+
+if [ -n "$have_script" ] && [ "$script" != - ]; then
+  [ -f "$script" ] && [ -r "$script" ] && scan < "$script"
+elif [ -t 0 ] || [ -c /dev/stdin ] || [ ! -e /dev/stdin ]; then
+  :  # a terminal, a device or no stdin at all: qsub reads it itself
+elif [ -f /dev/stdin ]; then
+  scan < /dev/stdin  # a fresh open of the file: qsub still reads it from the start
+else
+  # A pipe: read it all (qsub gets every byte back on its stdin), then look at its leading block.
+  buf= l=
+  while IFS= read -r l; do buf=$buf$l$nl; done
+  buf=$buf$l
+  buffered=1
+  scan <<VTORQUE_STDIN_END
+$buf
+VTORQUE_STDIN_END
+  buf=${buf%"$nl"}
+fi
+[ -n "$vm" ] && python_vsub "$@"
+
 if [ ! -x "$qsub" ] || [ -d "$qsub" ]; then
   echo "vsub: the site's qsub $qsub is not an executable file ([scheduler] in $cfg)" >&2
   exit 2

@@ -30,3 +30,11 @@ def test_dash_c_without_its_prefix_is_a_usage_error_and_the_script_ends_the_opti
         split_args(["-C"])
     args, vm, at, dry = split_args(["job.sh", "-vm", "img=tiny", "--dry-run"])
     assert args == ["job.sh", "-vm", "img=tiny", "--dry-run"] and vm == [] and at == 0 and not dry
+
+
+def test_slurm_wlm_torques_wd_and_pe_take_their_values_on_a_slurm_site_only():
+    argv = ["-wd", "/scratch", "-pe", "shm", "4", "-vm", "img=tiny", "job.sh"]
+    args, vm, at, _ = split_args(argv, kind="slurm")
+    assert vm == ["img=tiny"] and args == ["-wd", "/scratch", "-pe", "shm", "4", "job.sh"] and at == 5
+    args, vm, at, _ = split_args(["-wd", "job.sh"], kind="torque")  # Torque's getopt: -w d
+    assert args[at] == "job.sh" and vm == []

@@ -74,13 +74,14 @@ CASES = [
     ["--dry-run", "plain.sh"], ["--help"], ["--man"], ["-v", "X=-vm", "plain.sh"], ["-N", "-vm", "plain.sh"],
     ["plain.sh", "-vm", "img=tiny"], ["-C", "#X", "vm.sh"], ["-C", "#X", "xvm.sh"], ["-C#X", "xvm.sh"],
     ["-C", "", "vm.sh"], ["-C"], ["-V", "-h", "vm.sh"], ["-I"], ["-vm"], ["-", "-N"],
+    ["-wd", "/tmp", "-vm", "img=tiny", "plain.sh"], ["-pe", "shm", "2", "vm.sh"], ["-J", "1-3", "vm.sh"],
 ]
 
 
 @pytest.mark.parametrize("argv", CASES, ids=" ".join)
 def test_the_front_decides_as_the_python_vsub(front, argv):
     rc, who, args, _, err = front(argv)
-    assert who == ("vtorque-vsub" if needs_python(argv) else "qsub"), err
+    assert who == ("vtorque-vsub" if needs_python(argv, kind="slurm") else "qsub"), err
     assert args == argv and rc == 0
 
 
@@ -91,7 +92,8 @@ def test_a_script_on_stdin_is_read_and_handed_on_byte_for_byte(front, text, vm):
     data = text.encode()
     for argv in ([], ["-N", "piped"], ["-"]):
         rc, who, args, got, err = front(argv, stdin=data)
-        assert who == ("vtorque-vsub" if vm else "qsub") == ("vtorque-vsub" if needs_python(argv, data) else "qsub")
+        assert who == ("vtorque-vsub" if vm else "qsub") == ("vtorque-vsub" if needs_python(argv, data, "slurm")
+                                                             else "qsub")
         assert args == argv and rc == 0, err
         # qsub gets the same bytes (a missing final newline comes back as one, as the shell reads lines)
         assert got in (data, data + b"\n")
@@ -117,19 +119,20 @@ def test_the_directive_prefix_from_the_environment(front):
 LINES = ["#!/bin/sh", "#PBS -N x", "#PBS -vm img=tiny", "  #PBS -vm x", "#PBS\t-vm", "#PBS -vmx", "", "   ",
          "\r", "echo hi", "# c", "#X -vm a=b", "#PBS  -vm  a=b  ", "\t# x", "#PBS -vm\r", "#PBS\f-vm a"]
 TOKENS = ["-N", "x", "-vm", "img=t", "-C", "#X", "-V", "-h", "-l", "nodes=1", "--dry-run", "-gf", "-v",
-          "A=-vm", "-vm=a", "-Cx", "--help", "-"]
+          "A=-vm", "-vm=a", "-Cx", "--help", "-", "-wd", "-pe", "shm"]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lines=st.lists(st.sampled_from(LINES), max_size=8), before=st.lists(st.sampled_from(TOKENS), max_size=5),
-       after=st.lists(st.sampled_from(TOKENS), max_size=2), on_stdin=st.booleans())
-def test_any_command_line_and_script_are_decided_alike(front, lines, before, after, on_stdin):
+       after=st.lists(st.sampled_from(TOKENS), max_size=2), on_stdin=st.booleans(),
+       kind=st.sampled_from(["torque", "slurm"]))
+def test_any_command_line_and_script_are_decided_alike(front, lines, before, after, on_stdin, kind):
     text = "\n".join(lines) + "\n"
     (front.dir / "gen.sh").write_text(text)
     argv = before + after if on_stdin else [*before, "gen.sh", *after]
     stdin = text.encode() if on_stdin else None
-    _, who, args, _, err = front(argv, stdin=stdin)
-    assert who == ("vtorque-vsub" if needs_python(argv, stdin) else "qsub"), (argv, text, err)
+    _, who, args, _, err = front(argv, stdin=stdin, env={"VTORQUE_SCHEDULER__KIND": kind})
+    assert who == ("vtorque-vsub" if needs_python(argv, stdin, kind) else "qsub"), (argv, kind, text, err)
     assert args == argv
 
 
