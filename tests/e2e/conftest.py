@@ -1,3 +1,4 @@
+import contextlib
 import os
 import shutil
 import subprocess
@@ -41,6 +42,13 @@ class Slurm:
     def queued(self) -> list[str]:
         return self.run("squeue", "-h", "-o", "%i", check=True).stdout.split()
 
+    def submitted_here(self) -> list[str]:
+        """The queued jobs submitted from this test's own work directory: what another test (or a user of the
+        stack) has queued meanwhile is not this test's business."""
+        out = self.run("squeue", "-h", "-o", "%i %Z", check=True).stdout
+        return [job for job, _, workdir in (line.partition(" ") for line in out.splitlines())
+                if Path(workdir.strip()) == self.workdir]
+
     def wait(self, job_id: str, timeout: float = 240.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -69,14 +77,24 @@ class Slurm:
         return int(field.split("=")[1].split(":")[0])
 
 
-@pytest.fixture
-def slurm():
+@contextlib.contextmanager
+def stack_slurm():
+    """A Slurm client of the single-host stack with a work directory of its own (removed afterwards). The
+    e2e tests drive the stack on purpose; each uses only the jobs it submitted and its own work directory."""
     workdir = STACK / "jobs" / f"test-{uuid.uuid4().hex[:8]}"
     workdir.mkdir(parents=True)
     os.chmod(workdir, 0o1777)
-    status = subprocess.run([str(Path(__file__).parents[2] / "deploy/single-host/services.sh"), "status"],
-                            capture_output=True, text=True)
-    if status.returncode != 0:
-        pytest.fail(f"vtorque services are not running: {status.stdout}")
-    yield Slurm(workdir)
-    shutil.rmtree(workdir, ignore_errors=True)
+    try:
+        status = subprocess.run([str(Path(__file__).parents[2] / "deploy/single-host/services.sh"), "status"],
+                                capture_output=True, text=True)
+        if status.returncode != 0:
+            pytest.fail(f"vtorque services are not running: {status.stdout}")
+        yield Slurm(workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def slurm():
+    with stack_slurm() as client:
+        yield client
