@@ -123,3 +123,66 @@ def test_site_mounts_for_home_and_scratch_reach_the_seed():
     assert data["mounts"] == [["nfs:/export/home/bob", "/home/bob", "nfs", "defaults,nofail,_netdev", "0", "0"],
                               ["nfs:/scratch", "/scratch", "nfs", "rw,nofail", "0", "0"]]
     assert "nfs:/export/home/bob /home/bob nfs" in files["vtorque.env"].decode()
+
+
+# -- what root checks (services/node_worker/trust.py, shared/user_files.py image_refusal) ----------------------
+
+def test_data_disk_and_seed_say_they_have_no_backing_chain():
+    """libvirt must never read a chain from a user's image header: `<backingStore/>` says there is none."""
+    disks = GuestDisks(overlay="/g/o", seed="/g/s", console_log="/g/c", data="/g/data.raw", data_format="raw")
+    root = ET.fromstring(domain_xml(GUEST, disks, BootSource(), META))
+    by_target = {d.find("target").get("dev"): d for d in root.iter("disk")}
+    assert by_target["vdb"].find("backingStore") is not None and by_target["vdc"].find("backingStore") is not None
+    assert by_target["vda"].find("backingStore") is None  # the overlay's chain is root's: the store's image
+
+
+@pytest.mark.parametrize("name,ok", [("vt-7_srv-n1-0", True), ("vt-a-b-12", True), ("vt-../x", False),
+                                     ("vt-a/b", False), ("../x", False), ("vt-", False), ("vt-a.b", False),
+                                     ("vt-" + "a" * 121, False), ("x-1", False)])
+def test_guest_name_grammar(name, ok):
+    from vtorque.services.node_worker import trust
+
+    if ok:
+        assert trust.check_guest_name(name) == name
+    else:
+        with pytest.raises(trust.Refused):
+            trust.check_guest_name(name)
+
+
+@pytest.mark.parametrize("job_id,ok", [("7.srv", True), ("12[3].server", True), ("123_4", True), ("..", False),
+                                       ("1/2", False), ("a..b", False), ("", False), ("a" * 129, False),
+                                       (".x", False), ("1 2", False)])
+def test_job_id_grammar(job_id, ok):
+    from vtorque.services.node_worker import trust
+
+    if ok:
+        assert trust.check_job_id(job_id) == job_id
+    else:
+        with pytest.raises(trust.Refused):
+            trust.check_job_id(job_id)
+
+
+def _qcow2_header(version=3, backing=(0, 0), incompatible=0, extensions=b""):
+    import struct
+
+    head = b"QFI\xfb" + struct.pack(">IQI", version, *backing) + b"\0" * (72 - 20)
+    if version >= 3:
+        head += struct.pack(">QQQII", incompatible, 0, 0, 4, 104)
+    return head + extensions + b"\0" * 8
+
+
+def test_image_refusal_reads_the_qcow2_header_itself():
+    import struct
+
+    from vtorque.shared.user_files import image_refusal
+
+    assert image_refusal(_qcow2_header(), "qcow2") is None
+    assert image_refusal(_qcow2_header(version=2), "qcow2") is None
+    assert "backing file" in image_refusal(_qcow2_header(backing=(512, 11)), "qcow2")
+    assert "backing file" in image_refusal(_qcow2_header(version=2, backing=(512, 11)), "qcow2")
+    assert "external data file" in image_refusal(_qcow2_header(incompatible=1 << 2), "qcow2")
+    ext = struct.pack(">II", 0x44415441, 11) + b"/etc/shadow" + b"\0" * 5
+    assert "external data file" in image_refusal(_qcow2_header(extensions=ext), "qcow2")
+    assert "not a qcow2" in image_refusal(b"\0" * 512, "qcow2")
+    assert image_refusal(_qcow2_header(backing=(512, 11)), "raw") is None  # raw is bytes, never a header
+    assert image_refusal(b"", "vmdk")
