@@ -22,10 +22,10 @@ import pika
 import pika.exceptions
 
 from vtorque.shared import messages as m
-from vtorque.shared import tracing
+from vtorque.shared import topology, tracing
 from vtorque.shared.bus import EVENTS
 
-QUEUE_PREFIX = "vtorque.hook."
+QUEUE_PREFIX = topology.prefix(topology.HOOK_Q)  # shared/topology.py names every queue
 
 
 class BrokerUnreachable(Exception):
@@ -72,7 +72,15 @@ class HookChannel:
             raise BrokerUnreachable(f"broker unreachable after {attempts} attempts: {describe(exc)}") from None
         try:
             self.channel = self.conn.channel()
-            self.channel.exchange_declare(EVENTS.name, exchange_type="topic", durable=True)
+            try:
+                # Passive first: a broker user whose permissions come from the topology table may not configure
+                # the exchange (the administrator's set-up declares it), and checking needs no permission.
+                self.channel.exchange_declare(EVENTS.name, passive=True)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code != 404:
+                    raise
+                self.channel = self.conn.channel()  # not there yet (a fresh broker): declare it, if allowed
+                self.channel.exchange_declare(EVENTS.name, exchange_type="topic", durable=True)
             self.queue = queue_name(patterns, label)
             self.channel.queue_declare(self.queue, exclusive=True, auto_delete=True)
             for pattern in patterns:

@@ -51,8 +51,8 @@ def vhost():
 
 
 @pytest.fixture
-def torque_home(tmp_path):
-    home = tr.TorqueHome(tmp_path / "torque")
+def torque_home(tmp_path, owner_workdir):
+    home = tr.TorqueHome(tmp_path / "torque", workdir=owner_workdir)
     yield home
     # A VM job's prologue leaves a cancel watcher that lives until the epilogue removes the job's cancel
     # directory; tests that run no epilogue end theirs here.
@@ -152,17 +152,17 @@ def events(vhost):
 
 
 def owner_on_this_host() -> tuple[str, str]:
-    """The recorded job owner when it exists here, else `nobody` (the hook resolves the owner's uid/gid)."""
-    for user in ("trqtest", "nobody"):
-        try:
-            pw = pwd.getpwnam(user)
-        except KeyError:
-            continue
-        try:
-            return user, grp.getgrgid(pw.pw_gid).gr_name
-        except KeyError:
-            continue
-    pytest.fail("neither trqtest nor nobody exists on this host")
+    """The recorded job owner, `trqtest` (an ordinary account: node workers refuse system accounts and
+    `nobody` as guest owners), made here when missing, as the recording host had it (`useradd -m`)."""
+    try:
+        pw = pwd.getpwnam("trqtest")
+    except KeyError:
+        made = subprocess.run(["useradd", "-m", "-U", "-s", "/bin/sh", "trqtest"], capture_output=True, text=True,
+                              timeout=30)
+        if made.returncode not in (0, 9):  # 9: made meanwhile by another test process
+            pytest.fail(f"cannot make the job owner trqtest: {made.stderr.strip()}")
+        pw = pwd.getpwnam("trqtest")
+    return "trqtest", grp.getgrgid(pw.pw_gid).gr_name
 
 
 def unique_job_id() -> str:
@@ -178,7 +178,7 @@ def vm_invocation(inv: tr.Invocation, job_id: str | None = None) -> tr.Invocatio
 
 def vm_script(spec: dict[str, str]) -> str:
     """The wrapper vsub submits, with `spec` in its header (rendered as is: validation is the hook's job)."""
-    return render_wrapper("#!/bin/sh\n#PBS -N vmjob\nhostname\n", spec, "ssh-ed25519 AAAAC3Nza test@vsub",
+    return render_wrapper("#!/bin/sh\n#PBS -N vmjob\nhostname\n", spec, "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhscHR4f test@vsub",
                           "/home/trqtest/.ssh/vtorque_job", None, "/opt/vtorque/venv/bin/vtorque-launch")
 
 

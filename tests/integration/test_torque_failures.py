@@ -26,6 +26,7 @@ import pytest
 from vtorque.cli import install_hooks as ih
 from vtorque.cli.trace_view import job_spans, load
 from vtorque.services.node_worker.hypervisor import Hypervisor
+from vtorque.shared import messages as m
 
 from . import torque_replay as tr
 from .test_torque_contract import (EPILOGUES, GOOD_SPEC, PROLOGUES, first, hook_env, owner_on_this_host,
@@ -65,8 +66,9 @@ class Stack:
             # In the catalog, but its file is gone: what "image missing" looks like on a cluster.
             "images.catalog.ghost": {**tiny, "source": str(self.root / "gone.qcow2"), "sha256": "0" * 64},
             "spec": site.get("spec", {}),
+            # No Torque here to ask whether a job still runs: reconciliation runs once, at the start.
             "node": {"name": self.node, "guest_dir": str(self.root / "guests"), "boot_timeout": 15.0,
-                     "scheduler": "none"},  # no Torque here to ask whether a job still runs
+                     "reconcile_interval": 3600.0},
             "hooks": {"prologue_timeout": 60.0, "epilogue_timeout": 30.0, "broker_attempts": 1, "max_requeues": 2},
             "torque": settings,
             "scheduler": {"kind": "torque", "qstat": str(self.root / "bin" / "qstat")},
@@ -282,6 +284,9 @@ def test_boot_timeout_from_prologalarm_requeues_and_nothing_is_left(stack):
 @pytest.mark.slow
 @pytest.mark.guest
 def test_qdel_while_booting_stops_the_prologue_and_removes_the_guest(stack):
+    """One order real Torque gives: a qdel that reaches the mom while the prologue still waits for the guests
+    (pbs_mom runs epilogue.precancel during the prologue). The prologue aborts (1), so Torque's epilogue
+    gets $10 = -2 (recorded for an aborting prologue), not 271."""
     inv = job(first(PROLOGUES, "1.vm"))
     stack.jobs.add(inv.job_id)
     prepared = stack.home.prepare(inv, vm_script(GOOD_SPEC), workdir=stack.workdir, nodefile_hosts=[stack.node] * 2)
@@ -301,21 +306,38 @@ def test_qdel_while_booting_stops_the_prologue_and_removes_the_guest(stack):
     assert prologue.returncode == 1, (out, err)  # cancelled: abort, never a requeue
     assert "cancelled" in err
     stack.wait_gone(inv.job_id, 30)
-    end = stack.run("epilogue", vm_invocation(first(EPILOGUES, "10.vm"), inv.job_id), stack.root / "vtorque.toml")
-    assert end.returncode == 0, str(end)  # $10 = 271
+    aborted = vm_invocation(first(EPILOGUES, "3.vm"), inv.job_id)
+    assert aborted.argv[9] == "-2"
+    end = stack.run("epilogue", aborted, stack.root / "vtorque.toml")
+    assert end.returncode == 0 and "removed 0 guest(s)" in end.stdout, str(end)
     assert not (stack.home.mom_priv / "vtorque-cancel" / inv.job_id).exists()
+    text, _ = stack.reason(inv)
+    assert "cancelled (qdel)" in text and "Torque aborted the job" in text, text
 
 
 @pytest.mark.slow
 @pytest.mark.guest
-def test_qdel_of_a_running_job_tears_down_before_the_epilogue(stack):
+def test_qdel_held_until_the_prologue_ends_tears_down_the_running_job(stack):
+    """The other order (real TORQUE 6.1): a qdel in the first seconds of a prologue is held by pbs_server until
+    the prologue ends, so the guests boot, the prologue answers 0, the job starts; only then pbs_mom runs
+    epilogue.precancel and kills the job (271). The watcher tears the guests down before the epilogue.
+    This attempt follows a requeue: the reason file of the earlier one said "did not start"; now it says the
+    job started."""
     inv = job(first(PROLOGUES, "1.vm"))
+    counter = stack.state / "hooks" / "torque" / f"{m.routing_word(inv.job_id)}.requeues"
+    counter.parent.mkdir(parents=True, exist_ok=True)
+    counter.write_text("1")  # attempt 1 was requeued
+    stale = stack.workdir / ih_reason_name(inv)
+    stale.write_text("vtorque: job ... did not start: broker unreachable\nTorque will start the job again\n")
+    os.chown(stale, *owner_ids())
     result = stack.run("prologue", inv, stack.root / "vtorque.toml")
     assert result.returncode == 0, str(result)
     assert "all guests ready" in result.stdout
     domains, _ = stack.leftovers(inv.job_id)
     assert len(domains) == 1
-    assert not (stack.workdir / ih_reason_name(inv)).exists()
+    text = stale.read_text()
+    assert text.startswith(f"vtorque: job {inv.job_id} ({inv.argv[3]}) started on attempt 2"), text
+    assert not counter.exists()
     cancel_dir = stack.home.mom_priv / "vtorque-cancel" / inv.job_id
     assert os.lstat(cancel_dir).st_uid == owner_ids()[0]
 

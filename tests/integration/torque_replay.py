@@ -194,8 +194,9 @@ class Prepared:
 class TorqueHome:
     """A TORQUE_HOME-like tree under `root`: mom_priv/jobs, aux, spool."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, workdir: Path | None = None):
         self.root = root
+        self.workdir = workdir  # the default stand-in for the recorded PBS_O_WORKDIR (see prepare)
         self.mom_priv = root / "mom_priv"
         for sub in (self.mom_priv / "jobs", root / "aux", root / "spool"):
             sub.mkdir(parents=True, exist_ok=True)
@@ -213,6 +214,7 @@ class TorqueHome:
         hooks that run as the user), which does not exist here. `nodefile_hosts` replaces the recorded one-host
         node file (PBS_MSHOST repeated PBS_NP times) for multi-node replays."""
         recorded_workdir = inv.environ().get("PBS_O_WORKDIR")
+        workdir = workdir if workdir is not None else self.workdir
 
         def rewrite(value: str) -> str:
             if workdir is not None and recorded_workdir and (
@@ -319,9 +321,12 @@ def qstat_stand_in(directory: Path, jobs: dict[str, dict[str, str]]) -> Path:
         (answers / job_id).write_text(qstat_f_text(job_id, attrs))
     script = directory / "qstat"
     script.write_text(f"""#!/bin/sh
-[ "$1" = -f ] && [ -n "$2" ] || {{ echo "usage: qstat -f JOBID" >&2; exit 2; }}
-[ -f '{answers}/'"$2" ] || {{ echo "qstat: Unknown Job Id $2" >&2; exit 153; }}
-cat '{answers}/'"$2"
+[ "$1" = -f ] || {{ echo "usage: qstat -f [-x] JOBID" >&2; exit 2; }}
+shift
+[ "$1" = -x ] && shift  # completed jobs too (shared/scheduler.py asks so)
+[ -n "$1" ] || {{ echo "usage: qstat -f [-x] JOBID" >&2; exit 2; }}
+[ -f '{answers}/'"$1" ] || {{ echo "qstat: Unknown Job Id $1" >&2; exit 153; }}
+cat '{answers}/'"$1"
 """)
     script.chmod(0o755)
     return script
