@@ -4,9 +4,11 @@
 # front is unsure of starts the Python vsub (vtorque-vsub), which decides exactly as below (cli/vsub.py:
 # split_args, is_vm_script, qsub_binary) and says why when it refuses.
 #
-# A VM job is one with, before the script argument, -vm VALUE or -vm=VALUE, or whose script has a
-# "<prefix> -vm" line in its leading comment block (prefix: the last -C value, else $PBS_DPREFIX, else #PBS;
-# an empty prefix means no directives, as for qsub). A script on stdin is read here (it must be read to be
+# Options end at the first argument that is neither an option nor an option's value: the script (on a Slurm
+# site -wd and -pe take values too). A VM job has -vm VALUE or -vm=VALUE before the script, or a
+# "<prefix> -vm" line in its script's leading comment block (prefix: the last -C value, else $PBS_DPREFIX,
+# else #PBS; an empty prefix means no directives, as for qsub). A script on stdin is read here (it must be
+# read to be
 # seen) and handed on unchanged; a terminal on stdin is qsub's to read.
 #
 # The site's qsub is [scheduler] in the vtorque config ($VTORQUE_CONFIG, else /etc/vtorque/vtorque.toml):
