@@ -7,9 +7,8 @@
 # Options end at the first argument that is neither an option nor an option's value: the script (on a Slurm
 # site -wd and -pe take values too). A VM job has -vm VALUE or -vm=VALUE before the script, or a
 # "<prefix> -vm" line in its script's leading comment block (prefix: the last -C value, else $PBS_DPREFIX,
-# else #PBS; an empty prefix means no directives, as for qsub). A script on stdin is read here (it must be
-# read to be
-# seen) and handed on unchanged; a terminal on stdin is qsub's to read.
+# else #PBS; an empty prefix means no directives, as for qsub). A script piped on stdin is read here (it
+# must be read to be seen) and handed on byte for byte; a terminal or a device on stdin is qsub's to read.
 #
 # The site's qsub is [scheduler] in the vtorque config ($VTORQUE_CONFIG, else /etc/vtorque/vtorque.toml):
 # `qsub`, else `bin_dir`/qsub, else /usr/local/bin/qsub (kind = "torque") or /usr/bin/qsub (kind = "slurm");
