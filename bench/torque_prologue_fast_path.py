@@ -10,8 +10,9 @@ Printed: per round the median of each and the difference; at the end the median 
 differences and ratios. Two site prologues: a typical one (logs a line, makes the job's scratch directory:
 two forks) and an empty one (`exit 0`), where only vtorque's own part remains.
 
-Usage: bench/torque_prologue_fast_path.py [--rounds 10] [--runs 50]   (root: the chain checks the site hook is
-root-owned, as pbs_mom does)
+Usage: bench/torque_prologue_fast_path.py [--rounds 10] [--runs 50] [--also OTHER_PROLOGUE]   (root: the chain
+checks the site hook is root-owned, as pbs_mom does). `--also` measures another version of the prologue in the
+same rounds, e.g. the one before a change: `git show REV:hooks/torque/prologue > /tmp/old-prologue`.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def run_once(argv: list[str], env: dict, cwd: str) -> float:
     return elapsed
 
 
-def layout(root: Path, site_text: str) -> tuple[Path, Path, list[str], dict]:
+def layout(root: Path, site_text: str, also: Path | None = None) -> tuple[Path, Path, Path | None, list[str], dict]:
     mom_priv = root / "mom_priv"
     (mom_priv / "vtorque-site").mkdir(parents=True)
     (mom_priv / "jobs").mkdir()
@@ -60,6 +61,11 @@ def layout(root: Path, site_text: str) -> tuple[Path, Path, list[str], dict]:
     hook = mom_priv / "prologue"
     shutil.copyfile(REPO / "hooks" / "torque" / "prologue", hook)
     hook.chmod(0o500)
+    other = None
+    if also is not None:  # beside ours, in the same mom_priv: it finds the same kept site hook
+        other = mom_priv / "prologue.other"
+        shutil.copyfile(also, other)
+        other.chmod(0o500)
     script = mom_priv / "jobs" / "1.vm.SC"
     script.write_text(PLAIN_JOB)
     nodefile = root / "aux" / "1.vm"
@@ -69,35 +75,45 @@ def layout(root: Path, site_text: str) -> tuple[Path, Path, list[str], dict]:
     env = {"LANG": "C.UTF-8", "PATH": "/bin:/usr/bin", "PBS_MSHOST": "vm", "PBS_NODEFILE": str(nodefile),
            "PBS_NODENUM": "0", "PBS_NP": "2", "PBS_NUM_NODES": "1", "PBS_NUM_PPN": "2", "PBS_O_WORKDIR": str(root),
            "PBS_RESOURCE_NODES": "1:ppn=2", "SCRATCH": str(root / "scratch")}
-    return site, hook, argv, env
+    return site, hook, other, argv, env
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--runs", type=int, default=50, help="runs of each command per round")
+    parser.add_argument("--also", type=Path, help="another prologue to measure in the same rounds")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("run as root (the chain runs the site prologue only when it is root-owned)", file=sys.stderr)
         return 2
     for label, text in SITES.items():
         with tempfile.TemporaryDirectory(prefix="vtorque-bench-") as tmp:
-            site, hook, hook_argv, env = layout(Path(tmp), text)
+            site, hook, other, hook_argv, env = layout(Path(tmp), text, args.also)
             cwd = str(hook.parent)
             print(f"\n{label}: {args.rounds} rounds x {args.runs} runs of each, interleaved")
-            print(f"{'round':>5} {'site alone':>11} {'vtorque chain':>14} {'added':>9} {'ratio':>7}")
-            added, ratios = [], []
+            print(f"{'round':>5} {'site alone':>11} {'vtorque chain':>14} {'added':>9} {'ratio':>7}"
+                  + (f" {'--also':>10} {'added':>9}" if other else ""))
+            added, ratios, other_added = [], [], []
             for r in range(1, args.rounds + 1):
-                alone, chain = [], []
+                alone, chain, also = [], [], []
                 for _ in range(args.runs):
                     alone.append(run_once([str(site), *hook_argv], env, cwd))
                     chain.append(run_once([str(hook), *hook_argv], env, cwd))
+                    if other:
+                        also.append(run_once([str(other), *hook_argv], env, cwd))
                 a, c = statistics.median(alone), statistics.median(chain)
                 added.append(c - a)
                 ratios.append(c / a)
-                print(f"{r:>5} {a * 1e3:>9.2f}ms {c * 1e3:>12.2f}ms {(c - a) * 1e3:>7.2f}ms {c / a:>7.2f}")
+                line = f"{r:>5} {a * 1e3:>9.2f}ms {c * 1e3:>12.2f}ms {(c - a) * 1e3:>7.2f}ms {c / a:>7.2f}"
+                if other:
+                    o = statistics.median(also)
+                    other_added.append(o - a)
+                    line += f" {o * 1e3:>8.2f}ms {(o - a) * 1e3:>7.2f}ms"
+                print(line)
             print(f"median over rounds: added {statistics.median(added) * 1e3:.2f} ms, "
-                  f"ratio {statistics.median(ratios):.2f} (target: added <= 1 ms)")
+                  f"ratio {statistics.median(ratios):.2f} (target: added <= 1 ms)"
+                  + (f"; --also added {statistics.median(other_added) * 1e3:.2f} ms" if other else ""))
     return 0
 
 
