@@ -187,15 +187,11 @@ def uninstall(torque_home: Path) -> list[Action]:
 # -- doctor -----------------------------------------------------------------------------------------------
 
 def hooks_python(env_file: str = HOOKS_ENV) -> str:
-    """The interpreter the shell hooks exec: VTORQUE_PYTHON from hooks.env, else the default venv."""
-    try:
-        for line in Path(env_file).read_text().splitlines():
-            key, sep, value = line.strip().removeprefix("export ").partition("=")
-            if sep and key == "VTORQUE_PYTHON":
-                return value.strip().strip("'\"")
-    except OSError:
-        pass
-    return DEFAULT_PYTHON
+    """The interpreter the shell hooks exec, as /bin/sh leaves VTORQUE_PYTHON after sourcing hooks.env (any form:
+    `VTORQUE_PYTHON=…`, `: "${VTORQUE_PYTHON:=…}"`, …; cli/checks.py), else the default venv."""
+    from vtorque.cli.checks import hooks_python as sourced
+
+    return sourced(env_file)
 
 
 def hook_findings(torque_home: Path, prologue_margin: float = 15.0, prologue_cap: float = 240.0,
@@ -273,13 +269,3 @@ def hook_findings(torque_home: Path, prologue_margin: float = 15.0, prologue_cap
                  ("fail", f"the hooks' python {python} cannot import vtorque: {' '.join(why)} "
                           f"(set VTORQUE_PYTHON in {HOOKS_ENV})"))
     return found
-
-
-def check_torque_hooks(config):
-    """A `vtorque doctor` check (see cli/doctor.py): owner, mode and chaining of the Torque hooks here."""
-    from vtorque.cli.checks import FAIL, OK, WARN, Check
-
-    found = hook_findings(Path(config.torque.home), config.torque.prologue_margin, config.hooks.prologue_timeout)
-    worst = FAIL if any(s == "fail" for s, _ in found) else WARN if any(s == "warn" for s, _ in found) else OK
-    shown = [t for s, t in found if s != "ok"] or [t for _, t in found]
-    return Check("torque hooks", worst, "; ".join(shown))
