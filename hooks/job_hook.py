@@ -11,7 +11,8 @@ leaves the guests to reconciliation. Neither ever dies with a traceback.
 
 `guests_marker` (a file of the adapter's choosing, on the hook's host): the prologue creates it just before it
 publishes JobStarted (from then on guests may exist) and removes it when the bridge rejected the job before any
-plan; the epilogue of a job without it knows no guest was ever asked for and ends at once, without the broker,
+plan. An adapter that knows from it (and from a record that its prologue ran to the end without publishing) that
+no guest was ever asked for passes `nothing_asked` to the epilogue, which then ends at once, without the broker,
 instead of waiting its whole epilogue_timeout for nodes that have nothing to confirm.
 """
 
@@ -191,13 +192,13 @@ def _wait_for_guests(channel, job_id: str, deadline: float, deadline_s: float, p
 
 
 def run_epilogue(job: JobContext, config: Config, exit_status: int | None, progress,
-                 channel_factory=HookChannel, guests_marker: Path | None = None) -> bool:
-    """True when every node confirmed its teardown in time (or, with `guests_marker` absent, when no guest was
-    ever asked for). A confirmed teardown removes the marker."""
+                 channel_factory=HookChannel, nothing_asked: bool = False) -> bool:
+    """True when every node confirmed its teardown in time, or when `nothing_asked` (no guest of the job was
+    ever asked for: nothing to remove or wait for)."""
     with tracing.job_trace(job.job_id, job.header.traceparent):
         with tracing.tracer().start_as_current_span("epilogue", attributes={
                 "vtorque.scheduler": job.scheduler, "vtorque.exit_status": exit_status or 0}) as span:
-            if guests_marker is not None and not os.path.lexists(guests_marker):
+            if nothing_asked:
                 # The prologue never published this job (bad spec, broker down, a node without a worker, ...):
                 # no node has anything of it to remove or confirm.
                 progress("no guest was ever asked for: nothing to remove")
@@ -223,8 +224,6 @@ def run_epilogue(job: JobContext, config: Config, exit_status: int | None, progr
                         pending.discard(event.node)
                         progress(f"{event.node}: removed {len(event.guests)} guest(s)")
                         if not pending:
-                            if guests_marker is not None:
-                                guests_marker.unlink(missing_ok=True)
                             return True
                 progress(f"teardown not confirmed by {', '.join(sorted(pending))} in time")
                 tracing.mark_error(span, "teardown not confirmed")

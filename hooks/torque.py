@@ -369,9 +369,19 @@ def _requeue_counter(state_dir: str, job_id: str) -> Path:
 
 
 def _guests_marker(state_dir: str, job_id: str) -> Path:
-    """Made by the prologue before it publishes JobStarted: without it the epilogue knows there is nothing to
-    tear down (hooks/job_hook.py)."""
+    """Made by the prologue before it publishes JobStarted (hooks/job_hook.py): guests of the job may exist."""
     return Path(state_dir) / "hooks" / "torque" / f"{m.routing_word(job_id)}.guests"
+
+
+def _quiet_marker(state_dir: str, job_id: str) -> Path:
+    """Made by a prologue that ran to its end without a guests marker: it asked no node for anything. With this
+    and no guests marker the epilogue ends at once. Neither (a prologue of an older vtorque, one killed early):
+    the epilogue asks and waits, as it always did."""
+    return Path(state_dir) / "hooks" / "torque" / f"{m.routing_word(job_id)}.quiet"
+
+
+def nothing_asked(state_dir: str, job_id: str) -> bool:
+    return _quiet_marker(state_dir, job_id).exists() and not os.path.lexists(_guests_marker(state_dir, job_id))
 
 
 def read_requeues(counter: Path, max_requeues: int) -> int:
@@ -597,9 +607,13 @@ def _epilogue(job: JobContext, args: list[str], config, home: Path, progress) ->
     if exit_status != -14:  # -14: the prologue asked for a requeue; any other end is the job's last
         _requeue_counter(config.state_dir, job.job_id).unlink(missing_ok=True)
     marker = _guests_marker(config.state_dir, job.job_id)
-    confirmed = run_epilogue(job, config, exit_status, progress, guests_marker=marker)
-    if exit_status != -14:
-        marker.unlink(missing_ok=True)  # the job's last end: what is left is reconciliation's
+    confirmed = run_epilogue(job, config, exit_status, progress,
+                             nothing_asked=nothing_asked(config.state_dir, job.job_id))
+    if confirmed:
+        marker.unlink(missing_ok=True)  # every node confirmed: nothing of the job is left anywhere
+    if exit_status != -14:  # the job's last end: what is left is reconciliation's
+        marker.unlink(missing_ok=True)
+        _quiet_marker(config.state_dir, job.job_id).unlink(missing_ok=True)
     hook_log(logging.INFO if confirmed else logging.WARNING, "epilogue done", job_id=job.job_id,
              exit_status=exit_status, teardown_confirmed=confirmed)
     return 0  # Torque ignores the epilogue's exit code; reconciliation covers what it missed
@@ -646,6 +660,10 @@ def _prologue(job: JobContext, args: list[str], config, home: Path, env, progres
         outcome = run_prologue(job, config, remaining, progress,
                                channel_factory=torque_channel_factory(config, [n.host for n in job.nodes]),
                                guests_marker=_guests_marker(config.state_dir, job.job_id))
+    if not os.path.lexists(_guests_marker(config.state_dir, job.job_id)):
+        quiet = _quiet_marker(config.state_dir, job.job_id)
+        quiet.parent.mkdir(parents=True, exist_ok=True)
+        quiet.touch()
     code = prologue_exit_code(outcome, requeues, config.hooks.max_requeues)
     node, now = socket.gethostname().split(".")[0], datetime.now(timezone.utc)
     if code == REQUEUE:
