@@ -177,11 +177,23 @@ def private_broker():
     return private_broker_for
 
 
+def stack_node_queues() -> set[str]:
+    """The node command queues on the stack's vhost "/" (one per real node worker there)."""
+    out = rabbitmqctl("list_queues", "-p", "/", "name", "--no-table-headers")
+    return {line.strip() for line in out.splitlines() if line.strip().startswith("vtorque.node.")}
+
+
 @pytest.fixture(scope="session")
 def test_broker(private_broker) -> PrivateBroker:
-    """The session's own vhost and user."""
+    """The session's own vhost and user. Afterwards, a node queue that appeared on "/" meanwhile fails the
+    session: something published a command for a node of a test where the stack's services listen."""
+    before = stack_node_queues()
     with private_broker() as broker:
         yield broker
+    leaked = sorted(stack_node_queues() - before)
+    if leaked:
+        pytest.fail(f"node queues appeared on the stack's vhost '/' during this test session: {leaked} "
+                    f"(a test published on '/'; use the broker_url/test_site fixtures of tests/conftest.py)")
 
 
 @pytest.fixture
