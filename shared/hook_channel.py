@@ -55,7 +55,10 @@ class HookChannel:
     def __init__(self, url: str, patterns: Iterable[str], attempts: int = 3, timeout: float = 5.0,
                  label: str | None = None):
         patterns = list(patterns)
-        params = pika.URLParameters(url)
+        try:
+            params = pika.URLParameters(url)
+        except ValueError as exc:
+            raise BrokerUnreachable(f"broker URL unusable: {exc}") from None
         # kombu reads "amqp://host//" as vhost "/", pika as vhost "": one config URL must mean one vhost.
         path = urllib.parse.urlsplit(url).path
         params.virtual_host = "/" if path in ("", "/", "//") else urllib.parse.unquote(path[1:])
@@ -68,7 +71,7 @@ class HookChannel:
         self.conn = None
         try:
             self.conn = pika.BlockingConnection(params)
-        except pika.exceptions.AMQPError as exc:
+        except (pika.exceptions.AMQPError, OSError) as exc:
             raise BrokerUnreachable(f"broker unreachable after {attempts} attempts: {describe(exc)}") from None
         try:
             self.channel = self.conn.channel()
@@ -86,7 +89,7 @@ class HookChannel:
             for pattern in patterns:
                 self.channel.queue_bind(self.queue, EVENTS.name, routing_key=pattern)
             self.channel.confirm_delivery()
-        except pika.exceptions.AMQPError as exc:
+        except (pika.exceptions.AMQPError, OSError) as exc:
             self.close()
             raise BrokerUnreachable(f"broker unusable: {describe(exc)}") from None
 
@@ -99,7 +102,7 @@ class HookChannel:
                     pika.BasicProperties(delivery_mode=2, content_type="application/json",
                                          message_id=event.message_id, type=type(event).__name__, headers=headers),
                 )
-            except pika.exceptions.AMQPError as exc:
+            except (pika.exceptions.AMQPError, OSError) as exc:
                 raise BrokerUnreachable(f"publish of {type(event).__name__} failed: {describe(exc)}") from None
 
     def events(self, deadline: float) -> Iterator[tuple[m.Message, dict]]:
@@ -117,7 +120,7 @@ class HookChannel:
                     yield event, dict(props.headers or {})
                     if time.monotonic() >= deadline:
                         break
-        except pika.exceptions.AMQPError as exc:
+        except (pika.exceptions.AMQPError, OSError) as exc:
             raise BrokerUnreachable(f"lost the broker while waiting: {describe(exc)}") from None
 
     def close(self) -> None:

@@ -27,3 +27,29 @@ def test_slurm_cpus_per_node_expands():
     assert slurm.expand_cpus_per_node("4(x2),2", 3) == [4, 4, 2]
     assert slurm.expand_cpus_per_node("2", 1) == [2]
     assert slurm.expand_hostlist("a,b") == ["a", "b"]
+
+
+def test_the_hooks_reply_queue_is_in_vtorques_namespace():
+    """Not a broker-named amq.gen-…: a broker user limited to '^vtorque\\.' (admin guide §2) may declare it."""
+    import re
+
+    from vtorque.shared.hook_channel import queue_name
+
+    name = queue_name(["job.12%2Evm.#", "image.abc.#"])
+    assert re.fullmatch(r"vtorque\.hook\.12%2Evm\.[0-9a-f]{12}", name), name
+    assert re.match(r"^vtorque\.", name)
+    assert queue_name(["job.1%2Evm.#"]) != queue_name(["job.1%2Evm.#"])  # two waiters of one job: two queues
+    assert queue_name([]).startswith("vtorque.hook.hook.")
+    assert queue_name([], label="7%2Evm").startswith("vtorque.hook.7%2Evm.")
+
+
+def test_every_broker_failure_is_broker_unreachable():
+    import pika.exceptions
+    import pytest
+
+    from vtorque.shared.hook_channel import BrokerUnreachable, HookChannel, describe
+
+    refused = pika.exceptions.ChannelClosedByBroker(403, "ACCESS_REFUSED - access to queue 'x' refused")
+    assert describe(refused) == "the broker refused: 403 ACCESS_REFUSED - access to queue 'x' refused"
+    with pytest.raises(BrokerUnreachable, match="URL"):
+        HookChannel("amqp://127.0.0.1:notaport/", [], attempts=1, timeout=0.5)
