@@ -254,7 +254,8 @@ def job_context(env, header: JobHeader, tools: SlurmTools | None = None, show_jo
     owner = m.Owner(user=env["SLURM_JOB_USER"], uid=int(env["SLURM_JOB_UID"]), gid=int(env["SLURM_JOB_GID"]),
                     group=env.get("SLURM_JOB_GROUP"))
     return JobContext(scheduler="slurm", job_id=env["SLURM_JOB_ID"], owner=owner,
-                      nodes=[m.NodeAllocation(host=h, ncpus=c, cores=cores.get(h) or None) for h, c in zip(hosts, cpus)],
+                      nodes=[m.NodeAllocation(host=h, ncpus=c, cores=cores.get(h) or None)
+                             for h, c in zip(hosts, cpus)],
                       header=header)
 
 

@@ -19,6 +19,7 @@ import pytest
 from vtorque.services.image_stager.catalog import editing
 from vtorque.shared.config import load_config
 
+from .conftest import PREFIX
 from .test_slurm_vm_job import vtorque_leftovers
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -99,3 +100,186 @@ def test_a_job_whose_image_fails_to_stage_tells_its_owner_why_in_one_line(slurm,
     while vtorque_leftovers(job_id) != ([], []) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert vtorque_leftovers(job_id) == ([], [])
+
+
+# -- a requeued-then-failed job, on a Slurm of the test's own ------------------------------------------------
+
+PRIVATE_CONF = """ClusterName=vtreq
+SlurmctldHost={host}(127.0.0.1)
+SlurmUser=slurm
+SlurmdUser=root
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={munge}
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool
+SlurmctldPidFile={d}/run/slurmctld.pid
+SlurmdPidFile={d}/run/slurmd.pid
+SlurmctldLogFile={d}/log/slurmctld.log
+SlurmdLogFile={d}/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MpiDefault=none
+MailProg=/bin/true
+SchedulerType=sched/backfill
+SchedulerParameters=batch_sched_delay=0,bf_interval=1
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=100
+ReturnToService=2
+PrologSlurmctld={d}/hooks/prolog_slurmctld
+EpilogSlurmctld={d}/hooks/epilog_slurmctld
+PrologEpilogTimeout=60
+NodeName={host} NodeAddr=127.0.0.1 CPUs=1 RealMemory=1000 State=UNKNOWN
+PartitionName=batch Nodes={host} Default=YES MaxTime=INFINITE State=UP
+"""
+
+# The real entry points, with this Slurm's and this test's config (PrologSlurmctld gets no environment).
+HOOK_WRAPPER = """#!/bin/sh
+export VTORQUE_CONFIG={d}/vtorque.toml SLURM_CONF={d}/etc/slurm.conf VTORQUE_SLURM_STATE={d}/state
+exec {repo}/hooks/slurm/{name}
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def private_slurm():
+    """slurmctld + slurmd of their own (own ports, state and spool; the stack's munge), whose hooks are
+    vtorque's real entry points with a config whose broker cannot be reached: every attempt is an
+    infrastructure failure. Stopped by their own PIDs."""
+    import shutil
+    import socket
+    import tempfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    stack = Path(os.environ.get("VTORQUE_STACK_DIR", "/var/lib/vtorque-stack"))
+    munge = stack / "slurm" / "munge-run" / "munge.socket"
+    if not munge.exists():
+        pytest.fail(f"{munge} missing: the single-host stack's munge is not running")
+    d = Path(tempfile.mkdtemp(prefix="vtorque-slurm-"))
+    os.chmod(d, 0o755)
+    for sub in ("etc", "state", "spool", "run", "log", "hooks", "jobs", "traces", "var"):
+        (d / sub).mkdir()
+    for sub in ("state", "run", "log"):
+        shutil.chown(d / sub, "slurm", "slurm")
+    os.chmod(d / "jobs", 0o1777)
+    os.chmod(d / "traces", 0o1777)
+    host = socket.gethostname().split(".")[0]
+    conf = d / "etc" / "slurm.conf"
+    conf.write_text(PRIVATE_CONF.format(host=host, ctld_port=_free_port(), slurmd_port=_free_port(), munge=munge, d=d))
+    for name in ("prolog_slurmctld", "epilog_slurmctld"):
+        (d / "hooks" / name).write_text(HOOK_WRAPPER.format(d=d, repo=repo, name=name))
+        os.chmod(d / "hooks" / name, 0o755)
+    tiny = load_config().images.catalog["tiny"]
+    (d / "vtorque.toml").write_text(f"""state_dir = "{d}/var"
+[broker]
+url = "amqp://127.0.0.1:1//"
+connect_timeout = 1.0
+[tracing]
+dir = "{d}/traces"
+[images.catalog.tiny]
+source = "{tiny.source}"
+sha256 = "{tiny.sha256}"
+[scheduler]
+kind = "slurm"
+bin_dir = "/usr/bin"
+[hooks]
+max_requeues = 1
+broker_attempts = 1
+epilogue_timeout = 5
+""")
+    os.chmod(d / "vtorque.toml", 0o644)
+    env = {"PATH": f"{PREFIX}/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin", "SLURM_CONF": str(conf),
+           "VTORQUE_CONFIG": str(d / "vtorque.toml")}
+    procs = [subprocess.Popen([daemon, "-D", *extra, "-f", str(conf)], env=env, stdin=subprocess.DEVNULL,
+                              stdout=open(d / "log" / f"{daemon}.out", "w"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+             for daemon, extra in (("slurmctld", ["-c"]), ("slurmd", ["-N", host]))]
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            state = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True)
+            if state.stdout.strip() == "idle":
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"private Slurm not idle after 30 s: {(d / 'log' / 'slurmctld.log').read_text()[-2000:]}")
+        yield d, env
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_requeued_then_failed_job_says_why_at_each_step(private_slurm, owner):
+    from vtorque.shared.job_script import render_wrapper
+
+    d, env = private_slurm
+    script = d / "jobs" / "requeued.sh"
+    script.write_text(render_wrapper("#!/bin/sh\necho never-runs\n", {"img": "tiny"}, "ssh-ed25519 AAAA test",
+                                     str(d / "jobs" / "no-key"), None, f"{PREFIX}/venv/bin/vtorque-launch"))
+    os.chmod(script, 0o755)
+    user_env = [f"{k}={v}" for k, v in env.items()] + [f"HOME={owner.pw_dir}"]
+
+    def as_owner(*argv):
+        return subprocess.run(["runuser", "-u", owner.pw_name, "--", "env", "-i", *user_env, *argv],
+                              cwd=d / "jobs", capture_output=True, text=True, timeout=60)
+
+    def show():
+        out = as_owner("scontrol", "show", "job", job_id).stdout
+        return {k: v for k, _, v in (w.partition("=") for w in out.split()) if k in (
+            "JobState", "Restarts", "ExitCode", "StdErr")}, next(
+            (line.strip()[len("Comment="):] for line in out.splitlines() if line.strip().startswith("Comment=")), "")
+
+    submitted = as_owner("sbatch", "--parsable", "--comment", "my run 7", "-o", str(d / "jobs" / "requeued.%j.out"),
+                         "-e", str(d / "jobs" / "requeued.%j.err"), str(script))
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+
+    # First attempt: the broker cannot be reached (infrastructure): requeued, the reason in the Comment.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (show()[0].get("Restarts"), show()[0].get("JobState")) != ("1", "PENDING"):
+        time.sleep(0.3)  # (COMPLETING while its EpilogSlurmctld runs)
+    fields, comment = show()
+    assert fields["Restarts"] == "1" and fields["JobState"] == "PENDING", (fields, comment)
+    assert comment.startswith("vtorque: requeued (1 of 1): broker unreachable"), comment
+    assert comment.endswith(" | your comment: my run 7")
+    squeued = as_owner("squeue", "-h", "-j", job_id, "-o", "%k").stdout.strip()
+    assert squeued == comment
+    assert not os.path.exists(fields["StdErr"])  # the batch step has not run: nothing to deliver yet
+
+    # Second (last) attempt, without Slurm's requeue delay: refused; the batch step runs as the owner.
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and show()[0].get("JobState") in ("PENDING", "CONFIGURING", "RUNNING",
+                                                                                "COMPLETING"):
+        time.sleep(0.3)
+    fields, comment = show()
+    assert comment.startswith("vtorque: not started: broker unreachable"), comment
+    assert "(after 1 requeue)" in comment and comment.endswith(" | your comment: my run 7")
+    assert fields["JobState"] == "FAILED" and fields["ExitCode"] == "1:0", fields
+    assert os.stat(fields["StdErr"]).st_uid == owner.pw_uid
+    lines = open(fields["StdErr"]).read().splitlines()
+    reason = comment[len("vtorque: not started: "):].partition(" | your comment: ")[0]
+    assert lines == [f"vtorque: job {job_id} did not start: {reason}"], lines
+    log = (d / "log" / "slurmctld.log").read_text()
+    assert "EpilogSlurmctld killed" not in log and "PrologSlurmctld killed" not in log

@@ -19,7 +19,8 @@ FAKE_SCONTROL = """#!/bin/sh
 printf '%s\\n' "$*" >> "$FAKE_LOG"
 case "$1 $2" in
   "show config") printf 'PrologEpilogTimeout     = %s\\n' "$FAKE_TIMEOUT" ;;
-  "show job") printf 'JobId=%s JobName=x\\n   Comment=%s\\n     Nodes=vm CPU_IDs=0-1 Mem=100 GRES=\\n' "$4" "$FAKE_COMMENT" ;;
+  "show job") printf 'JobId=%s JobName=x\\n   Comment=%s\\n' "$4" "$FAKE_COMMENT"
+              printf '     Nodes=vm CPU_IDs=0-1 Mem=100 GRES=\\n' ;;
   "update JobId="*) [ -z "$FAKE_UPDATE_FAILS" ] || { echo "Access/permission denied" >&2; exit 1; } ;;
 esac
 """
@@ -31,7 +32,8 @@ def site(tmp_path, monkeypatch):
     bin_dir.mkdir()
     for name in ("scontrol", "scancel"):
         path = bin_dir / name
-        path.write_text(FAKE_SCONTROL if name == "scontrol" else '#!/bin/sh\nprintf "scancel %s\\n" "$*" >> "$FAKE_LOG"\n')
+        fake_scancel = '#!/bin/sh\nprintf "scancel %s\\n" "$*" >> "$FAKE_LOG"\n'
+        path.write_text(FAKE_SCONTROL if name == "scontrol" else fake_scancel)
         path.chmod(path.stat().st_mode | stat.S_IXUSR)
     state = tmp_path / "state" / "hash.2" / "job.12"
     state.mkdir(parents=True)
