@@ -78,7 +78,8 @@ def prepare(root: str | Path, guest_name: str, job_id: str, base: Path, base_for
         if node:
             _write_new(gdir / "node", node.encode())  # whose it is, on a shared test host
         overlay = gdir / "root.qcow2"
-        leases.take(base, gdir, job_id)  # the store never evicts a base image while an overlay uses it
+        if leases.take(base, gdir, job_id):  # the store never evicts a base image while an overlay uses it
+            os.chmod(gdir / leases.MARKER, FILE_MODE)
         _run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base), str(overlay)])
         seed_path = gdir / "seed.iso"
         write_seed_iso(seed, seed_path)

@@ -115,20 +115,22 @@ class Site:
         return {n: meta for n, meta in self.worker.hv.vtorque_domains().items() if meta.get("node") == self.node}
 
 
-def make_site(base_image, **node) -> Site:
+def make_site(base_image, entry: ImageEntry | None = None, **node) -> Site:
+    """A site under /tmp with `base_image` (or `entry`, e.g. the test guest) staged as catalog image "tiny"."""
     root = Path(tempfile.mkdtemp(prefix="vtorque-sec-", dir="/tmp"))
     root.chmod(0o711)
-    path, digest = base_image
-    ImageStore(str(root / "images")).stage(str(path), digest)
+    if entry is None:
+        path, digest = base_image
+        entry = ImageEntry(source=str(path), sha256=digest, format="raw")
+    ImageStore(str(root / "images")).stage(entry.source, entry.sha256)
     name = f"sec{uuid.uuid4().hex[:10]}"
     config = Config(
         state_dir=str(root / "state"),
-        images=ImagesConfig(store=str(root / "images"),
-                            catalog={"tiny": ImageEntry(source=str(path), sha256=digest, format="raw")}),
+        images=ImagesConfig(store=str(root / "images"), catalog={"tiny": entry}),
         spec=SpecConfig(host_reserve_cores=0, host_reserve_ram="0M", max_vcpus=4, max_ram="1G", max_disk="1G",
                         max_vms_per_node=2),
         node=NodeConfig(name=name, guest_dir=str(root / "guests"), ramdisk_dir=str(root / "shm/vtorque/guests"),
-                        boot_timeout=15.0, **node))
+                        **{"boot_timeout": 15.0, **node}))
     sent = Recorder()
     worker = NodeWorker(config, sent, hypervisor=Hypervisor("qemu:///system"))
     return Site(root, config, worker, sent)
