@@ -37,6 +37,7 @@ venv: deps
 	  | { grep -vE '^WARNING: Location|^Requirement already satisfied' || true; }
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 \
 	  | { grep -v '^WARNING: Location' || true; }
+	install -m 755 cli/vsub.sh $(VENV)/bin/vsub  # the user's vsub: a sh front (no Python for a job without -vm)
 	@$(PY) -c 'import vtorque.shared.bus, libvirt, pika, kombu' && echo "venv: $(VENV) ready"
 
 guest: deps
