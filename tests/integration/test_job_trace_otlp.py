@@ -168,15 +168,19 @@ def _tree(spans) -> str:
     return "\n" + "\n".join(out)
 
 
-def _owner() -> tuple[str, str]:
-    import grp
-    import pwd
+@pytest.fixture(scope="module")
+def owner():
+    """An ordinary account of the test's own to own the job (node workers run no guests for root, nobody or
+    system accounts); removed with its home afterwards. Yields (user, group)."""
+    name = f"vtotel{uuid.uuid4().hex[:6]}"
+    subprocess.run(["useradd", "-m", "-U", "-s", "/bin/sh", name], check=True, capture_output=True, timeout=30)
+    try:
+        yield name, name
+    finally:
+        subprocess.run(["userdel", "-r", "-f", name], capture_output=True, timeout=30)
 
-    pw = pwd.getpwnam("nobody")
-    return "nobody", grp.getgrgid(pw.pw_gid).gr_name
 
-
-def test_one_job_one_trace_over_otlp(stack, tmp_path):
+def test_one_job_one_trace_over_otlp(stack, owner, tmp_path):
     rx, config, node, logs = stack
     job_id = f"{random.randrange(10**6, 10**7)}.otel"
     traceparent = _submit_span(rx.url, job_id)
@@ -188,7 +192,7 @@ def test_one_job_one_trace_over_otlp(stack, tmp_path):
     wrapper = render_wrapper("#!/bin/sh\necho OTEL-JOB-RAN on $(hostname)\nexit 7\n", {"img": "tiny", "ram": "256M"},
                              (key.parent / "job.pub").read_text().strip(), str(key), traceparent, LAUNCHER)
 
-    user, group = _owner()
+    user, group = owner
     home = tr.TorqueHome(tmp_path / "torque")
     pro = tr.recorded_invocations("prologue")[0].with_job_id(job_id).with_args(a2=user, a3=group)
     # pbs_mom passes the job shell's exit status as the epilogue's $10: the wrapper's, i.e. the guest's.
