@@ -91,12 +91,14 @@ _TORQUE_STATES: dict[str, State] = {"Q": "queued", "H": "queued", "W": "queued",
 
 
 def parse_qstat_f(text: str) -> dict[str, str]:
-    """`qstat -f JOBID` → {attribute: value}. Long values are folded onto lines that start with a tab."""
+    """`qstat -f JOBID` → {attribute: value}. Long values are folded onto lines that start with a tab
+    (TORQUE 6.1 qstat.c prt_attr: "\n\t" after a comma, or inside a token longer than the line): only the tab
+    is dropped, the rest is the value's own text."""
     attrs: dict[str, str] = {}
     key = None
     for line in text.splitlines():
         if line.startswith("\t") and key:
-            attrs[key] += line.strip()
+            attrs[key] += line[1:]
             continue
         name, sep, value = line.strip().partition(" = ")
         if sep:
@@ -132,12 +134,16 @@ class Torque:
         return self.config.binary(name)
 
     def job(self, job_id: str) -> JobInfo | None:
-        # -x: completed jobs too (TORQUE 6 keeps them for keep_completed seconds)
-        proc = _run([self.binary("qstat"), "-f", "-x", job_id], self.config.timeout)
+        # Plain -f: TORQUE shows a completed job (C) while keep_completed lasts. Its -x is not PBS Pro's
+        # "finished jobs too" but XML output (qstat.c: case 'x': DisplayXML), which this parser cannot read.
+        proc = _run([self.binary("qstat"), "-f", job_id], self.config.timeout)
         if proc.returncode != 0:
             if "Unknown Job" in proc.stderr:
                 return None
             raise SchedulerError(f"qstat exit {proc.returncode}: {proc.stderr.strip()[:200]}")
+        if "job_state" not in parse_qstat_f(proc.stdout):
+            # Never "gone" on output we cannot read: reconciliation would remove a running job's guests.
+            raise SchedulerError(f"qstat -f {job_id} shows no job_state: {proc.stdout.strip()[:120]!r}")
         return torque_job_info(job_id, proc.stdout)
 
 

@@ -56,3 +56,67 @@ def test_recorded_accounting_records_parse():
     assert ended["1.vm"] == "3" and ended["3.vm"] == "-2"
     requeued = [int(r.attrs["start_count"]) for r in starts if r.job_id == "4.vm"]
     assert max(requeued) > 100  # the recorded endless requeue of `exit -1`
+
+
+def test_qstat_f_keeps_a_folded_values_own_text():
+    """prt_attr breaks inside a token longer than the line: the continuation's text (even a leading blank) is
+    the value's; only the tab goes."""
+    text = "Job Id: 7.vm\n    comment = job was cancelled by the user becau\n\t se of a typo\n    job_state = C\n"
+    assert parse_qstat_f(text)["comment"] == "job was cancelled by the user becau se of a typo"
+
+
+QSTAT_F_RUNNING = """Job Id: 12.vm
+    Job_Name = hooktest
+    Job_Owner = trqtest@vm
+    job_state = R
+    queue = batch
+    Error_Path = vm:/home/trqtest/hooktest.e12
+    exec_host = vm/0-1
+    Output_Path = vm:/home/trqtest/hooktest.o12
+    Resource_List.nodes = 1:ppn=2
+    Resource_List.walltime = 00:05:00
+    start_count = 1
+"""
+
+
+def test_torque_job_info_of_a_running_and_a_completed_job():
+    from vtorque.shared.scheduler import torque_job_info
+
+    info = torque_job_info("12.vm", QSTAT_F_RUNNING)
+    assert (info.state, info.alive, info.owner, info.nodes, info.walltime_s) == ("running", True, "trqtest",
+                                                                                ("vm",), 300)
+    done = torque_job_info("12.vm", QSTAT_F_RUNNING.replace("job_state = R", "job_state = C\n    exit_status = -2"))
+    assert (done.state, done.exit_code, done.alive) == ("failed", -2, False)
+    qdel = torque_job_info("12.vm", QSTAT_F_RUNNING.replace("job_state = R", "job_state = C\n    exit_status = 271"))
+    assert qdel.state == "cancelled"
+
+
+def _scheduler_with(tmp_path, script: str):
+    from vtorque.shared.config import SchedulerConfig
+    from vtorque.shared.scheduler import Torque
+
+    qstat = tmp_path / "qstat"
+    qstat.write_text("#!/bin/sh\n" + script)
+    qstat.chmod(0o755)
+    return Torque(SchedulerConfig(kind="torque", qstat=str(qstat), timeout=5.0))
+
+
+def test_torque_is_asked_with_plain_qstat_f_never_x(tmp_path):
+    """TORQUE's `qstat -x` is XML output, not "finished jobs too" (that is PBS Pro): asking with it would give
+    text without job_state, and reconciliation would have taken every running job for gone."""
+    answer = tmp_path / "answer"
+    answer.write_text(QSTAT_F_RUNNING)
+    torque = _scheduler_with(tmp_path, f'[ "$1" = -f ] && [ "$2" = 12.vm ] && [ $# = 2 ] || exit 2\ncat {answer}\n')
+    assert torque.job("12.vm").state == "running"
+
+
+def test_torque_output_without_a_job_state_is_an_error_not_a_gone_job(tmp_path):
+    import pytest
+
+    from vtorque.shared.scheduler import SchedulerError
+
+    torque = _scheduler_with(tmp_path, "echo '<Data><Job><Job_Id>12.vm</Job_Id></Job></Data>'\n")
+    with pytest.raises(SchedulerError, match="no job_state"):
+        torque.job("12.vm")
+    gone = _scheduler_with(tmp_path, "echo 'qstat: Unknown Job Id Error 12.vm' >&2; exit 153\n")
+    assert gone.job("12.vm") is None
