@@ -516,7 +516,7 @@ def torque_channel_factory(config, hosts: list[str]):
             if config.torque.require_node_workers:
                 try:
                     missing = self._missing_node_workers(hosts, config.torque.node_worker_grace)
-                except pika.exceptions.AMQPError as exc:
+                except (pika.exceptions.AMQPError, OSError) as exc:
                     self.close()
                     raise BrokerUnreachable(f"broker unusable: {describe(exc)}") from None
                 if missing:
