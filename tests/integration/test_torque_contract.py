@@ -742,3 +742,31 @@ def test_the_final_files_say_the_final_outcome(torque_home, make_config, guide_b
         assert os.lstat(path).st_uid == pw.pw_uid
     text = reason_file.read_text()
     assert "this is its end" in text and "requeue" not in text.split("\n")[0], text
+
+
+def test_a_job_the_bridge_rejected_before_any_plan_has_nothing_to_tear_down(torque_home, make_config, events,
+                                                                           vhost):
+    """JobStarted went out, but the bridge answered JobRejected before any plan (here the test plays the
+    bridge): no node was asked for a guest, so the epilogue ends at once."""
+    import time
+
+    config, _ = make_config(prologue_timeout=20.0, epilogue_timeout=30.0)
+    inv = vm_invocation(first(PROLOGUES, "3.vm"), unique_job_id())
+    prepared = torque_home.prepare(inv, vm_script(GOOD_SPEC))
+    env = {**prepared.env, **hook_env(config)}
+    prologue = subprocess.Popen([str(tr.HOOKS / "prologue"), *prepared.argv], env=env, cwd=prepared.cwd,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                umask=prepared.umask, start_new_session=True)
+    end = time.monotonic() + GUARD_SECONDS
+    while not events.job_started(inv.job_id):
+        assert prologue.poll() is None and time.monotonic() < end, prologue.communicate()
+    conn = pika.BlockingConnection(pika.URLParameters(vhost.url))
+    rejected = m.JobRejected.new(job_id=inv.job_id, deadline=60, reason="image tiny: not on this cluster")
+    conn.channel().basic_publish(EVENTS_EXCHANGE, rejected.routing_key(), m.encode(rejected))
+    conn.close()
+    out, err = prologue.communicate(timeout=GUARD_SECONDS)
+    assert prologue.returncode == 1 and "not on this cluster" in err, (out, err)
+    result = tr.run_hook("epilogue", torque_home.prepare(vm_invocation(first(EPILOGUES, "3.vm"), inv.job_id),
+                                                         vm_script(GOOD_SPEC)), hook_env(config), timeout=GUARD_SECONDS)
+    assert result.returncode == 0 and "nothing to remove" in result.stdout, str(result)
+    assert result.seconds < 5, str(result)
