@@ -58,10 +58,12 @@ def run(service: str) -> None:
     else:
         from vtorque.services.node_worker.service import NodeWorker as cls
     svc = cls(config, publisher)
-    runner = ServiceRunner(url, svc.queues(), svc.handlers(), heartbeat=config.broker.heartbeat)
+    runner = ServiceRunner(url, svc.queues(), svc.handlers(), heartbeat=config.broker.heartbeat,
+                           user_prefix=config.broker.user_prefix)
     # More consumers in this process where the service asks for them (the stager: concurrent stagings, job
     # deletions), each a ServiceRunner of its own in a thread, stopped with the main one.
-    extra = [ServiceRunner(url, queues, handlers, heartbeat=config.broker.heartbeat)
+    extra = [ServiceRunner(url, queues, handlers, heartbeat=config.broker.heartbeat,
+                           user_prefix=config.broker.user_prefix)
              for queues, handlers in getattr(svc, "extra_consumers", list)()]
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: [r.stop() for r in (runner, *extra)])
@@ -261,7 +263,14 @@ def _register_images() -> None:
     main.add_command(images)  # vtorque images list|show|add|update|remove|pull (cli/images.py)
 
 
+def _register_broker() -> None:
+    from vtorque.cli.broker import broker
+
+    main.add_command(broker)  # vtorque broker setup|permissions (cli/broker.py)
+
+
 _register_images()
+_register_broker()
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -42,8 +42,10 @@ _EXCHANGES = {e.name: e for e in (EVENTS, COMMANDS, DEAD)}
 # -- topology ---------------------------------------------------------------------------------------------
 
 def kombu_queue(spec: topology.QueueSpec) -> Queue:
-    """The kombu Queue of one (rendered) entry of the table."""
-    exchange = _EXCHANGES[spec.exchange]
+    """The kombu Queue of one (rendered) entry of the table. Declaring it declares its exchange passively
+    (kombu declares a queue's exchange first): a service's user has no right to configure exchanges."""
+    known = _EXCHANGES[spec.exchange]
+    exchange = Exchange(known.name, type=known.type, durable=True, passive=True)
     private = spec.kind == "private"
     return Queue(spec.name, exchange=exchange, durable=not private, exclusive=private, auto_delete=private,
                  queue_arguments=spec.queue_arguments or None,
@@ -132,6 +134,13 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (OSError, ConnectionError, komb
 RECONNECT_MAX_DELAY = 2.0  # seconds; back at work within a few seconds of the broker's return
 
 
+def broker_user_of(url: str) -> str | None:
+    import urllib.parse
+
+    user = urllib.parse.urlsplit(url).username
+    return urllib.parse.unquote(user) if user else None
+
+
 # -- publishing -------------------------------------------------------------------------------------------
 
 class Publisher:
@@ -140,6 +149,9 @@ class Publisher:
 
     def __init__(self, url: str, timeout: float = 5.0):
         self.url, self.timeout = url, timeout
+        # Every message carries its sender's broker user as user_id: the broker refuses one that is not the
+        # connection's own, so consumers can trust it (shared/topology.py may_publish).
+        self.user = broker_user_of(url)
         self._local = threading.local()
 
     @property
@@ -199,13 +211,13 @@ class Publisher:
             producer.publish(
                 m.encode(message), exchange=exchange, routing_key=routing_key, headers=headers,
                 delivery_mode=2, content_type="application/json", content_encoding="utf-8",
-                message_id=message.message_id, type=type(message).__name__, retry=False,
+                message_id=message.message_id, type=type(message).__name__, retry=False, user_id=self.user,
             )
 
     def publish_raw(self, body: bytes, exchange: str, headers: dict, content_type: str) -> None:
         """Republish a body as it came (dead-lettering keeps what could not be decoded, byte for byte)."""
         self._ensure().publish(body, exchange=exchange, routing_key="", headers=headers, delivery_mode=2,
-                               content_type=content_type, retry=False)
+                               content_type=content_type, retry=False, user_id=self.user)
 
     def close(self) -> None:
         """Close this thread's connection (the others close with their threads' ends or the process)."""
@@ -276,7 +288,7 @@ class ServiceRunner:
 
     def __init__(self, url: str, queues: list[Queue], handlers: Mapping[type, Handler], *,
                  heartbeat: int = 30, prefetch: int = 1,
-                 on_idle: Callable[[], None] | None = None):
+                 on_idle: Callable[[], None] | None = None, user_prefix: str = topology.USER_PREFIX):
         self.url, self.queues, self.handlers = url, queues, dict(handlers)
         # Only the consuming thread uses this one; handlers publish through their own (one per thread).
         self.publisher = Publisher(url)
@@ -289,6 +301,14 @@ class ServiceRunner:
         self._backlog: collections.deque[kombu.Message] = collections.deque()
         self._queue_by_tag: dict[str, str] = {}
         self._consuming = False
+        # A service that runs as one of vtorque's broker users (a deployment with one user per service) checks
+        # every sender against the topology table; under any other user (a test's own vhost and user) it cannot
+        # tell senders apart, and says so once at start.
+        self.user_prefix = user_prefix
+        self.check_senders = topology.role_of(self.publisher.user, user_prefix)[0] is not None
+        if not self.check_senders:
+            log(LOG, logging.WARNING, "broker user is not one of vtorque's: senders are not checked",
+                user=self.publisher.user)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -372,6 +392,11 @@ class ServiceRunner:
         if handler is None:
             self._dead_letter(raw, f"no handler for {type(message).__name__} here")
             return
+        if self.check_senders:
+            refused = topology.may_publish((raw.properties or {}).get("user_id"), message, self.user_prefix)
+            if refused:
+                self._dead_letter(raw, f"refused sender: {refused}")
+                return
         if isinstance(message, m.Command) and message.expired():
             with job_context(message.job_id):
                 log(LOG, logging.WARNING, "command past its deadline, dropped", command=type(message).__name__)
@@ -412,6 +437,7 @@ class ServiceRunner:
         log(LOG, logging.ERROR, "dead-lettering a message", reason=reason[:500])
         headers = dict(raw.headers or {})
         headers.update({"x-vtorque-reason": reason[:1000],
+                        "x-vtorque-sender": str((raw.properties or {}).get("user_id") or ""),
                         "x-vtorque-routing-key": raw.delivery_info.get("routing_key", ""),
                         "x-vtorque-exchange": raw.delivery_info.get("exchange", "")})
         self.publisher.publish_raw(raw.body, DEAD.name, headers, raw.content_type or "application/json")

@@ -33,6 +33,9 @@ class BrokerConfig(_Section):
     credentials_file: str | None = None
     heartbeat: int = 30
     connect_timeout: float = 5.0
+    # Start of vtorque's broker user names (vtorque-bridge, vtorque-node-<host>, ...; `vtorque broker setup`).
+    # A consumer running as one of them dead-letters a message its sender may not send (shared/topology.py).
+    user_prefix: str = "vtorque-"
 
     def connection_url(self) -> str:
         if not self.credentials_file:

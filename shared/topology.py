@@ -23,7 +23,10 @@ EVENTS = "vtorque.events"
 COMMANDS = "vtorque.commands"
 DEAD = "vtorque.dead"
 DEAD_QUEUE = "vtorque.dead"
-EXCHANGES: dict[str, str] = {EVENTS: "topic", COMMANDS: "direct", DEAD: "fanout"}
+# Commands go through a topic exchange too (their routing keys hold no wildcards, so it routes like a direct
+# one) because the broker checks topic permissions only on topic exchanges: a node's user may then send
+# `stager` commands but never `node.<host>` ones.
+EXCHANGES: dict[str, str] = {EVENTS: "topic", COMMANDS: "topic", DEAD: "fanout"}
 
 # The publishing parts of vtorque. Each runs as a broker user of its own (docs/security.md): `node` is one
 # user per node (`vtorque-node-<host>`), the others one user per role.
@@ -201,24 +204,24 @@ def consumers_of(message_type: type, sample: dict[str, str] | None = None) -> se
 USER_PREFIX = "vtorque-"
 
 
-def broker_user(role: Role, node: str | None = None) -> str:
-    return f"{USER_PREFIX}node-{node}" if role == "node" else f"{USER_PREFIX}{role}"
+def broker_user(role: Role, node: str | None = None, prefix: str = USER_PREFIX) -> str:
+    return f"{prefix}node-{node}" if role == "node" else f"{prefix}{role}"
 
 
-def role_of(user: str | None) -> tuple[Role | None, str | None]:
+def role_of(user: str | None, prefix: str = USER_PREFIX) -> tuple[Role | None, str | None]:
     """(role, node) of a broker user name; (None, None) for a user that is none of vtorque's."""
-    if not user or not user.startswith(USER_PREFIX):
+    if not user or not user.startswith(prefix):
         return None, None
-    rest = user[len(USER_PREFIX):]
+    rest = user[len(prefix):]
     if rest.startswith("node-") and len(rest) > 5:
         return "node", rest[5:]
     return (rest, None) if rest in ROLES and rest != "node" else (None, None)  # type: ignore[return-value]
 
 
-def may_publish(user: str | None, message: m.Message) -> str | None:
+def may_publish(user: str | None, message: m.Message, prefix: str = USER_PREFIX) -> str | None:
     """None if `user` may have sent `message`; else why not (the reason a consumer dead-letters it with).
     A node's user speaks only for its own node."""
-    role, node = role_of(user)
+    role, node = role_of(user, prefix)
     flow = FLOWS.get(type(message))
     if flow is None:
         return f"{type(message).__name__} is in no flow of the topology table"
@@ -259,30 +262,32 @@ class Permissions:
     configure: str
     write: str
     read: str
-    topic_write: str  # routing keys this user may publish to vtorque.events
-    topic_read: str  # routing keys this user may bind its queues to on vtorque.events
+    # per topic exchange: (routing keys it may publish with, routing keys it may bind its queues with)
+    topics: dict[str, tuple[str, str]]
 
 
 def broker_permissions(role: Role, node: str | None = None) -> Permissions:
     """What one broker user may do, from the table alone: declare and read its own queues, write to the
     exchanges its messages go to, publish only the routing keys of the messages it may send, bind only to
-    what its queues are bound to. Exchanges are declared by the administrator's set-up (`vtorque broker
-    setup`); a service only checks them (passive declare needs no permission)."""
+    what its queues are bound to. Exchanges and the shared durable queues are made by the administrator's
+    set-up (`vtorque broker setup`); others' queues are only checked (a passive declare needs no right)."""
     own = [q for q in QUEUES.values() if q.consumer == role]
     names = [_template_regex(q.name, node) for q in own]
     sends = [t for t, f in FLOWS.items() if role in f.publishers]
-    exchanges = {COMMANDS if issubclass(t, m.Command) else EVENTS for t in sends}
-    if any(q.kind != "private" for q in own) or role in ("bridge", "stager", "node"):
-        exchanges.add(DEAD)  # dead letters (ServiceRunner republishes with the reason)
-    # Binding a queue needs read on the exchange; consuming, read on the queue.
-    bound_exchanges = {q.exchange for q in own}
-    keys = [_template_regex(FLOWS[t].route, node) for t in sends if not issubclass(t, m.Command)]
-    bind_keys = [_template_regex(b, node) for q in own if q.exchange == EVENTS for b in q.bindings]
+    exchange_of = lambda t: COMMANDS if issubclass(t, m.Command) else EVENTS  # noqa: E731
+    exchanges = {exchange_of(t) for t in sends}
+    if role in ("bridge", "stager", "node"):
+        exchanges.add(DEAD)  # their ServiceRunner dead-letters what it refuses, with the reason
+    bound_exchanges = {q.exchange for q in own}  # queue.bind needs read on the exchange
     also_read = [_template_regex(q.name, node) for q in QUEUES.values() if role in q.readers]
+    topics = {}
+    for exchange in (EVENTS, COMMANDS):
+        keys = [_template_regex(FLOWS[t].route, node) for t in sends if exchange_of(t) == exchange]
+        binds = [_template_regex(b, node) for q in own if q.exchange == exchange for b in q.bindings]
+        topics[exchange] = (_any(keys), _any(binds))
     return Permissions(
         configure=_any(names),
         write=_any(names + [re.escape(e) for e in exchanges]),
         read=_any(names + also_read + [re.escape(e) for e in bound_exchanges]),
-        topic_write=_any(keys),
-        topic_read=_any([k.replace(r"\#", r".*").replace(r"\*", r"[^.]+") for k in bind_keys]),
+        topics=topics,
     )

@@ -83,28 +83,32 @@ def _can(regex: str, name: str) -> bool:
 
 def test_a_node_may_publish_only_its_own_events_and_read_only_its_own_queue():
     p = t.broker_permissions("node", "n1")
-    assert _can(p.topic_write, "node.n1.heartbeat") and not _can(p.topic_write, "node.n2.heartbeat")
-    assert _can(p.topic_write, "job.7.guest_ready")
-    assert not _can(p.topic_write, "job.7.job_ended") and not _can(p.topic_write, "job.7.job_started")
+    assert _can(p.topics[t.EVENTS][0], "node.n1.heartbeat") and not _can(p.topics[t.EVENTS][0], "node.n2.heartbeat")
+    assert _can(p.topics[t.EVENTS][0], "job.7.guest_ready")
+    assert not _can(p.topics[t.EVENTS][0], "job.7.job_ended") and not _can(p.topics[t.EVENTS][0], "job.7.job_started")
     assert _can(p.read, "vtorque.node.n1") and not _can(p.read, "vtorque.node.n2")
     assert not _can(p.read, "vtorque.bridge") and not _can(p.configure, "vtorque.stager")
     assert not _can(p.configure, "vtorque.node.n2")
+    # commands: a node may ask for a staging, never command a node (its own or another)
+    assert _can(p.topics[t.COMMANDS][0], "stager") and not _can(p.topics[t.COMMANDS][0], "node.n2")
+    assert _can(p.topics[t.COMMANDS][1], "node.n1") and not _can(p.topics[t.COMMANDS][1], "node.n2")
 
 
 def test_hooks_may_start_and_end_jobs_and_wait_on_their_own_queues_only():
     p = t.broker_permissions("hook")
-    assert _can(p.topic_write, "job.1%2Evm.job_started") and _can(p.topic_write, "job.1%2Evm.job_ended")
-    assert not _can(p.topic_write, "job.1.guest_ready") and not _can(p.write, "vtorque.commands")
+    assert _can(p.topics[t.EVENTS][0], "job.1%2Evm.job_started") and _can(p.topics[t.EVENTS][0], "job.1%2Evm.job_ended")
+    assert not _can(p.topics[t.EVENTS][0], "job.1.guest_ready") and not _can(p.write, "vtorque.commands")
     assert _can(p.configure, "vtorque.hook.1%2Evm.0123456789ab")
     assert not _can(p.configure, "vtorque.bridge") and not _can(p.read, "vtorque.node.n1")
-    assert _can(p.topic_read, "job.1%2Evm.#")
+    assert _can(p.topics[t.EVENTS][1], "job.1%2Evm.#")
 
 
 def test_the_bridge_commands_nodes_but_cannot_take_their_queues():
     p = t.broker_permissions("bridge")
     assert _can(p.write, "vtorque.commands") and _can(p.read, "vtorque.nodes")
     assert not _can(p.configure, "vtorque.node.n1") and not _can(p.read, "vtorque.node.n1")
-    assert not _can(p.topic_write, "job.1.guest_ready") and _can(p.topic_write, "job.1.job_planned")
+    assert not _can(p.topics[t.EVENTS][0], "job.1.guest_ready") and _can(p.topics[t.EVENTS][0], "job.1.job_planned")
+    assert _can(p.topics[t.COMMANDS][0], "node.n7") and _can(p.topics[t.COMMANDS][0], "stager")
 
 
 # -- nothing else names a queue or a route ----------------------------------------------------------------------

@@ -1,0 +1,132 @@
+"""Least privilege on the real broker: `vtorque broker setup` makes one user per part with what the topology table
+allows, and the broker itself refuses the rest. On a vhost and with user names of this test's own (broker users
+are broker-wide: the stack's own users are never touched)."""
+
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import amqp.exceptions
+import kombu
+import pytest
+
+from vtorque.shared import messages as m
+from vtorque.shared import topology as t
+from vtorque.shared.bus import COMMANDS, EVENTS, ServiceRunner, table_queue
+
+VTORQUE = str(Path(sys.executable).parent / "vtorque")
+
+
+def _ctl(*args, check=True):
+    return subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60, check=check)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    tag = uuid.uuid4().hex[:6]
+    vhost, prefix, creds = f"vtorque-test-{tag}", f"vt{tag}-", tmp_path_factory.mktemp("broker-creds")
+    argv = [VTORQUE, "broker", "setup", "--vhost", vhost, "--node", "n1", "--node", "n2",
+            "--credentials-dir", str(creds), "--user-prefix", prefix]
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    yield {"vhost": vhost, "prefix": prefix, "creds": creds, "argv": argv}
+    for line in _ctl("list_users").stdout.splitlines():
+        if line.startswith(prefix):
+            _ctl("delete_user", line.split("\t")[0], check=False)
+    _ctl("delete_vhost", vhost, check=False)
+
+
+def _url(site, role, node=None) -> str:
+    user = t.broker_user(role, node, site["prefix"])
+    secret = (site["creds"] / f"{user}.credentials").read_text().strip()
+    return f"amqp://{secret}@127.0.0.1:5672/{site['vhost']}"
+
+
+def _publish(url, exchange, routing_key, body=b"{}", **props):
+    with kombu.Connection(url, transport_options={"confirm_publish": True}) as conn:
+        kombu.Producer(conn.channel()).publish(body, exchange=exchange, routing_key=routing_key,
+                                               content_type="application/json", retry=False, **props)
+
+
+def test_every_part_gets_a_user_and_a_secret_only_root_reads(site):
+    files = sorted(p.name for p in site["creds"].iterdir())
+    expected = sorted(f"{t.broker_user(r, n, site['prefix'])}.credentials"
+                      for r, n in [("hook", None), ("prefetch", None), ("bridge", None), ("stager", None),
+                                   ("operator", None), ("node", "n1"), ("node", "n2")])
+    assert files == expected
+    for path in site["creds"].iterdir():
+        assert path.stat().st_mode & 0o777 == 0o600 and path.stat().st_uid == 0
+    before = {p.name: p.read_text() for p in site["creds"].iterdir()}
+    again = subprocess.run(site["argv"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert {p.name: p.read_text() for p in site["creds"].iterdir()} == before  # idempotent: secrets kept
+    users = _ctl("list_users").stdout
+    assert not any(line.startswith(f"vtorque-setup") for line in users.splitlines()), "the set-up user is gone"
+
+
+def test_a_node_cannot_command_another_node_nor_speak_for_it(site):
+    node1 = _url(site, "node", "n1")
+    boot = m.TeardownGuests.new(job_id="1", deadline=30.0, node="n2")
+    with pytest.raises(amqp.exceptions.AccessRefused):
+        _publish(node1, COMMANDS.name, "node.n2", m.encode(boot))
+    with pytest.raises(amqp.exceptions.AccessRefused):
+        _publish(node1, EVENTS.name, "node.n2.heartbeat")
+    with pytest.raises(amqp.exceptions.AccessRefused):
+        _publish(node1, EVENTS.name, "job.1.job_ended")  # a node cannot end anyone's job
+    with kombu.Connection(node1) as conn:
+        with pytest.raises(amqp.exceptions.AccessRefused):
+            table_queue(t.NODE_Q, node="n2")(conn.channel()).get()  # nor read another node's commands
+    _publish(node1, EVENTS.name, "node.n1.heartbeat", user_id=t.broker_user("node", "n1", site["prefix"]))
+
+
+def test_the_hooks_cannot_announce_guests_or_command_nodes(site):
+    hook = _url(site, "hook")
+    with pytest.raises(amqp.exceptions.AccessRefused):
+        _publish(hook, EVENTS.name, "job.1.guest_ready")
+    with pytest.raises(amqp.exceptions.AccessRefused):
+        _publish(hook, COMMANDS.name, "node.n1")
+    _publish(hook, EVENTS.name, "job.1.job_started")
+
+
+def test_a_forged_sender_is_refused_by_the_broker(site):
+    with pytest.raises(amqp.exceptions.PreconditionFailed):
+        _publish(_url(site, "hook"), EVENTS.name, "job.1.job_started",
+                 user_id=t.broker_user("bridge", prefix=site["prefix"]))
+
+
+def test_a_consumer_dead_letters_what_its_sender_may_not_send(site):
+    """A node's user may publish on its own routing key, but a heartbeat claiming another node is refused by
+    the bridge's runner (the body is checked against the broker-validated user_id)."""
+    bridge, node1, operator = _url(site, "bridge"), _url(site, "node", "n1"), _url(site, "operator")
+    seen = []
+    queue = table_queue(t.BRIDGE_NODES_Q, tag=uuid.uuid4().hex[:8])
+    runner = ServiceRunner(bridge, [queue], {m.NodeHeartbeat: seen.append}, user_prefix=site["prefix"])
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    try:
+        assert runner.ready.wait(20) and runner.check_senders
+        beat = lambda node: m.NodeHeartbeat.new(job_id="", deadline=30.0, node=node, cores=2, mem_free_mib=1024,  # noqa: E731
+                                                guests_running=0, domain_type="qemu")
+        user = t.broker_user("node", "n1", site["prefix"])
+        _publish(node1, EVENTS.name, "node.n1.heartbeat", m.encode(beat("n2")), user_id=user)
+        _publish(node1, EVENTS.name, "node.n1.heartbeat", m.encode(beat("n1")), user_id=user)
+        deadline = time.monotonic() + 20
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [b.node for b in seen] == ["n1"]
+        with kombu.Connection(operator) as conn:
+            dead = None
+            for _ in range(100):
+                dead = table_queue(t.DEAD_QUEUE)(conn.channel()).get(no_ack=True)
+                if dead is not None:
+                    break
+                time.sleep(0.1)
+        assert dead is not None
+        assert "for node n2 sent by" in dead.headers["x-vtorque-reason"]
+        assert dead.headers["x-vtorque-sender"] == user
+    finally:
+        runner.stop()
+        thread.join(10)
