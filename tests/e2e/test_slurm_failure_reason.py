@@ -283,3 +283,29 @@ def test_a_requeued_then_failed_job_says_why_at_each_step(private_slurm, owner):
     assert lines == [f"vtorque: job {job_id} did not start: {reason}"], lines
     log = (d / "log" / "slurmctld.log").read_text()
     assert "EpilogSlurmctld killed" not in log and "PrologSlurmctld killed" not in log
+
+
+# -- a node without a node worker, against the real broker (the session's own vhost) -------------------------
+
+def test_a_node_without_a_node_worker_fails_at_once_on_the_real_broker(broker_url, node_name):
+    """The Slurm hook's channel: one node has a consumer on its queue, the other none (never declared): the
+    hook learns it before it publishes anything, in about the grace, not after the whole prologue wait."""
+    import pika
+
+    from vtorque.hooks import slurm
+    from vtorque.shared.bus import node_queue
+    from vtorque.shared.hook_channel import BrokerUnreachable
+
+    worker = pika.BlockingConnection(pika.URLParameters(broker_url))
+    try:
+        channel = worker.channel()
+        channel.queue_declare(node_queue(node_name).name, durable=True)  # as a node worker would, unbound here
+        channel.basic_consume(node_queue(node_name).name, on_message_callback=lambda *a: None)
+        absent = f"{node_name}x"
+        t0 = time.monotonic()
+        with pytest.raises(BrokerUnreachable, match=f"no node worker is running on {absent} "):
+            slurm.slurm_channel_factory([node_name, absent], grace=1.0)(broker_url, [])
+        assert time.monotonic() - t0 < 5
+        slurm.slurm_channel_factory([node_name], grace=1.0)(broker_url, []).close()  # a worker: no complaint
+    finally:
+        worker.close()
