@@ -108,7 +108,7 @@ def _drop_stamps(site_dir: Path, name: str) -> None:
     for stamp in (site_dir / f".{name}.checked", site_dir / f".{name}.checked.new"):
         try:
             stamp.unlink()
-        except FileNotFoundError:
+        except OSError:  # absent, or something a person put there: then vtorque-site/ stays, as it is not ours
             pass
 
 

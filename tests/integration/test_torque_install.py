@@ -199,6 +199,20 @@ def test_the_site_hook_is_checked_again_once_someone_changed_it(site, sentinel_p
     assert not (home.mom_priv / "vtorque-site").exists()  # the stamps go with it
 
 
+def test_a_stamp_that_cannot_be_written_costs_the_check_not_the_job(site):
+    """The verdict's stamp is written with `true >file`, not `: >file`: a failed redirection of a special
+    builtin would end the shell (exit 2: Torque's endless requeue)."""
+    home, log, rc = site
+    ih.install(home.root)
+    (home.mom_priv / "vtorque-site" / ".prologue.checked.new").mkdir()  # any write there now fails
+    plain = home.prepare(first(PROLOGUES, "1.vm"))
+    for _ in range(2):
+        result = tr.run_hook("prologue", plain, {}, entry=installed(home, "prologue"))
+        assert result.returncode == 0, str(result)
+    assert log.read_text().count("site prologue") == 2
+    assert not (home.mom_priv / "vtorque-site" / ".prologue.checked").exists()
+
+
 def test_site_epilogue_code_wins_and_the_teardown_still_runs(site, sentinel_python):
     home, log, rc = site
     epilogue = home.mom_priv / "epilogue"
