@@ -54,7 +54,10 @@ class SlurmTools:
         sched = getattr(self.config, "scheduler", None)
         if sched is not None and sched.kind == "slurm":
             return sched.binary(name)
-        return f"/usr/bin/{name}"
+        # No usable [scheduler] (no config, or not a Slurm site's): the entry point's PATH, /usr/bin first.
+        import shutil
+
+        return shutil.which(name) or f"/usr/bin/{name}"
 
     @property
     def timeout(self) -> float:
@@ -329,13 +332,18 @@ def main(argv: list[str] | None = None, env=os.environ, channel_factory=None) ->
 
     job_id = env.get("SLURM_JOB_ID", "")
     progress = Progress(sys.stderr)  # PrologSlurmctld output goes to the controller's log
-    tools = SlurmTools()
+    config, config_error = None, None
     try:
         config = load_config()
-        tools = SlurmTools(config)
+    except ConfigError as exc:
+        config_error = exc
+    tools = SlurmTools(config)
+    try:
         header = parse_header(job_script_head(job_id, env.get("VTORQUE_SLURM_STATE"), tools))
         if header is None:
-            return 0
+            return 0  # not a VM job (the shell entry point lets those go without Python unless it cannot read)
+        if config_error is not None:
+            raise config_error
         shown = show_job(job_id, tools) if job_id else ""
         job = job_context(env, header, tools, shown)
     except (ConfigError, ScriptError, ValueError, KeyError, OSError, subprocess.SubprocessError) as exc:
@@ -388,8 +396,10 @@ def _refuse(job_id: str, reason: str, old_comment: str, restarts: int, tools: Sl
     prints it into the job's own error file. If Slurm will not take the Comment, cancel instead: no file then,
     but the job does not linger."""
     text = not_started_comment(reason, restarts)
-    problem = set_comment(job_id, comment_with(old_comment, text), tools) if job_id else "no SLURM_JOB_ID"
     print(f"vtorque: job {job_id} {text[len(PREFIX):]}", file=sys.stderr)
+    if not job_id:
+        return 1
+    problem = set_comment(job_id, comment_with(old_comment, text), tools)
     if problem is None:
         return 0
     print(f"vtorque: job {job_id}: Comment not set ({problem}); cancelling it", file=sys.stderr)

@@ -4,6 +4,7 @@ node-worker check. The real Slurm is in tests/e2e/test_slurm_failure_reason.py."
 
 from __future__ import annotations
 
+import os
 import stat
 import time
 from pathlib import Path
@@ -223,3 +224,18 @@ def test_the_hook_fails_fast_without_a_node_worker(monkeypatch):
         factory("amqp://x//", [])
     assert time.monotonic() - t0 < 2
     assert isinstance(slurm.slurm_channel_factory(["vm"], grace=0.05)("amqp://x//", []), hc.HookChannel)
+
+
+def test_a_broken_config_refuses_a_vm_job_but_never_touches_a_plain_one(site, tmp_path, monkeypatch):
+    env, log = site
+    broken = tmp_path / "broken.toml"
+    broken.write_text(f'[scheduler]\nkind = "slurm"\nbin_dir = "{tmp_path}/bin"\nnosuch = 1\n')
+    monkeypatch.setenv("VTORQUE_CONFIG", str(broken))
+    monkeypatch.setenv("PATH", f"{tmp_path}/bin:{os.environ['PATH']}")  # no [scheduler] then: found on PATH
+    assert slurm.main(["prolog"], env, channel_factory=channel([])) == 0
+    assert updates(log)[-1].startswith("vtorque: not started: the prologue could not read the job: ")
+    log.write_text("")
+    script = tmp_path / "state" / "hash.2" / "job.12" / "script"
+    script.write_text("#!/bin/sh\necho plain job\n")
+    assert slurm.main(["prolog"], env, channel_factory=channel([])) == 0
+    assert updates(log) == []  # a job without -vm keeps its Comment
