@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import queue
 import threading
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -28,6 +29,7 @@ T = TypeVar("T")
 QUERY_TIMEOUT = 30.0  # lookups, listings, XML
 CHANGE_TIMEOUT = 60.0  # define, destroy, undefine
 START_TIMEOUT = 120.0  # QEMU's start (TCG on a loaded 2-core box takes seconds)
+POOL_THREADS = 4
 
 
 def detect_domain_type(configured: str) -> str:
@@ -45,15 +47,39 @@ class Hypervisor:
         self.uri = uri
         self._local = threading.local()
         self.query_timeout, self.change_timeout, self.start_timeout = query_timeout, change_timeout, start_timeout
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=6, thread_name_prefix="libvirt")
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._threads_lock = threading.Lock()
 
     def _timed(self, what: str, timeout: float, fn: Callable[..., T], *args) -> T:
-        future = self._pool.submit(fn, *args)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._ensure_threads()
+        self._calls.put((future, fn, args))
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise HypervisorError(f"libvirt did not answer {what} within {timeout:.0f}s") from None
+
+    def _ensure_threads(self) -> None:
+        # Daemon threads of our own (not an executor's, which the interpreter joins at exit: a hung libvirt
+        # call must not hang the process's exit either). Each keeps its own connection (self.conn).
+        with self._threads_lock:
+            if len(self._threads) >= POOL_THREADS:
+                return
+            thread = threading.Thread(target=self._serve, name=f"libvirt-{len(self._threads)}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            future, fn, args = self._calls.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                future.set_exception(exc)
 
     @property
     def conn(self) -> libvirt.virConnect:

@@ -90,17 +90,21 @@ def check_owner(owner: m.Owner, config: Config) -> OwnerAccount:
         raise Refused(f"owner {owner.user} is unknown on this node") from None
     if pw.pw_uid != owner.uid:
         raise Refused(f"owner {owner.user} has uid {pw.pw_uid} on this node, not {owner.uid}")
-    if pw.pw_gid != owner.gid:
-        raise Refused(f"owner {owner.user} has gid {pw.pw_gid} on this node, not {owner.gid}")
+    if owner.gid != pw.pw_gid and owner.gid not in os.getgrouplist(pw.pw_name, pw.pw_gid):
+        # A job may run under a secondary group of the owner's (qsub -W group_list), never under another.
+        raise Refused(f"owner {owner.user} is not in group {owner.gid} on this node (primary gid {pw.pw_gid})")
     if (pw.pw_uid < MIN_OWNER_UID or pw.pw_uid == NOBODY_UID) and not allow_system_owners(config):
         what = ("root" if pw.pw_uid == 0 else "the overflow account nobody" if pw.pw_uid == NOBODY_UID
                 else f"a system account (uid {pw.pw_uid} < {MIN_OWNER_UID})")
         raise Refused(f"owner {owner.user} is {what}: this site does not run guests for it "
                       f"([node] allow_system_owners)")
+    if owner.gid == 0 and not allow_system_owners(config):
+        raise Refused(f"owner {owner.user}: group 0 (root) for a job: this site does not allow it "
+                      f"([node] allow_system_owners)")
     if not pw.pw_dir.startswith("/") or pw.pw_dir == "/":
         if not allow_system_owners(config):
             raise Refused(f"owner {owner.user} has no home directory of its own ({_show(pw.pw_dir)})")
-    return OwnerAccount(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir)
+    return OwnerAccount(pw.pw_name, pw.pw_uid, owner.gid, pw.pw_dir)
 
 
 def spec_options(guest: m.GuestPlan, vms_on_node: int) -> dict[str, str]:

@@ -76,8 +76,27 @@ def test_a_uid_that_is_not_the_names_is_refused(site, users):
     for uid, gid in ((b.uid, a.gid), (0, a.gid), (a.uid, 0)):
         before, j = snapshot(site.root), job()
         answers = site.boot(j, site.plan(a, j, owner=m.Owner(user=a.name, uid=uid, gid=gid)))
-        refused(answers, f"owner {a.name} has")
+        refused(answers, f"owner {a.name} ")
         assert_nothing_happened(site, before)
+
+
+def test_a_group_the_owner_is_not_in_is_refused_and_one_she_is_in_is_taken(site, users):
+    import grp
+    import subprocess
+
+    a, b = users
+    j = job()
+    refused(site.boot(j, site.plan(a, j, owner=m.Owner(user=a.name, uid=a.uid, gid=b.gid))), "is not in group")
+    group = f"g{a.name}"
+    subprocess.run(["groupadd", group], check=True, capture_output=True)
+    try:
+        subprocess.run(["usermod", "-aG", group, a.name], check=True, capture_output=True)
+        gid = grp.getgrnam(group).gr_gid
+        cmd = m.BootGuests.new(job_id=j, deadline=60.0, node=site.node,
+                               guests=[site.plan(a, j, owner=m.Owner(user=a.name, uid=a.uid, gid=gid))])
+        assert trust.check_boot(cmd, site.node, site.config)[domain_name(j, site.node, 0)].gid == gid
+    finally:
+        subprocess.run(["groupdel", group], capture_output=True)
 
 
 def test_an_unknown_owner_is_refused(site, users):
