@@ -273,3 +273,29 @@ def test_the_guest_dirs_stay_confined(site, users):
         with pytest.raises(trust.Refused):
             disks.guest_dir(site.config.node.guest_dir, name)
     assert Path(site.config.node.guest_dir).parent == site.root
+
+
+@pytest.mark.parametrize("options,cores", [
+    ({"img": "tiny"}, None),
+    ({"img": "tiny", "vcpus": "2", "vms_per_node": "2", "disk": "64M", "fs_type": "ramdisk"}, None),
+    ({"img": "tiny", "vcpus": "2", "vms_per_node": "1", "iocm": "true", "iocm_min_cores": "1",
+      "iocm_max_cores": "2", "vcpu_pinning": "1:0"}, [0, 1, 2, 3, 4]),
+    ({"img": "tiny", "vcpus": "1", "vms_per_node": "2", "vrdma": "true", "distro": "CentOS",
+      "disk": "/home/x/data.qcow2"}, [0, 1, 2]),
+])
+def test_what_the_bridge_plans_passes_the_node_workers_checks(site, users, options, cores):
+    """The checks and the bridge agree: every well-formed plan the bridge makes is accepted as it is."""
+    from vtorque.services.scheduler_bridge.planning import boot_commands, plan_guests
+    from vtorque.shared.spec import validate
+
+    a, _ = users
+    started = m.JobStarted.new(job_id="77.srv", deadline=60.0, scheduler="torque", owner=a.owner(),
+                               nodes=[m.NodeAllocation(host=site.node, ncpus=5, cores=cores),
+                                      m.NodeAllocation(host="other", ncpus=5, cores=cores)],
+                               spec=options, ssh_authorized_keys=[KEY])
+    spec = validate(options, site.config)
+    guests = plan_guests(started, spec, site.config, {"packages": ["htop"], "timezone": "UTC"})
+    for cmd in boot_commands(started, guests):
+        cmd = m.decode(m.encode(cmd))
+        accounts = trust.check_boot(cmd, site.node, site.config)
+        assert set(accounts) == {g.name for g in cmd.guests if g.node == site.node}
