@@ -142,8 +142,11 @@ class NodeWorker:
             # Redelivered (the worker died, or its ack was lost): this guest already runs; never boot it twice.
             started = time.monotonic()
             if not ssh_banner(port):
+                # Only a guest directory root made, in a root still root's alone (never a planted tree).
                 console = next((Path(r) / guest.name / "console.log" for r in self._roots()
-                                if (Path(r) / guest.name / "console.log").exists()), None)
+                                if trust.is_safe_dir(r) is None and trust.own_entry(Path(r), guest.name)
+                                and (Path(r) / guest.name / "console.log").is_file()
+                                and not (Path(r) / guest.name / "console.log").is_symlink()), None)
                 if console is None:
                     raise BootFailed("a running guest without its files", True)
                 log(LOG, logging.INFO, "guest already booting, waiting for it", guest=guest.name)
