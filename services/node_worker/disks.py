@@ -47,6 +47,7 @@ class UserImage:
     home: str
     user_dirs: tuple[str, ...] = ()
     timeout: float = 600.0
+    max_bytes: int = 1 << 40  # the site's [spec] max_disk: a copy is never bigger
 
     @property
     def format(self) -> str:
@@ -95,7 +96,8 @@ def prepare(root: str | Path, guest_name: str, job_id: str, base: Path, base_for
             fd = os.open(data, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
             try:
                 copy_user_image("disk", user_image.path, data_format, user_image.uid, user_image.gid,
-                                user_image.home, list(user_image.user_dirs), fd, timeout=user_image.timeout)
+                                user_image.home, list(user_image.user_dirs), fd, timeout=user_image.timeout,
+                                max_bytes=user_image.max_bytes)
             finally:
                 os.close(fd)
         for path in (overlay, seed_path, data):

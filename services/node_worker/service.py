@@ -24,6 +24,7 @@ from vtorque.shared import tracing
 from vtorque.shared.bus import EventWaiter, Publisher, node_queue
 from vtorque.shared.config import Config, refresh_catalog
 from vtorque.shared.logs import log
+from vtorque.shared.spec import parse_size_mib
 from vtorque.shared.user_files import UserFileRefused
 
 from vtorque.shared.job_network import guest_mac
@@ -180,6 +181,7 @@ class NodeWorker:
         account = self._accounts.get((cmd.job_id, guest.name)) or trust.check_owner(guest.owner, self.config)
         return disks.UserImage(path=guest.disk.image, uid=account.uid, gid=account.gid, home=account.home,
                                user_dirs=tuple(self.config.spec.user_dirs),
+                               max_bytes=parse_size_mib(self.config.spec.max_disk) << 20,
                                timeout=max(5.0, min(600.0, deadline - time.monotonic())))
 
     def _boot_fresh(self, cmd: m.BootGuests, guest: m.GuestPlan, t0: float) -> tuple[m.PhaseTimings, int]:

@@ -268,3 +268,15 @@ def test_guest_files_are_roots_and_private(site, users, home):
         assert Path(files.data).read_bytes() == img.read_bytes() and files.data_format == "raw"
     finally:
         assert disks.remove(site.config.node.guest_dir, "vt-1-n-0", store=site.config.images.store)
+
+
+def test_an_image_larger_than_the_sites_max_disk_is_refused(site, users, home):
+    """A sparse 2 GiB file (max_disk is 1G here) would land in the guest root, perhaps the ramdisk: refused."""
+    a, _ = users
+    big = home / "huge.img"
+    with open(big, "wb") as fh:
+        fh.truncate(2 << 30)
+    as_user(a, big)
+    answers, took, _ = boot_with_disk(site, a, big)
+    assert_refused(answers, "is larger than")
+    assert took < 5
