@@ -286,6 +286,12 @@ class TestSite:
             "prefetch": {"slurm_state_dir": str(self.root / "slurm-state"), "torque_home": str(self.root / "torque")},
             "torque": {"home": str(self.root / "torque"), "log_file": str(self.root / "torque-hooks.log")},
         }
+        from vtorque.shared.config import NodeConfig
+
+        if "allow_system_owners" in NodeConfig.__struct_fields__:
+            # The tests' guests belong to root, as on the single-host stack (services/node_worker/trust.py
+            # refuses system owners unless the site allows them).
+            sections["node"]["allow_system_owners"] = True
         for key, more in self.sections.items():
             if isinstance(more, dict):
                 sections.setdefault(key, {}).update(more)
