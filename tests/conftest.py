@@ -75,6 +75,12 @@ class SkipPolicy:
             return
         (self.allowed if self._allows(report.nodeid) else self.refused).setdefault(report.nodeid, what)
 
+    @pytest.hookimpl
+    def pytest_collectreport(self, report) -> None:
+        """A whole module skipped at import (pytest.importorskip, skip(allow_module_level=True))."""
+        if report.skipped:
+            self.pytest_runtest_logreport(report)
+
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session) -> None:
         if self.refused and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):

@@ -69,6 +69,21 @@ def test_a_skip_or_xfail_not_on_the_list_fails_the_session(tmp_path, test):
     assert "1 passed" in proc.stdout  # the tests themselves are reported as they were
 
 
+def test_a_module_skipped_at_import_fails_the_session_unless_listed(tmp_path):
+    (tmp_path / "test_gone.py").write_text('import pytest\npytest.importorskip("no_such_module_here")\n'
+                                           'def test_never():\n    pass\n')
+    env = dict(os.environ, VTORQUE_SKIP_ALLOWLIST=str(tmp_path / "allow.txt"))
+    run(tmp_path, "", "test_passes")  # writes the scratch project
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
+            "test_gone.py", "test_sample.py::test_passes"]
+    proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1, proc.stdout
+    assert "test_gone.py: skip: could not import 'no_such_module_here'" in proc.stdout
+    (tmp_path / "allow.txt").write_text("test_gone.py  # the module is optional here\n")
+    proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout
+
+
 def test_a_missing_list_allows_nothing(tmp_path):
     assert run(tmp_path, None, "test_skips").returncode == 1
 
