@@ -185,13 +185,24 @@ def vm_script(spec: dict[str, str]) -> str:
 def hook_env(config: Path) -> dict[str, str]:
     """The environment additions for a run that must reach the real Python side.
 
-    VTORQUE_PYTHON is added only when pytest's interpreter is not the hooks' default one: the config loader
-    takes every VTORQUE_* variable for an override, so VTORQUE_PYTHON breaks the hook (see
-    test_vtorque_python_does_not_break_the_config, a known bug).
+    VTORQUE_PYTHON is added only when pytest's interpreter is not the hooks' default one. The entry points
+    source this machine's /etc/vtorque/hooks.env, which may name the broker user of the running stack
+    (VTORQUE_BROKER__CREDENTIALS_FILE, a value already in the environment wins): the test's own user, the one in
+    its config's broker URL, is set here instead, as a credentials file beside the config.
     """
+    import tomllib
+    import urllib.parse
+
     env = {"VTORQUE_CONFIG": str(config)}
     if sys.executable != HOOK_DEFAULT_PYTHON:
         env["VTORQUE_PYTHON"] = sys.executable
+    url = tomllib.loads(Path(config).read_text()).get("broker", {}).get("url", "")
+    parts = urllib.parse.urlsplit(url)
+    if parts.username:
+        creds = Path(f"{config}.credentials")
+        creds.write_text(f"{parts.username}:{parts.password or ''}\n")
+        creds.chmod(0o600)
+        env["VTORQUE_BROKER__CREDENTIALS_FILE"] = str(creds)
     return env
 
 
@@ -445,7 +456,7 @@ def test_vtorque_python_does_not_break_the_config(torque_home, make_config, even
     config, _ = make_config(prologue_timeout=1.0)
     inv = vm_invocation(first(PROLOGUES, "1.vm"), unique_job_id())
     result = tr.run_hook("prologue", torque_home.prepare(inv, vm_script(GOOD_SPEC)),
-                         {"VTORQUE_CONFIG": str(config), "VTORQUE_PYTHON": sys.executable}, timeout=GUARD_SECONDS)
+                         {**hook_env(config), "VTORQUE_PYTHON": sys.executable}, timeout=GUARD_SECONDS)
     assert "unknown key" not in result.stderr, str(result)
     assert len(events.job_started(inv.job_id)) == 1, str(result)
 

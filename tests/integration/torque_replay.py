@@ -39,7 +39,9 @@ RECORDED = Path(os.environ.get("VTORQUE_TORQUE_RECORDED", Path(__file__).parents
 RECORDED_HOME = "/var/spool/torque"  # the recordings were rewritten to the default TORQUE_HOME
 ARGC = {"prologue": 8, "epilogue": 11, "epilogue.precancel": 11}  # recorded (torque-hooks.md 5.1, 5.4b)
 ACCOUNTING = RECORDED / "accounting" / "20261126"
-ALLOWED_ADDITIONS = frozenset({"VTORQUE_CONFIG", "VTORQUE_PYTHON"})
+# What a site may add to its hooks' environment (pbs_environment) and the tests need: the config, the
+# interpreter, and the broker user (this machine's /etc/vtorque/hooks.env names the running stack's otherwise).
+ALLOWED_ADDITIONS = frozenset({"VTORQUE_CONFIG", "VTORQUE_PYTHON", "VTORQUE_BROKER__CREDENTIALS_FILE"})
 
 _START = re.compile(r"^=== (?P<hook>\S+) start .*\bcwd=(?P<cwd>\S+)\s*$")
 _ARGV = re.compile(r"^argv\[(?P<i>[0-9]+)\]=<(?P<value>.*)>$")
