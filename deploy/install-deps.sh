@@ -14,6 +14,10 @@ PKGS=(
   munge slurmctld slurmd slurm-client slurm-wlm-torque
   dropbear-bin genisoimage openssh-client e2fsprogs
   debootstrap wget lz4  # tests/guest/cloud/build.sh: the Debian cloud test guest
+  # compose.yaml under podman (deploy/compose/): runc (crun fails on this host's cgroups), netavark +
+  # aardvark-dns (service names on the compose network); the pinned podman-compose's venv uses Debian's
+  # python3-yaml and python3-dotenv; build-image.sh uses debootstrap (above)
+  podman runc netavark aardvark-dns python3-yaml python3-dotenv
   iproute2  # ss: stack.sh checks that RabbitMQ, epmd and Erlang distribution listen on loopback only
 )
 LOCK_TIMEOUT=900

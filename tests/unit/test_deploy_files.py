@@ -38,14 +38,38 @@ def test_compose_file_is_valid_against_the_compose_spec(compose):
     assert not validator.is_valid(broken)
 
 
+IMAGE = "${VTORQUE_IMAGE:-localhost/vtorque:dev}"
+STATE = "${VTORQUE_STATE_DIR:-/var/lib/vtorque}"
+
+
+def packages() -> list[str]:
+    """deploy/compose/packages.txt: what build-image.sh and the Dockerfile both install."""
+    text = (REPO / "deploy" / "compose" / "packages.txt").read_text()
+    return [w for line in text.splitlines() for w in line.split("#")[0].split()]
+
+
 def test_compose_has_broker_tracing_and_the_three_services(compose):
     services = compose["services"]
     assert set(services) == {"rabbitmq", "jaeger", *VTORQUE_SERVICES}
-    assert "management" in services["rabbitmq"]["image"] and "15672:15672" in services["rabbitmq"]["ports"]
+    # The broker is Debian's RabbitMQ from vtorque's own image (no rabbitmq image to pull), its start script as
+    # PID 1 (Debian's su wrapper, a shell, would ignore SIGTERM), with the management UI.
+    rabbit = services["rabbitmq"]
+    assert rabbit["image"] == IMAGE and rabbit["user"] == "rabbitmq"
+    assert rabbit["entrypoint"] == ["/usr/lib/rabbitmq/bin/rabbitmq-server"]
+    assert "rabbitmq-server" in packages()
+    assert any(p.endswith(":${VTORQUE_AMQP_PORT:-5672}:5672") for p in rabbit["ports"])
+    assert any(p.endswith(":${VTORQUE_MANAGEMENT_PORT:-15672}:15672") for p in rabbit["ports"])
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in rabbit["volumes"]}
+    conf = (REPO / mounts["/etc/rabbitmq/rabbitmq.conf"]).read_text()
+    assert "loopback_users = none" in conf  # guest from the other containers
+    assert "rabbitmq_management" in (REPO / mounts["/etc/rabbitmq/enabled_plugins"]).read_text()
+    assert "healthcheck" in rabbit
     jaeger = services["jaeger"]
     assert "jaegertracing/jaeger:2." in jaeger["image"]
-    assert {"16686:16686", "4318:4318", "4317:4317"} <= set(jaeger["ports"])
-    assert "healthcheck" in services["rabbitmq"]
+    assert {p.split("}:", 1)[1] for p in jaeger["ports"]} == {"16686:16686", "4318:4318", "4317:4317"}
+    # Published on loopback unless the site widens it.
+    for svc in (rabbit, jaeger):
+        assert all(p.startswith("${VTORQUE_PUBLISH_ADDRESS:-127.0.0.1}:") for p in svc["ports"])
 
 
 @pytest.mark.parametrize("name, service", VTORQUE_SERVICES.items())
@@ -53,16 +77,38 @@ def test_each_service_runs_the_tests_command_from_one_image(compose, name, servi
     svc = compose["services"][name]
     assert service in SERVICES
     assert svc["command"] == ["run", service]  # what the e2e test and the systemd units run
-    assert svc["image"] == "vtorque:latest" and svc["build"] == "."
+    assert svc["image"] == IMAGE and svc["build"] == "."
     env = svc["environment"]
-    assert env["VTORQUE_TRACING__OTLP_ENDPOINT"] == "http://jaeger:4318"
-    assert env["VTORQUE_BROKER__URL"].startswith("amqp://") and "@rabbitmq:5672" in env["VTORQUE_BROKER__URL"]
-    assert svc["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+    assert env["VTORQUE_BROKER__URL"].startswith("amqp://")
+    if name == "node_worker":  # on the host's network: the published ports
+        assert env["VTORQUE_BROKER__URL"].endswith("@127.0.0.1:${VTORQUE_AMQP_PORT:-5672}//")
+        assert env["VTORQUE_TRACING__OTLP_ENDPOINT"] == "${VTORQUE_OTLP_ENDPOINT:-http://127.0.0.1:4318}"
+    else:
+        assert "@rabbitmq:5672" in env["VTORQUE_BROKER__URL"]
+        assert env["VTORQUE_TRACING__OTLP_ENDPOINT"] == "${VTORQUE_OTLP_ENDPOINT:-http://jaeger:4318}"
+    assert env["VTORQUE_STATE_DIR"] == STATE and env["VTORQUE_IMAGES__STORE"] == f"{STATE}/images"
+    # Services reconnect until the broker answers; podman-compose's --requires links from depends_on make
+    # `down` of a scaled project fail (tests/e2e/test_compose.py runs it).
+    assert "depends_on" not in svc
     test = svc["healthcheck"]["test"]
     assert test[:3] == ["CMD", "vtorque", "doctor"]
     names = {check_name(c) for c in CHECKS}
     asked = [test[i + 1] for i, word in enumerate(test) if word == "--check"]
     assert asked and set(asked) <= names, asked
+
+
+@pytest.mark.parametrize("name", ["image_stager", "node_worker"])
+def test_the_store_and_guests_are_at_the_same_path_inside_and_outside(compose, name):
+    """The host's libvirtd opens the overlays, seeds and base images by the paths the containers wrote."""
+    assert f"{STATE}:{STATE}" in compose["services"][name]["volumes"]
+
+
+def test_the_node_worker_drives_the_hosts_libvirt(compose):
+    svc = compose["services"]["node_worker"]
+    assert svc["network_mode"] == "host"  # the guests' ssh is forwarded to the host's loopback
+    assert "/run/libvirt:/run/libvirt" in svc["volumes"]
+    assert {"/etc/passwd:/etc/passwd:ro", "/etc/group:/etc/group:ro"} <= set(svc["volumes"])  # job owners
+    assert {"qemu-utils", "genisoimage", "python3-libvirt", "openssh-client"} <= set(packages())
 
 
 @pytest.mark.parametrize("name", ["image_stager", "scheduler_bridge"])
@@ -73,12 +119,26 @@ def test_scalable_services_have_nothing_that_forbids_replicas(compose, name):
     assert svc.get("network_mode") != "host"
 
 
-def test_dockerfile_builds_the_one_vtorque_image():
+def test_podman_compose_makes_no_pod(compose):
+    assert compose["x-podman"]["in_pod"] is False
+
+
+def test_dockerfile_and_build_image_install_the_same_things():
     text = (REPO / "Dockerfile").read_text()
-    assert 'ENTRYPOINT ["vtorque"]' in text
+    script = (REPO / "deploy" / "compose" / "build-image.sh").read_text()
+    assert 'ENTRYPOINT ["vtorque"]' in text and 'ENTRYPOINT ["vtorque"]' in script
     for src in ("shared", "services", "hooks", "cli", "pyproject.toml"):
-        assert src in text
-    assert "python3-libvirt" in text and "--system-site-packages" in text
+        assert f"COPY {src} /src/" in text or f"{src} README.md /src/" in text, src
+        assert src in script
+    for source in (text, script):
+        assert "packages.txt" in source and "--system-site-packages" in source
+        assert "--require-hashes -r" in source and "requirements.lock" in source
+        assert "--no-deps --no-build-isolation" in source
+
+
+def test_the_compose_tool_is_pinned_by_hash():
+    pins = (REPO / "deploy" / "compose" / "podman-compose.txt").read_text()
+    assert "podman-compose==1.6.0" in pins and "--hash=sha256:" in pins
 
 
 @pytest.mark.parametrize("service", SERVICES)
