@@ -9,7 +9,7 @@ SHELL       := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
 export PREFIX VTORQUE_STACK_DIR := $(STACK_DIR)
 
-.PHONY: demo test setup deps venv guest configure stack services down unit purge
+.PHONY: demo test setup deps venv guest configure stack broker services down unit purge
 
 demo: setup
 	deploy/single-host/demo.sh
@@ -21,7 +21,7 @@ unit: venv
 	$(PY) -m pytest tests/unit -q
 
 # configure before stack: the hooks must exist before slurmctld starts (stack.sh restarts it when they change).
-setup: deps venv guest configure stack services
+setup: deps venv guest configure stack broker services
 
 deps:
 	deploy/install-deps.sh
@@ -49,7 +49,11 @@ stack: deps configure
 configure: venv guest
 	deploy/single-host/configure.sh $(GUEST_DIR)
 
-services: configure stack
+# One broker user per service, node and the hooks (needs RabbitMQ up, so after the stack).
+broker: venv stack
+	deploy/single-host/broker.sh
+
+services: configure stack broker
 	deploy/single-host/services.sh stop >/dev/null
 	deploy/single-host/services.sh start
 

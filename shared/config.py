@@ -186,6 +186,9 @@ class NodeConfig(_Section):
     job_network_localaddr: str = "127.0.0.1"
     # Reconciliation (services/node_worker/reconcile.py): how often, and whom to ask whether a job still runs.
     reconcile_interval: float = 30.0
+    # Guests for a job owned by root or a system account (uid < 1000): refused unless the site allows it
+    # (a one-machine test site where root submits, as the single-host stack).
+    allow_system_owners: bool = False
     boot_timeout: float = 180.0
     ssh_port_min: int = 22000
     ssh_port_max: int = 22999

@@ -283,7 +283,10 @@ def broker_permissions(role: Role, node: str | None = None) -> Permissions:
     topics = {}
     for exchange in (EVENTS, COMMANDS):
         keys = [_template_regex(FLOWS[t].route, node) for t in sends if exchange_of(t) == exchange]
-        binds = [_template_regex(b, node) for q in own if q.exchange == exchange for b in q.bindings]
+        # A bind regex matches the binding's key as written: the table's pattern ("job.7.#") or any narrower
+        # key under it (an epilogue binds "job.7.guests_torn_down" alone).
+        binds = [_template_regex(b, node).replace(r"\#", ".*").replace(r"\*", "[^.]+")
+                 for q in own if q.exchange == exchange for b in q.bindings]
         topics[exchange] = (_any(keys), _any(binds))
     return Permissions(
         configure=_any(names),

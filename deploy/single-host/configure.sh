@@ -21,12 +21,10 @@ install -d -m 711 "$STATE/guests"
 install -d -m 1777 "$STATE/traces"
 install -d -m 755 "$PREFIX/hooks/torque" "$PREFIX/hooks/slurm" /var/log/vtorque
 
-# Broker credentials stay out of the world-readable config; the Slurm hooks run as the slurm user.
-umask 027
-printf 'guest:guest\n' > "$ETC/broker.credentials.tmp"
-chgrp "$(id -gn slurm 2>/dev/null || echo root)" "$ETC/broker.credentials.tmp"
-mv "$ETC/broker.credentials.tmp" "$ETC/broker.credentials"
-umask 022
+# Broker users: one per service, per node and for the hooks, made by deploy/single-host/broker.sh (`vtorque
+# broker setup`) once RabbitMQ runs; their secrets live in $ETC/broker/, root-only (the hooks' file: group
+# slurm). This file names the operator's (root's CLI); services.sh and hooks.env name each part's own.
+rm -f "$ETC/broker.credentials"  # the old shared guest account
 
 # Where stack.sh puts Slurm (fixed paths under the stack dir): known before Slurm starts, because the hooks
 # must be in place before slurmctld starts (it checks PrologSlurmctld only then).
@@ -38,8 +36,9 @@ cat > "$ETC/vtorque.toml.tmp" <<TOML
 state_dir = "$STATE"
 
 [broker]
-url = "amqp://127.0.0.1:5672//"
-credentials_file = "$ETC/broker.credentials"
+# vtorque's own vhost: RabbitMQ's guest (which any local account can use) has no rights in it
+url = "amqp://127.0.0.1:5672/vtorque"
+credentials_file = "$ETC/broker/vtorque-operator.credentials"
 
 [tracing]
 dir = "$STATE/traces"
@@ -70,6 +69,8 @@ user_dirs = ["$STACK/jobs"]
 
 [node]
 guest_dir = "$STATE/guests"
+# One test machine where root submits the demo and the tests' jobs; a real site keeps the default (false).
+allow_system_owners = true
 
 [scheduler]
 kind = "slurm"
@@ -88,6 +89,7 @@ cat > "$ETC/hooks.env" <<ENV
 # Sourced by the hook entry points; a value already in the environment wins (tests use that).
 : "\${VTORQUE_PYTHON:=$PREFIX/venv/bin/python}"
 : "\${VTORQUE_SLURM_STATE:=${slurm_state:-$STACK/slurm/state}}"
+: "\${VTORQUE_BROKER__CREDENTIALS_FILE:=$ETC/broker/vtorque-hook.credentials}"; export VTORQUE_BROKER__CREDENTIALS_FILE
 # PrologSlurmctld gets no SLURM_CONF; scontrol/scancel in the hook need this stack's.
 ${slurm_conf:+: "\${SLURM_CONF:=$slurm_conf}"; export SLURM_CONF}
 ENV

@@ -165,3 +165,9 @@ def test_code_builds_only_the_messages_its_role_may_send():
                     if name in names and (role is None or role not in t.FLOWS[names[name]].publishers):
                         offenders.append(f"{rel}:{node.lineno}: {name} built by {role or 'no role'}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_a_waiter_may_bind_its_pattern_or_any_key_under_it_and_nothing_else():
+    binds = t.broker_permissions("hook").topics[t.EVENTS][1]
+    assert _can(binds, "job.7.#") and _can(binds, "job.7.guests_torn_down") and _can(binds, "image.ab.#")
+    assert not _can(binds, "#") and not _can(binds, "node.n1.heartbeat") and not _can(binds, "job.#")
