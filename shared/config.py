@@ -109,6 +109,9 @@ class SchedulerConfig(_Section):
     scontrol: str | None = None
     scancel: str | None = None
     timeout: float = 10.0  # seconds for one query of the scheduler
+    # The bridge plans a job only once the scheduler confirms its event (job, owner, nodes): the hooks' hosts
+    # are trusted no more than that. Off only on a test site with no scheduler to ask.
+    verify_jobs: bool = True
 
     def binary(self, name: str) -> str:
         explicit = getattr(self, name, None) if name in type(self).__struct_fields__ else None

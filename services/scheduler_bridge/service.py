@@ -20,7 +20,10 @@ from vtorque.shared.logs import log
 from vtorque.shared.node_registry import read_heartbeats
 from vtorque.shared.spec import SpecError, validate, validate_user_metadata
 
+from vtorque.shared.scheduler import SchedulerError, scheduler_for
+
 from .capacity import Unfit, check_nodes
+from .verification import mismatch
 from .planning import PlanError, boot_commands, plan_guests
 
 LOG = logging.getLogger("vtorque.bridge")
@@ -31,6 +34,7 @@ class SchedulerBridge:
 
     def __init__(self, config: Config, publisher: Publisher):
         self.config, self.publisher = config, publisher
+        self.scheduler = scheduler_for(config)
         # The nodes' latest heartbeats: what each node can do. Not job state: every replica keeps its own copy
         # from its own subscription (and the retained ones in vtorque.nodes), so none needs another's.
         self.beats: dict[str, m.NodeHeartbeat] = {}
@@ -63,8 +67,26 @@ class SchedulerBridge:
                 log(LOG, logging.WARNING, "could not read the retained heartbeats", error=str(exc))
         return check_nodes(spec, job.nodes, self.beats, self.config, m.utcnow())
 
+    def _confirmed(self, job: m.JobStarted) -> Unfit | None:
+        """The scheduler's word on the job event (verification.py); a scheduler that cannot be asked now is
+        a failure a requeue can cure."""
+        if not self.config.scheduler.verify_jobs:
+            return None
+        try:
+            info = self.scheduler.job(job.job_id)
+        except SchedulerError as exc:
+            return Unfit(f"the scheduler could not confirm job {job.job_id}: {exc}", True)
+        why = mismatch(job, info)
+        return Unfit(why, False) if why else None
+
     def on_job_started(self, job: m.JobStarted) -> None:
         refresh_catalog(self.config)  # an image `vtorque images add`ed since this bridge started
+        unconfirmed = self._confirmed(job)
+        if unconfirmed is not None:
+            log(LOG, logging.WARNING, "job event not confirmed by the scheduler", reason=unconfirmed.reason)
+            self.publisher.publish(m.JobRejected.new(job_id=job.job_id, deadline=job.deadline,
+                                                     reason=unconfirmed.reason, retryable=unconfirmed.retryable))
+            return
         try:
             spec = validate(job.spec, self.config)
             user_metadata = validate_user_metadata(job.user_metadata)
