@@ -538,8 +538,10 @@ def torque_channel_factory(config, hosts: list[str]):
                         ok = check.queue_declare(node_queue(host).name, passive=True)
                         if ok.method.consumer_count == 0:
                             still.append(host)
-                    except pika.exceptions.ChannelClosedByBroker:  # 404: the queue was never declared
-                        still.append(host)
+                    except pika.exceptions.ChannelClosedByBroker as exc:
+                        if exc.reply_code != 404:  # refused: a broker problem, not a missing worker
+                            raise
+                        still.append(host)  # 404: the queue was never declared
                 missing = still
                 if not missing or time.monotonic() >= end:
                     if check is not None and check.is_open:

@@ -781,3 +781,47 @@ def test_a_job_the_bridge_rejected_before_any_plan_has_nothing_to_tear_down(torq
                                                          vm_script(GOOD_SPEC)), hook_env(config), timeout=GUARD_SECONDS)
     assert result.returncode == 0 and "nothing to remove" in result.stdout, str(result)
     assert result.seconds < 5, str(result)
+
+
+def test_the_least_privilege_hook_user_can_run_the_prologue(torque_home, make_config, tmp_path):
+    """A broker user with exactly what `vtorque broker setup` gives the `hook` role (shared/topology.py): its
+    own reply queue, vtorque.events (checked, not declared: the set-up declares it), the routing keys of
+    JobStarted/JobEnded; the node-worker check (a passive declare of vtorque.node.vm) needs nothing more."""
+    from vtorque.shared import topology
+
+    perms = topology.broker_permissions("hook")
+    tag = f"{random.randrange(16**8):08x}"
+    vhost, user, password = f"vtorque-test-hookperm-{tag}", f"vt-hook-{tag}", tag * 2
+
+    def ctl(*args: str) -> None:
+        subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+    ctl("add_vhost", vhost)
+    try:
+        ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        ctl("add_user", user, password)
+        ctl("set_permissions", "-p", vhost, user, perms.configure, perms.write, perms.read)
+        for exchange, (write, read) in perms.topics.items():
+            ctl("set_topic_permissions", "-p", vhost, user, exchange, write, read)
+        admin = pika.BlockingConnection(pika.URLParameters(f"amqp://guest:guest@127.0.0.1:5672/{vhost}"))
+        ch = admin.channel()
+        ch.exchange_declare(EVENTS_EXCHANGE, exchange_type="topic", durable=True)  # what the set-up does
+        ch.queue_declare("vtorque.node.vm", auto_delete=True)
+        ch.basic_consume("vtorque.node.vm", lambda *a: None, auto_ack=True)  # a node worker of node vm
+        watch = f"vtorque.test.events.{tag}"
+        ch.queue_declare(watch, exclusive=True)
+        ch.queue_bind(watch, EVENTS_EXCHANGE, routing_key="job.#")
+        config, _ = make_config(broker_url=f"amqp://{user}:{password}@127.0.0.1:5672/{vhost}", prologue_timeout=1.0,
+                                torque={"require_node_workers": True, "node_worker_grace": 1.0})
+        inv = vm_invocation(first(PROLOGUES, "1.vm"), unique_job_id())
+        result = tr.run_hook("prologue", torque_home.prepare(inv, vm_script(GOOD_SPEC)), hook_env(config),
+                             timeout=GUARD_SECONDS)
+        assert result.returncode == 2 and "timed out" in result.stderr, str(result)  # no bridge here
+        assert "refused" not in result.stderr and "no node worker" not in result.stderr, str(result)
+        admin.sleep(0.2)
+        method, props, _ = ch.basic_get(watch, auto_ack=True)
+        assert method is not None and props.type == "JobStarted" and props.user_id in (None, user), props
+        admin.close()
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "delete_user", user], capture_output=True, timeout=60)
+        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True, timeout=60)
