@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import tempfile
@@ -50,10 +51,28 @@ def _useradd(name: str) -> Account:
     return Account(name, pw.pw_uid, pw.pw_gid, Path(pw.pw_dir))
 
 
+ACCOUNT = re.compile(r"^vts[ab]([0-9]+)x[0-9a-f]{3}$")
+
+
+def _remove_abandoned_accounts() -> None:
+    """Accounts of sessions whose process is gone (killed before their teardown)."""
+    for pw in pwd.getpwall():
+        found = ACCOUNT.match(pw.pw_name)
+        if not found:
+            continue
+        try:
+            os.kill(int(found.group(1)), 0)
+        except ProcessLookupError:
+            subprocess.run(["userdel", "-r", pw.pw_name], capture_output=True, timeout=30)
+        except PermissionError:
+            pass
+
+
 @pytest.fixture(scope="session")
 def users():
     """Two ordinary local accounts, (attacker, victim); deleted with their homes after the session."""
-    tag = f"{os.getpid() % 100000}{uuid.uuid4().hex[:3]}"
+    _remove_abandoned_accounts()
+    tag = f"{os.getpid()}x{uuid.uuid4().hex[:3]}"
     made = []
     try:
         made.append(_useradd(f"vtsa{tag}"))

@@ -19,7 +19,7 @@ from .conftest import KEY
 def test_a_published_boot_for_root_with_a_path_name_is_refused(test_site, test_guest, broker_url, users):
     a, _ = users
     test_site.catalog = {"tiny": test_guest}
-    with node_worker(test_site, "sec-") as (config, svc):
+    with node_worker(test_site, "sec-", allow_system_owners=False) as (config, svc):  # a real site's default
         job = f"sec-{uuid.uuid4().hex[:6]}"
         entry = config.images.catalog["tiny"]
         attacks = {
