@@ -68,6 +68,8 @@ def prepare(root: str | Path, guest_name: str, job_id: str, base: Path, base_for
     gdir = guest_dir(root, guest_name)
     secure_dir(root, DIR_MODE)
     if own_entry(Path(root), guest_name) is not None:
+        if read_small(gdir, "job") not in (job_id, None):
+            raise Refused(f"{gdir} belongs to another job: left alone")
         _remove_tree(gdir, store)  # a leftover of an earlier attempt at this guest
     try:
         os.mkdir(gdir, DIR_MODE)

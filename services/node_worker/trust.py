@@ -22,6 +22,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from vtorque.services.scheduler_bridge.planning import domain_name
 from vtorque.shared import messages as m
 from vtorque.shared.config import IMAGE_NAME, Config
 from vtorque.shared.spec import SpecError, validate, validate_user_metadata
@@ -137,6 +138,13 @@ def _cores(key: str, cores: list[int] | None, most: int) -> None:
 
 def check_guest(guest: m.GuestPlan, cmd_job: str, vms_on_node: int, config: Config) -> OwnerAccount:
     check_guest_name(guest.name)
+    # The name is the job's own (the bridge's domain_name): a command cannot name another job's guest, whose
+    # directory a fresh boot would otherwise clear as a leftover.
+    prefix = domain_name(cmd_job, guest.node, 0)[:-1]
+    if not (guest.name.startswith(prefix) and guest.name[len(prefix):].isdigit()
+            and len(guest.name) - len(prefix) <= 4):
+        raise Refused(f"guest name {_show(guest.name)!r} is not one of job {_show(cmd_job)}'s on {guest.node} "
+                      f"({prefix}<k>)")
     if not NODE_NAME.match(guest.node):
         raise Refused(f"node {_show(guest.node)!r} is not a node name")
     if not IMAGE_NAME.match(guest.image) or not DIGEST.match(guest.image_digest):

@@ -164,8 +164,11 @@ def test_a_guest_named_like_another_jobs_domain_leaves_that_domain_alone(site, u
 
     a, _ = users
     site.worker.hv = Hypervisor("test:///default")  # a domain of the victim's, without booting anything
-    victim_job, j = job(), job()
+    # Job ids that escape to one name (6_x, 6.x): the only way a name the checks accept is another job's.
+    n = uuid.uuid4().int % 10**6
+    victim_job, j = f"{n}_x", f"{n}.x"
     name = domain_name(victim_job, site.node, 0)
+    assert name == domain_name(j, site.node, 0)
     victim = site.plan(a, victim_job, name=name)
     xml = domain_xml(victim, GuestDisks("/nonexistent/o", "/nonexistent/s", "/nonexistent/c"), BootSource(),
                      GuestMetadata(job_id=victim_job, owner=a.name, deadline=m.utcnow(), index=0, ssh_port=1,
@@ -299,3 +302,26 @@ def test_what_the_bridge_plans_passes_the_node_workers_checks(site, users, optio
         cmd = m.decode(m.encode(cmd))
         accounts = trust.check_boot(cmd, site.node, site.config)
         assert set(accounts) == {g.name for g in cmd.guests if g.node == site.node}
+
+
+def test_a_guest_name_of_another_job_is_refused(site, users):
+    a, _ = users
+    before, j = snapshot(site.root), job()
+    refused(site.boot(j, site.plan(a, j, name=domain_name("999.other", site.node, 0))), "is not one of job")
+    refused(site.boot(j, site.plan(a, j, name=domain_name(j, "othernode", 0))), "is not one of job")
+    assert_nothing_happened(site, before)
+
+
+def test_a_leftover_directory_of_another_job_is_not_cleared(site, users):
+    """Two job ids that escape to one guest name: the boot of one never clears the other's guest files."""
+    a, _ = users
+    n = uuid.uuid4().int % 10**6
+    victim_job, j = f"{n}_y", f"{n}.y"
+    root = trust.secure_dir(site.config.node.guest_dir)
+    gdir = root / domain_name(victim_job, site.node, 0)
+    gdir.mkdir(mode=0o711)
+    (gdir / "job").write_text(victim_job)
+    (gdir / "root.qcow2").write_bytes(b"victim's overlay")
+    before = snapshot(gdir)
+    refused(site.boot(j, site.plan(a, j)), "belongs to another job")
+    assert snapshot(gdir) == before
