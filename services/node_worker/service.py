@@ -78,6 +78,9 @@ class NodeWorker:
         refused = vrdma.check_boot(self, cmd, mine)
         if refused:
             # Before any guest boots: a node without the vRDMA the job asked for fails it for good.
+            with self._thread_lock:
+                for guest in mine:
+                    self._accounts.pop((cmd.job_id, guest.name), None)
             for guest in mine:
                 self.publisher.publish(self._fail(cmd, guest, refused, False, ""))
             return
