@@ -8,6 +8,7 @@ vsub runs as an ordinary user made for the test. Run it under the stack's lock:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import subprocess
@@ -134,7 +135,7 @@ DefMemPerCPU=100
 ReturnToService=2
 PrologSlurmctld={d}/hooks/prolog_slurmctld
 EpilogSlurmctld={d}/hooks/epilog_slurmctld
-PrologEpilogTimeout=60
+PrologEpilogTimeout={prolog_timeout}
 NodeName={host} NodeAddr=127.0.0.1 CPUs=1 RealMemory=1000 State=UNKNOWN
 PartitionName=batch Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """
@@ -142,6 +143,7 @@ PartitionName=batch Nodes={host} Default=YES MaxTime=INFINITE State=UP
 # The real entry points, with this Slurm's and this test's config (PrologSlurmctld gets no environment).
 HOOK_WRAPPER = """#!/bin/sh
 export VTORQUE_CONFIG={d}/vtorque.toml SLURM_CONF={d}/etc/slurm.conf VTORQUE_SLURM_STATE={d}/state
+export VTORQUE_BROKER__CREDENTIALS_FILE={d}/broker.credentials
 exec {repo}/hooks/slurm/{name}
 """
 
@@ -156,9 +158,16 @@ def _free_port() -> int:
 
 @pytest.fixture
 def private_slurm():
+    """A Slurm of the test's own whose hooks' broker cannot be reached: every attempt is an infrastructure
+    failure."""
+    with running_private_slurm() as site:
+        yield site
+
+
+@contextlib.contextmanager
+def running_private_slurm(prolog_timeout: int = 60, broker_url: str = "amqp://127.0.0.1:1//"):
     """slurmctld + slurmd of their own (own ports, state and spool; the stack's munge), whose hooks are
-    vtorque's real entry points with a config whose broker cannot be reached: every attempt is an
-    infrastructure failure. Stopped by their own PIDs."""
+    vtorque's real entry points with a config of the test's own (`broker_url`). Stopped by their own PIDs."""
     import shutil
     import socket
     import tempfile
@@ -179,14 +188,23 @@ def private_slurm():
     os.chmod(d / "traces", 0o1777)
     host = socket.gethostname().split(".")[0]
     conf = d / "etc" / "slurm.conf"
-    conf.write_text(PRIVATE_CONF.format(host=host, ctld_port=_free_port(), slurmd_port=_free_port(), munge=munge, d=d))
+    conf.write_text(PRIVATE_CONF.format(host=host, ctld_port=_free_port(), slurmd_port=_free_port(), munge=munge, d=d,
+                                        prolog_timeout=prolog_timeout))
     for name in ("prolog_slurmctld", "epilog_slurmctld"):
         (d / "hooks" / name).write_text(HOOK_WRAPPER.format(d=d, repo=repo, name=name))
         os.chmod(d / "hooks" / name, 0o755)
     tiny = load_config().images.catalog["tiny"]
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(broker_url)  # the credentials go where the hooks' go: a file for SlurmUser
+    (d / "broker.credentials").write_text(f"{parts.username or 'x'}:{parts.password or 'x'}\n")
+    shutil.chown(d / "broker.credentials", "root", "slurm")
+    os.chmod(d / "broker.credentials", 0o640)
+    bare = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
     (d / "vtorque.toml").write_text(f"""state_dir = "{d}/var"
 [broker]
-url = "amqp://127.0.0.1:1//"
+url = "{bare}"
+credentials_file = "{d}/broker.credentials"
 connect_timeout = 1.0
 [tracing]
 dir = "{d}/traces"
@@ -230,59 +248,121 @@ epilogue_timeout = 5
         shutil.rmtree(d, ignore_errors=True)
 
 
+class PrivateJob:
+    """A VM job (a vtorque wrapper script) submitted by `owner` to a private Slurm, looked at as the owner."""
+
+    def __init__(self, site, owner, comment: str = "my run 7"):
+        from vtorque.shared.job_script import render_wrapper
+
+        self.d, self.env = site
+        self.owner = owner
+        script = self.d / "jobs" / "vmjob.sh"
+        script.write_text(render_wrapper("#!/bin/sh\necho never-runs\n", {"img": "tiny"}, "ssh-ed25519 AAAA test",
+                                         str(self.d / "jobs" / "no-key"), None, f"{PREFIX}/venv/bin/vtorque-launch"))
+        os.chmod(script, 0o755)
+        out = str(self.d / "jobs" / "vmjob.%j")
+        submitted = self.as_owner("sbatch", "--parsable", "--comment", comment, "-o", out + ".out", "-e",
+                                  out + ".err", str(script))
+        assert submitted.returncode == 0, submitted.stderr
+        self.id = submitted.stdout.strip()
+
+    def as_owner(self, *argv) -> subprocess.CompletedProcess:
+        user_env = [f"{k}={v}" for k, v in self.env.items()] + [f"HOME={self.owner.pw_dir}"]
+        return subprocess.run(["runuser", "-u", self.owner.pw_name, "--", "env", "-i", *user_env, *argv],
+                              cwd=self.d / "jobs", capture_output=True, text=True, timeout=60)
+
+    def show(self) -> tuple[dict[str, str], str]:
+        out = self.as_owner("scontrol", "show", "job", self.id).stdout
+        fields = {k: v for k, _, v in (w.partition("=") for w in out.split())
+                  if k in ("JobState", "Restarts", "ExitCode", "StdErr")}
+        comment = next((line.strip()[len("Comment="):] for line in out.splitlines()
+                        if line.strip().startswith("Comment=")), "")
+        return fields, comment
+
+    def wait_requeued(self, restarts: str, timeout: float = 60) -> tuple[dict[str, str], str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            fields, comment = self.show()
+            if (fields.get("Restarts"), fields.get("JobState")) == (restarts, "PENDING"):
+                break  # (COMPLETING while its EpilogSlurmctld runs)
+            time.sleep(0.3)
+        return self.show()
+
+    def start_now(self) -> None:
+        """Skip Slurm's requeue delay (~120 s)."""
+        subprocess.run(["scontrol", "update", f"JobId={self.id}", "StartTime=now"], env=self.env, check=True)
+
+    def wait_done(self, timeout: float = 90) -> tuple[dict[str, str], str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.show()[0].get("JobState") in (
+                "PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
+            time.sleep(0.3)
+        return self.show()
+
+    def error_lines(self, fields) -> list[str]:
+        assert os.stat(fields["StdErr"]).st_uid == self.owner.pw_uid
+        return open(fields["StdErr"]).read().splitlines()
+
+
 def test_a_requeued_then_failed_job_says_why_at_each_step(private_slurm, owner):
-    from vtorque.shared.job_script import render_wrapper
-
     d, env = private_slurm
-    script = d / "jobs" / "requeued.sh"
-    script.write_text(render_wrapper("#!/bin/sh\necho never-runs\n", {"img": "tiny"}, "ssh-ed25519 AAAA test",
-                                     str(d / "jobs" / "no-key"), None, f"{PREFIX}/venv/bin/vtorque-launch"))
-    os.chmod(script, 0o755)
-    user_env = [f"{k}={v}" for k, v in env.items()] + [f"HOME={owner.pw_dir}"]
-
-    def as_owner(*argv):
-        return subprocess.run(["runuser", "-u", owner.pw_name, "--", "env", "-i", *user_env, *argv],
-                              cwd=d / "jobs", capture_output=True, text=True, timeout=60)
-
-    def show():
-        out = as_owner("scontrol", "show", "job", job_id).stdout
-        return {k: v for k, _, v in (w.partition("=") for w in out.split()) if k in (
-            "JobState", "Restarts", "ExitCode", "StdErr")}, next(
-            (line.strip()[len("Comment="):] for line in out.splitlines() if line.strip().startswith("Comment=")), "")
-
-    submitted = as_owner("sbatch", "--parsable", "--comment", "my run 7", "-o", str(d / "jobs" / "requeued.%j.out"),
-                         "-e", str(d / "jobs" / "requeued.%j.err"), str(script))
-    assert submitted.returncode == 0, submitted.stderr
-    job_id = submitted.stdout.strip()
+    job = PrivateJob(private_slurm, owner)
 
     # First attempt: the broker cannot be reached (infrastructure): requeued, the reason in the Comment.
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and (show()[0].get("Restarts"), show()[0].get("JobState")) != ("1", "PENDING"):
-        time.sleep(0.3)  # (COMPLETING while its EpilogSlurmctld runs)
-    fields, comment = show()
+    fields, comment = job.wait_requeued("1")
     assert fields["Restarts"] == "1" and fields["JobState"] == "PENDING", (fields, comment)
     assert comment.startswith("vtorque: requeued (1 of 1): broker unreachable"), comment
     assert comment.endswith(" | your comment: my run 7")
-    squeued = as_owner("squeue", "-h", "-j", job_id, "-o", "%k").stdout.strip()
-    assert squeued == comment
+    assert job.as_owner("squeue", "-h", "-j", job.id, "-o", "%k").stdout.strip() == comment
     assert not os.path.exists(fields["StdErr"])  # the batch step has not run: nothing to deliver yet
 
-    # Second (last) attempt, without Slurm's requeue delay: refused; the batch step runs as the owner.
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and show()[0].get("JobState") in ("PENDING", "CONFIGURING", "RUNNING",
-                                                                                "COMPLETING"):
-        time.sleep(0.3)
-    fields, comment = show()
+    # Second (last) attempt: refused; the batch step runs as the owner and says why.
+    job.start_now()
+    fields, comment = job.wait_done()
     assert comment.startswith("vtorque: not started: broker unreachable"), comment
     assert "(after 1 requeue)" in comment and comment.endswith(" | your comment: my run 7")
     assert fields["JobState"] == "FAILED" and fields["ExitCode"] == "1:0", fields
-    assert os.stat(fields["StdErr"]).st_uid == owner.pw_uid
-    lines = open(fields["StdErr"]).read().splitlines()
     reason = comment[len("vtorque: not started: "):].partition(" | your comment: ")[0]
-    assert lines == [f"vtorque: job {job_id} did not start: {reason}"], lines
+    assert job.error_lines(fields) == [f"vtorque: job {job.id} did not start: {reason}"]
     log = (d / "log" / "slurmctld.log").read_text()
     assert "EpilogSlurmctld killed" not in log and "PrologSlurmctld killed" not in log
+
+
+def test_a_prolog_timeout_below_the_hooks_wait_is_not_an_endless_loop(broker_url, node_name, owner):
+    """PrologEpilogTimeout=15 with hooks.prologue_timeout = 240 (its default): the node has a "node worker"
+    (a consumer that never answers), so the hook waits for a plan that never comes. It must stop before Slurm
+    kills it (15 s), count the attempt, and end the job with the reason after hooks.max_requeues, instead of
+    being killed at 15 s on every attempt forever (issue 12)."""
+    import pika
+
+    from vtorque.shared.bus import node_queue
+
+    host = os.uname().nodename.split(".")[0]  # the private slurmd's node; its queue lives on the test vhost
+    worker = pika.BlockingConnection(pika.URLParameters(broker_url))
+    try:
+        channel = worker.channel()
+        channel.queue_declare(node_queue(host).name, durable=False, auto_delete=True)
+        channel.basic_consume(node_queue(host).name, on_message_callback=lambda *a: None)
+        with running_private_slurm(prolog_timeout=15, broker_url=broker_url) as site:
+            job = PrivateJob(site, owner)
+            t0 = time.monotonic()
+            fields, comment = job.wait_requeued("1", timeout=40)
+            first = time.monotonic() - t0
+            assert comment.startswith("vtorque: requeued (1 of 1): timed out after "), comment
+            assert first < 15, f"the first attempt took {first:.1f} s"  # ended before Slurm's kill
+            job.start_now()
+            fields, comment = job.wait_done(timeout=60)
+            assert comment.startswith("vtorque: not started: timed out after "), comment
+            assert fields["JobState"] == "FAILED", fields
+            assert job.error_lines(fields) == [
+                f"vtorque: job {job.id} did not start: "
+                f"{comment[len('vtorque: not started: '):].partition(' | your comment: ')[0]}"]
+            log = (site[0] / "log" / "slurmctld.log").read_text()
+            # Slurm's own words for a hook it killed (its timeout SIGKILLs): none.
+            assert "killed by signal" not in log and "slurmctld JobId=" + job.id + " timed out" not in log, log[-1500:]
+            print(f"\nPrologEpilogTimeout=15: first attempt requeued after {first:.1f} s, job FAILED with the reason")
+    finally:
+        worker.close()
 
 
 # -- a node without a node worker, against the real broker (the session's own vhost) -------------------------
