@@ -140,7 +140,8 @@ def test_a_node_without_the_required_vrdma_fails_before_any_boot(broker_url, wor
     entry = config.images.catalog["tiny"]
     plan = m.GuestPlan(name=f"vt-{job}-{config.node.name}-0", node=config.node.name, index=0, image="tiny",
                        image_digest=entry.sha256, vcpus=1, ram_mib=128, cores=None, vrdma=True,
-                       owner=m.Owner(user="root", uid=0, gid=0), ssh_authorized_keys=["k"])
+                       owner=m.Owner(user="root", uid=0, gid=0),
+                       ssh_authorized_keys=[ssh_key.with_suffix(".pub").read_text().strip()])
     waiter = EventWaiter(broker_url, [f"job.{job}.#"])
     try:
         started = time.monotonic()
