@@ -117,7 +117,10 @@ def torque_job_info(job_id: str, text: str) -> JobInfo:
         if state == "completed" and exit_code != 0:
             # Torque's own codes below 0 (-2 aborted by the prologue, -11 walltime, 271 = 256+SIGTERM qdel)
             state = "cancelled" if exit_code == 271 else "failed"
-    nodes = tuple(dict.fromkeys(part.split("/")[0] for part in a.get("exec_host", "").split("+") if part))
+    # Short names, as the hooks and node workers name nodes (PBS_NODEFILE cut at the first dot): a site's
+    # server_priv/nodes often says n1.cluster.
+    nodes = tuple(dict.fromkeys(part.split("/")[0].split(".")[0] for part in a.get("exec_host", "").split("+")
+                                if part))
     owner = a.get("Job_Owner", "").split("@")[0] or None
     wall = hms_seconds(a["Resource_List.walltime"]) if "Resource_List.walltime" in a else None
     return JobInfo(job_id=job_id, state=state, raw_state=raw, exit_code=exit_code, owner=owner, nodes=nodes,

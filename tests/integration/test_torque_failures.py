@@ -97,9 +97,19 @@ class Stack:
             except subprocess.TimeoutExpired:
                 proc.kill()
 
+    def running(self, inv: tr.Invocation, nodes: list[str] | None = None) -> None:
+        """What Torque's `qstat -f` says of the job while its prologue runs (the bridge asks it before it
+        plans): R, its owner, exec_host on this stack's node; from the recorded S record of job 1."""
+        hosts = list(dict.fromkeys(nodes or [self.node]))
+        attrs = dict(tr.first_start_record("1.vm").attrs, owner=f"{inv.argv[1]}@vm",
+                     exec_host="+".join(f"{h}/0-1" for h in hosts))
+        tr.qstat_stand_in(self.root / "bin", {inv.job_id: attrs})
+
     def run(self, hook: str, inv: tr.Invocation, config: Path, script: str | None = None, nodes=None,
             timeout: float = GUARD) -> tr.Result:
         self.jobs.add(inv.job_id)
+        if hook == "prologue":
+            self.running(inv, nodes)
         np = int(inv.environ().get("PBS_NP", "1"))
         prepared = self.home.prepare(inv, script if script is not None else vm_script(GOOD_SPEC),
                                      workdir=self.workdir, nodefile_hosts=nodes or [self.node] * np)
@@ -289,6 +299,7 @@ def test_qdel_while_booting_stops_the_prologue_and_removes_the_guest(stack):
     gets $10 = -2 (recorded for an aborting prologue), not 271."""
     inv = job(first(PROLOGUES, "1.vm"))
     stack.jobs.add(inv.job_id)
+    stack.running(inv)
     prepared = stack.home.prepare(inv, vm_script(GOOD_SPEC), workdir=stack.workdir, nodefile_hosts=[stack.node] * 2)
     env = {**prepared.env, **hook_env(stack.root / "vtorque.toml")}
     t0 = time.monotonic()

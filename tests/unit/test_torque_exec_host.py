@@ -120,3 +120,10 @@ def test_torque_output_without_a_job_state_is_an_error_not_a_gone_job(tmp_path):
         torque.job("12.vm")
     gone = _scheduler_with(tmp_path, "echo 'qstat: Unknown Job Id Error 12.vm' >&2; exit 153\n")
     assert gone.job("12.vm") is None
+
+
+def test_torque_job_nodes_are_short_names_as_the_hooks_give_them():
+    from vtorque.shared.scheduler import torque_job_info
+
+    text = QSTAT_F_RUNNING.replace("exec_host = vm/0-1", "exec_host = n1.cluster/0-1+n2.cluster/0-1+n1.cluster/2")
+    assert torque_job_info("12.vm", text).nodes == ("n1", "n2")
