@@ -43,7 +43,10 @@ def run(service: str) -> None:
     from vtorque.shared.bus import Publisher, ServiceRunner
     from vtorque.shared.logs import setup_logging
 
-    config = _config()
+    try:  # this service's own broker user (shared/topology.py), when the site has one per part
+        config = load_config(role={"node-worker": "node"}.get(service, service))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc))
     setup_logging(f"vtorque-{service}", config.log_level)
     tracing.setup_tracing(f"vtorque-{service}", config.tracing)
     url = config.broker.connection_url()

@@ -18,6 +18,7 @@ PKGS=(
   # aardvark-dns (service names on the compose network); the pinned podman-compose's venv uses Debian's
   # python3-yaml and python3-dotenv; build-image.sh uses debootstrap (above)
   podman runc netavark aardvark-dns python3-yaml python3-dotenv
+  openssl  # stack.sh: the single-host CA and the broker's TLS certificate
   iproute2  # ss: stack.sh checks that RabbitMQ, epmd and Erlang distribution listen on loopback only
 )
 LOCK_TIMEOUT=900

@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None, env=os.environ, channel_factory=None) ->
     progress = Progress(sys.stderr)  # PrologSlurmctld output goes to the controller's log
     config, config_error = None, None
     try:
-        config = load_config()
+        config = load_config(role="hook")
     except ConfigError as exc:
         config_error = exc
     tools = SlurmTools(config)

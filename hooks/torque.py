@@ -583,7 +583,7 @@ def main(argv: list[str] | None = None, env=os.environ) -> int:
 
     progress = Progress(sys.stdout)
     try:
-        config = load_config()
+        config = load_config(role="hook")
         setup_hook_log(config)
         home = torque_home(env.get("VTORQUE_HOOK_PATH"), config.torque.home)
         job = job_context(args, env, want - 1)
@@ -704,7 +704,7 @@ def _watch_main(args: list[str]) -> int:
 
     job_id, uid, cancel_dir, until, nodes, traceparent = args
     try:
-        config = load_config()
+        config = load_config(role="hook")
     except ConfigError:
         return 1
     setup_hook_log(config)

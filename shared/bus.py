@@ -25,6 +25,7 @@ import kombu
 import msgspec
 from kombu import Connection, Exchange, Queue, binding
 
+from vtorque.shared import broker_tls
 from vtorque.shared import messages as m
 from vtorque.shared import topology
 from vtorque.shared import tracing
@@ -120,7 +121,8 @@ def ensure_queue(channel, queue: Queue) -> None:
 
 
 def connect(url: str, heartbeat: int = 0, timeout: float = 5.0) -> Connection:
-    conn = Connection(url, heartbeat=heartbeat, connect_timeout=timeout,
+    conn = Connection(broker_tls.split(url)[0], heartbeat=heartbeat, connect_timeout=timeout,
+                      ssl=broker_tls.kombu_ssl(url),
                       transport_options={"confirm_publish": True})
     conn.ensure_connection(max_retries=3, interval_start=0.2, interval_step=0.5, timeout=timeout)
     return conn
@@ -342,7 +344,8 @@ class ServiceRunner:
         self._backlog.clear()
 
     def _run_connection(self) -> None:
-        with Connection(self.url, heartbeat=self.heartbeat, connect_timeout=5) as conn:
+        with Connection(broker_tls.split(self.url)[0], heartbeat=self.heartbeat, connect_timeout=5,
+                        ssl=broker_tls.kombu_ssl(self.url)) as conn:
             conn.ensure_connection(max_retries=1)
             channel = conn.channel()
             declare_topology(channel, self.queues)

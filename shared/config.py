@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import tomllib
+import urllib.parse
 from pathlib import Path
 from typing import Literal, Mapping
 
@@ -31,13 +32,26 @@ class BrokerConfig(_Section):
     url: str = "amqp://127.0.0.1:5672//"
     # "user:password" on one line; kept out of the main file so the file can stay world-readable for vsub.
     credentials_file: str | None = None
+    # One file per broker user, <dir>/<user>.credentials (`vtorque broker setup`): each part of vtorque picks its
+    # own (load_config(role=...)); it wins over credentials_file.
+    credentials_dir: str | None = None
     heartbeat: int = 30
     connect_timeout: float = 5.0
     # Start of vtorque's broker user names (vtorque-bridge, vtorque-node-<host>, ...; `vtorque broker setup`).
     # A consumer running as one of them dead-letters a message its sender may not send (shared/topology.py).
     user_prefix: str = "vtorque-"
+    # amqps: the CA that signed the broker's certificate (default: the system's trust store)
+    ca_file: str | None = None
 
     def connection_url(self) -> str:
+        """The URL every part connects with: credentials from their file, and for amqps the CA to verify the
+        broker with (shared/broker_tls.py reads it back)."""
+        url = self._with_credentials()
+        if self.ca_file and url.startswith("amqps://"):
+            url += ("&" if "?" in url else "?") + "cafile=" + urllib.parse.quote(self.ca_file)
+        return url
+
+    def _with_credentials(self) -> str:
         if not self.credentials_file:
             return self.url
         try:
@@ -264,7 +278,20 @@ def config_path(env: Mapping[str, str] | None = None) -> str:
     return env.get("VTORQUE_CONFIG", DEFAULT_PATH)
 
 
-def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
+def load_config(path: str | None = None, env: Mapping[str, str] | None = None, role: str | None = None) -> Config:
+    """The site's config; `role` (hook, bridge, stager, node, prefetch; default operator) picks that part's
+    broker credentials out of `broker.credentials_dir`."""
+    config = _load_config(path, env)
+    if config.broker.credentials_dir:
+        from vtorque.shared.topology import broker_user
+
+        node = config.node.node_name() if role == "node" else None
+        user = broker_user(role or "operator", node, config.broker.user_prefix)  # type: ignore[arg-type]
+        config.broker.credentials_file = os.path.join(config.broker.credentials_dir, f"{user}.credentials")
+    return config
+
+
+def _load_config(path: str | None, env: Mapping[str, str] | None) -> Config:
     env = os.environ if env is None else env
     path = path or config_path(env)
     data: dict = {}

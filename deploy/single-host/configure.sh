@@ -23,7 +23,7 @@ install -d -m 755 "$PREFIX/hooks/torque" "$PREFIX/hooks/slurm" /var/log/vtorque
 
 # Broker users: one per service, per node and for the hooks, made by deploy/single-host/broker.sh (`vtorque
 # broker setup`) once RabbitMQ runs; their secrets live in $ETC/broker/, root-only (the hooks' file: group
-# slurm). This file names the operator's (root's CLI); services.sh and hooks.env name each part's own.
+# slurm); each part reads its own ([broker] credentials_dir).
 rm -f "$ETC/broker.credentials"  # the old shared guest account
 
 # Where stack.sh puts Slurm (fixed paths under the stack dir): known before Slurm starts, because the hooks
@@ -37,8 +37,9 @@ state_dir = "$STATE"
 
 [broker]
 # vtorque's own vhost: RabbitMQ's guest (which any local account can use) has no rights in it
-url = "amqp://127.0.0.1:5672/vtorque"
-credentials_file = "$ETC/broker/vtorque-operator.credentials"
+url = "amqps://127.0.0.1:5671/vtorque"
+ca_file = "$ETC/tls/ca.pem"  # the stack's own CA (deploy/single-host/stack.sh)
+credentials_dir = "$ETC/broker"  # one user per part: each reads its own <user>.credentials
 
 [tracing]
 dir = "$STATE/traces"
@@ -89,7 +90,6 @@ cat > "$ETC/hooks.env" <<ENV
 # Sourced by the hook entry points; a value already in the environment wins (tests use that).
 : "\${VTORQUE_PYTHON:=$PREFIX/venv/bin/python}"
 : "\${VTORQUE_SLURM_STATE:=${slurm_state:-$STACK/slurm/state}}"
-: "\${VTORQUE_BROKER__CREDENTIALS_FILE:=$ETC/broker/vtorque-hook.credentials}"; export VTORQUE_BROKER__CREDENTIALS_FILE
 # PrologSlurmctld gets no SLURM_CONF; scontrol/scancel in the hook need this stack's.
 ${slurm_conf:+: "\${SLURM_CONF:=$slurm_conf}"; export SLURM_CONF}
 ENV

@@ -27,15 +27,6 @@ pid_in() { [ -s "$1" ] && tr -dc 0-9 <"$1" || true; }
 # up NAME: its supervisor and the service under it both run
 up() { running "$(pid_in "$RUN/$1.pid")" && running "$(pid_in "$RUN/$1.child")"; }
 
-# each service connects as its own broker user (deploy/single-host/broker.sh made them)
-CREDENTIALS_DIR=${VTORQUE_CREDENTIALS_DIR:-/etc/vtorque/broker}
-credentials_of() {
-  case $1 in
-    node-worker) echo "$CREDENTIALS_DIR/vtorque-node-$(hostname -s).credentials" ;;
-    *) echo "$CREDENTIALS_DIR/vtorque-$1.credentials" ;;
-  esac
-}
-
 close_inherited_fds() {
   local fd n
   for fd in /proc/$$/fd/*; do
@@ -49,7 +40,7 @@ supervise() {
   close_inherited_fds
   trap 'stopping=1; [ -n "$child" ] && kill -TERM "$child" 2>/dev/null' TERM INT
   while :; do
-    VTORQUE_BROKER__CREDENTIALS_FILE=$(credentials_of "$s") "$PREFIX/venv/bin/vtorque" run "$s" &
+    "$PREFIX/venv/bin/vtorque" run "$s" &
     child=$!
     echo "$child" >"$RUN/$s.child"
     rc=0

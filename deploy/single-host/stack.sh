@@ -109,16 +109,18 @@ lock() {
 rabbit_start() {
   begin
   rabbit_loopback_config
+  rabbit_tls_config
   local exposed
   exposed=$(rabbit_exposed)
+  if [ -z "$exposed" ] && amqp_ok && ! rabbit_tls_ok; then exposed="no TLS listener on 127.0.0.1:$TLS_PORT"; fi
   if [ -n "$exposed" ]; then
-    # e.g. started by the Debian package's postinst before the loopback settings existed: restart it on them
-    echo "stack: rabbitmq listens beyond loopback ($(echo $exposed)); restarting it on loopback only" >&2
+    # e.g. started by the Debian package's postinst before these settings existed: restart it on them
+    echo "stack: rabbitmq runs without this stack's settings ($(echo $exposed)); restarting it" >&2
     timeout 90 rabbitmqctl shutdown >"$LOGD/rabbitmq-stop.log" 2>&1 || true
     epmd -kill >/dev/null 2>&1 || true
     for _ in $(seq 1 50); do [ -z "$(rabbit_exposed)" ] && break; sleep 0.2; done
   fi
-  if amqp_ok; then ok rabbitmq "already answering on $AMQP_HOST:$AMQP_PORT, loopback only"; return; fi
+  if amqp_ok && rabbit_tls_ok; then ok rabbitmq "already answering on $AMQP_HOST:$AMQP_PORT and AMQPS $TLS_PORT, loopback only"; return; fi
   local how="was starting"
   # a node that is booting (e.g. started by the machine a moment ago) answers an Erlang ping before AMQP
   if ! timeout 20 rabbitmqctl -q ping >/dev/null 2>&1; then
@@ -131,7 +133,7 @@ rabbit_start() {
     how="started"
   fi
   for _ in $(seq 1 120); do
-    amqp_ok && { ok rabbitmq "$how, AMQP answering on $AMQP_HOST:$AMQP_PORT, loopback only"; return; }
+    amqp_ok && rabbit_tls_ok && { ok rabbitmq "$how, AMQP on $AMQP_HOST:$AMQP_PORT, AMQPS on 127.0.0.1:$TLS_PORT, loopback only"; return; }
     sleep 0.5
   done
   fail rabbitmq "no AMQP answer on $AMQP_HOST:$AMQP_PORT within 60s" "$(rabbit_log) ($RABBIT_LOGS/startup_err)"
@@ -149,9 +151,42 @@ rabbit_loopback_config() {
   grep -q 'inet_dist_use_interface' "$RABBIT_ENV" ||
     echo 'SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"' >>"$RABBIT_ENV"
 }
+# TLS to the broker (amqps on 127.0.0.1:5671): a CA of this stack's own signs the broker's certificate (names
+# 127.0.0.1, localhost and this host); clients verify it with $TLS_CA. Made once, kept across starts.
+TLS_PORT=${VTORQUE_AMQPS_PORT:-5671}
+TLS_DIR=/etc/rabbitmq/tls
+TLS_CA=/etc/vtorque/tls/ca.pem
+rabbit_tls_config() {
+  local h tmp; h=$(hostname -s)
+  if [ ! -s "$TLS_DIR/server.pem" ] || [ ! -s "$TLS_CA" ]; then
+    mkdir -p "$TLS_DIR" /etc/vtorque/tls
+    tmp=$(mktemp -d)
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=vtorque single-host CA" \
+      -keyout "$tmp/ca.key" -out "$tmp/ca.pem" >"$LOGD/tls.log" 2>&1 || fail tls "openssl: CA" "$LOGD/tls.log"
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=$h" -keyout "$tmp/server.key" -out "$tmp/server.csr" \
+      >>"$LOGD/tls.log" 2>&1 || fail tls "openssl: server key" "$LOGD/tls.log"
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:%s\nextendedKeyUsage=serverAuth\n' "$h" >"$tmp/ext"
+    openssl x509 -req -in "$tmp/server.csr" -CA "$tmp/ca.pem" -CAkey "$tmp/ca.key" -CAcreateserial -days 3650 \
+      -extfile "$tmp/ext" -out "$tmp/server.pem" >>"$LOGD/tls.log" 2>&1 || fail tls "openssl: sign" "$LOGD/tls.log"
+    install -m 644 "$tmp/ca.pem" "$TLS_DIR/ca.pem"
+    install -m 644 "$tmp/server.pem" "$TLS_DIR/server.pem"
+    install -m 600 -o rabbitmq -g rabbitmq "$tmp/server.key" "$TLS_DIR/server.key"
+    install -m 644 "$tmp/ca.pem" "$TLS_CA"
+    rm -rf "$tmp"   # the CA's key is not kept: nothing else is ever signed by it
+  fi
+  if ! grep -qE '^listeners\.ssl' "$RABBIT_CONF"; then
+    printf '%s\n' "listeners.ssl.default = 127.0.0.1:$TLS_PORT" "ssl_options.cacertfile = $TLS_DIR/ca.pem" \
+      "ssl_options.certfile = $TLS_DIR/server.pem" "ssl_options.keyfile = $TLS_DIR/server.key" \
+      "ssl_options.verify = verify_none" "ssl_options.fail_if_no_peer_cert = false" >>"$RABBIT_CONF"
+  fi
+}
+rabbit_tls_ok() {
+  timeout 5 openssl s_client -connect "127.0.0.1:$TLS_PORT" -CAfile "$TLS_CA" -verify_return_error </dev/null >/dev/null 2>&1
+}
+
 # listeners of RabbitMQ (AMQP 5672, distribution 25672) and epmd (4369) on an address other than loopback
 rabbit_exposed() {
-  ss -Hltn 2>/dev/null | awk '{print $4}' | grep -E ':(5672|25672|4369)$' | grep -vE '^(127\.[0-9.]+|\[::1\]):' || true
+  ss -Hltn 2>/dev/null | awk '{print $4}' | grep -E ':(5671|5672|25672|4369)$' | grep -vE '^(127\.[0-9.]+|\[::1\]):' || true
 }
 
 rabbit_stop() {

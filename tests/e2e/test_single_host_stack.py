@@ -26,3 +26,17 @@ def test_slurmctld_runs_the_installed_hooks_since_its_last_start():
     log = (STACK / "slurm/log/slurmctld.log").read_text(errors="replace")
     since_start = log.rsplit("slurmctld version", 1)[-1]
     assert "Invalid PrologSlurmctld" not in since_start and "Invalid EpilogSlurmctld" not in since_start
+
+
+def test_the_stacks_services_talk_to_the_broker_over_tls_as_their_own_users():
+    """The stack's config names amqps and its CA; every connection to its vhost is TLS, by a vtorque user."""
+    from vtorque.shared.config import load_config
+
+    config = load_config("/etc/vtorque/vtorque.toml", env={})
+    assert config.broker.url.startswith("amqps://127.0.0.1:5671/") and config.broker.ca_file
+    vhost = config.broker.url.rsplit("/", 1)[1]
+    out = subprocess.run(["rabbitmqctl", "-q", "list_connections", "user", "vhost", "ssl"], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    theirs = [line.split("\t") for line in out.splitlines() if line.split("\t")[1:2] == [vhost]]
+    assert theirs, "no connection to the stack's vhost: are its services running?"
+    assert all(ssl == "true" and user.startswith("vtorque-") for user, _, ssl in theirs), theirs

@@ -69,3 +69,15 @@ def test_the_scheduler_and_its_binaries_are_named_once(tmp_path):
 def test_a_key_that_moved_to_scheduler_says_where(tmp_path, text, moved):
     with pytest.raises(ConfigError, match=moved):
         load_config(write(tmp_path, text), env={})
+
+
+def test_each_part_reads_its_own_broker_credentials(tmp_path):
+    (tmp_path / "vtorque-node-n4.credentials").write_text("vtorque-node-n4:s3cret\n")
+    (tmp_path / "vtorque-operator.credentials").write_text("vtorque-operator:op\n")
+    path = write(tmp_path, f'[broker]\nurl = "amqps://b:5671/vtorque"\ncredentials_dir = "{tmp_path}"\n'
+                           f'ca_file = "/etc/ca.pem"\n[node]\nname = "n4"\n')
+    node = load_config(path, env={}, role="node").broker.connection_url()
+    assert node == "amqps://vtorque-node-n4:s3cret@b:5671/vtorque?cafile=/etc/ca.pem"
+    assert load_config(path, env={}).broker.connection_url().startswith("amqps://vtorque-operator:op@")
+    with pytest.raises(ConfigError, match="vtorque-hook.credentials"):
+        load_config(path, env={}, role="hook").broker.connection_url()  # no file: a clear error, no guessing
