@@ -22,7 +22,7 @@ import pika
 import pika.exceptions
 
 from vtorque.shared import messages as m
-from vtorque.shared import topology, tracing
+from vtorque.shared import broker_tls, topology, tracing
 from vtorque.shared.bus import EVENTS
 
 QUEUE_PREFIX = topology.prefix(topology.HOOK_Q)  # shared/topology.py names every queue
@@ -56,9 +56,13 @@ class HookChannel:
                  label: str | None = None):
         patterns = list(patterns)
         try:
-            params = pika.URLParameters(url)
+            params = pika.URLParameters(broker_tls.split(url)[0])
         except ValueError as exc:
             raise BrokerUnreachable(f"broker URL unusable: {exc}") from None
+        tls = broker_tls.context(url)
+        if tls is not None:  # amqps: the broker's certificate checked against the site's CA and the URL's host
+            params.ssl_options = pika.SSLOptions(tls, server_hostname=urllib.parse.urlsplit(url).hostname)
+        self.user = params.credentials.username  # sent as user_id: the broker refuses any other
         # kombu reads "amqp://host//" as vhost "/", pika as vhost "": one config URL must mean one vhost.
         path = urllib.parse.urlsplit(url).path
         params.virtual_host = "/" if path in ("", "/", "//") else urllib.parse.unquote(path[1:])
@@ -100,7 +104,8 @@ class HookChannel:
                 self.channel.basic_publish(
                     EVENTS.name, routing_key, m.encode(event),
                     pika.BasicProperties(delivery_mode=2, content_type="application/json",
-                                         message_id=event.message_id, type=type(event).__name__, headers=headers),
+                                         message_id=event.message_id, type=type(event).__name__, headers=headers,
+                                         user_id=self.user),  # the bridge checks who sent it
                 )
             except (pika.exceptions.AMQPError, OSError) as exc:
                 raise BrokerUnreachable(f"publish of {type(event).__name__} failed: {describe(exc)}") from None
