@@ -286,7 +286,8 @@ class TestSite:
             "tracing": {"dir": str(self.root / "traces")},
             "images": {"store": str(self.root / "images")},
             "spec": {"host_reserve_cores": 0, "host_reserve_ram": "0M"},
-            "node": {"name": self.node, "guest_dir": str(self.root / "guests")},
+            # the ramdisk root too: a test never makes the real /dev/shm/vtorque
+            "node": {"name": self.node, "guest_dir": str(self.root / "guests"), "ramdisk_dir": str(self.root / "shm/guests")},
             # No scheduler answers for a test's jobs unless the test says which (see fake_scheduler).
             # The bridge's check of job events against the scheduler is off here; its own tests turn it on.
             "scheduler": {"kind": "slurm", "bin_dir": str(self.root / "no-scheduler"), "verify_jobs": False},

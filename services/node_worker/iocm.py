@@ -322,7 +322,7 @@ class IocmController:
             dom = self.hv.lookup(name)
             if dom is None or not dom.isActive():
                 continue
-            guest = guest_iocm(dom.XMLDesc(0), meta)
+            guest = guest_iocm(self.hv.xml(dom), meta)  # with a deadline (hypervisor.py)
             if guest is None:
                 continue
             seen.add(name)

@@ -288,7 +288,7 @@ def _used_vfs(worker) -> frozenset[str]:
         if dom is None:
             continue
         try:
-            xmls.append(dom.XMLDesc(0))
+            xmls.append(worker.hv.xml(dom))  # with a deadline (hypervisor.py)
         except Exception:  # noqa: BLE001 - it went away while we looked
             continue
     return used_vfs(xmls)
