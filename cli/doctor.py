@@ -154,7 +154,7 @@ def slurm_user(show_config: str) -> str | None:
 
 HOOK_PROBE = """from vtorque.shared.config import config_path, load_config
 print(config_path(), flush=True)
-config = load_config()
+config = load_config(role="hook")  # the hook's own broker user, as the hooks load it
 config.broker.connection_url()
 import vtorque.hooks.{module}
 """
