@@ -306,8 +306,10 @@ def missing_node_workers(conn, wanted: list[str], grace: float) -> list[str]:
             try:
                 if check.queue_declare(node_queue(host).name, passive=True).method.consumer_count == 0:
                     still.append(host)
-            except pika.exceptions.ChannelClosedByBroker:  # 404: no node worker ever declared it
-                still.append(host)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code != 404:  # e.g. 403: the hook's broker user may not look; not the node's fault
+                    raise
+                still.append(host)  # 404: no node worker ever declared it
         missing = still
         if not missing or time.monotonic() >= end:
             if check is not None and check.is_open:

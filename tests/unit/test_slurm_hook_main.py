@@ -204,6 +204,22 @@ class FakeConn:
         time.sleep(0.01)
 
 
+def test_a_refused_look_is_a_broker_problem_not_a_missing_node_worker():
+    import pika.exceptions
+
+    class Refusing(FakeConn):
+        def channel(self):
+            ch = super().channel()
+
+            def refuse(name, passive):
+                raise pika.exceptions.ChannelClosedByBroker(403, "ACCESS_REFUSED")
+            ch.queue_declare = refuse
+            return ch
+
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker):
+        slurm.missing_node_workers(Refusing({}), ["vm"], grace=0.05)
+
+
 def test_nodes_without_a_node_worker_are_named_after_the_grace():
     conn = FakeConn({"vm": 1, "n2": 0})
     assert slurm.missing_node_workers(conn, ["vm", "n2", "n3", "vm"], grace=0.05) == ["n2", "n3"]
