@@ -10,9 +10,16 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import datetime, timedelta, timezone
-from typing import Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import msgspec
+
+# What a routing key or a name on disk is made of is bounded here, at decoding: a body whose job id, node or
+# digest could not be a routing word (255 bytes at most in AMQP) or a file name is refused as undecodable.
+JobId = Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[A-Za-z0-9._+@\[\]-]*$")]
+NodeName = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+Digest = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+MessageId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 
 
 def utcnow() -> datetime:
@@ -24,8 +31,8 @@ def new_message_id() -> str:
 
 
 class Message(msgspec.Struct, tag_field="type", kw_only=True, forbid_unknown_fields=True, frozen=True):
-    message_id: str
-    job_id: str
+    message_id: MessageId
+    job_id: JobId
     created_at: datetime
     deadline: datetime
 
@@ -64,7 +71,7 @@ class Event(Message, frozen=True):
 # -- shared parts -----------------------------------------------------------------------------------------
 
 class NodeAllocation(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    host: str
+    host: NodeName
     ncpus: int
     cores: list[int] | None = None  # the host cores the scheduler gave the job, when it says
 
@@ -83,10 +90,10 @@ class DataDisk(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class GuestPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     name: str  # libvirt domain name, unique per job and guest
-    node: str
+    node: NodeName
     index: int  # rank of the guest within the job, 0 runs the job script
     image: str  # catalog name
-    image_digest: str  # sha256 hex of the verified base image
+    image_digest: Digest  # sha256 hex of the verified base image
     vcpus: int
     ram_mib: int
     cores: list[int] | None
@@ -149,7 +156,7 @@ class JobRejected(Event, frozen=True):
 
 class ImageStaged(Event, frozen=True):
     image: str
-    digest: str
+    digest: Digest
     path: str
     bytes: int
     seconds: float
@@ -158,7 +165,7 @@ class ImageStaged(Event, frozen=True):
 
 class ImageStageFailed(Event, frozen=True):
     image: str
-    digest: str
+    digest: Digest
     reason: str
 
 
@@ -166,7 +173,7 @@ class ImageStagingProgress(Event, frozen=True):
     """How far a staging is: published by the stager that copies, about once per images.progress_interval."""
 
     image: str
-    digest: str
+    digest: Digest
     bytes: int  # copied (and hashed) so far
     total: int | None  # the source's size, when known
     rate: float  # bytes per second over the last interval
@@ -177,7 +184,7 @@ class ImageStageCancelled(Event, frozen=True):
     keep waiting, and a later request stages the image again."""
 
     image: str
-    digest: str
+    digest: Digest
     reason: str
 
 
@@ -199,7 +206,7 @@ class JobDeleted(Event, frozen=True):
 
 class GuestReady(Event, frozen=True):
     guest: str
-    node: str
+    node: NodeName
     index: int
     address: str
     ssh_port: int
@@ -208,14 +215,14 @@ class GuestReady(Event, frozen=True):
 
 class GuestFailed(Event, frozen=True):
     guest: str
-    node: str
+    node: NodeName
     reason: str
     retryable: bool
     console_tail: str = ""
 
 
 class GuestsTornDown(Event, frozen=True):
-    node: str
+    node: NodeName
     guests: list[str]
     disks_removed: int
 
@@ -228,7 +235,7 @@ class CommandExpired(Event, frozen=True):
 class NodeHeartbeat(Event, frozen=True):
     """A node worker is alive, and what it offers. Belongs to no job: job_id is "" and it is not traced."""
 
-    node: str
+    node: NodeName
     cores: int
     mem_free_mib: int
     guests_running: int
@@ -241,7 +248,7 @@ class NodeHeartbeat(Event, frozen=True):
 
 class StageImage(Command, frozen=True):
     image: str
-    digest: str
+    digest: Digest
 
 
 class GuestPeer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -249,7 +256,7 @@ class GuestPeer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     name: str
     index: int
-    node: str
+    node: NodeName
     vcpus: int
     address: str  # on the job network
 
@@ -264,14 +271,14 @@ class JobNetwork(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class BootGuests(Command, frozen=True):
-    node: str
+    node: NodeName
     guests: list[GuestPlan]
     peers: list[GuestPeer] = []
     network: JobNetwork | None = None
 
 
 class TeardownGuests(Command, frozen=True):
-    node: str
+    node: NodeName
 
 
 AnyMessage = Union[
