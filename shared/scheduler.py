@@ -31,6 +31,7 @@ class JobInfo(msgspec.Struct, kw_only=True, frozen=True):
     reason: str | None = None  # the scheduler's reason/comment field, if it gives one
     stdout: str | None = None  # where the job's output and error files go (paths on the job's first node)
     stderr: str | None = None
+    mem_mib: int | None = None  # memory the job was given in all (Slurm TRES mem, Torque Resource_List.mem)
 
     @property
     def alive(self) -> bool:
@@ -60,6 +61,23 @@ def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
         raise SchedulerError(f"{argv[0]} gave no answer within {timeout:g}s") from None
     except OSError as exc:
         raise SchedulerError(f"{argv[0]}: {exc.strerror}") from None
+
+
+_UNITS = {"b": 1 / 1024 / 1024, "k": 1 / 1024, "kb": 1 / 1024, "m": 1, "mb": 1, "g": 1024,
+          "gb": 1024, "t": 1024 ** 2, "tb": 1024 ** 2, "w": 8 / 1024 / 1024, "kw": 8 / 1024, "mw": 8,
+          "gw": 8 * 1024}
+
+
+def mem_mib(text: str, bare: str = "m") -> int | None:
+    """Slurm's `300M`/`2G` and Torque's `256mb`/`2gb` → MiB; a bare number is in `bare` units (Slurm: M; Torque:
+    bytes, `b`). None for anything else."""
+    found = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text or "")
+    if not found:
+        return None
+    unit = found.group(2).lower() or bare
+    if unit not in _UNITS:
+        return None
+    return int(float(found.group(1)) * _UNITS[unit])
 
 
 def hms_seconds(text: str) -> int | None:
@@ -123,8 +141,9 @@ def torque_job_info(job_id: str, text: str) -> JobInfo:
                                 if part))
     owner = a.get("Job_Owner", "").split("@")[0] or None
     wall = hms_seconds(a["Resource_List.walltime"]) if "Resource_List.walltime" in a else None
+    mem = mem_mib(a["Resource_List.mem"], bare="b") if "Resource_List.mem" in a else None
     return JobInfo(job_id=job_id, state=state, raw_state=raw, exit_code=exit_code, owner=owner, nodes=nodes,
-                   walltime_s=wall, reason=a.get("comment") or None)
+                   walltime_s=wall, reason=a.get("comment") or None, mem_mib=mem)
 
 
 class Torque:
@@ -220,8 +239,11 @@ def slurm_job_info(job_id: str, text: str) -> JobInfo:
     elif f.get("Reason") not in (None, "", "None", "(null)"):
         reason = f["Reason"]
     paths = {k: f[k] for k in ("StdOut", "StdErr") if f.get(k) not in (None, "", "(null)")}
+    tres = dict(part.partition("=")[::2] for part in f.get("TRES", "").split(",") if "=" in part)
+    mem = mem_mib(tres["mem"]) if "mem" in tres else None
     return JobInfo(job_id=job_id, state=state, raw_state=raw, exit_code=exit_code, owner=owner, nodes=nodes,
-                   walltime_s=wall, reason=reason, stdout=paths.get("StdOut"), stderr=paths.get("StdErr"))
+                   walltime_s=wall, reason=reason, stdout=paths.get("StdOut"), stderr=paths.get("StdErr"),
+                   mem_mib=mem)
 
 
 class Slurm:

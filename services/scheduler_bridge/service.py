@@ -20,10 +20,10 @@ from vtorque.shared.logs import log
 from vtorque.shared.node_registry import read_heartbeats
 from vtorque.shared.spec import SpecError, validate, validate_user_metadata
 
-from vtorque.shared.scheduler import SchedulerError, scheduler_for
+from vtorque.shared.scheduler import JobInfo, SchedulerError, scheduler_for
 
 from .capacity import Unfit, check_nodes
-from .verification import mismatch
+from .verification import mismatch, over_allocation
 from .planning import PlanError, boot_commands, plan_guests
 
 LOG = logging.getLogger("vtorque.bridge")
@@ -67,21 +67,21 @@ class SchedulerBridge:
                 log(LOG, logging.WARNING, "could not read the retained heartbeats", error=str(exc))
         return check_nodes(spec, job.nodes, self.beats, self.config, m.utcnow())
 
-    def _confirmed(self, job: m.JobStarted) -> Unfit | None:
+    def _confirmed(self, job: m.JobStarted) -> tuple[Unfit | None, JobInfo | None]:
         """The scheduler's word on the job event (verification.py); a scheduler that cannot be asked now is
         a failure a requeue can cure."""
         if not self.config.scheduler.verify_jobs:
-            return None
+            return None, None
         try:
             info = self.scheduler.job(job.job_id)
         except SchedulerError as exc:
-            return Unfit(f"the scheduler could not confirm job {job.job_id}: {exc}", True)
+            return Unfit(f"the scheduler could not confirm job {job.job_id}: {exc}", True), None
         why = mismatch(job, info)
-        return Unfit(why, False) if why else None
+        return (Unfit(why, False) if why else None), info
 
     def on_job_started(self, job: m.JobStarted) -> None:
         refresh_catalog(self.config)  # an image `vtorque images add`ed since this bridge started
-        unconfirmed = self._confirmed(job)
+        unconfirmed, info = self._confirmed(job)
         if unconfirmed is not None:
             log(LOG, logging.WARNING, "job event not confirmed by the scheduler", reason=unconfirmed.reason)
             self.publisher.publish(m.JobRejected.new(job_id=job.job_id, deadline=job.deadline,
@@ -93,6 +93,9 @@ class SchedulerBridge:
             if not job.nodes:
                 raise PlanError("the scheduler gave the job no nodes")
             guests = plan_guests(job, spec, self.config, user_metadata)
+            too_big = over_allocation(info, guests)
+            if too_big:
+                raise PlanError(too_big)
             unfit = self._unfit(spec, job)
         except (SpecError, PlanError) as exc:
             log(LOG, logging.WARNING, "job rejected", reason=str(exc))

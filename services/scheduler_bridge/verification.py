@@ -25,3 +25,24 @@ def mismatch(job: m.JobStarted, info: JobInfo | None) -> str | None:
         if foreign:
             return f"job {job.job_id} was not given node(s) {', '.join(foreign)} (it has {', '.join(info.nodes)})"
     return None
+
+
+def planned_memory_mib(guests: list[m.GuestPlan]) -> int:
+    """What the guests take of their nodes' memory: their RAM, and a data disk kept in node memory (ramdisk)."""
+    total = 0
+    for g in guests:
+        total += g.ram_mib
+        if g.fs_type == "ramdisk" and g.disk is not None and g.disk.size_mib:
+            total += g.disk.size_mib
+    return total
+
+
+def over_allocation(info: JobInfo | None, guests: list[m.GuestPlan]) -> str | None:
+    """The guests run outside the job's cgroup, so the bridge holds them to what the scheduler gave the job."""
+    if info is None or info.mem_mib is None:
+        return None
+    need = planned_memory_mib(guests)
+    if need > info.mem_mib:
+        return (f"the job's guests need {need} MiB of memory but the scheduler gave the job {info.mem_mib} MiB "
+                f"(ask for more: Slurm --mem, Torque -l mem)")
+    return None
