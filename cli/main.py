@@ -254,10 +254,10 @@ def install_hooks(torque_home: str | None, uninstall: bool) -> None:
 
 @main.command()
 def contract() -> None:
-    """Print the message contract (JSON Schema generated from the message Structs)."""
-    from vtorque.shared.messages import contract_schema
+    """Print the message contract: the messages' JSON Schema and their channels (shared/topology.py)."""
+    from vtorque.shared.topology import contract_document
 
-    click.echo(json.dumps(contract_schema(), indent=2, sort_keys=True))
+    click.echo(json.dumps(contract_document(), indent=2, sort_keys=True))
 
 
 def _register_images() -> None:

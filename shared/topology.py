@@ -294,3 +294,22 @@ def broker_permissions(role: Role, node: str | None = None) -> Permissions:
         read=_any(names + also_read + [re.escape(e) for e in bound_exchanges]),
         topics=topics,
     )
+
+
+# -- the contract document -------------------------------------------------------------------------------------
+
+def contract_document() -> dict:
+    """docs/contract.json: the messages' JSON Schema (shared/messages.py) with the channels this table gives
+    them: for each message type who publishes it, on which exchange and routing key, and which queues get it;
+    for each queue its kind, bindings and consumer."""
+    doc = m.contract_schema()
+    doc["x-vtorque-exchanges"] = dict(EXCHANGES)
+    doc["x-vtorque-queues"] = {
+        q.name: {"kind": q.kind, "exchange": q.exchange, "bindings": list(q.bindings), "consumer": q.consumer,
+                 "readers": list(q.readers), "arguments": q.queue_arguments, "why": q.why}
+        for q in QUEUES.values()}
+    doc["x-vtorque-channels"] = {
+        t.__name__: {"publishers": sorted(f.publishers), "exchange": COMMANDS if issubclass(t, m.Command)
+                     else EVENTS, "routing_key": f.route, "consumers": sorted(f.consumers)}
+        for t, f in FLOWS.items()}
+    return doc

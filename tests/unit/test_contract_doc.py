@@ -1,13 +1,22 @@
 import json
 from pathlib import Path
 
-from vtorque.shared.messages import contract_schema
+from vtorque.shared.topology import contract_document
 
 
 def test_the_checked_in_contract_matches_the_code():
-    """docs/contract.json is generated: `vtorque contract > docs/contract.json` after changing a message."""
+    """docs/contract.json is generated: `vtorque contract > docs/contract.json` after changing a message or the
+    topology table."""
     doc = Path(__file__).parents[2] / "docs" / "contract.json"
-    assert json.loads(doc.read_text()) == json.loads(json.dumps(contract_schema(), sort_keys=True))
+    assert json.loads(doc.read_text()) == json.loads(json.dumps(contract_document(), sort_keys=True))
+
+
+def test_the_contract_names_every_messages_channel():
+    doc = contract_document()
+    assert set(doc["x-vtorque-channels"]) == {name for name in doc["$defs"] if name in doc["x-vtorque-channels"]}
+    boot = doc["x-vtorque-channels"]["BootGuests"]
+    assert boot == {"publishers": ["bridge"], "exchange": "vtorque.commands", "routing_key": "node.{node}",
+                    "consumers": ["vtorque.node.{node}"]}
 
 
 def test_descriptions_do_not_depend_on_how_docstrings_are_formatted():
