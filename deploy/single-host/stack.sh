@@ -17,6 +17,12 @@
 set -uo pipefail
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 umask 022
+# The daemons this starts (RabbitMQ, libvirtd, munge, Slurm) must keep nothing of whoever ran it: a lock the
+# caller holds (make, a test's flock) would otherwise stay held by the broker for as long as it runs.
+for fd in /proc/$$/fd/*; do
+  fd=${fd##*/}
+  [ "$fd" -gt 2 ] 2>/dev/null && eval "exec $fd>&-" 2>/dev/null
+done
 
 STACK_DIR=${VTORQUE_STACK_DIR:-/var/lib/vtorque-stack}
 S=$STACK_DIR/slurm                 # munge + slurm (layout as in slurm-single-host.md §10)

@@ -40,3 +40,25 @@ def test_the_stacks_services_talk_to_the_broker_over_tls_as_their_own_users():
     theirs = [line.split("\t") for line in out.splitlines() if line.split("\t")[1:2] == [vhost]]
     assert theirs, "no connection to the stack's vhost: are its services running?"
     assert all(ssl == "true" and user.startswith("vtorque-") for user, _, ssl in theirs), theirs
+
+
+def test_no_daemon_of_the_stack_holds_a_file_of_whoever_started_it():
+    """The broker, libvirt, munge, Slurm and the vtorque services keep nothing their starter had open (a test's
+    flock on /tmp/vtorque-e2e.lock was once held by RabbitMQ for as long as it ran)."""
+    import os
+
+    names = {"beam.smp", "epmd", "libvirtd", "virtlogd", "munged", "slurmctld", "slurmd"}
+    held = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if comm not in names and "vtorque run" not in cmdline and "services.sh supervise" not in cmdline:
+                continue
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("/tmp/") or target.endswith(".lock") and "vtorque-stack/.lock" in target:
+                    held.append(f"{comm} ({pid}) fd {fd} -> {target}")
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    assert not held, held
