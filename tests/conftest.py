@@ -183,23 +183,68 @@ def private_broker():
     return private_broker_for
 
 
+SITE_CONFIG = Path("/etc/vtorque/vtorque.toml")
+
+
+def stack_vhosts() -> list[str]:
+    """The vhosts a running stack may consume: the one the site config names (the single-host stack's own),
+    and "/" (RabbitMQ's default, where an older stack or a default config listens)."""
+    import tomllib
+    from urllib.parse import unquote, urlparse
+
+    vhosts = ["/"]
+    try:
+        url = tomllib.loads(SITE_CONFIG.read_text()).get("broker", {}).get("url", "")
+    except (OSError, ValueError):
+        url = ""
+    if url:
+        path = urlparse(url).path[1:]
+        vhost = "/" if path in ("", "/") else unquote(path)
+        if vhost not in vhosts:
+            vhosts.append(vhost)
+    return vhosts
+
+
 def stack_node_queues() -> set[str]:
-    """The node command queues on the stack's vhost "/" (one per real node worker there)."""
-    out = rabbitmqctl("list_queues", "-p", "/", "name", "--no-table-headers")
-    return {line.strip() for line in out.splitlines() if line.strip().startswith("vtorque.node.")}
+    """The node command queues on the stack's vhosts (one per real node worker there)."""
+    queues = set()
+    existing = set(rabbitmqctl("list_vhosts", "--no-table-headers").split())
+    for vhost in stack_vhosts():
+        if vhost not in existing:
+            continue
+        out = rabbitmqctl("list_queues", "-p", vhost, "name", "--no-table-headers")
+        queues |= {f"{vhost}:{q.strip()}" for q in out.splitlines() if q.strip().startswith("vtorque.node.")}
+    return queues
+
+
+@contextlib.contextmanager
+def stack_observer(vhost: str):
+    """An AMQP URL on a stack vhost for a user of the test's own that may only make, bind and read queues named
+    vtorque-test-observer-* (and read the stack's exchanges); removed afterwards."""
+    name = f"{PREFIX}{os.getpid()}-obs{uuid.uuid4().hex[:6]}"
+    password = secrets.token_hex(16)
+    rabbitmqctl("add_user", name, password)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, name, "^vtorque-test-observer-.*", "^vtorque-test-observer-.*",
+                    ".*")
+        from urllib.parse import quote
+
+        yield f"amqp://{name}:{password}@{BROKER_HOST}:{BROKER_PORT}/{quote(vhost, safe='')}"
+    finally:
+        rabbitmqctl("delete_user", name)
 
 
 @pytest.fixture(scope="session")
 def test_broker(private_broker) -> PrivateBroker:
-    """The session's own vhost and user. Afterwards, a node queue that appeared on "/" meanwhile fails the
-    session: something published a command for a node of a test where the stack's services listen."""
+    """The session's own vhost and user. Afterwards, a node queue that appeared on a stack vhost meanwhile fails
+    the session: something published a command for a node of a test where the stack's services listen."""
     before = stack_node_queues()
     with private_broker() as broker:
         yield broker
     leaked = sorted(stack_node_queues() - before)
     if leaked:
-        pytest.fail(f"node queues appeared on the stack's vhost '/' during this test session: {leaked} "
-                    f"(a test published on '/'; use the broker_url/test_site fixtures of tests/conftest.py)")
+        pytest.fail(f"node queues appeared on the stack's vhosts during this test session: {leaked} (a test "
+                    f"published where the stack listens; use the broker_url/test_site fixtures of tests/conftest.py)")
 
 
 @pytest.fixture

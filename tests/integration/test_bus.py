@@ -2,12 +2,15 @@
 the proof that nothing published there reaches the default vhost, where the single-host stack's services
 consume."""
 
+import contextlib
 import os
 import subprocess
 import sys
 import threading
 import time
 import uuid
+
+from urllib.parse import quote
 
 import kombu
 import pytest
@@ -17,6 +20,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
+from conftest import stack_observer, stack_vhosts
 from vtorque.shared import messages as m
 from vtorque.shared.bus import COMMANDS, DEAD_QUEUE, EVENTS, EventWaiter, Publisher, ServiceRunner, node_queue
 
@@ -235,33 +239,42 @@ def test_one_publisher_shared_by_threads_delivers_every_message(broker_url):
     assert errors == [] and len(got) == 200
 
 
-STACK_VHOST_URL = "amqp://guest:guest@127.0.0.1:5672//"  # what the single-host stack's services use
-
-
-def test_the_test_broker_user_has_no_rights_on_the_stacks_vhost(test_broker):
-    outside = f"amqp://{test_broker.user}:{test_broker.password}@127.0.0.1:5672//"
-    with pytest.raises(Exception) as refused:
-        with kombu.Connection(outside, connect_timeout=3) as conn:
-            conn.ensure_connection(max_retries=1)
-            conn.channel()
-    assert "refused" in str(refused.value).lower() or "not allowed" in str(refused.value).lower() or \
-        "access" in str(refused.value).lower(), repr(refused.value)
+def test_the_test_broker_user_has_no_rights_on_the_stacks_vhosts(test_broker):
+    for vhost in stack_vhosts():
+        outside = f"amqp://{test_broker.user}:{test_broker.password}@127.0.0.1:5672/{quote(vhost, safe='')}"
+        with pytest.raises(Exception) as refused:
+            with kombu.Connection(outside, connect_timeout=3) as conn:
+                conn.ensure_connection(max_retries=1)
+                conn.channel()
+        text = str(refused.value).lower()
+        assert "refused" in text or "not allowed" in text or "access" in text, (vhost, repr(refused.value))
 
 
 def test_what_tests_publish_never_reaches_the_stacks_vhost(broker_url):
-    """An observer on "/" bound as the stack's bridge, stager and this host's node worker are (every event, the
-    stager's and this host's command keys) sees nothing of what the test broker carries, while a listener on
-    the test vhost sees all of it. The messages are harmless even if they leaked: a job that does not exist
-    ended, and a teardown of it."""
-    host = os.uname().nodename.split(".")[0]  # the stack's node worker consumes node.<this host> on "/"
+    """An observer on each vhost a stack listens on (the site config's, and "/"), bound as the stack's bridge,
+    stager and this host's node worker are (every event, the stager's and this host's command keys), sees
+    nothing of what the test broker carries, while a listener on the test vhost sees all of it. The messages
+    are harmless even if they leaked: a job that does not exist ended, and a teardown of it."""
+    host = os.uname().nodename.split(".")[0]  # the stack's node worker consumes node.<this host>
     job = f"isolation-{uuid.uuid4().hex[:8]}"
-    with kombu.Connection(STACK_VHOST_URL, connect_timeout=3) as stack:
-        channel = stack.channel()
-        # Bound to the stack's exchanges as they are (not declared: the stack made them, as its version has them).
-        observer = f"vtorque-test-observer-{uuid.uuid4().hex[:8]}"
-        channel.queue_declare(observer, exclusive=True, auto_delete=True, durable=False)
-        for exchange, key in ((EVENTS.name, "#"), (COMMANDS.name, "stager"), (COMMANDS.name, f"node.{host}")):
-            channel.queue_bind(observer, exchange=exchange, routing_key=key)
+    with contextlib.ExitStack() as stack:
+        observers = []
+        for vhost in stack_vhosts():
+            conn = stack.enter_context(kombu.Connection(stack.enter_context(stack_observer(vhost)),
+                                                        connect_timeout=3))
+            channel = conn.channel()
+            # Bound to the stack's exchanges as they are (never declared here: the stack made them).
+            queue = f"vtorque-test-observer-{uuid.uuid4().hex[:8]}"
+            channel.queue_declare(queue, exclusive=True, auto_delete=True, durable=False)
+            try:
+                for exchange, key in ((EVENTS.name, "#"), (COMMANDS.name, "stager"), (COMMANDS.name, f"node.{host}")):
+                    channel.queue_bind(queue, exchange=exchange, routing_key=key)
+            except Exception as exc:  # noqa: BLE001 - no stack on this vhost: nothing could reach it
+                if vhost != "/":
+                    pytest.fail(f"the stack's vhost {vhost!r} has no vtorque exchanges ({exc}): is the stack set up?")
+                continue
+            observers.append((vhost, channel, queue))
+        assert observers, "no stack vhost to observe"
         waiter = EventWaiter(broker_url, [f"job.{job}.#"])
         publisher = Publisher(broker_url)
         try:
@@ -272,10 +285,11 @@ def test_what_tests_publish_never_reaches_the_stacks_vhost(broker_url):
             assert isinstance(got, m.JobEnded) and got.job_id == job  # the test vhost carried it
             time.sleep(1.0)
             seen = []
-            while (msg := channel.basic_get(observer, no_ack=True)) is not None:
-                if job.encode() in msg.body:
-                    seen.append(msg.delivery_info.get("routing_key"))
-            assert seen == [], f"the stack's vhost received the test's messages: {seen}"
+            for vhost, channel, queue in observers:
+                while (msg := channel.basic_get(queue, no_ack=True)) is not None:
+                    if job.encode() in msg.body:
+                        seen.append((vhost, msg.delivery_info.get("routing_key")))
+            assert seen == [], f"the stack's vhosts received the test's messages: {seen}"
         finally:
             waiter.close()
             publisher.close()
