@@ -128,7 +128,9 @@ def domain_xml(guest: m.GuestPlan, disks: GuestDisks, boot: BootSource, meta: Gu
     if guest.vrdma:
         # The backend the node worker chose (vrdma.choose); without one, shared memory between the job's
         # guests on this node.
-        choice = vrdma_choice or vrdma.Choice(vrdma.IVSHMEM, shmem_name=shmem_name(meta.job_id))
+        # The node worker always passes its choice (vrdma.for_guest: the region's name keyed with the node's
+        # secret); a caller without one (a pure test) gets the same shape under an unkeyed name.
+        choice = vrdma_choice or vrdma.Choice(vrdma.IVSHMEM, shmem_name=vrdma.shmem_name(meta.job_id))
         vrdma_args = vrdma.apply(dom, dev, choice)
     # Without an entropy source a TCG guest's sshd waits ~1 s for kernel randomness before its banner.
     rng = ET.SubElement(dev, "rng", {"model": "virtio"})
@@ -158,7 +160,6 @@ def cpuset(cores: list[int]) -> str:
     return ",".join(str(c) for c in cores)
 
 
-shmem_name = vrdma.shmem_name
 
 
 def _disk(devices: ET.Element, path: str, fmt: str, target: str, readonly: bool, iothread: int | None = None,

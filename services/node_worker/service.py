@@ -321,8 +321,18 @@ class NodeWorker:
             self.publisher.publish(self._fail(cmd, None, f"refused by node {self.node}: {exc}", False, ""))
             return
         removed = self.teardown_job(cmd.job_id)
+        self._remove_job_shmem(cmd.job_id)
         self.publisher.publish(m.GuestsTornDown.new(
             job_id=cmd.job_id, deadline=cmd.deadline, node=self.node, guests=removed[0], disks_removed=removed[1]))
+
+    def _remove_job_shmem(self, job_id: str) -> None:
+        """The job's ivshmem region on this node (QEMU leaves it in /dev/shm), once its guests here are gone."""
+        if any(meta.get("job") == job_id for meta in self.hv.vtorque_domains().values()):
+            return
+        try:
+            vrdma.remove_shmem(vrdma.shmem_name(job_id, vrdma.node_secret(self.config.state_dir)))
+        except OSError as exc:
+            log(LOG, logging.WARNING, "shared memory not removed", error=str(exc))
 
     def guest_roots(self) -> list[str]:
         return self._roots()

@@ -16,7 +16,11 @@ the only function that reads the host.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
+import secrets
+import stat
 import subprocess
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -136,7 +140,7 @@ def capabilities(probe: Probe) -> list[str]:
 
 
 def choose(node: str, probe: Probe, job_id: str, preference: list[str], require: list[str], single_node: bool,
-           used_vfs: frozenset[str] = frozenset()) -> Choice:
+           used_vfs: frozenset[str] = frozenset(), shmem_secret: bytes = b"") -> Choice:
     """The first backend of `preference` (the site's order) that `require` allows (empty: any) and this node
     can serve; VrdmaUnavailable naming the node and every reason otherwise."""
     allowed = [b for b in preference if not require or b in require]
@@ -147,12 +151,12 @@ def choose(node: str, probe: Probe, job_id: str, preference: list[str], require:
     for backend in allowed:
         why = missing(backend, probe, single_node, used_vfs)
         if why is None:
-            return _choice(backend, probe, job_id, used_vfs)
+            return _choice(backend, probe, job_id, used_vfs, shmem_secret)
         reasons.append(why)
     raise VrdmaUnavailable(f"node {node} has no usable vRDMA backend: " + "; ".join(reasons))
 
 
-def _choice(backend: str, probe: Probe, job_id: str, used_vfs: frozenset[str]) -> Choice:
+def _choice(backend: str, probe: Probe, job_id: str, used_vfs: frozenset[str], shmem_secret: bytes) -> Choice:
     if backend == SRIOV:
         dev, vf = next((d, vf) for d in probe.ib_devices for vf in d.vfs if vf not in used_vfs)
         return Choice(SRIOV, vf=vf, ibdev=dev.name)
@@ -162,12 +166,75 @@ def _choice(backend: str, probe: Probe, job_id: str, used_vfs: frozenset[str]) -
         dev = next(d for d in probe.ib_devices if d.netdevs and d.mad_sockets)
         port, sock = dev.mad_sockets[0]
         return Choice(PVRDMA, ibdev=dev.name, ibport=port, netdev=dev.netdevs[0], mad_socket=sock)
-    return Choice(IVSHMEM, shmem_name=shmem_name(job_id))
+    return Choice(IVSHMEM, shmem_name=shmem_name(job_id, shmem_secret))
 
 
-def shmem_name(job_id: str) -> str:
-    """One shared-memory region per job: every guest of the job on this node maps the same one."""
-    return "vtorque-" + "".join(c if c.isalnum() or c in "_-" else "_" for c in job_id)
+def shmem_name(job_id: str, secret: bytes = b"") -> str:
+    """One shared-memory region per job and node: every guest of the job on this node maps the same one. Its
+    name (/dev/shm/<name>, a directory every user may write) is a keyed hash of the job id with this node's
+    secret, so no user can guess it and create the file first (QEMU would map a file she owns)."""
+    return "vtorque-" + hmac.new(secret, job_id.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def node_secret(state_dir: str) -> bytes:
+    """This node's key for shared-memory names: 32 random bytes in <state_dir>/node.secret (root, 0600), made
+    once; read back on every later start so a restarted worker names a running job's region the same."""
+    path = Path(state_dir) / "node.secret"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
+            raise OSError(f"{path} is not root's 0600 file: not used") from None
+        return path.read_bytes()
+    try:
+        secret = secrets.token_bytes(32)
+        os.write(fd, secret)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return secret
+
+
+def prepare_shmem(name: str, qemu_user: str = "libvirt-qemu") -> None:
+    """Create the job's region before QEMU opens it: root-made, owned by QEMU's user, 0600, so it is neither
+    readable by other users (QEMU itself would make it 0644) nor a file a user made first. A second guest of
+    the job finds it already there: then it must be exactly such a file, or the boot is refused."""
+    import pwd
+
+    path = SHM_DIR / name
+    try:
+        qemu = pwd.getpwnam(qemu_user)
+        uid, gid = qemu.pw_uid, qemu.pw_gid
+    except KeyError:
+        uid, gid = 0, 0
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, uid) or st.st_mode & 0o077:
+            raise OSError(f"{path} exists and is not this node's (owner uid {st.st_uid}): refused") from None
+        return
+    try:
+        os.fchown(fd, uid, gid)
+    finally:
+        os.close(fd)
+
+
+def remove_shmem(name: str) -> bool:
+    """Remove the job's region at its teardown (QEMU leaves it behind); only a file of root or QEMU's."""
+    path = SHM_DIR / name
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    path.unlink()
+    return True
 
 
 def used_vfs(domain_xmls: list[str]) -> frozenset[str]:
@@ -314,7 +381,14 @@ def for_guest(worker, cmd, guest) -> Choice | None:
     from .readiness import BootFailed
 
     try:
-        return choose(worker.node, probe(), cmd.job_id, list(worker.config.node.vrdma_backends),
-                      list(worker.config.spec.vrdma_require), _single_node(cmd, worker.node), _used_vfs(worker))
+        choice = choose(worker.node, probe(), cmd.job_id, list(worker.config.node.vrdma_backends),
+                        list(worker.config.spec.vrdma_require), _single_node(cmd, worker.node), _used_vfs(worker),
+                        node_secret(worker.config.state_dir))
     except VrdmaUnavailable as exc:
         raise BootFailed(str(exc), False) from None
+    if choice.backend == IVSHMEM:
+        try:
+            prepare_shmem(choice.shmem_name)
+        except OSError as exc:
+            raise BootFailed(f"shared memory: {exc}", False) from None
+    return choice

@@ -92,7 +92,10 @@ def test_pinning_iocm_and_vrdma_on_a_running_guest(broker_url, worker, ssh_key, 
         # vRDMA: the backend the host has (ivshmem: no RDMA hardware), and the guest sees the device (Red Hat
         # 1af4:1110).
         assert vrdma.available(vrdma.probe()) == [vrdma.IVSHMEM]
-        assert f"<shmem name='vtorque-{job}'>" in xml and "ivshmem-plain" in xml
+        region = vrdma.shmem_name(job, vrdma.node_secret(svc.config.state_dir))
+        assert f"<shmem name='{region}'>" in xml and "ivshmem-plain" in xml
+        shm = Path("/dev/shm") / region  # made by root before QEMU, QEMU's own, for no one else to read
+        assert shm.exists() and shm.stat().st_mode & 0o077 == 0
 
         def ssh(command, timeout=60):
             return subprocess.run(["ssh", "-i", str(ssh_key), "-p", str(ready.ssh_port), *SSH_OPTIONS,
@@ -127,6 +130,9 @@ def test_pinning_iocm_and_vrdma_on_a_running_guest(broker_url, worker, ssh_key, 
         assert (plan.name, 1, 2) in ctl.changes and (plan.name, 2, 1) in ctl.changes
         # The vCPU and emulator pinning were never touched.
         assert [cores(c) for c in dom.vcpuPinInfo(0)] == [[0]] and cores(dom.emulatorPinInfo(0)) == [1]
+        # Teardown removes the job's shared memory too (QEMU leaves it behind).
+        svc.on_teardown_guests(m.TeardownGuests.new(job_id=job, deadline=60.0, node=config.node.name))
+        assert not shm.exists()
     finally:
         stop.set()
         waiter.close()

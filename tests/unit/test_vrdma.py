@@ -55,7 +55,8 @@ def test_no_iommu_no_sriov():
 
 
 def test_shared_memory_only_for_a_job_on_one_node():
-    assert choose("n1", THIS_HOST, "7.srv", list(BACKENDS), [], True) == Choice(IVSHMEM, shmem_name="vtorque-7_srv")
+    chosen = choose("n1", THIS_HOST, "7.srv", list(BACKENDS), [], True, shmem_secret=b"k" * 32)
+    assert chosen == Choice(IVSHMEM, shmem_name=vrdma.shmem_name("7.srv", b"k" * 32))
     with pytest.raises(VrdmaUnavailable) as exc:
         choose("n1", THIS_HOST, "7", list(BACKENDS), [], single_node=False)
     text = str(exc.value)
@@ -201,3 +202,35 @@ def test_the_probe_reads_the_host_it_is_given(fake_host, make_fake_host):
     assert found.ib_devices[0].netdevs == ("ens3f0",)
     assert vrdma.available(found) == [SRIOV, PVRDMA, IVSHMEM]
     assert vrdma.available(vrdma.probe()) == [SRIOV, PVRDMA, IVSHMEM]  # now injected
+
+
+def test_a_jobs_shared_memory_name_cannot_be_guessed_without_the_nodes_secret():
+    """/dev/shm is every user's: a region named after the job id alone could be created first by anyone."""
+    name = vrdma.shmem_name("7.srv", b"s" * 32)
+    assert name == vrdma.shmem_name("7.srv", b"s" * 32)  # every guest of the job on the node: one region
+    assert name != vrdma.shmem_name("7.srv", b"t" * 32) != vrdma.shmem_name("8.srv", b"s" * 32)
+    assert "srv" not in name and len(name) == len("vtorque-") + 32
+
+
+def test_the_node_secret_is_made_once_root_only_and_a_planted_region_is_refused(tmp_path, monkeypatch):
+    import os
+
+    secret = vrdma.node_secret(str(tmp_path))
+    assert len(secret) == 32 and vrdma.node_secret(str(tmp_path)) == secret
+    assert (tmp_path / "node.secret").stat().st_mode & 0o777 == 0o600
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    monkeypatch.setattr(vrdma, "SHM_DIR", shm)
+    vrdma.prepare_shmem("vtorque-a", qemu_user="root")
+    assert (shm / "vtorque-a").stat().st_mode & 0o777 == 0o600
+    vrdma.prepare_shmem("vtorque-a", qemu_user="root")  # the job's second guest: the same region
+    planted = shm / "vtorque-b"
+    planted.write_bytes(b"")
+    os.chown(planted, 65534, 65534)
+    with pytest.raises(OSError, match="not this node's"):
+        vrdma.prepare_shmem("vtorque-b", qemu_user="root")
+    (shm / "vtorque-c").symlink_to("/etc/passwd")
+    with pytest.raises(OSError):
+        vrdma.prepare_shmem("vtorque-c", qemu_user="root")
+    assert vrdma.remove_shmem("vtorque-a") and not (shm / "vtorque-a").exists()
+    assert not vrdma.remove_shmem("vtorque-c") and os.path.exists("/etc/passwd")  # a symlink is not followed
