@@ -8,6 +8,7 @@
 # started again after a second; one that exits 0 (stopped) is not. The supervisor and the service keep no
 # descriptor of whoever started them (a lock held by the shell that ran `make demo` stays that shell's).
 set -eu
+umask 077  # the services' logs are root's alone (job ids, owners, paths)
 PREFIX=${PREFIX:-/opt/vtorque}
 RUN=${RUN_DIR:-/run/vtorque}
 LOGS=${LOG_DIR:-/var/log/vtorque}
