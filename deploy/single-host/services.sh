@@ -8,7 +8,6 @@
 # started again after a second; one that exits 0 (stopped) is not. The supervisor and the service keep no
 # descriptor of whoever started them (a lock held by the shell that ran `make demo` stays that shell's).
 set -eu
-umask 077  # the services' logs are root's alone (job ids, owners, paths)
 PREFIX=${PREFIX:-/opt/vtorque}
 RUN=${RUN_DIR:-/run/vtorque}
 LOGS=${LOG_DIR:-/var/log/vtorque}
@@ -62,7 +61,8 @@ start() {
     if up "$s"; then echo "services: $s already running (pid $(pid_in "$RUN/$s.child"))"; continue; fi
     stop_one "$s" >/dev/null  # a supervisor whose service is gone, or stale pid files
     [ -f "$LOGS/$s.log" ] && mv "$LOGS/$s.log" "$LOGS/$s.log.1"
-    setsid "$0" supervise "$s" >>"$LOGS/$s.log" 2>&1 </dev/null &
+    (umask 077; : >>"$LOGS/$s.log")  # the log is root's alone (job ids, owners, paths); the services' own
+    setsid "$0" supervise "$s" >>"$LOGS/$s.log" 2>&1 </dev/null &  # files keep their modes (umask 022)
     echo $! >"$RUN/$s.pid"
   done
   # Ready when each has declared its queue and is consuming (it logs "consuming").
