@@ -89,6 +89,15 @@ def _launch(ssh_key: str, traceparent: str | None, wait: float, vm_prologue: str
         config = load_config()
     except ConfigError as exc:
         raise click.ClickException(str(exc))
+    if os.environ.get("SLURM_JOB_ID"):
+        # On Slurm a VM job the prologue did not start still runs this batch step (hooks/slurm.py): its
+        # Comment says why, and that one line goes to the job's own error file.
+        from vtorque.hooks.slurm import refusal
+
+        why = refusal(os.environ["SLURM_JOB_ID"], config)
+        if why:
+            print(why, file=sys.stderr)
+            return 1
     guest = find_first_guest(config.job_dir(job_id), wait)
     if guest is None:
         raise click.ClickException(f"job {job_id} has no ready guest on this node ({config.job_dir(job_id)})")

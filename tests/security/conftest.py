@@ -124,14 +124,25 @@ class Site:
 
     def boot(self, job: str, *guests: m.GuestPlan, **more) -> list[m.Message]:
         """A hand-built BootGuests, through the wire's own decoder, handed to the node worker."""
-        cmd = m.BootGuests.new(job_id=job, deadline=60.0, node=self.node, guests=list(guests), **more)
-        cmd = m.decode(m.encode(cmd))
+        cmd = wire(m.BootGuests.new(job_id=job, deadline=60.0, node=self.node, guests=list(guests), **more))
         before = len(self.sent.sent)
         self.worker.on_boot_guests(cmd)
         return self.sent.sent[before:]
 
     def domains(self) -> dict[str, dict[str, str]]:
         return {n: meta for n, meta in self.worker.hv.vtorque_domains().items() if meta.get("node") == self.node}
+
+
+def wire(message: m.Message) -> m.Message:
+    """What a consumer gets of `message` off the broker. The decoder itself refuses a job id, node or digest no
+    routing key or file name could hold (shared/messages.py); the node worker must refuse such a command on its
+    own too (it may come another way), so a message the decoder refused is handed on as it was built, and the
+    decoder's refusal is checked here."""
+    try:
+        return m.decode(m.encode(message))
+    except msgspec.ValidationError as exc:
+        assert any(f"{f}`" in str(exc) for f in ("job_id", "node", "digest", "image_digest", "message_id")), exc
+        return message
 
 
 def make_site(base_image, entry: ImageEntry | None = None, **node) -> Site:

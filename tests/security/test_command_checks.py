@@ -17,7 +17,7 @@ from vtorque.services.node_worker import trust
 from vtorque.services.scheduler_bridge.planning import domain_name
 from vtorque.shared import messages as m
 
-from .conftest import KEY, snapshot
+from .conftest import KEY, snapshot, wire
 
 
 def job() -> str:
@@ -46,7 +46,7 @@ def test_a_well_formed_command_passes_the_checks(site, users):
     a, _ = users
     j = job()
     cmd = m.BootGuests.new(job_id=j, deadline=60.0, node=site.node, guests=[site.plan(a, j)])
-    accounts = trust.check_boot(m.decode(m.encode(cmd)), site.node, site.config)
+    accounts = trust.check_boot(wire(cmd), site.node, site.config)
     assert accounts[domain_name(j, site.node, 0)] == trust.OwnerAccount(a.name, a.uid, a.gid, str(a.home))
 
 
@@ -149,7 +149,7 @@ def test_a_teardown_with_a_path_for_a_job_id_removes_nothing(site, users, job_id
     jobs = site.root / "state" / "jobs"
     jobs.mkdir(parents=True)
     before = snapshot(site.root)
-    cmd = m.decode(m.encode(m.TeardownGuests.new(job_id=job_id, deadline=60.0, node=site.node)))
+    cmd = wire(m.TeardownGuests.new(job_id=job_id, deadline=60.0, node=site.node))
     site.worker.on_teardown_guests(cmd)
     refused(site.sent.sent[-1:], "is not a job id")
     assert snapshot(site.root) == before
@@ -299,7 +299,7 @@ def test_what_the_bridge_plans_passes_the_node_workers_checks(site, users, optio
     spec = validate(options, site.config)
     guests = plan_guests(started, spec, site.config, {"packages": ["htop"], "timezone": "UTC"})
     for cmd in boot_commands(started, guests):
-        cmd = m.decode(m.encode(cmd))
+        cmd = wire(cmd)
         accounts = trust.check_boot(cmd, site.node, site.config)
         assert set(accounts) == {g.name for g in cmd.guests if g.node == site.node}
 
