@@ -134,7 +134,7 @@ def image() -> str:
 
 
 @pytest.fixture(scope="module")
-def stack(image, site, tmp_path_factory):
+def stack(image, site):
     """The compose project up: broker, 2 bridges, 3 stagers, a node worker. Yields (project, receiver, config,
     node, amqp url, management url, state dir)."""
     tag = uuid.uuid4().hex[:6]
@@ -146,11 +146,15 @@ def stack(image, site, tmp_path_factory):
     sources = Path(tiny["source"]).parent
     amqp_port, mgmt_port = _free_port(), _free_port()
     amqp = f"amqp://guest:guest@127.0.0.1:{amqp_port}/%2F"
-    tmp = tmp_path_factory.mktemp("compose")
+    # The test's own files live there too, not under pytest's tmp: concurrent pytest sessions on this host prune
+    # each other's old basetemps while a long test still uses its own.
+    tmp = state / "test"
+    tmp.mkdir()
     env = {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF), "VTORQUE_IMAGE": image,
            "VTORQUE_STATE_DIR": str(state), "VTORQUE_IMAGE_SOURCES": str(sources),
            "VTORQUE_AMQP_PORT": str(amqp_port), "VTORQUE_MANAGEMENT_PORT": str(mgmt_port),
-           "VTORQUE_NODE_NAME": node, "VTORQUE_CONFIG_FILE": str(tmp / "vtorque.toml")}
+           "VTORQUE_NODE_NAME": node, "VTORQUE_CONFIG_FILE": str(tmp / "containers.toml"),
+           "VTORQUE_SCHEDULER_DIR": str(tmp / "scheduler")}
     project = Project(f"vtc{tag}", env)
     job_owner()
     receivers = contextlib.ExitStack()
@@ -182,7 +186,7 @@ def stack(image, site, tmp_path_factory):
         assert gateway, "the project's network has no gateway"
         rx = receivers.enter_context(OtlpReceiver(host=gateway))
         env["VTORQUE_OTLP_ENDPOINT"] = rx.url
-        config = _write_toml(tmp / "vtorque.toml", {
+        sections = {
             # What the hooks and the launcher on the host read; the containers get the broker, the state dir
             # and the collector from compose.yaml's environment.
             "state_dir": str(state),
@@ -194,9 +198,16 @@ def stack(image, site, tmp_path_factory):
             "node": {"name": node, "guest_dir": str(state / "guests"), "ssh_port_min": 23100,
                      "ssh_port_max": 23199, "heartbeat_interval": 1.0},
             "hooks": {"prologue_timeout": 180.0, "epilogue_timeout": 60.0, "broker_attempts": 2},
+            # The job's scheduler is Torque, asked through a stand-in qstat (QstatStandIn): on the host by its
+            # path, in the bridge's and the node worker's containers where compose mounts VTORQUE_SCHEDULER_DIR.
+            "scheduler": {"kind": "torque", "qstat": str(tmp / "scheduler" / "qstat"), "timeout": 5.0},
             "images.catalog.tiny": tiny,
-        })
-        config.chmod(0o644)
+        }
+        QstatStandIn(tmp / "scheduler")
+        config = _write_toml(tmp / "vtorque.toml", sections)
+        sections["scheduler"] = {**sections["scheduler"], "qstat": "/opt/vtorque/scheduler/qstat"}
+        for path in (config, _write_toml(tmp / "containers.toml", sections)):
+            path.chmod(0o644)
         # Each service scaled on its own, as an operator would: podman-compose takes one --scale per call.
         project.compose("up", "-d", "--scale", f"image_stager={STAGERS}",
                         "rabbitmq", "scheduler_bridge", "image_stager", "node_worker")
@@ -208,13 +219,13 @@ def stack(image, site, tmp_path_factory):
               f"after the first `up`")
         yield project, rx, config, node, amqp, mgmt, state
     finally:
-        stops = {}
-        for service, names in sorted(project.containers().items(), key=lambda kv: kv[0] == "rabbitmq"):
-            for cname in names:
-                t1 = time.monotonic()
-                project.podman("stop", "-t", "30", cname, check=False)
-                stops[cname] = round(time.monotonic() - t1, 1)
-        print(f"stop times: {stops}")
+        # The services first, the broker last (a service whose broker is gone may take its stop timeout to
+        # exit; podman-compose stops all at once, and scaled replicas after the broker is already gone).
+        services = [c for svc, names in project.containers().items() if svc != "rabbitmq" for c in names]
+        t0 = time.monotonic()
+        if services:
+            project.podman("stop", "-t", "10", *services, check=False)
+        print(f"services stopped in {time.monotonic() - t0:.1f}s")
         t0 = time.monotonic()
         down = project.compose("down", "-v", "--remove-orphans", "-t", "30", check=False)
         took = time.monotonic() - t0
@@ -226,6 +237,28 @@ def stack(image, site, tmp_path_factory):
         assert not left, f"containers left after down:\n{left}\n--- down said:\n{down.stdout}\n{down.stderr}"
         # Every service stops on SIGTERM (the broker takes longest, ~7 s); none waits for the 30 s kill.
         assert took < 25, f"compose down took {took:.1f}s"
+
+
+class QstatStandIn:
+    """`qstat -f [-x] JOBID` answering from files beside it (paths relative to the script, so the same
+    directory answers on the host and mounted in a container); Torque's exit 153 for any other job."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        (directory / "answers").mkdir(parents=True, exist_ok=True)
+        script = directory / "qstat"
+        script.write_text("""#!/bin/sh
+here=$(dirname "$0")
+[ "$1" = -f ] || { echo "usage: qstat -f [-x] JOBID" >&2; exit 2; }
+shift
+[ "$1" = -x ] && shift
+[ -n "$1" ] && [ -f "$here/answers/$1" ] || { echo "qstat: Unknown Job Id $1" >&2; exit 153; }
+cat "$here/answers/$1"
+""")
+        script.chmod(0o755)
+
+    def answer(self, job_id: str, attrs: dict[str, str]) -> None:
+        (self.directory / "answers" / job_id).write_text(tr.qstat_f_text(job_id, attrs))
 
 
 def hook_credentials() -> tuple[str, str] | None:
@@ -321,10 +354,13 @@ def job_owner() -> tuple[str, str]:
     return "trqtest", grp.getgrgid(pw.pw_gid).gr_name
 
 
-def test_a_vm_job_runs_end_to_end_in_compose(stack, tmp_path):
+def test_a_vm_job_runs_end_to_end_in_compose(stack):
     from vtorque.services.node_worker.hypervisor import Hypervisor
 
     project, rx, config, node, _, _, state = stack
+    tmp_path = state / "test" / "vm-job"
+    tmp_path.mkdir()
+    qstat_dir = Path(tomllib.loads(config.read_text())["scheduler"]["qstat"]).parent
     job_id = f"{random.randrange(10**6, 10**7)}.cmp"
     traceparent = _submit_span(rx.url, job_id)
     trace_id = traceparent.split("-")[1]
@@ -340,7 +376,13 @@ def test_a_vm_job_runs_end_to_end_in_compose(stack, tmp_path):
     if sys.executable != "/opt/vtorque/venv/bin/python":
         hook_env["VTORQUE_PYTHON"] = sys.executable
 
-    pro = tr.recorded_invocations("prologue")[0].with_job_id(job_id).with_args(a2=user, a3=group)
+    pro = tr.recorded_invocations("prologue")[0]
+    # The prologue asks `qstat -f` about the job: a stand-in answers from the recorded start record, with the
+    # job on the compose node worker's node (the config's [scheduler] qstat names it).
+    record = tr.first_start_record(pro.job_id)
+    QstatStandIn(qstat_dir).answer(job_id, {**record.attrs, "exec_host": f"{node}/0", "user": user,
+                                            "group": group, "owner": f"{user}@localhost"})
+    pro = pro.with_job_id(job_id).with_args(a2=user, a3=group)
     prepared = home.prepare(pro, wrapper)
     prepared.nodefile.write_text(f"{node}\n")  # the job's one node is the compose node worker
     result = tr.run_hook("prologue", prepared, hook_env, timeout=240)

@@ -103,6 +103,15 @@ def test_the_store_and_guests_are_at_the_same_path_inside_and_outside(compose, n
     assert f"{STATE}:{STATE}" in compose["services"][name]["volumes"]
 
 
+@pytest.mark.parametrize("name", ["scheduler_bridge", "node_worker"])
+def test_the_scheduler_client_is_mounted_where_the_bridge_confirms_jobs(compose, name):
+    """The bridge confirms each job event with the scheduler ([scheduler] verify_jobs), the node worker's
+    reconciliation asks it too; the image has no scheduler client of its own."""
+    assert "${VTORQUE_SCHEDULER_DIR:-./deploy/compose/scheduler}:/opt/vtorque/scheduler:ro" in \
+        compose["services"][name]["volumes"]
+    assert (REPO / "deploy" / "compose" / "scheduler").is_dir()
+
+
 def test_the_node_worker_drives_the_hosts_libvirt(compose):
     svc = compose["services"]["node_worker"]
     assert svc["network_mode"] == "host"  # the guests' ssh is forwarded to the host's loopback
