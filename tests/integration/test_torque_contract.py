@@ -440,7 +440,7 @@ def test_python_side_usage(argv, tmp_path):
 def test_default_style_broker_url_reaches_the_broker(torque_home, make_config, events):
     """'amqp://host:5672//' (config default, deploy/single-host/configure.sh) is kombu's way to say vhost "/";
     pika alone reads it as vhost '' (NOT_ALLOWED), so the hooks must read it as kombu does."""
-    ev, conn = _events(STACK_URL)  # vhost "/" is the stack's: the job's one node is no node of this host
+    ev, conn = _events(STACK_URL)  # vhost "/": no longer the stack's (it lives in "vtorque"); no node of this host
     try:
         config, _ = make_config(broker_url="amqp://guest:guest@127.0.0.1:5672//", prologue_timeout=1.0)
         inv = vm_invocation(first(PROLOGUES, "1.vm"), unique_job_id())
