@@ -190,6 +190,13 @@ def h_contract(words, ctx):
     assert {"JobStarted", "BootGuests", "GuestReady"} <= set(schema["$defs"]), sorted(schema["$defs"])
 
 
+def h_broker_permissions(words, ctx):
+    ran = run(words, ctx.stack_env, ctx.tmp).ok()
+    users = [line for line in ran.out.splitlines() if line and not line.startswith(" ")]
+    assert users == ["vtorque-hook", "vtorque-prefetch", "vtorque-bridge", "vtorque-stager", "vtorque-operator",
+                     "vtorque-node-NODE"], ran.out
+
+
 ADDED = "readme-img"
 
 
@@ -301,6 +308,7 @@ HANDLERS = [  # (pattern, handler, marks)
     (r"vtorque nodes", h_nodes, ["slurm"]),
     (r"vtorque doctor", h_doctor, ["slurm"]),
     (r"vtorque contract", h_contract, []),
+    (r"vtorque broker permissions", h_broker_permissions, []),
     (r"vtorque images (list|show|add|update|remove|pull)( .*)?", h_images, []),
     (r"vtorque install-hooks( .*)?", h_install_hooks, []),
     (r"vtorque run (bridge|stager|node-worker|prefetch)", h_run, ["slow"]),
