@@ -8,8 +8,8 @@ through the Torque prologue/epilogue entry points on the host (a recorded invoca
 against the compose broker; the bridge and the stager answer from their containers, the node worker from its
 container boots the guest through the host's libvirt; the wrapper vsub writes runs the script in the guest.
 
-The first image build debootstraps Debian (≈1.5 min here); later runs reuse the cached rootfs and the venv of
-locked dependencies and only reinstall vtorque from the checkout when it changed (≈30 s), or nothing (≈1 s).
+The first image build debootstraps Debian (1 min 34 s here); later runs reuse the cached rootfs and the venv of
+locked dependencies and only reinstall vtorque from the checkout when it changed (13-30 s), or nothing (0.1 s).
 Run it under the shared lock: `flock /tmp/vtorque-e2e.lock python -m pytest tests/e2e/test_compose.py`.
 """
 
