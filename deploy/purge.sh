@@ -32,7 +32,22 @@ if [ ${#installed[@]} -gt 0 ]; then
     { echo "purge: apt-get purge failed, see /var/log/vtorque-purge.log" >&2; exit 1; }
   DEBIAN_FRONTEND=noninteractive apt-get autoremove --purge -y -q >>/var/log/vtorque-purge.log 2>&1 || true
 fi
+# What the stack made in RabbitMQ (it stays installed): vtorque's vhosts and users, its TLS listener and certs.
+if command -v rabbitmqctl >/dev/null && timeout 20 rabbitmqctl -q ping >/dev/null 2>&1; then
+  for v in $(rabbitmqctl -q list_vhosts 2>/dev/null | grep -E '^vtorque'); do rabbitmqctl -q delete_vhost "$v" >/dev/null 2>&1; done
+  for u in $(rabbitmqctl -q list_users 2>/dev/null | awk '{print $1}' | grep -E '^(vtorque-|vt[0-9a-f]{6}-)'); do
+    rabbitmqctl -q delete_user "$u" >/dev/null 2>&1
+  done
+fi
+if [ -f /etc/rabbitmq/rabbitmq.conf ] && grep -qE '^(listeners\.ssl|ssl_options\.)' /etc/rabbitmq/rabbitmq.conf; then
+  sed -i -E '/^(listeners\.ssl|ssl_options\.)/d' /etc/rabbitmq/rabbitmq.conf
+  rm -rf /etc/rabbitmq/tls
+  if timeout 20 rabbitmqctl -q ping >/dev/null 2>&1; then   # drop the TLS listener: restart as it was started
+    timeout 90 rabbitmqctl shutdown >/dev/null 2>&1; rabbitmq-server -detached >/dev/null 2>&1
+    for _ in $(seq 1 60); do timeout 5 rabbitmqctl -q ping >/dev/null 2>&1 && break; sleep 1; done
+  fi
+fi
 rm -rf /opt/vtorque /var/cache/vtorque /var/lib/vtorque /var/lib/vtorque-stack /etc/vtorque /var/log/vtorque \
-       /run/vtorque /dev/shm/vtorque /var/log/vtorque-install-deps.log /etc/libvirt /var/lib/libvirt /var/log/libvirt
+       /run/vtorque /dev/shm/vtorque /dev/shm/vtorque-* /var/log/vtorque-install-deps.log /etc/libvirt /var/lib/libvirt /var/log/libvirt
 rm -rf build ./*.egg-info
 echo "purge: done (kept: ${keep_rabbit/1/RabbitMQ}${keep_rabbit/0/nothing})"
