@@ -24,6 +24,7 @@ PKGS=(
 LOCK_TIMEOUT=900
 APT_OPTS=(-o "DPkg::Lock::Timeout=$LOCK_TIMEOUT" -o "Acquire::Retries=3")
 LOG=${INSTALL_DEPS_LOG:-/var/log/vtorque-install-deps.log}
+INSTALLED_RECORD=/var/lib/vtorque-install-deps.installed
 
 die() { echo "install-deps: ERROR: $*" >&2; exit 1; }
 now() { date +%s.%N; }
@@ -71,6 +72,8 @@ if ! DEBIAN_FRONTEND=noninteractive apt-get "${APT_OPTS[@]}" install -y --no-ins
   die "apt-get install failed: $(grep -E '^E:' "$LOG" | tail -1) (see $LOG)"
 fi
 echo "install-deps: installed ${missing[*]} in $(dur "$t")"
+# What this script added to the machine (not what it found there): deploy/purge.sh removes exactly these.
+printf '%s\n' "${missing[@]}" >>"$INSTALLED_RECORD"
 
 # --- 4. verify -------------------------------------------------------------------------------
 still=()

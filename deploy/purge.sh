@@ -19,8 +19,9 @@ fi
 VTORQUE_STACK_DIR=/var/lib/vtorque-stack deploy/single-host/stack.sh stop 2>/dev/null || true
 pkill -x libvirtd 2>/dev/null; pkill -x virtlogd 2>/dev/null; pkill -x slurmctld 2>/dev/null; pkill -x slurmd 2>/dev/null
 pkill -x munged 2>/dev/null
-# the packages of install-deps.sh, as it lists them
-mapfile -t pkgs < <(sed -n '/^PKGS=(/,/^)/p' deploy/install-deps.sh | sed '1d;$d' | sed 's/#.*//' | tr ' ' '\n' | grep -v '^$')
+# the packages install-deps.sh installed (it records them; those the machine had before stay)
+RECORD=/var/lib/vtorque-install-deps.installed
+mapfile -t pkgs < <(sort -u "$RECORD" 2>/dev/null)
 [ $keep_rabbit = 1 ] && pkgs=("${pkgs[@]/rabbitmq-server}")
 installed=()
 for p in "${pkgs[@]}"; do
@@ -32,6 +33,7 @@ if [ ${#installed[@]} -gt 0 ]; then
     { echo "purge: apt-get purge failed, see /var/log/vtorque-purge.log" >&2; exit 1; }
   DEBIAN_FRONTEND=noninteractive apt-get autoremove --purge -y -q >>/var/log/vtorque-purge.log 2>&1 || true
 fi
+rm -f "$RECORD"
 # What the stack made in RabbitMQ (it stays installed): vtorque's vhosts and users, its TLS listener and certs.
 if command -v rabbitmqctl >/dev/null && timeout 20 rabbitmqctl -q ping >/dev/null 2>&1; then
   for v in $(rabbitmqctl -q list_vhosts 2>/dev/null | grep -E '^vtorque'); do rabbitmqctl -q delete_vhost "$v" >/dev/null 2>&1; done
