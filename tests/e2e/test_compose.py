@@ -105,7 +105,8 @@ class Project:
         out = []
         for service, names in sorted(self.containers().items()):
             for cname in names:
-                out.append(f"--- {cname}\n" + self.podman("logs", "--tail", "30", cname, check=False).stdout[-4000:])
+                got = self.podman("logs", "--tail", "30", cname, check=False)  # the services log on stderr
+                out.append(f"--- {cname}\n" + (got.stdout + got.stderr)[-4000:])
         return "\n".join(out)
 
 
