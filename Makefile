@@ -9,7 +9,7 @@ SHELL       := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
 export PREFIX VTORQUE_STACK_DIR := $(STACK_DIR)
 
-.PHONY: demo test setup deps venv guest configure stack broker services down unit purge
+.PHONY: demo test setup deps venv guest configure stack broker services down unit purge compose-image
 
 demo: setup
 	deploy/single-host/demo.sh
@@ -56,6 +56,12 @@ broker: venv stack
 services: configure stack broker
 	deploy/single-host/services.sh stop >/dev/null
 	deploy/single-host/services.sh start
+
+# The compose image (deploy/compose/: debootstrap + podman import, no registry) and the pinned podman-compose;
+# tests/e2e/test_compose.py calls both itself, this only warms their caches.
+compose-image: deps venv
+	deploy/compose/install-compose-tool.sh
+	deploy/compose/build-image.sh
 
 # Undo what demo/test installed (Debian packages, venv, guests, caches, state): the next run is a fresh machine's.
 purge:
