@@ -320,7 +320,12 @@ def missing_node_workers(conn, wanted: list[str], grace: float) -> list[str]:
 
 # -- entry point --------------------------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None, env=os.environ, channel_factory=None) -> int:
+def main(argv: list[str] | None = None, env=os.environ, channel_factory=None, age=None) -> int:
+    """`age()`: seconds the hook has already run (Slurm's timeout counts from the shell entry point, which exec'd
+    this process: its /proc age); called in-process (tests), the hook starts now."""
+    if age is None:
+        started = time.monotonic()
+        age = (lambda: time.monotonic() - started) if argv is not None else process_age
     argv = sys.argv[1:] if argv is None else argv
     which = argv[0] if argv else ""
     if which not in ("prolog", "epilog"):
@@ -362,19 +367,19 @@ def main(argv: list[str] | None = None, env=os.environ, channel_factory=None) ->
         if which == "epilog":
             code = env.get("SLURM_JOB_EXIT_CODE2", "")
             status = int(code.split(":")[0]) if code.split(":")[0].isdigit() else None
-            wait = prolog_deadline(timeout, PROLOG_MARGIN, config.hooks.epilogue_timeout, process_age())
+            wait = prolog_deadline(timeout, PROLOG_MARGIN, config.hooks.epilogue_timeout, age())
             hooks = msgspec.structs.replace(config.hooks, epilogue_timeout=max(wait, 1.0))
             run_epilogue(job, msgspec.structs.replace(config, hooks=hooks), status, progress)
             return 0
         restarts = int(env.get("SLURM_JOB_RESTART_COUNT", "0") or 0)
         old_comment = job_comment(shown)
-        room = prolog_room(timeout, PROLOG_MARGIN, process_age())
+        room = prolog_room(timeout, PROLOG_MARGIN, age())
         if room is not None and room < 1:
             outcome = Outcome(Verdict.REJECTED,
                               f"PrologEpilogTimeout={timeout} in slurm.conf leaves no time to boot guests "
                               f"(vtorque keeps {PROLOG_MARGIN:.0f} s for its answer): the administrator must raise it")
         else:
-            deadline_s = prolog_deadline(timeout, PROLOG_MARGIN, config.hooks.prologue_timeout, process_age())
+            deadline_s = prolog_deadline(timeout, PROLOG_MARGIN, config.hooks.prologue_timeout, age())
             factory = channel_factory or slurm_channel_factory([n.host for n in job.nodes])
             outcome = run_prologue(job, config, deadline_s, progress, channel_factory=factory)
         what = decide(outcome, restarts, config.hooks.max_requeues)

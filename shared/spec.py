@@ -132,7 +132,10 @@ class VMSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
         return site.host_reserve_cores + self.vcpus * self.vms_per_node + (self.iocm_max_cores if self.iocm else 0)
 
     def ram_mib_per_node(self, site: SpecConfig) -> int:
-        return parse_size_mib(site.host_reserve_ram) + self.ram_mib * self.vms_per_node
+        """What a node must give the job: the host reserve, the VMs' RAM, and a new data disk kept in node
+        memory (fs_type=ramdisk): the bridge holds the guests to the job's memory, ramdisk use included."""
+        ramdisk = self.disk.size_mib if self.fs_type == "ramdisk" and self.disk and self.disk.size_mib else 0
+        return parse_size_mib(site.host_reserve_ram) + self.ram_mib * self.vms_per_node + ramdisk
 
 
 def parse_options(texts: Iterable[str]) -> dict[str, str]:

@@ -74,6 +74,9 @@ def _config(path: Path, site: dict, node: str, work: Path, receiver_url: str) ->
         "node": {"name": node, "guest_dir": site.get("node", {}).get("guest_dir", "/var/lib/vtorque/guests"),
                  "ssh_port_min": 23000, "ssh_port_max": 23099, "heartbeat_interval": 1.0},
         "hooks": {"prologue_timeout": 180.0, "epilogue_timeout": 60.0, "broker_attempts": 2},
+        # No Torque server here to confirm the replayed job: this test is about its trace, not the bridge's check
+        # (tests/unit/test_bridge_verification.py, tests/integration/test_torque_failures.py have that).
+        "scheduler": {"kind": "torque", "verify_jobs": False},
     }
     for name, entry in site["images"]["catalog"].items():
         sections[f"images.catalog.{name}"] = entry

@@ -101,8 +101,10 @@ class Stack:
         """What Torque's `qstat -f` says of the job while its prologue runs (the bridge asks it before it
         plans): R, its owner, exec_host on this stack's node; from the recorded S record of job 1."""
         hosts = list(dict.fromkeys(nodes or [self.node]))
+        # The recorded job asked -l mem=100mb; vsub would have raised it for these tests' 256 MiB guests (the
+        # bridge holds guests to the job's memory).
         attrs = dict(tr.first_start_record("1.vm").attrs, owner=f"{inv.argv[1]}@vm",
-                     exec_host="+".join(f"{h}/0-1" for h in hosts))
+                     exec_host="+".join(f"{h}/0-1" for h in hosts), **{"Resource_List.mem": "1gb"})
         tr.qstat_stand_in(self.root / "bin", {inv.job_id: attrs})
 
     def run(self, hook: str, inv: tr.Invocation, config: Path, script: str | None = None, nodes=None,
