@@ -240,8 +240,10 @@ class EventWaiter:
         channel = self.conn.channel()
         declare_topology(channel)
         # Named in vtorque's namespace (not amq.gen-…), so a broker user limited to its own names may declare it.
+        # Bound to the events exchange passively: declaring it would need a configure right no part has.
+        events = Exchange(EVENTS.name, type=EVENTS.type, durable=True, passive=True)
         self.queue = Queue(f"{prefix}{uuid.uuid4().hex[:16]}", exclusive=True, auto_delete=True,
-                           durable=False, bindings=[binding(EVENTS, routing_key=p) for p in patterns])(channel)
+                           durable=False, bindings=[binding(events, routing_key=p) for p in patterns])(channel)
         self.queue.declare()
         self._inbox: list[m.Message] = []
         self.consumer = kombu.Consumer(channel, queues=[self.queue], on_message=self._on_message, no_ack=True,

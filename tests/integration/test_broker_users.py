@@ -16,6 +16,7 @@ import pytest
 from vtorque.shared import messages as m
 from vtorque.shared import topology as t
 from vtorque.shared.bus import COMMANDS, EVENTS, ServiceRunner, table_queue
+from vtorque.shared.hook_channel import HookChannel
 
 VTORQUE = str(Path(sys.executable).parent / "vtorque")
 
@@ -130,3 +131,16 @@ def test_a_consumer_dead_letters_what_its_sender_may_not_send(site):
     finally:
         runner.stop()
         thread.join(10)
+
+
+def test_each_part_can_wait_for_what_it_waits_for(site):
+    """A node worker waits for an image's staging, `vtorque images pull` too: as their own users (the waiter's
+    binding must not declare the exchange, which no part may configure)."""
+    from vtorque.shared.bus import EventWaiter
+
+    digest = "ab" * 32
+    for role, node, prefix in (("node", "n1", t.prefix(t.WAIT_Q)), ("operator", None, t.prefix(t.PULL_Q))):
+        waiter = EventWaiter(_url(site, role, node), [f"image.{digest}.#"], prefix=prefix)
+        waiter.close()
+    hook = HookChannel(_url(site, "hook"), [f"job.{m.routing_word('9.srv')}.#", f"image.{digest}.#"], attempts=1)
+    hook.close()
