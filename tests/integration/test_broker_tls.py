@@ -3,7 +3,6 @@ hooks and the CLI through the one broker URL. Each test uses a vhost of its own.
 
 import ssl
 import subprocess
-import uuid
 from pathlib import Path
 
 import kombu
@@ -18,21 +17,16 @@ from vtorque.shared.hook_channel import BrokerUnreachable, HookChannel
 CA = Path("/etc/vtorque/tls/ca.pem")
 
 
-def _ctl(*args):
-    subprocess.run(["rabbitmqctl", "-q", *args], check=False, capture_output=True, timeout=60)
-
-
 @pytest.fixture
-def vhost():
-    name = f"vtorque-test-tls-{uuid.uuid4().hex[:6]}"
-    _ctl("add_vhost", name)
-    _ctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-    yield name
-    _ctl("delete_vhost", name)
+def vhost(private_broker):
+    """A vhost and user of this test's own (tests/conftest.py)."""
+    with private_broker() as broker:
+        yield broker
 
 
-def _url(vhost, ca=CA) -> str:
-    return BrokerConfig(url=f"amqps://guest:guest@127.0.0.1:5671/{vhost}", ca_file=str(ca)).connection_url()
+def _url(broker, ca=CA) -> str:
+    where = f"amqps://{broker.user}:{broker.password}@127.0.0.1:5671/{broker.vhost}"
+    return BrokerConfig(url=where, ca_file=str(ca)).connection_url()
 
 
 def _tls_connections() -> list[list[str]]:
@@ -43,10 +37,10 @@ def _tls_connections() -> list[list[str]]:
 
 def test_the_url_carries_the_ca_and_the_clients_verify_the_broker(vhost):
     url = _url(vhost)
-    assert broker_tls.split(url) == (f"amqps://guest:guest@127.0.0.1:5671/{vhost}", str(CA))
+    assert broker_tls.split(url) == (f"amqps://{vhost.user}:{vhost.password}@127.0.0.1:5671/{vhost.vhost}", str(CA))
     with connect(url) as conn:
         conn.channel()
-        mine = [c for c in _tls_connections() if c[1] == vhost]
+        mine = [c for c in _tls_connections() if c[1] == vhost.vhost]
         assert mine and all(c[2] == "true" and c[3].startswith("tlsv1.") for c in mine), mine
     Publisher(url).publish(m.JobEnded.new(job_id="1", deadline=5.0, scheduler="slurm", nodes=["n"]))
 

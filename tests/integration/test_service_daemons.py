@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -120,12 +119,10 @@ def _rabbitmqctl(*args) -> None:
 
 
 @pytest.fixture
-def own_vhost():
-    vhost = f"vtorque-test-{uuid.uuid4().hex[:8]}"
-    _rabbitmqctl("add_vhost", vhost)
-    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    yield vhost
-    subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True, timeout=60)
+def own_vhost(private_broker):
+    """A vhost and user of this test's own (tests/conftest.py), which the test deletes and makes again."""
+    with private_broker() as broker:
+        yield broker
 
 
 class LateBroker:
@@ -176,7 +173,7 @@ def test_a_service_waits_for_a_broker_that_is_still_starting_and_keeps_no_inheri
     config = tmp_path / "vtorque.toml"
     config.write_text(f"""state_dir = "{tmp_path}/state"
 [broker]
-url = "amqp://guest:guest@127.0.0.1:{broker.port}/{own_vhost}"
+url = "amqp://{own_vhost.user}:{own_vhost.password}@127.0.0.1:{broker.port}/{own_vhost.vhost}"
 [tracing]
 dir = "{tmp_path}/traces"
 """)
@@ -195,12 +192,12 @@ dir = "{tmp_path}/traces"
             # The broker cancels the consumers and closes the connection (as when a node goes down), then
             # refuses the vhost (530 NOT_ALLOWED) until it is back: the service rides it all out by itself.
             lost = log.read_text().count("broker connection lost")
-            _rabbitmqctl("delete_vhost", own_vhost)
+            _rabbitmqctl("delete_vhost", own_vhost.vhost)
             _wait(lambda: "NOT_ALLOWED" in log.read_text() and log.read_text().count("broker connection lost") > lost,
                   20, "the bridge to lose the vhost")
             time.sleep(1.0)
-            _rabbitmqctl("add_vhost", own_vhost)
-            _rabbitmqctl("set_permissions", "-p", own_vhost, "guest", ".*", ".*", ".*")
+            _rabbitmqctl("add_vhost", own_vhost.vhost)
+            _rabbitmqctl("set_permissions", "-p", own_vhost.vhost, own_vhost.user, ".*", ".*", ".*")
             _wait(lambda: log.read_text().count('"msg": "consuming"') >= 2, 20, "the bridge to consume again")
             assert proc.poll() is None
         finally:

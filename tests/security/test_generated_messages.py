@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
 import threading
 import time
 import uuid
@@ -36,19 +35,13 @@ HOSTILE_WORDS = ["../../etc", "/etc/shadow", "a" * 300, "", " ", "$(id)", "`id`"
                  "-1", "0", "99999999999999999999", "1e309", "nan", "tiny", "root", "${HOME}", "%2e%2e", "\n"]
 
 
-def _ctl(*args):
-    subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, timeout=60, check=False)
-
-
 @pytest.fixture
-def site(test_site):
-    vhost = f"vtorque-test-fuzz-{uuid.uuid4().hex[:6]}"
-    _ctl("add_vhost", vhost)
-    _ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    own = replace(test_site, broker_url=f"amqp://guest:guest@127.0.0.1:5672/{vhost}")
-    own.sections.setdefault("node", {}).update({"libvirt_uri": "test:///default", "allow_system_owners": False})
-    yield own
-    _ctl("delete_vhost", vhost)
+def site(test_site, private_broker):
+    """The test site on a vhost of its own (tests/conftest.py), so the dead-letter queue counts only this test's."""
+    with private_broker() as broker:
+        own = replace(test_site, broker_url=broker.url)
+        own.sections.setdefault("node", {}).update({"libvirt_uri": "test:///default", "allow_system_owners": False})
+        yield own
 
 
 def _word(rng: random.Random) -> str:
