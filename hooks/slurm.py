@@ -268,8 +268,7 @@ def slurm_channel_factory(hosts: list[str], grace: float = NODE_WORKER_GRACE):
     prologue makes (hooks/torque.py)."""
     import pika.exceptions
 
-    from vtorque.shared.bus import node_queue
-    from vtorque.shared.hook_channel import BrokerUnreachable, HookChannel
+    from vtorque.shared.hook_channel import BrokerUnreachable, HookChannel, missing_node_workers, no_node_worker_reason
 
     class SlurmChannel(HookChannel):
         def __init__(self, url, patterns, attempts=3, timeout=5.0):
@@ -281,41 +280,9 @@ def slurm_channel_factory(hosts: list[str], grace: float = NODE_WORKER_GRACE):
                 raise BrokerUnreachable(f"cannot ask the broker for the node workers: {exc!r}") from None
             if missing:
                 self.close()
-                raise BrokerUnreachable(
-                    f"no node worker is running on {', '.join(missing)} (nothing consumes "
-                    f"{', '.join(node_queue(h).name for h in missing)}); the job's guests cannot boot there")
+                raise BrokerUnreachable(no_node_worker_reason(missing))
 
     return SlurmChannel
-
-
-def missing_node_workers(conn, wanted: list[str], grace: float) -> list[str]:
-    """The hosts whose node queue has no consumer, after up to `grace` s (passive declares on a pika
-    BlockingConnection; a 404 closes the channel, so a new one is opened for the next host)."""
-    import pika.exceptions
-
-    from vtorque.shared.bus import node_queue
-
-    end = time.monotonic() + grace
-    missing = list(dict.fromkeys(wanted))
-    check = None
-    while True:
-        still = []
-        for host in missing:
-            if check is None or check.is_closed:
-                check = conn.channel()
-            try:
-                if check.queue_declare(node_queue(host).name, passive=True).method.consumer_count == 0:
-                    still.append(host)
-            except pika.exceptions.ChannelClosedByBroker as exc:
-                if exc.reply_code != 404:  # e.g. 403: the hook's broker user may not look; not the node's fault
-                    raise
-                still.append(host)  # 404: no node worker ever declared it
-        missing = still
-        if not missing or time.monotonic() >= end:
-            if check is not None and check.is_open:
-                check.close()
-            return missing
-        conn.sleep(0.5)
 
 
 # -- entry point --------------------------------------------------------------------------------------------

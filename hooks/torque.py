@@ -504,8 +504,8 @@ def torque_channel_factory(config, hosts: list[str]):
     import pika.exceptions
 
     from vtorque.hooks.job_hook import CANCELLED_HEADER
-    from vtorque.shared.bus import node_queue
-    from vtorque.shared.hook_channel import BrokerUnreachable, HookChannel, describe
+    from vtorque.shared.hook_channel import (BrokerUnreachable, HookChannel, describe, missing_node_workers,
+                                             no_node_worker_reason)
 
     class NodeWorkersMissing(BrokerUnreachable):
         pass
@@ -515,39 +515,13 @@ def torque_channel_factory(config, hosts: list[str]):
             super().__init__(url, patterns, attempts=attempts, timeout=timeout)
             if config.torque.require_node_workers:
                 try:
-                    missing = self._missing_node_workers(hosts, config.torque.node_worker_grace)
+                    missing = missing_node_workers(self.conn, hosts, config.torque.node_worker_grace)
                 except (pika.exceptions.AMQPError, OSError) as exc:
                     self.close()
                     raise BrokerUnreachable(f"broker unusable: {describe(exc)}") from None
                 if missing:
                     self.close()
-                    raise NodeWorkersMissing(
-                        f"no node worker is running on {', '.join(missing)} (nothing consumes "
-                        f"{', '.join(node_queue(h).name for h in missing)}); the job's guests cannot boot there")
-
-        def _missing_node_workers(self, wanted: list[str], grace: float) -> list[str]:
-            end = time.monotonic() + grace
-            missing = list(dict.fromkeys(wanted))
-            check = None
-            while True:
-                still = []
-                for host in missing:
-                    if check is None or check.is_closed:
-                        check = self.conn.channel()
-                    try:
-                        ok = check.queue_declare(node_queue(host).name, passive=True)
-                        if ok.method.consumer_count == 0:
-                            still.append(host)
-                    except pika.exceptions.ChannelClosedByBroker as exc:
-                        if exc.reply_code != 404:  # refused: a broker problem, not a missing worker
-                            raise
-                        still.append(host)  # 404: the queue was never declared
-                missing = still
-                if not missing or time.monotonic() >= end:
-                    if check is not None and check.is_open:
-                        check.close()
-                    return missing
-                self.conn.sleep(0.5)
+                    raise NodeWorkersMissing(no_node_worker_reason(missing))
 
         def events(self, deadline):
             for event, headers in super().events(deadline):

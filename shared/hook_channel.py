@@ -134,3 +134,40 @@ class HookChannel:
                 self.conn.close()
         except Exception:  # noqa: BLE001 - the hook's answer matters, not a clean close
             pass
+
+
+def missing_node_workers(conn, wanted: list[str], grace: float) -> list[str]:
+    """The hosts whose node queue has no consumer after up to `grace` s: both hooks ask it before they publish,
+    so a node without a node worker fails the job at once instead of at the deadline. Passive declares (no
+    right needed) on a pika BlockingConnection; a 404 closes the channel, so a new one is opened for the next
+    host; any other refusal (403: the hook's user may not look) is raised: a broker problem, not the node's."""
+    from vtorque.shared.bus import node_queue
+
+    end = time.monotonic() + grace
+    missing = list(dict.fromkeys(wanted))
+    check = None
+    while True:
+        still = []
+        for host in missing:
+            if check is None or check.is_closed:
+                check = conn.channel()
+            try:
+                if check.queue_declare(node_queue(host).name, passive=True).method.consumer_count == 0:
+                    still.append(host)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code != 404:
+                    raise
+                still.append(host)  # 404: no node worker ever declared it
+        missing = still
+        if not missing or time.monotonic() >= end:
+            if check is not None and check.is_open:
+                check.close()
+            return missing
+        conn.sleep(0.5)
+
+
+def no_node_worker_reason(missing: list[str]) -> str:
+    from vtorque.shared.bus import node_queue
+
+    return (f"no node worker is running on {', '.join(missing)} (nothing consumes "
+            f"{', '.join(node_queue(h).name for h in missing)}); the job's guests cannot boot there")

@@ -13,7 +13,7 @@ import pytest
 
 from vtorque.hooks import slurm
 from vtorque.shared import messages as m
-from vtorque.shared.hook_channel import BrokerUnreachable
+from vtorque.shared.hook_channel import BrokerUnreachable, missing_node_workers
 
 DIGEST = "b" * 64
 FAKE_SCONTROL = """#!/bin/sh
@@ -217,13 +217,13 @@ def test_a_refused_look_is_a_broker_problem_not_a_missing_node_worker():
             return ch
 
     with pytest.raises(pika.exceptions.ChannelClosedByBroker):
-        slurm.missing_node_workers(Refusing({}), ["vm"], grace=0.05)
+        missing_node_workers(Refusing({}), ["vm"], grace=0.05)
 
 
 def test_nodes_without_a_node_worker_are_named_after_the_grace():
     conn = FakeConn({"vm": 1, "n2": 0})
-    assert slurm.missing_node_workers(conn, ["vm", "n2", "n3", "vm"], grace=0.05) == ["n2", "n3"]
-    assert slurm.missing_node_workers(FakeConn({"vm": 1}), ["vm"], grace=5) == []
+    assert missing_node_workers(conn, ["vm", "n2", "n3", "vm"], grace=0.05) == ["n2", "n3"]
+    assert missing_node_workers(FakeConn({"vm": 1}), ["vm"], grace=5) == []
 
 
 def test_the_hook_fails_fast_without_a_node_worker(monkeypatch):
