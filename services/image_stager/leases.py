@@ -73,19 +73,6 @@ def take(base: Path, guest_dir: Path, job_id: str = "") -> Path | None:
     return lease
 
 
-def release(guest_dir: Path) -> bool:
-    """Drop the lease of the overlay in `guest_dir`, if it has one; True when one was dropped."""
-    marker = Path(guest_dir) / MARKER
-    try:
-        lease = Path(marker.read_text().strip())
-    except OSError:
-        return False
-    existed = lease.exists()
-    lease.unlink(missing_ok=True)
-    marker.unlink(missing_ok=True)
-    return existed
-
-
 def _lock_shared(lock, digest: str) -> None:
     deadline = time.monotonic() + LOCK_WAIT
     while True:

@@ -183,8 +183,8 @@ def guests_of_job(root: str | Path, job_id: str) -> list[str]:
 
 
 def release_lease(gdir: Path, store: str | Path | None = None) -> bool:
-    """leases.release, but only for a marker root wrote that names this very guest's lease file: a marker
-    naming anything else is left alone (never an unlink of a path some file says)."""
+    """Drop the lease of the overlay in `gdir`, only for a marker root wrote that names this very guest's lease
+    file: a marker naming anything else is left alone (never an unlink of a path some file says)."""
     marker = gdir / leases.MARKER
     text = read_small(gdir, leases.MARKER)
     if text is None:

@@ -319,7 +319,9 @@ def test_an_image_used_by_a_guest_overlay_is_never_evicted(tmp_path):
                     str(guest / "root.qcow2")], check=True)
     assert store.evict(0) == [e1, e2]  # everything but the leased one
     assert store.has(e0)
-    assert leases.release(guest) and not lease.exists()
+    from vtorque.services.node_worker.disks import release_lease
+
+    assert release_lease(guest, tmp_path / "store") and not lease.exists()
     assert store.evict(0) == [e0]
 
 
@@ -348,7 +350,9 @@ def test_a_lease_on_an_evicted_image_is_refused(tmp_path):
 
 def test_a_base_outside_a_store_takes_no_lease(tmp_path):
     assert leases.take(tmp_path / "plain.qcow2", tmp_path) is None
-    assert not leases.release(tmp_path)
+    from vtorque.services.node_worker.disks import release_lease
+
+    assert not release_lease(tmp_path)
 
 
 def test_the_node_workers_guest_disks_hold_a_lease_for_as_long_as_they_exist(tmp_path):
