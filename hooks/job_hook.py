@@ -223,6 +223,10 @@ def run_epilogue(job: JobContext, config: Config, exit_status: int | None, progr
                     if isinstance(event, m.GuestsTornDown):
                         pending.discard(event.node)
                         progress(f"{event.node}: removed {len(event.guests)} guest(s)")
+                        if event.reason:
+                            # Answered, so no point waiting on; the node's reconciliation removes what is left.
+                            progress(f"{event.node}: not all removed ({event.reason}); the node retries on its own")
+                            tracing.mark_error(span, f"{event.node}: {event.reason}")
                         if not pending:
                             return True
                 progress(f"teardown not confirmed by {', '.join(sorted(pending))} in time")

@@ -225,6 +225,10 @@ class GuestsTornDown(Event, frozen=True):
     node: NodeName
     guests: list[str]
     disks_removed: int
+    # Guests the node could not remove in time (libvirt refused or hung): the epilogue says so, and the node's
+    # reconciliation retries them; the answer is never withheld (a hook would wait out its deadline for nothing).
+    not_removed: list[str] = []
+    reason: str = ""
 
 
 class CommandExpired(Event, frozen=True):

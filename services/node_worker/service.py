@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from vtorque.services.image_stager.store import ImageStore
@@ -37,6 +38,8 @@ from .readiness import BootFailed, Readiness, ssh_banner, wait_ready
 from .seed import seed_files
 
 LOG = logging.getLogger("vtorque.node_worker")
+REMOVE_ATTEMPTS = 3
+REMOVE_RETRY_DELAY = 2.0
 
 
 class NodeWorker:
@@ -320,10 +323,16 @@ class NodeWorker:
         except trust.Refused as exc:
             self.publisher.publish(self._fail(cmd, None, f"refused by node {self.node}: {exc}", False, ""))
             return
-        removed = self.teardown_job(cmd.job_id)
-        self._remove_job_shmem(cmd.job_id)
+        try:
+            result = self.teardown_job(cmd.job_id)
+            self._remove_job_shmem(cmd.job_id)
+            reason = "; ".join(f"{n}: {why}" for n, why in sorted(result.failed.items()))
+        except HypervisorError as exc:
+            # libvirtd down or wedged: the epilogue hears so now (not after its deadline), reconciliation retries.
+            result, reason = Teardown(removed=[], disks_removed=0, failed={}), f"libvirt: {exc}"
         self.publisher.publish(m.GuestsTornDown.new(
-            job_id=cmd.job_id, deadline=cmd.deadline, node=self.node, guests=removed[0], disks_removed=removed[1]))
+            job_id=cmd.job_id, deadline=cmd.deadline, node=self.node, guests=result.removed,
+            disks_removed=result.disks_removed, not_removed=sorted(result.failed), reason=reason[:1000]))
 
     def _remove_job_shmem(self, job_id: str) -> None:
         """The job's ivshmem region on this node (QEMU leaves it in /dev/shm), once its guests here are gone."""
@@ -369,25 +378,54 @@ class NodeWorker:
         except (OSError, ValueError):
             return False
 
-    def teardown_job(self, job_id: str) -> tuple[list[str], int]:
+    def teardown_job(self, job_id: str) -> Teardown:
         names = [name for name, meta in self.hv.vtorque_domains().items()
                  if meta.get("job") == job_id and meta.get("node", self.node) == self.node]
         # Side by side: each QEMU takes a while to stop, and the node's queue waits for this teardown.
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(names)), thread_name_prefix="destroy") as pool:
-            list(pool.map(self.hv.remove, names))
+            outcomes = dict(zip(names, pool.map(self._remove_domain, names)))
+        failed = {name: why for name, why in outcomes.items() if why}
+        removed = sorted(name for name in names if name not in failed)
+        named = {name for name in names if trust.GUEST_NAME.match(name)}  # only such names are paths of ours
         removed_disks = 0
         leftovers = {name for root in self._roots() for name in disks.guests_of_job(root, job_id)
                      if _node_of(Path(root) / name) in (self.node, None)}
-        names = [n for n in names if trust.GUEST_NAME.match(n)]
-        for name in set(names) | leftovers:
-            removed_disks += self._remove_disks(name)
+        # A guest whose domain could not be removed keeps its disks: QEMU may still have them open.
+        for name in ((named & set(removed)) | leftovers) - set(failed):
+            try:
+                removed_disks += self._remove_disks(name)
+            except OSError as exc:
+                failed[name] = f"its files: {exc}"
         jdir = self.config.job_dir(job_id)
-        for name in set(names) | leftovers:
+        for name in (named | leftovers) - set(failed):
             (jdir / f"{name}.json").unlink(missing_ok=True)
         if jdir.exists() and not any(jdir.iterdir()):
             jdir.rmdir()
-        log(LOG, logging.INFO, "guests removed", guests=names, disks=removed_disks)
-        return sorted(names), removed_disks
+        log(LOG, logging.INFO if not failed else logging.ERROR, "guests removed", guests=removed, disks=removed_disks,
+            not_removed=sorted(failed))
+        return Teardown(removed=removed, disks_removed=removed_disks, failed=failed)
+
+    def _remove_domain(self, name: str) -> str:
+        """'' once the domain is gone, else why not. libvirt's destroy fails now and then on a QEMU slow to die
+        (SIGKILL not yet reaped: 'Device or resource busy'), so it is asked again before giving up."""
+        why = ""
+        for attempt in range(REMOVE_ATTEMPTS):
+            try:
+                self.hv.remove(name)
+                return ""
+            except HypervisorError as exc:
+                why = str(exc)
+                log(LOG, logging.WARNING, "guest not removed", guest=name, attempt=attempt + 1, error=why)
+                if attempt + 1 < REMOVE_ATTEMPTS:
+                    time.sleep(REMOVE_RETRY_DELAY)
+        return why
+
+
+@dataclass(frozen=True)
+class Teardown:
+    removed: list[str]
+    disks_removed: int
+    failed: dict[str, str]  # guest → why it is still there
 
 
 def _node_of(gdir: Path) -> str | None:

@@ -35,6 +35,7 @@ def start_worker(site, tmp_path):
     while "consuming" not in log.read_text():
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
         time.sleep(0.1)
+    proc.log = log  # read back in a failure's message: CI keeps no temporary files
     return proc
 
 
@@ -119,11 +120,11 @@ def test_a_worker_killed_mid_boot_does_not_boot_the_guest_twice(site, broker_url
         second = start_worker(site, tmp_path)
         try:
             event = waiter.next(time.monotonic() + 120)
-            assert isinstance(event, m.GuestReady), event
+            assert isinstance(event, m.GuestReady), (event, first.log.read_text(), second.log.read_text())
             assert hv.lookup(name).ID() == domain_id  # the same QEMU, not a second boot
             Publisher(broker_url).publish(m.TeardownGuests.new(job_id=job, deadline=60.0, node=node))
             done = waiter.next(time.monotonic() + 60)
-            assert isinstance(done, m.GuestsTornDown) and done.guests == [name]
+            assert isinstance(done, m.GuestsTornDown) and done.guests == [name], (done, second.log.read_text())
             assert hv.lookup(name) is None
         finally:
             second.send_signal(signal.SIGTERM)
