@@ -28,8 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from vtorque.services.image_stager import leases
-from vtorque.services.image_stager.store import ImageStore, parse_size
+from vtorque.shared import image_leases as leases
+from vtorque.shared.image_store import ImageStore, parse_size
 from vtorque.services.node_worker import disks
 
 MiB = 2**20

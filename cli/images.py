@@ -51,7 +51,7 @@ def _when(ts: float | None) -> str:
 
 
 def _store_state(config: Config, entry: ImageEntry) -> dict:
-    from vtorque.services.image_stager.store import ImageStore
+    from vtorque.shared.image_store import ImageStore
 
     store = ImageStore(config.images.store)
     path = store.path(entry.sha256)
@@ -152,7 +152,7 @@ def show(name: str, as_json: bool) -> None:
 
 
 def _inspect(source: str, sha256: str | None, fmt: str | None):
-    from vtorque.services.image_stager.catalog import CatalogError, inspect
+    from vtorque.shared.image_catalog import CatalogError, inspect
 
     bar = None
 
@@ -173,13 +173,13 @@ def _inspect(source: str, sha256: str | None, fmt: str | None):
 
 
 def _source_of(source: str) -> str:
-    from vtorque.services.image_stager.fetch import is_url
+    from vtorque.shared.image_fetch import is_url
 
     return source if is_url(source) else str(Path(source).resolve())
 
 
 def _entry(facts, source: str, convert_to: str | None, **fields) -> ImageEntry:
-    from vtorque.services.image_stager.catalog import make_entry
+    from vtorque.shared.image_catalog import make_entry
 
     if convert_to and convert_to != facts.format:
         fields.update(format=convert_to, source_format=facts.format)
@@ -215,7 +215,7 @@ def _with_entry_options(f):
 def add(name: str, source: str, sha256: str | None, fmt: str | None, distro, kernel, initrd, cmdline, convert_to,
         compress) -> None:
     """Add image NAME from SOURCE (a file or an http(s) URL): sha256, format and size are read from it."""
-    from vtorque.services.image_stager.catalog import editing, guess_distro
+    from vtorque.shared.image_catalog import editing, guess_distro
     from vtorque.shared.config import IMAGE_NAME
 
     _root_only("vtorque images add")
@@ -247,7 +247,7 @@ def update(names: tuple[str, ...], source: str | None, distro, kernel, initrd, c
     catalog file when no NAME is given. An image of vtorque.toml is updated into the catalog file."""
     import msgspec
 
-    from vtorque.services.image_stager.catalog import editing
+    from vtorque.shared.image_catalog import editing
 
     _root_only("vtorque images update")
     config = _config()
@@ -286,7 +286,7 @@ def update(names: tuple[str, ...], source: str | None, distro, kernel, initrd, c
 @click.argument("name")
 def remove(name: str) -> None:
     """Take image NAME out of the catalog file (its bytes leave the store by eviction)."""
-    from vtorque.services.image_stager.catalog import editing
+    from vtorque.shared.image_catalog import editing
 
     _root_only("vtorque images remove")
     config = _config()

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import msgspec
 
 from vtorque.cli.trace_view import SpanRow, queue_wait
-from vtorque.shared.scheduler import ALIVE, JobInfo
+from vtorque.shared.scheduler import JobInfo
 
 # The job's phase is the furthest one its published messages reached (later entries win).
 _PHASES = (

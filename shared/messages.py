@@ -322,6 +322,13 @@ def _normalise_descriptions(node):
     return node
 
 
+def domain_name(job_id: str, node: str, index: int) -> str:
+    """A guest's libvirt domain name, unique per job and guest and safe in paths: vt-<job>-<node>-<index>. The
+    bridge names guests so; the node worker accepts no other name for a job's guest."""
+    safe = lambda s: re.sub(r"[^A-Za-z0-9_-]", "_", s)  # noqa: E731
+    return f"vt-{safe(job_id)}-{safe(node)}-{index}"
+
+
 def routing_word(value: str) -> str:
     """One word of a topic routing key: Torque job ids hold dots ("1.vm"), which split words."""
     return re.sub(r"[^A-Za-z0-9_-]", lambda m: "%{:02X}".format(ord(m.group())), value)

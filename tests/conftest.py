@@ -381,7 +381,7 @@ class TestSite:
 
     def stage(self, *names: str) -> None:
         """Put catalog images into this site's store, as a stager would have."""
-        from vtorque.services.image_stager.store import ImageStore
+        from vtorque.shared.image_store import ImageStore
 
         for name in names or list(self.catalog):
             entry = self.catalog[name]

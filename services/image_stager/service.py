@@ -22,7 +22,7 @@ from vtorque.shared.bus import Publisher, stager_queue, table_queue
 from vtorque.shared.config import Config, ImageEntry, refresh_catalog
 from vtorque.shared.logs import log
 
-from .store import ImageStore, StageCancelled, StageError, parse_size
+from vtorque.shared.image_store import ImageStore, StageCancelled, StageError, parse_size
 
 LOG = logging.getLogger("vtorque.stager")
 

@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from vtorque.services.image_stager import leases
+from vtorque.shared import image_leases as leases
 from vtorque.shared.logs import log
 from vtorque.shared.user_files import copy_user_image
 

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from vtorque.services.image_stager.store import ImageStore
+from vtorque.shared.image_store import ImageStore
 from vtorque.shared import messages as m
 from vtorque.shared import tracing
 from vtorque.shared.bus import EventWaiter, Publisher, node_queue

@@ -22,12 +22,11 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from vtorque.services.scheduler_bridge.planning import domain_name
 from vtorque.shared import messages as m
 from vtorque.shared.config import IMAGE_NAME, Config
 from vtorque.shared.spec import SpecError, validate, validate_user_metadata
 
-# Domain and guest directory names: what planning.domain_name makes (vt-<job>-<node>-<k>, only [A-Za-z0-9_-]).
+# Domain and guest directory names: what messages.domain_name makes (vt-<job>-<node>-<k>, only [A-Za-z0-9_-]).
 GUEST_NAME = re.compile(r"^vt-[A-Za-z0-9_-]{1,120}$")
 # Torque (12.server, 12[3].server) and Slurm (123, 123_4) job ids; no '/', no '..', bounded.
 JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\[\]-]{0,127}$")
@@ -138,9 +137,9 @@ def _cores(key: str, cores: list[int] | None, most: int) -> None:
 
 def check_guest(guest: m.GuestPlan, cmd_job: str, vms_on_node: int, config: Config) -> OwnerAccount:
     check_guest_name(guest.name)
-    # The name is the job's own (the bridge's domain_name): a command cannot name another job's guest, whose
+    # The name is the job's own (messages.domain_name): a command cannot name another job's guest, whose
     # directory a fresh boot would otherwise clear as a leftover.
-    prefix = domain_name(cmd_job, guest.node, 0)[:-1]
+    prefix = m.domain_name(cmd_job, guest.node, 0)[:-1]
     if not (guest.name.startswith(prefix) and guest.name[len(prefix):].isdigit()
             and len(guest.name) - len(prefix) <= 4):
         raise Refused(f"guest name {_show(guest.name)!r} is not one of job {_show(cmd_job)}'s on {guest.node} "

@@ -7,7 +7,6 @@ threads go there), then each VM's vCPUs, then the IOcm I/O cores. When the sched
 
 from __future__ import annotations
 
-import re
 from datetime import timedelta
 
 from vtorque.shared import messages as m
@@ -18,12 +17,6 @@ from vtorque.shared.spec import SpecError, VMSpec
 
 class PlanError(ValueError):
     pass
-
-
-def domain_name(job_id: str, node: str, index: int) -> str:
-    """A libvirt domain name that is unique per job and guest and safe in paths: vt-<job>-<node>-<index>."""
-    safe = lambda s: re.sub(r"[^A-Za-z0-9_-]", "_", s)  # noqa: E731
-    return f"vt-{safe(job_id)}-{safe(node)}-{index}"
 
 
 def split_cores(node: m.NodeAllocation, spec: VMSpec, config: Config) -> tuple[
@@ -69,7 +62,7 @@ def plan_guests(job: m.JobStarted, spec: VMSpec, config: Config, user_metadata: 
             if rank == 0 and spec.disk:
                 disk = m.DataDisk(size_mib=spec.disk.size_mib, image=spec.disk.image)
             guests.append(m.GuestPlan(
-                name=domain_name(job.job_id, node.host, k), node=node.host, index=rank, image=spec.img,
+                name=m.domain_name(job.job_id, node.host, k), node=node.host, index=rank, image=spec.img,
                 image_digest=entry.sha256, vcpus=spec.vcpus, ram_mib=spec.ram_mib, cores=per_vm[k],
                 owner=job.owner, ssh_authorized_keys=list(job.ssh_authorized_keys), distro=spec.distro,
                 arch=spec.arch, emulator_cores=emulator, io_cores=io, iocm_min_cores=spec.iocm_min_cores,

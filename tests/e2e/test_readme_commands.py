@@ -235,7 +235,7 @@ def h_images(words, ctx):
                       timeout=300).ok()
         finally:
             stop_service(stager)
-        from vtorque.services.image_stager.store import ImageStore
+        from vtorque.shared.image_store import ImageStore
 
         assert ImageStore(str(site.root / "images")).has(tiny.sha256), ran.out
     else:

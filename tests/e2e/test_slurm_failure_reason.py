@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from vtorque.services.image_stager.catalog import editing
+from vtorque.shared.image_catalog import editing
 from vtorque.shared.config import load_config
 
 from .conftest import PREFIX

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from vtorque.services.image_stager.catalog import toml_value
+from vtorque.shared.image_catalog import toml_value
 
 
 # -- images -------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vtorque.services.image_stager.store import ImageStore
+from vtorque.shared.image_store import ImageStore
 from vtorque.shared import messages as m
 from vtorque.shared.bus import EventWaiter, Publisher
 

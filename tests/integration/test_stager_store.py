@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from vtorque.services.image_stager import leases
-from vtorque.services.image_stager.store import ImageStore, StageCancelled, StageError
+from vtorque.shared import image_leases as leases
+from vtorque.shared.image_store import ImageStore, StageCancelled, StageError
 
 from . import stager_support as ss
 
@@ -123,7 +123,7 @@ def test_a_mismatch_leaves_nothing_behind(tmp_path):
 
 KILLED_STAGER = textwrap.dedent("""
     import sys
-    from vtorque.services.image_stager.store import ImageStore
+    from vtorque.shared.image_store import ImageStore
     def progress(done, total):
         print(done, flush=True)
     ImageStore(sys.argv[1]).stage(sys.argv[2], sys.argv[3], progress=progress)

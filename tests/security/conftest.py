@@ -19,8 +19,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from vtorque.services.image_stager.store import ImageStore
-from vtorque.services.scheduler_bridge.planning import domain_name
+from vtorque.shared.image_store import ImageStore
+from vtorque.shared.messages import domain_name
 from vtorque.services.node_worker.hypervisor import Hypervisor
 from vtorque.services.node_worker.service import NodeWorker
 from vtorque.shared import messages as m

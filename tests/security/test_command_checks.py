@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from vtorque.services.node_worker import trust
-from vtorque.services.scheduler_bridge.planning import domain_name
+from vtorque.shared.messages import domain_name
 from vtorque.shared import messages as m
 
 from .conftest import KEY, snapshot, wire

@@ -8,7 +8,7 @@ import time
 import uuid
 from pathlib import Path
 
-from vtorque.services.scheduler_bridge.planning import domain_name
+from vtorque.shared.messages import domain_name
 from vtorque.shared import messages as m
 from vtorque.shared.bus import EventWaiter, Publisher
 

@@ -26,7 +26,7 @@ import msgspec
 
 from vtorque.shared.config import ImageEntry, read_catalog_file
 
-from . import fetch
+from . import image_fetch as fetch
 
 try:
     from vtorque.shared.spec import DISTROS

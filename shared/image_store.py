@@ -16,7 +16,7 @@ processes and hosts sharing it:
     used/<digest>              its mtime is when the image was last asked for or leased (LRU)
     wants/<digest>/<job>.<id>  requests waiting for the image; when none is left, a running copy stops
     cancelled/<job>            the scheduler deleted the job (written by JobDeleted; mtime = when)
-    leases/<digest>/<holder>   one per guest overlay backed by the image (leases.py): never evicted then
+    leases/<digest>/<holder>   one per guest overlay backed by the image (image_leases.py): never evicted then
     journal.jsonl              one line per copy, mismatch, failure, cancellation and eviction
 
 Single-flight: the copier holds the digest's lock; everyone else polls for the finished image (or the lock)
@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from . import fetch
-from .fetch import FetchCancelled, FetchError
+from . import image_fetch as fetch
+from .image_fetch import FetchCancelled, FetchError
 
 HOST = socket.gethostname().split(".")[0]
 try:

@@ -3,13 +3,13 @@
 Two sources: a local path (or file:// URL), copied by the kernel (copy_file_range) while this thread hashes
 what was written, read back from the page cache; and an http(s) URL, streamed and hashed as it arrives,
 resumed with a Range request after a dropped connection or a read timeout. Both report progress through a
-callback and stop when `cancelled()` says so. Neither decides anything about the store: see store.py.
+callback and stop when `cancelled()` says so. Neither decides anything about the store: see image_store.py.
 
 Why the local copy looks like this (measured, docs/benchmarks.md "Image staging"): sha256 runs at ~1.4 GB/s
 on one core here, about as fast as the disk reads, so hashing must overlap the copy rather than follow it;
 the kernel copy needs little CPU, leaving the other core to the hash, which reads what was written straight
 from the page cache (mmap), so the bytes verified are the bytes stored. Neither function fsyncs: the store
-makes a verified image durable in the background (store.py). Holes in a sparse source (raw cloud images) stay
+makes a verified image durable in the background (image_store.py). Holes in a sparse source (raw cloud images) stay
 holes: only its data segments are copied.
 """
 

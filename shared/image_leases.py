@@ -23,7 +23,7 @@ import re
 import time
 from pathlib import Path
 
-from .store import HOST
+from .image_store import HOST
 
 MARKER = ".image-lease"
 LOCK_WAIT = 30.0
