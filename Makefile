@@ -76,3 +76,16 @@ CLOUD_GUEST_DIR ?= /var/cache/vtorque/cloudguest
 .PHONY: cloud-guest
 cloud-guest: deps
 	tests/guest/cloud/build.sh $(CLOUD_GUEST_DIR)
+
+# A cluster on one machine (docs/cluster-on-one-machine.md): rig hosts in network namespaces, each compute host
+# with its own slurmd, libvirtd and node worker, a three-node RabbitMQ cluster. Nothing outside the rig's
+# namespaces is touched; `make rig-down` leaves no namespace, process or veth behind.
+.PHONY: rig-up rig-down rig-status
+rig-up: venv guest
+	deploy/rig/rig.sh up
+
+rig-down:
+	deploy/rig/rig.sh down
+
+rig-status:
+	deploy/rig/rig.sh status

@@ -42,11 +42,26 @@ class BrokerConfig(_Section):
     user_prefix: str = "vtorque-"
     # amqps: the CA that signed the broker's certificate (default: the system's trust store)
     ca_file: str | None = None
+    # The nodes of a RabbitMQ cluster, "host:port" each: every part connects to the first that answers and
+    # fails over to the next (url still gives scheme, vhost and credentials; its own host is then unused).
+    # List the host's nearest node first to spread connections over the cluster.
+    hosts: list[str] = []
 
     def connection_url(self) -> str:
         """The URL every part connects with: credentials from their file, and for amqps the CA to verify the
-        broker with (shared/broker_tls.py reads it back)."""
+        broker with (shared/broker_tls.py reads it back). With `hosts`, one URL per node joined by ';' (kombu's
+        failover form; shared/hook_channel.py gives pika the same list)."""
         url = self._with_credentials()
+        if self.hosts:
+            if url.startswith("amqps://"):
+                # one server_hostname per connection in kombu: a certificate would have to name every node
+                raise ConfigError("broker.hosts: amqps with several broker nodes is not supported yet")
+            parts = urllib.parse.urlsplit(url)
+            creds = parts.netloc.rpartition("@")[0]
+            for host in self.hosts:
+                if not re.fullmatch(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:]+\](:[0-9]{1,5})?", host):
+                    raise ConfigError(f"broker.hosts: {host!r}: expected host or host:port")
+            return ";".join(parts._replace(netloc=f"{creds}@{h}" if creds else h).geturl() for h in self.hosts)
         if self.ca_file and url.startswith("amqps://"):
             url += ("&" if "?" in url else "?") + "cafile=" + urllib.parse.quote(self.ca_file)
         return url

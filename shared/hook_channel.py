@@ -55,26 +55,13 @@ class HookChannel:
     def __init__(self, url: str, patterns: Iterable[str], attempts: int = 3, timeout: float = 5.0,
                  label: str | None = None):
         patterns = list(patterns)
-        try:
-            params = pika.URLParameters(broker_tls.split(url)[0])
-        except ValueError as exc:
-            raise BrokerUnreachable(f"broker URL unusable: {exc}") from None
-        tls = broker_tls.context(url)
-        if tls is not None:  # amqps: the broker's certificate checked against the site's CA and the URL's host
-            params.ssl_options = pika.SSLOptions(tls, server_hostname=urllib.parse.urlsplit(url).hostname)
+        # One URL per broker node of a cluster, joined by ';' ([broker] hosts): pika tries them in turn.
+        params_list = [self._parameters(one, attempts, timeout) for one in url.split(";")]
+        params = params_list[0]
         self.user = params.credentials.username  # sent as user_id: the broker refuses any other
-        # kombu reads "amqp://host//" as vhost "/", pika as vhost "": one config URL must mean one vhost.
-        path = urllib.parse.urlsplit(url).path
-        params.virtual_host = "/" if path in ("", "/", "//") else urllib.parse.unquote(path[1:])
-        params.connection_attempts = max(1, attempts)
-        params.retry_delay = 1.0
-        params.socket_timeout = timeout
-        params.blocked_connection_timeout = 30
-        params.heartbeat = 30
-        params.client_properties = {"connection_name": f"vtorque-hook-{uuid.uuid4().hex[:8]}"}
         self.conn = None
         try:
-            self.conn = pika.BlockingConnection(params)
+            self.conn = pika.BlockingConnection(params_list)
         except (pika.exceptions.AMQPError, OSError) as exc:
             raise BrokerUnreachable(f"broker unreachable after {attempts} attempts: {describe(exc)}") from None
         try:
@@ -96,6 +83,26 @@ class HookChannel:
         except (pika.exceptions.AMQPError, OSError) as exc:
             self.close()
             raise BrokerUnreachable(f"broker unusable: {describe(exc)}") from None
+
+    @staticmethod
+    def _parameters(url: str, attempts: int, timeout: float) -> pika.URLParameters:
+        try:
+            params = pika.URLParameters(broker_tls.split(url)[0])
+        except ValueError as exc:
+            raise BrokerUnreachable(f"broker URL unusable: {exc}") from None
+        tls = broker_tls.context(url)
+        if tls is not None:  # amqps: the broker's certificate checked against the site's CA and the URL's host
+            params.ssl_options = pika.SSLOptions(tls, server_hostname=urllib.parse.urlsplit(url).hostname)
+        # kombu reads "amqp://host//" as vhost "/", pika as vhost "": one config URL must mean one vhost.
+        path = urllib.parse.urlsplit(url).path
+        params.virtual_host = "/" if path in ("", "/", "//") else urllib.parse.unquote(path[1:])
+        params.connection_attempts = max(1, attempts)
+        params.retry_delay = 1.0
+        params.socket_timeout = timeout
+        params.blocked_connection_timeout = 30
+        params.heartbeat = 30
+        params.client_properties = {"connection_name": f"vtorque-hook-{uuid.uuid4().hex[:8]}"}
+        return params
 
     def publish(self, event: m.Event) -> None:
         routing_key = event.routing_key()
