@@ -113,9 +113,9 @@ def _prologue(job: JobContext, config: Config, deadline_s: float, progress, chan
     deadline = time.monotonic() + deadline_s
     progress(f"job {job.job_id}: {len(job.nodes)} node(s), image {spec.img}, {spec.vcpus} vCPU, "
              f"{spec.ram_mib} MiB; waiting up to {deadline_s:.0f}s for the guests")
+    patterns = [f"job.{m.routing_word(job.job_id)}.#", f"image.{digest}.#"]
     try:
-        channel = channel_factory(config.broker.connection_url(),
-                                  [f"job.{m.routing_word(job.job_id)}.#", f"image.{digest}.#"],
+        channel = channel_factory(config.broker.connection_url(), patterns,
                                   attempts=config.hooks.broker_attempts, timeout=config.broker.connect_timeout)
     except BrokerUnreachable as exc:
         return Outcome(Verdict.FAILED, str(exc))
@@ -124,11 +124,31 @@ def _prologue(job: JobContext, config: Config, deadline_s: float, progress, chan
             made = _mark(guests_marker)  # before the publish: a hook killed right after it still leaves the mark
         except OSError as exc:
             return Outcome(Verdict.FAILED, f"cannot record the job on this host: {exc}")
-        channel.publish(m.JobStarted.new(
+        started = m.JobStarted.new(
             job_id=job.job_id, deadline=deadline_s, scheduler=job.scheduler, owner=job.owner, nodes=job.nodes,
             spec=dict(job.header.spec), ssh_authorized_keys=list(job.header.ssh_pubkeys),
-            user_metadata=dict(job.header.user_metadata), walltime=job.walltime))
-        outcome = _wait_for_guests(channel, job.job_id, deadline, deadline_s, progress)
+            user_metadata=dict(job.header.user_metadata), walltime=job.walltime)
+        channel.publish(started)
+        wait = _Wait()
+        reconnects = 0
+        while True:
+            try:
+                outcome = _wait_for_guests(channel, job.job_id, deadline, deadline_s, progress, wait)
+                break
+            except BrokerUnreachable as exc:
+                # The broker node this hook was connected to is gone (a cluster lost one node): what was published
+                # to its queue meanwhile is lost with it, so ask again on another node. JobStarted is idempotent:
+                # the bridge plans the same guests, a node worker re-announces a guest that runs, never boots a
+                # second one.
+                reconnects += 1
+                if reconnects > config.hooks.broker_attempts or time.monotonic() >= deadline:
+                    raise
+                channel.close()
+                progress(f"{exc}; reconnecting to the broker and asking again")
+                channel = channel_factory(config.broker.connection_url(), patterns,
+                                          attempts=config.hooks.broker_attempts,
+                                          timeout=config.broker.connect_timeout)
+                channel.publish(started)
         if not outcome.planned and made and guests_marker is not None:
             guests_marker.unlink(missing_ok=True)  # the bridge rejected it before any plan: no guest anywhere
         return outcome
@@ -140,14 +160,22 @@ def _prologue(job: JobContext, config: Config, deadline_s: float, progress, chan
         channel.close()
 
 
-def _wait_for_guests(channel, job_id: str, deadline: float, deadline_s: float, progress) -> Outcome:
+@dataclass
+class _Wait:
+    """What the prologue has heard so far; kept across a reconnection to another broker node."""
     expected: set[str] | None = None
-    ready: dict[str, m.GuestReady] = {}
-    links: list[Link] = []
-    shown_progress = 0.0
+    ready: dict[str, m.GuestReady] = field(default_factory=dict)
+    links: list[Link] = field(default_factory=list)
+    shown_progress: float = 0.0
+
+
+def _wait_for_guests(channel, job_id: str, deadline: float, deadline_s: float, progress,
+                     wait: _Wait | None = None) -> Outcome:
+    wait = wait or _Wait()
+    expected, ready, links, shown_progress = wait.expected, wait.ready, wait.links, wait.shown_progress
     for event, headers in channel.events(deadline):
         if isinstance(event, m.JobPlanned):
-            expected = {g.name for g in event.guests}
+            expected = wait.expected = {g.name for g in event.guests}
             progress(f"planned {len(expected)} guest(s) on {', '.join(sorted({g.node for g in event.guests}))}")
         elif isinstance(event, m.JobRejected):
             planned = expected is not None or bool(headers.get(CANCELLED_HEADER))
@@ -165,7 +193,7 @@ def _wait_for_guests(channel, job_id: str, deadline: float, deadline_s: float, p
             # Whichever job's request started the copy, it is this job's image: one copy serves all. At most
             # one line every 5 s (the stager reports every second), and the last one.
             if time.monotonic() - shown_progress >= 5 or (event.total and event.bytes >= event.total):
-                shown_progress = time.monotonic()
+                shown_progress = wait.shown_progress = time.monotonic()
                 of = f"/{event.total / 2**20:.0f}" if event.total else ""
                 progress(f"image {event.image}: {event.bytes / 2**20:.0f}{of} MiB staged, "
                          f"{event.rate / 2**20:.0f} MiB/s")
@@ -216,19 +244,37 @@ def run_epilogue(job: JobContext, config: Config, exit_status: int | None, progr
                 tracing.mark_error(span, str(exc))
                 return False
             try:
-                channel.publish(m.JobEnded.new(job_id=job.job_id, deadline=config.hooks.epilogue_timeout,
-                                               scheduler=job.scheduler, nodes=nodes, exit_status=exit_status))
+                ended = m.JobEnded.new(job_id=job.job_id, deadline=config.hooks.epilogue_timeout,
+                                       scheduler=job.scheduler, nodes=nodes, exit_status=exit_status)
+                channel.publish(ended)
                 pending = set(nodes)
-                for event, _ in channel.events(deadline):
-                    if isinstance(event, m.GuestsTornDown):
-                        pending.discard(event.node)
-                        progress(f"{event.node}: removed {len(event.guests)} guest(s)")
-                        if event.reason:
-                            # Answered, so no point waiting on; the node's reconciliation removes what is left.
-                            progress(f"{event.node}: not all removed ({event.reason}); the node retries on its own")
-                            tracing.mark_error(span, f"{event.node}: {event.reason}")
-                        if not pending:
-                            return True
+                reconnects = 0
+                while pending:
+                    try:
+                        for event, _ in channel.events(deadline):
+                            if isinstance(event, m.GuestsTornDown):
+                                pending.discard(event.node)
+                                progress(f"{event.node}: removed {len(event.guests)} guest(s)")
+                                if event.reason:
+                                    # Answered, so no point waiting on; the node's reconciliation removes the rest.
+                                    progress(f"{event.node}: not all removed ({event.reason}); the node retries "
+                                             "on its own")
+                                    tracing.mark_error(span, f"{event.node}: {event.reason}")
+                                if not pending:
+                                    return True
+                        break
+                    except BrokerUnreachable as exc:
+                        # As in the prologue: another broker node of the cluster, and the (idempotent) ask again.
+                        reconnects += 1
+                        if reconnects > config.hooks.broker_attempts or time.monotonic() >= deadline:
+                            raise
+                        channel.close()
+                        progress(f"{exc}; reconnecting to the broker and asking again")
+                        channel = channel_factory(config.broker.connection_url(),
+                                                  [f"job.{m.routing_word(job.job_id)}.guests_torn_down"],
+                                                  attempts=config.hooks.broker_attempts,
+                                                  timeout=config.broker.connect_timeout)
+                        channel.publish(ended)
                 progress(f"teardown not confirmed by {', '.join(sorted(pending))} in time")
                 tracing.mark_error(span, "teardown not confirmed")
                 return False

@@ -6,7 +6,7 @@
 #   c1    10.213.0.11  slurmd, virtlogd + libvirtd, node worker c1, rabbit@c1
 #   c2    10.213.0.12  slurmd, virtlogd + libvirtd, node worker c2, rabbit@c2
 #
-# Usage (as root):  rig.sh up | down | status | exec HOST CMD...
+# Usage (as root):  rig.sh up | down | status | exec HOST CMD... | broker-kill HOST | broker-start HOST
 #
 # Nothing of the machine's own is touched: no bridge, veth or address in the root network namespace, no
 # process outside the rig's namespaces, no file outside $RIG_DIR and $RIG_NS (the daemons see their /run,
@@ -443,10 +443,38 @@ cmd_status() {
 }
 pid_alive() { local p; p=$(cat "$RIG_DIR/hosts/$1/$2.pid" 2>/dev/null) && [ -n "$p" ] && [ "$(awk '{print $3}' /proc/$p/stat 2>/dev/null)" != Z ] && kill -0 "$p"; }
 
+# pids of one rig host's processes named COMM (its network namespace tells them apart from anyone else's)
+host_pids() {
+  local h=$1 comm=$2 ino p
+  ino=$(stat -L -c %i "/run/netns/$NETNS_PREFIX$h" 2>/dev/null) || return 0
+  for p in $(pgrep -x "$comm"); do
+    [ "$(stat -L -c %i "/proc/$p/ns/net" 2>/dev/null)" = "$ino" ] && echo "$p"
+  done
+}
+
+# A broker node lost (kill -9 of its Erlang VM, as a crash or an OOM kill would), and brought back.
+cmd_broker_kill() {
+  local h=${1:?broker-kill HOST} pids
+  pids=$(host_pids "$h" beam.smp)
+  [ -n "$pids" ] || die "no broker node runs on $h"
+  kill -KILL $pids
+  say "rabbit@$h killed (pid $pids)"
+}
+cmd_broker_start() {
+  local h=${1:?broker-start HOST} t=$(now)
+  [ -z "$(host_pids "$h" beam.smp)" ] || die "rabbit@$h already runs"
+  start_rabbit "$h"
+  wait_for 90 "rabbit@$h" rabbit_ok "$h"
+  wait_for 60 "RabbitMQ cluster of 3" cluster_full
+  say "rabbit@$h back in the cluster ($(since "$t"))"
+}
+
 case "${1:-}" in
   up) cmd_up ;;
+  broker-kill) need_root; cmd_broker_kill "${2:-}" ;;
+  broker-start) need_root; cmd_broker_start "${2:-}" ;;
   down) cmd_down ;;
   status) cmd_status ;;
   exec) shift; h=${1:?exec HOST CMD...}; shift; on "$h" "$@" ;;
-  *) echo "usage: $0 up|down|status|exec HOST CMD..." >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|status|exec HOST CMD...|broker-kill HOST|broker-start HOST" >&2; exit 2 ;;
 esac
