@@ -403,13 +403,22 @@ rig_pids() {
 
 cmd_down() {
   need_root
-  local t=$(now) pids n=0 h
-  # Slurm first (its epilogs need the broker), then the services, then everything else in the rig's namespaces
+  local t=$(now) pids n=0 h d
+  # Guests still running (a job cut short): destroyed through their own libvirtd, which then removes their
+  # cgroups and files; then every process in the rig's namespaces, all at once.
+  for h in "${COMPUTE[@]}"; do
+    [ -e "/run/netns/$NETNS_PREFIX$h" ] && [ -e "$RIG_NS/$h.mnt" ] || continue
+    for d in $(on "$h" timeout 10 virsh -q -c qemu:///system list --all --name 2>/dev/null); do
+      on "$h" timeout 20 virsh -q -c qemu:///system destroy "$d" >/dev/null 2>&1
+      on "$h" timeout 20 virsh -q -c qemu:///system undefine "$d" >/dev/null 2>&1
+    done
+  done
+  local t_guests; t_guests=$(since "$t")
   pids=$(rig_pids)
   if [ -n "$pids" ]; then
     kill -TERM $pids 2>/dev/null
     for _ in $(seq 1 50); do pids=$(rig_pids); [ -z "$pids" ] && break; sleep 0.2; done
-    [ -n "$pids" ] && kill -KILL $pids 2>/dev/null
+    [ -n "$pids" ] && { say "still running 10 s after SIGTERM, SIGKILL: $(ps -o pid=,comm= -p "$(echo $pids | tr ' ' ,)" | tr '\n' ' ')"; kill -KILL $pids 2>/dev/null; }
     for _ in $(seq 1 50); do pids=$(rig_pids); [ -z "$pids" ] && break; sleep 0.1; done
   fi
   [ -z "$(rig_pids)" ] || die "processes left in the rig: $(rig_pids | tr '\n' ' ')"
@@ -421,7 +430,7 @@ cmd_down() {
   if mountpoint -q "$RIG_NS"; then umount "$RIG_NS"; fi
   rmdir "$RIG_NS" 2>/dev/null
   rm -rf /dev/shm/vtorque-rig-* "$RIG_DIR/hosts"
-  say "down in $(since "$t") ($n network namespaces removed)"
+  say "down in $(since "$t") (guests checked in $t_guests; $n network namespaces removed)"
 }
 
 cmd_status() {
