@@ -1,0 +1,231 @@
+#!/opt/vtorque/venv/bin/python
+"""Many node identities in one process, each the real node worker (services/node_worker/) on an instant host.
+
+What is real: NodeWorker (its checks, planning of the boot, domain XML, define/start through Hypervisor, the
+readiness wait, the job files, teardown), ServiceRunner and Heartbeat (shared by groups of nodes: see
+NodeHost for why). What is instant, and only that:
+- the hypervisor: libvirt's test driver, one private instance per node (a node has a libvirtd of its own;
+  a test:///<file> URI opens a fresh in-memory driver per connection, so the Hypervisor's threads share one);
+- the guest: when the test driver "starts" a domain, InstantGuests writes the guest's ready line to its console
+  log and answers sshd's banner on its forwarded port, so the node worker's own wait_ready sees a booted guest;
+- the guest's disks: disks.prepare is replaced by instant_prepare (the guest directory and its console log, no
+  qemu-img and no seed ISO: those are constant per guest, 30-60 ms, measured in bench/staging.py and
+  bench/job_vs_bare.py, and would only measure this 2-core box's fork rate at 1,024 guests).
+Reconciliation and the IOcm controller are not started (timers, not on a job's path).
+
+As a script (bench/scale_nodes.py starts it): `many_nodes.py CONFIG PREFIX COUNT PORT_BASE` runs COUNT nodes
+named PREFIX0000… until SIGTERM; prints one JSON line {"ready": COUNT, "seconds": …} once all consume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from unittest import mock
+
+import libvirt
+import msgspec
+
+from vtorque.services.node_worker import disks
+from vtorque.services.node_worker import service as node_service
+from vtorque.services.node_worker.domain import GuestDisks, parse_metadata
+from vtorque.services.node_worker.heartbeat import Heartbeat
+from vtorque.services.node_worker.hypervisor import Hypervisor
+from vtorque.services.node_worker.readiness import GUEST_READY
+from vtorque.shared.bus import Publisher, ServiceRunner
+from vtorque.shared.config import Config, load_config
+
+
+
+class InstantGuests:
+    """Every started guest's sshd, at once: one selector thread answers `SSH-2.0-…` on each guest's port."""
+
+    def __init__(self):
+        self._sel = selectors.DefaultSelector()
+        self._lock = threading.Lock()
+        self._ports: dict[int, socket.socket] = {}
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._sel.register(self._wake_r, selectors.EVENT_READ)
+        threading.Thread(target=self._serve, name="instant-guests", daemon=True).start()
+
+    def boot(self, port: int, console: str) -> None:
+        with open(console, "ab") as fh:
+            fh.write(GUEST_READY + b" instant\n")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(16)
+        sock.setblocking(False)
+        with self._lock:
+            self._ports[port] = sock
+            self._sel.register(sock, selectors.EVENT_READ)
+        self._wake_w.send(b"x")
+
+    def halt(self, port: int) -> None:
+        with self._lock:
+            sock = self._ports.pop(port, None)
+            if sock is not None:
+                self._sel.unregister(sock)
+                sock.close()
+
+    def _serve(self) -> None:
+        while True:
+            for key, _ in self._sel.select():
+                if key.fileobj is self._wake_r:
+                    self._wake_r.recv(4096)
+                    continue
+                try:
+                    conn, _ = key.fileobj.accept()
+                except OSError:
+                    continue
+                with conn:
+                    try:
+                        conn.sendall(b"SSH-2.0-instant\r\n")
+                    except OSError:
+                        pass
+
+
+class InstantHypervisor(Hypervisor):
+    """The real Hypervisor (its thread pool and deadlines) on a test-driver instance of this node's own."""
+
+    def __init__(self, guests: InstantGuests, workdir: str):
+        fd, path = tempfile.mkstemp(prefix="node-", suffix=".xml", dir=workdir)
+        os.write(fd, b"<node/>")
+        os.close(fd)
+        super().__init__(f"test://{path}")
+        self._guests = guests
+        self._shared = libvirt.open(self.uri)  # libvirt connections are thread-safe; the instance is this one's
+
+    @property
+    def conn(self) -> libvirt.virConnect:  # one instance for all of the pool's threads
+        return self._shared
+
+    def _start(self, dom: libvirt.virDomain) -> None:
+        super()._start(dom)
+        xml = dom.XMLDesc(0)
+        console = ET.fromstring(xml).find("devices/serial/source").get("path")
+        self._guests.boot(int(parse_metadata(xml)["ssh-port"]), console)
+
+    def _remove(self, name: str) -> bool:
+        dom = self._lookup(name)
+        if dom is not None:
+            self._guests.halt(int(parse_metadata(dom.XMLDesc(0)).get("ssh-port") or 0))
+        return super()._remove(name)
+
+
+def instant_prepare(root, guest_name, job_id, base, base_format, seed, data_size_mib=None, user_image=None,
+                    store=None, node=None) -> GuestDisks:
+    """disks.prepare's directory (root's, checked as there), its job and node marks and the console log; no
+    overlay and no seed ISO (nothing reads them on the test driver)."""
+    gdir = disks.guest_dir(root, guest_name)
+    node_service.trust.secure_dir(root, disks.DIR_MODE)
+    if gdir.exists():
+        disks._remove_tree(gdir, store)
+    os.mkdir(gdir, disks.DIR_MODE)
+    (gdir / "job").write_bytes(job_id.encode())
+    if node:
+        (gdir / "node").write_bytes(node.encode())
+    (gdir / "console.log").write_bytes(b"")
+    return GuestDisks(overlay=str(gdir / "root.qcow2"), seed=str(gdir / "seed.iso"),
+                      console_log=str(gdir / "console.log"))
+
+
+def instant_disks():
+    """While active, the node workers of this process prepare guests with instant_prepare."""
+    return mock.patch.object(disks, "prepare", instant_prepare)
+
+
+def node_config(base: Config, name: str, index: int, root: Path, port_base: int, ports: int) -> Config:
+    """The site's config as node `name` sees it: its own name, directories and `ports` ports of its own (on a
+    cluster every node has a port space of its own)."""
+    lo = port_base + index * ports
+    node = msgspec.structs.replace(base.node, name=name, guest_dir=str(root / name / "guests"),
+                                   ramdisk_dir=str(root / name / "shm"), ssh_port_min=lo,
+                                   ssh_port_max=lo + ports - 1)
+    return msgspec.structs.replace(base, node=node, state_dir=str(root / name / "state"))
+
+
+class NodeHost:
+    """COUNT node identities, each a NodeWorker of its own. They share connections: this broker takes about 830
+    (its open-file limit, 1,024), and one consumer, one publisher and one heartbeat connection per node would
+    need 3,072. So the nodes go in groups of `group` (one ServiceRunner consuming the group's node queues, its
+    handler passing each command to the NodeWorker the command names, one Publisher), and one Heartbeat beats
+    for `beat_group` nodes. Within a group commands are handled one at a time, as each node handles its own."""
+
+    def __init__(self, config: Config, prefix: str, count: int, port_base: int, workdir: Path, ports: int = 4,
+                 group: int = 16, beat_group: int = 128):
+        self.stop = threading.Event()
+        self.guests = InstantGuests()
+        self.workers: list[node_service.NodeWorker] = []
+        self.runners: list[ServiceRunner] = []
+        self.beat_group = beat_group
+        url = config.broker.connection_url()
+        store = node_service.ImageStore(config.images.store)
+        for first in range(0, count, group):
+            publisher = Publisher(url)
+            members = {}
+            for i in range(first, min(count, first + group)):
+                cfg = node_config(config, f"{prefix}{i:04d}", i, workdir, port_base, ports)
+                worker = node_service.NodeWorker(cfg, publisher, store=store,
+                                                 hypervisor=InstantHypervisor(self.guests, str(workdir)))
+                members[worker.node] = worker
+            self.workers += members.values()
+            handlers = {kind: _dispatch(members, kind) for kind in self.workers[-1].handlers()}
+            queues = [q for w in members.values() for q in w.queues()]
+            self.runners.append(ServiceRunner(url, queues, handlers, heartbeat=config.broker.heartbeat,
+                                              user_prefix=config.broker.user_prefix))
+
+    def start(self) -> None:
+        # Heartbeats first publish once, synchronously, as `vtorque run node-worker` does before consuming.
+        for first in range(0, len(self.workers), self.beat_group):
+            Heartbeat(self.workers[first:first + self.beat_group], self.stop).start()
+        for runner in self.runners:
+            threading.Thread(target=runner.run, name="consumer", daemon=True).start()
+        deadline = time.monotonic() + 600
+        while not all(r.ready.is_set() for r in self.runners):
+            if time.monotonic() > deadline:
+                raise RuntimeError("node workers did not all start consuming")
+            time.sleep(0.1)
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        for runner in self.runners:
+            runner.stop()
+
+
+def _dispatch(members: dict, kind: type):
+    """The handler of `kind` of the NodeWorker a command is for (BootGuests and TeardownGuests name their node)."""
+    def handle(command):
+        members[command.node].handlers()[kind](command)
+    return handle
+
+
+def main(argv: list[str]) -> int:
+    config_path, prefix, count, port_base = argv[0], argv[1], int(argv[2]), int(argv[3])
+    config = load_config(config_path, env={})
+    workdir = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=Path(config.state_dir)))
+    os.chmod(workdir, 0o711)
+    t0 = time.monotonic()
+    with instant_disks():
+        host = NodeHost(config, prefix, count, port_base, workdir)
+        done = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: sys.exit(0))  # at any point: the process holds nothing to save
+        host.start()
+        print(json.dumps({"ready": count, "seconds": round(time.monotonic() - t0, 2)}), flush=True)
+        done.wait()
+        host.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,145 @@
+"""What made vtorque slow at scale (issue 12, bench/scale_nodes.py), fixed without changing behaviour: publisher
+confirms counted so a batch waits once, each domain's metadata read once, a heartbeat's running guests from one
+listing. No broker here: confirms through a scripted channel; libvirt's test driver for the rest."""
+
+from __future__ import annotations
+
+import collections
+import uuid
+from datetime import datetime, timezone
+from types import SimpleNamespace
+
+import amqp.exceptions
+import pytest
+
+from vtorque.shared.bus import Confirms
+
+
+class ScriptedChannel:
+    """A py-amqp channel's confirm surface: its events, confirm_select, and acks the broker sends on drain."""
+
+    def __init__(self):
+        self.events = collections.defaultdict(set)
+        self.selected = False
+        self.script: list[tuple[str, int, bool]] = []
+        self.drains = 0
+
+    def confirm_select(self):
+        self.selected = True
+
+    def drain_events(self):  # stands for the connection: the next frame the broker sends
+        self.drains += 1
+        kind, tag, multiple = self.script.pop(0)
+        for callback in list(self.events[f"basic_{kind}"]):
+            callback(tag, multiple)
+
+
+def test_a_batch_waits_until_every_message_is_confirmed_in_any_mix_of_single_and_multiple_acks():
+    channel = ScriptedChannel()
+    confirms = Confirms(channel)
+    assert channel.selected
+    confirms.sent = 5
+    channel.script = [("ack", 2, True), ("ack", 4, False), ("ack", 3, False), ("ack", 5, False)]
+    confirms.wait(channel)
+    assert channel.script == [] and channel.drains == 4 and confirms.pending == 0
+
+
+def test_waiting_stops_at_the_last_confirm_needed():
+    channel = ScriptedChannel()
+    confirms = Confirms(channel)
+    confirms.sent = 3
+    channel.script = [("ack", 3, True), ("ack", 99, False)]  # the second would be a later batch's
+    confirms.wait(channel)
+    assert channel.script == [("ack", 99, False)]
+    confirms.sent += 1  # the next batch on the same channel counts on from there
+    channel.script = [("ack", 4, False)]
+    confirms.wait(channel)
+    assert confirms.pending == 0
+
+
+def test_a_nack_in_a_batch_raises_once_all_are_settled():
+    channel = ScriptedChannel()
+    confirms = Confirms(channel)
+    confirms.sent = 3
+    channel.script = [("ack", 1, False), ("nack", 2, False), ("ack", 3, False)]
+    with pytest.raises(amqp.exceptions.MessageNacked):
+        confirms.wait(channel)
+    assert channel.script == []
+    confirms.sent += 1
+    channel.script = [("ack", 4, False)]
+    confirms.wait(channel)  # the nack was reported once, not again
+
+
+# -- the hypervisor and the heartbeat on libvirt's test driver ---------------------------------------------
+
+libvirt = pytest.importorskip("libvirt")
+
+
+def _xml(name: str, job: str, node: str, port: int) -> str:
+    from vtorque.services.node_worker.domain import BootSource, GuestDisks, GuestMetadata, domain_xml
+    from vtorque.shared import messages as m
+
+    guest = m.GuestPlan(name=name, node=node, index=0, image="tiny", image_digest="a" * 64, vcpus=1, ram_mib=64,
+                        cores=None, owner=m.Owner(user="bob", uid=1001, gid=1001), ssh_authorized_keys=["k"])
+    port_field = {"ssh_port": port} if "ssh_port" in GuestMetadata.__dataclass_fields__ else {}
+    meta = GuestMetadata(job_id=job, owner="bob", deadline=datetime(2030, 1, 1, tzinfo=timezone.utc), index=0,
+                         node=node, **port_field)
+    return domain_xml(guest, GuestDisks(overlay="/g/r.qcow2", seed="/g/s.iso", console_log="/g/c.log"),
+                      BootSource(), meta)
+
+
+@pytest.fixture
+def hv():
+    from vtorque.services.node_worker.hypervisor import Hypervisor
+
+    hv = Hypervisor("test:///default")  # one in-memory driver per process, shared by the pool's threads
+    names: list[str] = []
+    hv.names = names
+    yield hv
+    for name in names:
+        hv.remove(name)
+
+
+def _define(hv, job: str, node: str, port: int, start: bool = True) -> str:
+    name = f"vt-{uuid.uuid4().hex[:8]}-{node}-0"
+    hv.names.append(name)
+    dom = hv.define(_xml(name, job, node, port))
+    if start:
+        hv.start(dom)
+    return name
+
+
+def test_listing_reads_each_domain_once_and_follows_undefine_and_a_new_domain_of_the_same_name(hv):
+    name = _define(hv, "j1", "n1", 22001)
+    assert hv.vtorque_domains()[name]["job"] == "j1"
+    calls = []
+    real = libvirt.virDomain.XMLDesc
+    libvirt.virDomain.XMLDesc = lambda self, flags=0: calls.append(self.name()) or real(self, flags)
+    try:
+        assert hv.vtorque_domains()[name]["job"] == "j1"
+        assert name not in calls  # known by its UUID: not read again
+        hv.remove(name)
+        assert name not in hv.vtorque_domains()
+        hv.define(_xml(name, "j2", "n1", 22002))  # the same name, another job: a new UUID, read afresh
+        assert hv.vtorque_domains()[name]["job"] == "j2" and name in calls
+    finally:
+        libvirt.virDomain.XMLDesc = real
+
+
+def test_active_names_are_the_running_domains(hv):
+    running = _define(hv, "j1", "n1", 22001)
+    defined = _define(hv, "j1", "n1", 22002, start=False)
+    names = hv.active_names()
+    assert running in names and defined not in names
+
+
+def test_a_heartbeat_counts_this_nodes_running_guests_only(hv, fake_host):
+    from vtorque.services.node_worker.heartbeat import node_facts
+    from vtorque.shared.config import Config, NodeConfig
+
+    _define(hv, "j1", "n1", 22001)
+    _define(hv, "j1", "n1", 22002)
+    _define(hv, "j2", "n1", 22003, start=False)  # defined, not running
+    _define(hv, "j3", "n2", 22004)  # another node worker's, on this shared test driver
+    worker = SimpleNamespace(config=Config(node=NodeConfig(name="n1")), hv=hv, node="n1", domain_type="qemu")
+    assert node_facts(worker).guests_running == 2
