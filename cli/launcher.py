@@ -18,6 +18,8 @@ from pathlib import Path
 
 import click
 
+from vtorque.cli.launcher_ssh import ssh_argv
+
 # Run the script from a private temp file so it keeps its own interpreter line; its stdin is /dev/null as for
 # any batch job.
 REMOTE = 'f=$(mktemp) && cat > "$f" && chmod 700 "$f" && "$f" </dev/null; rc=$?; rm -f "$f"; exit $rc'
@@ -28,8 +30,6 @@ NODEFILE = "/etc/vtorque/nodefile"
 def remote_command(job_id: str) -> str:
     return (f"[ -r {NODEFILE} ] && export PBS_NODEFILE={NODEFILE}; "
             f"export PBS_JOBID={shlex.quote(job_id)} VTORQUE_JOB_ID={shlex.quote(job_id)}; {REMOTE}")
-SSH_OPTIONS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
-               "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=20", "-o", "ServerAliveInterval=30"]
 
 
 def job_id_from_env(env=os.environ) -> str | None:
@@ -105,8 +105,7 @@ def _launch(ssh_key: str, traceparent: str | None, wait: float, vm_prologue: str
     rc = 255
     try:
         with tracing.job_trace(job_id, traceparent):
-            argv = ["ssh", "-i", ssh_key, "-p", str(guest["ssh_port"]), *SSH_OPTIONS,
-                    f"{guest['user']}@{guest['address']}", remote_command(job_id)]
+            argv = ssh_argv(ssh_key, guest["ssh_socket"], guest["user"], remote_command(job_id))
             rc = 0
             if vm_prologue:
                 rc = _run_in_guest("vm_prologue", argv, _read_own(vm_prologue), guest)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from vtorque.shared import messages as m
 
-from . import numa, vrdma
+from . import guest_link, numa, vrdma
 
 METADATA_NS = "https://vtorque.org/xmlns/guest/1"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -51,7 +52,6 @@ class GuestMetadata:
     owner: str
     deadline: datetime  # of the boot: a guest not ready by then is removed by reconciliation
     index: int
-    ssh_port: int
     node: str = ""
     end_by: datetime | None = None  # the job's start + walltime, when the scheduler said
 
@@ -65,7 +65,7 @@ def domain_xml(guest: m.GuestPlan, disks: GuestDisks, boot: BootSource, meta: Gu
 
     metadata = ET.SubElement(ET.SubElement(dom, "metadata"), f"{{{METADATA_NS}}}guest")
     for key, value in (("job", meta.job_id), ("owner", meta.owner), ("deadline", meta.deadline.isoformat()),
-                       ("index", str(meta.index)), ("ssh-port", str(meta.ssh_port)), ("node", meta.node),
+                       ("index", str(meta.index)), ("node", meta.node),
                        ("end-by", meta.end_by.isoformat() if meta.end_by else "")):
         if value:
             ET.SubElement(metadata, f"{{{METADATA_NS}}}{key}").text = value
@@ -139,11 +139,11 @@ def domain_xml(guest: m.GuestPlan, disks: GuestDisks, boot: BootSource, meta: Gu
     ET.SubElement(serial, "source", {"path": disks.console_log})
     ET.SubElement(serial, "target", {"port": "0"})
 
-    # User-mode networking with the guest's sshd forwarded to a loopback port: libvirt 9.0 ignores
-    # <portForward> on type='user', so the netdev goes on the QEMU command line.
+    # User-mode networking for the guest's own traffic, and its sshd reached through a link only root enters
+    # (guest_link.py: no port on the host). The guest's files, its link's sockets among them, share one directory.
+    # On the QEMU command line: libvirt 9.0 has no hub nor stream netdev for type='user'.
     cmd = ET.SubElement(dom, f"{{{QEMU_NS}}}commandline")
-    args = ["-netdev", f"user,id=vtnet0,hostfwd=tcp:127.0.0.1:{meta.ssh_port}-:22",
-            "-device", f"virtio-net-pci,netdev=vtnet0,mac={USER_NET_MAC},addr=0x10"]
+    args = guest_link.netdev_args(Path(disks.overlay).parent, USER_NET_MAC)
     if job_nic:
         # The job's guests, on every node, share one L2 segment: QEMU's socket netdev on a multicast group.
         args += ["-netdev", f"socket,id=vtjob0,mcast={job_nic.group}:{job_nic.port},localaddr={job_nic.localaddr}",

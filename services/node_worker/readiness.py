@@ -1,12 +1,13 @@
-"""Is the guest up? Console markers from the guest, then sshd's banner on the forwarded port."""
+"""Is the guest up? Console markers from the guest, then sshd's banner through the guest's link (guest_link.py)."""
 
 from __future__ import annotations
 
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from vtorque.shared.guest_ssh import connect
 
 KERNEL_UP = b"VTORQUE-KERNEL-UP"
 GUEST_READY = b"VTORQUE-GUEST-READY"
@@ -33,16 +34,16 @@ def console_tail(path: str | Path, lines: int = 20) -> str:
     return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
 
 
-def ssh_banner(port: int, host: str = "127.0.0.1", timeout: float = 2.0) -> bool:
+def ssh_banner(ssh_socket: str | Path, timeout: float = 2.0) -> bool:
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
+        with connect(ssh_socket, timeout) as sock:
             sock.settimeout(timeout)
             return sock.recv(4) == b"SSH-"
     except OSError:
         return False
 
 
-def wait_ready(console: str | Path, port: int, is_active: Callable[[], bool], deadline: float,
+def wait_ready(console: str | Path, ssh_socket: str | Path, is_active: Callable[[], bool], deadline: float,
                poll: float = 0.05) -> Readiness:
     """Block until the guest is reachable over ssh, or raise BootFailed. `deadline` is monotonic."""
     kernel_up = None
@@ -65,7 +66,7 @@ def wait_ready(console: str | Path, port: int, is_active: Callable[[], bool], de
             if GUEST_FAILED in buf:
                 raise BootFailed("the guest reported a failure", False, console_tail(console))
             seen_ready = seen_ready or GUEST_READY in buf
-        if seen_ready and ssh_banner(port):
+        if seen_ready and ssh_banner(ssh_socket):
             return Readiness(kernel_up, time.monotonic())
         if now - last_alive_check > 1.0:
             last_alive_check = now

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextvars
-import fcntl
 import json
 import logging
 import os
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -30,9 +28,9 @@ from vtorque.shared.user_files import UserFileRefused
 
 from vtorque.shared.job_network import guest_mac
 
-from . import disks
+from . import disks, guest_link
 from . import numa, trust, vrdma
-from .domain import BootSource, GuestMetadata, JobNic, domain_xml, parse_metadata
+from .domain import USER_NET_MAC, BootSource, GuestMetadata, JobNic, domain_xml, parse_metadata
 from .hypervisor import Hypervisor, HypervisorError, detect_domain_type
 from .readiness import BootFailed, Readiness, ssh_banner, wait_ready
 from .seed import seed_files
@@ -121,7 +119,7 @@ class NodeWorker:
                 again = self._reannounce(cmd, guest)
                 if again is not None:
                     return again
-                timings, port = self._boot_fresh(cmd, guest, started)
+                timings, ssh_socket = self._boot_fresh(cmd, guest, started)
             except BootFailed as exc:
                 tracing.mark_error(span, exc.reason)
                 return self._fail(cmd, guest, exc.reason, exc.retryable, exc.console_tail)
@@ -131,10 +129,11 @@ class NodeWorker:
             except (HypervisorError, disks.DiskError, OSError) as exc:
                 tracing.mark_error(span, exc)
                 return self._fail(cmd, guest, str(exc), True, "")
-            self._write_job_file(cmd.job_id, guest, port)
-            log(LOG, logging.INFO, "guest ready", guest=guest.name, port=port, ready_s=round(timings.ready, 2))
+            self._write_job_file(cmd.job_id, guest, ssh_socket)
+            log(LOG, logging.INFO, "guest ready", guest=guest.name, ready_s=round(timings.ready, 2))
+            # The guest's sshd is a unix socket on this node, not a port (guest_link.py): ssh_port 0.
             return m.GuestReady.new(job_id=cmd.job_id, deadline=cmd.deadline, guest=guest.name, node=self.node,
-                                    index=guest.index, address="127.0.0.1", ssh_port=port, timings=timings)
+                                    index=guest.index, address=str(ssh_socket), ssh_port=0, timings=timings)
 
     def _reannounce(self, cmd: m.BootGuests, guest: m.GuestPlan) -> m.GuestReady | None:
         dom = self.hv.lookup(guest.name)
@@ -144,28 +143,27 @@ class NodeWorker:
         if meta.get("job") != cmd.job_id or meta.get("node", self.node) != self.node:
             # Never touch a domain of another job (or another node worker's) a command happens to name.
             raise trust.Refused(f"a domain named {guest.name} exists and is not this job's")
-        port = int(meta.get("ssh-port", "0") or 0)
-        if self.hv.is_active(guest.name) and meta.get("job") == cmd.job_id and port:
+        # Only a guest directory root made, in a root still root's alone (never a planted tree).
+        gdir = next((Path(r) / guest.name for r in self._roots()
+                     if trust.is_safe_dir(r) is None and trust.own_entry(Path(r), guest.name)), None)
+        if self.hv.is_active(guest.name) and meta.get("job") == cmd.job_id and gdir is not None:
             # Redelivered (the worker died, or its ack was lost): this guest already runs; never boot it twice.
             started = time.monotonic()
-            if not ssh_banner(port):
-                # Only a guest directory root made, in a root still root's alone (never a planted tree).
-                console = next((Path(r) / guest.name / "console.log" for r in self._roots()
-                                if trust.is_safe_dir(r) is None and trust.own_entry(Path(r), guest.name)
-                                and (Path(r) / guest.name / "console.log").is_file()
-                                and not (Path(r) / guest.name / "console.log").is_symlink()), None)
-                if console is None:
+            ssh_socket = gdir / guest_link.SSH_SOCKET
+            if not ssh_banner(ssh_socket):
+                console = gdir / "console.log"
+                if not console.is_file() or console.is_symlink():
                     raise BootFailed("a running guest without its files", True)
                 log(LOG, logging.INFO, "guest already booting, waiting for it", guest=guest.name)
                 deadline = started + max(1.0, (cmd.deadline - m.utcnow()).total_seconds())
-                wait_ready(console, port, lambda: self.hv.is_active(guest.name),
+                wait_ready(console, ssh_socket, lambda: self.hv.is_active(guest.name),
                            min(deadline, started + self.config.node.boot_timeout))
             log(LOG, logging.INFO, "guest already running, announcing it again", guest=guest.name)
             waited = time.monotonic() - started
             zero = m.PhaseTimings(image=0, disks=0, define=0, start=0, kernel_up=None, ready=waited)
-            self._write_job_file(cmd.job_id, guest, port)
+            self._write_job_file(cmd.job_id, guest, ssh_socket)
             return m.GuestReady.new(job_id=cmd.job_id, deadline=cmd.deadline, guest=guest.name, node=self.node,
-                                    index=guest.index, address="127.0.0.1", ssh_port=port, timings=zero)
+                                    index=guest.index, address=str(ssh_socket), ssh_port=0, timings=zero)
         # A half-booted leftover of an earlier attempt: start over from nothing.
         self.hv.remove(guest.name)
         self._remove_disks(guest.name)
@@ -190,7 +188,7 @@ class NodeWorker:
                                max_bytes=parse_size_mib(self.config.spec.max_disk) << 20,
                                timeout=max(5.0, min(600.0, deadline - time.monotonic())))
 
-    def _boot_fresh(self, cmd: m.BootGuests, guest: m.GuestPlan, t0: float) -> tuple[m.PhaseTimings, int]:
+    def _boot_fresh(self, cmd: m.BootGuests, guest: m.GuestPlan, t0: float) -> tuple[m.PhaseTimings, Path]:
         deadline = min(time.monotonic() + self.config.node.boot_timeout,
                        time.monotonic() + (cmd.deadline - m.utcnow()).total_seconds())
         entry = self.config.images.catalog.get(guest.image)
@@ -213,24 +211,27 @@ class NodeWorker:
                                   store=self.config.images.store, node=self.node)
         t_disks = time.monotonic()
         try:
-            with self._port_lock():
-                # Choosing a port and starting the QEMU that binds it is one step on this host: two boots (or
-                # two node workers on one test host) must not pick the same free port.
-                port = self._free_port()
-                meta = GuestMetadata(job_id=cmd.job_id, owner=guest.owner.user, deadline=cmd.deadline,
-                                     index=guest.index, ssh_port=port, node=self.node, end_by=guest.end_by)
-                xml = domain_xml(guest, files, BootSource(entry.kernel, entry.initrd, entry.cmdline), meta,
-                                 self.domain_type, job_nic, vrdma_choice=vrdma.for_guest(self, cmd, guest),
-                                 numa_topology=numa.host_topology())
-                with _phase("define domain"):
-                    dom = self.hv.define(xml)
-                t_define = time.monotonic()
-                with _phase("start domain"):
-                    self.hv.start(dom)
-                t_start = time.monotonic()
+            gdir = Path(files.overlay).parent
+            try:
+                # The guest's ssh path, before QEMU starts and joins it (guest_link.py).
+                guest_link.start(gdir, guest.owner.uid, USER_NET_MAC)
+            except (guest_link.LinkError, OSError) as exc:
+                raise BootFailed(str(exc), True) from None
+            ssh_socket = gdir / guest_link.SSH_SOCKET
+            meta = GuestMetadata(job_id=cmd.job_id, owner=guest.owner.user, deadline=cmd.deadline,
+                                 index=guest.index, node=self.node, end_by=guest.end_by)
+            xml = domain_xml(guest, files, BootSource(entry.kernel, entry.initrd, entry.cmdline), meta,
+                             self.domain_type, job_nic, vrdma_choice=vrdma.for_guest(self, cmd, guest),
+                             numa_topology=numa.host_topology())
+            with _phase("define domain"):
+                dom = self.hv.define(xml)
+            t_define = time.monotonic()
+            with _phase("start domain"):
+                self.hv.start(dom)
+            t_start = time.monotonic()
             with _phase("wait until ready") as span:
-                ready: Readiness = wait_ready(files.console_log, port, lambda: self.hv.is_active(guest.name),
-                                              deadline)
+                ready: Readiness = wait_ready(files.console_log, ssh_socket,
+                                              lambda: self.hv.is_active(guest.name), deadline)
                 if ready.kernel_up:
                     span.add_event("kernel up", timestamp=time.time_ns() - int((time.monotonic() - ready.kernel_up) * 1e9))
         except BaseException:
@@ -240,7 +241,7 @@ class NodeWorker:
         timings = m.PhaseTimings(
             image=t_image - t0, disks=t_disks - t0, define=t_define - t0, start=t_start - t0,
             kernel_up=(ready.kernel_up - t0) if ready.kernel_up else None, ready=ready.ready - t0)
-        return timings, port
+        return timings, ssh_socket
 
     def _wait_for_image(self, cmd: m.BootGuests, digest: str, deadline: float) -> Path:
         if self.store.has(digest):
@@ -269,36 +270,12 @@ class NodeWorker:
         finally:
             waiter.close()
 
-    @contextmanager
-    def _port_lock(self):
-        with self._thread_lock:
-            root = trust.secure_dir(self.config.node.guest_dir, disks.DIR_MODE)
-            fd = os.open(root / ".ports.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            with open(fd, "a") as fh:
-                fcntl.flock(fh, fcntl.LOCK_EX)
-                try:
-                    yield
-                finally:
-                    fcntl.flock(fh, fcntl.LOCK_UN)
-
-    def _free_port(self) -> int:
-        taken = {int(meta.get("ssh-port") or 0) for meta in self.hv.vtorque_domains().values()}
-        for port in range(self.config.node.ssh_port_min, self.config.node.ssh_port_max + 1):
-            if port in taken:
-                continue
-            with socket.socket() as sock:
-                try:
-                    sock.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
-        raise BootFailed("no free loopback port for the guest's ssh", True)
-
-    def _write_job_file(self, job_id: str, guest: m.GuestPlan, port: int) -> None:
-        """What the job's launcher (running as the owner) reads to reach its guests."""
+    def _write_job_file(self, job_id: str, guest: m.GuestPlan, ssh_socket: Path) -> None:
+        """What the job's launcher (running as the owner) reads to reach its guests: the guest's ssh socket
+        (only the owner and root may connect to it, guest_link.py)."""
         jdir = trust.secure_dir(self.config.job_dir(trust.check_job_id(job_id)), 0o755)
         doc = {"job_id": job_id, "guest": guest.name, "index": guest.index, "node": self.node,
-               "address": "127.0.0.1", "ssh_port": port, "user": guest.owner.user, "vcpus": guest.vcpus}
+               "ssh_socket": str(ssh_socket), "user": guest.owner.user, "vcpus": guest.vcpus}
         tmp = jdir / f".{trust.check_guest_name(guest.name)}.json.tmp"
         tmp.unlink(missing_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from vtorque.cli.launcher import SSH_OPTIONS
+from vtorque.cli.launcher_ssh import ssh_argv
 from vtorque.shared import messages as m
 from vtorque.shared.bus import EventWaiter, Publisher
 from vtorque.shared.config import ImageEntry
@@ -101,8 +101,8 @@ def expect(waiter, kind, timeout):
     pytest.fail(f"no {kind.__name__} within {timeout}s")
 
 
-def ssh(key, port, user, command):
-    return subprocess.run(["ssh", "-i", str(key), "-p", str(port), *SSH_OPTIONS, f"{user}@127.0.0.1", command],
+def ssh(key, ssh_socket, user, command):
+    return subprocess.run(ssh_argv(key, ssh_socket, user, command),
                           capture_output=True, text=True, timeout=120)
 
 
@@ -144,7 +144,7 @@ def test_a_debian_cloud_guest_boots_with_the_seed(broker_url, worker, owner, ssh
         # The readiness marker came from cloud-init's final_message, the user's own message after it.
         assert "VTORQUE-GUEST-READY uptime=" in console and "user-final-message" in console
 
-        run = ssh(ssh_key, ready.ssh_port, USER, PROBE)
+        run = ssh(ssh_key, ready.address, USER, PROBE)
         assert run.returncode == 0, run.stderr
         got = json.loads(run.stdout)
         assert "status: done" in got["cloud_init"], got["cloud_init"]  # no cloud-init module failed
@@ -159,7 +159,7 @@ def test_a_debian_cloud_guest_boots_with_the_seed(broker_url, worker, owner, ssh
         assert got["timezone"] == TIMEZONE and got["localtime"].endswith(TIMEZONE)
 
         # The owner is not root: the job's key does not give root.
-        root = ssh(ssh_key, ready.ssh_port, "root", "echo ROOT-IN")
+        root = ssh(ssh_key, ready.address, "root", "echo ROOT-IN")
         assert root.returncode != 0 and "ROOT-IN" not in root.stdout
 
         publisher.publish(m.TeardownGuests.new(job_id=job, deadline=60.0, node=config.node.name))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from vtorque.cli.launcher import SSH_OPTIONS
+from vtorque.cli.launcher_ssh import ssh_argv
 from vtorque.services.node_worker import iocm, vrdma
 from vtorque.shared import messages as m
 from vtorque.shared.bus import EventWaiter, Publisher
@@ -98,8 +98,7 @@ def test_pinning_iocm_and_vrdma_on_a_running_guest(broker_url, worker, ssh_key, 
         assert shm.exists() and shm.stat().st_mode & 0o077 == 0
 
         def ssh(command, timeout=60):
-            return subprocess.run(["ssh", "-i", str(ssh_key), "-p", str(ready.ssh_port), *SSH_OPTIONS,
-                                   "root@127.0.0.1", command], capture_output=True, text=True, timeout=timeout)
+            return subprocess.run(ssh_argv(ssh_key, ready.address, "root", command), capture_output=True, text=True, timeout=timeout)
 
         pci = ssh("cat /sys/bus/pci/devices/*/vendor /sys/bus/pci/devices/*/device | tr '\\n' ' '")
         assert pci.returncode == 0, pci.stderr
@@ -113,9 +112,9 @@ def test_pinning_iocm_and_vrdma_on_a_running_guest(broker_url, worker, ssh_key, 
         assert iothread_cores(dom) == {1: [1], 2: [1]}, "widened without load"
 
         load = subprocess.Popen(
-            ["ssh", "-i", str(ssh_key), "-p", str(ready.ssh_port), *SSH_OPTIONS, "root@127.0.0.1",
-             "rm -f /tmp/stop; while [ ! -e /tmp/stop ]; do "
-             "dd if=/dev/vda of=/dev/null bs=64k count=512 iflag=direct 2>/dev/null; done"],
+            ssh_argv(ssh_key, ready.address, "root",
+                     "rm -f /tmp/stop; while [ ! -e /tmp/stop ]; do "
+                     "dd if=/dev/vda of=/dev/null bs=64k count=512 iflag=direct 2>/dev/null; done"),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             t0 = time.monotonic()

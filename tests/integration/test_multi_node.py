@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from vtorque.cli.launcher import SSH_OPTIONS, remote_command
+from vtorque.cli.launcher import remote_command
+from vtorque.cli.launcher_ssh import ssh_argv
 from vtorque.hooks.job_hook import JobContext, Verdict, run_epilogue, run_prologue
 from vtorque.services.node_worker.hypervisor import Hypervisor
 from vtorque.shared import messages as m
@@ -70,8 +71,7 @@ def test_four_guests_on_two_nodes_reach_each_other(site, two_node_workers, tmp_p
         # From rank 0: the node file, and every other guest by name over the job network.
         script = ("cat $PBS_NODEFILE; for h in $(sort -u $PBS_NODEFILE); do "
                   "ping -c1 -W3 $h >/dev/null && echo reach-$h; done\n")
-        run = subprocess.run(["ssh", "-i", str(key), "-p", str(rank0.ssh_port), *SSH_OPTIONS, "root@127.0.0.1",
-                              remote_command(job_id)], input=script.encode(), capture_output=True, timeout=120)
+        run = subprocess.run(ssh_argv(key, rank0.address, "root", remote_command(job_id)), input=script.encode(), capture_output=True, timeout=120)
         out = run.stdout.decode().split()
         assert run.returncode == 0, run.stderr
         assert out[:4] == names  # one line per vCPU, rank order

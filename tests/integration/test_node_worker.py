@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vtorque.cli.launcher import SSH_OPTIONS
+from vtorque.cli.launcher_ssh import ssh_argv
 from vtorque.shared import messages as m
 from vtorque.shared.bus import EventWaiter, Publisher
 
@@ -58,8 +58,7 @@ def test_boot_reannounce_and_teardown(broker_url, worker, ssh_key):
         job_file = config.job_dir(job) / f"{plan.name}.json"
         assert job_file.exists()
         # Only the job's key gets in, and it reaches the guest's own kernel.
-        run = subprocess.run(["ssh", "-i", str(ssh_key), "-p", str(ready.ssh_port), *SSH_OPTIONS, "root@127.0.0.1",
-                              "uname -r; nproc"], capture_output=True, text=True, timeout=60)
+        run = subprocess.run(ssh_argv(ssh_key, ready.address, "root", "uname -r; nproc"), capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, run.stderr
         assert run.stdout.split() == [run.stdout.split()[0], "2"] and run.stdout.split()[0] != os.uname().release
 
@@ -68,7 +67,7 @@ def test_boot_reannounce_and_teardown(broker_url, worker, ssh_key):
         again = expect(waiter, m.GuestReady)
         # Re-announced: no phase ran again (ready is only the time spent finding it up).
         assert (again.timings.define, again.timings.start) == (0, 0) and again.timings.ready < 30
-        assert again.ssh_port == ready.ssh_port
+        assert again.address == ready.address
         assert svc.hv.lookup(plan.name).ID() == first_id
 
         publisher.publish(m.TeardownGuests.new(job_id=job, deadline=60.0, node=config.node.name))

@@ -171,7 +171,7 @@ def test_a_guest_named_like_another_jobs_domain_leaves_that_domain_alone(site, u
     assert name == domain_name(j, site.node, 0)
     victim = site.plan(a, victim_job, name=name)
     xml = domain_xml(victim, GuestDisks("/nonexistent/o", "/nonexistent/s", "/nonexistent/c"), BootSource(),
-                     GuestMetadata(job_id=victim_job, owner=a.name, deadline=m.utcnow(), index=0, ssh_port=1,
+                     GuestMetadata(job_id=victim_job, owner=a.name, deadline=m.utcnow(), index=0,
                                    node=site.node), domain_type="test")
     dom = site.worker.hv.define(xml)
     try:

@@ -51,7 +51,7 @@ def test_network_config_names_both_nics_by_mac_and_the_domain_uses_those_macs():
     assert cfg["ethernets"]["jobnet"] == {"match": {"macaddress": mac}, "addresses": [f"{guest_address(0)}/16"]}
     assert cfg["ethernets"]["usernet"] == {"match": {"macaddress": USER_NET_MAC}, "dhcp4": True}
     assert USER_NET_MAC != mac and not USER_NET_MAC.startswith("52:54:00:")
-    meta = GuestMetadata(job_id="9", owner="bob", deadline=datetime.now(timezone.utc), index=0, ssh_port=22001)
+    meta = GuestMetadata(job_id="9", owner="bob", deadline=datetime.now(timezone.utc), index=0)
     disks = GuestDisks(overlay="/g/root.qcow2", seed="/g/seed.iso", console_log="/g/c.log")
     root = ET.fromstring(domain_xml(plan(), disks, BootSource("/k/vmlinux"), meta,
                                     job_nic=JobNic(net.group, net.port, mac)))

@@ -5,7 +5,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from vtorque.services.node_worker.domain import BootSource, GuestDisks, GuestMetadata, domain_xml, parse_metadata
+from vtorque.services.node_worker.domain import QEMU_NS, BootSource, GuestDisks, GuestMetadata, domain_xml, parse_metadata
 from vtorque.services.node_worker.seed import seed_files
 from vtorque.shared import messages as m
 
@@ -13,8 +13,7 @@ GUEST = m.GuestPlan(name="vt-7_srv-n1-0", node="n1", index=0, image="tiny", imag
                     ram_mib=256, cores=[3, 5], owner=m.Owner(user="bob", uid=1001, gid=1002),
                     ssh_authorized_keys=["ssh-ed25519 AAAAkey bob"])
 DISKS = GuestDisks(overlay="/g/vt/root.qcow2", seed="/g/vt/seed.iso", console_log="/g/vt/console.log")
-META = GuestMetadata(job_id="7.srv", owner="bob", deadline=datetime(2030, 1, 1, tzinfo=timezone.utc), index=0,
-                     ssh_port=22001)
+META = GuestMetadata(job_id="7.srv", owner="bob", deadline=datetime(2030, 1, 1, tzinfo=timezone.utc), index=0)
 
 
 def test_domain_carries_the_plan():
@@ -27,9 +26,14 @@ def test_domain_carries_the_plan():
     sources = [d.find("source").get("file") for d in root.iter("disk")]
     assert sources == [DISKS.overlay, DISKS.seed]
     assert root.find("devices/serial/source").get("path") == DISKS.console_log
-    assert "hostfwd=tcp:127.0.0.1:22001-:22" in xml
+    # No port on the host: the guest's NIC is on a hub with slirp (no IPv6) and the link to its guest_link
+    # process, whose socket is in the guest's own directory.
+    args = [a.get("value") for a in root.iter(f"{{{QEMU_NS}}}arg")]
+    assert "hostfwd" not in xml
+    assert "user,id=vtuser0,ipv6=off" in args
+    assert "stream,id=vtlink0,server=off,addr.type=unix,addr.path=/g/vt/link.sock" in args
     assert parse_metadata(xml) == {"job": "7.srv", "owner": "bob", "deadline": "2030-01-01T00:00:00+00:00",
-                                   "index": "0", "ssh-port": "22001"}
+                                   "index": "0"}
 
 
 def test_cloud_image_boots_from_disk_and_kvm_passes_the_cpu_through():

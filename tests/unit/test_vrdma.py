@@ -120,8 +120,7 @@ GUEST = m.GuestPlan(name="vt-9-n1-0", node="n1", index=0, image="tiny", image_di
                     ssh_authorized_keys=["k"], emulator_cores=[0], io_cores=[4, 5], iocm_min_cores=1,
                     iocm_max_cores=2, vrdma=True)
 DISKS = GuestDisks(overlay="/g/root.qcow2", seed="/g/seed.iso", console_log="/g/c.log")
-META = GuestMetadata(job_id="9", owner="bob", deadline=datetime(2030, 1, 1, tzinfo=timezone.utc), index=0,
-                     ssh_port=22001)
+META = GuestMetadata(job_id="9", owner="bob", deadline=datetime(2030, 1, 1, tzinfo=timezone.utc), index=0)
 
 
 def test_guest_definition_carries_the_chosen_backend_and_iocm_facts():
@@ -130,7 +129,7 @@ def test_guest_definition_carries_the_chosen_backend_and_iocm_facts():
     root = ET.fromstring(xml)
     assert root.find("devices/shmem") is None and root.find("memoryBacking") is not None
     args = [a.get("value") for a in root.iter("{http://libvirt.org/schemas/domain/qemu/1.0}arg")]
-    assert args[:2] == ["-netdev", "user,id=vtnet0,hostfwd=tcp:127.0.0.1:22001-:22"]
+    assert args[:2] == ["-netdev", "user,id=vtuser0,ipv6=off"]  # the guest's own NIC first, then vRDMA's
     assert any(a.startswith("pvrdma,") for a in args)
     meta = parse_metadata(xml)
     assert (meta["iocm-cores"], meta["iocm-min"], meta["iocm-max"]) == ("4,5", "1", "2")
