@@ -359,7 +359,8 @@ ENVIRONMENT
   PBS_DPREFIX      the directive prefix when -C is not given (default #PBS)
 
 FILES
-  ~/.vtorque/keys/    the per-job ssh keys (removed when the job ends)
+  ~/.vtorque/keys/    the per-job ssh keys (removed when the job's run ends; a job that never ran: by
+                      your next vsub, once the scheduler says it ended or no longer knows it)
 
 SEE ALSO
   vtorque status JOBID, vtorque trace JOBID; the user guide (docs/user-guide.md)
@@ -461,6 +462,9 @@ def _submit_vm_job(qsub_args: list[str], vm: list[str], script_at: int | None, d
             job_id = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
             if proc.returncode == 0 and job_id:
                 span.set_attribute(tracing.JOB_ID, job_id)
+                # Which job the key is for, so that a later vsub can remove it once the scheduler is done
+                # with the job even if it never ran (sweep_keys).
+                (key_dir / JOB_FILE).write_text(job_id + "\n")
                 submitted = True
             else:
                 tracing.mark_error(span, f"qsub exited {proc.returncode}")
@@ -471,6 +475,8 @@ def _submit_vm_job(qsub_args: list[str], vm: list[str], script_at: int | None, d
         if not submitted:
             shutil.rmtree(key_dir, ignore_errors=True)
         tracing.shutdown_tracing()
+        if not dry_run:
+            sweep_keys(key_dir.parent, config, keep=key_dir.name)
 
 
 def _load_metadata(path: str):
@@ -485,6 +491,56 @@ def _load_metadata(path: str):
         raise SpecError("metadata", path, f"cannot be read: {exc}") from None
     except yaml.YAMLError as exc:
         raise SpecError("metadata", path, f"is not valid YAML: {str(exc).splitlines()[0]}") from None
+
+
+JOB_FILE = "job"  # in a key directory: the id of the job the key was made for
+ORPHAN_AGE = 3600.0  # a key directory with no job after this long: its vsub died before qsub answered
+
+
+def sweep_keys(keys_root, config, now: float | None = None, keep: str = "") -> list[str]:
+    """Remove the keys of jobs that will never use them: the scheduler says the job ended (cancelled while
+    queued, failed, a node failure: the launcher that removes a key at the end of its run never ran) or no longer
+    knows it; and keys of a vsub that died before it had a job id. A job the scheduler cannot be asked about, or
+    in a state vtorque does not know, keeps its key until a later vsub; so does `keep` (this vsub's own job).
+    Returns the removed directories."""
+    import shutil
+    import time
+    from pathlib import Path
+
+    from vtorque.shared.scheduler import ALIVE, SchedulerError, scheduler_for
+
+    now = time.time() if now is None else now
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(keys_root))
+    except OSError:
+        return removed
+    scheduler = None
+    for entry in entries:
+        if entry.name == keep or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            job_id = (Path(entry.path) / JOB_FILE).read_text().strip()
+        except FileNotFoundError:
+            job_id = ""
+        except OSError:
+            continue
+        if not job_id:
+            try:
+                done = now - entry.stat(follow_symlinks=False).st_mtime > ORPHAN_AGE
+            except OSError:
+                continue
+        else:
+            scheduler = scheduler or scheduler_for(config)
+            try:
+                info = scheduler.job(job_id)
+            except SchedulerError:
+                continue
+            done = info is None or (info.state not in ALIVE and info.state != "unknown")
+        if done:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    return removed
 
 
 def _make_key(key_dir) -> str:
