@@ -535,7 +535,7 @@ def sweep_keys(keys_root, config, now: float | None = None, keep: str = "") -> l
             try:
                 info = scheduler.job(job_id)
             except SchedulerError:
-                continue
+                break  # asked again at the next vsub; one scheduler time limit at most, not one per key
             done = info is None or (info.state not in ALIVE and info.state != "unknown")
         if done:
             shutil.rmtree(entry.path, ignore_errors=True)
