@@ -351,7 +351,8 @@ EXAMPLES
 
 EXIT STATUS
   qsub's status when vsub ran qsub; 2 when vsub refused the job (bad -vm value, unreadable script, no such
-  image, config error: one line on stderr naming the key, the value and what is allowed; nothing is
+  image, config error, on Slurm a script name, -N or argument with characters slurm-wlm-torque's qsub would
+  run through a shell: one line on stderr naming the key, the value and what is allowed; nothing is
   submitted); 0 for --dry-run, --help and --man.
 
 ENVIRONMENT
@@ -431,6 +432,10 @@ def _submit_vm_job(qsub_args: list[str], vm: list[str], script_at: int | None, d
 
     before = qsub_args[:script_at] if script_at is not None else list(qsub_args)
     after = qsub_args[script_at + 1:] if script_at is not None else []
+    if config.scheduler.kind == "slurm":
+        # Before anything is said or made: a refused job leaves no key and no note behind.
+        refuse_shell_words([*config.spec.exclusive_args, *before],
+                           os.path.join(tempfile.gettempdir(), "vsub-XXXXXXXX", script_name), after)
     fitted = fit(before, spec.cores_per_node(config.spec), spec.ram_mib_per_node(config.spec))
     for note in fitted.notes:
         print(f"vsub: {note} so {spec.vms_per_node} VM(s) × {spec.vcpus} vCPU / {spec.ram_mib} MiB fit "
@@ -491,6 +496,37 @@ def _load_metadata(path: str):
         raise SpecError("metadata", path, f"cannot be read: {exc}") from None
     except yaml.YAMLError as exc:
         raise SpecError("metadata", path, f"is not valid YAML: {str(exc).splitlines()[0]}") from None
+
+
+# What /bin/sh reads as more than a word: slurm-wlm-torque's qsub (a Perl wrapper) pastes its arguments, the
+# script's path and its name (for -o/-e), unquoted into one sbatch command line that it runs through the shell.
+SHELL_SPECIAL = frozenset(" \t\n\r|&;<>()$`\\\"'*?[]#~{}!")
+
+
+def _short(word: str, limit: int = 80) -> str:
+    """A value quoted for a one-line error: escaped, and never a 100 kB value echoed whole."""
+    return repr(word) if len(word) <= limit else repr(word[:limit]) + f"… ({len(word)} characters)"
+
+
+def refuse_shell_words(options: list[str], wrapper_path: str, script_args: list[str]) -> None:
+    """UsageError naming the first argument the Slurm site's qsub would run as shell syntax. vsub refuses it
+    rather than submitting through sbatch itself: the user asked for qsub's options, and their translation is
+    slurm-wlm-torque's; a name without those characters goes through it as with plain qsub."""
+    named = []
+    for i, word in enumerate(options):
+        if i > 0 and options[i - 1] == "-N":
+            named.append((f"the job name (-N) {_short(word)}", word))
+        elif word.startswith("-N") and len(word) > 2:
+            named.append((f"the job name (-N) {_short(word[2:])}", word[2:]))
+        else:
+            named.append((f"the qsub argument {_short(word)}", word))
+    named.append((f"the script's name or $TMPDIR in {_short(wrapper_path)}", wrapper_path))
+    named += [(f"the script argument {_short(word)}", word) for word in script_args]
+    for what, word in named:
+        found = sorted({c for c in word if c in SHELL_SPECIAL or ord(c) < 32})
+        if found:
+            raise UsageError(f"{what} has {' '.join(repr(c) for c in found)}, which this site's qsub "
+                             f"(slurm-wlm-torque) runs through a shell: rename it; nothing was submitted")
 
 
 JOB_FILE = "job"  # in a key directory: the id of the job the key was made for
