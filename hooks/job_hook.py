@@ -130,25 +130,28 @@ def _prologue(job: JobContext, config: Config, deadline_s: float, progress, chan
             user_metadata=dict(job.header.user_metadata), walltime=job.walltime)
         channel.publish(started)
         wait = _Wait()
-        reconnects = 0
+        lost = 0
         while True:
             try:
+                if lost:
+                    channel = channel_factory(config.broker.connection_url(), patterns,
+                                              attempts=config.hooks.broker_attempts,
+                                              timeout=config.broker.connect_timeout)
+                    channel.publish(started)
                 outcome = _wait_for_guests(channel, job.job_id, deadline, deadline_s, progress, wait)
                 break
             except BrokerUnreachable as exc:
                 # The broker node this hook was connected to is gone (a cluster lost one node): what was published
                 # to its queue meanwhile is lost with it, so ask again on another node. JobStarted is idempotent:
                 # the bridge plans the same guests, a node worker re-announces a guest that runs, never boots a
-                # second one.
-                reconnects += 1
-                if reconnects > config.hooks.broker_attempts or time.monotonic() >= deadline:
+                # second one. Right after the loss the other nodes may still be electing the quorum queues' new
+                # leaders (a publish is nacked meanwhile): hence a few tries, spaced out, within the deadline.
+                lost += 1
+                if not _may_retry(lost, config, deadline):
                     raise
                 channel.close()
                 progress(f"{exc}; reconnecting to the broker and asking again")
-                channel = channel_factory(config.broker.connection_url(), patterns,
-                                          attempts=config.hooks.broker_attempts,
-                                          timeout=config.broker.connect_timeout)
-                channel.publish(started)
+                time.sleep(_retry_delay(lost))
         if not outcome.planned and made and guests_marker is not None:
             guests_marker.unlink(missing_ok=True)  # the bridge rejected it before any plan: no guest anywhere
         return outcome
@@ -158,6 +161,30 @@ def _prologue(job: JobContext, config: Config, deadline_s: float, progress, chan
         return Outcome(Verdict.FAILED, f"lost the broker while waiting: {exc!r}")
     finally:
         channel.close()
+
+
+def _may_retry(lost: int, config: Config, deadline: float) -> bool:
+    """After the `lost`-th loss of the broker in one wait: whether to reconnect again (3 tries per
+    hooks.broker_attempts, as long as a try still fits in the deadline)."""
+    return lost <= 3 * config.hooks.broker_attempts and time.monotonic() + _retry_delay(lost) < deadline
+
+
+def _retry_delay(lost: int) -> float:
+    return min(0.5 * lost, 2.0)
+
+
+class _Lost:
+    """A channel whose connection could not be made: its events() raises the loss again (the loop counts it)."""
+
+    def __init__(self, exc: BrokerUnreachable):
+        self.exc = exc
+
+    def events(self, deadline):
+        raise self.exc
+        yield  # pragma: no cover - a generator
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass
@@ -248,7 +275,7 @@ def run_epilogue(job: JobContext, config: Config, exit_status: int | None, progr
                                        scheduler=job.scheduler, nodes=nodes, exit_status=exit_status)
                 channel.publish(ended)
                 pending = set(nodes)
-                reconnects = 0
+                lost = 0
                 while pending:
                     try:
                         for event, _ in channel.events(deadline):
@@ -265,16 +292,20 @@ def run_epilogue(job: JobContext, config: Config, exit_status: int | None, progr
                         break
                     except BrokerUnreachable as exc:
                         # As in the prologue: another broker node of the cluster, and the (idempotent) ask again.
-                        reconnects += 1
-                        if reconnects > config.hooks.broker_attempts or time.monotonic() >= deadline:
+                        lost += 1
+                        if not _may_retry(lost, config, deadline):
                             raise
                         channel.close()
                         progress(f"{exc}; reconnecting to the broker and asking again")
-                        channel = channel_factory(config.broker.connection_url(),
-                                                  [f"job.{m.routing_word(job.job_id)}.guests_torn_down"],
-                                                  attempts=config.hooks.broker_attempts,
-                                                  timeout=config.broker.connect_timeout)
-                        channel.publish(ended)
+                        time.sleep(_retry_delay(lost))
+                        try:
+                            channel = channel_factory(config.broker.connection_url(),
+                                                      [f"job.{m.routing_word(job.job_id)}.guests_torn_down"],
+                                                      attempts=config.hooks.broker_attempts,
+                                                      timeout=config.broker.connect_timeout)
+                            channel.publish(ended)
+                        except BrokerUnreachable as again:
+                            channel = _Lost(again)  # counted by the next turn of the loop
                 progress(f"teardown not confirmed by {', '.join(sorted(pending))} in time")
                 tracing.mark_error(span, "teardown not confirmed")
                 return False

@@ -14,7 +14,9 @@
 # namespace). The single-host stack (its RabbitMQ on 127.0.0.1:5672, its Slurm, its libvirtd) is left alone.
 #
 # Environment: RIG_DIR (/var/lib/vtorque-rig), RIG_COMPUTE (2: compute hosts c1..cN), RIG_NET (10.213.0),
-#   PREFIX (/opt/vtorque: the venv the services run from), GUEST_DIR (/var/cache/vtorque/testguest).
+#   PREFIX (/opt/vtorque: the venv the services run from), GUEST_DIR (/var/cache/vtorque/testguest),
+#   RIG_PYTHONPATH (unset: the venv's vtorque; set: a directory holding another vtorque/ package, e.g. a release
+#   to try, which every service, hook and job step of the rig then imports first).
 set -uo pipefail
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 umask 022
@@ -30,6 +32,7 @@ NETNS_PREFIX=vtr-                  # every network namespace of the rig: vtr-net
 SWITCH=${NETNS_PREFIX}net
 VHOST=vtorque
 
+[ -n "${RIG_PYTHONPATH:-}" ] && export PYTHONPATH=$RIG_PYTHONPATH
 COMPUTE=(); for i in $(seq 1 "$RIG_COMPUTE"); do COMPUTE+=("c$i"); done
 HOSTS=(head "${COMPUTE[@]}")
 addr_of() { case $1 in head) echo "$RIG_NET.1" ;; c*) echo "$RIG_NET.$((10 + ${1#c}))" ;; esac; }
@@ -271,6 +274,7 @@ EOF
   cat >"$d/vtorque/etc/hooks.env" <<EOF
 : "\${VTORQUE_PYTHON:=$PREFIX/venv/bin/python}"
 : "\${VTORQUE_SLURM_STATE:=/var/lib/slurm/slurmctld}"
+${RIG_PYTHONPATH:+export PYTHONPATH=$RIG_PYTHONPATH}
 EOF
   chmod 644 "$d/vtorque/etc/vtorque.toml" "$d/vtorque/etc/hooks.env"
 }
@@ -429,7 +433,7 @@ cmd_down() {
   done
   if mountpoint -q "$RIG_NS"; then umount "$RIG_NS"; fi
   rmdir "$RIG_NS" 2>/dev/null
-  rm -rf /dev/shm/vtorque-rig-* "$RIG_DIR/hosts"
+  rm -rf /dev/shm/vtorque-rig-*   # the hosts' logs stay in $RIG_DIR/hosts until the next up
   say "down in $(since "$t") (guests checked in $t_guests; $n network namespaces removed)"
 }
 

@@ -1,6 +1,9 @@
 """A hook whose broker node is lost mid-wait (a RabbitMQ cluster lost one node, issue 12.2): it reconnects,
 asks again with the same JobStarted/JobEnded (idempotent: no second boot), and keeps what it already heard."""
 
+import pytest
+
+from vtorque.hooks import job_hook
 from vtorque.hooks.job_hook import JobContext, Verdict, run_epilogue, run_prologue
 from vtorque.shared import messages as m
 from vtorque.shared.config import Config, ImageEntry
@@ -56,6 +59,11 @@ class Scripted:
         return Channel()
 
 
+@pytest.fixture(autouse=True)
+def no_wait(monkeypatch):
+    monkeypatch.setattr(job_hook, "_retry_delay", lambda lost: 0.0)
+
+
 def job():
     return JobContext(scheduler="slurm", job_id="7", owner=OWNER, header=JobHeader(spec={"img": "tiny"}),
                       nodes=[m.NodeAllocation(host=h, ncpus=1) for h in ("c1", "c2")])
@@ -73,13 +81,30 @@ def test_the_prologue_asks_again_on_another_node_and_keeps_what_it_heard():
     assert any("reconnecting to the broker and asking again" in line for line in lines)
 
 
-def test_the_prologue_gives_up_after_broker_attempts_reconnections():
+def test_the_prologue_gives_up_after_three_tries_per_broker_attempt():
     lost = BrokerUnreachable("lost the broker while waiting")
     c = config()
     c.hooks.broker_attempts = 2
-    channels = Scripted([lost], [lost], [lost])
+    channels = Scripted(*[[lost]] * 10)
     outcome = run_prologue(job(), c, 60, lambda _: None, channel_factory=channels)
-    assert outcome.verdict is Verdict.FAILED and channels.opened == 3
+    assert outcome.verdict is Verdict.FAILED and channels.opened == 1 + 3 * 2
+
+
+def test_a_nacked_ask_again_is_tried_again():
+    """Right after a node's loss the quorum queues may have no leader yet: the broker nacks the publish."""
+    class Nacking(Scripted):
+        def __call__(self, *args, **kw):
+            channel = super().__call__(*args, **kw)
+            if self.opened == 2:
+                def refuse(event):
+                    raise BrokerUnreachable("publish of JobStarted failed: NackError")
+                channel.publish = refuse
+            return channel
+
+    channels = Nacking([plan("7"), BrokerUnreachable("lost")], [], [ready("7", "c1", 0), ready("7", "c2", 1)])
+    outcome = run_prologue(job(), config(), 60, lambda _: None, channel_factory=channels)
+    assert outcome.verdict is Verdict.READY, outcome.reason
+    assert channels.opened == 3
 
 
 def test_the_epilogue_asks_again_for_the_teardown():
