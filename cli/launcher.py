@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from vtorque.cli.launcher_ssh import ssh_argv
+from vtorque.cli.launcher_ssh import SSH_OPTIONS, ssh_argv
 
 # Run the script from a private temp file so it keeps its own interpreter line; its stdin is /dev/null as for
 # any batch job.
@@ -105,7 +105,13 @@ def _launch(ssh_key: str, traceparent: str | None, wait: float, vm_prologue: str
     rc = 255
     try:
         with tracing.job_trace(job_id, traceparent):
-            argv = ssh_argv(ssh_key, guest["ssh_socket"], guest["user"], remote_command(job_id))
+            if "ssh_socket" in guest:
+                argv = ssh_argv(ssh_key, guest["ssh_socket"], guest["user"], remote_command(job_id))
+            else:
+                # A job file of a node worker started before guests lost their host port (an upgrade whose
+                # node worker has not restarted yet): its guest still listens there.
+                argv = ["ssh", "-i", ssh_key, "-p", str(guest["ssh_port"]), *SSH_OPTIONS,
+                        f"{guest['user']}@{guest['address']}", remote_command(job_id)]
             rc = 0
             if vm_prologue:
                 rc = _run_in_guest("vm_prologue", argv, _read_own(vm_prologue), guest)
