@@ -345,7 +345,7 @@ def _publish_all(publisher: Publisher, messages: list) -> None:
 
 def per_node_growth(config, url: str, workdir: Path, counts=(1, 8, 32, 128)) -> list[dict]:
     """Per operation on one node as its guests grow: a boot of one more, a heartbeat's facts, a teardown."""
-    cfg = many_nodes.node_config(config, "grow0000", 0, workdir / "grow", 50000, max(counts) + 8)
+    cfg = many_nodes.node_config(config, "grow0000", 0, workdir / "grow", 28200, max(counts) + 8)
     worker = node_service.NodeWorker(cfg, Publisher(url), hypervisor=many_nodes.InstantHypervisor(
         many_nodes.InstantGuests(), str(workdir)), store=node_service.ImageStore(config.images.store))
     rows, jobs = [], []
@@ -375,6 +375,34 @@ def per_node_growth(config, url: str, workdir: Path, counts=(1, 8, 32, 128)) -> 
     return rows
 
 
+def per_node_job_size(config, url: str, workdir: Path, sizes=(1, 64, 256, 1024)) -> list[dict]:
+    """What one node spends on its guest of a job of n nodes (the command carries all n peers, which the node
+    checks and writes into the guest's hosts file): decoding the command, and its whole boot. Per node O(n);
+    the bench's one process pays it for every node, a cluster's nodes each once, side by side."""
+    rows = []
+    with many_nodes.instant_disks():
+        for n in sizes:
+            cfg = many_nodes.node_config(config, f"size{n:04d}", 0, workdir / "size", 28400 + n % 7 * 8, 8)
+            worker = node_service.NodeWorker(cfg, Publisher(url), hypervisor=many_nodes.InstantHypervisor(
+                many_nodes.InstantGuests(), str(workdir)), store=node_service.ImageStore(config.images.store))
+            hosts = [cfg.node.name] + [f"peer{i:04d}" for i in range(n - 1)]
+            job = job_event(f"z{n}", hosts)
+            from vtorque.services.scheduler_bridge.planning import boot_commands, plan_guests
+            from vtorque.shared.spec import validate
+
+            command = boot_commands(job, plan_guests(job, validate(job.spec, config), config))[0]
+            body = m.encode(command)
+            t0 = time.monotonic()
+            decoded = m.decode(body)
+            decode = time.monotonic() - t0
+            t0 = time.monotonic()
+            worker.on_boot_guests(decoded)
+            boot = time.monotonic() - t0
+            worker.teardown_job(job.job_id)
+            rows.append({"nodes": n, "bytes": len(body), "decode_s": decode, "boot_s": boot})
+    return rows
+
+
 def _one_guest_boot(config, job_id: str, host: str) -> m.BootGuests:
     from vtorque.services.scheduler_bridge.planning import boot_commands, plan_guests
     from vtorque.shared.spec import validate
@@ -386,9 +414,11 @@ def _one_guest_boot(config, job_id: str, host: str) -> m.BootGuests:
 # -- the run ------------------------------------------------------------------------------------------------
 
 def start_nodes(procs: list, config_path: Path, env: dict, args, log: Path) -> None:
+    """Guests' ports from 24,000, 4 per node: below Linux's ephemeral range (32768-60999), where this run's own
+    client sockets would take them."""
     t0 = time.monotonic()
     procs.append(subprocess.Popen([PY, str(HERE / "many_nodes.py"), str(config_path), "node", str(args.nodes),
-                                   "40000"], env=env, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True))
+                                   "24000"], env=env, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True))
     started = json.loads(procs[-1].stdout.readline() or "{}")
     if "ready" not in started:
         raise RuntimeError(f"node host failed:\n{log.read_text()[-3000:]}")
@@ -433,6 +463,8 @@ def main(argv=None) -> int:
 
             growth = per_node_growth(config, url, root)
             print("(d) one node, per operation:", json.dumps(growth), flush=True)
+            by_size = per_node_job_size(config, url, root)
+            print("(d) one node, its guest of a job of n nodes:", json.dumps(by_size), flush=True)
 
             raw_names = raw_setup(url, args.nodes)
             sink_hosts = [f"sink{i:04d}" for i in range(args.nodes)]
@@ -471,7 +503,7 @@ def main(argv=None) -> int:
                     row[f"job{size}"], row[f"down{size}"] = run_job(url, publisher, hosts[:size])
                 rounds.append(row)
                 print(f"round {r + 1}:", json.dumps({k: round(v, 3) for k, v in row.items()}), flush=True)
-            report(rounds, sizes, growth, boot_size, depths, args)
+            report(rounds, sizes, growth, boot_size, depths, args, by_size)
         finally:
             for proc in procs:
                 proc.terminate()
@@ -486,7 +518,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def report(rounds, sizes, growth, boot_size, depths, args) -> None:
+def report(rounds, sizes, growth, boot_size, depths, args, by_size) -> None:
     n = args.nodes
     print(f"\nrounds: {len(rounds)}; BootGuests body for {n} nodes: {boot_size} bytes")
     print("| what | " + " | ".join(f"round {i + 1}" for i in range(len(rounds))) + " | median |")
@@ -520,6 +552,10 @@ def report(rounds, sizes, growth, boot_size, depths, args) -> None:
     for row in growth:
         print(f"| {row['guests']} guests | {row['boot_s'] * 1e3:.1f} | {row['facts_s'] * 1e3:.1f} | "
               f"{row['teardown_s'] * 1e3:.1f} |")
+    print("\n(d) one node, its guest of a job of n nodes | BootGuests bytes | decode, ms | boot, ms |")
+    print("|---|---|---|---|")
+    for row in by_size:
+        print(f"| {row['nodes']} nodes | {row['bytes']} | {row['decode_s'] * 1e3:.1f} | {row['boot_s'] * 1e3:.1f} |")
 
 
 if __name__ == "__main__":

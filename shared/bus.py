@@ -443,6 +443,10 @@ class ServiceRunner:
                     pending = self._pending
                     if pending is not None:
                         concurrent.futures.wait([pending.future], timeout=0.5)
+                        # Acked before the socket is read: with prefetch 1 the next delivery comes only after
+                        # the ack, so reading first cost every message a 1 ms read timeout (the bridge took
+                        # 380 heartbeats/s; docs/benchmarks.md).
+                        self._settle()
                     try:
                         conn.drain_events(timeout=0.001 if pending is not None else 0.5)
                     except socket.timeout:

@@ -37,7 +37,8 @@ SSH_KEY = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)|sk-ss
                      r"sk-ecdsa-sha2-nistp256@openssh\.com) [A-Za-z0-9+/]{16,16384}={0,3}( [\x20-\x7e]{0,200})?$")
 MIN_OWNER_UID = 1000  # below: system accounts (Debian's and most distributions' UID_MIN)
 NOBODY_UID = 65534
-MAX_GUESTS = 256
+MAX_GUESTS = 256  # on one node
+MAX_PEERS = MAX_GUESTS * 64  # in the whole job, as guest indexes are bounded: a 1,024-node job has 1,024 peers
 MAX_KEYS = 32
 MAX_CORE = 65535
 
@@ -148,7 +149,7 @@ def check_guest(guest: m.GuestPlan, cmd_job: str, vms_on_node: int, config: Conf
         raise Refused(f"node {_show(guest.node)!r} is not a node name")
     if not IMAGE_NAME.match(guest.image) or not DIGEST.match(guest.image_digest):
         raise Refused(f"image {_show(guest.image)!r} / digest {_show(guest.image_digest)!r} malformed")
-    if not 0 <= guest.index < MAX_GUESTS * 64:
+    if not 0 <= guest.index < MAX_PEERS:
         raise Refused(f"guest index {guest.index} out of range")
     try:
         spec = validate(spec_options(guest, vms_on_node), config)
@@ -171,8 +172,8 @@ def check_guest(guest: m.GuestPlan, cmd_job: str, vms_on_node: int, config: Conf
 def check_boot(cmd: m.BootGuests, node: str, config: Config) -> dict[str, OwnerAccount]:
     """Every guest of this node in `cmd`, checked; name → the owner's account. Raises Refused."""
     check_job_id(cmd.job_id)
-    if len(cmd.guests) > MAX_GUESTS or len(cmd.peers) > MAX_GUESTS:
-        raise Refused(f"{len(cmd.guests)} guests / {len(cmd.peers)} peers: at most {MAX_GUESTS}")
+    if len(cmd.guests) > MAX_GUESTS or len(cmd.peers) > MAX_PEERS:
+        raise Refused(f"{len(cmd.guests)} guests / {len(cmd.peers)} peers: at most {MAX_GUESTS} / {MAX_PEERS}")
     mine = [g for g in cmd.guests if g.node == node]
     names = [g.name for g in mine]
     if len(set(names)) != len(names):

@@ -143,3 +143,25 @@ def test_a_heartbeat_counts_this_nodes_running_guests_only(hv, fake_host):
     _define(hv, "j3", "n2", 22004)  # another node worker's, on this shared test driver
     worker = SimpleNamespace(config=Config(node=NodeConfig(name="n1")), hv=hv, node="n1", domain_type="qemu")
     assert node_facts(worker).guests_running == 2
+
+
+def test_a_node_takes_its_guest_of_a_job_of_1024_nodes_and_still_bounds_its_own_guests():
+    from vtorque.services.node_worker import trust
+    from vtorque.services.scheduler_bridge.planning import boot_commands, plan_guests
+    from vtorque.shared import messages as m
+    from vtorque.shared.config import Config, ImageEntry, ImagesConfig, NodeConfig, SpecConfig
+    from vtorque.shared.spec import validate
+
+    config = Config(node=NodeConfig(name="n0000", allow_system_owners=True),
+                    spec=SpecConfig(host_reserve_cores=0, host_reserve_ram="0M"),
+                    images=ImagesConfig(catalog={"tiny": ImageEntry(source="/x", sha256="a" * 64)}))
+    job = m.JobStarted.new(job_id="7", deadline=60.0, scheduler="slurm", owner=m.Owner(user="root", uid=0, gid=0),
+                           nodes=[m.NodeAllocation(host=f"n{i:04d}", ncpus=1) for i in range(1024)],
+                           spec={"img": "tiny", "vcpus": "1", "ram": "128M"}, ssh_authorized_keys=[
+                               "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG2dXW1vjFpNu2d0dw7Fqt5fLwRY7FTl1Qb4mK3xqQ9n t"])
+    command = boot_commands(job, plan_guests(job, validate(job.spec, config), config))[0]
+    assert len(command.peers) == 1024 and list(trust.check_boot(command, "n0000", config)) == ["vt-7-n0000-0"]
+    crowded = m.BootGuests.new(job_id="7", deadline=60.0, node="n0000", peers=command.peers,
+                               guests=[command.guests[0]] * (trust.MAX_GUESTS + 1))
+    with pytest.raises(trust.Refused, match="at most"):
+        trust.check_boot(crowded, "n0000", config)
