@@ -59,7 +59,7 @@ def check_libvirt(config) -> Check:
 
 def check_accel(config) -> Check:
     """KVM or TCG: either works; TCG (software emulation) boots guests several times slower."""
-    from vtorque.services.node_worker.hypervisor import detect_domain_type
+    from vtorque.shared.domain_type import detect_domain_type
 
     kind = detect_domain_type(config.node.domain_type)
     if kind == "kvm":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import signal
 import sys
@@ -11,7 +12,18 @@ import click
 
 from vtorque.shared.config import ConfigError, load_config
 
-SERVICES = ("bridge", "stager", "node-worker", "prefetch")
+# What `vtorque run NAME` runs: each a shared.service.Service (prefetch follows the scheduler, not a queue).
+SERVICE_CLASSES = {"bridge": "vtorque.services.scheduler_bridge.service:SchedulerBridge",
+                   "stager": "vtorque.services.image_stager.service:ImageStager",
+                   "node-worker": "vtorque.services.node_worker.service:NodeWorker"}
+PREFETCHER = "vtorque.services.scheduler_bridge.accounting:make_prefetcher"
+SERVICES = (*SERVICE_CLASSES, "prefetch")
+
+
+def _service_object(path: str):
+    """What SERVICE_CLASSES or PREFETCHER names: the cli imports a service only here, to run it."""
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _config():
@@ -40,8 +52,9 @@ def run(service: str) -> None:
     """Run one service in the foreground until SIGTERM/SIGINT."""
     _close_inherited_fds()
     from vtorque.shared import tracing
-    from vtorque.shared.bus import Publisher, ServiceRunner
+    from vtorque.shared.bus import Publisher
     from vtorque.shared.logs import setup_logging
+    from vtorque.shared.service import run_service
 
     try:  # this service's own broker user (shared/topology.py), when the site has one per part
         config = load_config(role={"node-worker": "node"}.get(service, service))
@@ -54,50 +67,11 @@ def run(service: str) -> None:
     if service == "prefetch":  # not a consumer: follows the scheduler's queue (services/scheduler_bridge/accounting.py)
         _run_prefetch(config, publisher)
         return
-    if service == "bridge":
-        from vtorque.services.scheduler_bridge.service import SchedulerBridge as cls
-    elif service == "stager":
-        from vtorque.services.image_stager.service import ImageStager as cls
-    else:
-        from vtorque.services.node_worker.service import NodeWorker as cls
-    svc = cls(config, publisher)
-    runner = ServiceRunner(url, svc.queues(), svc.handlers(), heartbeat=config.broker.heartbeat,
-                           user_prefix=config.broker.user_prefix)
-    # More consumers in this process where the service asks for them (the stager: concurrent stagings, job
-    # deletions), each a ServiceRunner of its own in a thread, stopped with the main one.
-    extra = [ServiceRunner(url, queues, handlers, heartbeat=config.broker.heartbeat,
-                           user_prefix=config.broker.user_prefix)
-             for queues, handlers in getattr(svc, "extra_consumers", list)()]
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: [r.stop() for r in (runner, *extra)])
-    extra_threads = [threading.Thread(target=r.run, name=f"consumer-{i}", daemon=True) for i, r in enumerate(extra)]
-    for thread in extra_threads:
-        thread.start()
-    if service == "node-worker":
-        from vtorque.services.node_worker.heartbeat import Heartbeat
-
-        from vtorque.services.node_worker import iocm
-
-        try:  # IOcm: moves running guests' I/O cores between iocm_min_cores and iocm_max_cores with their load
-            iocm.start(svc, runner.stop_event)
-        except ValueError as exc:
-            raise click.ClickException(str(exc))
-        Heartbeat(svc, runner.stop_event).start()  # NodeHeartbeat events for `vtorque nodes`
-        from vtorque.services.node_worker.reconcile import Reconciler, scheduler_check
-
-        # At start and on a timer: nothing outlives its job, even when a hook or this worker died mid-way.
-        Reconciler(svc, runner.stop_event, config.node.reconcile_interval,
-                   scheduler_check(config)).start()
-    import logging
-
-    logging.getLogger("vtorque").info("%s starting; its queues: %s", service, ", ".join(q.name for q in svc.queues()))
     try:
-        runner.run()
+        run_service(_service_object(SERVICE_CLASSES[service])(config, publisher), config)
+    except ValueError as exc:  # a configuration its background tasks cannot run with
+        raise click.ClickException(str(exc))
     finally:
-        for r in extra:
-            r.stop()
-        for thread in extra_threads:
-            thread.join(60)
         publisher.close()
         tracing.shutdown_tracing()
 
@@ -105,13 +79,12 @@ def run(service: str) -> None:
 def _run_prefetch(config, publisher) -> None:
     import logging
 
-    from vtorque.services.scheduler_bridge.accounting import make_prefetcher
     from vtorque.shared import tracing
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    prefetcher = make_prefetcher(config, publisher)
+    prefetcher = _service_object(PREFETCHER)(config, publisher)
     logging.getLogger("vtorque").info("prefetch consuming the %s queue (no broker queue)", prefetcher.scheduler)
     try:
         prefetcher.run(stop)

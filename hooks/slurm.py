@@ -29,7 +29,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from vtorque.shared.job_script import HEADER_LINES, JobHeader, ScriptError, parse_header
+from vtorque.shared.job_script import JobHeader, ScriptError, parse_header, slurm_script_head
 
 if TYPE_CHECKING:  # imported where used: vtorque-launch calls refusal() for every Slurm VM job, without pika
     from .job_hook import JobContext, Outcome
@@ -189,18 +189,6 @@ def process_age(pid: int | str = "self") -> float:
 
 # -- I/O ----------------------------------------------------------------------------------------------------
 
-def job_script_head(job_id: str, state_dir: str | None, tools: SlurmTools | None = None) -> str:
-    if state_dir:
-        path = Path(state_dir) / f"hash.{int(job_id) % 10}" / f"job.{job_id}" / "script"
-        try:
-            with open(path, encoding="utf-8", errors="replace") as fh:
-                return "".join(fh.readline() for _ in range(HEADER_LINES))
-        except OSError:
-            pass
-    proc = (tools or SlurmTools()).run("scontrol", "write", "batch_script", job_id, "-")
-    return "\n".join(proc.stdout.splitlines()[:HEADER_LINES]) if proc.returncode == 0 else ""
-
-
 def expand_hostlist(expr: str, tools: SlurmTools | None = None) -> list[str]:
     if "[" not in expr:
         return [h for h in expr.split(",") if h]
@@ -313,7 +301,7 @@ def main(argv: list[str] | None = None, env=os.environ, channel_factory=None, ag
         config_error = exc
     tools = SlurmTools(config)
     try:
-        header = parse_header(job_script_head(job_id, env.get("VTORQUE_SLURM_STATE"), tools))
+        header = parse_header(slurm_script_head(job_id, env.get("VTORQUE_SLURM_STATE"), tools.run))
         if header is None:
             return 0  # not a VM job (the shell entry point lets those go without Python unless it cannot read)
         if config_error is not None:

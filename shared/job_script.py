@@ -9,6 +9,7 @@ import json
 import re
 import shlex
 from dataclasses import dataclass, field
+from pathlib import Path
 
 MARK = "# vtorque-"
 SPEC_LINE = "# vtorque-spec: "  # the hooks' shell fast path greps for exactly this
@@ -135,3 +136,19 @@ def parse_header(text: str) -> JobHeader | None:
 
 def user_script_from_stdin(data: str) -> bytes:
     return base64.decodebytes(data.encode())
+
+
+def slurm_script_head(job_id: str, state_dir: str | None, run) -> str:
+    """The first HEADER_LINES lines of a Slurm job's batch script: from slurmctld's state directory when it is
+    readable here (no process started), else `scontrol write batch_script` through `run(*argv)`. '' when
+    neither has it."""
+    if state_dir:
+        path = Path(state_dir) / f"hash.{int(job_id) % 10}" / f"job.{job_id}" / "script"
+        try:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                return "".join(fh.readline() for _ in range(HEADER_LINES))
+        except OSError:
+            pass
+    proc = run("scontrol", "write", "batch_script", job_id, "-")
+    return "\n".join(proc.stdout.splitlines()[:HEADER_LINES]) if proc.returncode == 0 else ""
+

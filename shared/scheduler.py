@@ -255,8 +255,12 @@ class Slurm:
     def binary(self, name: str) -> str:
         return self.config.binary(name)
 
+    def run(self, *argv: str) -> subprocess.CompletedProcess:
+        """One of its client binaries (argv[0], by the configured path) with the configured time limit."""
+        return _run([self.binary(argv[0]), *argv[1:]], self.config.timeout)
+
     def job(self, job_id: str) -> JobInfo | None:
-        proc = _run([self.binary("scontrol"), "-o", "show", "job", job_id], self.config.timeout)
+        proc = self.run("scontrol", "-o", "show", "job", job_id)
         if proc.returncode != 0:
             if "Invalid job id" in proc.stderr:  # never known, or forgotten MinJobAge seconds after it ended
                 return None

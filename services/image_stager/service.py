@@ -21,6 +21,7 @@ from vtorque.shared import topology
 from vtorque.shared.bus import Publisher, stager_queue, table_queue
 from vtorque.shared.config import Config, ImageEntry, refresh_catalog
 from vtorque.shared.logs import log
+from vtorque.shared.service import Service
 
 from vtorque.shared.image_store import ImageStore, StageCancelled, StageError, parse_size
 
@@ -69,7 +70,7 @@ class _LockedPublisher:
             self.publisher.close()
 
 
-class ImageStager:
+class ImageStager(Service):
     name = "stager"
 
     def __init__(self, config: Config, publisher: Publisher, store: ImageStore | None = None):
@@ -90,7 +91,7 @@ class ImageStager:
         return {m.StageImage: self.on_stage_image}
 
     def extra_consumers(self) -> list[tuple[list[Queue], dict]]:
-        """Consumers besides the main one, each run by a ServiceRunner thread of its own (cli/main.py)."""
+        """Concurrent stagings (one consumer each) and job deletions, beside the main consumer."""
         more = [(self.queues(), self.handlers()) for _ in range(max(0, self.config.images.concurrent_stagings - 1))]
         return more + [([cancel_queue()], {m.JobDeleted: self.on_job_deleted})]
 

@@ -8,10 +8,8 @@ that timed out raises HypervisorError; its thread is left to finish or hang on i
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import queue
 import threading
-from pathlib import Path
 from typing import Callable, TypeVar
 
 import libvirt
@@ -30,15 +28,6 @@ QUERY_TIMEOUT = 30.0  # lookups, listings, XML
 CHANGE_TIMEOUT = 60.0  # define, destroy, undefine
 START_TIMEOUT = 120.0  # QEMU's start (TCG on a loaded 2-core box takes seconds)
 POOL_THREADS = 4
-
-
-def detect_domain_type(configured: str) -> str:
-    """'kvm' only where it boots stock guests: the PVM flavour of KVM (software nested) does not."""
-    if configured != "auto":
-        return configured
-    if not os.path.exists("/dev/kvm") or Path("/sys/module/kvm_pvm").exists():
-        return "qemu"
-    return "kvm"
 
 
 class Hypervisor:

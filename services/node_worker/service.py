@@ -22,16 +22,18 @@ from vtorque.shared import messages as m
 from vtorque.shared import tracing
 from vtorque.shared.bus import EventWaiter, Publisher, node_queue
 from vtorque.shared.config import Config, refresh_catalog
+from vtorque.shared.domain_type import detect_domain_type
 from vtorque.shared.logs import log
+from vtorque.shared.service import Service
 from vtorque.shared.spec import parse_size_mib
 from vtorque.shared.user_files import UserFileRefused
 
 from vtorque.shared.job_network import guest_mac
 
 from . import disks, guest_link
-from . import numa, trust, vrdma
+from . import iocm, numa, trust, vrdma
 from .domain import USER_NET_MAC, BootSource, GuestMetadata, JobNic, domain_xml, parse_metadata
-from .hypervisor import Hypervisor, HypervisorError, detect_domain_type
+from .hypervisor import Hypervisor, HypervisorError
 from .readiness import BootFailed, Readiness, ssh_banner, wait_ready
 from .seed import seed_files
 
@@ -40,7 +42,7 @@ REMOVE_ATTEMPTS = 3
 REMOVE_RETRY_DELAY = 2.0
 
 
-class NodeWorker:
+class NodeWorker(Service):
     name = "node-worker"
 
     def __init__(self, config: Config, publisher: Publisher, hypervisor: Hypervisor | None = None,
@@ -59,6 +61,16 @@ class NodeWorker:
 
     def handlers(self):
         return {m.BootGuests: self.on_boot_guests, m.TeardownGuests: self.on_teardown_guests}
+
+    def start(self, stop: threading.Event) -> None:
+        from .heartbeat import Heartbeat
+        from .reconcile import Reconciler, scheduler_check
+
+        # IOcm: moves running guests' I/O cores between iocm_min_cores and iocm_max_cores with their load.
+        iocm.start(self, stop)  # first: a bad IOcm configuration is said before anything runs
+        Heartbeat(self, stop).start()  # NodeHeartbeat events for `vtorque nodes` and the bridge
+        # At start and on a timer: nothing outlives its job, even when a hook or this worker died mid-way.
+        Reconciler(self, stop, self.config.node.reconcile_interval, scheduler_check(self.config)).start()
 
     # -- boot -------------------------------------------------------------------------------------------
 

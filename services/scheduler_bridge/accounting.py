@@ -34,7 +34,8 @@ from typing import Iterable
 from vtorque.shared import messages as m
 from vtorque.shared.config import Config
 from vtorque.shared import tracing
-from vtorque.shared.job_script import HEADER_LINES, JobHeader, ScriptError, parse_header
+from vtorque.shared.job_script import HEADER_LINES, JobHeader, ScriptError, parse_header, slurm_script_head
+from vtorque.shared.scheduler import SchedulerError, Slurm
 from vtorque.shared.logs import log
 
 LOG = logging.getLogger("vtorque.prefetch")
@@ -389,11 +390,9 @@ class SlurmPrefetch(_Prefetcher):
         self.known: dict[str, str] = dict(self._load_state().get("jobs", {}))
 
     def _header(self, job_id: str) -> JobHeader | None:
-        from vtorque.hooks.slurm import job_script_head
-
         try:
-            return parse_header(job_script_head(job_id, self.state_dir))
-        except (ScriptError, OSError, subprocess.SubprocessError) as exc:
+            return parse_header(slurm_script_head(job_id, self.state_dir, Slurm(self.config.scheduler).run))
+        except (ScriptError, SchedulerError, OSError) as exc:
             log(LOG, logging.WARNING, "job script unreadable", job_id=job_id, error=str(exc))
             return None
 

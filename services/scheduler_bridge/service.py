@@ -17,6 +17,7 @@ from vtorque.shared import topology
 from vtorque.shared.bus import Publisher, service_queues, table_queue
 from vtorque.shared.config import Config, refresh_catalog
 from vtorque.shared.logs import log
+from vtorque.shared.service import Service
 from vtorque.shared.node_registry import read_heartbeats
 from vtorque.shared.spec import SpecError, validate, validate_user_metadata
 
@@ -29,7 +30,7 @@ from .planning import PlanError, boot_commands, plan_guests
 LOG = logging.getLogger("vtorque.bridge")
 
 
-class SchedulerBridge:
+class SchedulerBridge(Service):
     name = "bridge"
 
     def __init__(self, config: Config, publisher: Publisher):

@@ -1,0 +1,107 @@
+"""The floor plan, enforced: parts talk only through messages (docs/design.md, "What may import what").
+
+- shared/ imports nothing of vtorque but shared/ (it knows no service, no hook, no command);
+- a service (services/<name>/) imports shared/ and itself, never another service, a hook or the cli;
+- a hook imports shared/ and hooks/, never a service;
+- the cli imports shared/, hooks/ and cli/; it names a service only in cli/main.py's table, to run it (by its
+  dotted path, so no static import of a service appears in cli/ at all).
+Every import counts, at module level or inside a function, absolute or relative."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PARTS = {"shared": "vtorque.shared", "services": "vtorque.services", "hooks": "vtorque.hooks", "cli": "vtorque.cli"}
+
+
+def module_of(path: Path, root: Path = ROOT) -> str:
+    rel = path.relative_to(root).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join([PARTS[parts[0]], *parts[1:]])
+
+
+def imports_of(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:
+    """(line, absolute module) for every vtorque import in the file."""
+    module = module_of(path, root)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            # `from pkg import mod` imports pkg.mod when mod is a module: count the deeper name as well.
+            found += [(node.lineno, target)] + [(node.lineno, f"{target}.{a.name}") for a in node.names]
+    return [(line, name) for line, name in found if name.startswith("vtorque.")]
+
+
+def part_of(module: str) -> str:
+    """'shared', 'hooks', 'cli', or 'services.<name>'."""
+    bits = module.split(".")
+    return ".".join(bits[1:3]) if bits[1] == "services" and len(bits) > 2 else bits[1]
+
+
+ALSO_ALLOWED = {"hooks": {"hooks"}, "cli": {"cli", "hooks"}}  # beyond shared/ and the part itself
+
+
+def may_import(importer: str, imported: str) -> bool:
+    return imported in ("shared", importer) or imported in ALSO_ALLOWED.get(importer, set())
+
+
+def violations(root: Path = ROOT) -> list[str]:
+    found = []
+    for path in sorted(p for top in PARTS for p in (root / top).rglob("*.py")):
+        importer = part_of(module_of(path, root))
+        for line, name in imports_of(path, root):
+            imported = part_of(name)
+            if imported == "services" and name == "vtorque.services":
+                continue  # the namespace package itself
+            line_says = f"{path.relative_to(root)}:{line} ({importer}) imports"
+            if not may_import(importer, imported) and not any(f.startswith(line_says) for f in found):
+                found.append(f"{line_says} {name} ({imported})")
+    return found
+
+
+def test_no_part_imports_what_it_may_not():
+    assert violations() == []
+
+
+def test_the_checker_sees_a_forbidden_import(tmp_path):
+    """The rules catch each kind of crossing, relative and in-function imports included."""
+    cases = {
+        "services/node_worker/x.py": ("from vtorque.services.image_stager import store\n", "services.image_stager"),
+        "services/scheduler_bridge/y.py": ("def f():\n    from vtorque.hooks.slurm import refusal\n", "hooks"),
+        "hooks/z.py": ("import vtorque.services.node_worker.service\n", "services.node_worker"),
+        "shared/w.py": ("from ..cli import main\n", "cli"),
+        "cli/v.py": ("from vtorque.services.node_worker.hypervisor import Hypervisor\n", "services.node_worker"),
+    }
+    for rel, (text, _) in cases.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    (tmp_path / "cli" / "ok.py").write_text("from vtorque.hooks.torque import prologue_deadline\n"
+                                            "from vtorque.shared import messages\n")
+    found = violations(tmp_path)
+    assert len(found) == len(cases), found
+    for rel, (_, imported) in cases.items():
+        assert any(f.startswith(rel) and f.endswith(f"({imported})") for f in found), (rel, found)
+
+
+@pytest.mark.parametrize("importer, imported, allowed", [
+    ("services.node_worker", "services.node_worker", True), ("services.node_worker", "shared", True),
+    ("services.node_worker", "services.image_stager", False), ("services.scheduler_bridge", "hooks", False),
+    ("hooks", "services.node_worker", False), ("hooks", "shared", True), ("shared", "hooks", False),
+    ("cli", "hooks", True), ("cli", "services.node_worker", False), ("shared", "services.node_worker", False),
+])
+def test_the_rules(importer, imported, allowed):
+    assert may_import(importer, imported) is allowed
