@@ -41,6 +41,100 @@ def check_broker(config) -> Check:
     return Check("broker", OK, f"{config.broker.url} (RabbitMQ {version})")
 
 
+def _rabbitmqctl(*args: str) -> list[list[str]]:
+    """Rows of a rabbitmqctl listing (tab-separated). Raises OSError/RuntimeError with rabbitmqctl's reason."""
+    tool = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
+    proc = subprocess.run([tool, "-q", *args, "--no-table-headers"], capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise RuntimeError(((proc.stderr or proc.stdout).strip().splitlines() or ["no message"])[0][:200])
+    return [line.split("\t") for line in proc.stdout.splitlines() if line.strip()]
+
+
+def broker_user_differences(vhost: str, permissions: list[list[str]], topic_permissions: list[list[str]],
+                            prefix: str) -> list[str]:
+    """What the vhost's users and rights have that shared/topology.py does not derive, or lack; [] if equal.
+    Every vtorque role but node must have its user; a node user is checked whichever nodes there are."""
+    from vtorque.cli.broker import SERVICE_ROLES
+    from vtorque.shared import topology
+
+    given = {row[0]: tuple(row[1:4]) for row in permissions if len(row) >= 4}
+    topics: dict[str, dict[str, tuple[str, str]]] = {}
+    for row in topic_permissions:
+        if len(row) >= 4:
+            topics.setdefault(row[0], {})[row[1]] = (row[2], row[3])
+    wrong = []
+    for user in sorted(set(given) | set(topics)):
+        role, node = topology.role_of(user, prefix)
+        if user == "guest":
+            wrong.append(f"guest has rights on vhost {vhost} (delete it: vtorque broker setup --remove-guest)")
+            continue
+        if role is None:
+            wrong.append(f"{user} has rights on vhost {vhost} but is no vtorque part")
+            continue
+        want = topology.broker_permissions(role, node)
+        for what, have, should in zip(("configure", "write", "read"), given.get(user, ("", "", "")),
+                                      (want.configure, want.write, want.read)):
+            if have != should:
+                wrong.append(f"{user} {what} is {have or 'unset'!r}, the topology gives {should!r}")
+        for exchange in sorted(set(want.topics) | set(topics.get(user, {}))):
+            have_t, should_t = topics.get(user, {}).get(exchange), want.topics.get(exchange)
+            if have_t != should_t:
+                wrong.append(f"{user} topic rights on {exchange} are {have_t or 'unset'}, the topology gives "
+                             f"{should_t or 'none'}")
+    for role in SERVICE_ROLES:
+        user = topology.broker_user(role, prefix=prefix)
+        if user not in given:
+            wrong.append(f"{user} has no rights on vhost {vhost} (vtorque broker setup)")
+    return wrong
+
+
+def credential_file_problems(directory: str) -> list[str]:
+    """Each `*.credentials` file must be root's regular file, readable by no one else (the hooks' by its group)."""
+    import stat
+
+    problems = []
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError as exc:
+        return [f"{directory}: {exc.strerror}"]
+    for name in names:
+        if not name.endswith(".credentials"):
+            continue
+        path = os.path.join(directory, name)
+        st = os.lstat(path)
+        hook = name.startswith("vtorque-hook")
+        allowed = 0o640 if hook else 0o600
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or stat.S_IMODE(st.st_mode) & ~allowed:
+            kind = "a symlink" if stat.S_ISLNK(st.st_mode) else f"mode {stat.S_IMODE(st.st_mode):04o} uid {st.st_uid}"
+            problems.append(f"{path} is {kind}; must be root's, {allowed:04o} at most")
+    return problems
+
+
+def check_broker_users(config, prefix: str | None = None) -> Check:
+    """The broker vhost's users and rights are exactly what the topology table derives (no guest, no one else),
+    and the credential files here are root's alone. Needs rabbitmqctl: run it on a broker node as root."""
+    from urllib.parse import unquote, urlparse
+
+    from vtorque.shared import topology
+
+    path = urlparse(config.broker.url).path[1:]
+    vhost = "/" if path in ("", "/") else unquote(path)
+    problems = credential_file_problems(config.broker.credentials_dir) if config.broker.credentials_dir else []
+    try:
+        wrong = broker_user_differences(vhost, _rabbitmqctl("list_permissions", "-p", vhost),
+                                        _rabbitmqctl("list_topic_permissions", "-p", vhost),
+                                        prefix or topology.USER_PREFIX)
+    except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
+        if problems:
+            return Check("broker users", FAIL, "; ".join(problems))
+        return Check("broker users", WARN, f"cannot list vhost {vhost}'s rights here ({exc}): run doctor as root "
+                                           f"on a broker node")
+    problems += wrong
+    if problems:
+        return Check("broker users", FAIL, "; ".join(problems))
+    return Check("broker users", OK, f"vhost {vhost}: every user's rights are the topology's, no guest")
+
+
 def check_libvirt(config) -> Check:
     try:
         import libvirt
@@ -260,8 +354,8 @@ def check_prologue_timeout(config) -> Check:
                                         f"{kill - cap:.0f} s before the scheduler would kill it")
 
 
-CHECKS: list[Callable] = [check_broker, check_libvirt, check_accel, check_image_store, check_clock,
-                          check_torque_hooks, check_hook_config, check_prologue_timeout]
+CHECKS: list[Callable] = [check_broker, check_broker_users, check_libvirt, check_accel, check_image_store,
+                          check_clock, check_torque_hooks, check_hook_config, check_prologue_timeout]
 
 
 def check_name(check: Callable) -> str:
