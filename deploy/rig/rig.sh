@@ -139,6 +139,7 @@ make_host_ns() {
     mount --bind $d/slurm /var/lib/slurm
     mount --bind $RIG_DIR/shared/munge-etc /etc/munge
     mount --bind $d/munge-lib /var/lib/munge
+    mount --bind $RIG_DIR/shared/root-home /root
     mkdir -p /run/libvirt /run/munge /run/slurm /run/vtorque /run/rabbitmq
     chown munge:munge /run/munge; chown slurm:slurm /run/slurm; chown rabbitmq:rabbitmq /run/rabbitmq
   " || die "mount namespace of $h"
@@ -158,6 +159,9 @@ make_namespaces() {
 write_shared() {
   local s=$RIG_DIR/shared
   mkdir -p "$s"/slurm-etc "$s"/munge-etc "$s"/images "$s"/hooks/slurm
+  # root's home, the same on every rig host (as NFS homes are on a cluster): vsub on head keeps a job's key
+  # there, the job's launcher on its first compute host reads it; and it is not the machine's own /root.
+  install -d -m 700 "$s"/root-home
   chmod 755 "$s" "$s"/slurm-etc
   chown munge:munge "$s"/munge-etc; chmod 700 "$s"/munge-etc
   [ -s "$s/munge-etc/munge.key" ] || runuser -u munge -- mungekey --create --keyfile="$s/munge-etc/munge.key" --bits=1024 ||
