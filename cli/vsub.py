@@ -445,6 +445,7 @@ def _submit_vm_job(qsub_args: list[str], vm: list[str], script_at: int | None, d
     tracing.setup_tracing("vtorque-vsub", config.tracing)
     key_dir = Path.home() / ".vtorque" / "keys" / uuid.uuid4().hex
     submitted = False
+    cluster = None
     try:
         with tracing.tracer().start_as_current_span("vsub submit", attributes={
                 "vtorque.image.name": spec.img, "vtorque.vcpus": spec.vcpus, "vtorque.ram_mib": spec.ram_mib,
@@ -467,9 +468,11 @@ def _submit_vm_job(qsub_args: list[str], vm: list[str], script_at: int | None, d
             job_id = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
             if proc.returncode == 0 and job_id:
                 span.set_attribute(tracing.JOB_ID, job_id)
-                # Which job the key is for, so that a later vsub can remove it once the scheduler is done
-                # with the job even if it never ran (sweep_keys).
+                # Which job of which cluster the key is for, so that a later vsub can remove it once that
+                # scheduler is done with the job even if it never ran (sweep_keys).
+                cluster = scheduler_identity(config, job_id)
                 (key_dir / JOB_FILE).write_text(job_id + "\n")
+                (key_dir / CLUSTER_FILE).write_text((cluster or "") + "\n")
                 submitted = True
             else:
                 tracing.mark_error(span, f"qsub exited {proc.returncode}")
@@ -481,7 +484,7 @@ def _submit_vm_job(qsub_args: list[str], vm: list[str], script_at: int | None, d
             shutil.rmtree(key_dir, ignore_errors=True)
         tracing.shutdown_tracing()
         if not dry_run:
-            sweep_keys(key_dir.parent, config, keep=key_dir.name)
+            sweep_keys(key_dir.parent, config, cluster, keep=key_dir.name)
 
 
 def _load_metadata(path: str):
@@ -530,15 +533,35 @@ def refuse_shell_words(options: list[str], wrapper_path: str, script_args: list[
 
 
 JOB_FILE = "job"  # in a key directory: the id of the job the key was made for
+CLUSTER_FILE = "cluster"  # ... and the scheduler that has it (scheduler_identity)
 ORPHAN_AGE = 3600.0  # a key directory with no job after this long: its vsub died before qsub answered
 
 
-def sweep_keys(keys_root, config, now: float | None = None, keep: str = "") -> list[str]:
-    """Remove the keys of jobs that will never use them: the scheduler says the job ended (cancelled while
-    queued, failed, a node failure: the launcher that removes a key at the end of its run never ran) or no longer
-    knows it; and keys of a vsub that died before it had a job id. A job the scheduler cannot be asked about, or
-    in a state vtorque does not know, keeps its key until a later vsub; so does `keep` (this vsub's own job).
-    Returns the removed directories."""
+def scheduler_identity(config, job_id: str) -> str | None:
+    """Which scheduler a job id belongs to: one home is often mounted on several clusters, and a job another
+    cluster runs is unknown to this one (a job of this one that is unknown has ended). Torque: the server in
+    the job id (`12.server`); Slurm: ClusterName. None when it cannot be told (such keys are never swept)."""
+    import re
+
+    from vtorque.shared.scheduler import SchedulerError, scheduler_for
+
+    if config.scheduler.kind == "torque":
+        server = job_id.partition(".")[2]
+        return f"torque:{server}" if server else None
+    try:
+        proc = scheduler_for(config).run("scontrol", "show", "config")
+    except SchedulerError:
+        return None
+    found = re.search(r"^ClusterName\s*=\s*(\S+)", proc.stdout, re.M) if proc.returncode == 0 else None
+    return f"slurm:{found.group(1)}" if found else None
+
+
+def sweep_keys(keys_root, config, cluster: str | None, now: float | None = None, keep: str = "") -> list[str]:
+    """Remove the keys of jobs that will never use them: this cluster's scheduler says the job ended (cancelled
+    while queued, failed, a node failure: the launcher that removes a key at the end of its run never ran) or no
+    longer knows it; and keys of a vsub that died before it had a job id. A key of another cluster (or none
+    known), a job the scheduler cannot be asked about or in a state vtorque does not know keeps its key until a
+    later vsub; so does `keep` (this vsub's own job). Returns the removed directories."""
     import shutil
     import time
     from pathlib import Path
@@ -566,6 +589,8 @@ def sweep_keys(keys_root, config, now: float | None = None, keep: str = "") -> l
                 done = now - entry.stat(follow_symlinks=False).st_mtime > ORPHAN_AGE
             except OSError:
                 continue
+        elif cluster is None or _read(Path(entry.path) / CLUSTER_FILE) != cluster:
+            continue
         else:
             scheduler = scheduler or scheduler_for(config)
             try:
@@ -577,6 +602,13 @@ def sweep_keys(keys_root, config, now: float | None = None, keep: str = "") -> l
             shutil.rmtree(entry.path, ignore_errors=True)
             removed.append(entry.path)
     return removed
+
+
+def _read(path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
 
 
 def _make_key(key_dir) -> str:

@@ -37,6 +37,10 @@ echo $((id + 1)) > {root}/next
 echo $id
 """)
     (bindir / "scontrol").write_text(f"""#!/bin/sh
+if [ "$1 $2" = "show config" ]; then
+    echo "ClusterName = $(cat {root}/cluster 2>/dev/null || echo vts)"
+    exit 0
+fi
 for id; do :; done
 [ -e {root}/down ] && {{ echo "slurm_load_jobs error: Unable to contact slurm controller" >&2; exit 1; }}
 if [ -e {jobs}/"$id" ]; then
@@ -135,3 +139,27 @@ def test_a_key_whose_vsub_died_before_qsub_answered_goes_after_an_hour(users, su
     os.utime(stale, (old, old))
     assert vsub(victim, root).returncode == 0
     assert not stale.exists() and fresh.is_dir() and key_of(keys, first).is_dir()
+
+
+def test_a_key_of_another_clusters_job_stays(users, submit_site):
+    """One home, two clusters: a job this cluster's scheduler never had is no ended job of this cluster."""
+    _, victim = users
+    root, jobs, keys = submit_site
+    (root / "cluster").write_text("other")
+    theirs = vsub(victim, root).stdout.strip()  # queued on cluster "other", unknown here
+    (root / "cluster").unlink()
+    (root / "next").write_text("500")
+    ours = vsub(victim, root)
+    assert ours.returncode == 0, ours.stderr
+    left = {(d / "job").read_text().strip(): (d / "cluster").read_text().strip() for d in keys.iterdir()}
+    assert left == {theirs: "slurm:other", ours.stdout.strip(): "slurm:vts"}
+
+
+def test_a_torque_job_belongs_to_the_server_in_its_id():
+    from vtorque.cli.vsub import scheduler_identity
+    from vtorque.shared.config import Config, SchedulerConfig
+
+    config = Config(scheduler=SchedulerConfig(kind="torque"))
+    assert scheduler_identity(config, "12.head.cluster") == "torque:head.cluster"
+    assert scheduler_identity(config, "12[3].head") == "torque:head"
+    assert scheduler_identity(config, "12") is None  # a key that can never be told apart is never swept
