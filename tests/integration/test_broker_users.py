@@ -65,7 +65,7 @@ def test_every_part_gets_a_user_and_a_secret_only_root_reads(site):
     assert again.returncode == 0, again.stderr
     assert {p.name: p.read_text() for p in site["creds"].iterdir()} == before  # idempotent: secrets kept
     users = _ctl("list_users").stdout
-    assert not any(line.startswith(f"vtorque-setup") for line in users.splitlines()), "the set-up user is gone"
+    assert not any(line.startswith("vtorque-setup") for line in users.splitlines()), "the set-up user is gone"
 
 
 def test_a_node_cannot_command_another_node_nor_speak_for_it(site):

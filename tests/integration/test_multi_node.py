@@ -3,7 +3,6 @@ own (`vtorque run`, on the test site: the session's vhost, node names of their o
 temporary root) boot their shares; the hook waits for all four; the guests reach each other over the job
 network by name; the node file lists them as PBS_NODEFILE would; the epilogue leaves nothing."""
 
-import os
 import signal
 import subprocess
 import sys

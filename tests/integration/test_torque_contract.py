@@ -736,7 +736,7 @@ def test_the_final_files_say_the_final_outcome(torque_home, make_config, guide_b
     first_try = tr.run_hook("prologue", torque_home.prepare(inv, vm_script(GOOD_SPEC), workdir=owner_workdir),
                             hook_env(config), timeout=GUARD_SECONDS)
     assert first_try.returncode == 2, str(first_try)
-    assert f"requeued (1 of 1)" in first_try.stderr and f"what finally happens goes to {reason_file}" in (
+    assert "requeued (1 of 1)" in first_try.stderr and f"what finally happens goes to {reason_file}" in (
         first_try.stderr), str(first_try)
     assert "not the job's end" in reason_file.read_text()
     for path, text in ((out, first_try.stdout), (err, first_try.stderr)):  # what Torque delivers, as the owner

@@ -42,7 +42,7 @@ def plant(user, shm: Path, node: str, canary: Path) -> Path:
     gdir = shm / "vtorque" / "guests" / f"vt-666-{node}-0"
     user.run("mkdir", "-p", str(gdir)).check_returncode()
     for name, text in (("job", "666"), ("node", node), (".image-lease", str(canary))):
-        user.run("sh", "-c", f'printf %s "$1" > "$2"', "sh", text, str(gdir / name)).check_returncode()
+        user.run("sh", "-c", 'printf %s "$1" > "$2"', "sh", text, str(gdir / name)).check_returncode()
     old = time.time() - 3600
     user.run("touch", "-d", f"@{old:.0f}", str(gdir / "job")).check_returncode()
     return gdir

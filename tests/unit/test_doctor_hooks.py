@@ -4,7 +4,6 @@ prologue timeout against the scheduler's own, and no import cycle between doctor
 from __future__ import annotations
 
 import ast
-import os
 import stat
 import sys
 from pathlib import Path
