@@ -115,8 +115,7 @@ def _prologue(job: JobContext, config: Config, deadline_s: float, progress, chan
              f"{spec.ram_mib} MiB; waiting up to {deadline_s:.0f}s for the guests")
     patterns = [f"job.{m.routing_word(job.job_id)}.#", f"image.{digest}.#"]
     try:
-        channel = channel_factory(config.broker.connection_url(), patterns,
-                                  attempts=config.hooks.broker_attempts, timeout=config.broker.connect_timeout)
+        channel = _Asking(channel_factory, config, patterns, progress)
     except BrokerUnreachable as exc:
         return Outcome(Verdict.FAILED, str(exc))
     try:
@@ -124,34 +123,11 @@ def _prologue(job: JobContext, config: Config, deadline_s: float, progress, chan
             made = _mark(guests_marker)  # before the publish: a hook killed right after it still leaves the mark
         except OSError as exc:
             return Outcome(Verdict.FAILED, f"cannot record the job on this host: {exc}")
-        started = m.JobStarted.new(
+        channel.ask(m.JobStarted.new(
             job_id=job.job_id, deadline=deadline_s, scheduler=job.scheduler, owner=job.owner, nodes=job.nodes,
             spec=dict(job.header.spec), ssh_authorized_keys=list(job.header.ssh_pubkeys),
-            user_metadata=dict(job.header.user_metadata), walltime=job.walltime)
-        channel.publish(started)
-        wait = _Wait()
-        lost = 0
-        while True:
-            try:
-                if lost:
-                    channel = channel_factory(config.broker.connection_url(), patterns,
-                                              attempts=config.hooks.broker_attempts,
-                                              timeout=config.broker.connect_timeout)
-                    channel.publish(started)
-                outcome = _wait_for_guests(channel, job.job_id, deadline, deadline_s, progress, wait)
-                break
-            except BrokerUnreachable as exc:
-                # The broker node this hook was connected to is gone (a cluster lost one node): what was published
-                # to its queue meanwhile is lost with it, so ask again on another node. JobStarted is idempotent:
-                # the bridge plans the same guests, a node worker re-announces a guest that runs, never boots a
-                # second one. Right after the loss the other nodes may still be electing the quorum queues' new
-                # leaders (a publish is nacked meanwhile): hence a few tries, spaced out, within the deadline.
-                lost += 1
-                if not _may_retry(lost, config, deadline):
-                    raise
-                channel.close()
-                progress(f"{exc}; reconnecting to the broker and asking again")
-                time.sleep(_retry_delay(lost))
+            user_metadata=dict(job.header.user_metadata), walltime=job.walltime))
+        outcome = _wait_for_guests(channel, job.job_id, deadline, deadline_s, progress)
         if not outcome.planned and made and guests_marker is not None:
             guests_marker.unlink(missing_ok=True)  # the bridge rejected it before any plan: no guest anywhere
         return outcome
@@ -173,8 +149,53 @@ def _retry_delay(lost: int) -> float:
     return min(0.5 * lost, 2.0)
 
 
+class _Asking:
+    """A hook's channel that outlives the broker node it is connected to. The hook asks once (JobStarted,
+    JobEnded) and then reads its job's events; when its node is lost (a cluster lost one node), what was
+    published to its queue meanwhile is lost with it, so it reconnects through [broker] hosts and asks again.
+    Asking twice is safe: the bridge plans the same guests, a node worker re-announces a guest that runs and
+    never boots a second one, a teardown of what is gone removes nothing. Right after a loss the other nodes
+    may still be electing the quorum queues' new leaders (a publish is nacked meanwhile): hence a few tries,
+    spaced out, within the deadline. What the caller heard before the loss stays heard: one events() spans
+    every reconnection."""
+
+    def __init__(self, channel_factory, config: Config, patterns: list[str], progress):
+        self._open = lambda: channel_factory(config.broker.connection_url(), patterns,
+                                             attempts=config.hooks.broker_attempts,
+                                             timeout=config.broker.connect_timeout)
+        self.config, self.progress = config, progress
+        self.question: m.Event | None = None
+        self.channel = self._open()  # BrokerUnreachable here: the caller's "cannot reach the broker"
+
+    def ask(self, question: m.Event) -> None:
+        self.question = question
+        self.channel.publish(question)
+
+    def events(self, deadline: float):
+        lost = 0
+        while True:
+            try:
+                yield from self.channel.events(deadline)
+                return
+            except BrokerUnreachable as exc:
+                lost += 1
+                if not _may_retry(lost, self.config, deadline):
+                    raise
+                self.channel.close()
+                self.progress(f"{exc}; reconnecting to the broker and asking again")
+                time.sleep(_retry_delay(lost))
+                try:
+                    self.channel = self._open()
+                    self.channel.publish(self.question)
+                except BrokerUnreachable as again:
+                    self.channel = _Lost(again)  # counted as the next loss
+
+    def close(self) -> None:
+        self.channel.close()
+
+
 class _Lost:
-    """A channel whose connection could not be made: its events() raises the loss again (the loop counts it)."""
+    """A channel whose connection could not be made: its events() raises the loss again."""
 
     def __init__(self, exc: BrokerUnreachable):
         self.exc = exc
@@ -187,22 +208,14 @@ class _Lost:
         pass
 
 
-@dataclass
-class _Wait:
-    """What the prologue has heard so far; kept across a reconnection to another broker node."""
+def _wait_for_guests(channel, job_id: str, deadline: float, deadline_s: float, progress) -> Outcome:
     expected: set[str] | None = None
-    ready: dict[str, m.GuestReady] = field(default_factory=dict)
-    links: list[Link] = field(default_factory=list)
-    shown_progress: float = 0.0
-
-
-def _wait_for_guests(channel, job_id: str, deadline: float, deadline_s: float, progress,
-                     wait: _Wait | None = None) -> Outcome:
-    wait = wait or _Wait()
-    expected, ready, links, shown_progress = wait.expected, wait.ready, wait.links, wait.shown_progress
+    ready: dict[str, m.GuestReady] = {}
+    links: list[Link] = []
+    shown_progress = 0.0
     for event, headers in channel.events(deadline):
         if isinstance(event, m.JobPlanned):
-            expected = wait.expected = {g.name for g in event.guests}
+            expected = {g.name for g in event.guests}
             progress(f"planned {len(expected)} guest(s) on {', '.join(sorted({g.node for g in event.guests}))}")
         elif isinstance(event, m.JobRejected):
             planned = expected is not None or bool(headers.get(CANCELLED_HEADER))
@@ -220,7 +233,7 @@ def _wait_for_guests(channel, job_id: str, deadline: float, deadline_s: float, p
             # Whichever job's request started the copy, it is this job's image: one copy serves all. At most
             # one line every 5 s (the stager reports every second), and the last one.
             if time.monotonic() - shown_progress >= 5 or (event.total and event.bytes >= event.total):
-                shown_progress = wait.shown_progress = time.monotonic()
+                shown_progress = time.monotonic()
                 of = f"/{event.total / 2**20:.0f}" if event.total else ""
                 progress(f"image {event.image}: {event.bytes / 2**20:.0f}{of} MiB staged, "
                          f"{event.rate / 2**20:.0f} MiB/s")
@@ -262,50 +275,26 @@ def run_epilogue(job: JobContext, config: Config, exit_status: int | None, progr
             nodes = [n.host for n in job.nodes]
             deadline = time.monotonic() + config.hooks.epilogue_timeout
             try:
-                channel = channel_factory(config.broker.connection_url(),
-                                          [f"job.{m.routing_word(job.job_id)}.guests_torn_down"],
-                                          attempts=config.hooks.broker_attempts,
-                                          timeout=config.broker.connect_timeout)
+                channel = _Asking(channel_factory, config, [f"job.{m.routing_word(job.job_id)}.guests_torn_down"],
+                                  progress)
             except BrokerUnreachable as exc:
                 progress(f"cannot ask for teardown: {exc}; the node workers' reconciliation will remove the guests")
                 tracing.mark_error(span, str(exc))
                 return False
             try:
-                ended = m.JobEnded.new(job_id=job.job_id, deadline=config.hooks.epilogue_timeout,
-                                       scheduler=job.scheduler, nodes=nodes, exit_status=exit_status)
-                channel.publish(ended)
+                channel.ask(m.JobEnded.new(job_id=job.job_id, deadline=config.hooks.epilogue_timeout,
+                                           scheduler=job.scheduler, nodes=nodes, exit_status=exit_status))
                 pending = set(nodes)
-                lost = 0
-                while pending:
-                    try:
-                        for event, _ in channel.events(deadline):
-                            if isinstance(event, m.GuestsTornDown):
-                                pending.discard(event.node)
-                                progress(f"{event.node}: removed {len(event.guests)} guest(s)")
-                                if event.reason:
-                                    # Answered, so no point waiting on; the node's reconciliation removes the rest.
-                                    progress(f"{event.node}: not all removed ({event.reason}); the node retries "
-                                             "on its own")
-                                    tracing.mark_error(span, f"{event.node}: {event.reason}")
-                                if not pending:
-                                    return True
-                        break
-                    except BrokerUnreachable as exc:
-                        # As in the prologue: another broker node of the cluster, and the (idempotent) ask again.
-                        lost += 1
-                        if not _may_retry(lost, config, deadline):
-                            raise
-                        channel.close()
-                        progress(f"{exc}; reconnecting to the broker and asking again")
-                        time.sleep(_retry_delay(lost))
-                        try:
-                            channel = channel_factory(config.broker.connection_url(),
-                                                      [f"job.{m.routing_word(job.job_id)}.guests_torn_down"],
-                                                      attempts=config.hooks.broker_attempts,
-                                                      timeout=config.broker.connect_timeout)
-                            channel.publish(ended)
-                        except BrokerUnreachable as again:
-                            channel = _Lost(again)  # counted by the next turn of the loop
+                for event, _ in channel.events(deadline):
+                    if isinstance(event, m.GuestsTornDown):
+                        pending.discard(event.node)
+                        progress(f"{event.node}: removed {len(event.guests)} guest(s)")
+                        if event.reason:
+                            # Answered, so no point waiting on; the node's reconciliation removes the rest.
+                            progress(f"{event.node}: not all removed ({event.reason}); the node retries on its own")
+                            tracing.mark_error(span, f"{event.node}: {event.reason}")
+                        if not pending:
+                            return True
                 progress(f"teardown not confirmed by {', '.join(sorted(pending))} in time")
                 tracing.mark_error(span, "teardown not confirmed")
                 return False
