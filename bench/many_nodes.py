@@ -7,7 +7,8 @@ NodeHost for why). What is instant, and only that:
 - the hypervisor: libvirt's test driver, one private instance per node (a node has a libvirtd of its own;
   a test:///<file> URI opens a fresh in-memory driver per connection, so the Hypervisor's threads share one);
 - the guest: when the test driver "starts" a domain, InstantGuests writes the guest's ready line to its console
-  log and answers sshd's banner on its forwarded port, so the node worker's own wait_ready sees a booted guest;
+  log, and its link (guest_link.start's stand-in) hands over a connection that answers sshd's banner at once,
+  so the node worker's own wait_ready sees a booted guest;
 - the guest's disks: disks.prepare is replaced by instant_prepare (the guest directory and its console log, no
   qemu-img and no seed ISO: those are constant per guest, 30-60 ms, measured in bench/staging.py and
   bench/job_vs_bare.py, and would only measure this 2-core box's fork rate at 1,024 guests).
@@ -19,6 +20,7 @@ named PREFIX0000… until SIGTERM; prints one JSON line {"ready": COUNT, "second
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -37,7 +39,7 @@ import msgspec
 
 from vtorque.services.node_worker import disks
 from vtorque.services.node_worker import service as node_service
-from vtorque.services.node_worker.domain import GuestDisks, parse_metadata
+from vtorque.services.node_worker.domain import GuestDisks
 from vtorque.services.node_worker.heartbeat import Heartbeat
 from vtorque.services.node_worker.hypervisor import Hypervisor
 from vtorque.services.node_worker.readiness import GUEST_READY
@@ -47,35 +49,46 @@ from vtorque.shared.config import Config, load_config
 
 
 class InstantGuests:
-    """Every started guest's sshd, at once: one selector thread answers `SSH-2.0-…` on each guest's port."""
+    """Every started guest's link, at once (in place of guest_link.py's process per guest): its ssh socket
+    hands over a connection whose far end answers `SSH-2.0-…` at once, as the node worker's readiness wait
+    (shared/guest_ssh.py connect) expects; one selector thread serves every guest's socket."""
 
     def __init__(self):
         self._sel = selectors.DefaultSelector()
         self._lock = threading.Lock()
-        self._ports: dict[int, socket.socket] = {}
+        self._links: dict[str, socket.socket] = {}  # guest directory → its ssh socket
         self._wake_r, self._wake_w = socket.socketpair()
         self._sel.register(self._wake_r, selectors.EVENT_READ)
         threading.Thread(target=self._serve, name="instant-guests", daemon=True).start()
 
-    def boot(self, port: int, console: str) -> None:
-        with open(console, "ab") as fh:
-            fh.write(GUEST_READY + b" instant\n")
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", port))
+    def link(self, guest_dir: Path, owner_uid: int, mac: str, timeout: float = 10.0) -> None:
+        """guest_link.start's stand-in: the guest's ssh socket, served from this process."""
+        path = Path(guest_dir) / node_service.guest_link.SSH_SOCKET
+        path.unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(path))
         sock.listen(16)
         sock.setblocking(False)
         with self._lock:
-            self._ports[port] = sock
+            self._close(str(guest_dir))
+            self._links[str(guest_dir)] = sock
             self._sel.register(sock, selectors.EVENT_READ)
         self._wake_w.send(b"x")
 
-    def halt(self, port: int) -> None:
+    @staticmethod
+    def boot(console: str) -> None:
+        with open(console, "ab") as fh:
+            fh.write(GUEST_READY + b" instant\n")
+
+    def halt(self, guest_dir: str) -> None:
         with self._lock:
-            sock = self._ports.pop(port, None)
-            if sock is not None:
-                self._sel.unregister(sock)
-                sock.close()
+            self._close(guest_dir)
+
+    def _close(self, guest_dir: str) -> None:
+        sock = self._links.pop(guest_dir, None)
+        if sock is not None:
+            self._sel.unregister(sock)
+            sock.close()
 
     def _serve(self) -> None:
         while True:
@@ -87,9 +100,11 @@ class InstantGuests:
                     conn, _ = key.fileobj.accept()
                 except OSError:
                     continue
-                with conn:
+                ours, theirs = socket.socketpair()
+                with conn, ours, theirs:
                     try:
-                        conn.sendall(b"SSH-2.0-instant\r\n")
+                        ours.sendall(b"SSH-2.0-instant\r\n")
+                        socket.send_fds(conn, [b"x"], [theirs.fileno()])
                     except OSError:
                         pass
 
@@ -111,15 +126,17 @@ class InstantHypervisor(Hypervisor):
 
     def _start(self, dom: libvirt.virDomain) -> None:
         super()._start(dom)
-        xml = dom.XMLDesc(0)
-        console = ET.fromstring(xml).find("devices/serial/source").get("path")
-        self._guests.boot(int(parse_metadata(xml)["ssh-port"]), console)
+        self._guests.boot(_console(dom.XMLDesc(0)))
 
     def _remove(self, name: str) -> bool:
         dom = self._lookup(name)
         if dom is not None:
-            self._guests.halt(int(parse_metadata(dom.XMLDesc(0)).get("ssh-port") or 0))
+            self._guests.halt(str(Path(_console(dom.XMLDesc(0))).parent))
         return super()._remove(name)
+
+
+def _console(xml: str) -> str:
+    return ET.fromstring(xml).find("devices/serial/source").get("path")
 
 
 def instant_prepare(root, guest_name, job_id, base, base_format, seed, data_size_mib=None, user_image=None,
@@ -139,9 +156,13 @@ def instant_prepare(root, guest_name, job_id, base, base_format, seed, data_size
                       console_log=str(gdir / "console.log"))
 
 
-def instant_disks():
-    """While active, the node workers of this process prepare guests with instant_prepare."""
-    return mock.patch.object(disks, "prepare", instant_prepare)
+@contextlib.contextmanager
+def instant_host(guests: InstantGuests):
+    """While active, the node workers of this process prepare guests with instant_prepare and link them with
+    `guests` (the module attributes the node worker calls; nothing of its own code is replaced)."""
+    with mock.patch.object(disks, "prepare", instant_prepare), \
+            mock.patch.object(node_service.guest_link, "start", guests.link):
+        yield
 
 
 def node_config(base: Config, name: str, index: int, root: Path, port_base: int, ports: int) -> Config:
@@ -215,8 +236,8 @@ def main(argv: list[str]) -> int:
     workdir = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=Path(config.state_dir)))
     os.chmod(workdir, 0o711)
     t0 = time.monotonic()
-    with instant_disks():
-        host = NodeHost(config, prefix, count, port_base, workdir)
+    host = NodeHost(config, prefix, count, port_base, workdir)
+    with instant_host(host.guests):
         done = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: sys.exit(0))  # at any point: the process holds nothing to save

@@ -346,11 +346,12 @@ def _publish_all(publisher: Publisher, messages: list) -> None:
 def per_node_growth(config, url: str, workdir: Path, counts=(1, 8, 32, 128)) -> list[dict]:
     """Per operation on one node as its guests grow: a boot of one more, a heartbeat's facts, a teardown."""
     cfg = many_nodes.node_config(config, "grow0000", 0, workdir / "grow", 28200, max(counts) + 8)
+    guests = many_nodes.InstantGuests()
     worker = node_service.NodeWorker(cfg, Publisher(url), hypervisor=many_nodes.InstantHypervisor(
-        many_nodes.InstantGuests(), str(workdir)), store=node_service.ImageStore(config.images.store))
+        guests, str(workdir)), store=node_service.ImageStore(config.images.store))
     rows, jobs = [], []
     node_facts(worker)  # once before: its first call probes QEMU's devices (vRDMA), once per process
-    with many_nodes.instant_disks():
+    with many_nodes.instant_host(guests):
         for k in range(max(counts)):
             job_id = f"g{k}"
             plan = _one_guest_boot(config, job_id, cfg.node.name)
@@ -380,11 +381,12 @@ def per_node_job_size(config, url: str, workdir: Path, sizes=(1, 64, 256, 1024))
     checks and writes into the guest's hosts file): decoding the command, and its whole boot. Per node O(n);
     the bench's one process pays it for every node, a cluster's nodes each once, side by side."""
     rows = []
-    with many_nodes.instant_disks():
+    guests = many_nodes.InstantGuests()
+    with many_nodes.instant_host(guests):
         for n in sizes:
             cfg = many_nodes.node_config(config, f"size{n:04d}", 0, workdir / "size", 28400 + n % 7 * 8, 8)
             worker = node_service.NodeWorker(cfg, Publisher(url), hypervisor=many_nodes.InstantHypervisor(
-                many_nodes.InstantGuests(), str(workdir)), store=node_service.ImageStore(config.images.store))
+                guests, str(workdir)), store=node_service.ImageStore(config.images.store))
             hosts = [cfg.node.name] + [f"peer{i:04d}" for i in range(n - 1)]
             job = job_event(f"z{n}", hosts)
             from vtorque.services.scheduler_bridge.planning import boot_commands, plan_guests
