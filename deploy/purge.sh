@@ -52,4 +52,4 @@ fi
 rm -rf /opt/vtorque /var/cache/vtorque /var/lib/vtorque /var/lib/vtorque-stack /etc/vtorque /var/log/vtorque \
        /run/vtorque /dev/shm/vtorque /dev/shm/vtorque-* /var/log/vtorque-install-deps.log /etc/libvirt /var/lib/libvirt /var/log/libvirt
 rm -rf build ./*.egg-info
-echo "purge: done (kept: ${keep_rabbit/1/RabbitMQ}${keep_rabbit/0/nothing})"
+if [ "$keep_rabbit" = 1 ]; then echo "purge: done (kept: RabbitMQ)"; else echo "purge: done (kept: nothing)"; fi
