@@ -32,6 +32,11 @@ NETNS_PREFIX=vtr-                  # every network namespace of the rig: vtr-net
 SWITCH=${NETNS_PREFIX}net
 VHOST=vtorque
 
+# The rig's hosts have their own Slurm and vtorque config (bind-mounted /etc/slurm, /etc/vtorque): the caller's
+# single-host stack environment (`. /var/lib/vtorque-stack/env`, as make test runs) must not reach them, or
+# slurmctld reads the stack's slurm.conf ("This host (head/head) not a valid controller").
+unset SLURM_CONF
+for v in $(compgen -e); do case $v in VTORQUE_*) unset "$v" ;; esac; done
 [ -n "${RIG_PYTHONPATH:-}" ] && export PYTHONPATH=$RIG_PYTHONPATH
 COMPUTE=(); for i in $(seq 1 "$RIG_COMPUTE"); do COMPUTE+=("c$i"); done
 HOSTS=(head "${COMPUTE[@]}")
