@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from vtorque.cli.launcher_ssh import SSH_OPTIONS, ssh_argv
+from vtorque.cli.launcher_ssh import SSH_OPTIONS, job_agent, ssh_argv
 
 # Run the script from a private temp file so it keeps its own interpreter line; its stdin is /dev/null as for
 # any batch job.
@@ -104,9 +104,11 @@ def _launch(ssh_key: str, traceparent: str | None, wait: float, vm_prologue: str
     tracing.setup_tracing("vtorque-launcher", config.tracing)
     rc = 255
     try:
-        with tracing.job_trace(job_id, traceparent):
+        # The job's agent, forwarded into guest 0: mpirun there reaches the job's other guests (job_agent).
+        with tracing.job_trace(job_id, traceparent), job_agent(ssh_key) as agent_env:
             if "ssh_socket" in guest:
-                argv = ssh_argv(ssh_key, guest["ssh_socket"], guest["user"], remote_command(job_id))
+                argv = ssh_argv(ssh_key, guest["ssh_socket"], guest["user"], remote_command(job_id),
+                                forward_agent=agent_env is not None)
             else:
                 # A job file of a node worker started before guests lost their host port (an upgrade whose
                 # node worker has not restarted yet): its guest still listens there.
@@ -114,13 +116,13 @@ def _launch(ssh_key: str, traceparent: str | None, wait: float, vm_prologue: str
                         f"{guest['user']}@{guest['address']}", remote_command(job_id)]
             rc = 0
             if vm_prologue:
-                rc = _run_in_guest("vm_prologue", argv, _read_own(vm_prologue), guest)
+                rc = _run_in_guest("vm_prologue", argv, _read_own(vm_prologue), guest, agent_env)
                 if rc != 0:
                     print(f"vtorque: vm_prologue {vm_prologue} exited {rc}; the job was not run", file=sys.stderr)
             if rc == 0:
-                rc = _run_in_guest("job", argv, script, guest)
+                rc = _run_in_guest("job", argv, script, guest, agent_env)
             if vm_epilogue:
-                erc = _run_in_guest("vm_epilogue", argv, _read_own(vm_epilogue), guest)
+                erc = _run_in_guest("vm_epilogue", argv, _read_own(vm_epilogue), guest, agent_env)
                 if erc != 0:
                     print(f"vtorque: vm_epilogue {vm_epilogue} exited {erc}", file=sys.stderr)
     finally:
@@ -135,13 +137,13 @@ def _read_own(path: str) -> bytes:
         raise click.ClickException(f"cannot read {path}: {exc.strerror}")
 
 
-def _run_in_guest(what: str, argv: list[str], script: bytes, guest: dict) -> int:
+def _run_in_guest(what: str, argv: list[str], script: bytes, guest: dict, env: dict | None = None) -> int:
     from vtorque.shared import tracing
 
     name = "run job in guest" if what == "job" else f"run {what} in guest"
     with tracing.tracer().start_as_current_span(name, attributes={
             "vtorque.guest": guest["guest"], "vtorque.node": guest["node"]}) as span:
-        rc = subprocess.run(argv, input=script).returncode
+        rc = subprocess.run(argv, input=script, env=env).returncode
         span.set_attribute("vtorque.exit_code", rc)
         if rc == 255:
             tracing.mark_error(span, "ssh to the guest failed")
