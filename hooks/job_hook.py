@@ -33,7 +33,7 @@ from vtorque.shared import tracing
 from vtorque.shared.config import Config
 from vtorque.shared.hook_channel import BrokerUnreachable, HookChannel
 from vtorque.shared.job_script import JobHeader
-from vtorque.shared.spec import SpecError, validate, validate_user_metadata
+from vtorque.shared.spec import SpecError, VMSpec, validate_job
 
 
 class Verdict(enum.Enum):
@@ -87,7 +87,11 @@ def _mark(marker: Path | None) -> bool:
 
 
 def run_prologue(job: JobContext, config: Config, deadline_s: float, progress: Callable[[str], None],
-                 channel_factory=HookChannel, guests_marker: Path | None = None) -> Outcome:
+                 channel_factory=HookChannel, guests_marker: Path | None = None,
+                 on_valid: Callable[[VMSpec], None] | None = None) -> Outcome:
+    """`on_valid`: what the adapter does only for a job whose spec is valid (Torque: start the cancel
+    watcher), called once the spec is validated and before anything is published. The spec is validated here
+    and nowhere else in the hook's process."""
     with tracing.job_trace(job.job_id, job.header.traceparent):
         if job.header.submitted_ns and job.header.submitted_ns < time.time_ns():
             # The wait in the scheduler's queue, recorded now that it is over: nobody was alive during it.
@@ -95,7 +99,7 @@ def run_prologue(job: JobContext, config: Config, deadline_s: float, progress: C
                 "vtorque.scheduler": job.scheduler}).end()
         with tracing.tracer().start_as_current_span("prologue", attributes={
                 "vtorque.scheduler": job.scheduler, "vtorque.nodes": len(job.nodes)}) as span:
-            outcome = _prologue(job, config, deadline_s, progress, channel_factory, guests_marker)
+            outcome = _prologue(job, config, deadline_s, progress, channel_factory, guests_marker, on_valid)
             span.set_attribute("vtorque.verdict", outcome.verdict.value)
             if outcome.verdict is not Verdict.READY:
                 tracing.mark_error(span, outcome.reason)
@@ -103,12 +107,13 @@ def run_prologue(job: JobContext, config: Config, deadline_s: float, progress: C
 
 
 def _prologue(job: JobContext, config: Config, deadline_s: float, progress, channel_factory,
-              guests_marker: Path | None) -> Outcome:
+              guests_marker: Path | None, on_valid: Callable[[VMSpec], None] | None) -> Outcome:
     try:
-        spec = validate(job.header.spec, config)
-        validate_user_metadata(job.header.user_metadata)
+        spec, _ = validate_job(job.header.spec, job.header.user_metadata, config)
     except SpecError as exc:
         return Outcome(Verdict.REJECTED, f"bad VM spec: {exc}")
+    if on_valid is not None:
+        on_valid(spec)
     digest = config.images.catalog[spec.img].sha256
     deadline = time.monotonic() + deadline_s
     progress(f"job {job.job_id}: {len(job.nodes)} node(s), image {spec.img}, {spec.vcpus} vCPU, "

@@ -597,7 +597,6 @@ def _epilogue(job: JobContext, args: list[str], config, home: Path, progress) ->
 
 def _prologue(job: JobContext, args: list[str], config, home: Path, env, progress, t0: float) -> int:
     from vtorque.hooks.job_hook import run_prologue
-    from vtorque.shared.spec import SpecError, validate
 
     alarm = read_prologalarm(home)
     elapsed = hook_age(env) + (time.monotonic() - t0)
@@ -618,12 +617,7 @@ def _prologue(job: JobContext, args: list[str], config, home: Path, env, progres
         else:
             # Only the nodes change: everything else (walltime: the guests' end time) stays as Torque gave it.
             job = dataclasses.replace(job, nodes=nodes_from_nodefile(env.get("PBS_NODEFILE"), exec_host))
-        try:
-            validate(job.header.spec, config)
-            valid = True
-        except SpecError:
-            valid = False  # run_prologue says why
-        if valid:
+        def start_cancel_watcher(_spec) -> None:  # only for a valid spec: run_prologue validated it
             try:
                 cancel_dir = make_cancel_dir(home, job)
                 if cancel_dir is not None:
@@ -632,10 +626,12 @@ def _prologue(job: JobContext, args: list[str], config, home: Path, env, progres
                                          job.header.traceparent, env)
             except OSError as exc:  # qdel then waits for the epilogue: slower, not wrong
                 hook_log(logging.WARNING, "no cancel watcher", job_id=job.job_id, error=str(exc))
+
         remaining = deadline_s - (time.monotonic() - t0)
         outcome = run_prologue(job, config, remaining, progress,
                                channel_factory=torque_channel_factory(config, [n.host for n in job.nodes]),
-                               guests_marker=_guests_marker(config.state_dir, job.job_id))
+                               guests_marker=_guests_marker(config.state_dir, job.job_id),
+                               on_valid=start_cancel_watcher)
     if not os.path.lexists(_guests_marker(config.state_dir, job.job_id)):
         quiet = _quiet_marker(config.state_dir, job.job_id)
         quiet.parent.mkdir(parents=True, exist_ok=True)

@@ -100,6 +100,9 @@ def render_wrapper(user_script: str, spec: dict[str, str], ssh_pubkey: str, ssh_
 
 def parse_header(text: str) -> JobHeader | None:
     """The vtorque header of a job script, or None for a job that is not a VM job."""
+    # Here, not at the top: the launcher and vsub's plain-qsub path import this module and need no config.
+    from vtorque.shared.spec import SpecError, split_pairs
+
     spec: dict[str, str] | None = None
     keys: list[str] = []
     traceparent = None
@@ -111,12 +114,11 @@ def parse_header(text: str) -> JobHeader | None:
         name, _, value = line[len("# "):].partition(": ")
         value = value.strip()
         if name == "vtorque-spec":
-            spec = {}
-            for item in filter(None, value.split(",")):
-                key, sep, val = item.partition("=")
-                if not sep:
-                    raise ScriptError(f"malformed vtorque-spec item {item!r}")
-                spec[key] = val
+            # Taken apart by the spec's one parser; its keys are judged by whoever validates the spec.
+            try:
+                spec = dict(split_pairs(value, skip_empty=True))
+            except SpecError as exc:
+                raise ScriptError(f"malformed vtorque-spec header: {exc}") from None
         elif name == "vtorque-ssh-pubkey" and value:
             keys.append(value)
         elif name == "vtorque-traceparent" and value:

@@ -1,8 +1,11 @@
 """The VM spec a user writes after `-vm` (or in `#PBS -vm` lines): parsing and validation against the site
 config. Pure logic: no file is read here (paths are checked for shape; vsub and the node worker check the files).
 
-The spec is untrusted: vsub checks it for the user's sake, and the bridge checks it again because the hook's
-host is not trusted more than the user. Both call `validate`. Every error names the key, the value and what
+One parser (`split_pairs`, under `parse_options` for a user's `-vm` and under shared/job_script.py's header) and
+one validation (`validate`; `validate_job` adds the user's cloud-init keys), called once per process at each
+trust boundary: vsub for the user's sake, the hook (the job script is the user's), the bridge (the hook's host
+is not trusted more than the user), the node worker (services/node_worker/trust.py: the plan is checked
+against this node's limits). Every error names the key, the value and what
 is allowed, on one line.
 """
 
@@ -138,6 +141,23 @@ class VMSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
         return parse_size_mib(site.host_reserve_ram) + self.ram_mib * self.vms_per_node + ramdisk
 
 
+def split_pairs(text: str, skip_empty: bool = False) -> list[tuple[str, str]]:
+    """`key=value,key=value` into its pairs, as written (no key is judged here): the one place the spec's text
+    is taken apart, for a user's `-vm` (parse_options) and for the job script's header (shared/job_script.py).
+    `skip_empty`: empty items (`a=1,,b=2`) are passed over, as the header always allowed."""
+    pairs = []
+    for item in text.split(","):
+        if skip_empty and not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not key.strip():
+            raise SpecError("-vm", text, "expected key=value pairs separated by commas")
+        if not sep:
+            raise SpecError(key.strip().lower(), None, "expected key=value")
+        pairs.append((key, value))
+    return pairs
+
+
 def parse_options(texts: Iterable[str]) -> dict[str, str]:
     """`-vm img=x,vcpus=2` values (repeatable) into a key → value map. Keys are case-insensitive (IMG=, VCPUS=
     as vTorque took them); a key given again replaces the earlier value, as in vTorque, so the last -vm wins
@@ -146,13 +166,8 @@ def parse_options(texts: Iterable[str]) -> dict[str, str]:
     for text in texts:
         if not text.strip():
             raise SpecError("-vm", None, "empty spec: give key=value pairs, e.g. -vm img=NAME,vcpus=2")
-        for item in text.split(","):
-            key, sep, value = item.partition("=")
+        for key, value in split_pairs(text):
             key = key.strip().lower()
-            if not key:
-                raise SpecError("-vm", text, "expected key=value pairs separated by commas")
-            if not sep:
-                raise SpecError(key, None, "expected key=value")
             if key not in KEYS:
                 raise SpecError(key, value, f"unknown key; known keys: {', '.join(KEYS)}")
             options.pop(key, None)
@@ -294,6 +309,13 @@ def validate(options: Mapping[str, str], config: Config) -> VMSpec:
 
 def _bad_pin(text: str) -> bool:
     raise SpecError("vcpu_pinning", text, "true/false, or a map of core indexes per vCPU such as 0:1:2:3")
+
+
+def validate_job(options: Mapping[str, str], user_metadata: object, config: Config) -> tuple[VMSpec, dict]:
+    """The one check of a job's spec at a trust boundary that gets it from someone else (the hook from the job
+    script, the bridge from JobStarted): the spec against the site and the user's cloud-init keys. Called
+    once per process; whoever needs the spec later is handed this result."""
+    return validate(options, config), validate_user_metadata(user_metadata)
 
 
 def validate_user_metadata(doc: object) -> dict:

@@ -19,7 +19,7 @@ from vtorque.shared.config import Config, refresh_catalog
 from vtorque.shared.logs import log
 from vtorque.shared.service import Service
 from vtorque.shared.node_registry import read_heartbeats
-from vtorque.shared.spec import SpecError, validate, validate_user_metadata
+from vtorque.shared.spec import SpecError, validate, validate_job
 
 from vtorque.shared.scheduler import JobInfo, SchedulerError, scheduler_for
 
@@ -89,8 +89,7 @@ class SchedulerBridge(Service):
                                                      reason=unconfirmed.reason, retryable=unconfirmed.retryable))
             return
         try:
-            spec = validate(job.spec, self.config)
-            user_metadata = validate_user_metadata(job.user_metadata)
+            spec, user_metadata = validate_job(job.spec, job.user_metadata, self.config)
             if not job.nodes:
                 raise PlanError("the scheduler gave the job no nodes")
             guests = plan_guests(job, spec, self.config, user_metadata)

@@ -113,3 +113,24 @@ def test_the_epilogue_asks_again_for_the_teardown():
     assert run_epilogue(job(), config(), 0, lambda _: None, channel_factory=channels)
     ended = [e for e in channels.published if isinstance(e, m.JobEnded)]
     assert len(ended) == 2 and ended[0].message_id == ended[1].message_id
+
+
+def test_what_only_a_valid_job_gets_is_done_once_after_the_one_validation(monkeypatch):
+    """The prologue's process validates the spec once (run_prologue) and hands the result to the adapter's
+    `on_valid` (Torque: the cancel watcher): a bad spec is rejected with no watcher and nothing published."""
+    from vtorque.shared import spec as spec_module
+
+    calls = []
+    real = spec_module.validate
+    monkeypatch.setattr(spec_module, "validate", lambda *a: calls.append(a) or real(*a))
+    valid = []
+    channels = Scripted([plan("7"), ready("7", "c1", 0), ready("7", "c2", 1)])
+    outcome = run_prologue(job(), config(), 60, lambda _: None, channel_factory=channels, on_valid=valid.append)
+    assert outcome.verdict is Verdict.READY and [s.img for s in valid] == ["tiny"] and len(calls) == 1
+
+    bad = JobContext(scheduler="torque", job_id="8", owner=OWNER, header=JobHeader(spec={"img": "nope"}),
+                     nodes=[m.NodeAllocation(host="c1", ncpus=1)])
+    channels, valid = Scripted([]), []
+    outcome = run_prologue(bad, config(), 60, lambda _: None, channel_factory=channels, on_valid=valid.append)
+    assert outcome.verdict is Verdict.REJECTED and "bad VM spec: -vm img=nope" in outcome.reason
+    assert valid == [] and channels.published == [] and channels.opened == 0

@@ -35,3 +35,20 @@ def test_the_submit_time_travels_in_the_header():
     text = render_wrapper("echo hi\n", {"img": "tiny"}, "ssh-ed25519 K", "/k", None, "/opt/l", None, 1795652523000000000)
     assert parse_header(text).submitted_ns == 1795652523000000000
     assert parse_header(render_wrapper("echo\n", {"img": "tiny"}, "k", "/k", None, "/l")).submitted_ns is None
+
+
+def test_the_header_is_taken_apart_by_the_specs_own_parser():
+    """One key=value parser (shared/spec.py split_pairs) for `-vm` and the header: the same text gives the same
+    pairs, and an item without '=' names the spec as a malformed header, whoever wrote it."""
+    import pytest
+
+    from vtorque.shared.job_script import ScriptError
+    from vtorque.shared.spec import parse_options
+
+    text = render_wrapper("echo\n", {"img": "tiny", "vcpus": "2", "ram": "512M"}, "k", "/k", None, "/l")
+    spec_line = next(line for line in text.splitlines() if line.startswith("# vtorque-spec: "))
+    assert parse_header(text).spec == parse_options([spec_line.split(": ", 1)[1]])
+    with pytest.raises(ScriptError, match="malformed vtorque-spec header: -vm vcpus: expected key=value"):
+        parse_header("#!/bin/sh\n# vtorque-spec: img=tiny,vcpus\n")
+    # Keys are judged by the validation at each trust boundary, not by the header's reader.
+    assert parse_header("#!/bin/sh\n# vtorque-spec: img=tiny,,Colour=red\n").spec == {"img": "tiny", "Colour": "red"}
