@@ -1,0 +1,205 @@
+#!/bin/bash
+# Build the vtorque MPI guest into OUTDIR: the tiny test guest's kernel, initrd and boot contract
+# (tests/guest/README.md: direct kernel boot, the seed's VT_* variables, dropbear, job NIC by MAC,
+# VTORQUE-GUEST-READY), with a Debian 12 root filesystem that has Open MPI from Debian packages:
+#   vmlinux, initrd.img  the tiny guest's (built or taken from its cache in OUTDIR/.tiny)
+#   rootfs.qcow2         ext4: debootstrap minbase + openmpi-bin + dropbear-bin, static busybox for the applets
+#                        minbase lacks, /sbin/vtorque-init (the tiny guest's), /usr/bin/ssh (dbclient),
+#                        /usr/local/bin/vt-mpi-hello (mpi-hello.c, compiled here against the image's Open MPI)
+#   SHA256SUMS           sha256sum of the three files
+# Cached like the other guests (tests/guest/cache.sh): if OUTDIR/.stamp matches the inputs (these files, the
+# tiny guest's stamp, the candidate versions of the key packages), exits 0 at once.
+#
+# Usage: tests/guest/mpi/build.sh OUTDIR      (as root, Debian 12, with debootstrap and gcc)
+# Env:   VTORQUE_DEBIAN_MIRROR=URL   the Debian mirror (default: the host's apt source for bookworm)
+# Exit:  0 built or cached; 3 the Debian mirror cannot be reached (no network); 1 any other error; 2 usage.
+set -euo pipefail
+
+ME=mpi/build.sh
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+START=$EPOCHREALTIME
+SUITE=bookworm
+# Open MPI over TCP and shared memory; dropbear's server and client (dbclient is mpirun's ssh). No recommends.
+PKGS=(openmpi-bin libopenmpi3 dropbear-bin)
+KEYPKGS=(openmpi-bin libopenmpi3 libopenmpi-dev dropbear-bin)
+DISK_MIB=512
+
+. "$HERE/../cache.sh"
+
+[ $# -eq 1 ] || { echo "usage: $ME OUTDIR" >&2; exit 2; }
+OUT=$1
+[ "$(id -u)" -eq 0 ] || die "must run as root (debootstrap, chroot, file ownership in the image)"
+for tool in debootstrap chroot apt-get apt-cache dpkg-deb gcc mkfs.ext4 qemu-img sha256sum flock wget mount umount awk; do
+    command -v "$tool" >/dev/null 2>&1 ||
+        die "required tool '$tool' not found (Debian 12 packages: debootstrap, coreutils, apt, dpkg, gcc, e2fsprogs, qemu-utils, util-linux, wget, gawk|mawk)"
+done
+BUSYBOX=/bin/busybox
+[ -x "$BUSYBOX" ] && ! ldd "$BUSYBOX" >/dev/null 2>&1 || die "$BUSYBOX missing or dynamic: install busybox-static"
+[ -r /usr/share/keyrings/debian-archive-keyring.gpg ] || die "no /usr/share/keyrings/debian-archive-keyring.gpg (package debian-archive-keyring)"
+for f in mpi-hello.c ssh openmpi-mca-params.conf; do [ -r "$HERE/$f" ] || die "missing $HERE/$f"; done
+
+# The mirror: the host's own apt source for the suite, found as tests/guest/cloud/build.sh finds it.
+mirror() {
+    [ -z "${VTORQUE_DEBIAN_MIRROR:-}" ] || { echo "$VTORQUE_DEBIAN_MIRROR"; return; }
+    local f
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [ -r "$f" ] || continue
+        awk -v s="$SUITE" 'BEGIN { RS = ""; FS = "\n" }
+            { uri = ""; ok = 0; deb = 0
+              for (i = 1; i <= NF; i++) {
+                  if ($i ~ /^URIs:/) { split($i, a, /[ \t]+/); uri = a[2] }
+                  if ($i ~ /^Types:/ && $i ~ /(^|[ \t])deb([ \t]|$)/) deb = 1
+                  if ($i ~ /^Suites:/) { n = split($i, b, /[ \t]+/); for (j = 2; j <= n; j++) if (b[j] == s) ok = 1 } }
+              if (ok && deb && uri != "") { print uri; exit } }' "$f"
+    done | head -n 1 | grep . && return
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [ -r "$f" ] || continue
+        awk -v s="$SUITE" '$1 == "deb" { i = 2; if ($2 ~ /^\[/) while ($i !~ /\]$/) i++; if ($2 ~ /^\[/) i++;
+                                        if ($(i + 1) == s) { print $i; exit } }' "$f"
+    done | head -n 1
+}
+MIRROR=$(mirror || true)
+[ -n "$MIRROR" ] || die "no apt source for Debian $SUITE on this host (set VTORQUE_DEBIAN_MIRROR)"
+
+# ---- the tiny guest first: its kernel and initrd boot this root filesystem too --------------------------
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+"$HERE/../build.sh" "$OUT/.tiny" | sed "s|^|$ME: |" || die "the tiny guest's build (tests/guest/build.sh) failed"
+
+# ---- inputs and stamp -------------------------------------------------------------------------------------
+VERSIONS=$(apt-cache policy "${KEYPKGS[@]}" 2>/dev/null |
+           awk '/^[^ ]/ {p = $1} /Candidate:/ {printf "%s%s ", p, $2}')
+case "$VERSIONS" in *"(none)"*|"") die "apt-cache knows no candidate for some of ${KEYPKGS[*]} (run apt-get update): $VERSIONS" ;; esac
+OMPIVER=$(apt-cache policy libopenmpi-dev | awk '/Candidate:/ {print $2}')
+STAMP=$( { sha256sum "$HERE/build.sh" "$HERE/../cache.sh" "$HERE/mpi-hello.c" "$HERE/ssh" \
+                     "$HERE/openmpi-mca-params.conf" "$HERE/../vtorque-init" | awk '{print $1}'
+           cat "$OUT/.tiny/.stamp"; echo "$SUITE ${PKGS[*]} $VERSIONS"; } | sha256sum | awk '{print $1}')
+FILES=(vmlinux initrd.img rootfs.qcow2)
+exit_if_cached_else_lock "${VERSIONS% }"
+
+# Leftovers of a build that was killed (SIGKILL skips the traps): nobody else builds here while we hold the lock.
+for old in "$OUT"/.build.*; do
+    [ -d "$old" ] || continue
+    awk -v p="$old/" 'index($2, p) == 1 {print $2}' /proc/mounts | sort -r | while read -r mnt; do
+        umount -l "$mnt" || true
+    done
+    if ! grep -q " $old/" /proc/mounts; then rm -rf "$old"; fi
+done
+
+if ! wget -q -T 20 -t 2 -O /dev/null "$MIRROR/dists/$SUITE/Release"; then
+    echo "$ME: error: the Debian mirror $MIRROR cannot be reached (no network?)" >&2
+    exit 3
+fi
+
+step "building Debian $SUITE MPI guest in $OUT (${VERSIONS% })"
+WORK=$(mktemp -d "$OUT/.build.XXXXXX")
+ROOT=$WORK/root
+MOUNTS=()
+cleanup() {
+    local i
+    for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do umount -l "${MOUNTS[$i]}" 2>/dev/null || true; done
+    if ! grep -q " $WORK/" /proc/mounts; then rm -rf "$WORK"; else echo "$ME: warning: $WORK left (mounts)" >&2; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+in_root() { chroot "$ROOT" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive \
+                LC_ALL=C.UTF-8 HOME=/root "$@"; }
+
+# ---- 1. debootstrap minbase, then Open MPI and dropbear with apt from the host's sources ------------------
+# The .debs are kept in OUTDIR/.debs between builds (a rebuild after a script change downloads nothing new).
+DEBS=$OUT/.debs
+mkdir -p "$DEBS"
+step "debootstrap --variant=minbase $SUITE (log: $WORK/debootstrap.log)"
+if ! debootstrap --variant=minbase --keyring=/usr/share/keyrings/debian-archive-keyring.gpg \
+        --cache-dir="$DEBS" "$SUITE" "$ROOT" "$MIRROR" > "$WORK/debootstrap.log" 2>&1; then
+    tail -n 15 "$WORK/debootstrap.log" >&2
+    die "debootstrap failed (see above)"
+fi
+step "apt-get install ${PKGS[*]}"
+rm -f "$ROOT/etc/apt/sources.list"
+cp -a /etc/apt/sources.list.d/. "$ROOT/etc/apt/sources.list.d/" 2>/dev/null || true
+[ -f /etc/apt/sources.list ] && cp /etc/apt/sources.list "$ROOT/etc/apt/sources.list"
+printf '#!/bin/sh\nexit 101\n' > "$ROOT/usr/sbin/policy-rc.d"
+chmod 755 "$ROOT/usr/sbin/policy-rc.d"
+mount -t proc proc "$ROOT/proc" && MOUNTS+=("$ROOT/proc")
+mount --bind "$DEBS" "$ROOT/var/cache/apt/archives" && MOUNTS+=("$ROOT/var/cache/apt/archives")
+in_root apt-get -q update > "$WORK/apt.log" 2>&1 || { tail -n 15 "$WORK/apt.log" >&2; die "apt-get update in the image failed"; }
+in_root apt-get -q -y --no-install-recommends -o Dpkg::Options::=--force-confold install "${PKGS[@]}" \
+    >> "$WORK/apt.log" 2>&1 || { tail -n 25 "$WORK/apt.log" >&2; die "apt-get install in the image failed"; }
+in_root apt-get -q -y --no-install-recommends dist-upgrade >> "$WORK/apt.log" 2>&1 ||
+    { tail -n 15 "$WORK/apt.log" >&2; die "apt-get dist-upgrade in the image failed"; }
+OMPI=$(in_root dpkg-query -W -f '${Version}' libopenmpi3)
+step "installed $(in_root dpkg-query -W -f '.\n' | wc -l) packages; Open MPI $OMPI"
+
+# ---- 2. the test program: mpicc's own compile line, on the host, against the image's libmpi ---------------
+# libopenmpi-dev would pull gfortran and every -dev of Open MPI's dependencies into the image; mpi.h from its
+# .deb (same version as the image's libopenmpi3, never installed) and the host's gcc (same Debian 12 glibc)
+# make the same binary.
+step "compiling mpi-hello.c against Open MPI $OMPI"
+DEV=$WORK/ompi-dev
+(cd "$DEBS" && [ -n "$(ls libopenmpi-dev_"${OMPI//:/%3a}"_*.deb 2>/dev/null)" ] ||
+    apt-get -q -o APT::Sandbox::User=root download "libopenmpi-dev=$OMPI" > /dev/null) ||
+    die "apt-get download libopenmpi-dev=$OMPI failed"
+dpkg-deb -x "$(ls "$DEBS"/libopenmpi-dev_"${OMPI//:/%3a}"_*.deb | head -n 1)" "$DEV"
+LIBDIR=$ROOT/usr/lib/x86_64-linux-gnu
+INC=$DEV/usr/lib/x86_64-linux-gnu/openmpi/include
+[ -f "$INC/mpi.h" ] || die "no mpi.h in libopenmpi-dev $OMPI"
+LIBMPI=$(ls "$LIBDIR"/libmpi.so.40 2>/dev/null || true)
+[ -n "$LIBMPI" ] || die "no libmpi.so.40 in the image (libopenmpi3 $OMPI)"
+gcc -O2 -Wall -I"$INC" -o "$ROOT/usr/local/bin/vt-mpi-hello" "$HERE/mpi-hello.c" "$LIBMPI" \
+    -Wl,-rpath-link,"$LIBDIR" -Wl,-rpath-link,"$LIBDIR/openmpi/lib" || die "gcc mpi-hello.c failed"
+install -m 644 "$HERE/mpi-hello.c" "$ROOT/usr/local/share/vt-mpi-hello.c"
+in_root ldd /usr/local/bin/vt-mpi-hello | grep -q 'not found' && die "vt-mpi-hello has unresolved libraries in the image"
+
+# ---- 3. the tiny guest's boot contract in this root ------------------------------------------------------
+step "configuring the image"
+# vtorque-init runs under Debian's dash here and uses ip, and a few other applets minbase has no program for:
+# busybox supplies exactly those (never shadowing a Debian program).
+install -m 755 "$BUSYBOX" "$ROOT/usr/local/bin/busybox"
+added=0
+for a in $("$BUSYBOX" --list); do
+    [ "$a" = busybox ] && continue
+    [ -e "$ROOT/usr/bin/$a" ] || [ -e "$ROOT/usr/sbin/$a" ] || [ -e "$ROOT/usr/local/bin/$a" ] && continue
+    ln -s /usr/local/bin/busybox "$ROOT/usr/bin/$a"
+    added=$((added + 1))
+done
+install -m 755 "$HERE/../vtorque-init" "$ROOT/usr/sbin/vtorque-init"     # /sbin -> usr/sbin (merged /usr)
+install -m 755 "$HERE/ssh" "$ROOT/usr/bin/ssh"
+install -m 644 "$HERE/openmpi-mca-params.conf" "$ROOT/etc/openmpi/openmpi-mca-params.conf"
+mkdir -p "$ROOT/etc/dropbear"
+rm -f "$ROOT"/etc/dropbear/dropbear_*_host_key
+printf 'vtorque-mpi\n' > "$ROOT/etc/hostname"
+printf '127.0.0.1\tlocalhost\n' > "$ROOT/etc/hosts"
+: > "$ROOT/etc/resolv.conf"
+printf 'vtorque MPI guest: Debian %s, Open MPI %s, dropbear %s, kernel of the tiny guest (%s), built %s\n' \
+    "$(cat "$ROOT/etc/debian_version")" "$OMPI" "$(in_root dpkg-query -W -f '${Version}' dropbear-bin)" \
+    "$(awk '{print $2, $3}' "$OUT/.tiny/.kernel-pkg" 2>/dev/null)" \
+    "$(date -u +%FT%TZ)" > "$ROOT/etc/vtorque-guest-release"
+step "busybox applets added: $added"
+
+# ---- 4. trim, unmount, make the disk ------------------------------------------------------------------------
+step "trimming (apt lists, docs, man pages, locales)"
+rm -f "$ROOT/usr/sbin/policy-rc.d"
+for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do umount "${MOUNTS[$i]}"; done
+MOUNTS=()
+rm -rf "$ROOT"/var/lib/apt/lists/* "$ROOT"/var/cache/apt/*.bin "$ROOT"/var/cache/apt/archives/* \
+       "$ROOT"/usr/share/doc/* "$ROOT"/usr/share/man/* "$ROOT"/usr/share/info/* "$ROOT"/usr/share/locale/* \
+       "$ROOT"/var/log/*.log "$ROOT"/var/log/apt/* "$ROOT"/tmp/* "$ROOT"/var/cache/debconf/*-old "$ROOT/debootstrap"
+USED=$(du -sm "$ROOT" | awk '{print $1}')
+[ "$USED" -lt $((DISK_MIB * 3 / 4)) ] || die "image content ${USED} MiB does not fit a ${DISK_MIB} MiB disk with room"
+step "mkfs.ext4 -d (${USED} MiB of files on a ${DISK_MIB} MiB disk), qemu-img convert to qcow2"
+truncate -s "${DISK_MIB}M" "$WORK/rootfs.raw"
+mkfs.ext4 -q -F -L vtorque-mpi -E root_owner=0:0 -d "$ROOT" "$WORK/rootfs.raw" || die "mkfs.ext4 -d failed"
+rm -rf "$ROOT"
+qemu-img convert -q -f raw -O qcow2 "$WORK/rootfs.raw" "$WORK/rootfs.qcow2"
+rm -f "$WORK/rootfs.raw"
+cp "$OUT/.tiny/vmlinux" "$OUT/.tiny/initrd.img" "$WORK/"
+
+# ---- 5. publish: stamp removed first, written last ---------------------------------------------------------
+(cd "$WORK" && sha256sum "${FILES[@]}" > SHA256SUMS)
+chmod 644 "$WORK"/{rootfs.qcow2,vmlinux,initrd.img,SHA256SUMS}
+rm -f "$OUT/.stamp"
+for f in "${FILES[@]}" SHA256SUMS; do mv -f "$WORK/$f" "$OUT/$f"; done
+echo "$STAMP" > "$WORK/stamp"
+mv -f "$WORK/stamp" "$OUT/.stamp"
+step "done: $(cd "$OUT" && du -h --apparent-size "${FILES[@]}" | awk '{printf "%s %s  ", $2, $1}')"
