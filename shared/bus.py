@@ -16,7 +16,6 @@ import logging
 import socket
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
@@ -25,7 +24,7 @@ import kombu
 import msgspec
 from kombu import Connection, Exchange, Queue, binding
 
-from vtorque.shared import broker_tls
+from vtorque.shared import broker_tls, hook_channel
 from vtorque.shared import messages as m
 from vtorque.shared import topology
 from vtorque.shared import tracing
@@ -308,47 +307,9 @@ class Publisher:
         local.declared.clear()
 
 
-class EventWaiter:
-    """An exclusive queue bound to some event patterns, declared before the awaited thing is triggered."""
-
-    def __init__(self, url: str, patterns: Iterable[str], timeout: float = 5.0, prefix: str = topology.prefix(topology.WAIT_Q)):
-        self.conn = connect(url, heartbeat=0, timeout=timeout)
-        channel = self.conn.channel()
-        declare_topology(channel)
-        # Named in vtorque's namespace (not amq.gen-…), so a broker user limited to its own names may declare it.
-        # Bound to the events exchange passively: declaring it would need a configure right no part has.
-        events = Exchange(EVENTS.name, type=EVENTS.type, durable=True, passive=True)
-        self.queue = Queue(f"{prefix}{uuid.uuid4().hex[:16]}", exclusive=True, auto_delete=True,
-                           durable=False, bindings=[binding(events, routing_key=p) for p in patterns])(channel)
-        self.queue.declare()
-        self._inbox: list[m.Message] = []
-        self.consumer = kombu.Consumer(channel, queues=[self.queue], on_message=self._on_message, no_ack=True,
-                                       auto_declare=False)
-        self.consumer.consume()
-
-    def _on_message(self, raw: kombu.Message) -> None:
-        try:
-            self._inbox.append(m.decode(raw.body))
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            log(LOG, logging.WARNING, "ignored an undecodable event while waiting")
-
-    def next(self, deadline: float) -> m.Message | None:
-        """The next event, or None when the monotonic `deadline` passes."""
-        while not self._inbox:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            try:
-                self.conn.drain_events(timeout=min(remaining, 1.0))
-            except socket.timeout:
-                pass
-        return self._inbox.pop(0)
-
-    def close(self) -> None:
-        try:
-            self.conn.release()
-        except Exception:  # noqa: BLE001
-            pass
+# The one wait for events is shared/hook_channel.py's (on pika, so the hooks need not import kombu); services
+# and the cli take it from here as well.
+EventWaiter = hook_channel.EventWaiter
 
 
 # -- consuming --------------------------------------------------------------------------------------------

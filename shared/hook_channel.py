@@ -1,16 +1,24 @@
-"""The hooks' side of the bus, on pika: an exclusive queue bound to the job's events, declared before the
-hook publishes, so no answer can be missed; then a bounded wait. (Not direct reply-to: that is at-most-once.)
+"""The one way to wait for events, on pika: an exclusive queue bound to some event patterns, declared before
+the awaited thing is triggered, so no answer can be missed; then a bounded wait. (Not direct reply-to: that is
+at-most-once.) The hooks wait for their job's events through it (`HookChannel`, which also publishes), the node
+worker and `vtorque images pull` for an image's staging (`EventWaiter`, also importable from shared/bus.py).
+pika, not kombu: the hooks start in a few tens of milliseconds, and this module imports nothing heavier than
+pika and the messages (never shared/bus.py).
 
-The queue is named in vtorque's namespace, `vtorque.hook.<label>.<random>` (label: the job's routing word), not
-left to the broker (`amq.gen-…`): a broker user limited to `^vtorque\\.` (docs/admin-guide.md §2) may declare it.
+The queue is named in vtorque's namespace, `<prefix><label>.<random>` (prefix from shared/topology.py: the
+hook's `vtorque.hook.`, the node worker's `vtorque.wait.`, the operator's `vtorque.pull.`; label: the job's
+routing word, or the first pattern's), not left to the broker (`amq.gen-…`): a broker user limited to its own
+names (docs/admin-guide.md §2) may declare it.
 
 Every AMQP failure here, whatever pika calls it (no connection, access refused, a channel the broker closed, a
 publish it did not confirm), is raised as BrokerUnreachable: the hooks treat all of them like a broker they
-cannot reach (a bounded requeue with a reason for the owner), never as a crash.
+cannot reach (a bounded requeue with a reason for the owner), never as a crash. It is a ConnectionError, so a
+service that takes OSError as "the infrastructure failed, retry" (the node worker's boot) takes it so too.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import urllib.parse
@@ -23,12 +31,13 @@ import pika.exceptions
 
 from vtorque.shared import messages as m
 from vtorque.shared import broker_tls, topology, tracing
-from vtorque.shared.bus import EVENTS
 
 QUEUE_PREFIX = topology.prefix(topology.HOOK_Q)  # shared/topology.py names every queue
+EVENTS = topology.EVENTS
+LOG = logging.getLogger("vtorque.events")
 
 
-class BrokerUnreachable(Exception):
+class BrokerUnreachable(ConnectionError):
     pass
 
 
@@ -43,17 +52,22 @@ def describe(exc: BaseException) -> str:
     return repr(exc)
 
 
-def queue_name(patterns: list[str], label: str | None = None) -> str:
-    """`vtorque.hook.<label>.<random>`; the label defaults to the job word of a `job.<word>.…` pattern."""
+def queue_name(patterns: list[str], label: str | None = None, prefix: str = QUEUE_PREFIX) -> str:
+    """`<prefix><label>.<random>`; the label defaults to the job word of a `job.<word>.…` pattern, else to the
+    first pattern's second word (`image.<digest>.#`: the digest)."""
     if label is None:
-        label = next((p.split(".")[1] for p in patterns if p.startswith("job.") and p.count(".") >= 2), "hook")
+        label = next((p.split(".")[1] for p in patterns if p.startswith("job.") and p.count(".") >= 2),
+                     next((p.split(".")[1] for p in patterns if p.count(".") >= 2), "hook"))
     label = re.sub(r"[^A-Za-z0-9_%-]", "_", label)[:100] or "hook"
-    return f"{QUEUE_PREFIX}{label}.{uuid.uuid4().hex[:12]}"
+    return f"{prefix}{label}.{uuid.uuid4().hex[:12]}"
 
 
-class HookChannel:
+class EventChannel:
+    """A private queue bound to `patterns` on the events exchange, then `events()`/`next()` until a deadline;
+    `publish` sends an event on the same connection (confirmed). Every failure is BrokerUnreachable."""
+
     def __init__(self, url: str, patterns: Iterable[str], attempts: int = 3, timeout: float = 5.0,
-                 label: str | None = None):
+                 label: str | None = None, prefix: str = QUEUE_PREFIX):
         patterns = list(patterns)
         # One URL per broker node of a cluster, joined by ';' ([broker] hosts): pika tries them in turn.
         params_list = [self._parameters(one, attempts, timeout) for one in url.split(";")]
@@ -69,16 +83,16 @@ class HookChannel:
             try:
                 # Passive first: a broker user whose permissions come from the topology table may not configure
                 # the exchange (the administrator's set-up declares it), and checking needs no permission.
-                self.channel.exchange_declare(EVENTS.name, passive=True)
+                self.channel.exchange_declare(EVENTS, passive=True)
             except pika.exceptions.ChannelClosedByBroker as exc:
                 if exc.reply_code != 404:
                     raise
                 self.channel = self.conn.channel()  # not there yet (a fresh broker): declare it, if allowed
-                self.channel.exchange_declare(EVENTS.name, exchange_type="topic", durable=True)
-            self.queue = queue_name(patterns, label)
+                self.channel.exchange_declare(EVENTS, exchange_type=topology.EXCHANGES[EVENTS], durable=True)
+            self.queue = queue_name(patterns, label, prefix)
             self.channel.queue_declare(self.queue, exclusive=True, auto_delete=True)
             for pattern in patterns:
-                self.channel.queue_bind(self.queue, EVENTS.name, routing_key=pattern)
+                self.channel.queue_bind(self.queue, EVENTS, routing_key=pattern)
             self.channel.confirm_delivery()
         except (pika.exceptions.AMQPError, OSError) as exc:
             self.close()
@@ -106,10 +120,10 @@ class HookChannel:
 
     def publish(self, event: m.Event) -> None:
         routing_key = event.routing_key()
-        with tracing.publish_span(event, EVENTS.name, routing_key) as headers:
+        with tracing.publish_span(event, EVENTS, routing_key) as headers:
             try:
                 self.channel.basic_publish(
-                    EVENTS.name, routing_key, m.encode(event),
+                    EVENTS, routing_key, m.encode(event),
                     pika.BasicProperties(delivery_mode=2, content_type="application/json",
                                          message_id=event.message_id, type=type(event).__name__, headers=headers,
                                          user_id=self.user),  # the bridge checks who sent it
@@ -128,12 +142,20 @@ class HookChannel:
                     try:
                         event = m.decode(body)
                     except (msgspec.DecodeError, msgspec.ValidationError):
+                        LOG.warning("ignored an undecodable event while waiting on %s", self.queue)
                         continue
                     yield event, dict(props.headers or {})
                     if time.monotonic() >= deadline:
                         break
         except (pika.exceptions.AMQPError, OSError) as exc:
             raise BrokerUnreachable(f"lost the broker while waiting: {describe(exc)}") from None
+
+    def next(self, deadline: float) -> m.Message | None:
+        """The next event, or None when the monotonic `deadline` passes (the consumer stays: a later call
+        gets what arrived in between)."""
+        for event, _headers in self.events(deadline):
+            return event
+        return None
 
     def close(self) -> None:
         try:
@@ -143,13 +165,25 @@ class HookChannel:
             pass
 
 
+HookChannel = EventChannel  # the hooks' name for it: their adapters subclass it (hooks/torque.py, hooks/slurm.py)
+
+
+def EventWaiter(url: str, patterns: Iterable[str], timeout: float = 5.0,
+                prefix: str = topology.prefix(topology.WAIT_Q)) -> EventChannel:
+    """A service's or an operator's wait for events (the node worker for an image's staging): the same
+    channel under the waiter's queue prefix (`vtorque.wait.`, or `vtorque.pull.` for `vtorque images pull`)."""
+    return EventChannel(url, patterns, attempts=3, timeout=timeout, prefix=prefix)
+
+
+def _node_queue_name(host: str) -> str:
+    return topology.queue(topology.NODE_Q, node=host).name
+
+
 def missing_node_workers(conn, wanted: list[str], grace: float) -> list[str]:
     """The hosts whose node queue has no consumer after up to `grace` s: both hooks ask it before they publish,
     so a node without a node worker fails the job at once instead of at the deadline. Passive declares (no
     right needed) on a pika BlockingConnection; a 404 closes the channel, so a new one is opened for the next
     host; any other refusal (403: the hook's user may not look) is raised: a broker problem, not the node's."""
-    from vtorque.shared.bus import node_queue
-
     end = time.monotonic() + grace
     missing = list(dict.fromkeys(wanted))
     check = None
@@ -159,7 +193,7 @@ def missing_node_workers(conn, wanted: list[str], grace: float) -> list[str]:
             if check is None or check.is_closed:
                 check = conn.channel()
             try:
-                if check.queue_declare(node_queue(host).name, passive=True).method.consumer_count == 0:
+                if check.queue_declare(_node_queue_name(host), passive=True).method.consumer_count == 0:
                     still.append(host)
             except pika.exceptions.ChannelClosedByBroker as exc:
                 if exc.reply_code != 404:
@@ -174,7 +208,5 @@ def missing_node_workers(conn, wanted: list[str], grace: float) -> list[str]:
 
 
 def no_node_worker_reason(missing: list[str]) -> str:
-    from vtorque.shared.bus import node_queue
-
     return (f"no node worker is running on {', '.join(missing)} (nothing consumes "
-            f"{', '.join(node_queue(h).name for h in missing)}); the job's guests cannot boot there")
+            f"{', '.join(_node_queue_name(h) for h in missing)}); the job's guests cannot boot there")
