@@ -239,6 +239,13 @@ class NodeConfig(_Section):
     iocm_narrow_mib_s: float = 16.0
     iocm_widen_samples: int = 2
     iocm_narrow_samples: int = 5
+    # The scheduler's cgroup of a job, per controller, under job_cgroup_root/<controller>/: the node worker moves
+    # each guest's QEMU there (services/node_worker/job_cgroup.py), so the scheduler accounts it to the job, holds
+    # it to the job's memory limit and kills it when the job ends. {job}, {uid} (the owner's) and {node} are
+    # filled in; never cpuset. Empty (the default): guests stay in libvirt's cgroups, for a scheduler without
+    # cgroups (the single-host stack's). Slurm's and Torque's layouts: docs/admin-guide.md.
+    job_cgroup: dict[str, str] = {}
+    job_cgroup_root: str = "/sys/fs/cgroup"
 
     def node_name(self) -> str:
         return self.name or socket.gethostname().split(".")[0]

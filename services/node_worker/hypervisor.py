@@ -106,8 +106,17 @@ class Hypervisor:
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"define failed: {exc.get_error_message()}") from None
 
-    def start(self, dom: libvirt.virDomain) -> None:
-        self._timed("start", self.start_timeout, self._start, dom)
+    def start(self, dom: libvirt.virDomain, paused: bool = False) -> None:
+        """`paused`: QEMU is up but runs no guest instruction until `resume` (job_cgroup.py moves it first)."""
+        self._timed("start", self.start_timeout, self._start, dom, paused)
+
+    def resume(self, dom: libvirt.virDomain) -> None:
+        def run() -> None:
+            try:
+                dom.resume()
+            except libvirt.libvirtError as exc:
+                raise HypervisorError(f"resume failed: {exc.get_error_message()}") from None
+        self._timed("resume", self.change_timeout, run)
 
     def xml(self, dom: libvirt.virDomain) -> str:
         def get() -> str:
@@ -117,9 +126,9 @@ class Hypervisor:
                 raise HypervisorError(exc.get_error_message()) from None
         return self._timed("the domain's XML", self.query_timeout, get)
 
-    def _start(self, dom: libvirt.virDomain) -> None:
+    def _start(self, dom: libvirt.virDomain, paused: bool = False) -> None:
         try:
-            dom.create()
+            dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED if paused else 0)
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"start failed: {exc.get_error_message()}") from None
 
