@@ -31,7 +31,7 @@ from vtorque.shared.user_files import UserFileRefused
 from vtorque.shared.job_network import guest_mac
 
 from . import disks, guest_link
-from . import iocm, numa, trust, vrdma
+from . import iocm, job_cgroup, numa, trust, vrdma
 from .domain import USER_NET_MAC, BootSource, GuestMetadata, JobNic, domain_xml, parse_metadata
 from .hypervisor import Hypervisor, HypervisorError
 from .readiness import BootFailed, Readiness, ssh_banner, wait_ready
@@ -68,6 +68,7 @@ class NodeWorker(Service):
 
         # IOcm: moves running guests' I/O cores between iocm_min_cores and iocm_max_cores with their load.
         iocm.start(self, stop)  # first: a bad IOcm configuration is said before anything runs
+        job_cgroup.start(self, stop)  # guests into their job's cgroup once it exists (and a bad layout said)
         Heartbeat(self, stop).start()  # NodeHeartbeat events for `vtorque nodes` and the bridge
         # At start and on a timer: nothing outlives its job, even when a hook or this worker died mid-way.
         Reconciler(self, stop, self.config.node.reconcile_interval, scheduler_check(self.config)).start()
@@ -239,7 +240,7 @@ class NodeWorker(Service):
                 dom = self.hv.define(xml)
             t_define = time.monotonic()
             with _phase("start domain"):
-                self.hv.start(dom)
+                job_cgroup.start_guest(self, dom, cmd.job_id, guest)  # paused, into the job's cgroup, run
             t_start = time.monotonic()
             with _phase("wait until ready") as span:
                 ready: Readiness = wait_ready(files.console_log, ssh_socket,
