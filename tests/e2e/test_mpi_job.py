@@ -56,11 +56,14 @@ def ensure_mpi_image(env: dict) -> str:
 def test_an_mpi_program_runs_across_the_jobs_two_guests(slurm):
     ensure_mpi_image(slurm.env)
     slurm.write("mpi.sh", MPI_JOB)
+    start = time.monotonic()
     job_id = submit(slurm, "-N", "mpi", "-vm", "img=mpi,vms_per_node=2,vcpus=1,ram=384M", "mpi.sh")
     slurm.wait(job_id, timeout=600)
+    print(f"mpi job {job_id}: submit to done {time.monotonic() - start:.1f} s")
     out = (slurm.workdir / f"mpi.o{job_id}").read_text()
     err = (slurm.workdir / f"mpi.e{job_id}").read_text()
     report = f"stdout:\n{out}\nstderr:\n{err}"
+    print(report)
     ranks = {int(m["rank"]): m["host"] for m in
              re.finditer(rf"^VT-MPI rank=(?P<rank>\d+) size={RANKS} host=(?P<host>\S+)$", out, re.M)}
     assert sorted(ranks) == list(range(RANKS)), report
