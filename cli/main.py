@@ -63,7 +63,7 @@ def run(service: str) -> None:
     setup_logging(f"vtorque-{service}", config.log_level)
     tracing.setup_tracing(f"vtorque-{service}", config.tracing)
     url = config.broker.connection_url()
-    publisher = Publisher(url)  # used by the handler thread only
+    publisher = Publisher(url)  # every thread of the service publishes through it (one connection per thread)
     if service == "prefetch":  # not a consumer: follows the scheduler's queue (services/scheduler_bridge/accounting.py)
         _run_prefetch(config, publisher)
         return
@@ -72,7 +72,7 @@ def run(service: str) -> None:
     except ValueError as exc:  # a configuration its background tasks cannot run with
         raise click.ClickException(str(exc))
     finally:
-        publisher.close()
+        publisher.close_all()
         tracing.shutdown_tracing()
 
 

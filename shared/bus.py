@@ -208,8 +208,11 @@ class Confirms:
 
 
 class Publisher:
-    """Publishes messages with confirms. py-amqp connections are not thread-safe, so each thread that publishes
-    through one Publisher gets a connection of its own (a service's handlers may run in several threads)."""
+    """The one way to publish, from any thread: one Publisher per process part is shared by every thread that
+    publishes (handlers in worker threads, the stager's concurrent consumers, the node worker's boot threads,
+    the heartbeat), and needs no lock and no second Publisher. py-amqp connections are not thread-safe, so
+    each thread gets a connection of its own, opened at its first publish; `close()` closes the calling
+    thread's (after an error, or when a thread is done publishing), `close_all()` every thread's."""
 
     def __init__(self, url: str, timeout: float = 5.0):
         self.url, self.timeout = url, timeout
@@ -217,6 +220,8 @@ class Publisher:
         # connection's own, so consumers can trust it (shared/topology.py may_publish).
         self.user = broker_user_of(url)
         self._local = threading.local()
+        self._open: set[Connection] = set()  # every thread's, for close_all()
+        self._open_lock = threading.Lock()
 
     def _thread(self):
         local = self._local
@@ -229,11 +234,27 @@ class Publisher:
         local = self._thread()
         if local.producer is None:
             local.conn = connect(self.url, heartbeat=0, timeout=self.timeout, confirm_publish=False)
+            with self._open_lock:
+                self._open.add(local.conn)
             channel = local.conn.channel()
             declare_topology(channel)
             local.confirms = Confirms(channel)
             local.producer = kombu.Producer(channel)
         return local
+
+    def ensure_queues(self, queues: Iterable[Queue]) -> None:
+        """Someone else's queues that this thread's messages must reach (the heartbeat's `vtorque.nodes`),
+        declared where missing (ensure_queues), on this thread's connection (no connection of its own), once
+        per connection, as a command's queue is."""
+        try:
+            local = self._ensure()
+            missing = [q for q in queues if q.name not in local.declared]
+            if missing:
+                ensure_queues(local.producer.channel, missing)
+                local.declared.update(q.name for q in missing)
+        except BaseException:
+            self.close()
+            raise
 
     def publish(self, message: m.Message) -> None:
         self.publish_many([message])
@@ -296,15 +317,30 @@ class Publisher:
             raise
 
     def close(self) -> None:
-        """Close this thread's connection (the others close with their threads' ends or the process)."""
+        """Close this thread's connection; the next publish from this thread opens a new one."""
         local = self._thread()
         if local.conn is not None:
-            try:
-                local.conn.release()
-            except Exception:  # noqa: BLE001 - closing a broken connection must not mask the real error
-                pass
+            with self._open_lock:
+                self._open.discard(local.conn)
+            _release(local.conn)
         local.conn = local.producer = local.confirms = None
         local.declared.clear()
+
+    def close_all(self) -> None:
+        """Close every thread's connection, once no thread publishes any more (the end of the process part:
+        threads that are gone cannot close their own)."""
+        with self._open_lock:
+            conns, self._open = list(self._open), set()
+        for conn in conns:
+            _release(conn)
+        self.close()
+
+
+def _release(conn: Connection) -> None:
+    try:
+        conn.release()
+    except Exception:  # noqa: BLE001 - closing a broken connection must not mask the real error
+        pass
 
 
 # The one wait for events is shared/hook_channel.py's (on pika, so the hooks need not import kombu); services

@@ -10,7 +10,6 @@ withdraws that job's requests, and a copy nobody else wants stops (ImageStageCan
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 from kombu import Queue
@@ -54,28 +53,12 @@ class ProgressMeter:
         return done, total, rate
 
 
-class _LockedPublisher:
-    """Several handler threads publish through one connection, one at a time (py-amqp is not thread-safe)."""
-
-    def __init__(self, publisher: Publisher):
-        self.publisher = publisher
-        self.lock = threading.Lock()
-
-    def publish(self, message: m.Message) -> None:
-        with self.lock:
-            self.publisher.publish(message)
-
-    def close(self) -> None:
-        with self.lock:
-            self.publisher.close()
-
-
 class ImageStager(Service):
     name = "stager"
 
     def __init__(self, config: Config, publisher: Publisher, store: ImageStore | None = None):
-        self.config = config
-        self.publisher = _LockedPublisher(publisher)
+        # Shared by every consumer's handler thread: the Publisher gives each thread its own connection.
+        self.config, self.publisher = config, publisher
         images = config.images
         self.store = store or ImageStore(images.store, budget=parse_size(images.store_budget),
                                          http_timeout=images.http_timeout, http_retries=images.http_retries)

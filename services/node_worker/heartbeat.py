@@ -2,8 +2,9 @@
 alive and what it has (cores, free memory, guests running, KVM or TCG, capabilities). `vtorque nodes` shows
 them.
 
-It runs in a thread of its own (with its own broker connection) rather than in the consumer's idle hook: the
-consumer is not idle while a guest boots, and a node busy booting is exactly the one an operator asks about.
+It runs in a thread of its own rather than in the consumer's idle hook: the consumer is not idle while a guest
+boots, and a node busy booting is exactly the one an operator asks about. It publishes through the worker's own
+Publisher (shared/bus.py: each thread that publishes gets its connection there), not a publisher of its own.
 
 Heartbeats also go to the durable queue `vtorque.nodes`, where each one expires after NODES_TTL seconds: a
 reader (`vtorque nodes`) gets every live node's latest heartbeat at once, without waiting for the next round,
@@ -19,7 +20,6 @@ import threading
 
 from vtorque.shared import messages as m
 from vtorque.shared import metrics
-from vtorque.shared.bus import Publisher, connect, declare_topology, ensure_queue
 from vtorque.shared.logs import log
 from vtorque.shared.node_registry import TTL_INTERVALS, nodes_queue
 
@@ -92,38 +92,30 @@ class Heartbeat:
         self.workers = list(workers) if isinstance(workers, (list, tuple)) else [workers]
         self.worker, self.stop = self.workers[0], stop
         self.interval = max(0.5, float(self.worker.config.node.heartbeat_interval))
-        self.url = self.worker.config.broker.connection_url()
+        self.publisher = self.worker.publisher
         self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
     def start(self) -> "Heartbeat":
         # The first beat goes out before the worker consumes: a node that takes commands is a node the bridge
         # already knows (it plans only onto nodes with a fresh heartbeat).
-        self._publisher = Publisher(self.url)
-        self._declared = False
         self._beat()
+        self.publisher.close()  # the caller's thread publishes no more beats: its connection is not kept open
         self.thread.start()
         return self
 
     def _beat(self) -> None:
         try:
-            if not self._declared:
-                with connect(self.url) as conn:
-                    channel = conn.channel()
-                    declare_topology(channel)
-                    ensure_queue(channel, nodes_queue())
-                self._declared = True
+            # The durable queue that keeps every node's latest beat for readers, declared where missing.
+            self.publisher.ensure_queues([nodes_queue()])
             beats = [node_facts(worker) for worker in self.workers]
             for beat in beats:
                 metrics.set_guests_running(beat.node, beat.guests_running)
-            self._publisher.publish_many(beats)
+            self.publisher.publish_many(beats)
         except Exception as exc:  # noqa: BLE001 - a missed beat must not end the beating
             log(LOG, logging.WARNING, "heartbeat not sent", error=str(exc))
-            self._publisher.close()
+            self.publisher.close()
 
     def _run(self) -> None:
-        # A publisher of this thread's own (py-amqp connections are not thread-safe): the first was start()'s.
-        self._publisher.close()
-        self._publisher = Publisher(self.url)
         while not self.stop.wait(self.interval):
             self._beat()
-        self._publisher.close()
+        self.publisher.close()  # this thread's connection

@@ -298,3 +298,42 @@ def test_what_tests_publish_never_reaches_the_stacks_vhost(broker_url):
             publisher.close()
         with kombu.Connection(broker_url) as conn:
             conn.channel().queue_delete(f"vtorque.node.{host}")
+
+
+def test_one_publisher_serves_every_thread_each_on_its_own_connection(broker_url):
+    """The one way to publish from any thread (the stager's concurrent consumers, the node worker's boot threads
+    and heartbeat): one Publisher, no lock; every message arrives, each thread had a connection of its own,
+    and close_all() closes them all, threads gone included."""
+    job = f"threads-{uuid.uuid4().hex[:8]}"
+    waiter = EventWaiter(broker_url, [f"job.{job}.#"])
+    publisher = Publisher(broker_url)
+    conns, errors = [], []
+    start = threading.Barrier(4)
+
+    def publish(i):
+        try:
+            start.wait()
+            for k in range(5):
+                publisher.publish(m.GuestsTornDown.new(job_id=job, deadline=60.0, node=f"n{i}",
+                                                       guests=[f"g{k}"], disks_removed=0))
+            conns.append(publisher._local.conn)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=publish, args=(i,)) for i in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert errors == []
+        assert len({id(c) for c in conns}) == 4
+        seen = set()
+        deadline = time.monotonic() + 20
+        while len(seen) < 20 and (event := waiter.next(deadline)) is not None:
+            seen.add((event.node, event.guests[0]))
+        assert len(seen) == 20
+    finally:
+        waiter.close()
+        publisher.close_all()
+    assert all(not c.connected for c in conns)
