@@ -252,6 +252,11 @@ def raw_round(url: str, names: list[str], body: bytes, mode: str, workdir: Path)
 
 # -- (a) a job, as the hook publishes it -------------------------------------------------------------------
 
+def tunnel_addresses(hosts: list[str]) -> dict[str, str]:
+    """A job network endpoint per node, as their heartbeats would give the bridge."""
+    return {h: f"10.9.{i // 250}.{i % 250 + 1}" for i, h in enumerate(hosts)}
+
+
 def job_event(job_id: str, hosts: list[str]) -> m.JobStarted:
     return m.JobStarted.new(job_id=job_id, deadline=300.0, scheduler="slurm", owner=m.Owner(user="root", uid=0, gid=0),
                             nodes=[m.NodeAllocation(host=h, ncpus=1) for h in hosts],
@@ -303,7 +308,8 @@ def boot_body_size(config, hosts: list[str]) -> int:
     from vtorque.shared.spec import validate
 
     job = job_event("size", hosts)
-    return len(m.encode(boot_commands(job, plan_guests(job, validate(job.spec, config), config))[0]))
+    return len(m.encode(boot_commands(job, plan_guests(job, validate(job.spec, config), config),
+                         tunnel_addresses(hosts))[0]))
 
 
 # -- (c) heartbeats ------------------------------------------------------------------------------------------
@@ -348,7 +354,8 @@ def per_node_growth(config, url: str, workdir: Path, counts=(1, 8, 32, 128)) -> 
     cfg = many_nodes.node_config(config, "grow0000", 0, workdir / "grow", 28200, max(counts) + 8)
     guests = many_nodes.InstantGuests()
     worker = node_service.NodeWorker(cfg, Publisher(url), hypervisor=many_nodes.InstantHypervisor(
-        guests, str(workdir)), store=node_service.ImageStore(config.images.store))
+        guests, str(workdir)), store=node_service.ImageStore(config.images.store),
+        segments=many_nodes.instant_segments(workdir))
     rows, jobs = [], []
     node_facts(worker)  # once before: its first call probes QEMU's devices (vRDMA), once per process
     with many_nodes.instant_host(guests):
@@ -386,13 +393,15 @@ def per_node_job_size(config, url: str, workdir: Path, sizes=(1, 64, 256, 1024))
         for n in sizes:
             cfg = many_nodes.node_config(config, f"size{n:04d}", 0, workdir / "size", 28400 + n % 7 * 8, 8)
             worker = node_service.NodeWorker(cfg, Publisher(url), hypervisor=many_nodes.InstantHypervisor(
-                guests, str(workdir)), store=node_service.ImageStore(config.images.store))
+                guests, str(workdir)), store=node_service.ImageStore(config.images.store),
+                segments=many_nodes.instant_segments(workdir))
             hosts = [cfg.node.name] + [f"peer{i:04d}" for i in range(n - 1)]
             job = job_event(f"z{n}", hosts)
             from vtorque.services.scheduler_bridge.planning import boot_commands, plan_guests
             from vtorque.shared.spec import validate
 
-            command = boot_commands(job, plan_guests(job, validate(job.spec, config), config))[0]
+            command = boot_commands(job, plan_guests(job, validate(job.spec, config), config),
+                         tunnel_addresses(hosts))[0]
             body = m.encode(command)
             t0 = time.monotonic()
             decoded = m.decode(body)

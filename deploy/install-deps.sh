@@ -19,7 +19,8 @@ PKGS=(
   # python3-yaml and python3-dotenv; build-image.sh uses debootstrap (above)
   podman runc netavark aardvark-dns python3-yaml python3-dotenv
   openssl  # stack.sh: the single-host CA and the broker's TLS certificate
-  iproute2  # ss: stack.sh checks that RabbitMQ, epmd and Erlang distribution listen on loopback only
+  iproute2  # ss: stack.sh checks that RabbitMQ, epmd and Erlang distribution listen on loopback only; ip, bridge: the job networks
+  iptables  # the node worker drops VXLAN packets a user could send (services/node_worker/job_segment.py)
 )
 LOCK_TIMEOUT=900
 APT_OPTS=(-o "DPkg::Lock::Timeout=$LOCK_TIMEOUT" -o "Acquire::Retries=3")

@@ -213,9 +213,12 @@ class NodeConfig(_Section):
     ramdisk_dir: str = "/dev/shm/vtorque/guests"  # fs_type=ramdisk: node-local memory
     # Home and scratch inside the guests, as the site serves them (vTorque's VM_NFS_HOME / VM_NFS_WS).
     guest_mounts: list[GuestMount] = []
-    # The host address the job network's multicast UDP goes through: the node's cluster-network address on a
-    # cluster (guests of a job on different nodes then share one segment), loopback on one test host.
+    # The job network (services/node_worker/job_segment.py): the node's VXLAN endpoint, its address on the
+    # cluster network (loopback on one test host, where a job's guests share one bridge); the UDP port, below
+    # 1024 so no user can bind it first; and the guests' MTU on it (the cluster network's less VXLAN's 50 bytes).
     job_network_localaddr: str = "127.0.0.1"
+    job_network_port: int = 789
+    job_network_mtu: int = 1450
     # Reconciliation (services/node_worker/reconcile.py): how often, and whom to ask whether a job still runs.
     reconcile_interval: float = 30.0
     # Guests for a job owned by root or a system account (uid < 1000): refused unless the site allows it

@@ -246,6 +246,9 @@ class NodeHeartbeat(Event, frozen=True):
     domain_type: Literal["kvm", "qemu"]  # qemu = TCG (software emulation)
     capabilities: list[str] = []
     interval: float = 10.0  # seconds until the next one
+    # The node's VXLAN endpoint for job networks ([node] job_network_localaddr): the bridge puts it in the
+    # BootGuests of a job that spans this node.
+    tunnel_address: str = ""
 
 
 # -- commands ---------------------------------------------------------------------------------------------
@@ -266,12 +269,15 @@ class GuestPeer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class JobNetwork(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The job's own L2 segment: QEMU's socket netdev on a multicast group (a virtual hub that needs no host
-    bridge); every guest of the job, on any node of the job, joins it with a second NIC."""
+    """The job's own L2 segment: a VXLAN segment (its VNI from the job id, shared/job_network.py) that every
+    guest of the job, on any node of the job, joins with a second NIC; on each node a bridge of the job's own
+    with no host address joins the guests' taps to it."""
 
-    group: str
-    port: int
+    vni: int
     prefix: int  # guest addresses are <network address>/prefix
+    # Every node of the job → its VXLAN endpoint (the node's address on the cluster network): where the job's
+    # frames go, and the only senders they are taken from.
+    endpoints: dict[NodeName, str] = {}
 
 
 class BootGuests(Command, frozen=True):

@@ -38,12 +38,11 @@ class BootSource:
 
 @dataclass(frozen=True)
 class JobNic:
-    """The guest's second NIC, on the job's multicast segment (see messages.JobNetwork)."""
+    """The guest's second NIC, a tap on the job network's bridge on this node (job_segment.py)."""
 
-    group: str
-    port: int
+    bridge: str
     mac: str
-    localaddr: str = "127.0.0.1"  # the host address the segment's UDP goes through
+    mtu: int = 1450
 
 
 @dataclass(frozen=True)
@@ -132,6 +131,17 @@ def domain_xml(guest: m.GuestPlan, disks: GuestDisks, boot: BootSource, meta: Gu
         # secret); a caller without one (a pure test) gets the same shape under an unkeyed name.
         choice = vrdma_choice or vrdma.Choice(vrdma.IVSHMEM, shmem_name=vrdma.shmem_name(meta.job_id))
         vrdma_args = vrdma.apply(dom, dev, choice)
+    if job_nic:
+        # The job's guests, on every node, share one L2 segment: a tap libvirt (root) makes and puts on the job's
+        # bridge; QEMU gets only its descriptor. The MTU reaches the guest's driver (virtio host_mtu).
+        nic = ET.SubElement(dev, "interface", {"type": "bridge"})
+        ET.SubElement(nic, "source", {"bridge": job_nic.bridge})
+        ET.SubElement(nic, "mac", {"address": job_nic.mac})
+        ET.SubElement(nic, "model", {"type": "virtio"})
+        ET.SubElement(nic, "mtu", {"size": str(job_nic.mtu)})
+        # A fixed slot beside the user-mode NIC's (0x10, on the QEMU command line), which libvirt cannot see.
+        ET.SubElement(nic, "address", {"type": "pci", "domain": "0x0000", "bus": "0x00", "slot": "0x11",
+                                       "function": "0x0"})
     # Without an entropy source a TCG guest's sshd waits ~1 s for kernel randomness before its banner.
     rng = ET.SubElement(dev, "rng", {"model": "virtio"})
     ET.SubElement(rng, "backend", {"model": "random"}).text = "/dev/urandom"
@@ -144,10 +154,6 @@ def domain_xml(guest: m.GuestPlan, disks: GuestDisks, boot: BootSource, meta: Gu
     # On the QEMU command line: libvirt 9.0 has no hub nor stream netdev for type='user'.
     cmd = ET.SubElement(dom, f"{{{QEMU_NS}}}commandline")
     args = guest_link.netdev_args(Path(disks.overlay).parent, USER_NET_MAC)
-    if job_nic:
-        # The job's guests, on every node, share one L2 segment: QEMU's socket netdev on a multicast group.
-        args += ["-netdev", f"socket,id=vtjob0,mcast={job_nic.group}:{job_nic.port},localaddr={job_nic.localaddr}",
-                 "-device", f"virtio-net-pci,netdev=vtjob0,mac={job_nic.mac},addr=0x11"]
     for arg in args:
         ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", {"value": arg})
     for arg in vrdma_args:

@@ -66,7 +66,7 @@ def node_facts(worker) -> m.NodeHeartbeat:
         mem_free_mib=mem_available_mib(meminfo), guests_running=running, domain_type=worker.domain_type,
         capabilities=capabilities(worker.domain_type, sum(1 for e in config.images.catalog.values() if e.kernel),
                                   hugepages) + iocm.capabilities() + vrdma.capabilities(vrdma.probe()),
-        interval=interval)
+        interval=interval, tunnel_address=config.node.job_network_localaddr)
 
 
 def _listdir(path: str) -> list[str]:

@@ -6,7 +6,8 @@ carrying vtorque metadata for this node, guest directories, the launcher's job f
 - a domain past its job's end (start + walltime, when the scheduler gave a walltime) plus a grace period;
 - a domain that never became ready and whose boot deadline passed;
 - a guest directory (overlay, seed, console) with no domain, unless a boot of it is under way here;
-- a job file directory whose guests are gone.
+- a job file directory whose guests are gone;
+- a job network (job_segment.py) that no guest of its job uses, two rounds in a row.
 When the scheduler cannot be asked (command missing, timeout), nothing is removed for that reason: a wrong
 "gone" would kill a running job.
 
@@ -141,6 +142,7 @@ class Reconciler:
             log(LOG, logging.WARNING, "reconcile: removing guest files without a domain", guest=name)
             w.remove_guest(name, None)
         w.remove_orphan_job_files()
+        w.remove_idle_networks()
         return removals
 
     @staticmethod

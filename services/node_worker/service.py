@@ -32,6 +32,7 @@ from vtorque.shared.job_network import guest_mac
 
 from . import disks, guest_link
 from . import iocm, job_cgroup, numa, trust, vrdma
+from .job_segment import JobSegments, SegmentError, bridge_name, segment_for
 from .domain import USER_NET_MAC, BootSource, GuestMetadata, JobNic, domain_xml, parse_metadata
 from .hypervisor import Hypervisor, HypervisorError
 from .readiness import BootFailed, Readiness, ssh_banner, wait_ready
@@ -46,14 +47,17 @@ class NodeWorker(Service):
     name = "node-worker"
 
     def __init__(self, config: Config, publisher: Publisher, hypervisor: Hypervisor | None = None,
-                 store: ImageStore | None = None):
+                 store: ImageStore | None = None, segments: JobSegments | None = None):
         self.config, self.publisher = config, publisher
         self.node = config.node.node_name()
         self.hv = hypervisor or Hypervisor(config.node.libvirt_uri)
         self.store = store or ImageStore(config.images.store)
         self.domain_type = detect_domain_type(config.node.domain_type)
+        self.segments = segments or JobSegments(config.node.job_network_port, config.node.job_network_mtu)
         self._thread_lock = threading.Lock()
         self._booting: set[str] = set()
+        self._booting_jobs: dict[str, int] = {}  # job → boots under way here (its network must stay)
+        self._idle_segments: set[int] = set()  # job networks the last reconcile round found unused
         self._accounts: dict[tuple[str, str], trust.OwnerAccount] = {}  # (job, guest) → checked owner
 
     def queues(self):
@@ -101,13 +105,39 @@ class NodeWorker(Service):
         for guest in cmd.guests:
             if guest.node != self.node:
                 log(LOG, logging.WARNING, "guest planned for another node ignored", guest=guest.name)
-        # The node's guests boot side by side (each mostly waits for its kernel); the answers are published
-        # from this thread, which owns the publisher's connection.
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(mine)),
-                                                   thread_name_prefix="boot") as pool:
-            futures = [pool.submit(contextvars.copy_context().run, self._boot, cmd, guest) for guest in mine]
-            for future in futures:
-                self.publisher.publish(future.result())
+        with self._thread_lock:
+            self._booting_jobs[cmd.job_id] = self._booting_jobs.get(cmd.job_id, 0) + 1
+        try:
+            failed = self._join_network(cmd) if mine else None
+            if failed:
+                for guest in mine:
+                    self.publisher.publish(self._fail(cmd, guest, failed, True, ""))
+                return
+            # The node's guests boot side by side (each mostly waits for its kernel); the answers are published
+            # from this thread, which owns the publisher's connection.
+            with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(mine)),
+                                                       thread_name_prefix="boot") as pool:
+                futures = [pool.submit(contextvars.copy_context().run, self._boot, cmd, guest) for guest in mine]
+                for future in futures:
+                    self.publisher.publish(future.result())
+        finally:
+            with self._thread_lock:
+                left = self._booting_jobs.pop(cmd.job_id) - 1
+                if left:
+                    self._booting_jobs[cmd.job_id] = left
+
+    def _join_network(self, cmd: m.BootGuests) -> str | None:
+        """The job's network on this node, before its guests here boot onto it; why not, or None."""
+        if cmd.network is None:
+            return None
+        node = self.config.node
+        try:
+            with _phase("job network"):
+                self.segments.ensure(segment_for(cmd, self.node, node.job_network_localaddr, node.job_network_port,
+                                                 node.job_network_mtu))
+        except SegmentError as exc:
+            return str(exc)
+        return None
 
     def _boot(self, cmd: m.BootGuests, guest: m.GuestPlan) -> m.Event:
         with self._thread_lock:
@@ -213,7 +243,7 @@ class NodeWorker(Service):
             base = self._wait_for_image(cmd, guest.image_digest, deadline)
         t_image = time.monotonic()
         mac = guest_mac(cmd.job_id, guest.index) if cmd.network else None
-        job_nic = JobNic(cmd.network.group, cmd.network.port, mac, self.config.node.job_network_localaddr) \
+        job_nic = JobNic(bridge_name(cmd.network.vni), mac, self.config.node.job_network_mtu) \
             if cmd.network and mac else None
         with _phase("prepare disks"):
             files = disks.prepare(self._root(guest), guest.name, cmd.job_id, base, entry.format,
@@ -316,6 +346,7 @@ class NodeWorker(Service):
         try:
             result = self.teardown_job(cmd.job_id)
             self._remove_job_shmem(cmd.job_id)
+            self._remove_job_network(cmd.job_id)
             reason = "; ".join(f"{n}: {why}" for n, why in sorted(result.failed.items()))
         except HypervisorError as exc:
             # libvirtd down or wedged: the epilogue hears so now (not after its deadline), reconciliation retries.
@@ -332,6 +363,30 @@ class NodeWorker(Service):
             vrdma.remove_shmem(vrdma.shmem_name(job_id, vrdma.node_secret(self.config.state_dir)))
         except OSError as exc:
             log(LOG, logging.WARNING, "shared memory not removed", error=str(exc))
+
+    def _remove_job_network(self, job_id: str) -> None:
+        """The job's network on this node, once no guest of the job is left on this host's libvirt (two node
+        workers of a test host share its bridge)."""
+        if any(meta.get("job") == job_id for meta in self.hv.vtorque_domains().values()):
+            return
+        for vni, holder in self.segments.present().items():
+            if holder == job_id and not self.segments.remove(vni, job_id):
+                log(LOG, logging.WARNING, "job network not removed yet: a tap is still on it", vni=vni)
+
+    def remove_idle_networks(self) -> list[int]:
+        """Reconciliation's part: job networks with no guest of their job on this host and no boot of it under
+        way, removed once two rounds in a row found them so (another node worker of a test host may be between
+        making one and starting its guest)."""
+        with self._thread_lock:
+            booting = set(self._booting_jobs)
+        jobs_here = {meta.get("job") for meta in self.hv.vtorque_domains().values()} | booting
+        present = self.segments.present()
+        idle = {vni for vni, job in present.items() if job not in jobs_here and not self.segments.ports(vni)}
+        removed = [vni for vni in sorted(idle & self._idle_segments) if self.segments.remove(vni, present[vni])]
+        self._idle_segments = idle - set(removed)
+        for vni in removed:
+            log(LOG, logging.WARNING, "reconcile: removed a job network no guest uses", vni=vni, job=present[vni])
+        return removed
 
     def guest_roots(self) -> list[str]:
         return self._roots()

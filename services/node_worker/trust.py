@@ -24,7 +24,10 @@ from pathlib import Path
 
 from vtorque.shared import messages as m
 from vtorque.shared.config import IMAGE_NAME, Config
+from vtorque.shared.job_network import VNI_MAX, VNI_MIN
 from vtorque.shared.spec import SpecError, validate, validate_user_metadata
+
+from .job_segment import check_endpoint
 
 # Domain and guest directory names: what messages.domain_name makes (vt-<job>-<node>-<k>, only [A-Za-z0-9_-]).
 GUEST_NAME = re.compile(r"^vt-[A-Za-z0-9_-]{1,120}$")
@@ -191,14 +194,25 @@ def check_boot(cmd: m.BootGuests, node: str, config: Config) -> dict[str, OwnerA
         except ValueError:
             raise Refused(f"peer {peer.name}: address {_show(peer.address)!r} is not an IPv4 address") from None
     if cmd.network is not None:
-        try:
-            group = ipaddress.IPv4Address(cmd.network.group)
-        except ValueError:
-            group = None
-        if group is None or not group.is_multicast or not 1024 <= cmd.network.port <= 65535 \
-                or not 8 <= cmd.network.prefix <= 30:
-            raise Refused("network: group must be an IPv4 multicast address, port 1024..65535, prefix 8..30")
+        check_network(cmd, node, config)
     return accounts
+
+
+def check_network(cmd: m.BootGuests, node: str, config: Config) -> None:
+    """The job network of a BootGuests: a VNI of vtorque's range, and an endpoint for exactly the job's nodes,
+    each an address this node may send the job's frames to."""
+    net = cmd.network
+    assert net is not None
+    if not VNI_MIN <= net.vni <= VNI_MAX or not 8 <= net.prefix <= 30:
+        raise Refused(f"network: VNI must be {VNI_MIN}..{VNI_MAX} and prefix 8..30")
+    nodes = {p.node for p in cmd.peers} | {g.node for g in cmd.guests}
+    if set(net.endpoints) != nodes:
+        raise Refused("network: its endpoints must name exactly the job's nodes")
+    local = config.node.job_network_localaddr
+    for peer_node, address in net.endpoints.items():
+        why = None if peer_node == node else check_endpoint(address, local)
+        if why:
+            raise Refused(f"network: endpoint of node {peer_node} {_show(address)!r} {why}")
 
 
 def check_teardown(cmd: m.TeardownGuests) -> None:

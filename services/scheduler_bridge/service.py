@@ -56,17 +56,32 @@ class SchedulerBridge(Service):
         if known is None or beat.created_at >= known.created_at:
             self.beats[beat.node] = beat
 
-    def _unfit(self, spec, job: m.JobStarted) -> Unfit | None:
-        if not self.config.spec.check_node_capabilities:
-            return None
-        if any(n.host not in self.beats for n in job.nodes):
+    def _know_nodes(self, nodes: list[str]) -> None:
+        if any(n not in self.beats or not self.beats[n].tunnel_address for n in nodes):
             # A node worker that started moments ago: its first heartbeat is retained in vtorque.nodes.
             try:
                 for beat in read_heartbeats(self.config.broker.connection_url(), self.config.broker.connect_timeout):
                     self.on_heartbeat(beat)
             except Exception as exc:  # noqa: BLE001 - then the cache is all there is
                 log(LOG, logging.WARNING, "could not read the retained heartbeats", error=str(exc))
+
+    def _unfit(self, spec, job: m.JobStarted) -> Unfit | None:
+        if not self.config.spec.check_node_capabilities:
+            return None
+        self._know_nodes([n.host for n in job.nodes])
         return check_nodes(spec, job.nodes, self.beats, self.config, m.utcnow())
+
+    def _endpoints(self, guests: list[m.GuestPlan]) -> tuple[dict[str, str], Unfit | None]:
+        """Each node's job network endpoint, from its heartbeats; a job of one guest needs none."""
+        nodes = sorted({g.node for g in guests})
+        if len(guests) < 2:
+            return {}, None
+        self._know_nodes(nodes)
+        unknown = [n for n in nodes if n not in self.beats or not self.beats[n].tunnel_address]
+        if unknown:
+            return {}, Unfit(f"no heartbeat of node {unknown[0]} names its job network address "
+                             "(is its node worker running?)", True)
+        return {n: self.beats[n].tunnel_address for n in nodes}, None
 
     def _confirmed(self, job: m.JobStarted) -> tuple[Unfit | None, JobInfo | None]:
         """The scheduler's word on the job event (verification.py); a scheduler that cannot be asked now is
@@ -97,6 +112,8 @@ class SchedulerBridge(Service):
             if too_big:
                 raise PlanError(too_big)
             unfit = self._unfit(spec, job)
+            endpoints, no_endpoints = self._endpoints(guests)
+            unfit = unfit or no_endpoints
         except (SpecError, PlanError) as exc:
             log(LOG, logging.WARNING, "job rejected", reason=str(exc))
             self.publisher.publish(m.JobRejected.new(job_id=job.job_id, deadline=job.deadline, reason=str(exc)))
@@ -114,7 +131,7 @@ class SchedulerBridge(Service):
             m.JobPlanned.new(job_id=job.job_id, deadline=job.deadline, guests=guests),
             m.StageImage.new(job_id=job.job_id, deadline=job.deadline, image=spec.img,
                              digest=guests[0].image_digest),
-            *boot_commands(job, guests)])
+            *boot_commands(job, guests, endpoints)])
         log(LOG, logging.INFO, "job planned", guests=len(guests), nodes=[n.host for n in job.nodes])
 
     def on_job_ended(self, job: m.JobEnded) -> None:

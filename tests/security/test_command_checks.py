@@ -14,6 +14,7 @@ import msgspec
 import pytest
 
 from vtorque.services.node_worker import trust
+from vtorque.services.node_worker.job_segment import bridge_name
 from vtorque.shared.messages import domain_name
 from vtorque.shared import messages as m
 
@@ -222,13 +223,27 @@ def test_more_guests_on_a_node_than_the_site_allows_are_refused(site, users):
     assert_nothing_happened(site, before)
 
 
-def test_a_bad_job_network_is_refused(site, users):
+def test_a_bad_job_network_is_refused_and_makes_nothing(site, users):
     a, _ = users
     before, j = snapshot(site.root), job()
-    net = m.JobNetwork(group="127.0.0.1", port=5000, prefix=24) if "prefix" in m.JobNetwork.__struct_fields__ \
-        else None
-    assert net is not None
-    refused(site.boot(j, site.plan(a, j), network=net), "network")
+    me, other = site.node, "c9"
+    peers = [m.GuestPeer(name=domain_name(j, me, 0), index=0, node=me, vcpus=1, address="10.254.0.1"),
+             m.GuestPeer(name=domain_name(j, other, 0), index=1, node=other, vcpus=1, address="10.254.0.2")]
+    local = site.config.node.job_network_localaddr
+    bad = {
+        "VNI must be": m.JobNetwork(vni=42, prefix=16, endpoints={me: local, other: "10.1.0.2"}),
+        "VNI must be ": m.JobNetwork(vni=1 << 24, prefix=16, endpoints={me: local, other: "10.1.0.2"}),
+        "exactly the job's nodes": m.JobNetwork(vni=5000, prefix=16, endpoints={me: local}),
+        "exactly the job's nodes ": m.JobNetwork(vni=5000, prefix=16, endpoints={me: local, other: "10.1.0.2",
+                                                                                "c10": "10.1.0.3"}),
+        "not a unicast address": m.JobNetwork(vni=5000, prefix=16, endpoints={me: local, other: "239.1.2.3"}),
+        "loopback address other than": m.JobNetwork(vni=5000, prefix=16, endpoints={me: local, other: "127.0.0.9"}),
+        "not an IPv4 address": m.JobNetwork(vni=5000, prefix=16, endpoints={me: local, other: "c9; reboot"}),
+    }
+    for reason, net in bad.items():
+        refused(site.boot(j, site.plan(a, j), peers=peers, network=net), reason.strip())
+        # refused before any of the job network was made on this node
+        assert not Path(f"/sys/class/net/{bridge_name(net.vni % (1 << 24))}").exists()
     assert_nothing_happened(site, before)
 
 

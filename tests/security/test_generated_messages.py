@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 import threading
 import time
 import uuid
@@ -20,6 +21,7 @@ import pytest
 
 from vtorque.services.image_stager.service import ImageStager
 from vtorque.services.node_worker.hypervisor import Hypervisor
+from vtorque.services.node_worker.job_segment import JobSegments
 from vtorque.services.node_worker.service import NodeWorker
 from vtorque.services.scheduler_bridge.service import SchedulerBridge
 from vtorque.shared import messages as m
@@ -115,7 +117,8 @@ def _drain_dead(url: str) -> list:
 
 
 @pytest.mark.parametrize("queue", ["bridge", "stager", "node"])
-def test_ten_thousand_generated_messages_crash_nothing_and_each_gets_a_named_reason(site, test_guest, queue):
+def test_ten_thousand_generated_messages_crash_nothing_and_each_gets_a_named_reason(site, test_guest, queue,
+                                                                                       tmp_path):
     site.catalog = {"tiny": test_guest}
     config = load_config(site.write(), env={})
     url = site.broker_url
@@ -131,7 +134,12 @@ def test_ten_thousand_generated_messages_crash_nothing_and_each_gets_a_named_rea
         svc = ImageStager(config, publisher)
         target, kind = (COMMANDS.name, "stager"), "StageImage"
     else:
-        svc = NodeWorker(config, publisher, hypervisor=Hypervisor("test:///default"))
+        # Job networks only as commands: a generated message that passed every check must not make a bridge in
+        # this machine's own network namespace.
+        svc = NodeWorker(config, publisher, hypervisor=Hypervisor("test:///default"),
+                         segments=JobSegments(789, 1450, run=lambda argv: subprocess.CompletedProcess(argv, 0, "", ""),
+                                              sysfs=tmp_path / "no-interfaces",
+                                              lock_path=str(tmp_path / "job-network.lock")))
         target, kind = (COMMANDS.name, f"node.{node}"), "BootGuests"
     runner = ServiceRunner(url, svc.queues()[:1], svc.handlers())
     waiter = EventWaiter(url, ["job.#", "image.#"])  # the stager answers on image.<digest>.…

@@ -43,7 +43,7 @@ def test_the_owner_gets_his_gid_as_primary_group_made_before_users():
 
 
 def test_network_config_names_both_nics_by_mac_and_the_domain_uses_those_macs():
-    net = job_network("9")
+    net = job_network("9", {"n1": "10.0.0.1"})
     mac = guest_mac("9", 0)
     peers = [m.GuestPeer(name="vt-9-n1-0", index=0, node="n1", vcpus=1, address=guest_address(0))]
     cfg = json.loads(seed_files(plan(), "9", peers, net, mac)["network-config"])
@@ -54,8 +54,13 @@ def test_network_config_names_both_nics_by_mac_and_the_domain_uses_those_macs():
     meta = GuestMetadata(job_id="9", owner="bob", deadline=datetime.now(timezone.utc), index=0)
     disks = GuestDisks(overlay="/g/root.qcow2", seed="/g/seed.iso", console_log="/g/c.log")
     root = ET.fromstring(domain_xml(plan(), disks, BootSource("/k/vmlinux"), meta,
-                                    job_nic=JobNic(net.group, net.port, mac)))
+                                    job_nic=JobNic("vtj00abcd", mac, 1450)))
     args = [a.get("value") for a in root.iter(f"{{{QEMU_NS}}}arg")]
     devices = [a for a in args if a.startswith("virtio-net-pci,")]
-    assert f"mac={USER_NET_MAC}" in devices[0] and "netdev=vtnet0" in devices[0]
-    assert f"mac={mac}" in devices[1] and "netdev=vtjob0" in devices[1]
+    assert len(devices) == 1 and f"mac={USER_NET_MAC}" in devices[0] and "netdev=vtnet0" in devices[0]
+    # The job NIC: a tap on the job's bridge, made by libvirt; no socket or multicast netdev any process can join.
+    assert not any("mcast=" in a or a.startswith("socket,") for a in args)
+    (nic,) = root.findall("devices/interface")
+    assert nic.get("type") == "bridge" and nic.find("source").get("bridge") == "vtj00abcd"
+    assert nic.find("mac").get("address") == mac and nic.find("mtu").get("size") == "1450"
+    assert nic.find("model").get("type") == "virtio"

@@ -159,7 +159,8 @@ def test_a_node_takes_its_guest_of_a_job_of_1024_nodes_and_still_bounds_its_own_
                            nodes=[m.NodeAllocation(host=f"n{i:04d}", ncpus=1) for i in range(1024)],
                            spec={"img": "tiny", "vcpus": "1", "ram": "128M"}, ssh_authorized_keys=[
                                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG2dXW1vjFpNu2d0dw7Fqt5fLwRY7FTl1Qb4mK3xqQ9n t"])
-    command = boot_commands(job, plan_guests(job, validate(job.spec, config), config))[0]
+    command = boot_commands(job, plan_guests(job, validate(job.spec, config), config),
+                            {n.host: f"10.9.{i // 250}.{i % 250 + 1}" for i, n in enumerate(job.nodes)})[0]
     assert len(command.peers) == 1024 and list(trust.check_boot(command, "n0000", config)) == ["vt-7-n0000-0"]
     crowded = m.BootGuests.new(job_id="7", deadline=60.0, node="n0000", peers=command.peers,
                                guests=[command.guests[0]] * (trust.MAX_GUESTS + 1))

@@ -1,0 +1,132 @@
+"""The job network's pure parts: its VNI from the job id, the commands that make a node's part of it, and what a
+node worker does with what it finds (JobSegments with its commands recorded). The real thing, on namespaces,
+is tests/security/test_job_network.py."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from vtorque.services.node_worker.job_segment import (
+    FLOOD_MAC, JobSegments, Segment, SegmentError, check_endpoint, forwarding_commands, guard_commands,
+    segment_for, setup_commands)
+from vtorque.services.scheduler_bridge.planning import boot_commands
+from vtorque.shared import messages as m
+from vtorque.shared.job_network import VNI_MAX, VNI_MIN, guest_mac, job_vni
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG2dXW1vjFpNu2d0dw7Fqt5fLwRY7FTl1Qb4mK3xqQ9n t"
+
+
+def test_running_jobs_of_one_scheduler_get_different_vnis_and_any_id_gets_one_in_range():
+    # A scheduler's job numbers: consecutive ones never clash, Torque's server suffix is the same job.
+    assert len({job_vni(str(n)) for n in range(1, 20001)}) == 20000
+    assert job_vni("123") == job_vni("123.torque-server.example") == VNI_MIN + 123
+    for job in ("123[4].server", "123_4", "x" * 200, "0", str(10 ** 17)):
+        assert VNI_MIN <= job_vni(job) <= VNI_MAX
+    assert job_vni("123[4].server") != job_vni("123[5].server")
+
+
+def plan(job: str, nodes: dict[str, str], per_node: int = 1) -> dict[str, m.BootGuests]:
+    guests = [m.GuestPlan(name=m.domain_name(job, n, k), node=n, index=i * per_node + k, image="tiny",
+                          image_digest="a" * 64, vcpus=1, ram_mib=128, cores=None,
+                          owner=m.Owner(user="u", uid=1000, gid=1000), ssh_authorized_keys=[KEY])
+              for i, n in enumerate(nodes) for k in range(per_node)]
+    started = m.JobStarted.new(job_id=job, deadline=60.0, scheduler="slurm", owner=guests[0].owner,
+                               nodes=[m.NodeAllocation(host=n, ncpus=per_node) for n in nodes], spec={"img": "tiny"},
+                               ssh_authorized_keys=[KEY])
+    return {c.node: c for c in boot_commands(started, guests, nodes)}
+
+
+def test_a_node_sends_the_jobs_frames_to_the_jobs_other_nodes_only():
+    cmds = plan("42", {"c1": "10.0.0.1", "c2": "10.0.0.2", "c3": "10.0.0.3"}, per_node=2)
+    assert cmds["c1"].network.endpoints == {"c1": "10.0.0.1", "c2": "10.0.0.2", "c3": "10.0.0.3"}
+    seg = segment_for(cmds["c1"], "c1", "10.0.0.1", 789, 1450)
+    assert seg.vni == job_vni("42") and seg.remotes == ("10.0.0.2", "10.0.0.3")
+    # each remote guest's MAC pinned to its node: no learning from what a packet says
+    assert dict(seg.remote_macs) == {guest_mac("42", i): f"10.0.0.{i // 2 + 1}" for i in range(2, 6)}
+    fdb = forwarding_commands(seg, set())
+    floods = [c for c in fdb if c[3] == FLOOD_MAC]
+    assert [c[-1] for c in floods] == ["10.0.0.2", "10.0.0.3"] and all(c[2] == "append" for c in floods)
+    assert len(fdb) == 2 + 4
+    # what is there already is not added again
+    assert forwarding_commands(seg, {(FLOOD_MAC, "10.0.0.2")} | set(seg.remote_macs)) == [fdb[1]]
+
+
+def test_two_node_workers_on_one_host_share_its_bridge_and_no_tunnel():
+    cmds = plan("43", {"n1": "127.0.0.1", "n2": "127.0.0.1"})
+    seg = segment_for(cmds["n1"], "n1", "127.0.0.1", 789, 1450)
+    assert seg.remotes == () and seg.remote_macs == () and forwarding_commands(seg, set()) == []
+
+
+def test_the_segment_has_no_host_address_and_sends_from_privileged_ports_only():
+    seg = Segment(job_id="42", vni=4138, local="10.0.0.1", remotes=(), remote_macs=(), port=789, mtu=1450)
+    cmds = setup_commands(seg)
+    flat = [" ".join(c) for c in cmds]
+    assert not any(" addr " in c or "address" in c for c in flat)  # no IPv4 address
+    assert sum("addrgenmode none" in c for c in flat) == 2  # no IPv6 link-local on bridge or VXLAN device
+    (vxlan,) = [c for c in cmds if "vxlan" in c]
+    assert vxlan[vxlan.index("srcport") + 1:vxlan.index("srcport") + 3] == ["768", "1024"]  # 768..1023
+    assert "nolearning" in vxlan and vxlan[vxlan.index("dstport") + 1] == "789"
+    assert vxlan[vxlan.index("local") + 1] == "10.0.0.1" and "group" not in vxlan  # no multicast group
+    checks = [" ".join(check) for check, _ in guard_commands(789)]
+    assert any("! --sport 1:1023 -j DROP" in c for c in checks) and any("--dport 789" in c for c in checks)
+
+
+@pytest.mark.parametrize("address, why", [
+    ("239.1.1.1", "unicast"), ("0.0.0.0", "unicast"), ("255.255.255.255", "unicast"), ("127.0.0.2", "loopback"),
+    ("node1", "IPv4"), ("10.0.0.1; reboot", "IPv4"), ("::1", "IPv4")])
+def test_an_endpoint_that_is_not_another_nodes_unicast_address_is_refused(address, why):
+    assert why in check_endpoint(address, "10.0.0.1")
+    assert check_endpoint("10.0.0.2", "10.0.0.1") is None and check_endpoint("127.0.0.1", "127.0.0.1") is None
+
+
+class FakeHost:
+    """`ip`/`bridge`/`iptables` as a node's kernel would take them, on a directory standing in for sysfs."""
+
+    def __init__(self, sysfs: Path, fail_on: str = ""):
+        self.sysfs, self.fail_on, self.ran = sysfs, fail_on, []
+
+    def __call__(self, argv):
+        self.ran.append(argv)
+        if self.fail_on and self.fail_on in " ".join(argv):
+            return subprocess.CompletedProcess(argv, 2, "", "RTNETLINK answers: Operation not permitted")
+        if argv[:3] == ["ip", "link", "add"]:
+            (self.sysfs / argv[3] / "brif").mkdir(parents=True)
+        elif argv[:3] == ["ip", "link", "set"] and "alias" in argv:
+            (self.sysfs / argv[3] / "ifalias").write_text(argv[argv.index("alias") + 1] + "\n")
+        elif argv[:3] == ["ip", "link", "del"]:
+            for p in sorted((self.sysfs / argv[3]).rglob("*"), reverse=True):
+                p.rmdir() if p.is_dir() else p.unlink()
+            (self.sysfs / argv[3]).rmdir()
+        elif argv[0] == "iptables" and ("-C" in argv or "-L" in argv):
+            return subprocess.CompletedProcess(argv, 1, "", "")
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+
+def segments(tmp_path: Path, **kw) -> tuple[JobSegments, FakeHost]:
+    (tmp_path / "net").mkdir(parents=True, exist_ok=True)
+    host = FakeHost(tmp_path / "net", **kw)
+    return JobSegments(789, 1450, run=host, sysfs=tmp_path / "net", lock_path=str(tmp_path / "lock")), host
+
+
+def test_a_vni_another_job_holds_is_refused_and_a_half_made_segment_is_removed(tmp_path):
+    segs, host = segments(tmp_path)
+    seg = Segment(job_id="42", vni=4138, local="10.0.0.1", remotes=("10.0.0.2",), remote_macs=(), port=789,
+                  mtu=1450)
+    assert segs.ensure(seg) == "vtj00102a" and segs.present() == {4138: "42"}
+    assert sum(a[0] == "iptables" for a in host.ran) == 6  # guarded once: three checks, three adds
+    segs.ensure(seg)  # again (a redelivered BootGuests): nothing new but what is missing
+    with pytest.raises(SegmentError, match="held by job 42"):
+        segs.ensure(Segment(job_id="99", vni=4138, local="10.0.0.1", remotes=(), remote_macs=(), port=789, mtu=1450))
+    # a tap on it keeps it; without one it goes
+    (tmp_path / "net" / "vtj00102a" / "brif" / "vnet0").mkdir()
+    assert segs.remove(4138, "42") is False and segs.present() == {4138: "42"}
+    (tmp_path / "net" / "vtj00102a" / "brif" / "vnet0").rmdir()
+    assert segs.remove(4138, "99") is False and segs.remove(4138, "42") is True and segs.present() == {}
+
+    broken, _ = segments(tmp_path / "b", fail_on="type vxlan")
+    with pytest.raises(SegmentError, match="Operation not permitted"):
+        broken.ensure(seg)
+    assert not any((tmp_path / "b" / "net").iterdir())  # the bridge made before the failure is gone too
