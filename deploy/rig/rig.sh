@@ -7,6 +7,8 @@
 #   c2    10.213.0.12  slurmd, virtlogd + libvirtd, node worker c2, rabbit@c2
 #
 # Usage (as root):  rig.sh up | down | status | exec HOST CMD... | broker-kill HOST | broker-start HOST
+#   faults (tests/e2e/test_rig_faults.py): broker-stop HOST | kill HOST SERVICE [SIGNAL] | link-down HOST |
+#   link-up HOST | libvirtd-stop HOST | libvirtd-start HOST | libvirtd-restart HOST
 #
 # Nothing of the machine's own is touched: no bridge, veth or address in the root network namespace, no
 # process outside the rig's namespaces, no file outside $RIG_DIR and $RIG_NS (the daemons see their /run,
@@ -304,6 +306,9 @@ write_rabbit_config() {
     echo "cluster_formation.peer_discovery_backend = classic_config"
     for x in "${HOSTS[@]:0:3}"; do echo "cluster_formation.classic_config.nodes.$i = rabbit@$x"; i=$((i + 1)); done
     echo "log.file.level = info"
+    # A host cut off the network (rig.sh link-down) is the minority: its node pauses rather than running on
+    # as a second cluster that stays split after the link returns (RabbitMQ's default, ignore).
+    echo "cluster_partition_handling = pause_minority"
   } >"$d/rabbitmq/etc/rabbitmq.conf"
   : >"$d/rabbitmq/etc/rabbitmq-env.conf"
   install -m 400 -o rabbitmq -g rabbitmq "$RIG_DIR/shared/erlang.cookie" "$d/rabbitmq/lib/.erlang.cookie"
@@ -491,12 +496,84 @@ cmd_broker_start() {
   say "rabbit@$h back in the cluster ($(since "$t"))"
 }
 
+# A broker node stopped the way an operator stops it (`systemctl stop rabbitmq-server` runs `rabbitmqctl
+# stop`): it closes its clients' connections first (connection.close 320 CONNECTION_FORCED), then its Erlang VM
+# ends. broker-start brings it back.
+cmd_broker_stop() {
+  local h=${1:?broker-stop HOST} t=$(now) end
+  [ -n "$(host_pids "$h" beam.smp)" ] || die "no broker node runs on $h"
+  on "$h" rabbitmqctl -q stop >/dev/null 2>&1 || die "rabbitmqctl stop on $h"
+  end=$(( $(date +%s) + 60 ))
+  while [ -n "$(host_pids "$h" beam.smp)" ]; do
+    [ "$(date +%s)" -lt "$end" ] || die "rabbit@$h still runs 60 s after rabbitmqctl stop"
+    sleep 0.2
+  done
+  say "rabbit@$h stopped ($(since "$t"))"
+}
+
+# The process of one of a host's vtorque services (bridge, stager, node-worker): the child of its supervisor.
+service_pid() {
+  local sup
+  sup=$(cat "$RIG_DIR/hosts/$1/vtorque-$2.pid" 2>/dev/null) || return 1
+  pgrep -P "$sup" -f "vtorque run $2" | head -1
+}
+# kill HOST SERVICE [SIGNAL]: a vtorque service's process (its supervisor restarts it after 1 s), or any other
+# daemon of that host by its command name (libvirtd, slurmd, ...), with SIGKILL unless told otherwise.
+cmd_kill() {
+  local h=${1:?kill HOST SERVICE [SIGNAL]} s=${2:?kill HOST SERVICE [SIGNAL]} sig=${3:-KILL} pids
+  case $s in
+    bridge|stager|node-worker) pids=$(service_pid "$h" "$s") ;;
+    *) pids=$(host_pids "$h" "$s") ;;
+  esac
+  [ -n "$pids" ] || die "no $s runs on $h"
+  kill -"$sig" $pids || die "kill -$sig $pids"
+  say "$s on $h: SIG$sig sent (pid $(echo $pids))"
+}
+
+# A host cut off the cluster network and put back: its port on the switch (the veth end inside vtr-net) goes
+# down, as an unplugged cable or a dead switch port would; the host's own eth0 and addresses stay as they are.
+cmd_link() {
+  local h=${1:?link-down|link-up HOST} state=$2
+  ip -n "$SWITCH" link show "$h" >/dev/null 2>&1 || die "no port $h on the switch"
+  ip -n "$SWITCH" link set "$h" "$state" || die "ip link set $h $state"
+  say "$h: switch port $state"
+}
+
+# libvirtd stopped (SIGTERM, as systemctl stop does; its guests' QEMU processes keep running) and started again.
+cmd_libvirtd_stop() {
+  local h=${1:?libvirtd-stop HOST} pids end
+  pids=$(host_pids "$h" libvirtd)
+  [ -n "$pids" ] || die "no libvirtd runs on $h"
+  kill -TERM $pids
+  end=$(( $(date +%s) + 30 ))
+  while [ -n "$(host_pids "$h" libvirtd)" ]; do
+    [ "$(date +%s)" -lt "$end" ] || die "libvirtd on $h still runs 30 s after SIGTERM"
+    sleep 0.1
+  done
+  say "libvirtd on $h stopped"
+}
+cmd_libvirtd_start() {
+  local h=${1:?libvirtd-start HOST} t=$(now)
+  [ -z "$(host_pids "$h" libvirtd)" ] || die "libvirtd already runs on $h"
+  bg "$h" libvirtd libvirtd
+  wait_for 60 "libvirtd on $h" libvirt_ok "$h"
+  say "libvirtd on $h back ($(since "$t"))"
+}
+
+usage="up|down|status|exec HOST CMD...|broker-kill HOST|broker-stop HOST|broker-start HOST|kill HOST SERVICE [SIGNAL]|link-down HOST|link-up HOST|libvirtd-stop HOST|libvirtd-start HOST|libvirtd-restart HOST"
 case "${1:-}" in
   up) cmd_up ;;
   broker-kill) need_root; cmd_broker_kill "${2:-}" ;;
   broker-start) need_root; cmd_broker_start "${2:-}" ;;
+  broker-stop) need_root; cmd_broker_stop "${2:-}" ;;
+  kill) need_root; cmd_kill "${2:-}" "${3:-}" "${4:-}" ;;
+  link-down) need_root; cmd_link "${2:-}" down ;;
+  link-up) need_root; cmd_link "${2:-}" up ;;
+  libvirtd-stop) need_root; cmd_libvirtd_stop "${2:-}" ;;
+  libvirtd-start) need_root; cmd_libvirtd_start "${2:-}" ;;
+  libvirtd-restart) need_root; cmd_libvirtd_stop "${2:-}" && cmd_libvirtd_start "${2:-}" ;;
   down) cmd_down ;;
   status) cmd_status ;;
   exec) shift; h=${1:?exec HOST CMD...}; shift; on "$h" "$@" ;;
-  *) echo "usage: $0 up|down|status|exec HOST CMD...|broker-kill HOST|broker-start HOST" >&2; exit 2 ;;
+  *) echo "usage: $0 $usage" >&2; exit 2 ;;
 esac

@@ -8,8 +8,13 @@ while :; do
   "$@" &
   child=$!
   rc=0
-  # `wait` returns early when a trapped signal arrives: wait again until the service itself has ended
-  while kill -0 "$child" 2>/dev/null; do wait "$child" && rc=0 || rc=$?; done
+  # `wait` returns early when a trapped signal arrives: wait again until the service itself has ended. Waited
+  # for at least once: a service that died before the first check (bash had already reaped it) was taken for
+  # an exit 0 and never restarted; `wait` still gives a reaped child's status.
+  while :; do
+    wait "$child" && rc=0 || rc=$?
+    kill -0 "$child" 2>/dev/null || break
+  done
   [ $stopping = 1 ] && exit 0
   [ $rc = 0 ] && { echo "supervise: $* exited 0, not restarted"; exit 0; }
   echo "supervise: $1 ${2:-} ${3:-} exited with status $rc; restarting in 1s"
