@@ -19,6 +19,18 @@ fi
 VTORQUE_STACK_DIR=/var/lib/vtorque-stack deploy/single-host/stack.sh stop 2>/dev/null || true
 pkill -x libvirtd 2>/dev/null; pkill -x virtlogd 2>/dev/null; pkill -x slurmctld 2>/dev/null; pkill -x slurmd 2>/dev/null
 pkill -x munged 2>/dev/null
+# the node worker's job networks (services/node_worker/job_segment.py): bridges and VXLAN devices of jobs, and
+# the iptables chain that guards them
+for l in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | sed 's/@.*//' | grep -E '^vt[jx][0-9a-f]{6}$' || true); do
+  ip link del "$l" 2>/dev/null && echo "purge: removed job network interface $l"
+done
+if command -v iptables >/dev/null && iptables -w 5 -L VTORQUE-JOBNET -n >/dev/null 2>&1; then
+  iptables -w 5 -S INPUT | grep -- '-j VTORQUE-JOBNET' | sed 's/^-A //' | while read -r rule; do
+    # shellcheck disable=SC2086 - the rule's own words, as iptables -S printed them
+    iptables -w 5 -D $rule
+  done
+  iptables -w 5 -F VTORQUE-JOBNET && iptables -w 5 -X VTORQUE-JOBNET && echo "purge: removed iptables chain VTORQUE-JOBNET"
+fi
 # the packages install-deps.sh installed (it records them; those the machine had before stay)
 RECORD=/var/lib/vtorque-install-deps.installed
 mapfile -t pkgs < <(sort -u "$RECORD" 2>/dev/null)
