@@ -77,6 +77,13 @@ CLOUD_GUEST_DIR ?= /var/cache/vtorque/cloudguest
 cloud-guest: deps
 	tests/guest/cloud/build.sh $(CLOUD_GUEST_DIR)
 
+# The MPI guest (tests/guest/mpi/README.md: the tiny guest's boot with Open MPI from Debian packages); `make demo`
+# never needs it, and tests/e2e/test_mpi_job.py builds it too (cached) and adds it to the stack's catalog.
+MPI_GUEST_DIR ?= /var/cache/vtorque/mpiguest
+.PHONY: mpi-guest
+mpi-guest: deps
+	tests/guest/mpi/build.sh $(MPI_GUEST_DIR)
+
 # A cluster on one machine (docs/cluster-on-one-machine.md): rig hosts in network namespaces, each compute host
 # with its own slurmd, libvirtd and node worker, a three-node RabbitMQ cluster. Nothing outside the rig's
 # namespaces is touched; `make rig-down` leaves no namespace, process or veth behind.

@@ -6,6 +6,7 @@ dbclient, authenticated by the job's agent that the launcher forwards (cli/launc
 rank's line and the MPI_Allreduce sum must come back in the job's output. Nothing here depends on how the job
 network's segment is made, only on the guests reaching each other by name."""
 
+import os
 import re
 import subprocess
 import time
@@ -18,7 +19,7 @@ from tests.e2e.test_slurm_vm_job import submit, vtorque_leftovers
 pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.guest]
 
 ROOT = Path(__file__).parents[2]
-MPI_GUEST_DIR = Path("/var/cache/vtorque/mpiguest")
+MPI_GUEST_DIR = Path(os.environ.get("VTORQUE_MPI_GUEST_DIR", "/var/cache/vtorque/mpiguest"))
 VTORQUE = "/opt/vtorque/venv/bin/vtorque"
 RANKS = 4
 # Two guests of one vCPU each (this stack's node has 2 cores): 4 ranks are 2 per guest, placed round-robin by

@@ -4,7 +4,8 @@
 # VTORQUE-GUEST-READY), with a Debian 12 root filesystem that has Open MPI from Debian packages:
 #   vmlinux, initrd.img  the tiny guest's (built or taken from its cache in OUTDIR/.tiny)
 #   rootfs.qcow2         ext4: debootstrap minbase + openmpi-bin + dropbear-bin, static busybox for the applets
-#                        minbase lacks, /sbin/vtorque-init (the tiny guest's), /usr/bin/ssh (dbclient),
+#                        minbase lacks, /sbin/vtorque-init (the tiny guest's), /usr/local/bin/vt-ssh (dbclient
+#                        as Open MPI's launcher),
 #                        /usr/local/bin/vt-mpi-hello (mpi-hello.c, compiled here against the image's Open MPI)
 #   SHA256SUMS           sha256sum of the three files
 # Cached like the other guests (tests/guest/cache.sh): if OUTDIR/.stamp matches the inputs (these files, the
@@ -36,7 +37,7 @@ done
 BUSYBOX=/bin/busybox
 [ -x "$BUSYBOX" ] && ! ldd "$BUSYBOX" >/dev/null 2>&1 || die "$BUSYBOX missing or dynamic: install busybox-static"
 [ -r /usr/share/keyrings/debian-archive-keyring.gpg ] || die "no /usr/share/keyrings/debian-archive-keyring.gpg (package debian-archive-keyring)"
-for f in mpi-hello.c ssh openmpi-mca-params.conf; do [ -r "$HERE/$f" ] || die "missing $HERE/$f"; done
+for f in mpi-hello.c vt-ssh openmpi-mca-params.conf; do [ -r "$HERE/$f" ] || die "missing $HERE/$f"; done
 
 # The mirror: the host's own apt source for the suite, found as tests/guest/cloud/build.sh finds it.
 mirror() {
@@ -71,7 +72,7 @@ VERSIONS=$(apt-cache policy "${KEYPKGS[@]}" 2>/dev/null |
            awk '/^[^ ]/ {p = $1} /Candidate:/ {printf "%s%s ", p, $2}')
 case "$VERSIONS" in *"(none)"*|"") die "apt-cache knows no candidate for some of ${KEYPKGS[*]} (run apt-get update): $VERSIONS" ;; esac
 OMPIVER=$(apt-cache policy libopenmpi-dev | awk '/Candidate:/ {print $2}')
-STAMP=$( { sha256sum "$HERE/build.sh" "$HERE/../cache.sh" "$HERE/mpi-hello.c" "$HERE/ssh" \
+STAMP=$( { sha256sum "$HERE/build.sh" "$HERE/../cache.sh" "$HERE/mpi-hello.c" "$HERE/vt-ssh" \
                      "$HERE/openmpi-mca-params.conf" "$HERE/../vtorque-init" | awk '{print $1}'
            cat "$OUT/.tiny/.stamp"; echo "$SUITE ${PKGS[*]} $VERSIONS"; } | sha256sum | awk '{print $1}')
 FILES=(vmlinux initrd.img rootfs.qcow2)
@@ -164,7 +165,7 @@ for a in $("$BUSYBOX" --list); do
     added=$((added + 1))
 done
 install -m 755 "$HERE/../vtorque-init" "$ROOT/usr/sbin/vtorque-init"     # /sbin -> usr/sbin (merged /usr)
-install -m 755 "$HERE/ssh" "$ROOT/usr/bin/ssh"
+install -m 755 "$HERE/vt-ssh" "$ROOT/usr/local/bin/vt-ssh"
 install -m 644 "$HERE/openmpi-mca-params.conf" "$ROOT/etc/openmpi/openmpi-mca-params.conf"
 mkdir -p "$ROOT/etc/dropbear"
 rm -f "$ROOT"/etc/dropbear/dropbear_*_host_key
