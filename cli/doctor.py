@@ -319,7 +319,8 @@ def check_prologue_timeout(config) -> Check:
     $prologalarm): the hook waits the shorter, and a scheduler that kills the hook first loops the job."""
     cap = config.hooks.prologue_timeout
     if config.scheduler.kind == "slurm":
-        from vtorque.hooks.slurm import PROLOG_MARGIN, prolog_deadline, prolog_epilog_timeout
+        from vtorque.hooks.slurm import PROLOG_MARGIN, prolog_deadline
+        from vtorque.shared.slurm import prolog_epilog_timeout
 
         env, _ = hook_environment(base={})
         shown, problem = _slurm_config(config, env)

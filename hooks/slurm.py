@@ -21,7 +21,6 @@ What the owner is told, and how (docs/design.md, "Failure classes"):
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import time
@@ -30,6 +29,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vtorque.shared.job_script import JobHeader, ScriptError, parse_header, slurm_script_head
+from vtorque.shared.scheduler import SchedulerError
+# What Slurm says and how it is asked live in shared/slurm.py (the bridge's prefetch asks it too); the hook
+# keeps its policy: what the Comment says, when to requeue, how long to wait.
+from vtorque.shared.slurm import (Slurm, expand_cpus_per_node, job_comment, parse_cpu_ids,  # noqa: F401
+                                  prolog_epilog_timeout)
 
 if TYPE_CHECKING:  # imported where used: vtorque-launch calls refusal() for every Slurm VM job, without pika
     from .job_hook import JobContext, Outcome
@@ -40,74 +44,10 @@ REQUEUED = PREFIX + "requeued "
 USER_PART = " | your comment: "  # the owner's own --comment, kept after ours
 PROLOG_MARGIN = 10.0  # s kept below Slurm's kill for the answer: the Comment, the exit, tracing's flush
 NODE_WORKER_GRACE = 5.0  # s a node's queue may go without a consumer (a node worker restarting)
-NO_TIMEOUT = 65534  # what `scontrol show config` prints for an unset PrologEpilogTimeout: wait indefinitely
 COMMENT_MAX = 400  # characters of reason in the Comment (and the owner's one line)
 
 
-class SlurmTools:
-    """The Slurm client binaries the hook and the launcher call, by absolute path ([scheduler])."""
-
-    def __init__(self, config=None):
-        self.config = config
-
-    def path(self, name: str) -> str:
-        sched = getattr(self.config, "scheduler", None)
-        if sched is not None and sched.kind == "slurm":
-            return sched.binary(name)
-        # No usable [scheduler] (no config, or not a Slurm site's): the entry point's PATH, /usr/bin first.
-        import shutil
-
-        return shutil.which(name) or f"/usr/bin/{name}"
-
-    @property
-    def timeout(self) -> float:
-        sched = getattr(self.config, "scheduler", None)
-        return sched.timeout if sched is not None else 10.0
-
-    def run(self, *argv: str) -> subprocess.CompletedProcess:
-        return subprocess.run([self.path(argv[0]), *argv[1:]], capture_output=True, text=True,
-                              timeout=self.timeout, stdin=subprocess.DEVNULL)
-
-
 # -- pure ---------------------------------------------------------------------------------------------------
-
-def expand_cpus_per_node(expr: str, count: int) -> list[int]:
-    """SLURM_JOB_CPUS_PER_NODE: '2', '2(x3)', '4(x2),2'."""
-    cpus: list[int] = []
-    for part in filter(None, expr.split(",")):
-        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part)
-        if not match:
-            raise ValueError(f"SLURM_JOB_CPUS_PER_NODE={expr!r}")
-        cpus += [int(match.group(1))] * int(match.group(2) or 1)
-    return (cpus + [cpus[-1] if cpus else 1] * count)[:count]
-
-
-def parse_cpu_ids(text: str, expand=None) -> dict[str, list[int]]:
-    """The job's cores per node from `scontrol show job -d`: its detail lines read
-    `Nodes=n[1-2] CPU_IDs=0-1,4 Mem=100 GRES=`. A node list is expanded with `expand` (scontrol show
-    hostnames); without it only plain comma lists are. With select/cons_tres these are the node's CPU ids
-    as slurmd numbers them, which are the OS's where slurm.conf's topology matches the node."""
-    cores: dict[str, list[int]] = {}
-    for match in re.finditer(r"(?m)^\s*Nodes=(\S+)\s+CPU_IDs=([0-9,-]+)", text):
-        nodes, ids = match.groups()
-        cpu_ids: list[int] = []
-        for part in filter(None, ids.split(",")):
-            lo, _, hi = part.partition("-")
-            cpu_ids += range(int(lo), int(hi or lo) + 1)
-        hosts = expand(nodes) if expand and "[" in nodes else nodes.split(",")
-        for host in hosts:
-            cores.setdefault(host, []).extend(cpu_ids)
-    return cores
-
-
-def prolog_epilog_timeout(show_config: str) -> int | None:
-    """PrologEpilogTimeout from `scontrol show config`; None when Slurm waits indefinitely (unset)."""
-    match = re.search(r"(?m)^PrologEpilogTimeout\s*=\s*(\d+)", show_config)
-    if not match:
-        return None
-    value = int(match.group(1))
-    return None if value >= NO_TIMEOUT or value == 0 else value
-
 
 def prolog_room(timeout: int | None, margin: float, elapsed: float) -> float | None:
     """Seconds before Slurm kills the hook, less the margin and what the hook already spent; None: no limit."""
@@ -118,12 +58,6 @@ def prolog_deadline(timeout: int | None, margin: float, cap: float, elapsed: flo
     """How long the prologue may wait for guests: never past Slurm's kill, never above hooks.prologue_timeout."""
     room = prolog_room(timeout, margin, elapsed)
     return cap if room is None else min(cap, room)
-
-
-def job_comment(show_job: str) -> str:
-    """The Comment of `scontrol show job` (its own line in the multi-line form; may contain spaces)."""
-    match = re.search(r"(?m)^\s*Comment=(.*?)\s*$", show_job)
-    return "" if match is None or match.group(1) == "(null)" else match.group(1)
 
 
 def users_comment(comment: str) -> str:
@@ -189,59 +123,26 @@ def process_age(pid: int | str = "self") -> float:
 
 # -- I/O ----------------------------------------------------------------------------------------------------
 
-def expand_hostlist(expr: str, tools: SlurmTools | None = None) -> list[str]:
-    if "[" not in expr:
-        return [h for h in expr.split(",") if h]
-    proc = (tools or SlurmTools()).run("scontrol", "show", "hostnames", expr)
-    if proc.returncode != 0:
-        raise ValueError(f"scontrol show hostnames {expr}: {proc.stderr.strip()[:200]}")
-    return proc.stdout.split()
-
-
-def show_job(job_id: str, tools: SlurmTools) -> str:
-    """`scontrol show job -d JOBID`, '' when scontrol does not answer."""
-    try:
-        proc = tools.run("scontrol", "show", "job", "-d", job_id)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return proc.stdout if proc.returncode == 0 else ""
-
-
-def read_prolog_timeout(tools: SlurmTools) -> tuple[int | None, str]:
-    """(PrologEpilogTimeout, '') or (None, why not)."""
-    try:
-        proc = tools.run("scontrol", "show", "config")
-    except (OSError, subprocess.SubprocessError) as exc:
-        return None, f"scontrol show config: {exc}"
-    if proc.returncode != 0:
-        return None, f"scontrol show config: exit {proc.returncode}: {proc.stderr.strip()[:200]}"
-    return prolog_epilog_timeout(proc.stdout), ""
-
-
-def set_comment(job_id: str, text: str, tools: SlurmTools) -> str | None:
-    """None when Slurm took it, else why not."""
-    try:
-        proc = tools.run("scontrol", "update", f"JobId={job_id}", f"Comment={text}")
-    except (OSError, subprocess.SubprocessError) as exc:
-        return str(exc)
-    return None if proc.returncode == 0 else (proc.stderr.strip() or f"exit {proc.returncode}")[:200]
-
-
 def refusal(job_id: str, config=None) -> str | None:
     """For vtorque-launch, before it looks for a guest: the one line to print when the prologue did not start
     this job (its Comment says so), else None. Runs as the job's owner (users may read their own jobs)."""
-    return refusal_line(job_id, job_comment(show_job(job_id, SlurmTools(config))))
+    return refusal_line(job_id, job_comment(slurm_for(config).show_job(job_id)))
 
 
-def job_context(env, header: JobHeader, tools: SlurmTools | None = None, show_job_text: str = "") -> JobContext:
+def slurm_for(config=None) -> Slurm:
+    """The site's Slurm from a whole Config (None: no config could be read)."""
+    return Slurm(getattr(config, "scheduler", None))
+
+
+def job_context(env, header: JobHeader, tools: Slurm | None = None, show_job_text: str = "") -> JobContext:
     from vtorque.shared import messages as m
 
     from .job_hook import JobContext
 
-    tools = tools or SlurmTools()
-    hosts = expand_hostlist(env.get("SLURM_JOB_NODELIST", ""), tools)
+    tools = tools or Slurm()
+    hosts = tools.hostnames(env.get("SLURM_JOB_NODELIST", ""))
     cpus = expand_cpus_per_node(env.get("SLURM_JOB_CPUS_PER_NODE", "1"), len(hosts))
-    cores = parse_cpu_ids(show_job_text, lambda e: expand_hostlist(e, tools)) if show_job_text else {}
+    cores = parse_cpu_ids(show_job_text, tools.hostnames) if show_job_text else {}
     owner = m.Owner(user=env["SLURM_JOB_USER"], uid=int(env["SLURM_JOB_UID"]), gid=int(env["SLURM_JOB_GID"]),
                     group=env.get("SLURM_JOB_GROUP"))
     return JobContext(scheduler="slurm", job_id=env["SLURM_JOB_ID"], owner=owner,
@@ -299,22 +200,23 @@ def main(argv: list[str] | None = None, env=os.environ, channel_factory=None, ag
         config = load_config(role="hook")
     except ConfigError as exc:
         config_error = exc
-    tools = SlurmTools(config)
+    tools = slurm_for(config)
     try:
         header = parse_header(slurm_script_head(job_id, env.get("VTORQUE_SLURM_STATE"), tools.run))
         if header is None:
             return 0  # not a VM job (the shell entry point lets those go without Python unless it cannot read)
         if config_error is not None:
             raise config_error
-        shown = show_job(job_id, tools) if job_id else ""
+        shown = tools.show_job(job_id) if job_id else ""
         job = job_context(env, header, tools, shown)
-    except (ConfigError, ScriptError, ValueError, KeyError, OSError, subprocess.SubprocessError) as exc:
+    except (ConfigError, ScriptError, SchedulerError, ValueError, KeyError, OSError,
+            subprocess.SubprocessError) as exc:
         print(f"vtorque: job {job_id}: {exc}", file=sys.stderr)
         if which == "epilog":
             return 0
         # Without a config or a readable job we cannot wait for guests; say so where the owner looks.
         return _refuse(job_id, f"the prologue could not read the job: {one_line(str(exc))}", "", 0, tools)
-    timeout, why = read_prolog_timeout(tools)
+    timeout, why = tools.prolog_epilog_timeout()
     if why:
         print(f"vtorque: job {job_id}: {why}; assuming no PrologEpilogTimeout", file=sys.stderr)
     tracing.setup_tracing("vtorque-hook", config.tracing)
@@ -340,11 +242,11 @@ def main(argv: list[str] | None = None, env=os.environ, channel_factory=None, ag
         what = decide(outcome, restarts, config.hooks.max_requeues)
         if what == "run":
             if old_comment.startswith(PREFIX):  # an earlier attempt's requeue note: give the owner theirs back
-                set_comment(job_id, users_comment(old_comment), tools)
+                tools.set_comment(job_id, users_comment(old_comment))
             return 0
         if what == "requeue":
             text = requeue_comment(outcome.reason, restarts + 1, config.hooks.max_requeues)
-            problem = set_comment(job_id, comment_with(old_comment, text), tools)
+            problem = tools.set_comment(job_id, comment_with(old_comment, text))
             print(f"vtorque: job {job_id} {text[len(PREFIX):]}"
                   + (f" (Comment not set: {problem})" if problem else ""), file=sys.stderr)
             return 1
@@ -353,7 +255,7 @@ def main(argv: list[str] | None = None, env=os.environ, channel_factory=None, ag
         tracing.shutdown_tracing()
 
 
-def _refuse(job_id: str, reason: str, old_comment: str, restarts: int, tools: SlurmTools) -> int:
+def _refuse(job_id: str, reason: str, old_comment: str, restarts: int, tools: Slurm) -> int:
     """The job does not start in guests: the Comment says why and the batch step (vtorque-launch, as the owner)
     prints it into the job's own error file. If Slurm will not take the Comment, cancel instead: no file then,
     but the job does not linger."""
@@ -361,14 +263,11 @@ def _refuse(job_id: str, reason: str, old_comment: str, restarts: int, tools: Sl
     print(f"vtorque: job {job_id} {text[len(PREFIX):]}", file=sys.stderr)
     if not job_id:
         return 1
-    problem = set_comment(job_id, comment_with(old_comment, text), tools)
+    problem = tools.set_comment(job_id, comment_with(old_comment, text))
     if problem is None:
         return 0
     print(f"vtorque: job {job_id}: Comment not set ({problem}); cancelling it", file=sys.stderr)
-    try:
-        tools.run("scancel", job_id)  # Slurm SIGKILLs this hook now: nothing may follow
-    except (OSError, subprocess.SubprocessError):
-        pass
+    tools.cancel(job_id)  # Slurm SIGKILLs this hook now: nothing may follow
     return 1
 
 

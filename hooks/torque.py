@@ -253,22 +253,20 @@ def read_prologalarm(home: Path) -> int:
 
 def qstat_attrs(job_id: str, config) -> tuple[dict[str, str] | None, str]:
     """`qstat -f JOBID` as {attribute: value} (exec_host, Error_Path, ...: the prologue's environment carries
-    none of them); (None, why) if qstat cannot answer."""
-    from vtorque.shared.scheduler import parse_qstat_f
+    none of them); (None, why) if qstat cannot answer. Asked through shared/torque.py, by the [scheduler] path:
+    the site's Torque, never the first qstat on PATH."""
+    from vtorque.shared.scheduler import SchedulerError
+    from vtorque.shared.torque import Torque
 
-    exe = config.scheduler.binary("qstat")  # [scheduler]: the site's Torque, never the first qstat on PATH
     try:
-        proc = subprocess.run([exe, "-f", job_id], capture_output=True, text=True,
-                              timeout=config.scheduler.timeout, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return None, f"qstat: {exc}"
-    if proc.returncode != 0:
-        return None, f"qstat exit {proc.returncode}: {proc.stderr.strip()[:200]}"
-    return parse_qstat_f(proc.stdout), ""
+        attrs = Torque(config.scheduler).attrs(job_id)
+    except SchedulerError as exc:
+        return None, str(exc)
+    return (None, f"qstat -f {job_id}: Torque does not know the job") if attrs is None else (attrs, "")
 
 
 def exec_host_of(attrs: dict[str, str] | None, why: str = "") -> tuple["OrderedDict[str, list[int]] | None", str]:
-    from vtorque.shared.torque_exec_host import ExecHostError, parse_exec_host
+    from vtorque.shared.torque import ExecHostError, parse_exec_host
 
     if attrs is None:
         return None, why

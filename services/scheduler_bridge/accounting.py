@@ -22,12 +22,11 @@ import json
 import logging
 import os
 import re
-import subprocess
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Iterable
 
@@ -35,48 +34,17 @@ from vtorque.shared import messages as m
 from vtorque.shared.config import Config
 from vtorque.shared import tracing
 from vtorque.shared.job_script import HEADER_LINES, JobHeader, ScriptError, parse_header, slurm_script_head
-from vtorque.shared.scheduler import SchedulerError, Slurm
+from vtorque.shared.scheduler import SchedulerError
+# What Torque's accounting records and Slurm's queue say is read by shared/torque.py and shared/slurm.py.
+from vtorque.shared.slurm import Slurm
+from vtorque.shared.torque import AccountingRecord, parse_record
 from vtorque.shared.logs import log
 
 LOG = logging.getLogger("vtorque.prefetch")
-_RECORD_TIME = re.compile(r"^\d{2}/\d{2}/\d{4} \d{2}:\d{2}:\d{2}$")
 _LOG_NAME = re.compile(r"^\d{8}$")
 _MESSAGE_IDS = uuid.UUID("6d3c1f0e-6a53-4c57-9a7e-0c2f6f1f7a11")
 
 # -- pure: Torque accounting records ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AccountingRecord:
-    when: datetime
-    type: str  # Q S E D A R (others are kept and ignored)
-    job_id: str
-    attrs: dict[str, str]
-
-
-def parse_attrs(text: str) -> dict[str, str]:
-    """`user=a group=b Resource_List.nodes=1:ppn=2` → dict; words without '=' are ignored."""
-    attrs = {}
-    for word in text.split():
-        key, sep, value = word.partition("=")
-        if sep and key:
-            attrs[key] = value
-    return attrs
-
-
-def parse_record(line: str) -> AccountingRecord | None:
-    """One line of the accounting log, or None for a line that is not a record (blank, torn, foreign)."""
-    parts = line.rstrip("\r\n").split(";", 3)
-    if len(parts) < 3 or not _RECORD_TIME.match(parts[0]):
-        return None
-    rtype, job_id = parts[1], parts[2]
-    if not re.fullmatch(r"[A-Z]", rtype) or not job_id or any(c.isspace() for c in job_id):
-        return None
-    try:
-        when = datetime.strptime(parts[0], "%m/%d/%Y %H:%M:%S")
-    except ValueError:
-        return None
-    return AccountingRecord(when, rtype, job_id, parse_attrs(parts[3] if len(parts) > 3 else ""))
 
 
 def is_log_name(name: str) -> bool:
@@ -137,16 +105,6 @@ class PrefetchBook:
 
 SLURM_WAITING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
 SLURM_WITHDRAWN = {"CANCELLED", "DEADLINE", "REVOKED"}
-
-
-def parse_squeue(text: str) -> dict[str, str]:
-    """`squeue -h -t all -o %i|%T` → {job id: state}; array and het-job members ("12_3", "7+1") are skipped."""
-    states = {}
-    for line in text.splitlines():
-        job_id, sep, state = line.strip().partition("|")
-        if sep and job_id.isdigit():
-            states[job_id] = state.strip().upper()
-    return states
 
 
 def slurm_changes(known: dict[str, str], states: dict[str, str]) -> tuple[list[str], list[str], list[str]]:
@@ -397,11 +355,11 @@ class SlurmPrefetch(_Prefetcher):
             return None
 
     def step(self) -> int:
-        proc = subprocess.run([self.config.scheduler.binary("squeue"), "-h", "-t", "all", "-o", "%i|%T"], capture_output=True, text=True,
-                              timeout=30)
-        if proc.returncode != 0:
-            raise OSError(f"squeue failed: {proc.stderr.strip()[:200]}")
-        new, withdrawn, done = slurm_changes(self.known, parse_squeue(proc.stdout))
+        try:
+            states = Slurm(self.config.scheduler).queue_states()
+        except SchedulerError as exc:
+            raise OSError(str(exc)) from None  # the prefetch loop's retry, as for any failure to look
+        new, withdrawn, done = slurm_changes(self.known, states)
         acted = 0
         for job_id in new:
             header = self._header(job_id)

@@ -268,7 +268,7 @@ def test_multi_node_job_names_its_nodes_and_cores_from_exec_host(stack):
                                   nodefile_hosts=["vm.cluster", "vm.cluster", "n2.cluster", "n2.cluster"])
     nodes = nodes_from_nodefile(prepared.env["PBS_NODEFILE"], exec_host)
     assert [(n.host, n.ncpus, n.cores) for n in nodes] == [("vm", 2, [0, 1]), ("n2", 2, [2, 3])]
-    assert qstat_exec_host("999.vm", config) == (None, "qstat exit 153: qstat: Unknown Job Id 999.vm")
+    assert qstat_exec_host("999.vm", config) == (None, "qstat -f 999.vm: Torque does not know the job")
 
 
 # -- with guests -------------------------------------------------------------------------------------------------

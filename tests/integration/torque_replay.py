@@ -281,7 +281,7 @@ def run_hook(hook: str, prepared: Prepared, add_env: dict[str, str] | None = Non
 
 def accounting_records() -> list:
     """The recorded server accounting log (torque-hooks.md 8), parsed."""
-    from vtorque.shared.torque_exec_host import parse_accounting
+    from vtorque.shared.torque import parse_accounting
 
     return parse_accounting(ACCOUNTING.read_text())
 

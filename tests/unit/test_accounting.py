@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from vtorque.services.scheduler_bridge.accounting import (
-    Action, PrefetchBook, later_logs, parse_attrs, parse_record, parse_squeue, slurm_changes, still_queued,
-)
+from vtorque.services.scheduler_bridge.accounting import Action, PrefetchBook, later_logs, slurm_changes, still_queued
+from vtorque.shared.slurm import parse_squeue
+from vtorque.shared.torque import parse_attrs, parse_record
 
 RECORDED = Path(__file__).parents[1] / "data" / "torque-recorded" / "accounting" / "20261126"
 

@@ -4,7 +4,9 @@ import pytest
 
 from vtorque.services.scheduler_bridge.verification import mismatch
 from vtorque.shared import messages as m
-from vtorque.shared.scheduler import JobInfo, slurm_job_info, torque_job_info
+from vtorque.shared.scheduler import JobInfo
+from vtorque.shared.slurm import slurm_job_info
+from vtorque.shared.torque import torque_job_info
 
 
 def started(user="alice", nodes=("n1",)) -> m.JobStarted:

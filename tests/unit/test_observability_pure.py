@@ -245,13 +245,13 @@ def test_a_scheduler_that_cannot_be_asked_falls_back_to_the_trace():
 
 
 def test_ask_scheduler_turns_errors_into_an_answer(monkeypatch):
-    from vtorque.shared import scheduler
+    from vtorque.shared import scheduler, slurm
     from vtorque.shared.config import Config, SchedulerConfig
 
     def fail(argv, timeout):
         raise scheduler.SchedulerError("scontrol: no such file")
 
-    monkeypatch.setattr(scheduler, "_run", fail)
+    monkeypatch.setattr(slurm, "run_client", fail)
     answer = status.ask_scheduler(Config(scheduler=SchedulerConfig(kind="slurm")), "5")
     assert answer == status.SchedulerAnswer("slurm", None, "scontrol: no such file")
 

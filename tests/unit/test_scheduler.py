@@ -1,4 +1,4 @@
-"""shared/scheduler.py's Slurm side: `scontrol -o show job` as Slurm 22.05 prints it → JobInfo; what `job`
+"""shared/slurm.py (the scheduler interface of shared/scheduler.py for Slurm): `scontrol -o show job` as Slurm 22.05 prints it → JobInfo; what `job`
 answers when Slurm has forgotten the job or cannot be asked. Recorded on the single-host stack."""
 
 from __future__ import annotations
@@ -7,9 +7,10 @@ import subprocess
 
 import pytest
 
-from vtorque.shared import scheduler
+from vtorque.shared import scheduler, slurm
 from vtorque.shared.config import SchedulerConfig
-from vtorque.shared.scheduler import SchedulerError, Slurm, expand_hostlist, hms_seconds, slurm_job_info
+from vtorque.shared.scheduler import SchedulerError, hms_seconds
+from vtorque.shared.slurm import Slurm, expand_hostlist, slurm_job_info
 
 # Recorded: a vsub job whose script exited 1 (job 1 on the single-host stack, Slurm 22.05.8).
 FAILED_1 = (
@@ -83,7 +84,7 @@ def test_a_pending_job_has_no_nodes_and_a_reason_with_spaces():
 def test_the_comment_is_the_reason_when_set_and_values_may_hold_spaces():
     text = variant(Comment="vtorque: image tiny failed its sha256 check", Command="/tmp/x/job.sh a b",
                    WorkDir="/home/u/my dir")
-    f = scheduler.parse_scontrol_oneliner(text)
+    f = slurm.parse_scontrol_oneliner(text)
     assert f["Command"] == "/tmp/x/job.sh a b" and f["WorkDir"] == "/home/u/my dir"
     assert f["Power"] == "" and f["TRES"] == "cpu=2,mem=160M,node=1,billing=2"
     assert f["AllocNode:Sid"] == "localhost:4216" and f["CPUs/Task"] == "1"
@@ -118,7 +119,7 @@ def _answer(monkeypatch, rc: int, stdout: str = "", stderr: str = ""):
         calls.append(argv)
         return subprocess.CompletedProcess(argv, rc, stdout, stderr)
 
-    monkeypatch.setattr(scheduler, "_run", run)
+    monkeypatch.setattr(slurm, "run_client", run)
     return calls
 
 

@@ -1,11 +1,10 @@
-"""exec_host, qstat -f and accounting records, parsed (shared/torque_exec_host.py, shared/scheduler.py)."""
+"""exec_host, qstat -f and accounting records, parsed (shared/torque.py)."""
 
 from pathlib import Path
 
 import pytest
 
-from vtorque.shared.scheduler import parse_qstat_f
-from vtorque.shared.torque_exec_host import ExecHostError, parse_accounting, parse_core_list, parse_exec_host
+from vtorque.shared.torque import ExecHostError, parse_accounting, parse_core_list, parse_exec_host, parse_qstat_f
 
 RECORDED = Path(__file__).parents[1] / "data" / "torque-recorded" / "accounting" / "20261126"
 
@@ -80,7 +79,7 @@ QSTAT_F_RUNNING = """Job Id: 12.vm
 
 
 def test_torque_job_info_of_a_running_and_a_completed_job():
-    from vtorque.shared.scheduler import torque_job_info
+    from vtorque.shared.torque import torque_job_info
 
     info = torque_job_info("12.vm", QSTAT_F_RUNNING)
     assert (info.state, info.alive, info.owner, info.nodes, info.walltime_s) == ("running", True, "trqtest",
@@ -93,7 +92,7 @@ def test_torque_job_info_of_a_running_and_a_completed_job():
 
 def _scheduler_with(tmp_path, script: str):
     from vtorque.shared.config import SchedulerConfig
-    from vtorque.shared.scheduler import Torque
+    from vtorque.shared.torque import Torque
 
     qstat = tmp_path / "qstat"
     qstat.write_text("#!/bin/sh\n" + script)
@@ -123,7 +122,7 @@ def test_torque_output_without_a_job_state_is_an_error_not_a_gone_job(tmp_path):
 
 
 def test_torque_job_nodes_are_short_names_as_the_hooks_give_them():
-    from vtorque.shared.scheduler import torque_job_info
+    from vtorque.shared.torque import torque_job_info
 
     text = QSTAT_F_RUNNING.replace("exec_host = vm/0-1", "exec_host = n1.cluster/0-1+n2.cluster/0-1+n1.cluster/2")
     assert torque_job_info("12.vm", text).nodes == ("n1", "n2")

@@ -1,0 +1,195 @@
+"""What vtorque knows of Torque, in one place: its job states, `qstat -f` and its folded lines, `exec_host`
+(which hosts and cores a job has), the server's accounting records, and the one class that asks it (`Torque`:
+the shared/scheduler.py interface, plus `attrs`, the raw `qstat -f` a prologue needs for exec_host and the
+.o/.e paths). The hooks, the bridge's prefetch, reconciliation and `vtorque status` all read Torque through
+here. Parsers are pure (text in, values out) and unit-tested on recorded output; only `Torque.run` runs a
+command. Light to import: the Torque prologue starts it.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime
+
+from vtorque.shared.scheduler import JobInfo, SchedulerError, State, hms_seconds, mem_mib, run_client
+
+# qstat job_state letters (TORQUE 6.1): C is kept only while keep_completed lasts.
+_TORQUE_STATES: dict[str, State] = {"Q": "queued", "H": "queued", "W": "queued", "T": "queued", "R": "running",
+                                    "S": "suspended", "E": "exiting", "C": "completed"}
+
+
+def parse_qstat_f(text: str) -> dict[str, str]:
+    """`qstat -f JOBID` → {attribute: value}. Long values are folded onto lines that start with a tab
+    (TORQUE 6.1 qstat.c prt_attr: "\n\t" after a comma, or inside a token longer than the line): only the tab
+    is dropped, the rest is the value's own text."""
+    attrs: dict[str, str] = {}
+    key = None
+    for line in text.splitlines():
+        if line.startswith("\t") and key:
+            attrs[key] += line[1:]
+            continue
+        name, sep, value = line.strip().partition(" = ")
+        if sep:
+            key = name
+            attrs[key] = value.strip()
+    return attrs
+
+
+def torque_job_info(job_id: str, text: str) -> JobInfo:
+    """`qstat -f` text → JobInfo."""
+    return job_info_from_attrs(job_id, parse_qstat_f(text))
+
+
+def job_info_from_attrs(job_id: str, a: dict[str, str]) -> JobInfo:
+    raw = a.get("job_state", "")
+    state: State = _TORQUE_STATES.get(raw, "unknown")
+    exit_code = None
+    if "exit_status" in a and re.fullmatch(r"-?\d+", a["exit_status"]):
+        exit_code = int(a["exit_status"])
+        if state == "completed" and exit_code != 0:
+            # Torque's own codes below 0 (-2 aborted by the prologue, -11 walltime, 271 = 256+SIGTERM qdel)
+            state = "cancelled" if exit_code == 271 else "failed"
+    # Short names, as the hooks and node workers name nodes (PBS_NODEFILE cut at the first dot): a site's
+    # server_priv/nodes often says n1.cluster.
+    nodes = tuple(dict.fromkeys(part.split("/")[0].split(".")[0] for part in a.get("exec_host", "").split("+")
+                                if part))
+    owner = a.get("Job_Owner", "").split("@")[0] or None
+    wall = hms_seconds(a["Resource_List.walltime"]) if "Resource_List.walltime" in a else None
+    mem = mem_mib(a["Resource_List.mem"], bare="b") if "Resource_List.mem" in a else None
+    return JobInfo(job_id=job_id, state=state, raw_state=raw, exit_code=exit_code, owner=owner, nodes=nodes,
+                   walltime_s=wall, reason=a.get("comment") or None, mem_mib=mem)
+
+
+class Torque:
+    kind = "torque"
+
+    def __init__(self, config):
+        self.config = config  # the [scheduler] section
+
+    def binary(self, name: str) -> str:
+        return self.config.binary(name)
+
+    def run(self, *argv: str) -> subprocess.CompletedProcess:
+        """One of its client binaries (argv[0], by the configured path) with the configured time limit."""
+        return run_client([self.binary(argv[0]), *argv[1:]], self.config.timeout)
+
+    def _qstat_f(self, job_id: str) -> str | None:
+        # Plain -f: TORQUE shows a completed job (C) while keep_completed lasts. Its -x is not PBS Pro's
+        # "finished jobs too" but XML output (qstat.c: case 'x': DisplayXML), which this parser cannot read.
+        proc = self.run("qstat", "-f", job_id)
+        if proc.returncode != 0:
+            if "Unknown Job" in proc.stderr:
+                return None
+            raise SchedulerError(f"qstat exit {proc.returncode}: {proc.stderr.strip()[:200]}")
+        return proc.stdout
+
+    def attrs(self, job_id: str) -> dict[str, str] | None:
+        """`qstat -f JOBID` as {attribute: value} (exec_host, Error_Path, ...: what a prologue's environment
+        does not carry); None when Torque no longer knows the job. Raises SchedulerError."""
+        text = self._qstat_f(job_id)
+        return None if text is None else parse_qstat_f(text)
+
+    def job(self, job_id: str) -> JobInfo | None:
+        text = self._qstat_f(job_id)
+        if text is None:
+            return None
+        attrs = parse_qstat_f(text)
+        if "job_state" not in attrs:
+            # Never "gone" on output we cannot read: reconciliation would remove a running job's guests.
+            raise SchedulerError(f"qstat -f {job_id} shows no job_state: {text.strip()[:120]!r}")
+        return job_info_from_attrs(job_id, attrs)
+
+
+# -- exec_host: which hosts and cores ----------------------------------------------------------------------------
+# The prologue gets the job's hosts from PBS_NODEFILE (one line per core) but not which cores: those are in the
+# job's `exec_host` attribute (`vm/0-1`, `n1/0-1+n2/2-3`, or the older one-slot-per-entry `n1/0+n1/1+n2/0`),
+# which Torque shows in `qstat -f` and writes into the server's accounting `S`/`E` records
+# (../shared/reference/torque-hooks.md §8).
+
+_CORES = re.compile(r"^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*$")
+
+
+class ExecHostError(ValueError):
+    pass
+
+
+def short_host(host: str) -> str:
+    """Node workers name themselves by short host name, as PBS_NODEFILE entries are cut in the hook."""
+    return host.split(".")[0]
+
+
+def parse_core_list(text: str) -> list[int]:
+    """'0-1,4' -> [0, 1, 4] (in the order given, without repeats)."""
+    if not _CORES.match(text):
+        raise ExecHostError(f"bad core list {text!r}")
+    cores: list[int] = []
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        first, last = int(low), int(high or low)
+        if last < first:
+            raise ExecHostError(f"bad core range {part!r}")
+        cores += [c for c in range(first, last + 1) if c not in cores]
+    return cores
+
+
+def parse_exec_host(text: str) -> "OrderedDict[str, list[int]]":
+    """exec_host -> {short host: cores}, hosts in the order given (the first is the mother superior)."""
+    text = text.strip()
+    if not text:
+        raise ExecHostError("empty exec_host")
+    hosts: OrderedDict[str, list[int]] = OrderedDict()
+    for entry in text.split("+"):
+        host, sep, cores = entry.partition("/")
+        if not sep or not host or not cores:
+            raise ExecHostError(f"bad exec_host entry {entry!r} (want host/cores)")
+        got = hosts.setdefault(short_host(host), [])
+        got += [c for c in parse_core_list(cores) if c not in got]
+    return hosts
+
+
+
+# -- the server's accounting records ---------------------------------------------------------------------------
+# server_priv/accounting/YYYYMMDD, one record a line: `MM/DD/YYYY HH:MM:SS;TYPE;JOBID;key=value ...`
+
+_RECORD_TIME = re.compile(r"^\d{2}/\d{2}/\d{4} \d{2}:\d{2}:\d{2}$")
+
+
+@dataclass(frozen=True)
+class AccountingRecord:
+    when: datetime
+    type: str  # Q S E D A R (others are kept and ignored)
+    job_id: str
+    attrs: dict[str, str]
+
+
+def parse_attrs(text: str) -> dict[str, str]:
+    """`user=a group=b Resource_List.nodes=1:ppn=2` → dict; words without '=' are ignored."""
+    attrs = {}
+    for word in text.split():
+        key, sep, value = word.partition("=")
+        if sep and key:
+            attrs[key] = value
+    return attrs
+
+
+def parse_record(line: str) -> AccountingRecord | None:
+    """One line of the accounting log, or None for a line that is not a record (blank, torn, foreign)."""
+    parts = line.rstrip("\r\n").split(";", 3)
+    if len(parts) < 3 or not _RECORD_TIME.match(parts[0]):
+        return None
+    rtype, job_id = parts[1], parts[2]
+    if not re.fullmatch(r"[A-Z]", rtype) or not job_id or any(c.isspace() for c in job_id):
+        return None
+    try:
+        when = datetime.strptime(parts[0], "%m/%d/%Y %H:%M:%S")
+    except ValueError:
+        return None
+    return AccountingRecord(when, rtype, job_id, parse_attrs(parts[3] if len(parts) > 3 else ""))
+
+
+def parse_accounting(text: str) -> list[AccountingRecord]:
+    """Every record of an accounting file's text (lines that are not records are passed over)."""
+    return [rec for rec in map(parse_record, text.splitlines()) if rec is not None]
