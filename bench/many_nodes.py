@@ -20,159 +20,26 @@ named PREFIX0000… until SIGTERM; prints one JSON line {"ready": COUNT, "second
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import selectors
 import signal
-import socket
 import sys
 import tempfile
 import threading
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
-from unittest import mock
 
-import libvirt
 import msgspec
 
-from vtorque.services.node_worker import disks
 from vtorque.services.node_worker import service as node_service
-from vtorque.services.node_worker.domain import GuestDisks
 from vtorque.services.node_worker.heartbeat import Heartbeat
-from vtorque.services.node_worker.job_segment import JobSegments
-from vtorque.services.node_worker.hypervisor import Hypervisor
-from vtorque.services.node_worker.readiness import GUEST_READY
+# The instant host (test-driver hypervisor, instant guests, disks and job networks) lives beside the node worker:
+# the in-memory flow tests use it too. Imported by name here for bench/scale_nodes.py (many_nodes.InstantGuests…).
+from vtorque.services.node_worker.instant import (InstantGuests, InstantHypervisor, instant_host,  # noqa: F401
+                                                  instant_prepare, instant_segments)
 from vtorque.shared.bus import Publisher, ServiceRunner
 from vtorque.shared.config import Config, load_config
 
-
-
-class InstantGuests:
-    """Every started guest's link, at once (in place of guest_link.py's process per guest): its ssh socket
-    hands over a connection whose far end answers `SSH-2.0-…` at once, as the node worker's readiness wait
-    (shared/guest_ssh.py connect) expects; one selector thread serves every guest's socket."""
-
-    def __init__(self):
-        self._sel = selectors.DefaultSelector()
-        self._lock = threading.Lock()
-        self._links: dict[str, socket.socket] = {}  # guest directory → its ssh socket
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._sel.register(self._wake_r, selectors.EVENT_READ)
-        threading.Thread(target=self._serve, name="instant-guests", daemon=True).start()
-
-    def link(self, guest_dir: Path, owner_uid: int, mac: str, timeout: float = 10.0) -> None:
-        """guest_link.start's stand-in: the guest's ssh socket, served from this process."""
-        path = Path(guest_dir) / node_service.guest_link.SSH_SOCKET
-        path.unlink(missing_ok=True)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(str(path))
-        sock.listen(16)
-        sock.setblocking(False)
-        with self._lock:
-            self._close(str(guest_dir))
-            self._links[str(guest_dir)] = sock
-            self._sel.register(sock, selectors.EVENT_READ)
-        self._wake_w.send(b"x")
-
-    @staticmethod
-    def boot(console: str) -> None:
-        with open(console, "ab") as fh:
-            fh.write(GUEST_READY + b" instant\n")
-
-    def halt(self, guest_dir: str) -> None:
-        with self._lock:
-            self._close(guest_dir)
-
-    def _close(self, guest_dir: str) -> None:
-        sock = self._links.pop(guest_dir, None)
-        if sock is not None:
-            self._sel.unregister(sock)
-            sock.close()
-
-    def _serve(self) -> None:
-        while True:
-            for key, _ in self._sel.select():
-                if key.fileobj is self._wake_r:
-                    self._wake_r.recv(4096)
-                    continue
-                try:
-                    conn, _ = key.fileobj.accept()
-                except OSError:
-                    continue
-                ours, theirs = socket.socketpair()
-                with conn, ours, theirs:
-                    try:
-                        ours.sendall(b"SSH-2.0-instant\r\n")
-                        socket.send_fds(conn, [b"x"], [theirs.fileno()])
-                    except OSError:
-                        pass
-
-
-def instant_segments(workdir: Path) -> JobSegments:
-    """Job networks that cost nothing: the simulated nodes share this machine's kernel, where a bridge per job
-    would be one real bridge for all of them; the commands are taken as done and nothing is made."""
-    import subprocess
-
-    return JobSegments(789, 1450, run=lambda argv: subprocess.CompletedProcess(argv, 0, "", ""),
-                       sysfs=Path(workdir) / "no-interfaces", lock_path=str(Path(workdir) / "job-network.lock"))
-
-
-class InstantHypervisor(Hypervisor):
-    """The real Hypervisor (its thread pool and deadlines) on a test-driver instance of this node's own."""
-
-    def __init__(self, guests: InstantGuests, workdir: str):
-        fd, path = tempfile.mkstemp(prefix="node-", suffix=".xml", dir=workdir)
-        os.write(fd, b"<node/>")
-        os.close(fd)
-        super().__init__(f"test://{path}")
-        self._guests = guests
-        self._shared = libvirt.open(self.uri)  # libvirt connections are thread-safe; the instance is this one's
-
-    @property
-    def conn(self) -> libvirt.virConnect:  # one instance for all of the pool's threads
-        return self._shared
-
-    def _start(self, dom: libvirt.virDomain) -> None:
-        super()._start(dom)
-        self._guests.boot(_console(dom.XMLDesc(0)))
-
-    def _remove(self, name: str) -> bool:
-        dom = self._lookup(name)
-        if dom is not None:
-            self._guests.halt(str(Path(_console(dom.XMLDesc(0))).parent))
-        return super()._remove(name)
-
-
-def _console(xml: str) -> str:
-    return ET.fromstring(xml).find("devices/serial/source").get("path")
-
-
-def instant_prepare(root, guest_name, job_id, base, base_format, seed, data_size_mib=None, user_image=None,
-                    store=None, node=None) -> GuestDisks:
-    """disks.prepare's directory (root's, checked as there), its job and node marks and the console log; no
-    overlay and no seed ISO (nothing reads them on the test driver)."""
-    gdir = disks.guest_dir(root, guest_name)
-    node_service.trust.secure_dir(root, disks.DIR_MODE)
-    if gdir.exists():
-        disks._remove_tree(gdir, store)
-    os.mkdir(gdir, disks.DIR_MODE)
-    (gdir / "job").write_bytes(job_id.encode())
-    if node:
-        (gdir / "node").write_bytes(node.encode())
-    (gdir / "console.log").write_bytes(b"")
-    return GuestDisks(overlay=str(gdir / "root.qcow2"), seed=str(gdir / "seed.iso"),
-                      console_log=str(gdir / "console.log"))
-
-
-@contextlib.contextmanager
-def instant_host(guests: InstantGuests):
-    """While active, the node workers of this process prepare guests with instant_prepare and link them with
-    `guests` (the module attributes the node worker calls; nothing of its own code is replaced)."""
-    with mock.patch.object(disks, "prepare", instant_prepare), \
-            mock.patch.object(node_service.guest_link, "start", guests.link):
-        yield
 
 
 def node_config(base: Config, name: str, index: int, root: Path, port_base: int, ports: int) -> Config:

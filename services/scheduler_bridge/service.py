@@ -21,7 +21,7 @@ from vtorque.shared.service import Service
 from vtorque.shared.node_registry import read_heartbeats
 from vtorque.shared.spec import SpecError, validate, validate_job
 
-from vtorque.shared.scheduler import JobInfo, SchedulerError, scheduler_for
+from vtorque.shared.scheduler import JobInfo, Scheduler, SchedulerError, scheduler_for
 
 from .capacity import Unfit, check_nodes
 from .verification import mismatch, over_allocation
@@ -33,9 +33,9 @@ LOG = logging.getLogger("vtorque.bridge")
 class SchedulerBridge(Service):
     name = "bridge"
 
-    def __init__(self, config: Config, publisher: Publisher):
+    def __init__(self, config: Config, publisher: Publisher, scheduler: Scheduler | None = None):
         self.config, self.publisher = config, publisher
-        self.scheduler = scheduler_for(config)
+        self.scheduler = scheduler or scheduler_for(config)  # a test passes its own (tests/unit/flow_site.py)
         # The nodes' latest heartbeats: what each node can do. Not job state: every replica keeps its own copy
         # from its own subscription (and the retained ones in vtorque.nodes), so none needs another's.
         self.beats: dict[str, m.NodeHeartbeat] = {}
