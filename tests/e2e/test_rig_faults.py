@@ -141,7 +141,7 @@ if [ ! -e /run/vtorque-fault/stalled ] && tr '\\0' ' ' </proc/$PPID/cmdline | gr
   echo $$ >/run/vtorque-fault/stalled
   exec sleep 300
 fi
-exec /proc/1/root/usr/bin/scontrol "$@"
+exec /run/vtorque-fault/scontrol.real "$@"
 """
 
 
@@ -157,13 +157,15 @@ def test_d_bridge_killed_between_plan_and_boot(baseline, when):
         (fault_dir / "stalled").unlink(missing_ok=True)
         (fault_dir / "scontrol").write_text(STALL)
         (fault_dir / "scontrol").chmod(0o755)
+        # a copy of the real one for the wrapper (the Slurm hooks run as slurm: /proc/1/root is not theirs)
+        on("head", "cp", "/usr/bin/scontrol", "/run/vtorque-fault/scontrol.real")
         on("head", "mount", "--bind", "/run/vtorque-fault/scontrol", "/usr/bin/scontrol")
     try:
         job = FaultJob(sleep=0)
         if when == "holding-the-job":
             job.wait("the bridge stalled in the job's handler", (fault_dir / "stalled").exists, timeout=120)
         else:
-            job.wait("the bridge's plan", lambda: any(line.get("msg") == "job planned"
+            job.wait("the bridge's plan", lambda: any(line.get("msg") == "job planned" and line.get("job_id") == job.id
                                                       for line in log_lines("head", "bridge", offset)), 120, 0.02)
         rig("kill", "head", "bridge")
         t_killed = time.monotonic()
@@ -173,9 +175,10 @@ def test_d_bridge_killed_between_plan_and_boot(baseline, when):
             if stalled:
                 on("head", "kill", stalled, check=False)
             on("head", "umount", "/usr/bin/scontrol", check=False)
-    planned = [line for line in log_lines("head", "bridge", offset) if line.get("msg") == "job planned"]
     outcome = job.outcome()
     t_done = time.monotonic()
+    planned = [line for line in log_lines("head", "bridge", offset)
+               if line.get("msg") == "job planned" and line.get("job_id") == job.id]
     back = wait_consuming(baseline, via="c2", timeout=30)
     left = wait_nothing_left(job)
     report(f"d) bridge kill -9 {when}", outcome=outcome, job_done_after_kill=t_done - t_killed,
