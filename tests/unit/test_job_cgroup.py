@@ -239,6 +239,22 @@ def test_the_watcher_moves_this_nodes_running_guests_once_their_job_cgroup_exist
     assert warnings.count("guest still outside its job's cgroup") == 1
 
 
+def test_the_admin_guides_layouts_load_and_are_these(tmp_path):
+    import re
+    from pathlib import Path
+
+    guide = (Path(__file__).parents[2] / "docs" / "admin-guide.md").read_text()
+    section = guide[guide.index("## 4b."):guide.index("## 5.")]
+    blocks = re.findall(r"```toml\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    loaded = []
+    for i, block in enumerate(blocks):
+        path = tmp_path / f"{i}.toml"
+        path.write_text(block)
+        loaded.append(load_config(path, env={}).node.job_cgroup)
+    assert loaded == [SLURM, TORQUE] and all(jc.layout_errors(layout) == [] for layout in loaded)
+
+
 def test_the_layout_is_site_configuration(tmp_path):
     path = tmp_path / "vtorque.toml"
     path.write_text('[node]\njob_cgroup = {memory = "torque/{job}", cpuacct = "torque/{job}"}\n')
