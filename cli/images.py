@@ -316,7 +316,8 @@ def pull(name: str, timeout: float) -> None:
     url = config.broker.connection_url()
     job_id = f"pull-{uuid.uuid4().hex[:12]}"
     try:
-        waiter = EventWaiter(url, [f"image.{entry.sha256}.#"], timeout=config.broker.connect_timeout,
+        waiter = EventWaiter(url, topology.bindings(topology.PULL_Q, digest=entry.sha256),
+                             timeout=config.broker.connect_timeout,
                              prefix=topology.prefix(topology.PULL_Q))
     except Exception as exc:  # noqa: BLE001 - one line, not a traceback
         raise click.ClickException(f"cannot reach the broker: {exc}")

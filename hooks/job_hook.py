@@ -29,7 +29,7 @@ from typing import Callable, TextIO
 from opentelemetry.trace import Link, get_current_span
 
 from vtorque.shared import messages as m
-from vtorque.shared import tracing
+from vtorque.shared import topology, tracing
 from vtorque.shared.config import Config
 from vtorque.shared.hook_channel import BrokerUnreachable, HookChannel
 from vtorque.shared.job_script import JobHeader
@@ -118,7 +118,7 @@ def _prologue(job: JobContext, config: Config, deadline_s: float, progress, chan
     deadline = time.monotonic() + deadline_s
     progress(f"job {job.job_id}: {len(job.nodes)} node(s), image {spec.img}, {spec.vcpus} vCPU, "
              f"{spec.ram_mib} MiB; waiting up to {deadline_s:.0f}s for the guests")
-    patterns = [f"job.{m.routing_word(job.job_id)}.#", f"image.{digest}.#"]
+    patterns = topology.bindings(topology.HOOK_Q, job=m.routing_word(job.job_id), digest=digest)
     try:
         channel = _Asking(channel_factory, config, patterns, progress)
     except BrokerUnreachable as exc:
@@ -280,8 +280,8 @@ def run_epilogue(job: JobContext, config: Config, exit_status: int | None, progr
             nodes = [n.host for n in job.nodes]
             deadline = time.monotonic() + config.hooks.epilogue_timeout
             try:
-                channel = _Asking(channel_factory, config, [f"job.{m.routing_word(job.job_id)}.guests_torn_down"],
-                                  progress)
+                channel = _Asking(channel_factory, config,
+                                  [topology.route(m.GuestsTornDown, job=m.routing_word(job.job_id))], progress)
             except BrokerUnreachable as exc:
                 progress(f"cannot ask for teardown: {exc}; the node workers' reconciliation will remove the guests")
                 tracing.mark_error(span, str(exc))

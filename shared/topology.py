@@ -145,6 +145,18 @@ def routing_key(event: m.Event) -> str:
         "node": m.routing_word(getattr(event, "node", "") or "")}))
 
 
+def bindings(name: str, **names: str) -> list[str]:
+    """A private waiter's routing patterns, from the table: bindings(HOOK_Q, job="7", digest=d) ==
+    ["job.7.#", "image.<d>.#"]; the callers never type a pattern themselves."""
+    return list(queue(name, **names).bindings)
+
+
+def route(message_type: type, **names: str) -> str:
+    """One message type's routing key for the given names: a waiter bound to exactly one kind of event
+    (the epilogue: route(GuestsTornDown, job=word))."""
+    return FLOWS[message_type].route.format_map(_Keep(names))
+
+
 def queue(name: str, **names: str) -> QueueSpec:
     """A queue of the table, its template filled in: queue("vtorque.node.{node}", node="n1")."""
     return QUEUES[name].render(**names) if names else QUEUES[name]

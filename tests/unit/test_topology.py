@@ -171,3 +171,11 @@ def test_a_waiter_may_bind_its_pattern_or_any_key_under_it_and_nothing_else():
     binds = t.broker_permissions("hook").topics[t.EVENTS][1]
     assert _can(binds, "job.7.#") and _can(binds, "job.7.guests_torn_down") and _can(binds, "image.ab.#")
     assert not _can(binds, "#") and not _can(binds, "node.n1.heartbeat") and not _can(binds, "job.#")
+
+
+def test_waiters_take_their_patterns_and_routes_from_the_table():
+    """The hooks and `vtorque images pull` type no pattern: what they bind is the table's, filled in."""
+    assert t.bindings(t.HOOK_Q, job="7%2Evm", digest="ab") == ["job.7%2Evm.#", "image.ab.#"]
+    assert t.bindings(t.PULL_Q, digest="ab") == ["image.ab.#"]
+    torn = m.GuestsTornDown.new(job_id="7.vm", deadline=5.0, node="n1", guests=[], disks_removed=0)
+    assert t.route(m.GuestsTornDown, job=m.routing_word("7.vm")) == torn.routing_key()
