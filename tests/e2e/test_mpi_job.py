@@ -34,8 +34,10 @@ mpirun --hostfile "$PBS_NODEFILE" --map-by node --oversubscribe -n {RANKS} /usr/
 
 
 def ensure_mpi_image(env: dict) -> str:
-    """Build the MPI guest (cached: about 0.1 s when current) and make the stack's catalog entry `mpi` name this
-    build; returns the image's sha256. Built here rather than by `make demo`, which never needs it."""
+    """Build the MPI guest (cached: about 2 s when current; 107 s from scratch) and make the stack's catalog
+    entry `mpi` (its images.toml, as `vtorque images add` writes it) name this build, replacing an entry of an
+    older build; returns the image's sha256. Built here (or by `make mpi-guest`) rather than by `make demo`,
+    which never needs it."""
     start = time.monotonic()
     build = subprocess.run([str(ROOT / "tests/guest/mpi/build.sh"), str(MPI_GUEST_DIR)], capture_output=True,
                            text=True, timeout=1200)
