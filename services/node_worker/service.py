@@ -19,7 +19,7 @@ from pathlib import Path
 
 from vtorque.shared.image_store import ImageStore
 from vtorque.shared import messages as m
-from vtorque.shared import tracing
+from vtorque.shared import topology, tracing
 from vtorque.shared.bus import EventWaiter, Publisher, node_queue
 from vtorque.shared.config import Config, refresh_catalog
 from vtorque.shared.domain_type import detect_domain_type
@@ -289,19 +289,20 @@ class NodeWorker(Service):
     def _wait_for_image(self, cmd: m.BootGuests, digest: str, deadline: float) -> Path:
         if self.store.has(digest):
             return self.store.path(digest)
-        waiter = EventWaiter(self.config.broker.connection_url(), [f"image.{digest}.#"])
+        waiter = EventWaiter(self.config.broker.connection_url(), topology.bindings(topology.WAIT_Q, digest=digest))
         try:
             # Subscribed first, then looked again: a staging that finished in between is not missed.
             if self.store.has(digest):
                 return self.store.path(digest)
             # And asked again: a staging that already failed before we listened answers again (the stager is
-            # single-flight, so this never copies twice). Its own connection: this is a boot thread.
+            # single-flight, so this never copies twice). The publisher gives this boot thread a connection of its
+            # own, closed once sent: the thread ends with its boot, and an open connection per boot would pile up.
             image = next(g.image for g in cmd.guests if g.image_digest == digest)
-            asker = Publisher(self.config.broker.connection_url())
             try:
-                asker.publish(m.StageImage.new(job_id=cmd.job_id, deadline=cmd.deadline, image=image, digest=digest))
+                self.publisher.publish(m.StageImage.new(job_id=cmd.job_id, deadline=cmd.deadline, image=image,
+                                                        digest=digest))
             finally:
-                asker.close()
+                self.publisher.close()
             while True:
                 event = waiter.next(deadline)
                 if event is None:
