@@ -12,8 +12,8 @@ Usage (root, stack and services up, as after `make demo`): bench/four_guests.py 
 from __future__ import annotations
 
 import argparse
-import os
 import concurrent.futures
+import os
 import statistics
 import subprocess
 import sys
@@ -22,11 +22,11 @@ import time
 import uuid
 from pathlib import Path
 
+import bare_boot  # bench/bare_boot.py: run as a script, bench/ is on sys.path
+
 from vtorque.hooks.job_hook import JobContext, Verdict, run_epilogue, run_prologue
 from vtorque.shared import messages as m
 from vtorque.shared.config import load_config
-
-import bare_boot  # bench/bare_boot.py: run as a script, bench/ is on sys.path
 from vtorque.shared.job_script import JobHeader
 
 HERE = Path(__file__).resolve().parent

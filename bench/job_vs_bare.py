@@ -24,10 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import bare_boot  # bench/bare_boot.py: run as a script, bench/ is on sys.path
+
 from vtorque.cli.trace_view import job_spans, load
 from vtorque.shared.config import load_config
-
-import bare_boot  # bench/bare_boot.py: run as a script, bench/ is on sys.path
 
 HERE = Path(__file__).resolve().parent
 STACK = Path(os.environ.get("VTORQUE_STACK_DIR", "/var/lib/vtorque-stack"))

@@ -33,13 +33,18 @@ import msgspec
 
 from vtorque.services.node_worker import service as node_service
 from vtorque.services.node_worker.heartbeat import Heartbeat
+
 # The instant host (test-driver hypervisor, instant guests, disks and job networks) lives beside the node worker:
 # the in-memory flow tests use it too. Imported by name here for bench/scale_nodes.py (many_nodes.InstantGuests…).
-from vtorque.services.node_worker.instant import (InstantGuests, InstantHypervisor, instant_host,  # noqa: F401
-                                                  instant_prepare, instant_segments)
+from vtorque.services.node_worker.instant import (  # noqa: F401
+    InstantGuests,
+    InstantHypervisor,
+    instant_host,
+    instant_prepare,
+    instant_segments,
+)
 from vtorque.shared.bus import Publisher, ServiceRunner
 from vtorque.shared.config import Config, load_config
-
 
 
 def node_config(base: Config, name: str, index: int, root: Path, port_base: int, ports: int) -> Config:

@@ -24,7 +24,6 @@ Usage (root; the rabbitmq-server package installed): bench/scale_nodes.py [--rou
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -35,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -45,8 +43,8 @@ sys.path.insert(0, str(HERE))
 
 import amqp  # noqa: E402
 import kombu  # noqa: E402
-
 import many_nodes  # noqa: E402  bench/many_nodes.py
+
 from vtorque.services.node_worker import service as node_service  # noqa: E402
 from vtorque.services.node_worker.heartbeat import node_facts  # noqa: E402
 from vtorque.shared import messages as m  # noqa: E402
@@ -171,7 +169,6 @@ def wait_for_line(path: Path, text: str, proc: subprocess.Popen, timeout: float)
 def sink(url: str, queue_file: str, expect: int) -> int:
     """Consume `expect` messages from the queues listed in `queue_file`; print when the first and last came."""
     names = Path(queue_file).read_text().split()
-    from vtorque.shared import broker_tls
 
     conn = amqp.Connection(**_amqp_args(url))
     conn.connect()

@@ -28,9 +28,9 @@ import sys
 import time
 from pathlib import Path
 
+from vtorque.services.node_worker import disks
 from vtorque.shared import image_leases as leases
 from vtorque.shared.image_store import ImageStore, parse_size
-from vtorque.services.node_worker import disks
 
 MiB = 2**20
 

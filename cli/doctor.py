@@ -11,8 +11,8 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from vtorque.cli.checks import FAIL, OK, WARN, Check, hook_environment, is_root, torque_hook_base_env, worst
 
@@ -184,8 +184,8 @@ def skew_bounds(age_s: float, interval_s: float) -> tuple[float, float]:
 
 def check_clock(config, max_skew: float = 2.0) -> Check:
     """NTP sync here (timedatectl), and the other nodes' clocks from their heartbeats' timestamps."""
-    from vtorque.shared.node_registry import is_stale, latest_per_node, read_heartbeats
     from vtorque.shared.messages import utcnow
+    from vtorque.shared.node_registry import is_stale, latest_per_node, read_heartbeats
 
     notes, status = [], OK
     if shutil.which("timedatectl"):

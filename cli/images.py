@@ -215,8 +215,8 @@ def _with_entry_options(f):
 def add(name: str, source: str, sha256: str | None, fmt: str | None, distro, kernel, initrd, cmdline, convert_to,
         compress) -> None:
     """Add image NAME from SOURCE (a file or an http(s) URL): sha256, format and size are read from it."""
-    from vtorque.shared.image_catalog import editing, guess_distro
     from vtorque.shared.config import IMAGE_NAME
+    from vtorque.shared.image_catalog import editing, guess_distro
 
     _root_only("vtorque images add")
     config = _config()

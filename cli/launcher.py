@@ -8,8 +8,8 @@ become the job's, through ssh with the job's own key.
 from __future__ import annotations
 
 import json
-import shlex
 import os
+import shlex
 import shutil
 import subprocess
 import sys

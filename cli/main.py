@@ -164,8 +164,8 @@ def status(job_id: str, as_json: bool) -> None:
 def nodes(as_json: bool) -> None:
     """The node workers' latest heartbeats: cores, free memory, guests running, KVM or TCG."""
     from vtorque.cli.status import render_nodes
-    from vtorque.shared.node_registry import latest_per_node, read_heartbeats
     from vtorque.shared import messages as m
+    from vtorque.shared.node_registry import latest_per_node, read_heartbeats
 
     config = _config()
     try:
@@ -210,7 +210,8 @@ def install_hooks(torque_home: str | None, uninstall: bool) -> None:
     import os
     from pathlib import Path
 
-    from vtorque.cli.install_hooks import InstallError, install, uninstall as remove
+    from vtorque.cli.install_hooks import InstallError, install
+    from vtorque.cli.install_hooks import uninstall as remove
 
     if os.geteuid() != 0:
         raise click.ClickException("install-hooks must run as root (the hooks must be root-owned)")

@@ -261,8 +261,8 @@ def render_status(st: JobStatus) -> str:
 # -- nodes -----------------------------------------------------------------------------------------------
 
 def render_nodes(beats: list, now=None) -> str:
-    from vtorque.shared.node_registry import is_stale
     from vtorque.shared.messages import utcnow
+    from vtorque.shared.node_registry import is_stale
 
     now = now or utcnow()
     out = [f"{'node':<20} {'state':<6} {'cores':>5} {'mem free':>9} {'guests':>6} {'accel':<5} {'seen':>6}  capabilities"]

@@ -22,9 +22,10 @@ import enum
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 from opentelemetry.trace import Link, get_current_span
 

@@ -25,15 +25,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from vtorque.shared.job_script import JobHeader, ScriptError, parse_header, slurm_script_head
 from vtorque.shared.scheduler import SchedulerError
+
 # What Slurm says and how it is asked live in shared/slurm.py (the bridge's prefetch asks it too); the hook
 # keeps its policy: what the Comment says, when to requeue, how long to wait.
-from vtorque.shared.slurm import (Slurm, expand_cpus_per_node, job_comment, parse_cpu_ids,  # noqa: F401
-                                  prolog_epilog_timeout)
+from vtorque.shared.slurm import Slurm, expand_cpus_per_node, job_comment, parse_cpu_ids, prolog_epilog_timeout  # noqa: F401
 
 if TYPE_CHECKING:  # imported where used: vtorque-launch calls refusal() for every Slurm VM job, without pika
     from .job_hook import JobContext, Outcome
@@ -189,9 +188,9 @@ def main(argv: list[str] | None = None, env=os.environ, channel_factory=None, ag
         return 1
     import msgspec
 
+    from vtorque.hooks.job_hook import Outcome, Progress, Verdict, run_epilogue, run_prologue
     from vtorque.shared import tracing
     from vtorque.shared.config import ConfigError, load_config
-    from vtorque.hooks.job_hook import Outcome, Progress, Verdict, run_epilogue, run_prologue
 
     job_id = env.get("SLURM_JOB_ID", "")
     progress = Progress(sys.stderr)  # PrologSlurmctld output goes to the controller's log

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from collections import OrderedDict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from vtorque.shared import messages as m
@@ -64,7 +64,7 @@ def read_header(script: str) -> JobHeader | None:
     return parse_header(head)
 
 
-def nodes_from_nodefile(path: str | None, exec_host: "OrderedDict[str, list[int]] | None" = None
+def nodes_from_nodefile(path: str | None, exec_host: OrderedDict[str, list[int]] | None = None
                         ) -> list[m.NodeAllocation]:
     """PBS_NODEFILE lists a host once per core, in allocation order; the first host is the mother superior.
     exec_host (when known) says which cores: kept only where it agrees with the node file's count."""
@@ -76,7 +76,7 @@ def nodes_from_nodefile(path: str | None, exec_host: "OrderedDict[str, list[int]
     return nodes_with_cores(counts, exec_host)
 
 
-def nodes_with_cores(counts: "OrderedDict[str, int]", exec_host: "OrderedDict[str, list[int]] | None"
+def nodes_with_cores(counts: OrderedDict[str, int], exec_host: OrderedDict[str, list[int]] | None
                      ) -> list[m.NodeAllocation]:
     nodes = []
     for host, n in counts.items():
@@ -265,7 +265,7 @@ def qstat_attrs(job_id: str, config) -> tuple[dict[str, str] | None, str]:
     return (None, f"qstat -f {job_id}: Torque does not know the job") if attrs is None else (attrs, "")
 
 
-def exec_host_of(attrs: dict[str, str] | None, why: str = "") -> tuple["OrderedDict[str, list[int]] | None", str]:
+def exec_host_of(attrs: dict[str, str] | None, why: str = "") -> tuple[OrderedDict[str, list[int]] | None, str]:
     from vtorque.shared.torque import ExecHostError, parse_exec_host
 
     if attrs is None:
@@ -279,7 +279,7 @@ def exec_host_of(attrs: dict[str, str] | None, why: str = "") -> tuple["OrderedD
         return None, str(exc)
 
 
-def qstat_exec_host(job_id: str, config) -> tuple["OrderedDict[str, list[int]] | None", str]:
+def qstat_exec_host(job_id: str, config) -> tuple[OrderedDict[str, list[int]] | None, str]:
     """exec_host from `qstat -f JOBID`; (None, why) if not."""
     return exec_host_of(*qstat_attrs(job_id, config))
 
@@ -502,8 +502,13 @@ def torque_channel_factory(config, hosts: list[str]):
     import pika.exceptions
 
     from vtorque.hooks.job_hook import CANCELLED_HEADER
-    from vtorque.shared.hook_channel import (BrokerUnreachable, HookChannel, describe, missing_node_workers,
-                                             no_node_worker_reason)
+    from vtorque.shared.hook_channel import (
+        BrokerUnreachable,
+        HookChannel,
+        describe,
+        missing_node_workers,
+        no_node_worker_reason,
+    )
 
     class NodeWorkersMissing(BrokerUnreachable):
         pass
@@ -549,9 +554,9 @@ def main(argv: list[str] | None = None, env=os.environ) -> int:
         print(f"vtorque: the Torque {which} expects {want} arguments, got {len(args)}", file=sys.stderr)
         return ABORT if which == "prologue" else 0
 
+    from vtorque.hooks.job_hook import Progress
     from vtorque.shared import tracing
     from vtorque.shared.config import ConfigError, load_config
-    from vtorque.hooks.job_hook import Progress
 
     progress = Progress(sys.stdout)
     try:
@@ -635,7 +640,7 @@ def _prologue(job: JobContext, args: list[str], config, home: Path, env, progres
         quiet.parent.mkdir(parents=True, exist_ok=True)
         quiet.touch()
     code = prologue_exit_code(outcome, requeues, config.hooks.max_requeues)
-    node, now = socket.gethostname().split(".")[0], datetime.now(timezone.utc)
+    node, now = socket.gethostname().split(".")[0], datetime.now(UTC)
     if code == REQUEUE:
         counter.parent.mkdir(parents=True, exist_ok=True)
         counter.write_text(str(requeues + 1))

@@ -13,21 +13,18 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
-import socket
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
 
 import amqp.exceptions
 import kombu
 import msgspec
 from kombu import Connection, Exchange, Queue, binding
 
-from vtorque.shared import broker_tls, hook_channel
+from vtorque.shared import broker_tls, hook_channel, topology, tracing
 from vtorque.shared import messages as m
-from vtorque.shared import topology
-from vtorque.shared import tracing
 from vtorque.shared.logs import job_context, log
 
 LOG = logging.getLogger("vtorque.bus")
@@ -446,7 +443,7 @@ class ServiceRunner:
                         self._settle()
                     try:
                         conn.drain_events(timeout=0.001 if pending is not None else 0.5)
-                    except socket.timeout:
+                    except TimeoutError:
                         pass
                     conn.heartbeat_check()
                     self._settle()

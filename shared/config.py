@@ -11,8 +11,9 @@ import re
 import socket
 import tomllib
 import urllib.parse
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Literal
 
 import msgspec
 

@@ -23,14 +23,14 @@ import re
 import time
 import urllib.parse
 import uuid
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import msgspec
 import pika
 import pika.exceptions
 
-from vtorque.shared import messages as m
 from vtorque.shared import broker_tls, topology, tracing
+from vtorque.shared import messages as m
 
 QUEUE_PREFIX = topology.prefix(topology.HOOK_Q)  # shared/topology.py names every queue
 EVENTS = topology.EVENTS

@@ -18,9 +18,9 @@ import os
 import re
 import subprocess
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import msgspec
 

@@ -29,8 +29,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 CHUNK = 64 * 1024 * 1024  # one copy_file_range / one hash step; a multiple of any page size
 WINDOW = 4  # chunks the copier may run ahead of the hasher: what it wrote is still in the page cache

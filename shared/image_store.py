@@ -37,9 +37,9 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from . import image_fetch as fetch
 from .image_fetch import FetchCancelled, FetchError

@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 from opentelemetry import trace
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 import msgspec
@@ -23,7 +23,7 @@ MessageId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def new_message_id() -> str:
@@ -337,7 +337,7 @@ def domain_name(job_id: str, node: str, index: int) -> str:
 
 def routing_word(value: str) -> str:
     """One word of a topic routing key: Torque job ids hold dots ("1.vm"), which split words."""
-    return re.sub(r"[^A-Za-z0-9_-]", lambda m: "%{:02X}".format(ord(m.group())), value)
+    return re.sub(r"[^A-Za-z0-9_-]", lambda m: f"%{ord(m.group()):02X}", value)
 
 
 def _snake(name: str) -> str:

@@ -17,18 +17,23 @@ import json
 import os
 import re
 import threading
-from datetime import datetime, timezone
+from collections.abc import Iterable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterable
 
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
-    AggregationTemporality, MetricExporter, MetricExportResult, MetricsData, PeriodicExportingMetricReader,
+    AggregationTemporality,
+    MetricExporter,
+    MetricExportResult,
+    MetricsData,
+    PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
+
 from vtorque.shared.own_file import append_own
 
 # name → (instrument kind, unit, description). The documented set: docs/operations.md lists exactly these.
@@ -106,7 +111,7 @@ def failure_type(message) -> str | None:
 
 
 def queue_lag(created_at: datetime, now: datetime | None = None) -> float:
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     return max(0.0, (now - created_at).total_seconds())
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from typing import Callable, ClassVar, Mapping
+from collections.abc import Callable, Mapping
+from typing import ClassVar
 
 from kombu import Queue
 

@@ -26,8 +26,8 @@ import collections
 import threading
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 import msgspec
 
@@ -110,7 +110,7 @@ class InMemoryBus:
 
     # -- a service's side ------------------------------------------------------------------------------------
 
-    def publisher(self) -> "_Publisher":
+    def publisher(self) -> _Publisher:
         return _Publisher(self)
 
     def serve(self, service) -> None:
@@ -179,12 +179,12 @@ class InMemoryBus:
     # -- a hook's (or a waiter's) side -----------------------------------------------------------------------
 
     def channel(self, url: str = "memory://", patterns: Iterable[str] = (), attempts: int = 3, timeout: float = 5.0,
-                label: str | None = None, prefix: str = topology.prefix(topology.HOOK_Q)) -> "_Channel":
+                label: str | None = None, prefix: str = topology.prefix(topology.HOOK_Q)) -> _Channel:
         """HookChannel's and EventWaiter's stand-in: bound before the caller publishes, as they are."""
         return _Channel(self, list(patterns), f"{prefix}{label or 'memory'}.{uuid.uuid4().hex[:12]}")
 
     def waiter(self, url: str = "memory://", patterns: Iterable[str] = (), timeout: float = 5.0,
-               prefix: str = topology.prefix(topology.WAIT_Q)) -> "_Channel":
+               prefix: str = topology.prefix(topology.WAIT_Q)) -> _Channel:
         return self.channel(url, patterns, prefix=prefix)
 
 

@@ -63,7 +63,7 @@ class QueueSpec:
     why: str = ""
     readers: tuple[Role, ...] = ()  # other roles that read it without consuming (basic.get, no ack)
 
-    def render(self, **names: str) -> "QueueSpec":
+    def render(self, **names: str) -> QueueSpec:
         """This queue for one node / one waiter: `{node}` and `{tag}` filled in, in its name and bindings."""
         fill = lambda text: text.format_map(_Keep(names))  # noqa: E731
         return QueueSpec(fill(self.name), self.consumer, self.exchange, tuple(fill(b) for b in self.bindings),

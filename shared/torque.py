@@ -135,7 +135,7 @@ def parse_core_list(text: str) -> list[int]:
     return cores
 
 
-def parse_exec_host(text: str) -> "OrderedDict[str, list[int]]":
+def parse_exec_host(text: str) -> OrderedDict[str, list[int]]:
     """exec_host -> {short host: cores}, hosts in the order given (the first is the mother superior)."""
     text = text.strip()
     if not text:

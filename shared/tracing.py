@@ -12,8 +12,8 @@ import contextlib
 import os
 import threading
 import uuid
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace

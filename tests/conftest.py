@@ -443,7 +443,7 @@ class FakeHost:
         per = self.cores // self.numa_nodes
         return {n: frozenset(range(n * per, (n + 1) * per)) for n in range(self.numa_nodes)}
 
-    def build(self, root: Path) -> "BuiltHost":
+    def build(self, root: Path) -> BuiltHost:
         sysfs = root / "sys"
         nodes = sysfs / "devices/system/node"
         for n, cpus in self.topology().items():
@@ -489,7 +489,7 @@ class BuiltHost:
         """What vrdma.probe finds on this host (the real function, even while a fake host is injected)."""
         return _REAL_PROBE(qemu=str(self.qemu), sysfs=str(self.sysfs), run_dir=str(self.run_dir), refresh=True)
 
-    def inject(self, monkeypatch) -> "BuiltHost":
+    def inject(self, monkeypatch) -> BuiltHost:
         """Make the node worker's code see this host instead of the machine it runs on."""
         from vtorque.services.node_worker import iocm, numa, vrdma
 

@@ -19,10 +19,9 @@ from vtorque.shared import messages as m
 from vtorque.shared import topology
 from vtorque.shared.bus import Publisher, stager_queue, table_queue
 from vtorque.shared.config import Config, ImageEntry, refresh_catalog
+from vtorque.shared.image_store import ImageStore, StageCancelled, StageError, parse_size
 from vtorque.shared.logs import log
 from vtorque.shared.service import Service
-
-from vtorque.shared.image_store import ImageStore, StageCancelled, StageError, parse_size
 
 LOG = logging.getLogger("vtorque.stager")
 

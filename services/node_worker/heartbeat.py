@@ -17,7 +17,6 @@ import logging
 import os
 import threading
 
-
 from vtorque.shared import messages as m
 from vtorque.shared import metrics
 from vtorque.shared.logs import log
@@ -95,7 +94,7 @@ class Heartbeat:
         self.publisher = self.worker.publisher
         self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
-    def start(self) -> "Heartbeat":
+    def start(self) -> Heartbeat:
         # The first beat goes out before the worker consumes: a node that takes commands is a node the bridge
         # already knows (it plans only onto nodes with a fresh heartbeat).
         self._beat()

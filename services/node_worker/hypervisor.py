@@ -10,7 +10,8 @@ from __future__ import annotations
 import concurrent.futures
 import queue
 import threading
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import libvirt
 

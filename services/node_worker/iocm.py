@@ -300,7 +300,7 @@ class IocmController:
         self._state: dict[str, State] = {}
         self.changes: list[tuple[str, int, int]] = []  # (guest, from, to): what the loop did, for operators/tests
 
-    def start(self) -> "IocmController":
+    def start(self) -> IocmController:
         log(LOG, logging.INFO, "IOcm controller started", backend=self.backend.name, interval=self.interval)
         self.thread.start()
         return self

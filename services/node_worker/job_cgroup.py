@@ -195,7 +195,7 @@ def start_guest(worker, dom, job_id: str, guest) -> None:
         worker.hv.resume(dom)
 
 
-def start(worker, stop: threading.Event) -> "Watcher | None":
+def start(worker, stop: threading.Event) -> Watcher | None:
     """The watcher: every running guest of this node goes into its job's cgroups as soon as they exist."""
     layout = worker.config.node.job_cgroup
     if not layout:

@@ -21,9 +21,9 @@ import fcntl
 import ipaddress
 import os
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from vtorque.shared import messages as m
 from vtorque.shared.job_network import guest_mac

@@ -19,10 +19,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Callable
 
 from vtorque.shared.logs import log
 
@@ -95,7 +95,7 @@ def _parse_time(text: str | None) -> datetime | None:
         value = datetime.fromisoformat(text)
     except ValueError:
         return None
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 class Reconciler:
@@ -132,7 +132,7 @@ class Reconciler:
                 mtime = disks.mtime_of(gdir, "job")
                 if mtime is not None and self._dir_node(gdir) in (w.node, None):
                     dirs[name] = mtime
-        removals, stale = decide(domains, dirs, w.booting_now(), self.alive, datetime.now(timezone.utc),
+        removals, stale = decide(domains, dirs, w.booting_now(), self.alive, datetime.now(UTC),
                                  time.time())
         for removal in removals:
             log(LOG, logging.WARNING, "reconcile: removing guest", guest=removal.name, reason=removal.reason)

@@ -17,24 +17,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from vtorque.shared.image_store import ImageStore
 from vtorque.shared import messages as m
 from vtorque.shared import topology, tracing
 from vtorque.shared.bus import EventWaiter, Publisher, node_queue
 from vtorque.shared.config import Config, refresh_catalog
 from vtorque.shared.domain_type import detect_domain_type
+from vtorque.shared.image_store import ImageStore
+from vtorque.shared.job_network import guest_mac
 from vtorque.shared.logs import log
 from vtorque.shared.service import Service
 from vtorque.shared.spec import parse_size_mib
 from vtorque.shared.user_files import UserFileRefused
 
-from vtorque.shared.job_network import guest_mac
-
-from . import disks, guest_link
-from . import iocm, job_cgroup, numa, trust, vrdma
-from .job_segment import JobSegments, SegmentError, bridge_name, segment_for
+from . import disks, guest_link, iocm, job_cgroup, numa, trust, vrdma
 from .domain import USER_NET_MAC, BootSource, GuestMetadata, JobNic, domain_xml, parse_metadata
 from .hypervisor import Hypervisor, HypervisorError
+from .job_segment import JobSegments, SegmentError, bridge_name, segment_for
 from .readiness import BootFailed, Readiness, ssh_banner, wait_ready
 from .seed import seed_files
 

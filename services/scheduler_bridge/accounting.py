@@ -25,20 +25,21 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterable
 
 from vtorque.shared import messages as m
-from vtorque.shared.config import Config
 from vtorque.shared import tracing
+from vtorque.shared.config import Config
 from vtorque.shared.job_script import HEADER_LINES, JobHeader, ScriptError, parse_header, slurm_script_head
+from vtorque.shared.logs import log
 from vtorque.shared.scheduler import SchedulerError
+
 # What Torque's accounting records and Slurm's queue say is read by shared/torque.py and shared/slurm.py.
 from vtorque.shared.slurm import Slurm
 from vtorque.shared.torque import AccountingRecord, parse_record
-from vtorque.shared.logs import log
 
 LOG = logging.getLogger("vtorque.prefetch")
 _LOG_NAME = re.compile(r"^\d{8}$")

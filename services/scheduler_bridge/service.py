@@ -7,25 +7,21 @@ event only republishes the same plan (node workers and the stager are idempotent
 from __future__ import annotations
 
 import logging
-
 import uuid
-
 
 from vtorque.shared import messages as m
 from vtorque.shared import topology
-
 from vtorque.shared.bus import Publisher, service_queues, table_queue
 from vtorque.shared.config import Config, refresh_catalog
 from vtorque.shared.logs import log
-from vtorque.shared.service import Service
 from vtorque.shared.node_registry import read_heartbeats
+from vtorque.shared.scheduler import JobInfo, Scheduler, SchedulerError, scheduler_for
+from vtorque.shared.service import Service
 from vtorque.shared.spec import SpecError, validate, validate_job
 
-from vtorque.shared.scheduler import JobInfo, Scheduler, SchedulerError, scheduler_for
-
 from .capacity import Unfit, check_nodes
-from .verification import mismatch, over_allocation
 from .planning import PlanError, boot_commands, plan_guests
+from .verification import mismatch, over_allocation
 
 LOG = logging.getLogger("vtorque.bridge")
 

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import pika
 import pytest
-
 from integration import torque_replay as tr  # tests/ is on sys.path (rootdir of the e2e and integration packages)
 from integration.otlp_receiver import OtlpReceiver
+
 from vtorque.shared.job_script import render_wrapper
 
 pytestmark = [pytest.mark.slow, pytest.mark.guest]

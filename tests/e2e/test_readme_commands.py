@@ -82,7 +82,7 @@ class Ran:
     def out(self) -> str:
         return self.proc.stdout
 
-    def ok(self) -> "Ran":
+    def ok(self) -> Ran:
         assert self.proc.returncode == 0, (f"`{shlex.join(self.argv)}` exited {self.proc.returncode}\n"
                                            f"stdout: {self.proc.stdout[-3000:]}\nstderr: {self.proc.stderr[-3000:]}")
         return self
@@ -119,7 +119,7 @@ class Ctx:
     def stack_env(self) -> dict:
         return _stack_env()
 
-    def job(self) -> "SubmittedJob":
+    def job(self) -> SubmittedJob:
         return self.request.getfixturevalue("readme_job")
 
     def site(self):

@@ -17,8 +17,8 @@ import uuid
 
 import pytest
 
-from vtorque.shared.image_catalog import editing
 from vtorque.shared.config import load_config
+from vtorque.shared.image_catalog import editing
 
 from .conftest import PREFIX
 from .test_slurm_vm_job import vtorque_leftovers

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from vtorque.shared.image_catalog import toml_value
 
-
 # -- images -------------------------------------------------------------------------------------------------
 
 def make_image(path: Path, size: int, seed: int = 0) -> str:
@@ -86,7 +85,7 @@ class ImageServer:
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
-    def __enter__(self) -> "ImageServer":
+    def __enter__(self) -> ImageServer:
         self.thread.start()
         return self
 

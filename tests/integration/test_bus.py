@@ -9,18 +9,17 @@ import sys
 import threading
 import time
 import uuid
-
 from urllib.parse import quote
 
 import kombu
 import pytest
+from conftest import stack_observer, stack_vhosts
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from conftest import stack_observer, stack_vhosts
 from vtorque.shared import messages as m
 from vtorque.shared.bus import COMMANDS, DEAD_QUEUE, EVENTS, EventWaiter, Publisher, ServiceRunner, node_queue
 

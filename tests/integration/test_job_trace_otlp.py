@@ -23,9 +23,10 @@ from pathlib import Path
 
 import pytest
 
+from vtorque.shared.job_script import render_wrapper
+
 from . import torque_replay as tr
 from .otlp_receiver import OtlpReceiver
-from vtorque.shared.job_script import render_wrapper
 
 SITE_CONFIG = Path("/etc/vtorque/vtorque.toml")
 VENV_BIN = Path(sys.executable).parent

@@ -14,12 +14,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import fake_scheduler
 
 from vtorque.services.node_worker.hypervisor import Hypervisor
 from vtorque.shared import messages as m
 from vtorque.shared.bus import EventWaiter, Publisher
-
-from conftest import fake_scheduler
 
 pytestmark = [pytest.mark.slow, pytest.mark.guest]
 PERIOD = 3.0

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from vtorque.shared.image_store import ImageStore
 from vtorque.shared import messages as m
 from vtorque.shared.bus import EventWaiter, Publisher
+from vtorque.shared.image_store import ImageStore
 
 from . import stager_support as ss
 

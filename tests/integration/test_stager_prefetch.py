@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from vtorque.shared.image_store import ImageStore
 from vtorque.services.scheduler_bridge.accounting import SlurmPrefetch, TorquePrefetch
 from vtorque.shared import messages as m
 from vtorque.shared.bus import EventWaiter, Publisher
 from vtorque.shared.config import Config, ImagesConfig, PrefetchConfig, SchedulerConfig
+from vtorque.shared.image_store import ImageStore
 from vtorque.shared.job_script import render_wrapper
 
 from . import stager_support as ss

@@ -19,9 +19,10 @@ from pathlib import Path
 import pika
 import pytest
 
-from . import torque_replay as tr
 from vtorque.shared import messages as m
 from vtorque.shared.job_script import render_wrapper
+
+from . import torque_replay as tr
 
 STACK_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"  # the running stack's vhost: never published on as "vm"
 EVENTS_EXCHANGE = "vtorque.events"

@@ -29,8 +29,17 @@ from vtorque.services.node_worker.hypervisor import Hypervisor
 from vtorque.shared import messages as m
 
 from . import torque_replay as tr
-from .test_torque_contract import (EPILOGUES, GOOD_SPEC, PROLOGUES, first, hook_env, owner_on_this_host,
-                                   unique_job_id, vm_invocation, vm_script)
+from .test_torque_contract import (
+    EPILOGUES,
+    GOOD_SPEC,
+    PROLOGUES,
+    first,
+    hook_env,
+    owner_on_this_host,
+    unique_job_id,
+    vm_invocation,
+    vm_script,
+)
 
 VTORQUE = Path(sys.executable).parent / "vtorque"
 SERVICES = ("bridge", "stager", "node-worker")

@@ -82,14 +82,14 @@ class Invocation:
         """What a replay depends on (identical requeue runs collapse to one)."""
         return (self.hook, self.argv, self.cwd, self.umask, self.env)
 
-    def with_args(self, **by_position: str) -> "Invocation":
+    def with_args(self, **by_position: str) -> Invocation:
         """A copy with some arguments replaced, by 1-based position: with_args(a2="nobody")."""
         argv = list(self.argv)
         for name, value in by_position.items():
             argv[int(name.lstrip("a")) - 1] = value
         return dataclasses.replace(self, argv=tuple(argv), source=self.source + "*")
 
-    def with_job_id(self, job_id: str) -> "Invocation":
+    def with_job_id(self, job_id: str) -> Invocation:
         """A copy for another job: $1, the script path and PBS_NODEFILE all name the job id."""
         old = self.job_id
 
@@ -344,7 +344,7 @@ class PrivateVhost:
         self.name = name
         self.url = f"amqp://guest:guest@127.0.0.1:5672/{name}"
 
-    def __enter__(self) -> "PrivateVhost":
+    def __enter__(self) -> PrivateVhost:
         subprocess.run(["rabbitmqctl", "-q", "add_vhost", self.name], check=True, capture_output=True, timeout=60)
         subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", self.name, "guest", ".*", ".*", ".*"],
                        check=True, capture_output=True, timeout=60)

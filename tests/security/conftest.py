@@ -19,12 +19,12 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from vtorque.shared.image_store import ImageStore
-from vtorque.shared.messages import domain_name
 from vtorque.services.node_worker.hypervisor import Hypervisor
 from vtorque.services.node_worker.service import NodeWorker
 from vtorque.shared import messages as m
 from vtorque.shared.config import Config, ImageEntry, ImagesConfig, NodeConfig, SpecConfig
+from vtorque.shared.image_store import ImageStore
+from vtorque.shared.messages import domain_name
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG2dXW1vjFpNu2d0dw7Fqt5fLwRY7FTl1Qb4mK3xqQ9n test"
 

@@ -15,8 +15,8 @@ import pytest
 
 from vtorque.services.node_worker import trust
 from vtorque.services.node_worker.job_segment import bridge_name
-from vtorque.shared.messages import domain_name
 from vtorque.shared import messages as m
+from vtorque.shared.messages import domain_name
 
 from .conftest import KEY, snapshot, wire
 

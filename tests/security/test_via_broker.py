@@ -8,11 +8,12 @@ import time
 import uuid
 from pathlib import Path
 
-from vtorque.shared.messages import domain_name
+from integration.guests import node_worker  # tests/ is on sys.path (rootdir conftest)
+
 from vtorque.shared import messages as m
 from vtorque.shared.bus import EventWaiter, Publisher
+from vtorque.shared.messages import domain_name
 
-from integration.guests import node_worker  # tests/ is on sys.path (rootdir conftest)
 from .conftest import KEY
 
 

@@ -3,10 +3,17 @@ DHCP on the user-mode NIC beside the job network. Pure: no guest."""
 
 import json
 import xml.etree.ElementTree as ET
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
-from vtorque.services.node_worker.domain import (QEMU_NS, USER_NET_MAC, BootSource, GuestDisks, GuestMetadata,
-                                                 JobNic, domain_xml)
+from vtorque.services.node_worker.domain import (
+    QEMU_NS,
+    USER_NET_MAC,
+    BootSource,
+    GuestDisks,
+    GuestMetadata,
+    JobNic,
+    domain_xml,
+)
 from vtorque.services.node_worker.readiness import GUEST_READY
 from vtorque.services.node_worker.seed import seed_files
 from vtorque.shared import messages as m
@@ -51,7 +58,7 @@ def test_network_config_names_both_nics_by_mac_and_the_domain_uses_those_macs():
     assert cfg["ethernets"]["jobnet"] == {"match": {"macaddress": mac}, "addresses": [f"{guest_address(0)}/16"]}
     assert cfg["ethernets"]["usernet"] == {"match": {"macaddress": USER_NET_MAC}, "dhcp4": True}
     assert USER_NET_MAC != mac and not USER_NET_MAC.startswith("52:54:00:")
-    meta = GuestMetadata(job_id="9", owner="bob", deadline=datetime.now(timezone.utc), index=0)
+    meta = GuestMetadata(job_id="9", owner="bob", deadline=datetime.now(UTC), index=0)
     disks = GuestDisks(overlay="/g/root.qcow2", seed="/g/seed.iso", console_log="/g/c.log")
     root = ET.fromstring(domain_xml(plan(), disks, BootSource("/k/vmlinux"), meta,
                                     job_nic=JobNic("vtj00abcd", mac, 1450)))

@@ -1,8 +1,8 @@
 """IOcm decisions (pure): how many I/O cores a guest gets from its measured I/O rate, with hysteresis."""
 
 import pytest
-
 from conftest import FakeHost
+
 from vtorque.services.node_worker import iocm
 from vtorque.services.node_worker.iocm import Counters, Policy, State, decide, io_rate
 

@@ -10,8 +10,16 @@ from pathlib import Path
 import pytest
 
 from vtorque.services.node_worker.job_segment import (
-    FLOOD_MAC, JobSegments, Segment, SegmentError, check_endpoint, forwarding_commands, guard_commands,
-    segment_for, setup_commands)
+    FLOOD_MAC,
+    JobSegments,
+    Segment,
+    SegmentError,
+    check_endpoint,
+    forwarding_commands,
+    guard_commands,
+    segment_for,
+    setup_commands,
+)
 from vtorque.services.scheduler_bridge.planning import boot_commands
 from vtorque.shared import messages as m
 from vtorque.shared.job_network import VNI_MAX, VNI_MIN, guest_mac, job_vni

@@ -1,11 +1,18 @@
 """Domain XML and seed contents (pure), and the XML accepted by libvirt's test driver."""
 
 import xml.etree.ElementTree as ET
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
-from vtorque.services.node_worker.domain import QEMU_NS, BootSource, GuestDisks, GuestMetadata, domain_xml, parse_metadata
+from vtorque.services.node_worker.domain import (
+    QEMU_NS,
+    BootSource,
+    GuestDisks,
+    GuestMetadata,
+    domain_xml,
+    parse_metadata,
+)
 from vtorque.services.node_worker.seed import seed_files
 from vtorque.shared import messages as m
 
@@ -13,7 +20,7 @@ GUEST = m.GuestPlan(name="vt-7_srv-n1-0", node="n1", index=0, image="tiny", imag
                     ram_mib=256, cores=[3, 5], owner=m.Owner(user="bob", uid=1001, gid=1002),
                     ssh_authorized_keys=["ssh-ed25519 AAAAkey bob"])
 DISKS = GuestDisks(overlay="/g/vt/root.qcow2", seed="/g/vt/seed.iso", console_log="/g/vt/console.log")
-META = GuestMetadata(job_id="7.srv", owner="bob", deadline=datetime(2030, 1, 1, tzinfo=timezone.utc), index=0)
+META = GuestMetadata(job_id="7.srv", owner="bob", deadline=datetime(2030, 1, 1, tzinfo=UTC), index=0)
 
 
 def test_domain_carries_the_plan():

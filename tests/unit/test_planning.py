@@ -1,9 +1,9 @@
 import pytest
 
 from vtorque.services.scheduler_bridge.planning import PlanError, boot_commands, plan_guests
-from vtorque.shared.messages import domain_name
 from vtorque.shared import messages as m
 from vtorque.shared.config import Config, ImageEntry, ImagesConfig, SpecConfig
+from vtorque.shared.messages import domain_name
 from vtorque.shared.spec import SpecError, validate
 
 from .conftest import DIGEST

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import collections
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from types import SimpleNamespace
 
 import amqp.exceptions
@@ -82,7 +82,7 @@ def _xml(name: str, job: str, node: str, port: int) -> str:
     guest = m.GuestPlan(name=name, node=node, index=0, image="tiny", image_digest="a" * 64, vcpus=1, ram_mib=64,
                         cores=None, owner=m.Owner(user="bob", uid=1001, gid=1001), ssh_authorized_keys=["k"])
     port_field = {"ssh_port": port} if "ssh_port" in GuestMetadata.__dataclass_fields__ else {}
-    meta = GuestMetadata(job_id=job, owner="bob", deadline=datetime(2030, 1, 1, tzinfo=timezone.utc), index=0,
+    meta = GuestMetadata(job_id=job, owner="bob", deadline=datetime(2030, 1, 1, tzinfo=UTC), index=0,
                          node=node, **port_field)
     return domain_xml(guest, GuestDisks(overlay="/g/r.qcow2", seed="/g/s.iso", console_log="/g/c.log"),
                       BootSource(), meta)

@@ -1,9 +1,17 @@
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vtorque.shared.config import Config, ImageEntry, ImagesConfig, SpecConfig
-from vtorque.shared.spec import (KEYS, SpecError, help_table, parse_options, parse_size_mib, validate,
-                                 validate_user_metadata)
+from vtorque.shared.spec import (
+    KEYS,
+    SpecError,
+    help_table,
+    parse_options,
+    parse_size_mib,
+    validate,
+    validate_user_metadata,
+)
 
 
 def test_a_full_spec_parses(config):

@@ -5,11 +5,11 @@ import tomllib
 import msgspec
 import pytest
 
+from vtorque.services.image_stager.service import ProgressMeter
+from vtorque.shared.config import ImageEntry
 from vtorque.shared.image_catalog import facts_from_qemu_img, guess_distro, render_catalog, toml_value
 from vtorque.shared.image_fetch import parse_content_range, retry_delay, sniff_format
-from vtorque.services.image_stager.service import ProgressMeter
 from vtorque.shared.image_store import ImageUsage, job_file_name, parse_size, plan_eviction
-from vtorque.shared.config import ImageEntry
 
 G = 2**30
 

@@ -1,7 +1,7 @@
 """The Torque hook's pure parts: deadlines from $prologalarm, walltime, names, exit codes (hooks/torque.py)."""
 
 from collections import OrderedDict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -93,7 +93,7 @@ def test_unreadable_requeue_counter_counts_as_exhausted(tmp_path):
 
 
 def test_reason_text_says_what_happens_next():
-    when = datetime(2026, 11, 26, 0, 23, 1, tzinfo=timezone.utc)
+    when = datetime(2026, 11, 26, 0, 23, 1, tzinfo=UTC)
     abort = torque.reason_text("3.vm", "pexit1", torque.ABORT, "bad VM spec: -vm img: unknown", 1, 2, "vm", when)
     assert abort.splitlines()[0] == "vtorque: job 3.vm (pexit1) did not start: bad VM spec: -vm img: unknown"
     assert "not delivered" in abort and "vtorque trace 3.vm" in abort
@@ -104,7 +104,7 @@ def test_reason_text_says_what_happens_next():
 def test_the_final_reason_file_says_the_final_outcome():
     """Torque delivers the .o/.e of every requeued attempt: what vtorque writes last must not promise
     another start that will not come, nor say "did not start" of a job that started."""
-    when = datetime(2026, 11, 26, 0, 23, 1, tzinfo=timezone.utc)
+    when = datetime(2026, 11, 26, 0, 23, 1, tzinfo=UTC)
     requeue = torque.reason_text("4.vm", "j", torque.REQUEUE, "boot timeout", 2, 2, "vm", when)
     assert "not the job's end" in requeue
     last = torque.reason_text("4.vm", "j", torque.ABORT, "boot timeout", 3, 2, "vm", when)

@@ -3,16 +3,26 @@ memory placement in the guest definition. The host facts come from fake hosts (t
 the machine the tests run on."""
 
 import xml.etree.ElementTree as ET
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import libvirt
 import pytest
-
 from conftest import FakeHost
+
 from vtorque.services.node_worker import numa, vrdma
 from vtorque.services.node_worker.domain import BootSource, GuestDisks, GuestMetadata, domain_xml, parse_metadata
-from vtorque.services.node_worker.vrdma import (IVSHMEM, PVRDMA, SKVM, SRIOV, BACKENDS, Choice, IbDevice, Probe,
-                                                VrdmaUnavailable, choose)
+from vtorque.services.node_worker.vrdma import (
+    BACKENDS,
+    IVSHMEM,
+    PVRDMA,
+    SKVM,
+    SRIOV,
+    Choice,
+    IbDevice,
+    Probe,
+    VrdmaUnavailable,
+    choose,
+)
 from vtorque.shared import messages as m
 
 HELP = '''Network devices:
@@ -120,7 +130,7 @@ GUEST = m.GuestPlan(name="vt-9-n1-0", node="n1", index=0, image="tiny", image_di
                     ssh_authorized_keys=["k"], emulator_cores=[0], io_cores=[4, 5], iocm_min_cores=1,
                     iocm_max_cores=2, vrdma=True)
 DISKS = GuestDisks(overlay="/g/root.qcow2", seed="/g/seed.iso", console_log="/g/c.log")
-META = GuestMetadata(job_id="9", owner="bob", deadline=datetime(2030, 1, 1, tzinfo=timezone.utc), index=0)
+META = GuestMetadata(job_id="9", owner="bob", deadline=datetime(2030, 1, 1, tzinfo=UTC), index=0)
 
 
 def test_guest_definition_carries_the_chosen_backend_and_iocm_facts():
