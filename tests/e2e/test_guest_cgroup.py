@@ -305,6 +305,21 @@ def test_a_guest_cannot_write_its_ramdisk_beyond_the_jobs_memory(cgroup_slurm, c
     fs = subprocess.run(["stat", "-f", "-c", "%T", str(gdir)], capture_output=True, text=True).stdout.strip()
     assert fs == "tmpfs" and (gdir / "root.qcow2").is_file() and (gdir / "data.qcow2").is_file()
 
+    # Slurm gives the owner her step's cgroup directories (she may make cgroups in them), but not the guest: QEMU
+    # is libvirt-qemu's process, and the kernel lets no one else move it out of the job's cgroup.
+    step = task.parent
+    assert step.stat().st_uid == attacker.uid
+    escape = step / f"escape{uuid.uuid4().hex[:4]}"
+    assert attacker.run("mkdir", str(escape)).returncode == 0
+    try:
+        for target in (escape / "cgroup.procs", CGROUP / "memory" / "cgroup.procs",
+                       CGROUP / "freezer" / wanted["freezer"] / "cgroup.procs"):
+            moved = attacker.run("sh", "-c", f"echo {pid} > {target}")
+            assert moved.returncode != 0, target
+        assert job_cgroup.placed(pid)["memory"] == wanted["memory"]
+    finally:
+        escape.rmdir()
+
     # Her home is on the guest's root disk, whose overlay is in node memory.
     write = _as(attacker, ssh_argv(key, sock, attacker.name, "dd if=/dev/zero of=$HOME/fill bs=1M count=110; sync"), 600)
     _wait("the guest outlived its job's memory limit", lambda: not cg_site.worker.hv.is_active(guest.name), 60)
