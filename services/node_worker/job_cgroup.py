@@ -146,7 +146,7 @@ def move(pid: int, paths: dict[str, str], root: str = "/sys/fs/cgroup") -> list[
     missing = sorted(c for c, t in targets.items() if not t.is_file())
     if missing:
         return missing
-    for controller, target in sorted(targets.items()):
+    for _controller, target in sorted(targets.items()):
         fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
         try:
             os.write(fd, f"{pid}\n".encode())
