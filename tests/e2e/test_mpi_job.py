@@ -27,6 +27,8 @@ RANKS = 4
 MPI_JOB = f"""#!/bin/sh
 #PBS -N mpi
 echo "nodefile: $(tr '\\n' ' ' < "$PBS_NODEFILE")"
+echo "ssh-dir: $(ls -A ~/.ssh | tr '\\n' ' ')"
+echo "agent: ${{SSH_AUTH_SOCK:+forwarded}}"
 # This stack's tests submit as root (allow_system_owners), and Open MPI refuses root without both of these.
 [ "$(id -u)" != 0 ] || export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 mpirun --hostfile "$PBS_NODEFILE" --map-by node --oversubscribe -n {RANKS} /usr/local/bin/vt-mpi-hello
@@ -74,6 +76,8 @@ def test_an_mpi_program_runs_across_the_jobs_two_guests(slurm):
     assert len(set(guests)) == 2, report
     # Ranks ran in both guests: mpirun in guest 0 reached guest 1 over the job network.
     assert set(ranks.values()) == set(guests), report
+    # ... with the launcher's forwarded agent, and no private key in the guest: only the job's public key
+    assert "agent: forwarded" in out and "ssh-dir: authorized_keys \n" in out, report
     assert f"VT-MPI allreduce-sum={RANKS * (RANKS + 1) // 2} expected={RANKS * (RANKS + 1) // 2}" in out, report
     assert slurm.exit_code(job_id) == 0, report
     assert vtorque_leftovers(job_id) == ([], [])
