@@ -316,9 +316,9 @@ def boot_bare(guest_dir, workdir, *, conn=None, memory_mib=128, vcpus=1, timeout
             try:
                 if not dom.isActive():
                     raise BootError("domain stopped during boot", {**timings, **seen})
-            except libvirt.libvirtError:
+            except libvirt.libvirtError as exc:
                 raise BootError("domain vanished during boot (kernel panic?)",
-                                {**timings, **seen})
+                                {**timings, **seen}) from exc
             time.sleep(0.02)
         timings.update(seen)
         if "guest_ready_s" not in seen or "t" not in banner:

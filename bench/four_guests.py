@@ -35,8 +35,12 @@ GUEST_DIR = "/var/cache/vtorque/testguest"
 
 def four_bare(bare_boot, workdir: str) -> float:
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        runs = [pool.submit(bare_boot.boot_bare, GUEST_DIR, workdir, virtio_rng=True, name=f"vtbench4-{i}-{uuid.uuid4().hex[:6]}")
-                for i in range(4)]
+        runs = [
+            pool.submit(
+                bare_boot.boot_bare, GUEST_DIR, workdir, virtio_rng=True, name=f"vtbench4-{i}-{uuid.uuid4().hex[:6]}"
+            )
+            for i in range(4)
+        ]
         results = [r.result() for r in runs]
     # Each run's banner time is from its own createXML, started together: the batch ends at the slowest one.
     return max(r["ssh_banner_s"] for r in results)

@@ -94,7 +94,9 @@ class OwnBroker:
             except subprocess.CalledProcessError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     self.stop()
-                    raise RuntimeError(f"RabbitMQ did not start: {(self.dir / 'server.out').read_text()[-2000:]}")
+                    raise RuntimeError(
+                        f"RabbitMQ did not start: {(self.dir / 'server.out').read_text()[-2000:]}"
+                    ) from None
                 time.sleep(1)
 
     def ctl(self, *args: str, timeout: float = 120) -> str:
@@ -466,8 +468,11 @@ def main(argv=None) -> int:
                                           stdout=open(bridge_log, "w"), stderr=subprocess.STDOUT))
             wait_for_line(bridge_log, "consuming", procs[-1], 60)
             publisher = Publisher(url)
-            print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, {platform.platform()}; "
-                  f"RabbitMQ {broker.ctl('eval', 'rabbit_misc:version().').strip()} (a node of this run's own)", flush=True)
+            print(
+                f"machine: {platform.node()}, {os.cpu_count()} CPUs, {platform.platform()}; "
+                f"RabbitMQ {broker.ctl('eval', 'rabbit_misc:version().').strip()} (a node of this run's own)",
+                flush=True,
+            )
 
             growth = per_node_growth(config, url, root)
             print("(d) one node, per operation:", json.dumps(growth), flush=True)
@@ -546,9 +551,15 @@ def report(rounds, sizes, growth, boot_size, depths, args, by_size) -> None:
     line(f"raw: {n} × {boot_size} B, no confirms, s", "raw_big_none")
     line(f"raw: {n} × {boot_size} B, confirms awaited once, s", "raw_big_batch")
     line(f"bridge: JobStarted → last of {n} BootGuests delivered, s", "bridge")
-    for label, key in (("1 KiB none", "raw_none"), ("1 KiB batch", "raw_batch"), ("same bytes, batch", "raw_big_batch")):
+    for label, key in (
+        ("1 KiB none", "raw_none"),
+        ("1 KiB batch", "raw_batch"),
+        ("same bytes, batch", "raw_big_batch"),
+    ):
         ratios = [r[key] / r["bridge"] for r in rounds]
-        print(f"| bridge ÷ raw ({label}) | " + " | ".join(f"{v:.2f}" for v in ratios) + f" | **{median(ratios):.2f}** |")
+        print(
+            f"| bridge ÷ raw ({label}) | " + " | ".join(f"{v:.2f}" for v in ratios) + f" | **{median(ratios):.2f}** |"
+        )
     line(f"heartbeats: {BURST * n} published at once, s", "beats_publish")
     line(f"heartbeats: {BURST * n} published → bridge's queue empty, s", "beats_drained")
     rates = [BURST * n / r["beats_drained"] for r in rounds]

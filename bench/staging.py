@@ -18,6 +18,7 @@ Prints a Markdown table (the one in docs/benchmarks.md). Everything it writes is
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
 import platform
@@ -69,6 +70,13 @@ def _sha256(path: Path) -> str:
         while chunk := fh.read(16 * MiB):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _overlay(store: ImageStore, src: Path, digest: str, gdir: Path) -> None:
+    staged = store.stage(src, digest)  # what the stager answers: a cache hit
+    leases.take(staged.path, gdir, "bench")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(staged.path),
+                    str(gdir / "root.qcow2")], check=True, capture_output=True)
 
 
 def timed(fn) -> float:
@@ -138,17 +146,11 @@ def warm(work: Path, sizes: list[int], reps: int) -> dict[int, dict[str, list[fl
             gdir = guests / f"g-{size}-{i}"
             gdir.mkdir(parents=True)
 
-            def overlay():
-                staged = store.stage(src, digest)  # what the stager answers: a cache hit
-                leases.take(staged.path, gdir, "bench")
-                subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(staged.path),
-                                str(gdir / "root.qcow2")], check=True, capture_output=True)
-
-            out[size]["overlay"].append(timed(overlay))
+            out[size]["overlay"].append(timed(functools.partial(_overlay, store, src, digest, gdir)))
             disks.remove(guests, gdir.name)
             base = store.path(digest)
             out[size]["prepare"].append(
-                timed(lambda: disks.prepare(guests, f"p-{size}-{i}", "bench", base, "raw", seed)))
+                timed(functools.partial(disks.prepare, guests, f"p-{size}-{i}", "bench", base, "raw", seed)))
             disks.remove(guests, f"p-{size}-{i}")
     for size, (src, _) in images.items():
         src.unlink()
@@ -207,7 +209,9 @@ def main() -> int:
         sizes = [parse_size(s) for s in args.warm_sizes.split(",")]
         out = warm(work, sizes, args.warm)
         print(f"Warm path, image in the store → guest disk ({args.warm} each; sparse raw images):\n")
-        print("| image | stage hit + lease + overlay: median | p95 | max | disks.prepare (overlay + seed ISO): median |")
+        print(
+            "| image | stage hit + lease + overlay: median | p95 | max | disks.prepare (overlay + seed ISO): median |"
+        )
         print("|---|---|---|---|---|")
         for size, t in out.items():
             o = sorted(t["overlay"])

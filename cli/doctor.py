@@ -73,7 +73,7 @@ def broker_user_differences(vhost: str, permissions: list[list[str]], topic_perm
             continue
         want = topology.broker_permissions(role, node)
         for what, have, should in zip(("configure", "write", "read"), given.get(user, ("", "", "")),
-                                      (want.configure, want.write, want.read)):
+                                      (want.configure, want.write, want.read), strict=True):
             if have != should:
                 wrong.append(f"{user} {what} is {have or 'unset'!r}, the topology gives {should!r}")
         for exchange in sorted(set(want.topics) | set(topics.get(user, {}))):

@@ -21,7 +21,7 @@ def _config() -> Config:
     try:
         return load_config()
     except ConfigError as exc:
-        raise click.ClickException(str(exc))
+        raise click.ClickException(str(exc)) from exc
 
 
 def _root_only(what: str) -> None:
@@ -35,7 +35,7 @@ def _file_entries(config: Config) -> dict[str, ImageEntry]:
     try:
         return read_catalog_file(config.images.catalog_file)
     except ConfigError as exc:
-        raise click.ClickException(str(exc))
+        raise click.ClickException(str(exc)) from exc
 
 
 def _mib(n: int | None) -> str:
@@ -113,7 +113,8 @@ def list_images(as_json: bool) -> None:
                       _when(d.get("last_used")), d["sha256"][:12], d["source"]))
     widths = [max(len(str(row[i])) for row in table) for i in range(len(table[0]) - 1)]
     for row in table:
-        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) + "  " + str(row[-1]))
+        # widths has no entry for the last column: it is not padded
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + str(row[-1]))
 
 
 @images.command()
@@ -124,7 +125,9 @@ def show(name: str, as_json: bool) -> None:
     config = _config()
     entry = config.images.catalog.get(name)
     if entry is None:
-        raise click.ClickException(f"no image {name!r} in the catalog; images: {', '.join(sorted(config.images.catalog)) or '(none)'}")
+        raise click.ClickException(
+            f"no image {name!r} in the catalog; images: {', '.join(sorted(config.images.catalog)) or '(none)'}"
+        )
     import msgspec
 
     doc = {"name": name, **msgspec.to_builtins(entry),
@@ -166,7 +169,7 @@ def _inspect(source: str, sha256: str | None, fmt: str | None):
     try:
         return inspect(source, sha256=sha256, fmt=fmt, progress=progress)
     except CatalogError as exc:
-        raise click.ClickException(str(exc))
+        raise click.ClickException(str(exc)) from exc
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
@@ -186,16 +189,21 @@ def _entry(facts, source: str, convert_to: str | None, **fields) -> ImageEntry:
     try:
         return make_entry(facts, source, **fields)
     except Exception as exc:  # noqa: BLE001 - msgspec names the bad field
-        raise click.ClickException(f"bad catalog entry: {exc}")
+        raise click.ClickException(f"bad catalog entry: {exc}") from exc
 
 
 _entry_options = [
-    click.option("--distro", help="Guest flavour (debian, ubuntu, redhat, centos, osv); default: guessed from the names."),
+    click.option(
+        "--distro", help="Guest flavour (debian, ubuntu, redhat, centos, osv); default: guessed from the names."
+    ),
     click.option("--kernel", help="Kernel for direct boot (the image then needs no boot loader)."),
     click.option("--initrd", help="Initramfs for direct boot."),
     click.option("--cmdline", help="Kernel command line for direct boot."),
-    click.option("--convert-to", type=click.Choice(["qcow2", "raw"]),
-                 help="Store the image in this format (the stager converts it with qemu-img)."),
+    click.option(
+        "--convert-to",
+        type=click.Choice(["qcow2", "raw"]),
+        help="Store the image in this format (the stager converts it with qemu-img).",
+    ),
     click.option("--compress", is_flag=True, default=None, help="Store it as a compressed qcow2."),
 ]
 
@@ -320,7 +328,7 @@ def pull(name: str, timeout: float) -> None:
                              timeout=config.broker.connect_timeout,
                              prefix=topology.prefix(topology.PULL_Q))
     except Exception as exc:  # noqa: BLE001 - one line, not a traceback
-        raise click.ClickException(f"cannot reach the broker: {exc}")
+        raise click.ClickException(f"cannot reach the broker: {exc}") from exc
     publisher = Publisher(url)
     bar = None
     started = time.monotonic()

@@ -88,7 +88,7 @@ def _launch(ssh_key: str, traceparent: str | None, wait: float, vm_prologue: str
     try:
         config = load_config()
     except ConfigError as exc:
-        raise click.ClickException(str(exc))
+        raise click.ClickException(str(exc)) from exc
     if os.environ.get("SLURM_JOB_ID"):
         # On Slurm a VM job the prologue did not start still runs this batch step (hooks/slurm.py): its
         # Comment says why, and that one line goes to the job's own error file.
@@ -134,7 +134,7 @@ def _read_own(path: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise click.ClickException(f"cannot read {path}: {exc.strerror}")
+        raise click.ClickException(f"cannot read {path}: {exc.strerror}") from exc
 
 
 def _run_in_guest(what: str, argv: list[str], script: bytes, guest: dict, env: dict | None = None) -> int:

@@ -30,7 +30,7 @@ def _config():
     try:
         return load_config()
     except ConfigError as exc:
-        raise click.ClickException(str(exc))
+        raise click.ClickException(str(exc)) from exc
 
 
 def _close_inherited_fds() -> None:
@@ -59,7 +59,7 @@ def run(service: str) -> None:
     try:  # this service's own broker user (shared/topology.py), when the site has one per part
         config = load_config(role={"node-worker": "node"}.get(service, service))
     except ConfigError as exc:
-        raise click.ClickException(str(exc))
+        raise click.ClickException(str(exc)) from exc
     setup_logging(f"vtorque-{service}", config.log_level)
     tracing.setup_tracing(f"vtorque-{service}", config.tracing)
     url = config.broker.connection_url()
@@ -70,7 +70,7 @@ def run(service: str) -> None:
     try:
         run_service(_service_object(SERVICE_CLASSES[service])(config, publisher), config)
     except ValueError as exc:  # a configuration its background tasks cannot run with
-        raise click.ClickException(str(exc))
+        raise click.ClickException(str(exc)) from exc
     finally:
         publisher.close_all()
         tracing.shutdown_tracing()
@@ -101,7 +101,7 @@ def _job_spans(config, job_id: str):
         try:
             spans = jaeger_job_spans(config.tracing.query_endpoint, job_id)
         except QueryError as exc:
-            raise click.ClickException(str(exc))
+            raise click.ClickException(str(exc)) from exc
         where = config.tracing.query_endpoint
     else:
         spans, where = job_spans(load(config.tracing.dir), job_id), config.tracing.dir
@@ -171,9 +171,9 @@ def nodes(as_json: bool) -> None:
     try:
         beats = latest_per_node(read_heartbeats(config.broker.connection_url(), config.broker.connect_timeout))
     except ConfigError as exc:
-        raise click.ClickException(str(exc))
+        raise click.ClickException(str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - the broker's own errors vary by transport
-        raise click.ClickException(f"broker {config.broker.url}: {exc}")
+        raise click.ClickException(f"broker {config.broker.url}: {exc}") from exc
     if as_json:
         for b in beats:
             click.echo(m.encode(b).decode())
@@ -219,7 +219,7 @@ def install_hooks(torque_home: str | None, uninstall: bool) -> None:
     try:
         actions = remove(home) if uninstall else install(home)
     except (InstallError, OSError) as exc:
-        raise click.ClickException(str(exc))
+        raise click.ClickException(str(exc)) from exc
     for action in actions:
         click.echo(f"{home / 'mom_priv' / action.hook}: {action.what}")
     if not actions:

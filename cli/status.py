@@ -232,7 +232,9 @@ def render_status(st: JobStatus) -> str:
         head += f", exit code {st.exit_code}"
     sched = st.scheduler or {}
     if sched:
-        head += f"  ({sched['kind']}: {sched['raw_state']}" + (f", {sched['reason']}" if sched.get("reason") else "") + ")"
+        head += (
+            f"  ({sched['kind']}: {sched['raw_state']}" + (f", {sched['reason']}" if sched.get("reason") else "") + ")"
+        )
     else:
         head += "  (from the trace)"
     if st.trace_ids:
@@ -265,7 +267,9 @@ def render_nodes(beats: list, now=None) -> str:
     from vtorque.shared.node_registry import is_stale
 
     now = now or utcnow()
-    out = [f"{'node':<20} {'state':<6} {'cores':>5} {'mem free':>9} {'guests':>6} {'accel':<5} {'seen':>6}  capabilities"]
+    out = [
+        f"{'node':<20} {'state':<6} {'cores':>5} {'mem free':>9} {'guests':>6} {'accel':<5} {'seen':>6}  capabilities"
+    ]
     for b in beats:
         age = (now - b.created_at).total_seconds()
         state = "stale" if is_stale(b, now) else "up"

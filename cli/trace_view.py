@@ -64,17 +64,27 @@ def parse_lines(lines) -> list[SpanRow]:
             res = {a["key"]: _value(a["value"]) for a in rs.get("resource", {}).get("attributes", [])}
             for ss in rs.get("scopeSpans", []):
                 for s in ss.get("spans", []):
-                    rows.append(SpanRow(
-                        trace_id=s.get("traceId", ""), span_id=s.get("spanId", ""),
-                        parent_id=s.get("parentSpanId", ""), service=str(res.get("service.name", "?")),
-                        name=s.get("name", ""), kind=s.get("kind", "SPAN_KIND_INTERNAL").replace("SPAN_KIND_", "").lower(),
-                        start_ns=int(s.get("startTimeUnixNano", 0)), end_ns=int(s.get("endTimeUnixNano", 0)),
-                        status=s.get("status", {}).get("code", "STATUS_CODE_UNSET").replace("STATUS_CODE_", "").lower(),
-                        status_message=s.get("status", {}).get("message", ""),
-                        attributes={a["key"]: _value(a["value"]) for a in s.get("attributes", [])},
-                        links=len(s.get("links", [])),
-                        link_ids=[f"{ln.get('traceId', '')}:{ln.get('spanId', '')}" for ln in s.get("links", [])],
-                        resource=res))
+                    rows.append(
+                        SpanRow(
+                            trace_id=s.get("traceId", ""),
+                            span_id=s.get("spanId", ""),
+                            parent_id=s.get("parentSpanId", ""),
+                            service=str(res.get("service.name", "?")),
+                            name=s.get("name", ""),
+                            kind=s.get("kind", "SPAN_KIND_INTERNAL").replace("SPAN_KIND_", "").lower(),
+                            start_ns=int(s.get("startTimeUnixNano", 0)),
+                            end_ns=int(s.get("endTimeUnixNano", 0)),
+                            status=s.get("status", {})
+                            .get("code", "STATUS_CODE_UNSET")
+                            .replace("STATUS_CODE_", "")
+                            .lower(),
+                            status_message=s.get("status", {}).get("message", ""),
+                            attributes={a["key"]: _value(a["value"]) for a in s.get("attributes", [])},
+                            links=len(s.get("links", [])),
+                            link_ids=[f"{ln.get('traceId', '')}:{ln.get('spanId', '')}" for ln in s.get("links", [])],
+                            resource=res,
+                        )
+                    )
     return rows
 
 
@@ -271,7 +281,9 @@ def render_phases(spans: list[SpanRow]) -> str:
         if p.start_ns is None:
             out.append(f"{name:<32} {'-':>8} {'-':>9}  {'':<6} not in the trace")
             continue
-        out.append(f"{name:<32} {(p.start_ns - t0) / 1e9:7.2f}s {p.duration_s:8.2f}s  {p.status:<6} {p.detail}".rstrip())
+        out.append(
+            f"{name:<32} {(p.start_ns - t0) / 1e9:7.2f}s {p.duration_s:8.2f}s  {p.status:<6} {p.detail}".rstrip()
+        )
     total = (max(s.end_ns for s in spans) - t0) / 1e9
     out.append(f"{'total (submit to last span)':<32} {'':>8} {total:8.2f}s")
     return "\n".join(out)
@@ -310,6 +322,8 @@ def waterfall(spans: list[SpanRow], width: int = 40, plumbing: bool = True) -> s
         name = ("  " * depth(s) + s.name)[:42]
         bar = f"{' ' * a}{'█' * (b - a)}"
         reason = f"{' ' * (width - b)}  {s.status_message}" if s.status == "error" and s.status_message else ""
-        out.append(f"{s.service[:19]:<19} {name:<42} {(s.start_ns - t0) / 1e9:7.2f}s {(s.end_ns - s.start_ns) / 1e9:8.3f}s "
-                   f"{s.status:<6} {bar}{reason}")
+        out.append(
+            f"{s.service[:19]:<19} {name:<42} {(s.start_ns - t0) / 1e9:7.2f}s {(s.end_ns - s.start_ns) / 1e9:8.3f}s "
+            f"{s.status:<6} {bar}{reason}"
+        )
     return "\n".join(out)

@@ -146,7 +146,7 @@ def job_context(env, header: JobHeader, tools: Slurm | None = None, show_job_tex
                     group=env.get("SLURM_JOB_GROUP"))
     return JobContext(scheduler="slurm", job_id=env["SLURM_JOB_ID"], owner=owner,
                       nodes=[m.NodeAllocation(host=h, ncpus=c, cores=cores.get(h) or None)
-                             for h, c in zip(hosts, cpus)],
+                             for h, c in zip(hosts, cpus, strict=True)],
                       header=header)
 
 

@@ -291,7 +291,7 @@ class Publisher:
             # A command waits in its queue for a consumer that has not started yet: never dropped unrouted.
             ensure_queues(producer.channel, missing.values())
             local.declared.update(missing)
-        for message, (exchange, routing_key) in zip(messages, routes):
+        for message, (exchange, routing_key) in zip(messages, routes, strict=True):
             with tracing.publish_span(message, exchange, routing_key) as headers:
                 producer.publish(
                     m.encode(message), exchange=exchange, routing_key=routing_key, headers=headers,

@@ -73,7 +73,7 @@ class BrokerConfig(_Section):
         try:
             creds = Path(self.credentials_file).read_text().strip()
         except OSError as exc:
-            raise ConfigError(f"broker.credentials_file: cannot read {self.credentials_file}: {exc.strerror}")
+            raise ConfigError(f"broker.credentials_file: cannot read {self.credentials_file}: {exc.strerror}") from exc
         if ":" not in creds:
             raise ConfigError("broker.credentials_file: expected one line 'user:password'")
         scheme, _, rest = self.url.partition("://")
@@ -327,11 +327,11 @@ def _load_config(path: str | None, env: Mapping[str, str] | None) -> Config:
             data = tomllib.load(fh)
     except FileNotFoundError:
         if "VTORQUE_CONFIG" in env or path != DEFAULT_PATH:
-            raise ConfigError(f"{path}: no such file")
+            raise ConfigError(f"{path}: no such file") from None
     except OSError as exc:
-        raise ConfigError(f"{path}: {exc.strerror}")
+        raise ConfigError(f"{path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}")
+        raise ConfigError(f"{path}: {exc}") from exc
     _apply_env(data, env)
     _refuse_moved_keys(data, name)
     file_entries = _merge_catalog_file(data, path)
@@ -379,9 +379,9 @@ def read_catalog_file(path: str) -> dict[str, ImageEntry]:
     except FileNotFoundError:
         return {}
     except OSError as exc:
-        raise ConfigError(f"{path}: {exc.strerror}")
+        raise ConfigError(f"{path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}")
+        raise ConfigError(f"{path}: {exc}") from exc
     images = data.pop("images", {})
     if data or not isinstance(images, dict) or set(images) - {"catalog"}:
         raise ConfigError(f"{name}: holds only [images.catalog.NAME] tables")

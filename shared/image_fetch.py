@@ -225,7 +225,7 @@ def _hash_range(h, fd: int, offset: int, length: int) -> None:
         while pos < offset + length:
             data = os.pread(fd, min(8 * 1024 * 1024, offset + length - pos), pos)
             if not data:
-                raise FetchError("short read while hashing")
+                raise FetchError("short read while hashing") from None
             h.update(data)
             pos += len(data)
         return

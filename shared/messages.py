@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, TypeAlias, get_args
 
 import msgspec
 
@@ -291,12 +291,12 @@ class TeardownGuests(Command, frozen=True):
     node: NodeName
 
 
-AnyMessage = Union[
-    JobStarted, JobEnded, JobPlanned, JobRejected, ImageStaged, ImageStageFailed, GuestReady, GuestFailed,
-    GuestsTornDown, CommandExpired, StageImage, BootGuests, TeardownGuests, NodeHeartbeat,
-    ImageStagingProgress, ImageStageCancelled, JobQueued, JobDeleted,
-]
-MESSAGE_TYPES: tuple[type[Message], ...] = AnyMessage.__args__  # type: ignore[attr-defined]
+AnyMessage: TypeAlias = (
+    JobStarted | JobEnded | JobPlanned | JobRejected | ImageStaged | ImageStageFailed | GuestReady | GuestFailed
+    | GuestsTornDown | CommandExpired | StageImage | BootGuests | TeardownGuests | NodeHeartbeat
+    | ImageStagingProgress | ImageStageCancelled | JobQueued | JobDeleted
+)
+MESSAGE_TYPES: tuple[type[Message], ...] = get_args(AnyMessage)
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(AnyMessage)

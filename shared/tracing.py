@@ -328,7 +328,9 @@ def process_span(message, queue: str, routing_key: str, headers: Mapping | None,
 
 def mark_error(span: trace.Span, exc: BaseException | str) -> None:
     """ERROR with the reason (an exception: its text, recorded as an event, and error.type)."""
-    span.set_status(Status(StatusCode.ERROR, str(exc) or (type(exc).__name__ if isinstance(exc, BaseException) else "error")))
+    span.set_status(
+        Status(StatusCode.ERROR, str(exc) or (type(exc).__name__ if isinstance(exc, BaseException) else "error"))
+    )
     if isinstance(exc, BaseException):
         span.record_exception(exc)
         span.set_attribute("error.type", type(exc).__name__)

@@ -332,7 +332,11 @@ class TestSite:
             "images": {"store": str(self.root / "images")},
             "spec": {"host_reserve_cores": 0, "host_reserve_ram": "0M"},
             # the ramdisk root too: a test never makes the real /dev/shm/vtorque
-            "node": {"name": self.node, "guest_dir": str(self.root / "guests"), "ramdisk_dir": str(self.root / "shm/guests")},
+            "node": {
+                "name": self.node,
+                "guest_dir": str(self.root / "guests"),
+                "ramdisk_dir": str(self.root / "shm/guests"),
+            },
             # No scheduler answers for a test's jobs unless the test says which (see fake_scheduler).
             # The bridge's check of job events against the scheduler is off here; its own tests turn it on.
             "scheduler": {"kind": "slurm", "bin_dir": str(self.root / "no-scheduler"), "verify_jobs": False},
@@ -462,7 +466,7 @@ class FakeHost:
             (sysfs / "kernel/iommu_groups/7").mkdir()
             dev = sysfs / "class/infiniband/mlx5_0"
             pci = sysfs / "devices/pci0000:00"
-            for vf, addr in ((0, "0000:03:00.1"), (1, "0000:03:00.2")):
+            for addr in ("0000:03:00.1", "0000:03:00.2"):  # VFs 0 and 1
                 (pci / addr).mkdir(parents=True)
             (dev / "device/net/ens3f0").mkdir(parents=True)
             (dev / "ports/1").mkdir(parents=True)

@@ -274,7 +274,9 @@ class NodeWorker(Service):
                 ready: Readiness = wait_ready(files.console_log, ssh_socket,
                                               lambda: self.hv.is_active(guest.name), deadline)
                 if ready.kernel_up:
-                    span.add_event("kernel up", timestamp=time.time_ns() - int((time.monotonic() - ready.kernel_up) * 1e9))
+                    span.add_event(
+                        "kernel up", timestamp=time.time_ns() - int((time.monotonic() - ready.kernel_up) * 1e9)
+                    )
         except BaseException:
             self.hv.remove(guest.name)
             self._remove_disks(guest.name)
@@ -426,8 +428,10 @@ class NodeWorker(Service):
         names = [name for name, meta in self.hv.vtorque_domains().items()
                  if meta.get("job") == job_id and meta.get("node", self.node) == self.node]
         # Side by side: each QEMU takes a while to stop, and the node's queue waits for this teardown.
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(names)), thread_name_prefix="destroy") as pool:
-            outcomes = dict(zip(names, pool.map(self._remove_domain, names)))
+        with concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, len(names)), thread_name_prefix="destroy"
+        ) as pool:
+            outcomes = dict(zip(names, pool.map(self._remove_domain, names), strict=True))
         failed = {name: why for name, why in outcomes.items() if why}
         removed = sorted(name for name in names if name not in failed)
         named = {name for name in names if trust.GUEST_NAME.match(name)}  # only such names are paths of ours

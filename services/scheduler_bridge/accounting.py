@@ -287,6 +287,15 @@ class TorquePrefetch(_Prefetcher):
     def _header(self, job_id: str) -> JobHeader | None:
         return read_header(torque_job_script(self.torque_home, job_id))
 
+    def _vm_probe(self, headers: dict[str, JobHeader]):
+        """The book's is_vm for one record: a job is a VM job when its script has a header, kept in `headers`."""
+        def is_vm(job_id: str) -> bool:
+            header = self._header(job_id)
+            if header is not None:
+                headers[job_id] = header
+            return header is not None
+        return is_vm
+
     def _state(self) -> dict:
         c = self.follower.cursor
         return {"scheduler": "torque", "file": c.file, "offset": c.offset, "inode": c.inode,
@@ -314,13 +323,9 @@ class TorquePrefetch(_Prefetcher):
         acted = 0
         pending_save = False
         for rec, cursor in self.follower.read_new():
-            headers: dict[str, JobHeader | None] = {}
+            headers: dict[str, JobHeader] = {}
             if rec is not None:
-                def is_vm(job_id: str) -> bool:
-                    headers[job_id] = self._header(job_id)
-                    return headers[job_id] is not None
-
-                for action in self.book.on_record(rec, is_vm):
+                for action in self.book.on_record(rec, self._vm_probe(headers)):
                     key = f"{cursor.file}:{cursor.offset}"
                     if action.kind == "queued":
                         self._queued(action.job_id, headers[action.job_id], key)

@@ -103,7 +103,7 @@ class Project:
 
     def logs(self) -> str:
         out = []
-        for service, names in sorted(self.containers().items()):
+        for _service, names in sorted(self.containers().items()):
             for cname in names:
                 got = self.podman("logs", "--tail", "30", cname, check=False)  # the services log on stderr
                 out.append(f"--- {cname}\n" + (got.stdout + got.stderr)[-4000:])

@@ -46,7 +46,7 @@ def test_a_vm_job_runs_in_its_guest_and_leaves_nothing(slurm):
     out = (slurm.workdir / f"marker.o{job_id}").read_text()
     err = (slurm.workdir / f"marker.e{job_id}").read_text()
     assert "MARKER-LINE-e2e" in out
-    release = next(l.split("=", 1)[1] for l in out.splitlines() if l.startswith("release="))
+    release = next(x.split("=", 1)[1] for x in out.splitlines() if x.startswith("release="))
     assert release and release != os.uname().release  # the guest's kernel, not the host's
     assert "cpus=2" in out  # vcpus=2 reached the guest
     assert "to-stderr" in err

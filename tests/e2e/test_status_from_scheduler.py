@@ -65,7 +65,9 @@ def test_a_job_that_exits_3_is_failed_with_exit_code_3(slurm):
     assert re.search(r"\bpublish vtorque\.events\b", full) and re.search(r"\bprocess vtorque\.bridge\b", full)
 
     # Every span ends with a real status.
-    spans = [json.loads(l) for l in slurm.run("vtorque", "trace", "--json", job_id, check=True).stdout.splitlines()]
+    spans = [
+        json.loads(line) for line in slurm.run("vtorque", "trace", "--json", job_id, check=True).stdout.splitlines()
+    ]
     assert {s["status"] for s in spans} <= {"ok", "error"}, [(s["service"], s["name"]) for s in spans
                                                              if s["status"] not in ("ok", "error")]
     assert all(s["status_message"] for s in spans if s["status"] == "error")

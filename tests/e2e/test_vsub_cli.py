@@ -35,14 +35,25 @@ def keys():
 
 
 BAD = [
-    ("img=tiny,vcpus=abc", "vcpus"), ("img=tiny,vcpus=3", "vcpus"), ("img=nosuch", "img"),
-    ("img=../../etc/passwd", "img"), ("img=tiny,colour=red", "colour"),
-    ("img=tiny,ram=3G", "ram"), ("img=tiny,distro=dos", "distro"), ("img=tiny,arch=sparc", "arch"),
-    ("img=tiny,vcpu_pinning=sometimes", "vcpu_pinning"), ("img=tiny,vms_per_node=99", "vms_per_node"),
-    ("img=tiny,vm_prologue=/etc/passwd", "vm_prologue"), ("img=tiny,vm_epilogue=missing.sh", "vm_epilogue"),
-    ("img=tiny,vrdma=perhaps", "vrdma"), ("img=tiny,iocm=true,iocm_max_cores=9", "iocm_max_cores"),
-    ("img=tiny,iocm_min_cores=1", "iocm_min_cores"), ("img=tiny,fs_type=tape", "fs_type"),
-    ("img=tiny,disk=1000G", "disk"), ("img=tiny,disk=/etc/shadow.img", "disk"), ("img=tiny,metadata=/etc/x.yaml", "metadata"),
+    ("img=tiny,vcpus=abc", "vcpus"),
+    ("img=tiny,vcpus=3", "vcpus"),
+    ("img=nosuch", "img"),
+    ("img=../../etc/passwd", "img"),
+    ("img=tiny,colour=red", "colour"),
+    ("img=tiny,ram=3G", "ram"),
+    ("img=tiny,distro=dos", "distro"),
+    ("img=tiny,arch=sparc", "arch"),
+    ("img=tiny,vcpu_pinning=sometimes", "vcpu_pinning"),
+    ("img=tiny,vms_per_node=99", "vms_per_node"),
+    ("img=tiny,vm_prologue=/etc/passwd", "vm_prologue"),
+    ("img=tiny,vm_epilogue=missing.sh", "vm_epilogue"),
+    ("img=tiny,vrdma=perhaps", "vrdma"),
+    ("img=tiny,iocm=true,iocm_max_cores=9", "iocm_max_cores"),
+    ("img=tiny,iocm_min_cores=1", "iocm_min_cores"),
+    ("img=tiny,fs_type=tape", "fs_type"),
+    ("img=tiny,disk=1000G", "disk"),
+    ("img=tiny,disk=/etc/shadow.img", "disk"),
+    ("img=tiny,metadata=/etc/x.yaml", "metadata"),
     ("", "-vm"),
 ]
 

@@ -66,7 +66,7 @@ def test_a_command_survives_a_consumer_killed_before_its_ack(broker_url, node_na
         second.terminate()
         second.wait(10)
     lines = log.read_text().splitlines()
-    assert [l.split()[1] for l in lines] == ["applied", "already-done"]  # redelivered, effect once
+    assert [line.split()[1] for line in lines] == ["applied", "already-done"]  # redelivered, effect once
     publisher.close()
 
 
@@ -131,7 +131,7 @@ def test_the_trace_context_crosses_the_broker(broker_url, node_name, spans):
     consumer = next(s for s in finished if s.kind is SpanKind.CONSUMER)
     assert consumer.parent.span_id == producer.context.span_id
     assert consumer.context.trace_id == producer.context.trace_id
-    assert [l.context.span_id for l in consumer.links] == [producer.context.span_id]
+    assert [link.context.span_id for link in consumer.links] == [producer.context.span_id]
     for span in (producer, consumer):
         assert span.attributes["messaging.system"] == "rabbitmq"
         assert span.attributes["pbs.job_id"] == "77.srv"

@@ -98,7 +98,9 @@ def test_pinning_iocm_and_vrdma_on_a_running_guest(broker_url, worker, ssh_key, 
         assert shm.exists() and shm.stat().st_mode & 0o077 == 0
 
         def ssh(command, timeout=60):
-            return subprocess.run(ssh_argv(ssh_key, ready.address, "root", command), capture_output=True, text=True, timeout=timeout)
+            return subprocess.run(
+                ssh_argv(ssh_key, ready.address, "root", command), capture_output=True, text=True, timeout=timeout
+            )
 
         pci = ssh("cat /sys/bus/pci/devices/*/vendor /sys/bus/pci/devices/*/device | tr '\\n' ' '")
         assert pci.returncode == 0, pci.stderr

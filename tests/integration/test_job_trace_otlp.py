@@ -338,8 +338,14 @@ def test_one_job_one_trace_over_otlp(stack, owner, tmp_path):
     # Metrics over OTLP: boot phases, staging, queue lag, guests running per node.
     def got_metrics():
         points = rx.metric_points()
-        return {"vtorque.guest.boot.phase.duration", "vtorque.messaging.queue.lag", "vtorque.image.staging.duration",
-                "vtorque.image.staged.size", "vtorque.node.guests.running", "vtorque.guest.boot.duration"} <= set(points)
+        return {
+            "vtorque.guest.boot.phase.duration",
+            "vtorque.messaging.queue.lag",
+            "vtorque.image.staging.duration",
+            "vtorque.image.staged.size",
+            "vtorque.node.guests.running",
+            "vtorque.guest.boot.duration",
+        } <= set(points)
 
     assert rx.wait_for(got_metrics, timeout=15), sorted(rx.metric_points())
     points = rx.metric_points()

@@ -70,7 +70,12 @@ def test_four_guests_on_two_nodes_reach_each_other(site, two_node_workers, tmp_p
         # From rank 0: the node file, and every other guest by name over the job network.
         script = ("cat $PBS_NODEFILE; for h in $(sort -u $PBS_NODEFILE); do "
                   "ping -c1 -W3 $h >/dev/null && echo reach-$h; done\n")
-        run = subprocess.run(ssh_argv(key, rank0.address, "root", remote_command(job_id)), input=script.encode(), capture_output=True, timeout=120)
+        run = subprocess.run(
+            ssh_argv(key, rank0.address, "root", remote_command(job_id)),
+            input=script.encode(),
+            capture_output=True,
+            timeout=120,
+        )
         out = run.stdout.decode().split()
         assert run.returncode == 0, run.stderr
         assert out[:4] == names  # one line per vCPU, rank order

@@ -34,9 +34,18 @@ def ssh_key(tmp_path_factory):
 
 def guest(config, job, key, digest=None):
     entry = config.images.catalog["tiny"]
-    return m.GuestPlan(name=f"vt-{job}-{config.node.name}-0", node=config.node.name, index=0, image="tiny",
-                       image_digest=digest or entry.sha256, vcpus=2, ram_mib=192, cores=None,
-                       owner=m.Owner(user="root", uid=0, gid=0), ssh_authorized_keys=[key.with_suffix(".pub").read_text().strip()])
+    return m.GuestPlan(
+        name=f"vt-{job}-{config.node.name}-0",
+        node=config.node.name,
+        index=0,
+        image="tiny",
+        image_digest=digest or entry.sha256,
+        vcpus=2,
+        ram_mib=192,
+        cores=None,
+        owner=m.Owner(user="root", uid=0, gid=0),
+        ssh_authorized_keys=[key.with_suffix(".pub").read_text().strip()],
+    )
 
 
 def test_boot_reannounce_and_teardown(broker_url, worker, ssh_key):
@@ -58,7 +67,9 @@ def test_boot_reannounce_and_teardown(broker_url, worker, ssh_key):
         job_file = config.job_dir(job) / f"{plan.name}.json"
         assert job_file.exists()
         # Only the job's key gets in, and it reaches the guest's own kernel.
-        run = subprocess.run(ssh_argv(ssh_key, ready.address, "root", "uname -r; nproc"), capture_output=True, text=True, timeout=60)
+        run = subprocess.run(
+            ssh_argv(ssh_key, ready.address, "root", "uname -r; nproc"), capture_output=True, text=True, timeout=60
+        )
         assert run.returncode == 0, run.stderr
         assert run.stdout.split() == [run.stdout.split()[0], "2"] and run.stdout.split()[0] != os.uname().release
 

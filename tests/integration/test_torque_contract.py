@@ -179,8 +179,14 @@ def vm_invocation(inv: tr.Invocation, job_id: str | None = None) -> tr.Invocatio
 
 def vm_script(spec: dict[str, str]) -> str:
     """The wrapper vsub submits, with `spec` in its header (rendered as is: validation is the hook's job)."""
-    return render_wrapper("#!/bin/sh\n#PBS -N vmjob\nhostname\n", spec, "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhscHR4f test@vsub",
-                          "/home/trqtest/.ssh/vtorque_job", None, "/opt/vtorque/venv/bin/vtorque-launch")
+    return render_wrapper(
+        "#!/bin/sh\n#PBS -N vmjob\nhostname\n",
+        spec,
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhscHR4f test@vsub",
+        "/home/trqtest/.ssh/vtorque_job",
+        None,
+        "/opt/vtorque/venv/bin/vtorque-launch",
+    )
 
 
 def hook_env(config: Path) -> dict[str, str]:

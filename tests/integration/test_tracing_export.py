@@ -135,7 +135,9 @@ tracing.shutdown_tracing()
 def test_every_span_ends_ok_or_error_with_its_reason(tmp_path):
     subprocess.run([sys.executable, "-c", STATUSES, str(tmp_path)], check=True, timeout=60)
     docs = [json.loads(line) for f in tmp_path.glob("vtorque-test.*.jsonl") for line in f.read_text().splitlines()]
-    spans = {s["name"]: s for d in docs for rs in d.get("resourceSpans", []) for ss in rs["scopeSpans"] for s in ss["spans"]}
+    spans = {
+        s["name"]: s for d in docs for rs in d.get("resourceSpans", []) for ss in rs["scopeSpans"] for s in ss["spans"]
+    }
     status = {name: (s.get("status", {}).get("code", "STATUS_CODE_UNSET"), s.get("status", {}).get("message", ""))
               for name, s in spans.items()}
     assert "process vtorque.bridge.nodes.x" not in spans  # a heartbeat (no job) makes no span either way

@@ -184,7 +184,6 @@ def snapshot(top: Path, skip: tuple[str, ...] = ("images",)) -> dict[str, tuple]
     for here, dirs, files in os.walk(top, followlinks=False):
         if here == str(top):
             dirs[:] = [d for d in dirs if d not in skip]
-        for name in [""] if here == str(top) else []:
             st = os.lstat(here)
             out["."] = (st.st_uid, st.st_gid, st.st_mode)
         for name in dirs + files:

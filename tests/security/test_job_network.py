@@ -40,22 +40,22 @@ def in_ns(ns: str, *argv: str, check: bool = True, **kw) -> subprocess.Completed
 
 
 # What a node worker does with a BootGuests, in the node's namespace: the same checks and code path.
-NODE_SIDE = textwrap.dedent("""
+NODE_SIDE = textwrap.dedent(f"""
     import sys
     from vtorque.services.node_worker import trust
     from vtorque.services.node_worker.job_segment import JobSegments, segment_for
     from vtorque.shared import messages as m
     from vtorque.shared.config import Config, NodeConfig
     node, local, action = sys.argv[1:4]
-    segments = JobSegments(%d, 1450, lock_path="/run/vtorque-job-network-" + node + ".lock")
+    segments = JobSegments({PORT}, 1450, lock_path="/run/vtorque-job-network-" + node + ".lock")
     if action == "ensure":
         cmd = m.decode(sys.stdin.buffer.read())
-        config = Config(node=NodeConfig(name=node, job_network_localaddr=local, job_network_port=%d))
+        config = Config(node=NodeConfig(name=node, job_network_localaddr=local, job_network_port={PORT}))
         trust.check_network(cmd, node, config)
-        print(segments.ensure(segment_for(cmd, node, local, %d, 1450)))
+        print(segments.ensure(segment_for(cmd, node, local, {PORT}, 1450)))
     else:
         print(segments.remove(int(sys.argv[4]), sys.argv[5]))
-""" % (PORT, PORT, PORT))
+""")
 
 
 class Cluster:
@@ -140,7 +140,8 @@ def neighbour_mac(guest_ns: str, address: str) -> str:
 
 INJECT = textwrap.dedent("""
     import socket, sys
-    target, port, vni, count, sport = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    target = sys.argv[1]
+    port, vni, count, sport = (int(a) for a in sys.argv[2:6])
     header = bytes([0x08, 0, 0, 0]) + vni.to_bytes(3, "big") + b"\\0"
     frame = b"\\xff" * 6 + bytes.fromhex("020000000099") + b"\\x88\\xb5" + b"vtorque-inject".ljust(46, b"\\0")
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -96,9 +96,20 @@ class Site:
         for service in (self.bridge, self.stager, *self.workers.values()):
             self.bus.serve(service)
         for name in nodes:  # what each node's heartbeat says of it (the bridge plans only onto known nodes)
-            self.bus.publish(m.NodeHeartbeat.new(
-                job_id="", deadline=30.0, node=name, cores=64, mem_free_mib=65536, guests_running=0,
-                domain_type="qemu", capabilities=["tcg"], interval=10.0, tunnel_address=f"10.0.0.{nodes.index(name) + 1}"))
+            self.bus.publish(
+                m.NodeHeartbeat.new(
+                    job_id="",
+                    deadline=30.0,
+                    node=name,
+                    cores=64,
+                    mem_free_mib=65536,
+                    guests_running=0,
+                    domain_type="qemu",
+                    capabilities=["tcg"],
+                    interval=10.0,
+                    tunnel_address=f"10.0.0.{nodes.index(name) + 1}",
+                )
+            )
         self.bus.settle()
 
     def close(self) -> None:

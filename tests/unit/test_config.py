@@ -48,7 +48,9 @@ def test_credentials_file_joins_the_url(tmp_path):
 
 def test_other_vtorque_variables_are_not_configuration(tmp_path):
     path = write(tmp_path, "")
-    config = load_config(path, env={"VTORQUE_PYTHON": "/x/python", "VTORQUE_STACK_DIR": "/s", "VTORQUE_STATE_DIR": "/st"})
+    config = load_config(
+        path, env={"VTORQUE_PYTHON": "/x/python", "VTORQUE_STACK_DIR": "/s", "VTORQUE_STATE_DIR": "/st"}
+    )
     assert config.state_dir == "/st"
 
 

@@ -31,7 +31,9 @@ def test_a_broker_the_waiter_cannot_reach_is_an_infrastructure_failure():
 def test_the_hooks_load_neither_kombu_nor_the_services_bus():
     """Start-up time is the fast path's cost (bench/torque_prologue_fast_path.py): py-amqp and kombu took
     ~50 ms of every prologue through shared/bus.py."""
-    code = ("import sys, vtorque.hooks.torque, vtorque.hooks.slurm, vtorque.hooks.job_hook, vtorque.shared.hook_channel;"
-            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('kombu', 'amqp') or k == 'vtorque.shared.bus'))")
+    code = (
+        "import sys, vtorque.hooks.torque, vtorque.hooks.slurm, vtorque.hooks.job_hook, vtorque.shared.hook_channel;"
+        "print(sorted(k for k in sys.modules if k.split('.')[0] in ('kombu', 'amqp') or k == 'vtorque.shared.bus'))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

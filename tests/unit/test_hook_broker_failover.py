@@ -108,7 +108,10 @@ def test_a_nacked_ask_again_is_tried_again():
 
 
 def test_the_epilogue_asks_again_for_the_teardown():
-    torn = [m.GuestsTornDown.new(job_id="7", deadline=60.0, node=n, guests=[f"vt-7-{n}-0"], disks_removed=1) for n in ("c1", "c2")]
+    torn = [
+        m.GuestsTornDown.new(job_id="7", deadline=60.0, node=n, guests=[f"vt-7-{n}-0"], disks_removed=1)
+        for n in ("c1", "c2")
+    ]
     channels = Scripted([torn[0], BrokerUnreachable("lost")], [torn[1]])
     assert run_epilogue(job(), config(), 0, lambda _: None, channel_factory=channels)
     ended = [e for e in channels.published if isinstance(e, m.JobEnded)]

@@ -32,7 +32,9 @@ def test_metadata_and_vm_scripts_travel_in_the_wrapper():
 
 
 def test_the_submit_time_travels_in_the_header():
-    text = render_wrapper("echo hi\n", {"img": "tiny"}, "ssh-ed25519 K", "/k", None, "/opt/l", None, 1795652523000000000)
+    text = render_wrapper(
+        "echo hi\n", {"img": "tiny"}, "ssh-ed25519 K", "/k", None, "/opt/l", None, 1795652523000000000
+    )
     assert parse_header(text).submitted_ns == 1795652523000000000
     assert parse_header(render_wrapper("echo\n", {"img": "tiny"}, "k", "/k", None, "/l")).submitted_ns is None
 

@@ -73,7 +73,7 @@ def test_seed_gives_the_owner_and_only_the_job_key():
 def test_seed_values_cannot_inject_shell():
     evil = m.GuestPlan(**{**{f: getattr(GUEST, f) for f in GUEST.__struct_fields__},
                           "ssh_authorized_keys": ["x'; reboot; '"]})
-    line = [l for l in seed_files(evil, "1")["vtorque.env"].decode().splitlines() if l.startswith("VT_SSH")][0]
+    line = next(x for x in seed_files(evil, "1")["vtorque.env"].decode().splitlines() if x.startswith("VT_SSH"))
     import shlex
     assert shlex.split(line.split("=", 1)[1]) == ["x'; reboot; '"]
 

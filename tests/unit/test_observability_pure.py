@@ -55,19 +55,47 @@ def test_every_instrument_is_documented_with_its_unit():
         assert f"`{unit}`" in row[0], f"{name}: unit {unit} not on its docs row"
 
 
-JAEGER = {"data": [{
-    "traceID": "abc", "processes": {"p1": {"serviceName": "vtorque-hook", "tags": [{"key": "host.name", "value": "n1"}]},
-                                    "p2": {"serviceName": "vtorque-bridge", "tags": []}},
-    "spans": [
-        {"traceID": "abc", "spanID": "1", "operationName": "prologue", "references": [], "startTime": 1_000_000,
-         "duration": 5_000_000, "processID": "p1", "tags": [{"key": "pbs.job_id", "value": "7.srv"}]},
-        {"traceID": "abc", "spanID": "2", "operationName": "process vtorque.bridge", "startTime": 1_100_000,
-         "duration": 1000, "processID": "p2",
-         "references": [{"refType": "CHILD_OF", "traceID": "abc", "spanID": "1"},
-                        {"refType": "FOLLOWS_FROM", "traceID": "abc", "spanID": "1"}],
-         "tags": [{"key": "span.kind", "value": "consumer"}, {"key": "otel.status_code", "value": "ERROR"},
-                  {"key": "otel.status_description", "value": "no plan"}, {"key": "pbs.job_id", "value": "7.srv"}]},
-    ]}]}
+JAEGER = {
+    "data": [
+        {
+            "traceID": "abc",
+            "processes": {
+                "p1": {"serviceName": "vtorque-hook", "tags": [{"key": "host.name", "value": "n1"}]},
+                "p2": {"serviceName": "vtorque-bridge", "tags": []},
+            },
+            "spans": [
+                {
+                    "traceID": "abc",
+                    "spanID": "1",
+                    "operationName": "prologue",
+                    "references": [],
+                    "startTime": 1_000_000,
+                    "duration": 5_000_000,
+                    "processID": "p1",
+                    "tags": [{"key": "pbs.job_id", "value": "7.srv"}],
+                },
+                {
+                    "traceID": "abc",
+                    "spanID": "2",
+                    "operationName": "process vtorque.bridge",
+                    "startTime": 1_100_000,
+                    "duration": 1000,
+                    "processID": "p2",
+                    "references": [
+                        {"refType": "CHILD_OF", "traceID": "abc", "spanID": "1"},
+                        {"refType": "FOLLOWS_FROM", "traceID": "abc", "spanID": "1"},
+                    ],
+                    "tags": [
+                        {"key": "span.kind", "value": "consumer"},
+                        {"key": "otel.status_code", "value": "ERROR"},
+                        {"key": "otel.status_description", "value": "no plan"},
+                        {"key": "pbs.job_id", "value": "7.srv"},
+                    ],
+                },
+            ],
+        }
+    ]
+}
 
 
 def test_parse_jaeger_keeps_parents_links_kinds_status():

@@ -47,7 +47,13 @@ def test_every_key_reaches_the_plan():
     spec = validate({"img": "tiny", "distro": "centos", "vrdma": "true", "fs_type": "ramdisk",
                      "disk": "/home/bob/d.img", "vcpus": "2", "vcpu_pinning": "1:0"}, config)
     [g] = plan_guests(job([("n1", 2)], cores=[4, 5]), spec, config, {"packages": ["htop"]})
-    assert (g.distro, g.vrdma, g.fs_type, g.disk.image, g.cores) == ("centos", True, "ramdisk", "/home/bob/d.img", [5, 4])
+    assert (g.distro, g.vrdma, g.fs_type, g.disk.image, g.cores) == (
+        "centos",
+        True,
+        "ramdisk",
+        "/home/bob/d.img",
+        [5, 4],
+    )
     assert g.user_metadata == {"packages": ["htop"]} and g.arch == "x86_64"
 
 

@@ -22,7 +22,11 @@ def test_a_full_spec_parses(config):
     assert (spec.img, spec.vcpus, spec.ram_mib, spec.distro, spec.vms_per_node) == ("tiny", 2, 1024, "ubuntu", 2)
     assert (spec.iocm, spec.iocm_min_cores, spec.iocm_max_cores, spec.vrdma) == (True, 1, 3, True)
     assert spec.fs_type == "ramdisk" and spec.disk.size_mib == 10240 and spec.vcpu_pinning is False
-    assert (spec.vm_prologue, spec.vm_epilogue, spec.metadata) == ("/home/a/pre.sh", "/home/a/post.sh", "/home/a/m.yaml")
+    assert (spec.vm_prologue, spec.vm_epilogue, spec.metadata) == (
+        "/home/a/pre.sh",
+        "/home/a/post.sh",
+        "/home/a/m.yaml",
+    )
     assert validate(spec.as_options(), config) == spec  # normalised options give the same spec back
 
 
