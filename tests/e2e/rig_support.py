@@ -92,11 +92,15 @@ class FaultJob:
         return log.read_text().count("starting up") if log.exists() else 0
 
     def outcome(self) -> str:
-        """'completed' (ran once, its output is the script's), or 'failed: <reason the user reads>'; anything
-        else (requeued, failed without a word to the user, wrong output) fails the test."""
+        """'completed' (ran once, its output is the script's), 'completed after N requeue(s)', or 'failed:
+        <reason the user reads>'; anything else (failed without a word to the user, wrong output) fails here."""
         show = self.wait_done()
+        restarts = re.search(r"Restarts=(\d+)", show)
+        if "JobState=COMPLETED" in show and restarts and restarts.group(1) != "0":
+            # requeued by its prologue (Slurm says why only in the bridge's and the hook's logs)
+            return f"completed after {restarts.group(1)} requeue(s)"
         if "JobState=COMPLETED" in show:
-            assert "Restarts=0" in show and "ExitCode=0:0" in show, show
+            assert "ExitCode=0:0" in show, show
             out = self.output()
             assert f"RIG-JOB-RAN on {self.guest('c1')}" in out and "RIG-JOB-END" in out, out
             assert sorted(out.split()[-3:-1]) == self.guests(), out  # the node file names both hosts' guests
@@ -169,7 +173,7 @@ def service_pids() -> dict[str, str]:
     """The process of each vtorque service (the child of its supervisor): a service that died and was restarted
     by supervise.sh has a new one."""
     pids = {}
-    for h, s in [("head", "bridge"), ("head", "stager"), *((c, "node-worker") for c in COMPUTE)]:
+    for h, s in SERVICES:
         sup = (RIG_DIR / "hosts" / h / f"vtorque-{s}.pid").read_text().strip()
         pids[f"{h}/{s}"] = subprocess.run(["pgrep", "-P", sup, "-f", f"vtorque run {s}"], capture_output=True,
                                           text=True).stdout.strip()
@@ -208,6 +212,12 @@ def queue_stats(via: str = "head") -> dict[str, dict]:
     return {q["name"]: q for q in json.loads(out)}
 
 
-def dead_letters(via: str = "head") -> int:
-    """Messages in vtorque.dead: every undecodable body and handler crash is republished there."""
-    return queue_stats(via)["vtorque.dead"]["messages"]
+SERVICES = [("head", "bridge"), ("head", "stager"), *((c, "node-worker") for c in COMPUTE)]
+
+
+def dead_letters() -> list[str]:
+    """Every message a service dead-lettered (bus.py logs each, with its reason). Not vtorque.dead's depth:
+    heartbeats that expire in vtorque.nodes are dead-lettered there by the broker too (see docs/benchmarks.md,
+    "Faults on the rig")."""
+    return [f"{h}/{s}: {line.get('reason')}" for h, s in SERVICES for line in log_lines(h, s)
+            if line.get("msg") == "dead-lettering a message"]
