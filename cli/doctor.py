@@ -299,7 +299,7 @@ def check_hook_config(config) -> Check:
         return Check("hook config", FAIL, f"the hooks' python {python} does not start: {exc} "
                                           f"(set VTORQUE_PYTHON in {env_file})")
     hook_config = proc.stdout.strip().splitlines()[0] if proc.stdout.strip() else None
-    if proc.returncode != 0:
+    if proc.returncode != 0 or hook_config is None:  # a probe that printed no path did not run either
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         if hook_config is None:
             return Check("hook config", FAIL, f"the hooks' python {python} cannot run vtorque as {as_whom}: {last} "

@@ -29,6 +29,13 @@ def _root_only(what: str) -> None:
         raise click.ClickException(f"{what}: only root may do this (users may `vtorque images list` and `show`)")
 
 
+def _catalog_file(config: Config) -> str:
+    """The catalog file images add/update/remove edit."""
+    if not config.images.catalog_file:
+        raise click.ClickException("the config names no [images] catalog_file to edit")
+    return config.images.catalog_file
+
+
 def _file_entries(config: Config) -> dict[str, ImageEntry]:
     if not config.images.catalog_file:
         return {}
@@ -237,7 +244,7 @@ def add(name: str, source: str, sha256: str | None, fmt: str | None, distro, ker
     distro = distro or guess_distro(name, Path(source).name, source)
     entry = _entry(facts, source, convert_to, distro=distro, kernel=kernel, initrd=initrd, cmdline=cmdline,
                    compress=compress)
-    with editing(config.images.catalog_file) as entries:
+    with editing(_catalog_file(config)) as entries:
         if name in entries:
             raise click.ClickException(f"image {name} was just added by someone else")
         entries[name] = entry
@@ -286,7 +293,7 @@ def update(names: tuple[str, ...], source: str | None, distro, kernel, initrd, c
             click.echo(f"{name}: sha256 {old.sha256[:12]}… → {new.sha256[:12]}…, {_mib(facts.size)}")
         else:
             click.echo(f"{name}: updated")
-    with editing(config.images.catalog_file) as entries:
+    with editing(_catalog_file(config)) as entries:
         entries.update(updated)
 
 
@@ -298,7 +305,7 @@ def remove(name: str) -> None:
 
     _root_only("vtorque images remove")
     config = _config()
-    with editing(config.images.catalog_file) as entries:
+    with editing(_catalog_file(config)) as entries:
         if name not in entries:
             if name in config.images.catalog:
                 raise click.ClickException(f"image {name} is defined in vtorque.toml, not in "

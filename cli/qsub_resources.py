@@ -86,8 +86,8 @@ def fit(args: list[str], cores: int, ram_mib: int) -> Fitted:
                             chunks[k] = f"ncpus={cores}"
                             notes.append(f"raising select ncpus from {cval} to {cores}")
                         elif ckey == "mem":
-                            have = mem_to_mib(cval) or 0
-                            if have < ram_mib:
+                            have_mib = mem_to_mib(cval) or 0
+                            if have_mib < ram_mib:
                                 chunks[k] = f"mem={ram_mib}mb"
                                 notes.append(f"raising select mem from {cval} to {ram_mib}mb")
                     if not any(c.startswith("ncpus=") for c in chunks):
@@ -111,8 +111,8 @@ def fit(args: list[str], cores: int, ram_mib: int) -> Fitted:
     if mem_at is not None:
         items = out[mem_at[0]].split(",")
         value = items[mem_at[1]].partition("=")[2]
-        have = mem_to_mib(value)
-        if have is None or have < need_mem:
+        given_mib = mem_to_mib(value)
+        if given_mib is None or given_mib < need_mem:
             items[mem_at[1]] = f"mem={need_mem}mb"
             out[mem_at[0]] = ",".join(items)
             notes.append(f"raising mem from {value} to {need_mem}mb")

@@ -121,7 +121,7 @@ def with_scheduler(st: JobStatus, spans: list[SpanRow], answer: SchedulerAnswer 
     scheduler, and what the two disagree on."""
     notes = list(st.notes)
     info = answer.info if answer else None
-    if info is not None:
+    if answer is not None and info is not None:
         st.state, st.exit_code, st.state_from = info.state, info.exit_code, "scheduler"
         st.scheduler = {"kind": answer.kind, **msgspec.to_builtins(info)}
         if not st.nodes and info.nodes:

@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None, env=os.environ, channel_factory=None, ag
             return 0
         # Without a config or a readable job we cannot wait for guests; say so where the owner looks.
         return _refuse(job_id, f"the prologue could not read the job: {one_line(str(exc))}", "", 0, tools)
+    assert config is not None  # else its ConfigError was raised above
     timeout, why = tools.prolog_epilog_timeout()
     if why:
         print(f"vtorque: job {job_id}: {why}; assuming no PrologEpilogTimeout", file=sys.stderr)

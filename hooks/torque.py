@@ -80,7 +80,7 @@ def nodes_with_cores(counts: OrderedDict[str, int], exec_host: OrderedDict[str, 
                      ) -> list[m.NodeAllocation]:
     nodes = []
     for host, n in counts.items():
-        cores = (exec_host or {}).get(host)
+        cores = exec_host.get(host) if exec_host else None
         nodes.append(m.NodeAllocation(host=host, ncpus=n, cores=list(cores) if cores and len(cores) == n else None))
     return nodes
 
@@ -197,7 +197,7 @@ def final_note(job_id: str, code: int, reason: str, attempt: int, reason_file: s
 
 def delivered_paths(attrs: dict[str, str] | None) -> list[Path]:
     """The job's .o/.e as `qstat -f` names them (Output_Path/Error_Path = `host:/path`), where they exist here."""
-    paths = []
+    paths: list[Path] = []
     for key in ("Output_Path", "Error_Path"):
         value = (attrs or {}).get(key, "")
         path = value.split(":", 1)[1] if ":" in value else value

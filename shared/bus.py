@@ -286,6 +286,7 @@ class Publisher:
                     missing.setdefault(spec.name, kombu_queue(spec))
                 routes.append((COMMANDS.name, spec.bindings[0]))
             else:
+                assert isinstance(message, m.Event)  # a Message is a Command or an Event
                 routes.append((EVENTS.name, message.routing_key()))
         if missing:
             # A command waits in its queue for a consumer that has not started yet: never dropped unrouted.

@@ -417,6 +417,7 @@ def _merge_catalog_file(data: dict, config_file: str) -> dict[str, ImageEntry]:
 
 def _remember_catalog_file(config: Config, entries: dict[str, ImageEntry]) -> None:
     path = config.images.catalog_file
+    assert path is not None  # called only when the config names one
     _catalog_files[path] = (_catalog_stamp(path), {n: config.images.catalog[n] for n in entries})
 
 

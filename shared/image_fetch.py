@@ -416,7 +416,7 @@ def _shown(url: str) -> str:
     """The URL without user:password, for messages and logs."""
     parts = urllib.parse.urlsplit(url)
     if parts.username or parts.password:
-        parts = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
+        parts = parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else ""))
     return urllib.parse.urlunsplit(parts)
 
 

@@ -530,7 +530,8 @@ def _convert(src: Path, dst: Path, source_format: str, target_format: str, compr
             raise StageCancelled("conversion cancelled: no job needs the image any more")
         time.sleep(0.05)
     if proc.returncode != 0:
-        raise StageError(f"qemu-img convert failed: {proc.stderr.read().strip()[:300]}")
+        err = proc.stderr.read() if proc.stderr else ""  # stderr=PIPE
+        raise StageError(f"qemu-img convert failed: {err.strip()[:300]}")
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:

@@ -54,8 +54,12 @@ def run_service(service: Service, config: Config) -> None:
                              user_prefix=config.broker.user_prefix)
                for queues, handlers in [(service.queues(), service.handlers()), *service.extra_consumers()]]
     main, extra = runners[0], runners[1:]
+    def stop_all(*_) -> None:
+        for r in runners:
+            r.stop()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: [r.stop() for r in runners])
+        signal.signal(sig, stop_all)
     threads = [threading.Thread(target=r.run, name=f"consumer-{i}", daemon=True) for i, r in enumerate(extra)]
     service.start(main.stop_event)
     for thread in threads:

@@ -340,8 +340,8 @@ def validate(options: Mapping[str, str], config: Config) -> VMSpec:
         else:
             disk = DiskSpec(size_mib=_size("disk", text, "1M", site.max_disk))
 
-    scripts = {k: _user_path(k, get(k)) if get(k) else None for k in ("vm_prologue", "vm_epilogue")}
-    metadata = _user_path("metadata", get("metadata"), (".yaml", ".yml", ".json")) if get("metadata") else None
+    scripts = {k: _user_path(k, options[k]) if get(k) else None for k in ("vm_prologue", "vm_epilogue")}
+    metadata = _user_path("metadata", options["metadata"], (".yaml", ".yml", ".json")) if get("metadata") else None
 
     spec = VMSpec(img=img, distro=distro, arch=arch, vcpus=vcpus, ram_mib=ram, vcpu_pinning=pinning,
                   pin_map=pin_map, vms_per_node=vms, vm_prologue=scripts["vm_prologue"],

@@ -81,6 +81,7 @@ class InMemoryBus:
             self.declare(spec.name, [(spec.exchange, key) for key in spec.bindings])
             exchange, key = topology.COMMANDS, spec.bindings[0]
         else:
+            assert isinstance(message, m.Event)  # a Message is a Command or an Event
             exchange, key = topology.EVENTS, message.routing_key()
         with tracing.publish_span(message, exchange, key) as headers:
             body = m.encode(message)

@@ -71,8 +71,8 @@ class QueueSpec:
 
     @property
     def queue_arguments(self) -> dict:
-        base = {"quorum": QUORUM_ARGS, "classic": CLASSIC_ARGS, "private": {}}[self.kind]
-        return {**base, **self.arguments}
+        by_kind: dict[str, dict] = {"quorum": QUORUM_ARGS, "classic": CLASSIC_ARGS, "private": {}}
+        return {**by_kind[self.kind], **self.arguments}
 
 
 QUEUES: dict[str, QueueSpec] = {q.name: q for q in (
@@ -227,7 +227,7 @@ def role_of(user: str | None, prefix: str = USER_PREFIX) -> tuple[Role | None, s
     rest = user[len(prefix):]
     if rest.startswith("node-") and len(rest) > 5:
         return "node", rest[5:]
-    return (rest, None) if rest in ROLES and rest != "node" else (None, None)  # type: ignore[return-value]
+    return (rest, None) if rest in ROLES and rest != "node" else (None, None)
 
 
 def may_publish(user: str | None, message: m.Message, prefix: str = USER_PREFIX) -> str | None:

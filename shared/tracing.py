@@ -138,7 +138,7 @@ def shutdown_tracing() -> None:
     metrics.shutdown_metrics()
 
 
-def tracer() -> trace.Tracer:
+def tracer() -> _StatusTracer:
     """vtorque's tracer. Every span it starts ends with a real status (see `span`): the services, hooks, vsub
     and the launcher all start theirs here, so this is the one place where a span's status is decided."""
     return _StatusTracer(trace.get_tracer("vtorque"))
@@ -191,7 +191,7 @@ class _StatusTracer:
 
     def start_span(self, name: str, context=None, kind: SpanKind = SpanKind.INTERNAL, attributes=None,
                    links=(), start_time=None, record_exception: bool = True,
-                   set_status_on_exception: bool = True) -> trace.Span:
+                   set_status_on_exception: bool = True) -> _EndsWithStatus:
         return _EndsWithStatus(self._inner.start_span(name, context=context, kind=kind, attributes=attributes,
                                                       links=links, start_time=start_time))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 
 from kombu import Queue
 from opentelemetry import trace
@@ -21,7 +22,7 @@ from vtorque.shared.bus import Publisher, stager_queue, table_queue
 from vtorque.shared.config import Config, ImageEntry, refresh_catalog
 from vtorque.shared.image_store import ImageStore, StageCancelled, StageError, parse_size
 from vtorque.shared.logs import log
-from vtorque.shared.service import Service
+from vtorque.shared.service import Handler, Service
 
 LOG = logging.getLogger("vtorque.stager")
 
@@ -72,7 +73,7 @@ class ImageStager(Service):
     def handlers(self):
         return {m.StageImage: self.on_stage_image}
 
-    def extra_consumers(self) -> list[tuple[list[Queue], dict]]:
+    def extra_consumers(self) -> list[tuple[list[Queue], Mapping[type, Handler]]]:
         """Concurrent stagings (one consumer each) and job deletions, beside the main consumer."""
         more = [(self.queues(), self.handlers()) for _ in range(max(0, self.config.images.concurrent_stagings - 1))]
         return more + [([cancel_queue()], {m.JobDeleted: self.on_job_deleted})]

@@ -81,10 +81,11 @@ def domain_xml(guest: m.GuestPlan, disks: GuestDisks, boot: BootSource, meta: Gu
         # IOcm: one I/O thread per possible I/O core; the node worker's controller widens or narrows the
         # cores they may run on between iocm_min_cores and iocm_max_cores.
         ET.SubElement(dom, "iothreads").text = str(iothreads)
-    if guest.cores or guest.emulator_cores or (iothreads and guest.io_cores):
+    cores = guest.cores or []
+    if cores or guest.emulator_cores or (iothreads and guest.io_cores):
         tune = ET.SubElement(dom, "cputune")
-        for vcpu in range(guest.vcpus if guest.cores else 0):
-            ET.SubElement(tune, "vcpupin", {"vcpu": str(vcpu), "cpuset": str(guest.cores[vcpu % len(guest.cores)])})
+        for vcpu in range(guest.vcpus if cores else 0):
+            ET.SubElement(tune, "vcpupin", {"vcpu": str(vcpu), "cpuset": str(cores[vcpu % len(cores)])})
         if guest.emulator_cores:
             ET.SubElement(tune, "emulatorpin", {"cpuset": cpuset(guest.emulator_cores)})
         if iothreads and guest.io_cores:

@@ -86,10 +86,12 @@ def start(guest_dir: Path, owner_uid: int, mac: str, timeout: float = 10.0) -> N
             start_new_session=True, close_fds=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
     finally:
         os.close(log_fd)
+    stdout = proc.stdout
+    assert stdout is not None  # stdout=PIPE
     try:
         sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        line = proc.stdout.readline() if sel.select(timeout) else b""
+        sel.register(stdout, selectors.EVENT_READ)
+        line = stdout.readline() if sel.select(timeout) else b""
         sel.close()
         # The process forks once it is set up; its first half exits at once (reaped here), so the link, a
         # grandchild, is no zombie of the node worker when it ends.
@@ -97,7 +99,7 @@ def start(guest_dir: Path, owner_uid: int, mac: str, timeout: float = 10.0) -> N
     except subprocess.TimeoutExpired:
         line = b""
     finally:
-        proc.stdout.close()
+        stdout.close()
     if line.strip() != b"ready":
         proc.kill()
         proc.wait()
@@ -191,6 +193,7 @@ def serve(guest_dir: Path, owner_uid: int, quid: int, mac: str) -> None:
                     (guest_dir / LINK_SOCKET).unlink(missing_ok=True)
                     sel.register(qemu, selectors.EVENT_READ, "qemu")
                 elif what == "qemu":
+                    assert qemu is not None  # registered once it connected
                     data = qemu.recv(1 << 20)
                     if not data:
                         return  # the guest is gone

@@ -25,6 +25,7 @@ import tempfile
 import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import cast
 from unittest import mock
 
 import libvirt
@@ -85,7 +86,7 @@ class InstantGuests:
                     self._wake_r.recv(4096)
                     continue
                 try:
-                    conn, _ = key.fileobj.accept()
+                    conn, _ = cast(socket.socket, key.fileobj).accept()
                 except OSError:
                     continue
                 ours, theirs = socket.socketpair()
@@ -138,7 +139,10 @@ class InstantHypervisor(Hypervisor):
 
 
 def _console(xml: str) -> str:
-    return ET.fromstring(xml).find("devices/serial/source").get("path")
+    source = ET.fromstring(xml).find("devices/serial/source")
+    if source is None:
+        raise ValueError("the domain has no serial console")
+    return source.attrib["path"]
 
 
 def instant_prepare(root, guest_name, job_id, base, base_format, seed, data_size_mib=None, user_image=None,

@@ -156,10 +156,11 @@ def guest_iocm(xml: str, meta: dict[str, str]) -> GuestIocm | None:
     if not count or not io_cores:
         return None
     pins = {p.get("cpuset") for p in root.iter("iothreadpin")}
-    pinned = parse_cpuset(pins.pop()) if len(pins) == 1 else None
-    disks = [t.get("dev") for t in root.findall("devices/disk/target") if t.get("dev")]
-    nics = [t.get("dev") for t in root.findall("devices/interface/target") if t.get("dev")]
-    ids = [int(i.get("id")) for i in root.findall("iothreadids/iothread")] or list(range(1, count + 1))
+    pin = pins.pop() if len(pins) == 1 else None
+    pinned = parse_cpuset(pin) if pin is not None else None
+    disks = [dev for t in root.findall("devices/disk/target") if (dev := t.get("dev"))]
+    nics = [dev for t in root.findall("devices/interface/target") if (dev := t.get("dev"))]
+    ids = [int(i.attrib["id"]) for i in root.findall("iothreadids/iothread")] or list(range(1, count + 1))
     return GuestIocm(name=root.findtext("name") or "", io_cores=io_cores,
                      min_cores=int(meta.get("iocm-min") or 1), max_cores=int(meta.get("iocm-max") or len(io_cores)),
                      iothreads=ids, disks=disks, interfaces=nics, pinned=pinned)

@@ -65,7 +65,8 @@ def seed_files(guest: m.GuestPlan, job_id: str, peers: list[m.GuestPeer] | None 
         # As PBS_NODEFILE lists a host once per core: each guest once per vCPU, rank 0 first.
         nodefile = "".join(f"{p.name}\n" * p.vcpus for p in ranked)
         env["VT_NODEFILE"] = nodefile
-        write_files = [{"path": "/etc/vtorque/nodefile", "permissions": "0644", "content": nodefile}]
+        write_files: list[dict[str, object]] = [
+            {"path": "/etc/vtorque/nodefile", "permissions": "0644", "content": nodefile}]
         if network and mac:
             me = next(p for p in peers if p.name == guest.name)
             hosts = "".join(f"{p.address} {p.name}\n" for p in ranked)

@@ -86,7 +86,8 @@ class NodeWorker(Service):
             accounts = trust.check_boot(cmd, self.node, self.config)
         except trust.Refused as exc:
             reason = f"refused by node {self.node}: {exc}"
-            for guest in mine or [None]:
+            guests: list[m.GuestPlan | None] = [*mine] or [None]
+            for guest in guests:
                 self.publisher.publish(self._fail(cmd, guest, reason, False, ""))
             return
         with self._thread_lock:

@@ -277,12 +277,12 @@ def fragment(choice: Choice) -> Fragment:
     if choice.backend == PVRDMA:
         # libvirt has no element for pvrdma: QEMU arguments. QEMU wants a vmxnet3 at function 0 of the
         # pvrdma's slot (the guest driver pairs them) and all guest RAM shared with the host.
-        slot = f"0x{PVRDMA_SLOT:x}"
+        addr = f"0x{PVRDMA_SLOT:x}"
         return Fragment(qemu_args=[
             "-netdev", "user,id=vtrdmanet",
-            "-device", f"vmxnet3,netdev=vtrdmanet,addr={slot}.0,multifunction=on",
+            "-device", f"vmxnet3,netdev=vtrdmanet,addr={addr}.0,multifunction=on",
             "-chardev", f"socket,path={choice.mad_socket},id=vtrdmamad",
-            "-device", f"pvrdma,addr={slot}.1,ibdev={choice.ibdev},ibport={choice.ibport},"
+            "-device", f"pvrdma,addr={addr}.1,ibdev={choice.ibdev},ibport={choice.ibport},"
                        f"netdev={choice.netdev},mad-chardev=vtrdmamad",
         ], shared_memory=True)
     if choice.backend == SKVM:

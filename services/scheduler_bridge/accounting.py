@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import ClassVar, Literal
 
 from vtorque.shared import messages as m
 from vtorque.shared import tracing
@@ -111,7 +112,8 @@ SLURM_WITHDRAWN = {"CANCELLED", "DEADLINE", "REVOKED"}
 def slurm_changes(known: dict[str, str], states: dict[str, str]) -> tuple[list[str], list[str], list[str]]:
     """(newly pending, withdrawn before they started, started or otherwise done) relative to `known`."""
     new = sorted((j for j, s in states.items() if s in SLURM_WAITING and j not in known), key=int)
-    withdrawn, done = [], []
+    withdrawn: list[str] = []
+    done: list[str] = []
     for job_id in sorted(known, key=int):
         state = states.get(job_id)
         if state in SLURM_WAITING:
@@ -146,14 +148,16 @@ class AccountingFollower:
         next day's file only once that file exists and the current one was read to its end after that."""
         out: list[tuple[AccountingRecord | None, Cursor]] = []
         while True:
-            if self.cursor.file is None:
+            name = self.cursor.file
+            if name is None:
                 first = later_logs(self.names(), None)
                 if not first:
                     return out
-                self.cursor = Cursor(first[0])
-            later = later_logs(self.names(), self.cursor.file)  # looked at before reading: see below
+                name = first[0]
+                self.cursor = Cursor(name)
+            later = later_logs(self.names(), name)  # looked at before reading: see below
             try:
-                fh = open(self.directory / self.cursor.file, "rb")
+                fh = open(self.directory / name, "rb")
             except FileNotFoundError:
                 if not later:
                     return out
@@ -216,7 +220,7 @@ def read_header(path: Path | None) -> JobHeader | None:
 # -- I/O: the prefetchers ---------------------------------------------------------------------------------
 
 class _Prefetcher:
-    scheduler = ""
+    scheduler: ClassVar[Literal["torque", "slurm"]]  # each prefetcher's own
 
     def __init__(self, config: Config, publisher, state_path: Path):
         self.config, self.publisher, self.state_path = config, publisher, Path(state_path)

@@ -8,6 +8,7 @@ threads go there), then each VM's vCPUs, then the IOcm I/O cores. When the sched
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Literal, cast
 
 from vtorque.shared import messages as m
 from vtorque.shared.config import Config
@@ -17,6 +18,10 @@ from vtorque.shared.spec import SpecError, VMSpec
 
 class PlanError(ValueError):
     pass
+
+
+def _fs_type(spec: VMSpec) -> Literal["ramdisk", "sharedfs"]:
+    return cast(Literal["ramdisk", "sharedfs"], spec.fs_type)  # spec.validate allowed only FS_TYPES
 
 
 def split_cores(node: m.NodeAllocation, spec: VMSpec, config: Config) -> tuple[
@@ -66,7 +71,7 @@ def plan_guests(job: m.JobStarted, spec: VMSpec, config: Config, user_metadata: 
                 image_digest=entry.sha256, vcpus=spec.vcpus, ram_mib=spec.ram_mib, cores=per_vm[k],
                 owner=job.owner, ssh_authorized_keys=list(job.ssh_authorized_keys), distro=spec.distro,
                 arch=spec.arch, emulator_cores=emulator, io_cores=io, iocm_min_cores=spec.iocm_min_cores,
-                iocm_max_cores=spec.iocm_max_cores, vrdma=spec.vrdma, fs_type=spec.fs_type, disk=disk,
+                iocm_max_cores=spec.iocm_max_cores, vrdma=spec.vrdma, fs_type=_fs_type(spec), disk=disk,
                 user_metadata=dict(user_metadata or {}),
                 end_by=job.created_at + timedelta(seconds=job.walltime) if job.walltime else None,
             ))
