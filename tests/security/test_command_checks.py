@@ -313,7 +313,9 @@ def test_what_the_bridge_plans_passes_the_node_workers_checks(site, users, optio
                                spec=options, ssh_authorized_keys=[KEY])
     spec = validate(options, site.config)
     guests = plan_guests(started, spec, site.config, {"packages": ["htop"], "timezone": "UTC"})
-    for cmd in boot_commands(started, guests):
+    # Each node's job network endpoint, as the nodes' heartbeats give the bridge.
+    for cmd in boot_commands(started, guests, {site.node: site.config.node.job_network_localaddr,
+                                               "other": "10.213.0.12"}):
         cmd = wire(cmd)
         accounts = trust.check_boot(cmd, site.node, site.config)
         assert set(accounts) == {g.name for g in cmd.guests if g.node == site.node}
