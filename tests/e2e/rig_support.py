@@ -11,7 +11,7 @@ import re
 import subprocess
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -165,7 +165,8 @@ def wait_consuming(baseline: dict[str, int], via: str, timeout: float) -> float:
             missing = {"rabbitmqctl": str(exc)[:200]}
         if not missing:
             return time.monotonic() - t0
-        assert time.monotonic() - t0 < timeout, f"consumers missing {timeout:.0f}s later (queue: before, now): {missing}"
+        assert time.monotonic() - t0 < timeout, (
+            f"consumers missing {timeout:.0f}s later (queue: before, now): {missing}")
         time.sleep(0.25)
 
 
@@ -198,7 +199,7 @@ def log_size(host: str, service: str) -> int:
 def heartbeat_ages(via: str = "head") -> dict[str, float]:
     """Seconds since each node's latest heartbeat (the retained ones in vtorque.nodes, as `vtorque nodes`
     reads them; one older than three intervals has expired there and the node is missing)."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     ages = {}
     for line in on(via, "vtorque", "nodes", "--json").stdout.splitlines():
         beat = json.loads(line)

@@ -26,8 +26,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from security.conftest import base_image, make_site, users  # noqa: F401 - fixtures used here
+
 from vtorque.cli.launcher_ssh import ssh_argv
 from vtorque.services.node_worker import job_cgroup
 from vtorque.shared import messages as m
@@ -97,7 +97,7 @@ def _remove_empty_tree(top: Path) -> None:
     """A cgroup tree our slurmd made, deepest first (rmdir: a cgroup still in use stays)."""
     if not top.is_dir():
         return
-    for here, dirs, _ in sorted(os.walk(top), key=lambda w: -w[0].count("/")):
+    for here, _, _ in sorted(os.walk(top), key=lambda w: -w[0].count("/")):
         with contextlib.suppress(OSError):
             os.rmdir(here)
 
@@ -185,7 +185,7 @@ def cgroup_slurm():
 
 
 @pytest.fixture
-def cg_site(base_image, test_guest):
+def cg_site(base_image, test_guest):  # noqa: F811 - the fixture imported above
     """A node worker with the Slurm layout, its ramdisk on real tmpfs (/dev/shm), and its watcher running."""
     site = make_site(base_image, entry=test_guest, boot_timeout=150.0)
     shm = Path(f"/dev/shm/vtorque-cgtest-{uuid.uuid4().hex[:8]}")
@@ -239,7 +239,7 @@ def _key(user) -> Path:
     return key
 
 
-def test_a_jobs_guest_is_counted_in_the_jobs_cgroup_and_ends_with_the_job(cgroup_slurm, cg_site, users):
+def test_a_jobs_guest_is_counted_in_the_jobs_cgroup_and_ends_with_the_job(cgroup_slurm, cg_site, users):  # noqa: F811 - the fixture imported above
     """As on a site: the guest boots while slurmd has not made the job's cgroups yet (Slurm's PrologSlurmctld,
     here a held job); the watcher moves it in when they appear; what the guest then uses is the job's, in the
     cgroup, in sstat and in cpuacct; libvirt's pinning is kept; the job's end kills the guest."""
@@ -283,7 +283,7 @@ def test_a_jobs_guest_is_counted_in_the_jobs_cgroup_and_ends_with_the_job(cgroup
     assert cg_site.worker.hv.lookup(guest.name) is None
 
 
-def test_a_guest_cannot_write_its_ramdisk_beyond_the_jobs_memory(cgroup_slurm, cg_site, users):
+def test_a_guest_cannot_write_its_ramdisk_beyond_the_jobs_memory(cgroup_slurm, cg_site, users):  # noqa: F811 - the fixture imported above
     """The attack: a job given 250 MiB whose guest asks for more (256 MiB of RAM and a 1 GiB disk in node memory,
     fs_type=ramdisk: a hand-made plan, the bridge's own check bypassed) and writes into its disks, i.e. into host
     RAM. QEMU is in the job's cgroup from before its first instruction (the job's cgroups exist at boot), so
@@ -321,7 +321,8 @@ def test_a_guest_cannot_write_its_ramdisk_beyond_the_jobs_memory(cgroup_slurm, c
         escape.rmdir()
 
     # Her home is on the guest's root disk, whose overlay is in node memory.
-    write = _as(attacker, ssh_argv(key, sock, attacker.name, "dd if=/dev/zero of=$HOME/fill bs=1M count=110; sync"), 600)
+    fill = "dd if=/dev/zero of=$HOME/fill bs=1M count=110; sync"
+    write = _as(attacker, ssh_argv(key, sock, attacker.name, fill), 600)
     _wait("the guest outlived its job's memory limit", lambda: not cg_site.worker.hv.is_active(guest.name), 60)
     assert write.returncode != 0, write.stdout  # the guest died under it
     oom = dict(line.split() for line in (task / "memory.oom_control").read_text().splitlines())

@@ -20,8 +20,21 @@ import time
 
 import pytest
 
-from .rig_support import (COMPUTE, RIG_DIR, FaultJob, consumers, dead_letters, heartbeat_ages, log_lines,
-                          log_size, on, rig, service_pids, wait_consuming, wait_nothing_left)
+from .rig_support import (
+    COMPUTE,
+    RIG_DIR,
+    FaultJob,
+    consumers,
+    dead_letters,
+    heartbeat_ages,
+    log_lines,
+    log_size,
+    on,
+    rig,
+    service_pids,
+    wait_consuming,
+    wait_nothing_left,
+)
 from .test_rig import cluster  # noqa: F401 - the rig, up for this module and always taken down
 
 pytestmark = [pytest.mark.slow]
@@ -106,7 +119,8 @@ def test_b_node_worker_killed_mid_boot(baseline):
     assert outcome == "completed", outcome
     assert job.boots("c2") == 1
     # 1 s of slack: the two times are sampled every 0.1 s and the two hosts share two cores
-    assert reboot_c1 <= boot_c2 + 1.0, f"the interrupted boot took {reboot_c1:.1f}s after the restart, one boot {boot_c2:.1f}s"
+    assert reboot_c1 <= boot_c2 + 1.0, (
+        f"the interrupted boot took {reboot_c1:.1f}s after the restart, one boot {boot_c2:.1f}s")
     left = wait_nothing_left(job)
     report("b) leftovers", gone_after_job_end=left)
 
