@@ -180,6 +180,9 @@ class SpecConfig(_Section):
     max_iocm_cores: int = 4
     default_fs_type: Literal["ramdisk", "sharedfs"] = "sharedfs"
     max_disk: str = "100G"
+    # fs_type=ramdisk: how far a guest's root disk may grow in node memory. With its data disk (or max_disk for
+    # the owner's own image) it is the size of the guest's own tmpfs, and what the job's memory must hold.
+    ramdisk_root_max: str = "1G"
     # What a node keeps for itself; vsub raises ppn/mem so the VMs fit beside it.
     host_reserve_cores: int = 1
     host_reserve_ram: str = "2G"

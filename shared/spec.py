@@ -187,10 +187,23 @@ class VMSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
         return site.host_reserve_cores + self.vcpus * self.vms_per_node + (self.iocm_max_cores if self.iocm else 0)
 
     def ram_mib_per_node(self, site: SpecConfig) -> int:
-        """What a node must give the job: the host reserve, the VMs' RAM, and a new data disk kept in node
-        memory (fs_type=ramdisk): the bridge holds the guests to the job's memory, ramdisk use included."""
-        ramdisk = self.disk.size_mib if self.fs_type == "ramdisk" and self.disk and self.disk.size_mib else 0
+        """What a node must give the job: the host reserve, the VMs' RAM, and what its guests may keep in node
+        memory (fs_type=ramdisk, `ramdisk_mib`): the bridge holds the guests to the job's memory, ramdisk
+        included. The data disk is the first guest's only."""
+        first = ramdisk_mib(self.fs_type, self.disk.size_mib if self.disk else None,
+                            bool(self.disk and self.disk.image), site)
+        ramdisk = first + ramdisk_mib(self.fs_type, None, False, site) * (self.vms_per_node - 1)
         return parse_size_mib(site.host_reserve_ram) + self.ram_mib * self.vms_per_node + ramdisk
+
+
+def ramdisk_mib(fs_type: str, disk_mib: int | None, own_image: bool, site: SpecConfig) -> int:
+    """What one guest may keep in node memory: nothing on shared storage; on a ramdisk its root disk's growth
+    (ramdisk_root_max) and its data disk (a new one's size; the owner's own image up to max_disk, as copied).
+    The node worker makes it the size of the guest's own tmpfs, so it is a cap as well as a count."""
+    if fs_type != "ramdisk":
+        return 0
+    data = disk_mib or (parse_size_mib(site.max_disk) if own_image else 0)
+    return parse_size_mib(site.ramdisk_root_max) + data
 
 
 def split_pairs(text: str, skip_empty: bool = False) -> list[tuple[str, str]]:

@@ -62,8 +62,11 @@ def guest_dir(root: str | Path, guest_name: str) -> Path:
 
 def prepare(root: str | Path, guest_name: str, job_id: str, base: Path, base_format: str,
             seed: dict[str, bytes], data_size_mib: int | None = None, user_image: UserImage | None = None,
-            store: str | Path | None = None, node: str | None = None) -> GuestDisks:
+            store: str | Path | None = None, node: str | None = None,
+            memory_cap_mib: int | None = None) -> GuestDisks:
     """Create the guest's directory, overlay, seed and extra disk; on any failure nothing of it is left.
+    `memory_cap_mib` (fs_type=ramdisk): the directory is a tmpfs of the guest's own of that size, so what the
+    guest writes to its disks in node memory stops there (shared/spec.py ramdisk_mib: what the job was counted).
     Raises trust.Refused (an unsafe root, a bad name), UserFileRefused (the owner's image) or DiskError."""
     gdir = guest_dir(root, guest_name)
     secure_dir(root, DIR_MODE)
@@ -77,6 +80,10 @@ def prepare(root: str | Path, guest_name: str, job_id: str, base: Path, base_for
         raise Refused(f"{gdir} exists and is not a guest directory of root's: refusing to use it") from None
     os.chmod(gdir, DIR_MODE)
     try:
+        if memory_cap_mib:
+            # Its own mount: nosuid, nodev, noexec; root's, 0711 as the directory it covers.
+            _run(["mount", "-t", "tmpfs", "-o", f"size={memory_cap_mib}m,mode={DIR_MODE:o},uid=0,gid=0,"
+                  "nosuid,nodev,noexec", "vtorque-guest", str(gdir)])
         _write_new(gdir / "job", job_id.encode())
         if node:
             _write_new(gdir / "node", node.encode())  # whose it is, on a shared test host
@@ -210,6 +217,10 @@ def _remove_tree(gdir: Path, store: str | Path | None) -> None:
     if not os.path.isdir(gdir) or os.path.islink(gdir):
         return
     release_lease(gdir, store)
+    if os.path.ismount(gdir):
+        # A ramdisk guest's own tmpfs: detached, its memory freed once QEMU (already gone, or going) lets go.
+        subprocess.run(["umount", "--lazy", str(gdir)], capture_output=True, timeout=SUBPROCESS_TIMEOUT,
+                       stdin=subprocess.DEVNULL)
     # shutil.rmtree walks by file descriptor (symlink-attack resistant); it never follows a link inside.
     assert shutil.rmtree.avoids_symlink_attacks
     shutil.rmtree(gdir, ignore_errors=True)

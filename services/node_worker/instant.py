@@ -146,7 +146,7 @@ def _console(xml: str) -> str:
 
 
 def instant_prepare(root, guest_name, job_id, base, base_format, seed, data_size_mib=None, user_image=None,
-                    store=None, node=None) -> GuestDisks:
+                    store=None, node=None, memory_cap_mib=None) -> GuestDisks:
     """disks.prepare's directory (root's, checked as there), its job and node marks and the console log; no
     overlay and no seed ISO (nothing reads them on the test driver)."""
     gdir = disks.guest_dir(root, guest_name)

@@ -26,7 +26,7 @@ from vtorque.shared.image_store import ImageStore
 from vtorque.shared.job_network import guest_mac
 from vtorque.shared.logs import log
 from vtorque.shared.service import Service
-from vtorque.shared.spec import parse_size_mib
+from vtorque.shared.spec import parse_size_mib, ramdisk_mib
 from vtorque.shared.user_files import UserFileRefused
 
 from . import disks, guest_link, iocm, job_cgroup, numa, trust, vrdma
@@ -250,7 +250,10 @@ class NodeWorker(Service):
                                              self.config.node.guest_mounts),
                                   data_size_mib=guest.disk.size_mib if guest.disk else None,
                                   user_image=self._user_image(cmd, guest, deadline),
-                                  store=self.config.images.store, node=self.node)
+                                  store=self.config.images.store, node=self.node,
+                                  memory_cap_mib=ramdisk_mib(guest.fs_type, guest.disk.size_mib if guest.disk else None,
+                                                             bool(guest.disk and guest.disk.image),
+                                                             self.config.spec) or None)
         t_disks = time.monotonic()
         try:
             gdir = Path(files.overlay).parent

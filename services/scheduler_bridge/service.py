@@ -104,7 +104,7 @@ class SchedulerBridge(Service):
             if not job.nodes:
                 raise PlanError("the scheduler gave the job no nodes")
             guests = plan_guests(job, spec, self.config, user_metadata)
-            too_big = over_allocation(info, guests)
+            too_big = over_allocation(info, guests, self.config.spec)
             if too_big:
                 raise PlanError(too_big)
             unfit = self._unfit(spec, job)

@@ -8,7 +8,9 @@ more than that (DESIGN.md: "the bridge checks a job event against the scheduler 
 from __future__ import annotations
 
 from vtorque.shared import messages as m
+from vtorque.shared.config import SpecConfig
 from vtorque.shared.scheduler import JobInfo
+from vtorque.shared.spec import ramdisk_mib
 
 
 def mismatch(job: m.JobStarted, info: JobInfo | None) -> str | None:
@@ -27,21 +29,22 @@ def mismatch(job: m.JobStarted, info: JobInfo | None) -> str | None:
     return None
 
 
-def planned_memory_mib(guests: list[m.GuestPlan]) -> int:
-    """What the guests take of their nodes' memory: their RAM, and a data disk kept in node memory (ramdisk)."""
+def planned_memory_mib(guests: list[m.GuestPlan], site: SpecConfig) -> int:
+    """What the guests take of their nodes' memory: their RAM, and what each may keep in node memory on a
+    ramdisk (root disk growth and data disk, shared/spec.py ramdisk_mib: each guest's tmpfs is that size)."""
     total = 0
     for g in guests:
-        total += g.ram_mib
-        if g.fs_type == "ramdisk" and g.disk is not None and g.disk.size_mib:
-            total += g.disk.size_mib
+        total += g.ram_mib + ramdisk_mib(g.fs_type, g.disk.size_mib if g.disk else None,
+                                         bool(g.disk and g.disk.image), site)
     return total
 
 
-def over_allocation(info: JobInfo | None, guests: list[m.GuestPlan]) -> str | None:
-    """The guests run outside the job's cgroup, so the bridge holds them to what the scheduler gave the job."""
+def over_allocation(info: JobInfo | None, guests: list[m.GuestPlan], site: SpecConfig) -> str | None:
+    """The guests run outside the job's cgroup (unless [node] job_cgroup), so the bridge holds them to what the
+    scheduler gave the job."""
     if info is None or info.mem_mib is None:
         return None
-    need = planned_memory_mib(guests)
+    need = planned_memory_mib(guests, site)
     if need > info.mem_mib:
         return (f"the job's guests need {need} MiB of memory but the scheduler gave the job {info.mem_mib} MiB "
                 f"(ask for more: Slurm --mem, Torque -l mem)")

@@ -55,3 +55,36 @@ def test_an_ordinary_users_guest_boots_with_her_disk_as_roots_private_copy(guest
     assert isinstance(site.sent.sent[-1], m.GuestsTornDown) and site.sent.sent[-1].guests == [plan.name]
     assert not (Path(site.config.node.guest_dir) / plan.name).exists()
     assert file_state(img) == before
+
+
+def test_a_ramdisk_guest_boots_on_a_tmpfs_of_its_own_sized_as_its_job_was_counted(base_image, test_guest, users):
+    """fs_type=ramdisk: the guest's files are on a tmpfs of exactly ramdisk_mib (what the bridge counted against
+    the job's memory), QEMU runs from it (under /dev/shm, as on a node: libvirt gives QEMU a /dev of its own and
+    moves /dev/shm's mounts into it), and the teardown takes the mount with the files."""
+    import uuid
+
+    from vtorque.shared.spec import ramdisk_mib
+
+    shm = Path(f"/dev/shm/vtorque-sec-{uuid.uuid4().hex[:8]}")
+    site = make_site(base_image, entry=test_guest, boot_timeout=150.0, ramdisk_dir=str(shm / "guests"))
+    a, _ = users
+    j = "4243.sec"
+    plan = site.plan(a, j, vcpus=1, ram_mib=192, fs_type="ramdisk", disk=m.DataDisk(size_mib=32))
+    gdir = Path(site.config.node.ramdisk_dir) / plan.name
+    mounts = lambda: [line.split() for line in Path("/proc/mounts").read_text().splitlines()]  # noqa: E731
+    try:
+        answers = site.boot(j, plan)
+        assert len(answers) == 1 and isinstance(answers[0], m.GuestReady), answers
+        (mount,) = [fields for fields in mounts() if fields[1] == str(gdir)]
+        assert mount[2] == "tmpfs" and {"nosuid", "nodev", "noexec"} <= set(mount[3].split(","))
+        st = os.statvfs(gdir)
+        assert st.f_blocks * st.f_frsize == ramdisk_mib("ramdisk", 32, False, site.config.spec) << 20
+        assert (gdir / "root.qcow2").exists() and (gdir / "data.qcow2").exists()
+    finally:
+        site.worker.on_teardown_guests(m.TeardownGuests.new(job_id=j, deadline=60.0, node=site.node))
+        for name in site.domains():
+            site.worker.hv.remove(name)
+    assert site.sent.sent[-1].guests == [plan.name]
+    assert not gdir.exists() and not any(fields[1] == str(gdir) for fields in mounts())
+    shutil.rmtree(shm, ignore_errors=True)
+    shutil.rmtree(site.root, ignore_errors=True)
