@@ -61,6 +61,10 @@ if [ -f /etc/rabbitmq/rabbitmq.conf ] && grep -qE '^(listeners\.ssl|ssl_options\
     for _ in $(seq 1 60); do timeout 5 rabbitmqctl -q ping >/dev/null 2>&1 && break; sleep 1; done
   fi
 fi
+# ramdisk guests' own tmpfs mounts (services/node_worker/disks.py), before their directories go
+awk '$2 ~ "^/dev/shm/vtorque" {print $2}' /proc/mounts | sort -r | while read -r mnt; do
+  umount --lazy "$mnt" && echo "purge: unmounted $mnt"
+done
 rm -rf /opt/vtorque /var/cache/vtorque /var/lib/vtorque /var/lib/vtorque-stack /etc/vtorque /var/log/vtorque \
        /run/vtorque /dev/shm/vtorque /dev/shm/vtorque-* /var/log/vtorque-install-deps.log /etc/libvirt /var/lib/libvirt /var/log/libvirt
 rm -rf build ./*.egg-info
