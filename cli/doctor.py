@@ -355,8 +355,52 @@ def check_prologue_timeout(config) -> Check:
                                         f"{kill - cap:.0f} s before the scheduler would kill it")
 
 
+def job_network_problems(node, tools: dict[str, str | None], interfaces: dict[str, tuple[str, int]]) -> Check:
+    """Can this node carry job networks (services/node_worker/job_segment.py)? `tools`: ip, bridge, iptables →
+    their path or None; `interfaces`: this host's IPv4 addresses → (interface, MTU)."""
+    missing = [name for name, path in tools.items() if not path]
+    if missing:
+        return Check("job network", FAIL, f"{', '.join(missing)} not found (Debian: iproute2, iptables): "
+                                          "jobs of several guests fail on this node")
+    local = node.job_network_localaddr
+    if local not in interfaces:
+        return Check("job network", FAIL, f"[node] job_network_localaddr {local} is not an address of this host")
+    dev, mtu = interfaces[local]
+    problems, status = [], OK
+    if node.job_network_port >= 1024:
+        problems.append(f"port {node.job_network_port} is not below 1024: a user can bind it first")
+        status = WARN
+    if dev != "lo" and node.job_network_mtu + 50 > mtu:
+        problems.append(f"guest MTU {node.job_network_mtu} + 50 bytes of VXLAN exceeds {dev}'s {mtu}")
+        status = WARN
+    if dev == "lo":
+        problems.append("loopback: a job's guests on other nodes cannot reach this node's (one test host only)")
+        status = WARN
+    where = f"VXLAN from {local} ({dev}, MTU {mtu}), UDP {node.job_network_port}, guest MTU {node.job_network_mtu}"
+    return Check("job network", status, "; ".join([where, *problems]))
+
+
+def check_job_network(config) -> Check:
+    import json
+
+    tools = {name: shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin") for name in ("ip", "bridge", "iptables")}
+    interfaces: dict[str, tuple[str, int]] = {}
+    if tools["ip"]:
+        try:
+            links = {link["ifname"]: link.get("mtu", 0) for link in json.loads(
+                subprocess.run([tools["ip"], "-j", "link"], capture_output=True, text=True, timeout=10).stdout)}
+            for entry in json.loads(subprocess.run([tools["ip"], "-j", "-4", "addr"], capture_output=True,
+                                                   text=True, timeout=10).stdout):
+                for addr in entry.get("addr_info", []):
+                    interfaces[addr["local"]] = (entry["ifname"], links.get(entry["ifname"], 0))
+        except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+            return Check("job network", FAIL, f"ip: {exc}")
+    return job_network_problems(config.node, tools, interfaces)
+
+
 CHECKS: list[Callable] = [check_broker, check_broker_users, check_libvirt, check_accel, check_image_store,
-                          check_clock, check_torque_hooks, check_hook_config, check_prologue_timeout]
+                          check_clock, check_torque_hooks, check_hook_config, check_prologue_timeout,
+                          check_job_network]
 
 
 def check_name(check: Callable) -> str:
