@@ -21,6 +21,7 @@ from pathlib import Path
 
 from vtorque.shared import image_leases as leases
 from vtorque.shared.logs import log
+from vtorque.shared.messages import domain_name
 from vtorque.shared.user_files import copy_user_image
 
 from .domain import GuestDisks
@@ -185,8 +186,20 @@ def mtime_of(gdir: Path, name: str = "job") -> float | None:
 
 
 def guests_of_job(root: str | Path, job_id: str) -> list[str]:
-    """Guest directories on this node that belong to `job_id`, whether or not a domain exists for them."""
-    return sorted(name for name, gdir in guest_dirs(root).items() if read_small(gdir, "job") == job_id)
+    """Guest directories on this node that belong to `job_id`, whether or not a domain exists for them.
+    Only the names the job's guests can have are looked into (domain_name's prefix; its `job` file decides):
+    a teardown reads its own guests' files, not every guest's on the node."""
+    why = is_safe_dir(root)
+    if why:
+        return []
+    prefix = domain_name(job_id, "", 0).removesuffix("-0")  # vt-<job>-
+    found = []
+    for entry in os.scandir(root):
+        if entry.name.startswith(prefix) and _valid_name(entry.name) \
+                and own_entry(Path(root), entry.name) is not None \
+                and read_small(Path(root) / entry.name, "job") == job_id:
+            found.append(entry.name)
+    return sorted(found)
 
 
 def release_lease(gdir: Path, store: str | Path | None = None) -> bool:

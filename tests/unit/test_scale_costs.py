@@ -166,3 +166,25 @@ def test_a_node_takes_its_guest_of_a_job_of_1024_nodes_and_still_bounds_its_own_
                                guests=[command.guests[0]] * (trust.MAX_GUESTS + 1))
     with pytest.raises(trust.Refused, match="at most"):
         trust.check_boot(crowded, "n0000", config)
+
+
+def test_a_teardown_looks_into_its_own_jobs_guest_directories_only(tmp_path, monkeypatch):
+    """No per-operation cost that grows with the guests on a node: finding a job's leftover directories reads
+    the `job` file of that job's guests, not of all 300 on the node; a name that only looks like the job's is
+    still decided by its `job` file."""
+    from vtorque.services.node_worker import disks
+    from vtorque.shared.messages import domain_name
+
+    root = tmp_path / "guests"
+    root.mkdir(mode=0o711)
+    for job in [str(n) for n in range(100, 400)] + ["1-2"]:
+        gdir = root / domain_name(job, "n1", 0)
+        gdir.mkdir(mode=0o711)
+        (gdir / "job").write_text(job)
+    reads = []
+    real = disks.read_small
+    monkeypatch.setattr(disks, "read_small", lambda gdir, name: reads.append(gdir.name) or real(gdir, name))
+    assert disks.guests_of_job(root, "1") == []  # vt-1-2-n1-0 is job 1-2's
+    assert reads == [domain_name("1-2", "n1", 0)]
+    reads.clear()
+    assert disks.guests_of_job(root, "250") == [domain_name("250", "n1", 0)] and len(reads) == 1
