@@ -1,7 +1,7 @@
 """`vtorque doctor`'s job network check: what a node needs to carry a job's VXLAN segment."""
 
-from vtorque.cli.doctor import job_network_problems
 from vtorque.cli.checks import FAIL, OK, WARN
+from vtorque.cli.doctor import job_network_problems
 from vtorque.shared.config import NodeConfig
 
 TOOLS = {"ip": "/usr/sbin/ip", "bridge": "/usr/sbin/bridge", "iptables": "/usr/sbin/iptables"}
