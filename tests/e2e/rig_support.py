@@ -20,6 +20,7 @@ from .test_rig import COMPUTE, HOSTS, PREFIX, RIG, RIG_DIR, on, queues, rig  # n
 
 # The rig's node workers run with the default [node] reconcile_interval (shared/config.py).
 RECONCILE_PERIOD = 30.0
+SERVICES = [("head", "bridge"), ("head", "stager"), *((c, "node-worker") for c in COMPUTE)]
 
 
 def script(sleep: float) -> str:
@@ -97,8 +98,9 @@ class FaultJob:
         show = self.wait_done()
         restarts = re.search(r"Restarts=(\d+)", show)
         if "JobState=COMPLETED" in show and restarts and restarts.group(1) != "0":
-            # requeued by its prologue (Slurm says why only in the bridge's and the hook's logs)
-            return f"completed after {restarts.group(1)} requeue(s)"
+            # requeued by its prologue: Slurm gives the owner's Comment back once the job starts, so the reasons
+            # are taken from the services' logs (the bridge's rejections, the node workers' failed guests)
+            return f"completed after {restarts.group(1)} requeue(s): {'; '.join(self.failures()) or 'no reason logged'}"
         if "JobState=COMPLETED" in show:
             assert "ExitCode=0:0" in show, show
             out = self.output()
@@ -110,6 +112,14 @@ class FaultJob:
         reason = re.search(r"vtorque: job \S+ did not start: (.+)", err)
         assert "JobState=FAILED" in show and reason, f"job {self.id} neither completed nor told why: {show}\n{err}"
         return f"failed: {reason.group(1)}"
+
+
+    def failures(self) -> list[str]:
+        out = []
+        for h, s in SERVICES:
+            out += [f"{h}/{s}: {line['msg']}: {line.get('reason')}" for line in log_lines(h, s)
+                    if line.get("job_id") == self.id and line.get("msg") in ("job rejected", "guest failed")]
+        return out
 
 
 def domains(host: str) -> list[str]:
@@ -211,9 +221,6 @@ def queue_stats(via: str = "head") -> dict[str, dict]:
     out = on(via, "rabbitmqctl", "-q", "list_queues", "-p", "vtorque", "name", "messages", "consumers",
              "--formatter", "json").stdout
     return {q["name"]: q for q in json.loads(out)}
-
-
-SERVICES = [("head", "bridge"), ("head", "stager"), *((c, "node-worker") for c in COMPUTE)]
 
 
 def dead_letters() -> list[str]:
