@@ -36,6 +36,8 @@ echo RIG-JOB-END
 class FaultJob:
     """A 2-host VM job (vsub on head, the tiny guest, one guest on each compute host)."""
 
+    submitted_jobs: list[FaultJob] = []
+
     def __init__(self, sleep: float = 0):
         self.dir = RIG_DIR / "jobs" / f"test-rig-{uuid.uuid4().hex[:8]}"
         self.dir.mkdir(parents=True)
@@ -45,6 +47,7 @@ class FaultJob:
         proc = on("head", "vsub", "-l", "nodes=2", "-vm", "img=tiny", "job.sh", cwd=self.dir)
         self.id = proc.stdout.strip()
         assert self.id.isdigit(), proc.stdout + proc.stderr
+        FaultJob.submitted_jobs.append(self)
 
     def guest(self, host: str) -> str:
         return f"vt-{self.id}-{host}-0"
@@ -229,3 +232,13 @@ def dead_letters() -> list[str]:
     "Faults on the rig")."""
     return [f"{h}/{s}: {line.get('reason')}" for h, s in SERVICES for line in log_lines(h, s)
             if line.get("msg") == "dead-lettering a message"]
+
+
+def cancel_unfinished() -> list[str]:
+    """scancel every fault job still queued or running (a failed test's), so it cannot run into the next test
+    (a requeued job starts again two minutes later, on the same hosts)."""
+    left = [job.id for job in FaultJob.submitted_jobs if job.running()]
+    if left:
+        on("head", "scancel", *left, check=False)
+    FaultJob.submitted_jobs.clear()
+    return left

@@ -24,6 +24,7 @@ from .rig_support import (
     COMPUTE,
     RIG_DIR,
     FaultJob,
+    cancel_unfinished,
     consumers,
     dead_letters,
     heartbeat_ages,
@@ -41,6 +42,12 @@ pytestmark = [pytest.mark.slow]
 
 # "within 10 s of the broker node (libvirtd) returning" (issue 12 item 5)
 BACK_AT_WORK = 10.0
+
+
+@pytest.fixture(autouse=True)
+def no_job_left_running(cluster):  # noqa: F811 - the fixture imported above
+    yield
+    cancel_unfinished()
 
 
 @pytest.fixture
