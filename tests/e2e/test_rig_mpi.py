@@ -3,7 +3,8 @@
 
 mpirun in guest 0 (on c1) reaches its sibling on c1 and both guests on c2 by their names in /etc/hosts, over
 the job network, with the job's agent forwarded by the launcher. Nothing here depends on how the job's segment
-spans hosts (a multicast socket today, a VXLAN segment per job soon), only that the guests reach each other."""
+spans hosts (a VXLAN segment per job since 1160a89, a multicast group on loopback before), only that the guests
+reach each other by name."""
 
 import re
 import subprocess
