@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import fcntl
 import ipaddress
+import json
 import os
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from vtorque.shared import messages as m
 from vtorque.shared.job_network import guest_mac
@@ -147,11 +147,14 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess:
 
 
 class JobSegments:
-    """The job networks on this node. `run` and `sysfs` are injectable (a flow test's fake, a test's namespace)."""
+    """The job networks on this node. Everything is read and changed through `ip`/`bridge` (netlink), never
+    /sys/class/net: sysfs shows the network namespace it was mounted in, which need not be this process's (a
+    node in a container or a namespace, as the cluster rig's hosts are). `run` is injectable (a flow test's fake,
+    the unit tests' fake kernel)."""
 
     def __init__(self, port: int, mtu: int, run: Callable[[list[str]], subprocess.CompletedProcess] = _run,
-                 sysfs: Path = Path("/sys/class/net"), lock_path: str = LOCK_PATH):
-        self.port, self.mtu, self.run, self.sysfs, self.lock_path = port, mtu, run, sysfs, lock_path
+                 lock_path: str = LOCK_PATH):
+        self.port, self.mtu, self.run, self.lock_path = port, mtu, run, lock_path
         self._guarded = False
 
     # -- what is there ------------------------------------------------------------------------------------
@@ -159,23 +162,33 @@ class JobSegments:
     def present(self) -> dict[int, str]:
         """VNI → job id of every job segment on this node."""
         found: dict[int, str] = {}
-        for entry in self.sysfs.glob(f"{BRIDGE_PREFIX}*") if self.sysfs.exists() else []:
-            try:
-                vni = int(entry.name[len(BRIDGE_PREFIX):], 16)
-                alias = (entry / "ifalias").read_text().strip()
-            except (ValueError, OSError):
-                continue
-            if entry.name == bridge_name(vni) and alias.startswith(ALIAS_PREFIX):
+        for link in self._links(["type", "bridge"]):
+            name, alias = link.get("ifname", ""), link.get("ifalias", "")
+            vni = _vni_of(name, BRIDGE_PREFIX)
+            if vni is not None and alias.startswith(ALIAS_PREFIX):
                 found[vni] = alias[len(ALIAS_PREFIX):]
         return found
 
     def ports(self, vni: int) -> list[str]:
         """The interfaces on the segment's bridge other than its VXLAN device: the guests' taps."""
-        brif = self.sysfs / bridge_name(vni) / "brif"
+        return sorted(link["ifname"] for link in self._links(["master", bridge_name(vni)])
+                      if link.get("ifname") and link["ifname"] != vxlan_name(vni))
+
+    def _links(self, selector: list[str]) -> list[dict]:
         try:
-            return sorted(p.name for p in brif.iterdir() if p.name != vxlan_name(vni))
-        except OSError:
-            return []
+            done = self.run(["ip", "-j", "link", "show", *selector])
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise SegmentError(f"job network: ip failed: {exc}") from None
+        if done.returncode != 0:
+            return []  # no such master: no ports
+        try:
+            links = json.loads(done.stdout or "[]")
+        except ValueError:
+            raise SegmentError(f"job network: ip -j link: not JSON: {done.stdout[:100]!r}") from None
+        return [link for link in links if isinstance(link, dict)]
+
+    def _exists(self, name: str) -> bool:
+        return self.run(["ip", "link", "show", "dev", name]).returncode == 0
 
     # -- changes ------------------------------------------------------------------------------------------
 
@@ -187,8 +200,12 @@ class JobSegments:
             if holder is not None and holder != seg.job_id:
                 raise SegmentError(f"job network {seg.vni} is held by job {holder} on this node")
             if holder is None:
-                if (self.sysfs / seg.bridge).exists() or (self.sysfs / seg.vxlan).exists():
-                    raise SegmentError(f"interface {seg.bridge} or {seg.vxlan} exists and is not vtorque's")
+                if self._exists(seg.bridge) or self._exists(seg.vxlan):
+                    # Our names without our label: a making cut short (the node worker killed between the
+                    # commands). Nothing of a job is on it, or it would carry the label: made again.
+                    if self.ports(seg.vni):
+                        raise SegmentError(f"interface {seg.bridge} has ports but no vtorque job: left alone")
+                    self._delete(seg.vni)
                 try:
                     for argv in setup_commands(seg):
                         self._must(argv)
@@ -211,7 +228,7 @@ class JobSegments:
 
     def _delete(self, vni: int) -> None:
         for name in (vxlan_name(vni), bridge_name(vni)):
-            if (self.sysfs / name).exists():
+            if self._exists(name):
                 self.run(["ip", "link", "del", name])
 
     def _forwarding(self, vxlan: str) -> set[tuple[str, str]]:
@@ -241,6 +258,17 @@ class JobSegments:
 
     def _host_lock(self):
         return _FileLock(self.lock_path)
+
+
+def _vni_of(name: str, prefix: str) -> int | None:
+    """The VNI in one of our interface names (vtj00abcd → 0xabcd), or None for any other name."""
+    if not name.startswith(prefix) or len(name) != len(prefix) + 6:
+        return None
+    try:
+        vni = int(name[len(prefix):], 16)
+    except ValueError:
+        return None
+    return vni if name == f"{prefix}{vni:06x}" else None
 
 
 class _FileLock:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
 import threading
 import time
 import uuid
@@ -21,7 +20,7 @@ import pytest
 
 from vtorque.services.image_stager.service import ImageStager
 from vtorque.services.node_worker.hypervisor import Hypervisor
-from vtorque.services.node_worker.job_segment import JobSegments
+from vtorque.services.node_worker.instant import instant_segments
 from vtorque.services.node_worker.service import NodeWorker
 from vtorque.services.scheduler_bridge.service import SchedulerBridge
 from vtorque.shared import messages as m
@@ -137,9 +136,7 @@ def test_ten_thousand_generated_messages_crash_nothing_and_each_gets_a_named_rea
         # Job networks only as commands: a generated message that passed every check must not make a bridge in
         # this machine's own network namespace.
         svc = NodeWorker(config, publisher, hypervisor=Hypervisor("test:///default"),
-                         segments=JobSegments(789, 1450, run=lambda argv: subprocess.CompletedProcess(argv, 0, "", ""),
-                                              sysfs=tmp_path / "no-interfaces",
-                                              lock_path=str(tmp_path / "job-network.lock")))
+                         segments=instant_segments(tmp_path))
         target, kind = (COMMANDS.name, f"node.{node}"), "BootGuests"
     runner = ServiceRunner(url, svc.queues()[:1], svc.handlers())
     waiter = EventWaiter(url, ["job.#", "image.#"])  # the stager answers on image.<digest>.…

@@ -92,9 +92,11 @@ class Cluster:
         return {c.node: c for c in boot_commands(job, guests, dict(self.nodes))}
 
     def node_side(self, node: str, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+        """Entered as the cluster rig enters its hosts (nsenter --net, no sysfs of the namespace's own): what the
+        node worker reads of its interfaces must come from its network namespace, not from /sys."""
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
-        return subprocess.run(["ip", "netns", "exec", self.ns[node], sys.executable, "-c", NODE_SIDE, node,
-                               self.nodes[node], *args], input=stdin, capture_output=True, timeout=60, env=env)
+        return subprocess.run(["nsenter", f"--net=/run/netns/{self.ns[node]}", sys.executable, "-c", NODE_SIDE,
+                               node, self.nodes[node], *args], input=stdin, capture_output=True, timeout=60, env=env)
 
     def boot(self, cmd: m.BootGuests) -> str:
         """The job's segment on the command's node, and a guest on it; the guest namespace's name."""

@@ -4,6 +4,7 @@ is tests/security/test_job_network.py."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -91,32 +92,49 @@ def test_an_endpoint_that_is_not_another_nodes_unicast_address_is_refused(addres
 
 
 class FakeHost:
-    """`ip`/`bridge`/`iptables` as a node's kernel would take them, on a directory standing in for sysfs."""
+    """`ip`/`bridge`/`iptables` as a node's kernel would take them: interfaces by name, their type, master, alias."""
 
-    def __init__(self, sysfs: Path, fail_on: str = ""):
-        self.sysfs, self.fail_on, self.ran = sysfs, fail_on, []
+    def __init__(self, fail_on: str = ""):
+        self.fail_on, self.ran, self.links = fail_on, [], {}
 
     def __call__(self, argv):
         self.ran.append(argv)
+        ok = subprocess.CompletedProcess(argv, 0, "", "")
         if self.fail_on and self.fail_on in " ".join(argv):
             return subprocess.CompletedProcess(argv, 2, "", "RTNETLINK answers: Operation not permitted")
         if argv[:3] == ["ip", "link", "add"]:
-            (self.sysfs / argv[3] / "brif").mkdir(parents=True)
-        elif argv[:3] == ["ip", "link", "set"] and "alias" in argv:
-            (self.sysfs / argv[3] / "ifalias").write_text(argv[argv.index("alias") + 1] + "\n")
+            if argv[3] in self.links:
+                return subprocess.CompletedProcess(argv, 2, "", "RTNETLINK answers: File exists")
+            self.links[argv[3]] = {"ifname": argv[3], "kind": argv[argv.index("type") + 1]}
+        elif argv[:3] == ["ip", "link", "set"]:
+            link = self.links[argv[3]]
+            if "alias" in argv:
+                link["ifalias"] = argv[argv.index("alias") + 1]
+            if "master" in argv:
+                link["master"] = argv[argv.index("master") + 1]
         elif argv[:3] == ["ip", "link", "del"]:
-            for p in sorted((self.sysfs / argv[3]).rglob("*"), reverse=True):
-                p.rmdir() if p.is_dir() else p.unlink()
-            (self.sysfs / argv[3]).rmdir()
+            self.links.pop(argv[3])
+            for link in self.links.values():
+                if link.get("master") == argv[3]:
+                    del link["master"]
+        elif argv[:4] == ["ip", "link", "show", "dev"]:
+            return ok if argv[4] in self.links else subprocess.CompletedProcess(argv, 1, "", "does not exist")
+        elif argv[:4] == ["ip", "-j", "link", "show"]:
+            key, value = argv[4], argv[5]
+            if key == "master" and value not in self.links:
+                return subprocess.CompletedProcess(argv, 1, "", "does not exist")
+            shown = [dict(link) for link in self.links.values()
+                     if (key == "type" and link["kind"] == value) or (key == "master" and link.get("master") == value)]
+            return subprocess.CompletedProcess(argv, 0, json.dumps(shown), "")
         elif argv[0] == "iptables" and ("-C" in argv or "-L" in argv):
             return subprocess.CompletedProcess(argv, 1, "", "")
-        return subprocess.CompletedProcess(argv, 0, "", "")
+        return ok
 
 
 def segments(tmp_path: Path, **kw) -> tuple[JobSegments, FakeHost]:
-    (tmp_path / "net").mkdir(parents=True, exist_ok=True)
-    host = FakeHost(tmp_path / "net", **kw)
-    return JobSegments(789, 1450, run=host, sysfs=tmp_path / "net", lock_path=str(tmp_path / "lock")), host
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    host = FakeHost(**kw)
+    return JobSegments(789, 1450, run=host, lock_path=str(tmp_path / "lock")), host
 
 
 def test_a_vni_another_job_holds_is_refused_and_a_half_made_segment_is_removed(tmp_path):
@@ -129,12 +147,29 @@ def test_a_vni_another_job_holds_is_refused_and_a_half_made_segment_is_removed(t
     with pytest.raises(SegmentError, match="held by job 42"):
         segs.ensure(Segment(job_id="99", vni=4138, local="10.0.0.1", remotes=(), remote_macs=(), port=789, mtu=1450))
     # a tap on it keeps it; without one it goes
-    (tmp_path / "net" / "vtj00102a" / "brif" / "vnet0").mkdir()
+    host.links["vnet0"] = {"ifname": "vnet0", "kind": "tun", "master": "vtj00102a"}
+    assert segs.ports(4138) == ["vnet0"]
     assert segs.remove(4138, "42") is False and segs.present() == {4138: "42"}
-    (tmp_path / "net" / "vtj00102a" / "brif" / "vnet0").rmdir()
+    del host.links["vnet0"]
     assert segs.remove(4138, "99") is False and segs.remove(4138, "42") is True and segs.present() == {}
+    assert host.links == {}
 
-    broken, _ = segments(tmp_path / "b", fail_on="type vxlan")
+    broken, broken_host = segments(tmp_path / "b", fail_on="type vxlan")
     with pytest.raises(SegmentError, match="Operation not permitted"):
         broken.ensure(seg)
-    assert not any((tmp_path / "b" / "net").iterdir())  # the bridge made before the failure is gone too
+    assert broken_host.links == {}  # the bridge made before the failure is gone too
+
+
+def test_a_segment_whose_making_was_cut_short_is_made_again(tmp_path):
+    """The node worker killed between its commands (the cluster rig's fault b): the bridge exists without its
+    label. The job's next BootGuests (redelivered, or the requeued job) makes it afresh instead of failing on
+    'File exists'; a labelled-less bridge that has ports is not ours to take."""
+    segs, host = segments(tmp_path)
+    seg = Segment(job_id="42", vni=4138, local="10.0.0.1", remotes=(), remote_macs=(), port=789, mtu=1450)
+    host.links["vtj00102a"] = {"ifname": "vtj00102a", "kind": "bridge"}  # made, then killed before its alias
+    assert segs.ensure(seg) == "vtj00102a" and segs.present() == {4138: "42"}
+    host.links["vtj00102b"] = {"ifname": "vtj00102b", "kind": "bridge"}
+    host.links["eth5"] = {"ifname": "eth5", "kind": "veth", "master": "vtj00102b"}
+    with pytest.raises(SegmentError, match="has ports but no vtorque job"):
+        segs.ensure(Segment(job_id="43", vni=4139, local="10.0.0.1", remotes=(), remote_macs=(), port=789, mtu=1450))
+    assert "vtj00102b" in host.links and host.links["eth5"]["master"] == "vtj00102b"
