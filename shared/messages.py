@@ -249,6 +249,9 @@ class NodeHeartbeat(Event, frozen=True):
     # The node's VXLAN endpoint for job networks ([node] job_network_localaddr): the bridge puts it in the
     # BootGuests of a job that spans this node.
     tunnel_address: str = ""
+    # Why libvirt does not answer on this node ("" when it does): the worker is alive and beats on, and its boots
+    # wait for libvirt to return within their deadline.
+    hypervisor_down: str = ""
 
 
 # -- commands ---------------------------------------------------------------------------------------------

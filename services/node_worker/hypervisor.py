@@ -190,6 +190,14 @@ class Hypervisor:
                 del self._meta[key]
         return found
 
+    def unavailable(self) -> str:
+        """Why libvirt does not answer now, or "" when it does (a fresh connection is made if the last died)."""
+        try:
+            self._timed("version", self.query_timeout, lambda: self.conn.getLibVersion())
+        except (HypervisorError, libvirt.libvirtError) as exc:
+            return str(exc) or type(exc).__name__
+        return ""
+
     def active_names(self) -> set[str]:
         """Names of the running domains, in one call (not an is_active round trip per domain)."""
         return self._timed("list running domains", self.query_timeout, lambda: {

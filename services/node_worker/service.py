@@ -158,6 +158,7 @@ class NodeWorker(Service):
         with tracing.tracer().start_as_current_span("boot guest", attributes=attrs) as span:
             started = time.monotonic()
             try:
+                self._wait_for_hypervisor(cmd)
                 again = self._reannounce(cmd, guest)
                 if again is not None:
                     return again
@@ -176,6 +177,19 @@ class NodeWorker(Service):
             # The guest's sshd is a unix socket on this node, not a port (guest_link.py): ssh_port 0.
             return m.GuestReady.new(job_id=cmd.job_id, deadline=cmd.deadline, guest=guest.name, node=self.node,
                                     index=guest.index, address=str(ssh_socket), ssh_port=0, timings=timings)
+
+    def _wait_for_hypervisor(self, cmd: m.BootGuests, poll: float = 1.0) -> None:
+        """libvirt answering, or waited for within the boot's deadline: a libvirtd restart (seconds) is not a
+        failed boot and a requeued job (issue 12 item 8). Raises BootFailed (retryable) past the deadline."""
+        deadline = time.monotonic() + min(self.config.node.boot_timeout, (cmd.deadline - m.utcnow()).total_seconds())
+        why = self.hv.unavailable()
+        if why:
+            log(LOG, logging.WARNING, "libvirt not answering: the boot waits for it", error=why)
+        while why:
+            if time.monotonic() + poll > deadline:
+                raise BootFailed(f"libvirt on {self.node} did not answer before the boot's deadline: {why}", True)
+            time.sleep(poll)
+            why = self.hv.unavailable()
 
     def _reannounce(self, cmd: m.BootGuests, guest: m.GuestPlan) -> m.GuestReady | None:
         dom = self.hv.lookup(guest.name)
