@@ -27,6 +27,7 @@ COMPUTE = ["c1", "c2"]
 HOSTS = ["head", *COMPUTE]
 JOB = """#!/bin/sh
 echo "RIG-JOB-RAN on $(hostname)"
+for h in $(sort -u "$PBS_NODEFILE"); do ping -c 1 -W 3 "$h" >/dev/null && echo "REACHED $h"; done
 cat "$PBS_NODEFILE"
 """
 
@@ -193,7 +194,9 @@ class Job:
         out = (self.dir / f"job.sh.o{self.id}").read_text()
         assert f"RIG-JOB-RAN on {self.guests()[0]}" in out, out  # in rank 0's guest on c1
         assert sorted(out.split()[-2:]) == self.guests(), out  # the node file names both hosts' guests
-        for c, guest in zip(COMPUTE, self.guests()):
+        for guest in self.guests():  # over the job's own segment, from c1 to its own guest and across to c2
+            assert f"REACHED {guest}" in out, out
+        for c, guest in zip(COMPUTE, self.guests(), strict=True):
             qemu_log = RIG_DIR / "hosts" / c / "log" / "libvirt" / "qemu" / f"{guest}.log"
             assert qemu_log.read_text().count("starting up") == 1, f"{guest} booted more than once"
             # torn down by the epilogue: no domain left on its host
@@ -235,7 +238,8 @@ def test_a_broker_node_killed_mid_job_loses_nothing(cluster, broker):
                 assert time.monotonic() < end, f"{name} did not reconnect: {service_logs()[name].read_text()[-2000:]}"
                 time.sleep(0.2)
         status = rig("status", check=False).stdout
-        assert [line for line in status.splitlines() if line.endswith("DOWN")] == [f"{broker:<6} rabbitmq     DOWN"], status
+        down = [line for line in status.splitlines() if line.endswith("DOWN")]
+        assert down == [f"{broker:<6} rabbitmq     DOWN"], status
         qs = queues(via=next(h for h in HOSTS if h != broker))
         for c in COMPUTE:
             assert qs[f"vtorque.node.{c}"]["consumers"] >= 1, qs[f"vtorque.node.{c}"]
