@@ -137,7 +137,9 @@ def test_a_debian_cloud_guest_boots_with_the_seed(broker_url, worker, owner, ssh
     try:
         started = time.monotonic()
         publisher.publish(m.BootGuests.new(job_id=job, deadline=BOOT_TIMEOUT + 60, node=config.node.name,
-                                           guests=[plan], peers=peers, network=job_network(job)))
+                                           guests=[plan], peers=peers,
+                                           network=job_network(job, {config.node.name: "127.0.0.1",
+                                                                     "elsewhere": "10.213.0.99"})))
         ready = expect(waiter, m.GuestReady, BOOT_TIMEOUT + 60)
         print(f"boot to ready {ready.timings.ready:.1f}s (BootGuests to GuestReady {time.monotonic() - started:.1f}s)")
         console = (Path(config.node.guest_dir) / name / "console.log").read_text(errors="replace")

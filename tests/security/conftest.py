@@ -159,8 +159,8 @@ def make_site(base_image, entry: ImageEntry | None = None, **node) -> Site:
         images=ImagesConfig(store=str(root / "images"), catalog={"tiny": entry}),
         spec=SpecConfig(host_reserve_cores=0, host_reserve_ram="0M", max_vcpus=4, max_ram="1G", max_disk="1G",
                         max_vms_per_node=2),
-        node=NodeConfig(name=name, guest_dir=str(root / "guests"), ramdisk_dir=str(root / "shm/vtorque/guests"),
-                        **{"boot_timeout": 15.0, **node}))
+        node=NodeConfig(name=name, **{"guest_dir": str(root / "guests"),
+                                      "ramdisk_dir": str(root / "shm/vtorque/guests"), "boot_timeout": 15.0, **node}))
     sent = Recorder()
     worker = NodeWorker(config, sent, hypervisor=Hypervisor("qemu:///system"))
     return Site(root, config, worker, sent)
