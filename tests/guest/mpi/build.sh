@@ -26,6 +26,7 @@ KEYPKGS=(openmpi-bin libopenmpi3 libopenmpi-dev dropbear-bin)
 DISK_MIB=512
 
 . "$HERE/../cache.sh"
+. "$HERE/../debootstrap.sh"
 
 [ $# -eq 1 ] || { echo "usage: $ME OUTDIR" >&2; exit 2; }
 OUT=$1
@@ -39,27 +40,7 @@ BUSYBOX=/bin/busybox
 [ -r /usr/share/keyrings/debian-archive-keyring.gpg ] || die "no /usr/share/keyrings/debian-archive-keyring.gpg (package debian-archive-keyring)"
 for f in mpi-hello.c vt-ssh openmpi-mca-params.conf; do [ -r "$HERE/$f" ] || die "missing $HERE/$f"; done
 
-# The mirror: the host's own apt source for the suite, found as tests/guest/cloud/build.sh finds it.
-mirror() {
-    [ -z "${VTORQUE_DEBIAN_MIRROR:-}" ] || { echo "$VTORQUE_DEBIAN_MIRROR"; return; }
-    local f
-    for f in /etc/apt/sources.list.d/*.sources; do
-        [ -r "$f" ] || continue
-        awk -v s="$SUITE" 'BEGIN { RS = ""; FS = "\n" }
-            { uri = ""; ok = 0; deb = 0
-              for (i = 1; i <= NF; i++) {
-                  if ($i ~ /^URIs:/) { split($i, a, /[ \t]+/); uri = a[2] }
-                  if ($i ~ /^Types:/ && $i ~ /(^|[ \t])deb([ \t]|$)/) deb = 1
-                  if ($i ~ /^Suites:/) { n = split($i, b, /[ \t]+/); for (j = 2; j <= n; j++) if (b[j] == s) ok = 1 } }
-              if (ok && deb && uri != "") { print uri; exit } }' "$f"
-    done | head -n 1 | grep . && return
-    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-        [ -r "$f" ] || continue
-        awk -v s="$SUITE" '$1 == "deb" { i = 2; if ($2 ~ /^\[/) while ($i !~ /\]$/) i++; if ($2 ~ /^\[/) i++;
-                                        if ($(i + 1) == s) { print $i; exit } }' "$f"
-    done | head -n 1
-}
-MIRROR=$(mirror || true)
+MIRROR=$(debian_mirror || true)
 [ -n "$MIRROR" ] || die "no apt source for Debian $SUITE on this host (set VTORQUE_DEBIAN_MIRROR)"
 
 # ---- the tiny guest first: its kernel and initrd boot this root filesystem too --------------------------
@@ -72,39 +53,18 @@ VERSIONS=$(apt-cache policy "${KEYPKGS[@]}" 2>/dev/null |
            awk '/^[^ ]/ {p = $1} /Candidate:/ {printf "%s%s ", p, $2}')
 case "$VERSIONS" in *"(none)"*|"") die "apt-cache knows no candidate for some of ${KEYPKGS[*]} (run apt-get update): $VERSIONS" ;; esac
 OMPIVER=$(apt-cache policy libopenmpi-dev | awk '/Candidate:/ {print $2}')
-STAMP=$( { sha256sum "$HERE/build.sh" "$HERE/../cache.sh" "$HERE/mpi-hello.c" "$HERE/vt-ssh" \
+STAMP=$( { sha256sum "$HERE/build.sh" "$HERE/../cache.sh" "$HERE/../debootstrap.sh" "$HERE/mpi-hello.c" "$HERE/vt-ssh" \
                      "$HERE/openmpi-mca-params.conf" "$HERE/../vtorque-init" | awk '{print $1}'
            cat "$OUT/.tiny/.stamp"; echo "$SUITE ${PKGS[*]} $VERSIONS"; } | sha256sum | awk '{print $1}')
 FILES=(vmlinux initrd.img rootfs.qcow2)
 exit_if_cached_else_lock "${VERSIONS% }"
 
-# Leftovers of a build that was killed (SIGKILL skips the traps): nobody else builds here while we hold the lock.
-for old in "$OUT"/.build.*; do
-    [ -d "$old" ] || continue
-    awk -v p="$old/" 'index($2, p) == 1 {print $2}' /proc/mounts | sort -r | while read -r mnt; do
-        umount -l "$mnt" || true
-    done
-    if ! grep -q " $old/" /proc/mounts; then rm -rf "$old"; fi
-done
+remove_stale_builds
 
-if ! wget -q -T 20 -t 2 -O /dev/null "$MIRROR/dists/$SUITE/Release"; then
-    echo "$ME: error: the Debian mirror $MIRROR cannot be reached (no network?)" >&2
-    exit 3
-fi
+require_mirror
 
 step "building Debian $SUITE MPI guest in $OUT (${VERSIONS% })"
-WORK=$(mktemp -d "$OUT/.build.XXXXXX")
-ROOT=$WORK/root
-MOUNTS=()
-cleanup() {
-    local i
-    for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do umount -l "${MOUNTS[$i]}" 2>/dev/null || true; done
-    if ! grep -q " $WORK/" /proc/mounts; then rm -rf "$WORK"; else echo "$ME: warning: $WORK left (mounts)" >&2; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-in_root() { chroot "$ROOT" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive \
-                LC_ALL=C.UTF-8 HOME=/root "$@"; }
+begin_build
 
 # ---- 1. debootstrap minbase, then Open MPI and dropbear with apt from the host's sources ------------------
 # The .debs are kept in OUTDIR/.debs between builds (a rebuild after a script change downloads nothing new).
