@@ -365,7 +365,11 @@ class NodeWorker(Service):
         try:
             result = self.teardown_job(cmd.job_id)
             self._remove_job_shmem(cmd.job_id)
-            self._remove_job_network(cmd.job_id)
+            try:
+                self._remove_job_network(cmd.job_id)
+            except SegmentError as exc:
+                # The guests are gone, which is what the epilogue waits for; reconciliation retries the network.
+                log(LOG, logging.WARNING, "job network not removed", error=str(exc))
             reason = "; ".join(f"{n}: {why}" for n, why in sorted(result.failed.items()))
         except HypervisorError as exc:
             # libvirtd down or wedged: the epilogue hears so now (not after its deadline), reconciliation retries.
@@ -399,7 +403,11 @@ class NodeWorker(Service):
         with self._thread_lock:
             booting = set(self._booting_jobs)
         jobs_here = {meta.get("job") for meta in self.hv.vtorque_domains().values()} | booting
-        present = self.segments.present()
+        try:
+            present = self.segments.present()
+        except SegmentError as exc:
+            log(LOG, logging.WARNING, "reconcile: job networks not looked at", error=str(exc))
+            return []
         idle = {vni for vni, job in present.items() if job not in jobs_here and not self.segments.ports(vni)}
         removed = [vni for vni in sorted(idle & self._idle_segments) if self.segments.remove(vni, present[vni])]
         self._idle_segments = idle - set(removed)

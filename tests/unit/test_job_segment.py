@@ -173,3 +173,33 @@ def test_a_segment_whose_making_was_cut_short_is_made_again(tmp_path):
     with pytest.raises(SegmentError, match="has ports but no vtorque job"):
         segs.ensure(Segment(job_id="43", vni=4139, local="10.0.0.1", remotes=(), remote_macs=(), port=789, mtu=1450))
     assert "vtj00102b" in host.links and host.links["eth5"]["master"] == "vtj00102b"
+
+
+def test_a_node_without_ip_fails_the_jobs_network_with_a_reason_and_its_teardowns_still_answer(tmp_path):
+    """A node worker where `ip` is missing (a container image without iproute2): a job of several guests fails
+    with the reason, and a teardown is still answered (the epilogue waits for it), the network left to
+    reconciliation."""
+    from vtorque.services.node_worker.service import NodeWorker
+    from vtorque.shared.config import Config, NodeConfig
+
+    def no_ip(argv):
+        raise FileNotFoundError(2, "No such file or directory", argv[0])
+
+    segs = JobSegments(789, 1450, run=no_ip, lock_path=str(tmp_path / "lock"))
+    with pytest.raises(SegmentError, match="ip failed"):
+        segs.present()
+
+    class Hv:
+        def vtorque_domains(self):
+            return {}
+
+    class Sent(list):
+        def publish(self, message):
+            self.append(message)
+
+    sent = Sent()
+    worker = NodeWorker(Config(node=NodeConfig(name="n1", domain_type="qemu"), state_dir=str(tmp_path / "state")),
+                        sent, hypervisor=Hv(), store=object(), segments=segs)
+    worker.on_teardown_guests(m.TeardownGuests.new(job_id="42", deadline=60.0, node="n1"))
+    assert [type(x).__name__ for x in sent] == ["GuestsTornDown"]
+    assert worker.remove_idle_networks() == []
