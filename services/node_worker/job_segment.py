@@ -152,9 +152,9 @@ class JobSegments:
     node in a container or a namespace, as the cluster rig's hosts are). `run` is injectable (a flow test's fake,
     the unit tests' fake kernel)."""
 
-    def __init__(self, port: int, mtu: int, run: Callable[[list[str]], subprocess.CompletedProcess] = _run,
+    def __init__(self, port: int, run: Callable[[list[str]], subprocess.CompletedProcess] = _run,
                  lock_path: str = LOCK_PATH):
-        self.port, self.mtu, self.run, self.lock_path = port, mtu, run, lock_path
+        self.port, self.run, self.lock_path = port, run, lock_path  # port: what the guard protects
         self._guarded = False
 
     # -- what is there ------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ class NodeWorker(Service):
         self.hv = hypervisor or Hypervisor(config.node.libvirt_uri)
         self.store = store or ImageStore(config.images.store)
         self.domain_type = detect_domain_type(config.node.domain_type)
-        self.segments = segments or JobSegments(config.node.job_network_port, config.node.job_network_mtu)
+        self.segments = segments or JobSegments(config.node.job_network_port)
         self._thread_lock = threading.Lock()
         self._booting: set[str] = set()
         self._booting_jobs: dict[str, int] = {}  # job → boots under way here (its network must stay)

@@ -47,7 +47,7 @@ NODE_SIDE = textwrap.dedent(f"""
     from vtorque.shared import messages as m
     from vtorque.shared.config import Config, NodeConfig
     node, local, action = sys.argv[1:4]
-    segments = JobSegments({PORT}, 1450, lock_path="/run/vtorque-job-network-" + node + ".lock")
+    segments = JobSegments({PORT}, lock_path="/run/vtorque-job-network-" + node + ".lock")
     if action == "ensure":
         cmd = m.decode(sys.stdin.buffer.read())
         config = Config(node=NodeConfig(name=node, job_network_localaddr=local, job_network_port={PORT}))

@@ -134,7 +134,7 @@ class FakeHost:
 def segments(tmp_path: Path, **kw) -> tuple[JobSegments, FakeHost]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     host = FakeHost(**kw)
-    return JobSegments(789, 1450, run=host, lock_path=str(tmp_path / "lock")), host
+    return JobSegments(789, run=host, lock_path=str(tmp_path / "lock")), host
 
 
 def test_a_vni_another_job_holds_is_refused_and_a_half_made_segment_is_removed(tmp_path):
@@ -185,7 +185,7 @@ def test_a_node_without_ip_fails_the_jobs_network_with_a_reason_and_its_teardown
     def no_ip(argv):
         raise FileNotFoundError(2, "No such file or directory", argv[0])
 
-    segs = JobSegments(789, 1450, run=no_ip, lock_path=str(tmp_path / "lock"))
+    segs = JobSegments(789, run=no_ip, lock_path=str(tmp_path / "lock"))
     with pytest.raises(SegmentError, match="ip failed"):
         segs.present()
 
