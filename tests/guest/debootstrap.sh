@@ -60,3 +60,14 @@ cleanup() {
 }
 in_root() { chroot "$ROOT" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive \
                 LC_ALL=C.UTF-8 HOME=/root "$@"; }
+
+# Make the chroot's apt use the host's sources (so security and point updates come too), start no service
+# inside it, and mount its /proc (unmounted by cleanup).
+use_host_apt_sources() {
+    rm -f "$ROOT/etc/apt/sources.list"
+    cp -a /etc/apt/sources.list.d/. "$ROOT/etc/apt/sources.list.d/" 2>/dev/null || true
+    [ -f /etc/apt/sources.list ] && cp /etc/apt/sources.list "$ROOT/etc/apt/sources.list"
+    printf '#!/bin/sh\nexit 101\n' > "$ROOT/usr/sbin/policy-rc.d"
+    chmod 755 "$ROOT/usr/sbin/policy-rc.d"
+    mount -t proc proc "$ROOT/proc" && MOUNTS+=("$ROOT/proc")
+}

@@ -74,13 +74,7 @@ fi
 
 # ---- 2. the rest with apt, from the host's apt sources (so security and point updates come too) ------------
 step "apt-get install ${PKGS[*]}"
-rm -f "$ROOT/etc/apt/sources.list"
-cp -a /etc/apt/sources.list.d/. "$ROOT/etc/apt/sources.list.d/" 2>/dev/null || true
-[ -f /etc/apt/sources.list ] && cp /etc/apt/sources.list "$ROOT/etc/apt/sources.list"
-# No service may start inside the chroot.
-printf '#!/bin/sh\nexit 101\n' > "$ROOT/usr/sbin/policy-rc.d"
-chmod 755 "$ROOT/usr/sbin/policy-rc.d"
-mount -t proc proc "$ROOT/proc" && MOUNTS+=("$ROOT/proc")
+use_host_apt_sources
 mount -t sysfs sysfs "$ROOT/sys" && MOUNTS+=("$ROOT/sys")
 # initramfs-tools: every storage/virtio driver (not just what the build host uses), gzip for any kernel.
 mkdir -p "$ROOT/etc/initramfs-tools/conf.d"

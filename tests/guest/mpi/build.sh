@@ -77,12 +77,7 @@ if ! debootstrap --variant=minbase --keyring=/usr/share/keyrings/debian-archive-
     die "debootstrap failed (see above)"
 fi
 step "apt-get install ${PKGS[*]}"
-rm -f "$ROOT/etc/apt/sources.list"
-cp -a /etc/apt/sources.list.d/. "$ROOT/etc/apt/sources.list.d/" 2>/dev/null || true
-[ -f /etc/apt/sources.list ] && cp /etc/apt/sources.list "$ROOT/etc/apt/sources.list"
-printf '#!/bin/sh\nexit 101\n' > "$ROOT/usr/sbin/policy-rc.d"
-chmod 755 "$ROOT/usr/sbin/policy-rc.d"
-mount -t proc proc "$ROOT/proc" && MOUNTS+=("$ROOT/proc")
+use_host_apt_sources
 mount --bind "$DEBS" "$ROOT/var/cache/apt/archives" && MOUNTS+=("$ROOT/var/cache/apt/archives")
 in_root apt-get -q update > "$WORK/apt.log" 2>&1 || { tail -n 15 "$WORK/apt.log" >&2; die "apt-get update in the image failed"; }
 in_root apt-get -q -y --no-install-recommends -o Dpkg::Options::=--force-confold install "${PKGS[@]}" \
