@@ -101,7 +101,7 @@ def _launch(ssh_key: str, traceparent: str | None, wait: float, vm_prologue: str
     guest = find_first_guest(config.job_dir(job_id), wait)
     if guest is None:
         raise click.ClickException(f"job {job_id} has no ready guest on this node ({config.job_dir(job_id)})")
-    tracing.setup_tracing("vtorque-launcher", config.tracing)
+    tracing.setup_tracing("vtorque-launcher", config.tracing, metrics=False)
     rc = 255
     try:
         # The job's agent, forwarded into guest 0: mpirun there reaches the job's other guests (job_agent).

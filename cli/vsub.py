@@ -442,7 +442,7 @@ def _submit_vm_job(qsub_args: list[str], vm: list[str], script_at: int | None, d
               f"beside the host reserve", file=sys.stderr)
     args = [*config.spec.exclusive_args, *fitted.args]
 
-    tracing.setup_tracing("vtorque-vsub", config.tracing)
+    tracing.setup_tracing("vtorque-vsub", config.tracing, metrics=False)
     key_dir = Path.home() / ".vtorque" / "keys" / uuid.uuid4().hex
     submitted = False
     cluster = None

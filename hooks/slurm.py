@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None, env=os.environ, channel_factory=None, ag
     timeout, why = tools.prolog_epilog_timeout()
     if why:
         print(f"vtorque: job {job_id}: {why}; assuming no PrologEpilogTimeout", file=sys.stderr)
-    tracing.setup_tracing("vtorque-hook", config.tracing)
+    tracing.setup_tracing("vtorque-hook", config.tracing, metrics=False)
     try:
         if which == "epilog":
             code = env.get("SLURM_JOB_EXIT_CODE2", "")

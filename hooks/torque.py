@@ -461,7 +461,7 @@ def _publish_cancel(config, job_id: str, nodes: list[str], traceparent: str | No
     from vtorque.shared import tracing
     from vtorque.shared.hook_channel import BrokerUnreachable, HookChannel
 
-    tracing.setup_tracing("vtorque-hook", config.tracing)
+    tracing.setup_tracing("vtorque-hook", config.tracing, metrics=False)
     try:
         with tracing.job_trace(job_id, traceparent), tracing.tracer().start_as_current_span(
                 "precancel", attributes={"vtorque.scheduler": "torque"}) as span:
@@ -569,7 +569,7 @@ def main(argv: list[str] | None = None, env=os.environ) -> int:
         return ABORT if which == "prologue" else 0
     if job is None:
         return 0
-    tracing.setup_tracing("vtorque-hook", config.tracing)
+    tracing.setup_tracing("vtorque-hook", config.tracing, metrics=False)
     try:
         if which == "epilogue":
             return _epilogue(job, args, config, home, progress)

@@ -3,16 +3,24 @@
 Spans follow the OpenTelemetry messaging conventions for RabbitMQ. Every span of a job carries `pbs.job_id`.
 With no OTLP endpoint configured, spans are appended as OTLP-JSON lines to <tracing.dir>/<service>.<uid>.jsonl
 so `vtorque trace JOBID` can always read a job's spans back.
+
+Short-lived processes (the hooks, vsub, the launcher) pay for what this module loads on every VM job, so it loads
+only what a process uses: the OTLP-JSON lines are written by `otlp_json` here (no protobuf: its pure-Python
+build took ~0.1 s to import at a hook's exit), the OTLP/HTTP exporter is imported by the export thread on its
+first batch (not on the caller's path), and the metrics SDK only where `setup_tracing(metrics=True)` (the
+services; a hook's or vsub's publishes record no metric).
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
+import sys
 import threading
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from opentelemetry import context as otel_context
@@ -22,7 +30,6 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
-from vtorque.shared import metrics
 from vtorque.shared.config import TracingConfig
 from vtorque.shared.logs import current_job_id, job_context
 from vtorque.shared.own_file import append_own
@@ -64,14 +71,7 @@ class OtlpJsonFileExporter(SpanExporter):
         self._lock = threading.Lock()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        from google.protobuf import json_format
-        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-
-        doc = json_format.MessageToDict(encode_spans(spans))
-        _ids_to_hex(doc)
-        import json
-
-        line = json.dumps(doc, separators=(",", ":")) + "\n"
+        line = json.dumps(otlp_json(spans), separators=(",", ":")) + "\n"
         try:
             with self._lock:
                 append_own(self.path, line)  # never a file planted under this predictable name
@@ -83,25 +83,137 @@ class OtlpJsonFileExporter(SpanExporter):
         pass
 
 
-def _ids_to_hex(doc: dict) -> None:
-    for rs in doc.get("resourceSpans", []):
-        for ss in rs.get("scopeSpans", []):
-            for span in ss.get("spans", []):
-                for key in ("traceId", "spanId", "parentSpanId"):
-                    if span.get(key):
-                        span[key] = base64.b64decode(span[key]).hex()
-                for link in span.get("links", []):
-                    for key in ("traceId", "spanId"):
-                        if link.get(key):
-                            link[key] = base64.b64decode(link[key]).hex()
+class _ExporterMadeOnFirstUse(SpanExporter):
+    """An exporter built by the export thread when its first batch comes, so that its imports (OTLP/HTTP:
+    protobuf, requests) are never on the path of the process that only starts spans."""
+
+    def __init__(self, make: Callable[[], SpanExporter]):
+        self._make = make
+        self._inner: SpanExporter | None = None
+        self._lock = threading.Lock()
+
+    def _exporter(self) -> SpanExporter:
+        with self._lock:
+            inner = self._inner
+            if inner is None:
+                inner = self._inner = self._make()
+            return inner
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return self._exporter().export(spans)
+
+    def shutdown(self) -> None:
+        if self._inner is not None:
+            self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True if self._inner is None else self._inner.force_flush(timeout_millis)
+
+
+# -- OTLP/JSON, as protobuf's JSON mapping of ExportTraceServiceRequest gives it (ids in hex, as OTLP/JSON
+# says): what the OTLP exporter's encoder and json_format.MessageToDict made, field for field
+# (tests/unit/test_tracing_json.py compares them) ---------------------------------------------------------
+
+_KINDS = {SpanKind.INTERNAL: "SPAN_KIND_INTERNAL", SpanKind.SERVER: "SPAN_KIND_SERVER",
+          SpanKind.CLIENT: "SPAN_KIND_CLIENT", SpanKind.PRODUCER: "SPAN_KIND_PRODUCER",
+          SpanKind.CONSUMER: "SPAN_KIND_CONSUMER"}
+_STATUS = {StatusCode.UNSET: None, StatusCode.OK: "STATUS_CODE_OK", StatusCode.ERROR: "STATUS_CODE_ERROR"}
+_HAS_IS_REMOTE, _IS_REMOTE = 0x100, 0x200  # SpanFlags
+
+
+def _value(value) -> dict:
+    if value is None:
+        return {}
+    if isinstance(value, bool):
+        return {"boolValue": value}
+    if isinstance(value, str):
+        return {"stringValue": value}
+    if isinstance(value, int):
+        return {"intValue": str(value)}
+    if isinstance(value, float):
+        return {"doubleValue": value}
+    if isinstance(value, bytes):
+        return {"bytesValue": base64.b64encode(value).decode()}
+    if isinstance(value, Sequence):
+        return {"arrayValue": {"values": [_value(v) for v in value]} if value else {}}
+    if isinstance(value, Mapping):
+        return {"kvlistValue": {"values": _attributes(value)} if value else {}}
+    raise TypeError(f"attribute value of type {type(value).__name__}")
+
+
+def _attributes(attributes) -> list[dict]:
+    return [{"key": str(k), "value": _value(v)} for k, v in (attributes or {}).items()]
+
+
+def _put(doc: dict, key: str, value) -> dict:
+    """Protobuf's JSON leaves a field at its default (0, '', empty) out."""
+    if value:
+        doc[key] = value
+    return doc
+
+
+def _flags(parent) -> int:
+    return _HAS_IS_REMOTE | (_IS_REMOTE if parent is not None and parent.is_remote else 0)
+
+
+def _span_json(span: ReadableSpan) -> dict:
+    ctx = span.get_span_context()
+    assert ctx is not None  # an SDK span always has one
+    doc: dict = {"traceId": f"{ctx.trace_id:032x}", "spanId": f"{ctx.span_id:016x}"}
+    if ctx.trace_state:
+        doc["traceState"] = ",".join(f"{k}={v}" for k, v in ctx.trace_state.items())
+    if span.parent is not None:
+        doc["parentSpanId"] = f"{span.parent.span_id:016x}"
+    _put(doc, "name", span.name)
+    _put(doc, "kind", _KINDS[span.kind])
+    _put(doc, "startTimeUnixNano", str(span.start_time) if span.start_time else "")
+    _put(doc, "endTimeUnixNano", str(span.end_time) if span.end_time else "")
+    _put(doc, "attributes", _attributes(span.attributes))
+    _put(doc, "droppedAttributesCount", span.dropped_attributes)
+    _put(doc, "events", [_put(_put(_put({"timeUnixNano": str(e.timestamp)} if e.timestamp else {}, "name", e.name),
+                                   "attributes", _attributes(e.attributes)),
+                              "droppedAttributesCount", e.dropped_attributes) for e in span.events])
+    _put(doc, "droppedEventsCount", span.dropped_events)
+    _put(doc, "links", [_put(_put({"traceId": f"{ln.context.trace_id:032x}", "spanId": f"{ln.context.span_id:016x}"},
+                                  "attributes", _attributes(ln.attributes)),
+                             "droppedAttributesCount", ln.dropped_attributes) | {"flags": _flags(ln.context)}
+                        for ln in span.links])
+    _put(doc, "droppedLinksCount", span.dropped_links)
+    status: dict = {}
+    if span.status is not None:
+        _put(status, "message", span.status.description)
+        _put(status, "code", _STATUS[span.status.status_code])
+        doc["status"] = status
+    doc["flags"] = _flags(span.parent)
+    return doc
+
+
+def otlp_json(spans: Sequence[ReadableSpan]) -> dict:
+    """An ExportTraceServiceRequest in OTLP/JSON: spans grouped by resource, then by instrumentation scope."""
+    grouped: dict = {}
+    for span in spans:
+        grouped.setdefault(span.resource, {}).setdefault(span.instrumentation_scope or None, []).append(span)
+    out = []
+    for resource, scopes in grouped.items():
+        scope_spans = []
+        for scope, members in scopes.items():
+            scope_doc = {} if scope is None else _put(_put(_put({}, "name", scope.name), "version", scope.version),
+                                                      "attributes", _attributes(scope.attributes))
+            scope_spans.append(_put({"scope": scope_doc, "spans": [_span_json(s) for s in members]},
+                                    "schemaUrl", scope.schema_url if scope else ""))
+        out.append(_put({"resource": _put({}, "attributes", _attributes(resource.attributes)),
+                         "scopeSpans": scope_spans}, "schemaUrl", resource.schema_url))
+    return _put({}, "resourceSpans", out)
 
 
 def trace_file(config: TracingConfig, service: str) -> Path:
     return Path(config.dir) / f"{service}.{os.getuid()}.jsonl"
 
 
-def setup_tracing(service: str, config: TracingConfig) -> TracerProvider:
-    """Install the process-wide tracer provider for `service` (service.name). Idempotent per process."""
+def setup_tracing(service: str, config: TracingConfig, metrics: bool = True) -> TracerProvider:
+    """Install the process-wide tracer provider for `service` (service.name). Idempotent per process.
+    `metrics`: also the meter provider (shared/metrics.py); the hooks, vsub and the launcher say False: they
+    publish no event that records a metric, and the metrics SDK is ~20 ms of every VM job's start."""
     global _provider
     if _provider is not None:
         return _provider
@@ -113,9 +225,14 @@ def setup_tracing(service: str, config: TracingConfig) -> TracerProvider:
     provider.add_span_processor(JobIdSpanProcessor())
     exporter: SpanExporter
     if config.otlp_endpoint:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        endpoint = config.otlp_endpoint.rstrip("/") + "/v1/traces"
 
-        exporter = OTLPSpanExporter(endpoint=config.otlp_endpoint.rstrip("/") + "/v1/traces", timeout=5)
+        def otlp_http() -> SpanExporter:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            return OTLPSpanExporter(endpoint=endpoint, timeout=5)
+
+        exporter = _ExporterMadeOnFirstUse(otlp_http)
     else:
         path = trace_file(config, service)
         try:
@@ -126,8 +243,11 @@ def setup_tracing(service: str, config: TracingConfig) -> TracerProvider:
     provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=500))
     trace.set_tracer_provider(provider)
     _provider = provider
-    # Metrics go where the spans go (same endpoint or same directory), from every process that traces.
-    metrics.setup_metrics(service, config, resource)
+    if metrics:
+        from vtorque.shared import metrics as metrics_setup
+
+        # Metrics go where the spans go (same endpoint or same directory).
+        metrics_setup.setup_metrics(service, config, resource)
     return provider
 
 
@@ -135,7 +255,13 @@ def shutdown_tracing() -> None:
     if _provider is not None:
         _provider.force_flush(5000)
         _provider.shutdown()
-    metrics.shutdown_metrics()
+    if _metrics() is not None:
+        _metrics().shutdown_metrics()
+
+
+def _metrics():
+    """shared/metrics.py if this process set metrics up (only then can there be anything to record), else None."""
+    return sys.modules.get("vtorque.shared.metrics")
 
 
 def tracer() -> _StatusTracer:
@@ -286,7 +412,8 @@ def publish_span(message, exchange: str, routing_key: str) -> Iterator[dict]:
 
     A message of no job (a node heartbeat) gets no span: a root span every few seconds per node would bury
     the jobs' traces."""
-    metrics.observe_published(message)
+    if _metrics() is not None:
+        _metrics().observe_published(message)
     if not message.job_id:
         yield {}
         return
@@ -309,7 +436,8 @@ def process_span(message, queue: str, routing_key: str, headers: Mapping | None,
     A message of no job (a heartbeat) gets none, as in `publish_span`: the bridge consumes every node's
     heartbeats, and a root span for each would bury the jobs' traces."""
     if not message.job_id:
-        metrics.observe_delivery(message, queue)
+        if _metrics() is not None:
+            _metrics().observe_delivery(message, queue)
         yield trace.INVALID_SPAN
         return
     parent = extract(headers)
@@ -317,7 +445,8 @@ def process_span(message, queue: str, routing_key: str, headers: Mapping | None,
     links = [Link(producer)] if producer.is_valid else []
     attrs = _message_attributes(message, exchange, routing_key, "process", "process")
     attrs["messaging.destination.subscription.name"] = queue
-    metrics.observe_delivery(message, queue)
+    if _metrics() is not None:
+        _metrics().observe_delivery(message, queue)
     token = otel_context.attach(parent)
     try:
         with span(f"process {queue}", kind=SpanKind.CONSUMER, attributes=attrs, links=links) as current:
