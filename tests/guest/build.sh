@@ -142,8 +142,9 @@ busybox depmod -b "$KX" "$KVER"
 
 # ---- module load order from modules.dep ----------------------------------------
 # Roots: virtio PCI transport, block, net, ext4 (+ its soft dependency crc32c),
-# isofs for the seed, virtio_rng (used only if the host adds a virtio-rng device). Dependencies are resolved recursively, deps first.
-ROOT_MODS=(virtio_pci virtio_blk virtio_net virtio_rng crc32c_generic ext4 isofs)
+# isofs for the seed, virtio_rng (used only if the host adds a virtio-rng device), virtio_console for a warm
+# guest's identity channel (services/node_worker/warm.py). Dependencies are resolved recursively, deps first.
+ROOT_MODS=(virtio_pci virtio_blk virtio_net virtio_rng virtio_console crc32c_generic ext4 isofs)
 declare -A DEPS PATHOF SEEN
 while IFS= read -r line; do
     mod=${line%%:*}
