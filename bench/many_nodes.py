@@ -43,6 +43,7 @@ from vtorque.services.node_worker.instant import (  # noqa: F401
     instant_prepare,
     instant_segments,
 )
+from vtorque.shared import messages as m
 from vtorque.shared.bus import Publisher, ServiceRunner
 from vtorque.shared.config import Config, load_config
 
@@ -107,9 +108,22 @@ class NodeHost:
 
 
 def _dispatch(members: dict, kind: type):
-    """The handler of `kind` of the NodeWorker a command is for (BootGuests and TeardownGuests name their node)."""
+    """The handler of `kind` of the NodeWorker a command is for. A TeardownGuests names its node; a job's one
+    BootGuests arrives once per queue of the group's nodes it names (the broker's copies are alike, and a copy
+    does not say which queue it came from), so each copy goes to the next of those nodes that has not had it."""
+    given: dict[str, set[str]] = {}  # message id → the group's nodes that had their copy
+
     def handle(command):
-        members[command.node].handlers()[kind](command)
+        if isinstance(command, m.BootGuests):
+            named = [n for n in command.nodes if n in members]
+            had = given.setdefault(command.message_id, set())
+            node = next(n for n in named if n not in had)
+            had.add(node)
+            if len(had) == len(named):
+                del given[command.message_id]
+        else:
+            node = command.node
+        members[node].handlers()[kind](command)
     return handle
 
 

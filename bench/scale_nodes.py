@@ -13,7 +13,9 @@ Parts (all on a RabbitMQ node of this run's own, see OwnBroker; never the site's
   an ack per message), first publish → last delivery; a confirm per message, none, and all confirms awaited
   once (the bus's batch); 1 KiB bodies as in ../shared/reference/rabbitmq-on-this-machine.md, and bodies the
   size of the bridge's BootGuests. bridge: the same consumer on 1,024 node queues nobody serves, JobStarted
-  published → last BootGuests delivered; its ratio = raw time / bridge time (1 = as fast as the raw broker).
+  published → the job's BootGuests delivered from the last of them (the bridge publishes it once; the broker puts
+  it in every node's queue); its ratio = raw time / bridge time (1 = as fast as the raw broker). Bytes per job:
+  what the bridge sends for it, and what the broker delivers to the nodes' queues.
 - (c) heartbeats: the bridge's heartbeat queue depth while the nodes beat (rabbitmqctl, every 2 s); and a
   burst of one beat per node for 1,024 nodes, published at once, until the bridge's queue is empty.
 - (d) one node, 1 … 128 guests: one more guest's boot, a heartbeat's facts, one guest's teardown, in-process.
@@ -303,12 +305,35 @@ def bridge_fanout(url: str, publisher: Publisher, sinks: list[str], workdir: Pat
 
 
 def boot_body_size(config, hosts: list[str]) -> int:
-    from vtorque.services.scheduler_bridge.planning import boot_commands, plan_guests
+    return len(m.encode(job_boot_command(config, "size", hosts)))
+
+
+def job_boot_command(config, job_id: str, hosts: list[str], tunnels: bool = True) -> m.BootGuests:
+    """The bridge's one BootGuests of a job on `hosts` (as planning makes it)."""
+    from vtorque.services.scheduler_bridge.planning import boot_command, plan_guests
+    from vtorque.shared.spec import validate
+
+    job = job_event(job_id, hosts)
+    return boot_command(job, plan_guests(job, validate(job.spec, config), config),
+                        tunnel_addresses(hosts) if tunnels else None)
+
+
+def job_bytes(config, hosts: list[str]) -> dict:
+    """What the bridge sends for a job of `hosts` (plan, staging, the boot command as often as it is published)
+    and what the broker delivers to the nodes' queues (each node its copy of the boot command)."""
+    from vtorque.services.scheduler_bridge.planning import plan_guests
+    from vtorque.shared.bus import sender_selected
     from vtorque.shared.spec import validate
 
     job = job_event("size", hosts)
-    return len(m.encode(boot_commands(job, plan_guests(job, validate(job.spec, config), config),
-                         tunnel_addresses(hosts))[0]))
+    guests = plan_guests(job, validate(job.spec, config), config)
+    boot = job_boot_command(config, "size", hosts)
+    publishes = len(sender_selected([q.bindings[0] for q in topology.command_queues(boot)]))
+    plan = len(m.encode(m.JobPlanned.new(job_id=job.job_id, deadline=60.0, guests=guests)))
+    stage = len(m.encode(m.StageImage.new(job_id=job.job_id, deadline=60.0, image="tiny", digest="a" * 64)))
+    boot_bytes = len(m.encode(boot))
+    return {"plan": plan, "stage": stage, "boot": boot_bytes, "boot_publishes": publishes,
+            "sent": plan + stage + publishes * boot_bytes, "delivered_to_nodes": len(hosts) * boot_bytes}
 
 
 # -- (c) heartbeats ------------------------------------------------------------------------------------------
@@ -326,8 +351,10 @@ BURST = 4  # heartbeats per node in a burst: the broker's CLI, which tells when 
 
 def beat_burst(publisher: Publisher, broker: OwnBroker, hosts: list[str]) -> tuple[float, float]:
     """BURST fresh heartbeats per host, published at once; (publish s, publish start → bridge queue empty s)."""
+    # With the job network endpoint each node's beat names: the bridge plans a job only onto nodes it knows one of.
+    tunnels = tunnel_addresses(hosts)
     beats = [m.NodeHeartbeat.new(job_id="", deadline=60.0, node=h, cores=2, mem_free_mib=100_000, guests_running=0,
-                                 domain_type="qemu", capabilities=["tcg"], interval=20.0)
+                                 domain_type="qemu", capabilities=["tcg"], interval=20.0, tunnel_address=tunnels[h])
              for _ in range(BURST) for h in hosts]
     t0 = time.monotonic()
     _publish_all(publisher, beats)
@@ -383,9 +410,10 @@ def per_node_growth(config, url: str, workdir: Path, counts=(1, 8, 32, 128)) -> 
 
 
 def per_node_job_size(config, url: str, workdir: Path, sizes=(1, 64, 256, 1024)) -> list[dict]:
-    """What one node spends on its guest of a job of n nodes (the command carries all n peers, which the node
-    checks and writes into the guest's hosts file): decoding the command, and its whole boot. Per node O(n);
-    the bench's one process pays it for every node, a cluster's nodes each once, side by side."""
+    """What one node spends on its guest of a job of n nodes (the job's one command names all n nodes; the node
+    expands all n peers from it, checks them and writes them into the guest's hosts file): decoding the command,
+    and its whole boot. Per node O(n); the bench's one process pays it for every node, a cluster's nodes each
+    once, side by side."""
     rows = []
     guests = many_nodes.InstantGuests()
     with many_nodes.instant_host(guests):
@@ -395,12 +423,7 @@ def per_node_job_size(config, url: str, workdir: Path, sizes=(1, 64, 256, 1024))
                 guests, str(workdir)), store=node_service.ImageStore(config.images.store),
                 segments=many_nodes.instant_segments(workdir))
             hosts = [cfg.node.name] + [f"peer{i:04d}" for i in range(n - 1)]
-            job = job_event(f"z{n}", hosts)
-            from vtorque.services.scheduler_bridge.planning import boot_commands, plan_guests
-            from vtorque.shared.spec import validate
-
-            command = boot_commands(job, plan_guests(job, validate(job.spec, config), config),
-                         tunnel_addresses(hosts))[0]
+            command = job_boot_command(config, f"z{n}", hosts)
             body = m.encode(command)
             t0 = time.monotonic()
             decoded = m.decode(body)
@@ -408,17 +431,13 @@ def per_node_job_size(config, url: str, workdir: Path, sizes=(1, 64, 256, 1024))
             t0 = time.monotonic()
             worker.on_boot_guests(decoded)
             boot = time.monotonic() - t0
-            worker.teardown_job(job.job_id)
+            worker.teardown_job(command.job_id)
             rows.append({"nodes": n, "bytes": len(body), "decode_s": decode, "boot_s": boot})
     return rows
 
 
 def _one_guest_boot(config, job_id: str, host: str) -> m.BootGuests:
-    from vtorque.services.scheduler_bridge.planning import boot_commands, plan_guests
-    from vtorque.shared.spec import validate
-
-    job = job_event(job_id, [host])
-    return boot_commands(job, plan_guests(job, validate(job.spec, config), config))[0]
+    return job_boot_command(config, job_id, [host], tunnels=False)
 
 
 # -- the run ------------------------------------------------------------------------------------------------
@@ -486,6 +505,8 @@ def main(argv=None) -> int:
                 for host in sink_hosts:
                     node_queue(host)(channel).declare()
             boot_size = boot_body_size(config, sink_hosts)
+            per_job = job_bytes(config, sink_hosts)
+            print(f"bytes of a job of {args.nodes} nodes:", json.dumps(per_job), flush=True)
 
             nodes_log = root / "nodes.log"
             hosts = [f"node{i:04d}" for i in range(args.nodes)]
@@ -517,6 +538,7 @@ def main(argv=None) -> int:
                 rounds.append(row)
                 print(f"round {r + 1}:", json.dumps({k: round(v, 3) for k, v in row.items()}), flush=True)
             report(rounds, sizes, growth, boot_size, depths, args, by_size)
+            print(f"\nbytes of a job of {args.nodes} nodes: {json.dumps(per_job)}")
         finally:
             for proc in procs:
                 proc.terminate()
@@ -550,7 +572,7 @@ def report(rounds, sizes, growth, boot_size, depths, args, by_size) -> None:
     line(f"raw: {n} × 1 KiB, confirms awaited once, s", "raw_batch")
     line(f"raw: {n} × {boot_size} B, no confirms, s", "raw_big_none")
     line(f"raw: {n} × {boot_size} B, confirms awaited once, s", "raw_big_batch")
-    line(f"bridge: JobStarted → last of {n} BootGuests delivered, s", "bridge")
+    line(f"bridge: JobStarted → its BootGuests delivered from the last of {n} node queues, s", "bridge")
     for label, key in (
         ("1 KiB none", "raw_none"),
         ("1 KiB batch", "raw_batch"),

@@ -159,6 +159,30 @@ def broker_user_of(url: str) -> str | None:
 
 # -- publishing -------------------------------------------------------------------------------------------
 
+# Sender-selected distribution (https://www.rabbitmq.com/docs/sender-selected): a message published with routing
+# keys in its BCC header is routed with each of them as well as its own routing key, stored once, and put in every
+# queue they reach; the broker removes the BCC header before delivery. A job's one BootGuests reaches every node
+# of the job so (topology.command_queues). The header travels in one AMQP frame (131,072 bytes at most, the
+# broker's default frame_max), so a longer list is sent as several publishes of the same body.
+BCC = "BCC"
+BCC_BYTES = 32_768  # of routing keys in one publish's BCC header
+
+
+def sender_selected(keys: list[str], budget: int = BCC_BYTES) -> list[tuple[str, list[str]]]:
+    """(routing key, BCC keys) per publish that reaches every queue of `keys` once: the first key of each
+    group routes it, the rest of the group rides in its BCC header, each group's keys within `budget` bytes."""
+    groups: list[list[str]] = []
+    size = budget
+    for key in keys:
+        cost = len(key.encode()) + 5  # a field-table array's long string: type octet, 4-byte length
+        if size + cost > budget:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += cost
+    return [(group[0], group[1:]) for group in groups]
+
+
 class Confirms:
     """Publisher confirms on one channel, counted. In confirm mode the broker numbers the channel's messages 1,
     2, … and acks (or nacks) each, or all up to one at once (`multiple`); so a sender may publish many and then
@@ -277,29 +301,34 @@ class Publisher:
     def _publish_once(self, messages: list[m.Message]) -> None:
         local = self._ensure()
         producer = local.producer
-        routes = []
+        routes: list[tuple[str, list[str]]] = []
         missing: dict[str, Queue] = {}
         for message in messages:
             if isinstance(message, m.Command):
-                spec = topology.command_queue(message)
-                if spec.name not in local.declared:
-                    missing.setdefault(spec.name, kombu_queue(spec))
-                routes.append((COMMANDS.name, spec.bindings[0]))
+                specs = topology.command_queues(message)
+                for spec in specs:
+                    if spec.name not in local.declared:
+                        missing.setdefault(spec.name, kombu_queue(spec))
+                routes.append((COMMANDS.name, [spec.bindings[0] for spec in specs]))
             else:
                 assert isinstance(message, m.Event)  # a Message is a Command or an Event
-                routes.append((EVENTS.name, message.routing_key()))
+                routes.append((EVENTS.name, [message.routing_key()]))
         if missing:
             # A command waits in its queue for a consumer that has not started yet: never dropped unrouted.
             ensure_queues(producer.channel, missing.values())
             local.declared.update(missing)
-        for message, (exchange, routing_key) in zip(messages, routes, strict=True):
-            with tracing.publish_span(message, exchange, routing_key) as headers:
-                producer.publish(
-                    m.encode(message), exchange=exchange, routing_key=routing_key, headers=headers,
-                    delivery_mode=2, content_type="application/json", content_encoding="utf-8",
-                    message_id=message.message_id, type=type(message).__name__, retry=False, user_id=self.user,
-                )
-            local.confirms.sent += 1
+        for message, (exchange, keys) in zip(messages, routes, strict=True):
+            body = m.encode(message)
+            for routing_key, bcc in sender_selected(keys):
+                with tracing.publish_span(message, exchange, routing_key) as headers:
+                    producer.publish(
+                        body, exchange=exchange, routing_key=routing_key,
+                        headers={**headers, BCC: bcc} if bcc else headers,
+                        delivery_mode=2, content_type="application/json", content_encoding="utf-8",
+                        message_id=message.message_id, type=type(message).__name__, retry=False,
+                        user_id=self.user,
+                    )
+                local.confirms.sent += 1
         local.confirms.wait(local.conn)
 
     def publish_raw(self, body: bytes, exchange: str, headers: dict, content_type: str) -> None:

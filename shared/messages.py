@@ -262,7 +262,8 @@ class StageImage(Command, frozen=True):
 
 
 class GuestPeer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Every guest of the job, as each guest sees the others: for its hosts file and node file."""
+    """Every guest of the job, as each guest sees the others: for its hosts file and node file. Not on the wire:
+    each node worker derives the job's peers from its BootGuests (shared/job_boot.py)."""
 
     name: str
     index: int
@@ -283,10 +284,48 @@ class JobNetwork(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     endpoints: dict[NodeName, str] = {}
 
 
+class GuestTemplate(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """What every guest of a job has in common (a GuestPlan without its name, node, rank, cores and data disk):
+    said once in the job's BootGuests."""
+
+    image: str  # catalog name
+    image_digest: Digest
+    vcpus: int
+    ram_mib: int
+    owner: Owner
+    ssh_authorized_keys: list[str]
+    distro: str = "debian"
+    arch: str = "x86_64"
+    iocm_min_cores: int = 0
+    iocm_max_cores: int = 0
+    vrdma: bool = False
+    fs_type: Literal["ramdisk", "sharedfs"] = "sharedfs"
+    user_metadata: dict[str, Any] = {}
+    end_by: datetime | None = None
+
+
+class NodeCores(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """One node's guests and the host cores they get (services/scheduler_bridge/planning.py split_cores)."""
+
+    guests: list[list[int] | None]  # one entry per guest on the node (k = 0, 1, …): its vCPUs' cores, or None
+    emulator: list[int] | None = None  # QEMU's own threads, on the host reserve
+    io: list[int] | None = None  # IOcm: host cores for the guests' I/O threads
+
+
 class BootGuests(Command, frozen=True):
-    node: NodeName
-    guests: list[GuestPlan]
-    peers: list[GuestPeer] = []
+    """Boot a job's guests: one command for the whole job. The bridge publishes it once and the broker puts it
+    in the queue of every node it names (sender-selected distribution, shared/bus.py); each node worker
+    expands its own GuestPlans and the job's peers from it (shared/job_boot.py expand), so the job's n nodes
+    cost n bytes-worth once, not n² (docs/benchmarks.md, scale). Guests are ranked node by node in `nodes`
+    order, and named messages.domain_name(job, node, k)."""
+
+    guest: GuestTemplate
+    nodes: list[NodeName]
+    # The guests per node and their cores: `cores` when every node has the same (the usual case), else
+    # `node_cores`, one per node of `nodes`; exactly one of the two.
+    cores: NodeCores | None = None
+    node_cores: list[NodeCores] = []
+    disk: DataDisk | None = None  # rank 0's data disk
     network: JobNetwork | None = None
 
 

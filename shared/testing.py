@@ -3,9 +3,10 @@ broker, no network, the real services' handlers.
 
 `InMemoryBus` routes every published message the way RabbitMQ would with vtorque's topology (shared/topology.py):
 a command to its target's queue (declared at the first command, as `shared.bus.Publisher` does, so a command
-waits for a consumer that is not there yet), an event to every queue bound to its routing key on the events
-exchange (topic patterns, `*` one word, `#` any). Bodies go through `messages.encode`/`decode` on the way, so a
-message that would not survive the wire does not survive here either.
+waits for a consumer that is not there yet; a job's BootGuests, published once, to the queue of every node it
+names, as the broker does with the Publisher's BCC header), an event to every queue bound to its routing key on
+the events exchange (topic patterns, `*` one word, `#` any). Bodies go through `messages.encode`/`decode` on the
+way, so a message that would not survive the wire does not survive here either.
 
 - `bus.serve(service)`: consumes the service's queues (`queues()`, `handlers()`, `extra_consumers()`), each
   consumer in a thread of its own, one message at a time, as `vtorque run` does; a handler that raises is
@@ -33,6 +34,7 @@ import msgspec
 
 from vtorque.shared import messages as m
 from vtorque.shared import topology, tracing
+from vtorque.shared.bus import sender_selected
 from vtorque.shared.logs import job_context
 
 
@@ -77,20 +79,30 @@ class InMemoryBus:
 
     def publish(self, message: m.Message) -> None:
         if isinstance(message, m.Command):
-            spec = topology.command_queue(message)
-            self.declare(spec.name, [(spec.exchange, key) for key in spec.bindings])
-            exchange, key = topology.COMMANDS, spec.bindings[0]
+            # A job's BootGuests goes to every node it names, in one publish (shared/bus.py sender_selected).
+            specs = topology.command_queues(message)
+            for spec in specs:
+                self.declare(spec.name, [(spec.exchange, key) for key in spec.bindings])
+            exchange, keys = topology.COMMANDS, [spec.bindings[0] for spec in specs]
         else:
             assert isinstance(message, m.Event)  # a Message is a Command or an Event
-            exchange, key = topology.EVENTS, message.routing_key()
-        with tracing.publish_span(message, exchange, key) as headers:
-            body = m.encode(message)
+            exchange, keys = topology.EVENTS, [message.routing_key()]
+        body = m.encode(message)
         with self._cond:
             self.published.append(message)
-            targets = list(dict.fromkeys(q for ex, pattern, q in self._bindings
+        for key, bcc in sender_selected(keys):
+            with tracing.publish_span(message, exchange, key) as headers:
+                pass
+            self._route(message, body, headers, exchange, [key, *bcc])
+
+    def _route(self, message: m.Message, body: bytes, headers: dict, exchange: str, keys: list[str]) -> None:
+        """As the broker routes one publish: to every queue any of its routing keys (its own, then its BCC
+        header's) reaches, once each; the BCC header itself is not delivered."""
+        with self._cond:
+            targets = list(dict.fromkeys(q for key in keys for ex, pattern, q in self._bindings
                                          if ex == exchange and topology.topic_matches(pattern, key)))
             for name in targets:
-                self._queues[name].items.append((body, dict(headers), key, exchange))
+                self._queues[name].items.append((body, dict(headers), keys[0], exchange))
             if not targets:
                 self.unrouted.append(message)
             self._cond.notify_all()

@@ -174,6 +174,21 @@ def command_queue(command: m.Command) -> QueueSpec:
     return queue(NODE_Q, node=command.node)  # type: ignore[attr-defined]
 
 
+# Commands for many nodes at once: the field that lists them. Published once with every node's routing key (its
+# route's {node} filled in) in the BCC header, the broker puts one copy in each of their queues (shared/bus.py
+# sender_selected): a job's BootGuests costs its n nodes' bytes once, not n times.
+SENDER_SELECTED: dict[type, str] = {m.BootGuests: "nodes"}
+
+
+def command_queues(command: m.Command) -> list[QueueSpec]:
+    """Every queue a command goes to: its one, or for a command of SENDER_SELECTED the queue of each node it
+    names."""
+    field = SENDER_SELECTED.get(type(command))
+    if field is None:
+        return [command_queue(command)]
+    return [queue(NODE_Q, node=node) for node in dict.fromkeys(getattr(command, field))]
+
+
 def prefix(template: str) -> str:
     """The fixed start of a templated queue name: prefix(HOOK_Q) == "vtorque.hook."."""
     return template.split("{", 1)[0]
@@ -323,5 +338,7 @@ def contract_document() -> dict:
     doc["x-vtorque-channels"] = {
         t.__name__: {"publishers": sorted(f.publishers), "exchange": COMMANDS if issubclass(t, m.Command)
                      else EVENTS, "routing_key": f.route, "consumers": sorted(f.consumers)}
+        | ({"sender_selected": f"one publish, the routing key of every node in `{SENDER_SELECTED[t]}` in its BCC "
+            "header"} if t in SENDER_SELECTED else {})
         for t, f in FLOWS.items()}
     return doc

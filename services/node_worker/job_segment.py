@@ -25,7 +25,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vtorque.shared import messages as m
+from vtorque.shared.job_boot import NodeBoot
 from vtorque.shared.job_network import guest_mac
 
 BRIDGE_PREFIX = "vtj"
@@ -75,8 +75,8 @@ class Segment:
         return ALIAS_PREFIX + self.job_id
 
 
-def segment_for(cmd: m.BootGuests, node: str, local: str, port: int, mtu: int) -> Segment:
-    """This node's part of the job network of a checked BootGuests (trust.check_boot)."""
+def segment_for(cmd: NodeBoot, node: str, local: str, port: int, mtu: int) -> Segment:
+    """This node's part of the job network of a checked BootGuests (trust.check_boot's expansion)."""
     assert cmd.network is not None
     endpoints = cmd.network.endpoints
     # The guests of a job that share this node's address (two node workers on one test host) share its bridge:

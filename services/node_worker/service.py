@@ -1,7 +1,8 @@
 """The node worker: boots a job's guests on this node, says when they are ready, and removes them at the end.
 
-Idempotent per guest: a redelivered BootGuests for a guest that already runs re-announces it instead of
-booting it twice; a TeardownGuests for a job with nothing left here just confirms.
+Idempotent per guest: a redelivered BootGuests (the job's one command, whose part for this node the worker
+expands itself: shared/job_boot.py) for a guest that already runs re-announces it instead of booting it twice;
+a TeardownGuests for a job with nothing left here just confirms.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from vtorque.shared import job_boot, topology, tracing
 from vtorque.shared import messages as m
-from vtorque.shared import topology, tracing
 from vtorque.shared.bus import EventWaiter, Publisher, node_queue
 from vtorque.shared.config import Config, refresh_catalog
 from vtorque.shared.domain_type import detect_domain_type
 from vtorque.shared.image_store import ImageStore
+from vtorque.shared.job_boot import NodeBoot
 from vtorque.shared.job_network import guest_mac
 from vtorque.shared.logs import log
 from vtorque.shared.service import Service
@@ -78,45 +80,44 @@ class NodeWorker(Service):
     # -- boot -------------------------------------------------------------------------------------------
 
     def on_boot_guests(self, cmd: m.BootGuests) -> None:
-        mine = [g for g in cmd.guests if g.node == self.node]
-        if any(g.image not in self.config.images.catalog for g in mine):
+        # One command for the whole job, the same body on every node of it: this node's guests, the job's peers
+        # and network are expanded from it (shared/job_boot.py) by the checks.
+        if cmd.guest.image not in self.config.images.catalog:
             refresh_catalog(self.config)  # added by `vtorque images add` since we started
         try:
             # Root acts only on what it has checked itself: anyone who could publish this wrote it.
-            accounts = trust.check_boot(cmd, self.node, self.config)
+            boot, accounts = trust.check_boot(cmd, self.node, self.config)
         except trust.Refused as exc:
             reason = f"refused by node {self.node}: {exc}"
-            guests: list[m.GuestPlan | None] = [*mine] or [None]
-            for guest in guests:
-                self.publisher.publish(self._fail(cmd, guest, reason, False, ""))
+            names: list[str | None] = [*job_boot.names_on(cmd, self.node, trust.MAX_GUESTS)] or [None]
+            for name in names:
+                self.publisher.publish(self._fail(cmd, name, reason, False, ""))
             return
+        mine = boot.guests
         with self._thread_lock:
             self._accounts.update({(cmd.job_id, n): a for n, a in accounts.items()})
-        refused = vrdma.check_boot(self, cmd, mine)
+        refused = vrdma.check_boot(self, boot, mine)
         if refused:
             # Before any guest boots: a node without the vRDMA the job asked for fails it for good.
             with self._thread_lock:
                 for guest in mine:
                     self._accounts.pop((cmd.job_id, guest.name), None)
             for guest in mine:
-                self.publisher.publish(self._fail(cmd, guest, refused, False, ""))
+                self.publisher.publish(self._fail(cmd, guest.name, refused, False, ""))
             return
-        for guest in cmd.guests:
-            if guest.node != self.node:
-                log(LOG, logging.WARNING, "guest planned for another node ignored", guest=guest.name)
         with self._thread_lock:
             self._booting_jobs[cmd.job_id] = self._booting_jobs.get(cmd.job_id, 0) + 1
         try:
-            failed = self._join_network(cmd) if mine else None
+            failed = self._join_network(boot)
             if failed:
                 for guest in mine:
-                    self.publisher.publish(self._fail(cmd, guest, failed, True, ""))
+                    self.publisher.publish(self._fail(cmd, guest.name, failed, True, ""))
                 return
             # The node's guests boot side by side (each mostly waits for its kernel); the answers are published
             # from this thread, which owns the publisher's connection.
             with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(mine)),
                                                        thread_name_prefix="boot") as pool:
-                futures = [pool.submit(contextvars.copy_context().run, self._boot, cmd, guest) for guest in mine]
+                futures = [pool.submit(contextvars.copy_context().run, self._boot, boot, guest) for guest in mine]
                 for future in futures:
                     self.publisher.publish(future.result())
         finally:
@@ -125,7 +126,7 @@ class NodeWorker(Service):
                 if left:
                     self._booting_jobs[cmd.job_id] = left
 
-    def _join_network(self, cmd: m.BootGuests) -> str | None:
+    def _join_network(self, cmd: NodeBoot) -> str | None:
         """The job's network on this node, before its guests here boot onto it; why not, or None."""
         if cmd.network is None:
             return None
@@ -138,7 +139,7 @@ class NodeWorker(Service):
             return str(exc)
         return None
 
-    def _boot(self, cmd: m.BootGuests, guest: m.GuestPlan) -> m.Event:
+    def _boot(self, cmd: NodeBoot, guest: m.GuestPlan) -> m.Event:
         with self._thread_lock:
             self._booting.add(guest.name)
         try:
@@ -152,7 +153,7 @@ class NodeWorker(Service):
         with self._thread_lock:
             return set(self._booting)
 
-    def _boot_traced(self, cmd: m.BootGuests, guest: m.GuestPlan) -> m.Event:
+    def _boot_traced(self, cmd: NodeBoot, guest: m.GuestPlan) -> m.Event:
         attrs = {tracing.JOB_ID: cmd.job_id, "vtorque.guest": guest.name, "vtorque.node": self.node,
                  "vtorque.image.digest": guest.image_digest}
         with tracing.tracer().start_as_current_span("boot guest", attributes=attrs) as span:
@@ -178,7 +179,7 @@ class NodeWorker(Service):
             return m.GuestReady.new(job_id=cmd.job_id, deadline=cmd.deadline, guest=guest.name, node=self.node,
                                     index=guest.index, address=str(ssh_socket), ssh_port=0, timings=timings)
 
-    def _wait_for_hypervisor(self, cmd: m.BootGuests, poll: float = 1.0) -> None:
+    def _wait_for_hypervisor(self, cmd: NodeBoot, poll: float = 1.0) -> None:
         """libvirt answering, or waited for within the boot's deadline: a libvirtd restart (seconds) is not a
         failed boot and a requeued job (issue 12 item 8). Raises BootFailed (retryable) past the deadline."""
         deadline = time.monotonic() + min(self.config.node.boot_timeout, (cmd.deadline - m.utcnow()).total_seconds())
@@ -191,7 +192,7 @@ class NodeWorker(Service):
             time.sleep(poll)
             why = self.hv.unavailable()
 
-    def _reannounce(self, cmd: m.BootGuests, guest: m.GuestPlan) -> m.GuestReady | None:
+    def _reannounce(self, cmd: NodeBoot, guest: m.GuestPlan) -> m.GuestReady | None:
         dom = self.hv.lookup(guest.name)
         if dom is None:
             return None
@@ -234,7 +235,7 @@ class NodeWorker(Service):
     def _remove_disks(self, name: str) -> int:
         return sum(disks.remove(root, name, store=self.config.images.store) for root in self._roots())
 
-    def _user_image(self, cmd: m.BootGuests, guest: m.GuestPlan, deadline: float) -> disks.UserImage | None:
+    def _user_image(self, cmd: NodeBoot, guest: m.GuestPlan, deadline: float) -> disks.UserImage | None:
         """The owner's own disk image, copied in as the owner (disks.prepare → shared/user_files.py)."""
         if not guest.disk or not guest.disk.image:
             return None
@@ -244,7 +245,7 @@ class NodeWorker(Service):
                                max_bytes=parse_size_mib(self.config.spec.max_disk) << 20,
                                timeout=max(5.0, min(600.0, deadline - time.monotonic())))
 
-    def _boot_fresh(self, cmd: m.BootGuests, guest: m.GuestPlan, t0: float) -> tuple[m.PhaseTimings, Path]:
+    def _boot_fresh(self, cmd: NodeBoot, guest: m.GuestPlan, t0: float) -> tuple[m.PhaseTimings, Path]:
         deadline = min(time.monotonic() + self.config.node.boot_timeout,
                        time.monotonic() + (cmd.deadline - m.utcnow()).total_seconds())
         entry = self.config.images.catalog.get(guest.image)
@@ -304,7 +305,7 @@ class NodeWorker(Service):
             kernel_up=(ready.kernel_up - t0) if ready.kernel_up else None, ready=ready.ready - t0)
         return timings, ssh_socket
 
-    def _wait_for_image(self, cmd: m.BootGuests, digest: str, deadline: float) -> Path:
+    def _wait_for_image(self, cmd: NodeBoot, digest: str, deadline: float) -> Path:
         if self.store.has(digest):
             return self.store.path(digest)
         waiter = EventWaiter(self.config.broker.connection_url(), topology.bindings(topology.WAIT_Q, digest=digest))
@@ -346,9 +347,9 @@ class NodeWorker(Service):
         os.chmod(tmp, 0o644)
         os.rename(tmp, jdir / f"{guest.name}.json")
 
-    def _fail(self, cmd: m.BootGuests | m.TeardownGuests, guest: m.GuestPlan | None, reason: str, retryable: bool,
-              tail: str) -> m.GuestFailed:
-        name = guest.name[:200] if guest else ""
+    def _fail(self, cmd: m.BootGuests | NodeBoot | m.TeardownGuests, guest: m.GuestPlan | str | None, reason: str,
+              retryable: bool, tail: str) -> m.GuestFailed:
+        name = (guest if isinstance(guest, str) else guest.name if guest else "")[:200]
         reason = reason[:1000]  # never a 100 kB value echoed whole
         log(LOG, logging.ERROR, "guest failed", guest=name, reason=reason, retryable=retryable)
         return m.GuestFailed.new(job_id=cmd.job_id[:200], deadline=cmd.deadline, guest=name, node=self.node,
@@ -362,14 +363,13 @@ class NodeWorker(Service):
         except trust.Refused as exc:
             self.publisher.publish(self._fail(cmd, None, f"refused by node {self.node}: {exc}", False, ""))
             return
+        # Answered as soon as the job's domains are gone (nothing of the job runs here any more): the scheduler
+        # keeps the job in its queue until the epilogue has every node's answer. The files follow the answer;
+        # a worker that dies in between has its command redelivered, and reconciliation removes what is left
+        # (guest directories without a domain, orphan job files, idle job networks: reconcile.py).
         try:
-            result = self.teardown_job(cmd.job_id)
-            self._remove_job_shmem(cmd.job_id)
-            try:
-                self._remove_job_network(cmd.job_id)
-            except SegmentError as exc:
-                # The guests are gone, which is what the epilogue waits for; reconciliation retries the network.
-                log(LOG, logging.WARNING, "job network not removed", error=str(exc))
+            with _phase("destroy guests"):
+                result = self.destroy_job(cmd.job_id)
             reason = "; ".join(f"{n}: {why}" for n, why in sorted(result.failed.items()))
         except HypervisorError as exc:
             # libvirtd down or wedged: the epilogue hears so now (not after its deadline), reconciliation retries.
@@ -377,11 +377,12 @@ class NodeWorker(Service):
         self.publisher.publish(m.GuestsTornDown.new(
             job_id=cmd.job_id, deadline=cmd.deadline, node=self.node, guests=result.removed,
             disks_removed=result.disks_removed, not_removed=sorted(result.failed), reason=reason[:1000]))
+        if result.files or result.job_files:
+            with _phase("remove guest files"):
+                self.remove_job_files(cmd.job_id, result)
 
     def _remove_job_shmem(self, job_id: str) -> None:
         """The job's ivshmem region on this node (QEMU leaves it in /dev/shm), once its guests here are gone."""
-        if any(meta.get("job") == job_id for meta in self.hv.vtorque_domains().values()):
-            return
         try:
             vrdma.remove_shmem(vrdma.shmem_name(job_id, vrdma.node_secret(self.config.state_dir)))
         except OSError as exc:
@@ -451,9 +452,19 @@ class NodeWorker(Service):
             return False
 
     def teardown_job(self, job_id: str) -> Teardown:
-        names = [name for name, meta in self.hv.vtorque_domains().items()
+        """The whole teardown of the job's guests here, files included (what the handler does around its answer)."""
+        result = self.destroy_job(job_id)
+        self.remove_job_files(job_id, result)
+        return result
+
+    def destroy_job(self, job_id: str) -> Teardown:
+        """Destroy and undefine the job's domains on this node (side by side: each QEMU takes a while to stop),
+        then its ivshmem region when no guest of the job is left on this host (an unlink: reconciliation could
+        not tell whose a region is, its name being keyed). Which files are to go is in the answer, for
+        `remove_job_files`; a guest whose domain could not be removed keeps its disks (QEMU may have them open)."""
+        domains = self.hv.vtorque_domains()
+        names = [name for name, meta in domains.items()
                  if meta.get("job") == job_id and meta.get("node", self.node) == self.node]
-        # Side by side: each QEMU takes a while to stop, and the node's queue waits for this teardown.
         with concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, len(names)), thread_name_prefix="destroy"
         ) as pool:
@@ -461,23 +472,37 @@ class NodeWorker(Service):
         failed = {name: why for name, why in outcomes.items() if why}
         removed = sorted(name for name in names if name not in failed)
         named = {name for name in names if trust.GUEST_NAME.match(name)}  # only such names are paths of ours
-        removed_disks = 0
         leftovers = {name for root in self._roots() for name in disks.guests_of_job(root, job_id)
                      if _node_of(Path(root) / name) in (self.node, None)}
-        # A guest whose domain could not be removed keeps its disks: QEMU may still have them open.
-        for name in ((named & set(removed)) | leftovers) - set(failed):
+        files = ((named & set(removed)) | leftovers) - set(failed)
+        if not failed and not any(meta.get("job") == job_id and name not in names for name, meta in domains.items()):
+            self._remove_job_shmem(job_id)
+        return Teardown(removed=removed, disks_removed=len(leftovers & files), failed=failed,
+                        files=frozenset(files), job_files=frozenset((named | leftovers) - set(failed)))
+
+    def remove_job_files(self, job_id: str, result: Teardown) -> None:
+        """After the answer: the disks and guest directories, the launcher's job files, and the job network when
+        its last guest on this host is gone. A failure is logged; reconciliation retries (reconcile.py)."""
+        removed_disks, failed = 0, {}
+        for name in sorted(result.files):
             try:
                 removed_disks += self._remove_disks(name)
             except OSError as exc:
                 failed[name] = f"its files: {exc}"
         jdir = self.config.job_dir(job_id)
-        for name in (named | leftovers) - set(failed):
+        for name in result.job_files - set(failed):
             (jdir / f"{name}.json").unlink(missing_ok=True)
-        if jdir.exists() and not any(jdir.iterdir()):
-            jdir.rmdir()
-        log(LOG, logging.INFO if not failed else logging.ERROR, "guests removed", guests=removed, disks=removed_disks,
-            not_removed=sorted(failed))
-        return Teardown(removed=removed, disks_removed=removed_disks, failed=failed)
+        try:
+            if jdir.exists() and not any(jdir.iterdir()):
+                jdir.rmdir()
+        except OSError:
+            pass  # a guest file of another node worker of this host appeared meanwhile
+        try:
+            self._remove_job_network(job_id)
+        except (SegmentError, HypervisorError) as exc:
+            log(LOG, logging.WARNING, "job network not removed", error=str(exc))
+        log(LOG, logging.INFO if not (failed or result.failed) else logging.ERROR, "guests removed",
+            guests=result.removed, disks=removed_disks, not_removed=sorted({*result.failed, *failed}))
 
     def _remove_domain(self, name: str) -> str:
         """'' once the domain is gone, else why not. libvirt's destroy fails now and then on a QEMU slow to die
@@ -498,8 +523,10 @@ class NodeWorker(Service):
 @dataclass(frozen=True)
 class Teardown:
     removed: list[str]
-    disks_removed: int
+    disks_removed: int  # guest directories (disks) of the job here, removed right after the answer
     failed: dict[str, str]  # guest → why it is still there
+    files: frozenset[str] = frozenset()  # guests whose directories go after the answer
+    job_files: frozenset[str] = frozenset()  # guests whose launcher's job files go after the answer
 
 
 def _node_of(gdir: Path) -> str | None:

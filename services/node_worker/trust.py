@@ -14,7 +14,6 @@ directory checks.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import pwd
 import re
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from vtorque.shared import messages as m
 from vtorque.shared.config import IMAGE_NAME, Config
+from vtorque.shared.job_boot import Malformed, NodeBoot, expand, guest_counts
 from vtorque.shared.job_network import VNI_MAX, VNI_MIN
 from vtorque.shared.spec import SpecError, validate, validate_user_metadata
 
@@ -41,7 +41,7 @@ SSH_KEY = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)|sk-ss
 MIN_OWNER_UID = 1000  # below: system accounts (Debian's and most distributions' UID_MIN)
 NOBODY_UID = 65534
 MAX_GUESTS = 256  # on one node
-MAX_PEERS = MAX_GUESTS * 64  # in the whole job, as guest indexes are bounded: a 1,024-node job has 1,024 peers
+MAX_PEERS = MAX_GUESTS * 64  # in the whole job (and nodes of a job), as guest indexes are bounded
 MAX_KEYS = 32
 MAX_CORE = 65535
 
@@ -139,7 +139,7 @@ def _cores(key: str, cores: list[int] | None, most: int) -> None:
         raise Refused(f"{key}: {_show(cores)} is not a list of at most {most} host cores")
 
 
-def check_guest(guest: m.GuestPlan, cmd_job: str, vms_on_node: int, config: Config) -> OwnerAccount:
+def check_guest(guest: m.GuestPlan, cmd_job: str, vms_on_node: int, config: Config) -> None:
     check_guest_name(guest.name)
     # The name is the job's own (messages.domain_name): a command cannot name another job's guest, whose
     # directory a fresh boot would otherwise clear as a leftover.
@@ -148,7 +148,7 @@ def check_guest(guest: m.GuestPlan, cmd_job: str, vms_on_node: int, config: Conf
             and len(guest.name) - len(prefix) <= 4):
         raise Refused(f"guest name {_show(guest.name)!r} is not one of job {_show(cmd_job)}'s on {guest.node} "
                       f"({prefix}<k>)")
-    if not NODE_NAME.match(guest.node):
+    if not NODE_NAME.fullmatch(guest.node):
         raise Refused(f"node {_show(guest.node)!r} is not a node name")
     if not IMAGE_NAME.match(guest.image) or not DIGEST.match(guest.image_digest):
         raise Refused(f"image {_show(guest.image)!r} / digest {_show(guest.image_digest)!r} malformed")
@@ -169,43 +169,50 @@ def check_guest(guest: m.GuestPlan, cmd_job: str, vms_on_node: int, config: Conf
     if not guest.ssh_authorized_keys or len(guest.ssh_authorized_keys) > MAX_KEYS or not all(
             isinstance(k, str) and SSH_KEY.match(k) for k in guest.ssh_authorized_keys):
         raise Refused(f"guest {guest.name}: ssh_authorized_keys must be 1..{MAX_KEYS} single-line public keys")
-    return check_owner(guest.owner, config)
 
 
-def check_boot(cmd: m.BootGuests, node: str, config: Config) -> dict[str, OwnerAccount]:
-    """Every guest of this node in `cmd`, checked; name → the owner's account. Raises Refused."""
+def check_boot(cmd: m.BootGuests, node: str, config: Config) -> tuple[NodeBoot, dict[str, OwnerAccount]]:
+    """This node's part of a job's BootGuests (shared/job_boot.py expand), every value of it checked: its
+    guests, the job's peers and network; with each guest's name → the owner's account. Raises Refused."""
     check_job_id(cmd.job_id)
-    if len(cmd.guests) > MAX_GUESTS or len(cmd.peers) > MAX_PEERS:
-        raise Refused(f"{len(cmd.guests)} guests / {len(cmd.peers)} peers: at most {MAX_GUESTS} / {MAX_PEERS}")
-    mine = [g for g in cmd.guests if g.node == node]
-    names = [g.name for g in mine]
+    # Bounded before anything is expanded: a hostile command's sizes never become this node's memory.
+    if len(cmd.nodes) > MAX_PEERS or len(cmd.node_cores) > MAX_PEERS:
+        raise Refused(f"{len(cmd.nodes)} nodes: at most {MAX_PEERS}")
+    for name in cmd.nodes:
+        if not isinstance(name, str) or not NODE_NAME.fullmatch(name):
+            raise Refused(f"node {_show(name)!r} is not a node name")
+    try:
+        counts = guest_counts(cmd)
+        if any(not 1 <= c <= MAX_GUESTS for c in counts) or sum(counts) > MAX_PEERS:
+            raise Refused(f"{max(counts, default=0)} guests on a node / {sum(counts)} in the job: 1..{MAX_GUESTS}"
+                          f" / at most {MAX_PEERS}")
+        boot = expand(cmd, node)
+    except Malformed as exc:
+        raise Refused(str(exc)) from None
+    names = [g.name for g in boot.guests]
     if len(set(names)) != len(names):
         raise Refused("a guest name appears twice")
-    owners = {(g.owner.user, g.owner.uid) for g in cmd.guests}
-    if len(owners) > 1:
-        raise Refused("the guests of one job have different owners")
-    accounts = {g.name: check_guest(g, cmd.job_id, len(mine), config) for g in mine}
-    for peer in cmd.peers:
+    # The job's guests share one owner by construction (the command says it once): checked once.
+    account = check_owner(cmd.guest.owner, config)
+    for guest in boot.guests:
+        check_guest(guest, cmd.job_id, len(boot.guests), config)
+    for peer in boot.peers:
         check_guest_name(peer.name)
         if not 1 <= peer.vcpus <= config.spec.max_vcpus:
             raise Refused(f"peer {peer.name}: vcpus {peer.vcpus} out of range")
-        try:
-            ipaddress.IPv4Address(peer.address)
-        except ValueError:
-            raise Refused(f"peer {peer.name}: address {_show(peer.address)!r} is not an IPv4 address") from None
-    if cmd.network is not None:
-        check_network(cmd, node, config)
-    return accounts
+    if boot.network is not None:
+        check_network(boot, node, config)
+    return boot, {name: account for name in names}
 
 
-def check_network(cmd: m.BootGuests, node: str, config: Config) -> None:
+def check_network(boot: NodeBoot, node: str, config: Config) -> None:
     """The job network of a BootGuests: a VNI of vtorque's range, and an endpoint for exactly the job's nodes,
     each an address this node may send the job's frames to."""
-    net = cmd.network
+    net = boot.network
     assert net is not None
     if not VNI_MIN <= net.vni <= VNI_MAX or not 8 <= net.prefix <= 30:
         raise Refused(f"network: VNI must be {VNI_MIN}..{VNI_MAX} and prefix 8..30")
-    nodes = {p.node for p in cmd.peers} | {g.node for g in cmd.guests}
+    nodes = {p.node for p in boot.peers}
     if set(net.endpoints) != nodes:
         raise Refused("network: its endpoints must name exactly the job's nodes")
     local = config.node.job_network_localaddr

@@ -12,7 +12,8 @@ from typing import Literal, cast
 
 from vtorque.shared import messages as m
 from vtorque.shared.config import Config
-from vtorque.shared.job_network import guest_address, job_network
+from vtorque.shared.job_boot import hoist
+from vtorque.shared.job_network import job_network
 from vtorque.shared.spec import SpecError, VMSpec
 
 
@@ -78,18 +79,12 @@ def plan_guests(job: m.JobStarted, spec: VMSpec, config: Config, user_metadata: 
     return guests
 
 
-def boot_commands(job: m.JobStarted, guests: list[m.GuestPlan], endpoints: dict[str, str] | None = None
-                  ) -> list[m.BootGuests]:
-    """One BootGuests per node. `endpoints`: each node's job network endpoint (its heartbeats' tunnel address),
-    needed by a job of several guests."""
-    by_node: dict[str, list[m.GuestPlan]] = {}
-    for guest in guests:
-        by_node.setdefault(guest.node, []).append(guest)
-    peers = [m.GuestPeer(name=g.name, index=g.index, node=g.node, vcpus=g.vcpus, address=guest_address(g.index))
-             for g in guests]
+def boot_command(job: m.JobStarted, guests: list[m.GuestPlan], endpoints: dict[str, str] | None = None
+                 ) -> m.BootGuests:
+    """The job's one BootGuests, for every node of the job (shared/job_boot.py hoist: what the guests share
+    once, per node only what differs). `endpoints`: each node's job network endpoint (its heartbeats' tunnel
+    address), needed by a job of several guests."""
+    nodes = list(dict.fromkeys(g.node for g in guests))
     # A job of one guest needs no network of its own: one NIC less to probe while it boots.
-    network = job_network(job.job_id, {n: (endpoints or {}).get(n, "") for n in by_node}) \
-        if len(guests) > 1 else None
-    return [m.BootGuests.new(job_id=job.job_id, deadline=job.deadline, node=node, guests=plan, peers=peers,
-                             network=network)
-            for node, plan in by_node.items()]
+    network = job_network(job.job_id, {n: (endpoints or {}).get(n, "") for n in nodes}) if len(guests) > 1 else None
+    return hoist(job.job_id, job.deadline, guests, network)

@@ -20,7 +20,7 @@ from vtorque.shared.service import Service
 from vtorque.shared.spec import SpecError, validate, validate_job
 
 from .capacity import Unfit, check_nodes
-from .planning import PlanError, boot_commands, plan_guests
+from .planning import PlanError, boot_command, plan_guests
 from .verification import mismatch, over_allocation
 
 LOG = logging.getLogger("vtorque.bridge")
@@ -122,12 +122,14 @@ class SchedulerBridge(Service):
             return
         # One batch, one wait for the broker's confirms: a confirm per message made the fan-out to 1,024 nodes
         # a round trip per node (docs/benchmarks.md, scale). Still in this order: the plan (so the hook knows
-        # how many guests to expect), staging (so it overlaps the node workers' own preparation), the boots.
+        # how many guests to expect), staging (so it overlaps the node workers' own preparation), the boot: one
+        # BootGuests for the whole job, published once and put by the broker in every node's queue (shared/bus.py
+        # sender-selected), not one per node each carrying all n peers (n² bytes).
         self.publisher.publish_many([
             m.JobPlanned.new(job_id=job.job_id, deadline=job.deadline, guests=guests),
             m.StageImage.new(job_id=job.job_id, deadline=job.deadline, image=spec.img,
                              digest=guests[0].image_digest),
-            *boot_commands(job, guests, endpoints)])
+            boot_command(job, guests, endpoints)])
         log(LOG, logging.INFO, "job planned", guests=len(guests), nodes=[n.host for n in job.nodes])
 
     def on_job_ended(self, job: m.JobEnded) -> None:

@@ -12,12 +12,14 @@ import time
 import uuid
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from vtorque.cli.launcher_ssh import ssh_argv
 from vtorque.shared import messages as m
 from vtorque.shared.bus import EventWaiter, Publisher
 from vtorque.shared.config import ImageEntry
+from vtorque.shared.job_boot import hoist
 from vtorque.shared.job_network import guest_address, job_network
 
 from .guests import node_worker
@@ -130,16 +132,14 @@ def test_a_debian_cloud_guest_boots_with_the_seed(broker_url, worker, owner, ssh
                        ssh_authorized_keys=[ssh_key.with_suffix(".pub").read_text().strip()],
                        user_metadata={"timezone": TIMEZONE, "final_message": "user-final-message"})
     # A peer on another node, as a two-node job has: it is in the hosts and node files, and not booted here.
-    peer = m.GuestPeer(name=f"vt-{job}-elsewhere-1", index=1, node="elsewhere", vcpus=1, address=guest_address(1))
-    peers = [m.GuestPeer(name=name, index=0, node=config.node.name, vcpus=2, address=guest_address(0)), peer]
+    peer = msgspec.structs.replace(plan, name=f"vt-{job}-elsewhere-0", node="elsewhere", index=1)
     waiter = EventWaiter(broker_url, [f"job.{job}.#"])
     publisher = Publisher(broker_url)
     try:
         started = time.monotonic()
-        publisher.publish(m.BootGuests.new(job_id=job, deadline=BOOT_TIMEOUT + 60, node=config.node.name,
-                                           guests=[plan], peers=peers,
-                                           network=job_network(job, {config.node.name: "127.0.0.1",
-                                                                     "elsewhere": "10.213.0.99"})))
+        # The job's one BootGuests, as the bridge sends it to both nodes' queues (planning.boot_command).
+        publisher.publish(hoist(job, BOOT_TIMEOUT + 60, [plan, peer],
+                                job_network(job, {config.node.name: "127.0.0.1", "elsewhere": "10.213.0.99"})))
         ready = expect(waiter, m.GuestReady, BOOT_TIMEOUT + 60)
         print(f"boot to ready {ready.timings.ready:.1f}s (BootGuests to GuestReady {time.monotonic() - started:.1f}s)")
         console = (Path(config.node.guest_dir) / name / "console.log").read_text(errors="replace")
@@ -153,7 +153,7 @@ def test_a_debian_cloud_guest_boots_with_the_seed(broker_url, worker, owner, ssh
         assert got["kernel"].endswith("-cloud-amd64") and "vtorque cloud guest" in got["release"]
         assert got["hostname"] == name
         assert (got["uid"], got["gid"], got["home"]) == (UID, GID, f"/home/{USER}")
-        assert got["nodefile"] == f"{name}\n{name}\n{peer.name}\n"  # once per vCPU, rank order
+        assert got["nodefile"] == f"{name}\n{name}\n{peer.name}\n{peer.name}\n"  # once per vCPU, rank order
         hosts = [line.split() for line in got["hosts"].splitlines()]
         assert [guest_address(0), name] in hosts and [guest_address(1), peer.name] in hosts
         assert f"inet {guest_address(0)}/16" in got["addrs"]  # the job NIC, from network-config

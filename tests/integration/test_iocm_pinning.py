@@ -22,6 +22,7 @@ from vtorque.services.node_worker import iocm, vrdma
 from vtorque.shared import messages as m
 from vtorque.shared.bus import EventWaiter, Publisher
 from vtorque.shared.config import SpecConfig
+from vtorque.shared.job_boot import hoist
 
 from .guests import expect, node_worker
 
@@ -76,7 +77,7 @@ def test_pinning_iocm_and_vrdma_on_a_running_guest(broker_url, worker, ssh_key, 
     publisher = Publisher(broker_url)
     stop = threading.Event()
     try:
-        publisher.publish(m.BootGuests.new(job_id=job, deadline=300.0, node=config.node.name, guests=[plan]))
+        publisher.publish(hoist(job, 300.0, [plan]))
         ready = expect(waiter, m.GuestReady)
         dom = svc.hv.lookup(plan.name)
 
@@ -152,8 +153,7 @@ def test_a_node_without_the_required_vrdma_fails_before_any_boot(broker_url, wor
     waiter = EventWaiter(broker_url, [f"job.{job}.#"])
     try:
         started = time.monotonic()
-        Publisher(broker_url).publish(m.BootGuests.new(job_id=job, deadline=60.0, node=config.node.name,
-                                                       guests=[plan]))
+        Publisher(broker_url).publish(hoist(job, 60.0, [plan]))
         failed = expect(waiter, m.GuestFailed, timeout=30)
         assert time.monotonic() - started < 10
         assert not failed.retryable and failed.guest == plan.name

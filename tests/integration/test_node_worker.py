@@ -12,6 +12,7 @@ import pytest
 from vtorque.cli.launcher_ssh import ssh_argv
 from vtorque.shared import messages as m
 from vtorque.shared.bus import EventWaiter, Publisher
+from vtorque.shared.job_boot import hoist
 
 from .guests import expect, node_worker
 
@@ -55,7 +56,7 @@ def test_boot_reannounce_and_teardown(broker_url, worker, ssh_key):
     waiter = EventWaiter(broker_url, [f"job.{job}.#"])
     publisher = Publisher(broker_url)
     try:
-        publisher.publish(m.BootGuests.new(job_id=job, deadline=300.0, node=config.node.name, guests=[plan]))
+        publisher.publish(hoist(job, 300.0, [plan]))
         ready = expect(waiter, m.GuestReady)
         assert ready.guest == plan.name and ready.node == config.node.name
         t = ready.timings
@@ -74,7 +75,7 @@ def test_boot_reannounce_and_teardown(broker_url, worker, ssh_key):
         assert run.stdout.split() == [run.stdout.split()[0], "2"] and run.stdout.split()[0] != os.uname().release
 
         # A redelivered command re-announces the running guest instead of booting it twice.
-        publisher.publish(m.BootGuests.new(job_id=job, deadline=300.0, node=config.node.name, guests=[plan]))
+        publisher.publish(hoist(job, 300.0, [plan]))
         again = expect(waiter, m.GuestReady)
         # Re-announced: no phase ran again (ready is only the time spent finding it up).
         assert (again.timings.define, again.timings.start) == (0, 0) and again.timings.ready < 30
@@ -102,8 +103,7 @@ def test_an_image_this_node_does_not_know_fails_cleanly(broker_url, worker, ssh_
     plan = guest(config, job, ssh_key, digest="f" * 64)
     waiter = EventWaiter(broker_url, [f"job.{job}.#"])
     try:
-        Publisher(broker_url).publish(m.BootGuests.new(job_id=job, deadline=60.0, node=config.node.name,
-                                                       guests=[plan]))
+        Publisher(broker_url).publish(hoist(job, 60.0, [plan]))
         deadline = time.monotonic() + 30
         event = waiter.next(deadline)
         assert isinstance(event, m.GuestFailed) and not event.retryable

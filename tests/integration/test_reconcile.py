@@ -19,6 +19,7 @@ from conftest import fake_scheduler
 from vtorque.services.node_worker.hypervisor import Hypervisor
 from vtorque.shared import messages as m
 from vtorque.shared.bus import EventWaiter, Publisher
+from vtorque.shared.job_boot import hoist
 
 pytestmark = [pytest.mark.slow, pytest.mark.guest]
 PERIOD = 3.0
@@ -43,7 +44,7 @@ def plan(config, job, node, key):
     guest = m.GuestPlan(name=f"vt-{job}-{node}-0", node=node, index=0, image="tiny", image_digest=entry.sha256,
                         vcpus=1, ram_mib=128, cores=None, owner=m.Owner(user="root", uid=0, gid=0),
                         ssh_authorized_keys=[key])
-    return m.BootGuests.new(job_id=job, deadline=240.0, node=node, guests=[guest])
+    return hoist(job, 240.0, [guest])
 
 
 def wait_for(predicate, timeout, what):

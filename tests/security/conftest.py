@@ -24,6 +24,7 @@ from vtorque.services.node_worker.service import NodeWorker
 from vtorque.shared import messages as m
 from vtorque.shared.config import Config, ImageEntry, ImagesConfig, NodeConfig, SpecConfig
 from vtorque.shared.image_store import ImageStore
+from vtorque.shared.job_boot import template_of
 from vtorque.shared.messages import domain_name
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG2dXW1vjFpNu2d0dw7Fqt5fLwRY7FTl1Qb4mK3xqQ9n test"
@@ -122,15 +123,32 @@ class Site:
                             ssh_authorized_keys=[KEY])
         return msgspec.structs.replace(guest, **changes)
 
-    def boot(self, job: str, *guests: m.GuestPlan, **more) -> list[m.Message]:
-        """A hand-built BootGuests, through the wire's own decoder, handed to the node worker."""
-        cmd = wire(m.BootGuests.new(job_id=job, deadline=60.0, node=self.node, guests=list(guests), **more))
+    def boot(self, job: str, *guests: m.GuestPlan, nodes: list[str] | None = None, **more) -> list[m.Message]:
+        """A hand-built BootGuests (hand_built), through the wire's own decoder, handed to the node worker."""
+        cmd = wire(hand_built(job, list(guests), nodes, **more))
         before = len(self.sent.sent)
         self.worker.on_boot_guests(cmd)
         return self.sent.sent[before:]
 
     def domains(self) -> dict[str, dict[str, str]]:
         return {n: meta for n, meta in self.worker.hv.vtorque_domains().items() if meta.get("node") == self.node}
+
+
+def hand_built(job: str, guests: list[m.GuestPlan], nodes: list[str] | None = None, **fields) -> m.BootGuests:
+    """A job's BootGuests as anyone able to publish to a node's queue could write it, not as the bridge makes it
+    (planning.boot_command checks that what it sends expands back to its plan): the job-wide part from the first
+    guest, each of `nodes` (default: the guests' nodes, in order) with the cores of its guests among `guests` (a
+    node with none of them gets one unpinned guest); `fields` as given."""
+    nodes = nodes if nodes is not None else list(dict.fromkeys(g.node for g in guests))
+    per_node = []
+    for node in nodes:
+        on = [g for g in guests if g.node == node]
+        per_node.append(m.NodeCores(guests=[g.cores for g in on] or [None], emulator=on[0].emulator_cores if on
+                                    else None, io=on[0].io_cores if on else None))
+    same = all(c == per_node[0] for c in per_node)
+    return m.BootGuests.new(job_id=job, deadline=60.0, **{
+        "guest": template_of(guests[0]), "nodes": nodes, "cores": per_node[0] if same and per_node else None,
+        "node_cores": [] if same else per_node, "disk": guests[0].disk, **fields})
 
 
 def wire(message: m.Message) -> m.Message:
@@ -141,7 +159,8 @@ def wire(message: m.Message) -> m.Message:
     try:
         return m.decode(m.encode(message))
     except msgspec.ValidationError as exc:
-        assert any(f"{f}`" in str(exc) for f in ("job_id", "node", "digest", "image_digest", "message_id")), exc
+        assert any(f"{f}`" in str(exc) for f in ("job_id", "node", "digest", "image_digest", "message_id")) \
+            or "$.nodes[" in str(exc), exc
         return message
 
 

@@ -18,7 +18,7 @@ from vtorque.services.node_worker.job_segment import bridge_name
 from vtorque.shared import messages as m
 from vtorque.shared.messages import domain_name
 
-from .conftest import KEY, snapshot, wire
+from .conftest import KEY, hand_built, snapshot, wire
 
 
 def job() -> str:
@@ -46,9 +46,10 @@ def test_a_well_formed_command_passes_the_checks(site, users):
     """The control: the checks refuse what is wrong, not everything."""
     a, _ = users
     j = job()
-    cmd = m.BootGuests.new(job_id=j, deadline=60.0, node=site.node, guests=[site.plan(a, j)])
-    accounts = trust.check_boot(wire(cmd), site.node, site.config)
+    cmd = hand_built(j, [site.plan(a, j)])
+    boot, accounts = trust.check_boot(wire(cmd), site.node, site.config)
     assert accounts[domain_name(j, site.node, 0)] == trust.OwnerAccount(a.name, a.uid, a.gid, str(a.home))
+    assert boot.guests == [site.plan(a, j)]  # the node's own GuestPlan, expanded from the job-wide command
 
 
 # (a) the owner -----------------------------------------------------------------------------------------------
@@ -93,9 +94,8 @@ def test_a_group_the_owner_is_not_in_is_refused_and_one_she_is_in_is_taken(site,
     try:
         subprocess.run(["usermod", "-aG", group, a.name], check=True, capture_output=True)
         gid = grp.getgrnam(group).gr_gid
-        cmd = m.BootGuests.new(job_id=j, deadline=60.0, node=site.node,
-                               guests=[site.plan(a, j, owner=m.Owner(user=a.name, uid=a.uid, gid=gid))])
-        assert trust.check_boot(cmd, site.node, site.config)[domain_name(j, site.node, 0)].gid == gid
+        cmd = hand_built(j, [site.plan(a, j, owner=m.Owner(user=a.name, uid=a.uid, gid=gid))])
+        assert trust.check_boot(cmd, site.node, site.config)[1][domain_name(j, site.node, 0)].gid == gid
     finally:
         subprocess.run(["groupdel", group], capture_output=True)
 
@@ -107,28 +107,37 @@ def test_an_unknown_owner_is_refused(site, users):
     assert_nothing_happened(site, before)
 
 
-def test_different_owners_in_one_job_are_refused(site, users):
+def test_a_command_cannot_name_a_guest_or_give_guests_different_owners(site, users):
+    """A job's BootGuests says the owner once and no guest's name, rank or node: the node makes each of its
+    guests' names from the job id and its own name (messages.domain_name). A body that tries to (the old
+    per-guest shape) is not a BootGuests: the decoder refuses it, and the consumer dead-letters it with that."""
     a, b = users
-    before, j = snapshot(site.root), job()
-    g0 = site.plan(a, j)
-    g1 = site.plan(b, j, name=domain_name(j, site.node, 1), index=1)
-    refused(site.boot(j, g0, g1), "different owners")
-    assert_nothing_happened(site, before)
+    j = job()
+    body = msgspec.json.decode(m.encode(hand_built(j, [site.plan(a, j)])))
+    body["guests"] = [msgspec.to_builtins(site.plan(b, j, name="vt-../../canary"))]
+    with pytest.raises(msgspec.ValidationError, match="unknown field `guests`"):
+        m.decode(msgspec.json.encode(body))
+    body = msgspec.json.decode(m.encode(hand_built(j, [site.plan(a, j)])))
+    body["guest"]["name"] = "vt-../../canary"
+    with pytest.raises(msgspec.ValidationError, match="unknown field `name`"):
+        m.decode(msgspec.json.encode(body))
 
 
 # (b) names and paths -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["../canary", "vt-../../canary", "vt-x/../../canary", "vt-a" + "b" * 300,
-                                  "vt-\n", "..", "vt-.", "/tmp/x"])
-def test_a_guest_name_that_is_a_path_is_refused_and_the_directory_it_names_survives(site, users, name):
+                                  "vt-\n", "..", "-x", "/tmp/x"])
+def test_a_node_name_that_is_a_path_is_refused_and_the_directory_it_names_survives(site, users, name):
+    """Guest names are made from the job's node names (and the job id): a node of the job named like a path is
+    refused before any name is made from it."""
     a, _ = users
     canary = site.root / "canary"
     canary.mkdir()
     (canary / "keep").write_text("precious")
     (site.root / "guests").mkdir(mode=0o711)
     before, j = snapshot(site.root), job()
-    answers = site.boot(j, site.plan(a, j, name=name))
-    refused(answers, "is not a vtorque guest name")
+    answers = site.boot(j, site.plan(a, j), nodes=[site.node, name])
+    refused(answers, "is not a node name")
     assert all(len(x.reason) < 1100 for x in answers)  # an oversized value is not echoed whole
     assert_nothing_happened(site, before)
     assert (canary / "keep").read_text() == "precious"
@@ -170,13 +179,13 @@ def test_a_guest_named_like_another_jobs_domain_leaves_that_domain_alone(site, u
     victim_job, j = f"{n}_x", f"{n}.x"
     name = domain_name(victim_job, site.node, 0)
     assert name == domain_name(j, site.node, 0)
-    victim = site.plan(a, victim_job, name=name)
+    victim = site.plan(a, victim_job)
     xml = domain_xml(victim, GuestDisks("/nonexistent/o", "/nonexistent/s", "/nonexistent/c"), BootSource(),
                      GuestMetadata(job_id=victim_job, owner=a.name, deadline=m.utcnow(), index=0,
                                    node=site.node), domain_type="test")
     dom = site.worker.hv.define(xml)
     try:
-        answers = site.boot(j, site.plan(a, j, name=name))
+        answers = site.boot(j, site.plan(a, j))  # its guest here is named `name`
         refused(answers, "is not this job's")
         assert site.worker.hv.lookup(name) is not None
     finally:
@@ -218,7 +227,7 @@ def test_an_invalid_or_oversized_spec_is_refused(site, users, changes, word):
 def test_more_guests_on_a_node_than_the_site_allows_are_refused(site, users):
     a, _ = users
     before, j = snapshot(site.root), job()
-    guests = [site.plan(a, j, name=domain_name(j, site.node, k), index=k) for k in range(3)]  # max_vms_per_node=2
+    guests = [site.plan(a, j) for _ in range(3)]  # three guests on this node; max_vms_per_node=2
     refused(site.boot(j, *guests), "vms_per_node")
     assert_nothing_happened(site, before)
 
@@ -227,8 +236,6 @@ def test_a_bad_job_network_is_refused_and_makes_nothing(site, users):
     a, _ = users
     before, j = snapshot(site.root), job()
     me, other = site.node, "c9"
-    peers = [m.GuestPeer(name=domain_name(j, me, 0), index=0, node=me, vcpus=1, address="10.254.0.1"),
-             m.GuestPeer(name=domain_name(j, other, 0), index=1, node=other, vcpus=1, address="10.254.0.2")]
     local = site.config.node.job_network_localaddr
     bad = {
         "VNI must be": m.JobNetwork(vni=42, prefix=16, endpoints={me: local, other: "10.1.0.2"}),
@@ -241,7 +248,7 @@ def test_a_bad_job_network_is_refused_and_makes_nothing(site, users):
         "not an IPv4 address": m.JobNetwork(vni=5000, prefix=16, endpoints={me: local, other: "c9; reboot"}),
     }
     for reason, net in bad.items():
-        refused(site.boot(j, site.plan(a, j), peers=peers, network=net), reason.strip())
+        refused(site.boot(j, site.plan(a, j), nodes=[me, other], network=net), reason.strip())
         # refused before any of the job network was made on this node
         assert not Path(f"/sys/class/net/{bridge_name(net.vni % (1 << 24))}").exists()
     assert_nothing_happened(site, before)
@@ -270,8 +277,7 @@ def test_metadata_with_root_giving_keys_is_refused(site, users, metadata):
 def test_a_system_owner_is_allowed_only_where_the_site_says(site, users):
     """[node] allow_system_owners: read from the config when it has the field (shared/config.py)."""
     a, _ = users
-    cmd = m.BootGuests.new(job_id="1.sec", deadline=60.0, node=site.node,
-                           guests=[site.plan(a, "1.sec", owner=m.Owner(user="root", uid=0, gid=0))])
+    cmd = hand_built("1.sec", [site.plan(a, "1.sec", owner=m.Owner(user="root", uid=0, gid=0))])
     with pytest.raises(trust.Refused, match="allow_system_owners"):
         trust.check_boot(cmd, site.node, site.config)
     if "allow_system_owners" in type(site.config.node).__struct_fields__:
@@ -303,7 +309,7 @@ def test_the_guest_dirs_stay_confined(site, users):
 ])
 def test_what_the_bridge_plans_passes_the_node_workers_checks(site, users, options, cores):
     """The checks and the bridge agree: every well-formed plan the bridge makes is accepted as it is."""
-    from vtorque.services.scheduler_bridge.planning import boot_commands, plan_guests
+    from vtorque.services.scheduler_bridge.planning import boot_command, plan_guests
     from vtorque.shared.spec import validate
 
     a, _ = users
@@ -314,18 +320,35 @@ def test_what_the_bridge_plans_passes_the_node_workers_checks(site, users, optio
     spec = validate(options, site.config)
     guests = plan_guests(started, spec, site.config, {"packages": ["htop"], "timezone": "UTC"})
     # Each node's job network endpoint, as the nodes' heartbeats give the bridge.
-    for cmd in boot_commands(started, guests, {site.node: site.config.node.job_network_localaddr,
-                                               "other": "10.213.0.12"}):
-        cmd = wire(cmd)
-        accounts = trust.check_boot(cmd, site.node, site.config)
-        assert set(accounts) == {g.name for g in cmd.guests if g.node == site.node}
+    cmd = wire(boot_command(started, guests, {site.node: site.config.node.job_network_localaddr,
+                                              "other": "10.213.0.12"}))
+    boot, accounts = trust.check_boot(cmd, site.node, site.config)
+    assert boot.guests == [g for g in guests if g.node == site.node] and set(accounts) == {g.name for g in boot.guests}
+    assert [p.name for p in boot.peers] == [g.name for g in guests]
 
 
-def test_a_guest_name_of_another_job_is_refused(site, users):
+@pytest.mark.parametrize("fields,word", [
+    ({"nodes": ["c7", "c8"]}, "names no guest of node"),
+    ({"nodes": []}, "exactly one of cores"),
+    ({"cores": None}, "exactly one of cores"),
+    ({"node_cores": [m.NodeCores(guests=[None])]}, "exactly one of cores"),
+    ({"cores": None, "node_cores": [m.NodeCores(guests=[None])] * 3}, "node_cores for 3 nodes"),
+    ({"cores": m.NodeCores(guests=[])}, "0 guests on a node"),
+    ({"cores": m.NodeCores(guests=[None] * 300)}, "300 guests on a node"),
+])
+def test_a_command_whose_parts_do_not_fit_is_refused(site, users, fields, word):
+    """The job-wide command's own shape: this node among its nodes, one core layout for all or one per node,
+    each node with 1..MAX_GUESTS guests; refused with what does not fit, before any guest is made."""
     a, _ = users
     before, j = snapshot(site.root), job()
-    refused(site.boot(j, site.plan(a, j, name=domain_name("999.other", site.node, 0))), "is not one of job")
-    refused(site.boot(j, site.plan(a, j, name=domain_name(j, "othernode", 0))), "is not one of job")
+    refused(site.boot(j, site.plan(a, j), nodes=fields.pop("nodes", [site.node, "c2"]), **fields), word)
+    assert_nothing_happened(site, before)
+
+
+def test_a_node_named_twice_is_refused(site, users):
+    a, _ = users
+    before, j = snapshot(site.root), job()
+    refused(site.boot(j, site.plan(a, j), nodes=[site.node, "c2", site.node]), "named twice")
     assert_nothing_happened(site, before)
 
 

@@ -98,12 +98,18 @@ def _hostile(rng: random.Random, queue: str, job: str, node: str, digest: str):
     if queue == "stager":
         return m.StageImage.new(job_id=job, deadline=60.0, image=_word(rng),
                                 digest=rng.choice([digest[::-1], _word(rng), "0" * 64]))
-    plan = m.GuestPlan(name=rng.choice([f"vt-../{_word(rng)}", _word(rng), "vt-x/../../state", ""]), node=node,
-                       index=rng.randint(-5, 5), image=_word(rng), image_digest=rng.choice([digest, _word(rng)]),
-                       vcpus=rng.randint(-2, 10_000), ram_mib=rng.randint(-5, 10**9), cores=None,
-                       owner=m.Owner(user=rng.choice(["root", _word(rng) or "x"]), uid=rng.choice([0, 1, -1]),
-                                     gid=0), ssh_authorized_keys=[_word(rng)])
-    return m.BootGuests.new(job_id=job, deadline=60.0, node=node, guests=[plan])
+    # A job's one BootGuests: hostile guest fields said once, and a node list and core layout that may not fit
+    # (this node missing, named twice, a node named like a path, no or too many guests, cores for other nodes).
+    guest = m.GuestTemplate(image=_word(rng), image_digest=rng.choice([digest, _word(rng)]),
+                            vcpus=rng.randint(-2, 10_000), ram_mib=rng.randint(-5, 10**9),
+                            owner=m.Owner(user=rng.choice(["root", _word(rng) or "x"]), uid=rng.choice([0, 1, -1]),
+                                          gid=0), ssh_authorized_keys=[_word(rng)])
+    nodes = rng.choice([[node], [node, node], [_word(rng) or "n"], [node, _word(rng) or "n"], [], [f"{node}x"]])
+    cores = m.NodeCores(guests=[rng.choice([None, [rng.randint(-1, 70_000)]]) for _ in range(rng.randint(0, 300))],
+                        emulator=rng.choice([None, [rng.randint(-1, 70_000)]]))
+    layout = rng.choice([{"cores": cores}, {"node_cores": [cores] * rng.randint(0, 3)},
+                         {"cores": cores, "node_cores": [cores]}, {}])
+    return m.BootGuests.new(job_id=job, deadline=60.0, guest=guest, nodes=nodes, **layout)
 
 
 def _drain_dead(url: str) -> list:

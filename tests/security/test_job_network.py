@@ -15,13 +15,15 @@ import sys
 import textwrap
 import time
 import uuid
+from typing import NamedTuple
 
 import msgspec
 import pytest
 
 from vtorque.services.node_worker.job_segment import bridge_name, vxlan_name
-from vtorque.services.scheduler_bridge.planning import boot_commands
+from vtorque.services.scheduler_bridge.planning import boot_command
 from vtorque.shared import messages as m
+from vtorque.shared.job_boot import expand, hoist
 from vtorque.shared.job_network import guest_address, guest_mac, job_vni
 
 from .conftest import KEY
@@ -46,16 +48,24 @@ NODE_SIDE = textwrap.dedent(f"""
     from vtorque.services.node_worker.job_segment import JobSegments, segment_for
     from vtorque.shared import messages as m
     from vtorque.shared.config import Config, NodeConfig
+    from vtorque.shared.job_boot import expand
     node, local, action = sys.argv[1:4]
     segments = JobSegments({PORT}, lock_path="/run/vtorque-job-network-" + node + ".lock")
     if action == "ensure":
-        cmd = m.decode(sys.stdin.buffer.read())
+        cmd = expand(m.decode(sys.stdin.buffer.read()), node)  # the job's one BootGuests: this node's part
         config = Config(node=NodeConfig(name=node, job_network_localaddr=local, job_network_port={PORT}))
         trust.check_network(cmd, node, config)
         print(segments.ensure(segment_for(cmd, node, local, {PORT}, 1450)))
     else:
         print(segments.remove(int(sys.argv[4]), sys.argv[5]))
 """)
+
+
+class Sent(NamedTuple):
+    """A job's BootGuests as the queue of `node` got it."""
+
+    node: str
+    command: m.BootGuests
 
 
 class Cluster:
@@ -80,8 +90,9 @@ class Cluster:
             in_ns(ns, "ip", "link", "set", "eth0", "up")
             in_ns(ns, "ip", "link", "set", "lo", "up")
 
-    def plan(self, job_id: str, where: list[str]) -> dict[str, m.BootGuests]:
-        """The bridge's BootGuests of a job with one guest on each node of `where` (planning.boot_commands)."""
+    def plan(self, job_id: str, where: list[str]) -> dict[str, Sent]:
+        """The bridge's one BootGuests of a job with one guest on each node of `where` (planning.boot_command),
+        as each node's queue gets it."""
         guests = [m.GuestPlan(name=m.domain_name(job_id, node, 0), node=node, index=i, image="tiny",
                               image_digest="a" * 64, vcpus=1, ram_mib=128, cores=None,
                               owner=m.Owner(user="u", uid=1000, gid=1000), ssh_authorized_keys=[KEY])
@@ -89,7 +100,8 @@ class Cluster:
         job = m.JobStarted.new(job_id=job_id, deadline=60.0, scheduler="slurm", owner=guests[0].owner,
                                nodes=[m.NodeAllocation(host=n, ncpus=1) for n in where], spec={"img": "tiny"},
                                ssh_authorized_keys=[KEY])
-        return {c.node: c for c in boot_commands(job, guests, dict(self.nodes))}
+        command = boot_command(job, guests, dict(self.nodes))
+        return {n: Sent(n, command) for n in where}
 
     def node_side(self, node: str, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
         """Entered as the cluster rig enters its hosts (nsenter --net, no sysfs of the namespace's own): what the
@@ -98,11 +110,12 @@ class Cluster:
         return subprocess.run(["nsenter", f"--net=/run/netns/{self.ns[node]}", sys.executable, "-c", NODE_SIDE,
                                node, self.nodes[node], *args], input=stdin, capture_output=True, timeout=60, env=env)
 
-    def boot(self, cmd: m.BootGuests) -> str:
+    def boot(self, sent: Sent) -> str:
         """The job's segment on the command's node, and a guest on it; the guest namespace's name."""
-        done = self.node_side(cmd.node, "ensure", stdin=m.encode(cmd))
+        done = self.node_side(sent.node, "ensure", stdin=m.encode(sent.command))
         assert done.returncode == 0, done.stderr.decode()
         bridge = done.stdout.decode().split()[-1]
+        cmd = expand(sent.command, sent.node)
         assert bridge == bridge_name(job_vni(cmd.job_id))
         guest = cmd.guests[0]
         ns, tap = f"vjg{len(self.guests)}{self.tag}", f"t{len(self.guests)}{self.tag}"
@@ -210,15 +223,14 @@ def test_a_jobs_guests_on_two_nodes_share_one_segment_that_is_no_other_jobs(clus
 
 def test_a_job_of_one_node_has_a_segment_no_other_node_sends_to(cluster):
     job = "7010"
-    (cmd,) = cluster.plan(job, ["n1"]).values()
+    (one,) = cluster.plan(job, ["n1"]).values()
     # A job of one guest has no network; a job of two guests on one node needs no tunnel.
-    assert cmd.network is None
-    second = msgspec.structs.replace(cmd.guests[0], name=m.domain_name(job, "n1", 1), index=1)
-    two = m.BootGuests.new(job_id=job, deadline=60.0, node="n1", guests=[cmd.guests[0], second],
-                           peers=[m.GuestPeer(name=g.name, index=g.index, node="n1", vcpus=1,
-                                              address=guest_address(g.index)) for g in (cmd.guests[0], second)],
-                           network=m.JobNetwork(vni=job_vni(job), prefix=16, endpoints={"n1": "10.79.0.1"}))
-    cluster.boot(two)
+    assert one.command.network is None
+    first = expand(one.command, "n1").guests[0]
+    second = msgspec.structs.replace(first, name=m.domain_name(job, "n1", 1), index=1)
+    two = hoist(job, one.command.deadline, [first, second],
+                m.JobNetwork(vni=job_vni(job), prefix=16, endpoints={"n1": "10.79.0.1"}))
+    cluster.boot(Sent("n1", two))
     fdb = in_ns(cluster.ns["n1"], "bridge", "fdb", "show", "dev", vxlan_name(job_vni(job))).stdout
     assert " dst " not in fdb, fdb  # its frames go to no other node
 
@@ -266,7 +278,7 @@ def test_the_segment_goes_with_its_last_guest_and_a_vni_held_by_another_job_is_r
     clash = str(int(job) + (1 << 24) - 4096)
     assert job_vni(clash) == vni
     other = cluster.plan(clash, ["n1", "n2"])["n1"]
-    done = cluster.node_side("n1", "ensure", stdin=m.encode(other))
+    done = cluster.node_side("n1", "ensure", stdin=m.encode(other.command))
     assert done.returncode != 0 and f"held by job {job}" in done.stderr.decode()
     # While the guest is on it the segment stays; once its tap is gone it is removed, nothing left.
     assert cluster.node_side("n1", "remove", str(vni), job).stdout.split() == [b"False"]

@@ -16,7 +16,8 @@ def test_the_contract_names_every_messages_channel():
     assert set(doc["x-vtorque-channels"]) == {name for name in doc["$defs"] if name in doc["x-vtorque-channels"]}
     boot = doc["x-vtorque-channels"]["BootGuests"]
     assert boot == {"publishers": ["bridge"], "exchange": "vtorque.commands", "routing_key": "node.{node}",
-                    "consumers": ["vtorque.node.{node}"]}
+                    "consumers": ["vtorque.node.{node}"],
+                    "sender_selected": "one publish, the routing key of every node in `nodes` in its BCC header"}
 
 
 def test_descriptions_do_not_depend_on_how_docstrings_are_formatted():

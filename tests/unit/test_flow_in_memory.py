@@ -14,6 +14,7 @@ import pytest
 
 from vtorque.hooks.job_hook import Verdict
 from vtorque.shared import messages as m
+from vtorque.shared.job_boot import expand
 from vtorque.shared.scheduler import JobInfo
 
 from .flow_site import Site
@@ -63,9 +64,11 @@ def test_two_nodes_one_job_network_and_each_guest_knows_its_peer(tmp_path):
         outcome, lines = site.prologue(job)
         assert outcome.verdict is Verdict.READY, (outcome.reason, lines, site.bus.dead)
         assert sorted(r.node for r in outcome.ready) == ["n1", "n2"]
-        [boot1, boot2] = sorted(site.of_type(m.BootGuests), key=lambda c: c.node)
-        assert boot1.network is not None and boot1.network == boot2.network  # one segment for the job
-        assert {p.node for p in boot1.peers} == {"n1", "n2"}
+        # One BootGuests for the job, published once and delivered to both nodes' queues (each booted its guest)
+        [boot] = site.of_type(m.BootGuests)
+        assert boot.nodes == ["n1", "n2"] and boot.network is not None  # one segment for the job
+        assert set(boot.network.endpoints) == {"n1", "n2"}
+        assert [[p.node for p in expand(boot, n).peers] for n in ("n1", "n2")] == [["n1", "n2"]] * 2
         confirmed, _ = site.epilogue(job)
         assert confirmed and site.domains() == {}
     finally:

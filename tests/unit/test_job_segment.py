@@ -21,8 +21,9 @@ from vtorque.services.node_worker.job_segment import (
     segment_for,
     setup_commands,
 )
-from vtorque.services.scheduler_bridge.planning import boot_commands
+from vtorque.services.scheduler_bridge.planning import boot_command
 from vtorque.shared import messages as m
+from vtorque.shared.job_boot import NodeBoot, expand
 from vtorque.shared.job_network import VNI_MAX, VNI_MIN, guest_mac, job_vni
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG2dXW1vjFpNu2d0dw7Fqt5fLwRY7FTl1Qb4mK3xqQ9n t"
@@ -37,7 +38,8 @@ def test_running_jobs_of_one_scheduler_get_different_vnis_and_any_id_gets_one_in
     assert job_vni("123[4].server") != job_vni("123[5].server")
 
 
-def plan(job: str, nodes: dict[str, str], per_node: int = 1) -> dict[str, m.BootGuests]:
+def plan(job: str, nodes: dict[str, str], per_node: int = 1) -> dict[str, NodeBoot]:
+    """Each node's part of the bridge's one BootGuests of the job, as the node expands it."""
     guests = [m.GuestPlan(name=m.domain_name(job, n, k), node=n, index=i * per_node + k, image="tiny",
                           image_digest="a" * 64, vcpus=1, ram_mib=128, cores=None,
                           owner=m.Owner(user="u", uid=1000, gid=1000), ssh_authorized_keys=[KEY])
@@ -45,7 +47,8 @@ def plan(job: str, nodes: dict[str, str], per_node: int = 1) -> dict[str, m.Boot
     started = m.JobStarted.new(job_id=job, deadline=60.0, scheduler="slurm", owner=guests[0].owner,
                                nodes=[m.NodeAllocation(host=n, ncpus=per_node) for n in nodes], spec={"img": "tiny"},
                                ssh_authorized_keys=[KEY])
-    return {c.node: c for c in boot_commands(started, guests, nodes)}
+    command = boot_command(started, guests, nodes)
+    return {n: expand(command, n) for n in nodes}
 
 
 def test_a_node_sends_the_jobs_frames_to_the_jobs_other_nodes_only():

@@ -5,6 +5,7 @@ waits for libvirt within its deadline instead of failing its job."""
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
 import pytest
 
@@ -14,6 +15,7 @@ from vtorque.services.node_worker.readiness import BootFailed
 from vtorque.services.node_worker.service import NodeWorker
 from vtorque.shared import messages as m
 from vtorque.shared.config import Config, NodeConfig
+from vtorque.shared.job_boot import NodeBoot
 
 
 class Libvirt:
@@ -45,8 +47,10 @@ def test_a_heartbeat_while_libvirt_is_down_is_sent_and_says_why():
     assert m.decode(m.encode(beat)).hypervisor_down == beat.hypervisor_down  # on the wire as in the contract
 
 
-def boot(job_id: str = "5", seconds: float = 60.0) -> m.BootGuests:
-    return m.BootGuests.new(job_id=job_id, deadline=seconds, node="n1", guests=[])
+def boot(job_id: str = "5", seconds: float = 60.0) -> NodeBoot:
+    """Node n1's part of a job's BootGuests, as the node worker boots it (shared/job_boot.py)."""
+    return NodeBoot(job_id=job_id, deadline=m.utcnow() + timedelta(seconds=seconds), node="n1", guests=[], peers=[],
+                    network=None)
 
 
 def test_a_boot_waits_for_libvirt_to_come_back_and_gives_up_at_its_deadline():

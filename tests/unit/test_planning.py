@@ -1,8 +1,9 @@
 import pytest
 
-from vtorque.services.scheduler_bridge.planning import PlanError, boot_commands, plan_guests
+from vtorque.services.scheduler_bridge.planning import PlanError, boot_command, plan_guests
 from vtorque.shared import messages as m
 from vtorque.shared.config import Config, ImageEntry, ImagesConfig, SpecConfig
+from vtorque.shared.job_boot import expand_all, guest_counts
 from vtorque.shared.messages import domain_name
 from vtorque.shared.spec import SpecError, validate
 
@@ -28,8 +29,8 @@ def test_vms_per_node_on_every_node_rank_zero_first():
     assert [(g.node, g.index) for g in guests] == [("n1", 0), ("n1", 1), ("n2", 2), ("n2", 3)]
     assert len({g.name for g in guests}) == 4 and all(g.image_digest == DIGEST for g in guests)
     assert guests[0].disk == m.DataDisk(size_mib=1024) and all(g.disk is None for g in guests[1:])
-    commands = boot_commands(started, guests)
-    assert [(c.node, len(c.guests)) for c in commands] == [("n1", 2), ("n2", 2)]
+    command = boot_command(started, guests)  # one for the job, every node's guests in it
+    assert command.nodes == ["n1", "n2"] and guest_counts(command) == [2, 2] and expand_all(command) == guests
 
 
 def test_cores_split_reserve_then_vms_then_io():

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from types import SimpleNamespace
 
 import amqp.exceptions
+import msgspec
 import pytest
 
 from vtorque.shared.bus import Confirms
@@ -146,8 +147,11 @@ def test_a_heartbeat_counts_this_nodes_running_guests_only(hv, fake_host):
 
 
 def test_a_node_takes_its_guest_of_a_job_of_1024_nodes_and_still_bounds_its_own_guests():
+    """The job's one BootGuests: O(n) bytes once (it was one per node, each with all n peers: 122 kB × 1,024),
+    from which each node expands its own guest and all 1,024 peers; a node still refuses more guests of its own
+    than it may run, and more nodes than a job may have, before it expands anything."""
     from vtorque.services.node_worker import trust
-    from vtorque.services.scheduler_bridge.planning import boot_commands, plan_guests
+    from vtorque.services.scheduler_bridge.planning import boot_command, plan_guests
     from vtorque.shared import messages as m
     from vtorque.shared.config import Config, ImageEntry, ImagesConfig, NodeConfig, SpecConfig
     from vtorque.shared.spec import validate
@@ -155,17 +159,28 @@ def test_a_node_takes_its_guest_of_a_job_of_1024_nodes_and_still_bounds_its_own_
     config = Config(node=NodeConfig(name="n0000", allow_system_owners=True),
                     spec=SpecConfig(host_reserve_cores=0, host_reserve_ram="0M"),
                     images=ImagesConfig(catalog={"tiny": ImageEntry(source="/x", sha256="a" * 64)}))
-    job = m.JobStarted.new(job_id="7", deadline=60.0, scheduler="slurm", owner=m.Owner(user="root", uid=0, gid=0),
-                           nodes=[m.NodeAllocation(host=f"n{i:04d}", ncpus=1) for i in range(1024)],
-                           spec={"img": "tiny", "vcpus": "1", "ram": "128M"}, ssh_authorized_keys=[
-                               "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG2dXW1vjFpNu2d0dw7Fqt5fLwRY7FTl1Qb4mK3xqQ9n t"])
-    command = boot_commands(job, plan_guests(job, validate(job.spec, config), config),
-                            {n.host: f"10.9.{i // 250}.{i % 250 + 1}" for i, n in enumerate(job.nodes)})[0]
-    assert len(command.peers) == 1024 and list(trust.check_boot(command, "n0000", config)) == ["vt-7-n0000-0"]
-    crowded = m.BootGuests.new(job_id="7", deadline=60.0, node="n0000", peers=command.peers,
-                               guests=[command.guests[0]] * (trust.MAX_GUESTS + 1))
+
+    def job(n: int) -> m.BootGuests:
+        started = m.JobStarted.new(
+            job_id="7", deadline=60.0, scheduler="slurm", owner=m.Owner(user="root", uid=0, gid=0),
+            nodes=[m.NodeAllocation(host=f"n{i:04d}", ncpus=1) for i in range(n)],
+            spec={"img": "tiny", "vcpus": "1", "ram": "128M"}, ssh_authorized_keys=[
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG2dXW1vjFpNu2d0dw7Fqt5fLwRY7FTl1Qb4mK3xqQ9n t"])
+        return boot_command(started, plan_guests(started, validate(started.spec, config), config),
+                            {a.host: f"10.9.{i // 250}.{i % 250 + 1}" for i, a in enumerate(started.nodes)})
+
+    command = job(1024)
+    # Linear in the nodes, about 30 bytes each (its name in `nodes`, its endpoint), the guests' shared part once.
+    small, big = len(m.encode(job(64))), len(m.encode(command))
+    assert (big - small) / (1024 - 64) < 32 and big < 40_000, (small, big)
+    boot, accounts = trust.check_boot(command, "n0000", config)
+    assert len(boot.peers) == 1024 and list(accounts) == ["vt-7-n0000-0"] and boot.guests[0].index == 0
+    crowded = msgspec.structs.replace(command, cores=m.NodeCores(guests=[None] * (trust.MAX_GUESTS + 1)))
     with pytest.raises(trust.Refused, match="at most"):
         trust.check_boot(crowded, "n0000", config)
+    too_many = msgspec.structs.replace(command, nodes=[f"x{i}" for i in range(trust.MAX_PEERS + 1)])
+    with pytest.raises(trust.Refused, match="nodes: at most"):
+        trust.check_boot(too_many, "x0", config)
 
 
 def test_a_teardown_looks_into_its_own_jobs_guest_directories_only(tmp_path, monkeypatch):
