@@ -253,6 +253,9 @@ class NodeConfig(_Section):
     # cgroups (the single-host stack's). Slurm's and Torque's layouts: docs/admin-guide.md.
     job_cgroup: dict[str, str] = {}
     job_cgroup_root: str = "/sys/fs/cgroup"
+    # Warm images (services/node_worker/warm.py, `vtorque images warm`): saved booted guests a job's guest of the
+    # same image and shape is restored from instead of booted. Root's alone (0700); "" = <state_dir>/warm.
+    warm_dir: str = ""
 
     def node_name(self) -> str:
         return self.name or socket.gethostname().split(".")[0]

@@ -16,6 +16,11 @@ QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 # The user-mode NIC's MAC, the same in every guest (each guest's slirp network is its own), so a seed's
 # network-config can name it; outside 52:54:00:…, where job network MACs are (shared/job_network.py).
 USER_NET_MAC = "52:54:01:00:00:01"
+# A warm guest's host-only channel (warm.py, warm_boot.py): a virtio-serial port whose host end is a unix socket
+# libvirtd makes in the guest's root-owned directory, made root's and 0600 before the node worker speaks on it
+# (identity_channel.py); the guest waits on it for its job's identity after a restore.
+IDENTITY_CHANNEL = "org.vtorque.identity.0"
+IDENTITY_SOCKET = "identity.sock"
 
 
 @dataclass(frozen=True)
@@ -57,10 +62,15 @@ class GuestMetadata:
 
 def domain_xml(guest: m.GuestPlan, disks: GuestDisks, boot: BootSource, meta: GuestMetadata,
                domain_type: str = "qemu", job_nic: JobNic | None = None,
-               vrdma_choice: vrdma.Choice | None = None, numa_topology: numa.Topology | None = None) -> str:
+               vrdma_choice: vrdma.Choice | None = None, numa_topology: numa.Topology | None = None,
+               identity_channel: bool = False) -> str:
+    """`identity_channel`: the shape of a warm guest (warm.py): its identity channel, and a VM generation ID
+    (libvirt gives each restore a new one; the guest kernel reseeds its random state on a change)."""
     ET.register_namespace("qemu", QEMU_NS)
     dom = ET.Element("domain", {"type": domain_type})
     ET.SubElement(dom, "name").text = guest.name
+    if identity_channel:
+        ET.SubElement(dom, "genid")
 
     metadata = ET.SubElement(ET.SubElement(dom, "metadata"), f"{{{METADATA_NS}}}guest")
     for key, value in (("job", meta.job_id), ("owner", meta.owner), ("deadline", meta.deadline.isoformat()),
@@ -149,6 +159,10 @@ def domain_xml(guest: m.GuestPlan, disks: GuestDisks, boot: BootSource, meta: Gu
     serial = ET.SubElement(dev, "serial", {"type": "file"})
     ET.SubElement(serial, "source", {"path": disks.console_log})
     ET.SubElement(serial, "target", {"port": "0"})
+    if identity_channel:
+        channel = ET.SubElement(dev, "channel", {"type": "unix"})
+        ET.SubElement(channel, "source", {"mode": "bind", "path": str(Path(disks.overlay).parent / IDENTITY_SOCKET)})
+        ET.SubElement(channel, "target", {"type": "virtio", "name": IDENTITY_CHANNEL})
 
     # User-mode networking for the guest's own traffic, and its sshd reached through a link only root enters
     # (guest_link.py: no port on the host). The guest's files, its link's sockets among them, share one directory.

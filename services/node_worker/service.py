@@ -31,7 +31,7 @@ from vtorque.shared.service import Service
 from vtorque.shared.spec import parse_size_mib, ramdisk_mib
 from vtorque.shared.user_files import UserFileRefused
 
-from . import disks, guest_link, iocm, job_cgroup, numa, trust, vrdma
+from . import disks, guest_link, iocm, job_cgroup, numa, trust, vrdma, warm_boot
 from .domain import USER_NET_MAC, BootSource, GuestMetadata, JobNic, domain_xml, parse_metadata
 from .hypervisor import Hypervisor, HypervisorError
 from .job_segment import JobSegments, SegmentError, bridge_name, segment_for
@@ -259,6 +259,9 @@ class NodeWorker(Service):
         mac = guest_mac(cmd.job_id, guest.index) if cmd.network else None
         job_nic = JobNic(bridge_name(cmd.network.vni), mac, self.config.node.job_network_mtu) \
             if cmd.network and mac else None
+        restored = warm_boot.try_restore(self, cmd, guest, entry, base, job_nic, deadline, t0)
+        if restored is not None:
+            return restored  # from a warm image (warm_boot.py); else booted cold below, the span says why
         with _phase("prepare disks"):
             files = disks.prepare(self._root(guest), guest.name, cmd.job_id, base, entry.format,
                                   seed_files(guest, cmd.job_id, cmd.peers, cmd.network, mac,
