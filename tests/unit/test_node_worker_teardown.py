@@ -89,3 +89,110 @@ def test_libvirt_down_is_an_answer_with_its_reason_not_a_crash(tmp_path):
     w, _ = worker(tmp_path, FlakyHypervisor(["vt-7-n1-0"], down=True))
     answer = teardown(w)
     assert answer.guests == [] and answer.reason.startswith("libvirt: cannot connect to qemu:///system")
+
+
+# -- the answer first, the files after (issue 13: the job leaves the scheduler's queue once its guests are gone)
+
+class Segments:
+    """The job networks of this host: vni → job; no taps left on them."""
+
+    def __init__(self, present: dict[int, str]):
+        self.nets = dict(present)
+
+    def present(self):
+        return dict(self.nets)
+
+    def ports(self, vni):
+        return []
+
+    def remove(self, vni, job_id):
+        return self.nets.pop(vni, None) is not None
+
+
+def a_job_here(tmp_path: Path, monkeypatch, names=("vt-7-n1-0",)):
+    """A worker with job 7's domains, their guest directories, the launcher's job files, an ivshmem region and
+    the job network, as a boot leaves them."""
+    from vtorque.services.node_worker import trust, vrdma
+
+    hv = FlakyHypervisor(list(names))
+    w, sent = worker(tmp_path, hv)
+    w.segments = Segments({4242: "7"})
+    shm = trust.secure_dir(tmp_path / "devshm")
+    trust.secure_dir(w.config.state_dir)
+    monkeypatch.setattr(vrdma, "SHM_DIR", shm)
+    region = shm / vrdma.shmem_name("7", vrdma.node_secret(w.config.state_dir))
+    region.write_bytes(b"\0" * 16)
+    trust.secure_dir(w.config.node.guest_dir)
+    jdir = trust.secure_dir(w.config.job_dir("7"), mode=0o755)
+    for name in names:
+        gdir = Path(w.config.node.guest_dir) / name
+        gdir.mkdir(mode=0o700)
+        for file, text in (("job", "7"), ("node", NODE), ("overlay.qcow2", "disk")):
+            (gdir / file).write_text(text)
+        (jdir / f"{name}.json").write_text(f'{{"guest": "{name}", "node": "{NODE}"}}')
+    return w, sent, hv, region
+
+
+def left_of(w: NodeWorker, region: Path) -> dict:
+    jdir = w.config.job_dir("7")
+    return {"guest dirs": sorted(p.name for p in Path(w.config.node.guest_dir).iterdir()),
+            "job files": sorted(p.name for p in jdir.iterdir()) if jdir.exists() else [],
+            "shm": region.exists(), "networks": sorted(w.segments.nets)}
+
+
+NOTHING = {"guest dirs": [], "job files": [], "shm": False, "networks": []}
+
+
+def test_the_answer_goes_once_the_domains_are_gone_and_the_files_after_it(tmp_path, monkeypatch):
+    w, sent, hv, region = a_job_here(tmp_path, monkeypatch)
+    at_answer = {}
+
+    def publish(message):
+        at_answer.update(domains=dict(hv.domains), **left_of(w, region))
+        sent.sent.append(message)
+
+    monkeypatch.setattr(sent, "publish", publish)
+    answer = teardown(w)
+    assert answer.guests == ["vt-7-n1-0"] and answer.disks_removed == 1 and answer.reason == ""
+    # When the epilogue hears it, nothing of the job runs: its domain is gone (and its shared memory, which
+    # only a live QEMU maps); its disks, guest directory, job file and network are still there...
+    assert at_answer == {"domains": {}, "guest dirs": ["vt-7-n1-0"], "job files": ["vt-7-n1-0.json"],
+                         "shm": False, "networks": [4242]}
+    # ... and gone when the handler returns (before the command is acked).
+    assert left_of(w, region) == NOTHING
+
+
+def test_a_worker_that_dies_after_the_answer_leaves_nothing_for_good(tmp_path, monkeypatch):
+    """The worker answered, then died before removing the files: reconciliation (a restarted worker's first
+    round and the next) removes the guest directory, the job file and the job network; nothing leaks."""
+    import os
+    import threading
+    import time
+
+    from vtorque.services.node_worker.reconcile import Reconciler
+
+    w, sent, hv, region = a_job_here(tmp_path, monkeypatch, names=("vt-7-n1-0", "vt-7-n1-1"))
+
+    def dies(job_id, result):
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(w, "remove_job_files", dies)
+    with pytest.raises(SystemExit):
+        w.on_teardown_guests(m.TeardownGuests.new(job_id="7", deadline=60.0, node=NODE))
+    (answer,) = sent.sent
+    assert sorted(answer.guests) == ["vt-7-n1-0", "vt-7-n1-1"] and hv.domains == {}
+    assert left_of(w, region) == {"guest dirs": ["vt-7-n1-0", "vt-7-n1-1"],
+                                  "job files": ["vt-7-n1-0.json", "vt-7-n1-1.json"], "shm": False,
+                                  "networks": [4242]}
+    # The guests booted a while ago (reconciliation leaves a directory younger than its grace to a boot).
+    for name in ("vt-7-n1-0", "vt-7-n1-1"):
+        old = time.time() - 600
+        os.utime(Path(w.config.node.guest_dir) / name / "job", (old, old))
+    monkeypatch.undo()  # a new worker process: its own remove_job_files, and SHM_DIR as set above is gone...
+    from vtorque.services.node_worker import vrdma
+
+    monkeypatch.setattr(vrdma, "SHM_DIR", region.parent)  # ... but the same /dev/shm
+    reconciler = Reconciler(w, threading.Event(), 60.0, alive=lambda job: False)
+    reconciler.run_once()
+    reconciler.run_once()  # a job network goes when two rounds in a row found it unused
+    assert left_of(w, region) == NOTHING
