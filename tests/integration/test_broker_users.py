@@ -144,3 +144,67 @@ def test_each_part_can_wait_for_what_it_waits_for(site):
         waiter.close()
     hook = HookChannel(_url(site, "hook"), [f"job.{m.routing_word('9.srv')}.#", f"image.{digest}.#"], attempts=1)
     hook.close()
+
+
+def test_a_jobs_one_boot_command_reaches_each_of_its_nodes_once_as_the_bridges(site):
+    """The bridge publishes a job's BootGuests once, the other nodes' routing keys in its BCC header (shared/bus.py
+    sender_selected): as the bridge's own user, through kombu and py-amqp, each node's user finds exactly one copy
+    in its own queue, sent by the bridge, with the BCC header gone (the broker removes it)."""
+    from vtorque.shared.bus import Publisher
+    from vtorque.shared.job_boot import expand
+
+    guest = m.GuestTemplate(image="tiny", image_digest="a" * 64, vcpus=1, ram_mib=128,
+                            owner=m.Owner(user="u", uid=1000, gid=1000), ssh_authorized_keys=["k"])
+    boot = m.BootGuests.new(job_id="5", deadline=30.0, guest=guest, nodes=["n1", "n2"],
+                            cores=m.NodeCores(guests=[None]))
+    for node in ("n1", "n2"):  # as each node worker declares its own queue when it starts
+        with kombu.Connection(_url(site, "node", node)) as conn:
+            table_queue(t.NODE_Q, node=node)(conn.channel()).declare()
+    publisher = Publisher(_url(site, "bridge"))
+    try:
+        publisher.publish(boot)
+    finally:
+        publisher.close()
+    for node in ("n1", "n2"):
+        with kombu.Connection(_url(site, "node", node)) as conn:
+            queue = table_queue(t.NODE_Q, node=node)(conn.channel())
+            got = queue.get(no_ack=True)
+            assert got is not None and queue.get(no_ack=True) is None, node  # one copy each
+            assert m.decode(got.body) == boot and expand(boot, node).guests[0].node == node
+            assert got.properties["user_id"] == t.broker_user("bridge", prefix=site["prefix"])
+            assert "BCC" not in (got.headers or {})
+
+
+def test_a_node_that_bccs_another_nodes_queue_is_refused_by_that_nodes_consumer(site):
+    """RabbitMQ before 4.0 checks topic permissions on a publish's routing key but not on its CC/BCC keys
+    (rabbitmq-server#12553): node n1's user may send `stager` commands, and with `node.n2` in the BCC header the
+    broker puts the body in n2's queue as well. What keeps n2 safe is its consumer's check of every body against
+    the broker-validated sender: a TeardownGuests from n1's user is dead-lettered, never handled."""
+    node1, node2, operator = _url(site, "node", "n1"), _url(site, "node", "n2"), _url(site, "operator")
+    seen = []
+    runner = ServiceRunner(node2, [table_queue(t.NODE_Q, node="n2")], {m.TeardownGuests: seen.append},
+                           user_prefix=site["prefix"])
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    try:
+        assert runner.ready.wait(20) and runner.check_senders
+        forged = m.TeardownGuests.new(job_id="6", deadline=30.0, node="n2")
+        user = t.broker_user("node", "n1", site["prefix"])
+        try:
+            _publish(node1, COMMANDS.name, "stager", m.encode(forged), user_id=user, headers={"BCC": ["node.n2"]})
+        except amqp.exceptions.AccessRefused:
+            return  # a broker that checks BCC keys (4.0 and later): refused before any consumer sees it
+        dead = None
+        with kombu.Connection(operator) as conn:
+            for _ in range(100):
+                dead = table_queue(t.DEAD_QUEUE)(conn.channel()).get(no_ack=True)
+                if dead is not None and m.decode(dead.body).message_id == forged.message_id:
+                    break
+                time.sleep(0.1)
+        assert dead is not None and "may be sent by bridge, not by" in dead.headers["x-vtorque-reason"]
+        assert seen == []
+    finally:
+        runner.stop()
+        thread.join(10)
+        with kombu.Connection(_url(site, "stager")) as conn:  # the copy routed by its own key: not left behind
+            table_queue(t.STAGER_Q)(conn.channel()).purge()
