@@ -41,6 +41,7 @@ from .seed import seed_files
 LOG = logging.getLogger("vtorque.node_worker")
 REMOVE_ATTEMPTS = 3
 REMOVE_RETRY_DELAY = 2.0
+KILLED = "killed"  # _stop_domain: the guest's QEMU has exited; its domain is undefined after the answer
 
 
 class NodeWorker(Service):
@@ -380,9 +381,8 @@ class NodeWorker(Service):
         self.publisher.publish(m.GuestsTornDown.new(
             job_id=cmd.job_id, deadline=cmd.deadline, node=self.node, guests=result.removed,
             disks_removed=result.disks_removed, not_removed=sorted(result.failed), reason=reason[:1000]))
-        if result.files or result.job_files:
-            with _phase("remove guest files"):
-                self.remove_job_files(cmd.job_id, result)
+        with _phase("remove guest files"):
+            self.remove_job_files(cmd.job_id, result)
 
     def _remove_job_shmem(self, job_id: str) -> None:
         """The job's ivshmem region on this node (QEMU leaves it in /dev/shm), once its guests here are gone."""
@@ -461,18 +461,20 @@ class NodeWorker(Service):
         return result
 
     def destroy_job(self, job_id: str) -> Teardown:
-        """Destroy and undefine the job's domains on this node (side by side: each QEMU takes a while to stop),
-        then its ivshmem region when no guest of the job is left on this host (an unlink: reconciliation could
-        not tell whose a region is, its name being keyed). Which files are to go is in the answer, for
-        `remove_job_files`; a guest whose domain could not be removed keeps its disks (QEMU may have them open)."""
+        """Stop the job's guests on this node, side by side: each QEMU is killed and waited for (Hypervisor.kill,
+        milliseconds), or, where that cannot be done, destroyed and undefined through libvirt (which takes a
+        while per QEMU). A killed guest's domain is undefined after the answer (`remove_job_files`). Then its
+        ivshmem region goes when no guest of the job is left on this host (an unlink; reconciliation could not
+        tell whose a region is, its name being keyed). Which files are to go is in the answer; a guest whose
+        domain could not be removed keeps its disks (QEMU may have them open)."""
         domains = self.hv.vtorque_domains()
         names = [name for name, meta in domains.items()
                  if meta.get("job") == job_id and meta.get("node", self.node) == self.node]
         with concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, len(names)), thread_name_prefix="destroy"
         ) as pool:
-            outcomes = dict(zip(names, pool.map(self._remove_domain, names), strict=True))
-        failed = {name: why for name, why in outcomes.items() if why}
+            outcomes = dict(zip(names, pool.map(self._stop_domain, names), strict=True))
+        failed = {name: why for name, why in outcomes.items() if why and why != KILLED}
         removed = sorted(name for name in names if name not in failed)
         named = {name for name in names if trust.GUEST_NAME.match(name)}  # only such names are paths of ours
         leftovers = {name for root in self._roots() for name in disks.guests_of_job(root, job_id)
@@ -481,13 +483,25 @@ class NodeWorker(Service):
         if not failed and not any(meta.get("job") == job_id and name not in names for name, meta in domains.items()):
             self._remove_job_shmem(job_id)
         return Teardown(removed=removed, disks_removed=len(leftovers & files), failed=failed,
-                        files=frozenset(files), job_files=frozenset((named | leftovers) - set(failed)))
+                        files=frozenset(files), job_files=frozenset((named | leftovers) - set(failed)),
+                        undefine=frozenset(n for n, why in outcomes.items() if why == KILLED))
+
+    def _stop_domain(self, name: str) -> str:
+        """KILLED when the guest's QEMU was killed and has exited (its domain is still to be undefined), '' once
+        the domain is gone through libvirt, else why not."""
+        return KILLED if self.hv.kill(name) else self._remove_domain(name)
 
     def remove_job_files(self, job_id: str, result: Teardown) -> None:
         """After the answer: the disks and guest directories, the launcher's job files, and the job network when
-        its last guest on this host is gone. A failure is logged; reconciliation retries (reconcile.py)."""
-        removed_disks, failed = 0, {}
-        for name in sorted(result.files):
+        its last guest on this host is gone; first the domains of the guests that were killed (libvirt's destroy
+        then finds their QEMU gone and only cleans up). A failure is logged; reconciliation retries (reconcile.py):
+        a domain whose job is over, guest directories without a domain, orphan job files, idle job networks."""
+        names = sorted(result.undefine)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(names)),
+                                                   thread_name_prefix="undefine") as pool:
+            failed = {n: why for n, why in zip(names, pool.map(self._remove_domain, names), strict=True) if why}
+        removed_disks = 0
+        for name in sorted(result.files - set(failed)):
             try:
                 removed_disks += self._remove_disks(name)
             except OSError as exc:
@@ -530,6 +544,7 @@ class Teardown:
     failed: dict[str, str]  # guest → why it is still there
     files: frozenset[str] = frozenset()  # guests whose directories go after the answer
     job_files: frozenset[str] = frozenset()  # guests whose launcher's job files go after the answer
+    undefine: frozenset[str] = frozenset()  # guests killed before the answer, their domains undefined after it
 
 
 def _node_of(gdir: Path) -> str | None:

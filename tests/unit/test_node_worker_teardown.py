@@ -21,9 +21,18 @@ NODE = "n1"
 class FlakyHypervisor:
     """Domains of one job; `remove` fails the first `failing[name]` times it is asked for that domain."""
 
-    def __init__(self, names: list[str], failing: dict[str, int] | None = None, down: bool = False):
+    def __init__(self, names: list[str], failing: dict[str, int] | None = None, down: bool = False,
+                 killable: bool = False):
         self.domains = {n: {"job": "7", "node": NODE} for n in names}
         self.failing, self.down, self.asked = dict(failing or {}), down, []
+        self.killable, self.running = killable, set(names)
+
+    def kill(self, name):
+        """A local system QEMU's is killed and waited for (Hypervisor.kill); another driver's cannot be."""
+        if not self.killable:
+            return False
+        self.running.discard(name)
+        return True
 
     def vtorque_domains(self):
         if self.down:
@@ -32,6 +41,7 @@ class FlakyHypervisor:
 
     def remove(self, name):
         self.asked.append(name)
+        self.running.discard(name)
         if self.failing.get(name):
             self.failing[name] -= 1
             raise HypervisorError(f"destroy {name} failed: Failed to terminate process 4242 with SIGKILL: "
@@ -109,12 +119,12 @@ class Segments:
         return self.nets.pop(vni, None) is not None
 
 
-def a_job_here(tmp_path: Path, monkeypatch, names=("vt-7-n1-0",)):
+def a_job_here(tmp_path: Path, monkeypatch, names=("vt-7-n1-0",), killable=False):
     """A worker with job 7's domains, their guest directories, the launcher's job files, an ivshmem region and
     the job network, as a boot leaves them."""
     from vtorque.services.node_worker import trust, vrdma
 
-    hv = FlakyHypervisor(list(names))
+    hv = FlakyHypervisor(list(names), killable=killable)
     w, sent = worker(tmp_path, hv)
     w.segments = Segments({4242: "7"})
     shm = trust.secure_dir(tmp_path / "devshm")
@@ -143,23 +153,26 @@ def left_of(w: NodeWorker, region: Path) -> dict:
 NOTHING = {"guest dirs": [], "job files": [], "shm": False, "networks": []}
 
 
-def test_the_answer_goes_once_the_domains_are_gone_and_the_files_after_it(tmp_path, monkeypatch):
-    w, sent, hv, region = a_job_here(tmp_path, monkeypatch)
+@pytest.mark.parametrize("killable", [False, True], ids=["destroyed through libvirt", "QEMU killed"])
+def test_the_answer_goes_once_the_guests_are_stopped_and_the_files_after_it(tmp_path, monkeypatch, killable):
+    w, sent, hv, region = a_job_here(tmp_path, monkeypatch, killable=killable)
     at_answer = {}
 
     def publish(message):
-        at_answer.update(domains=dict(hv.domains), **left_of(w, region))
+        at_answer.update(running=set(hv.running), domains=sorted(hv.domains), **left_of(w, region))
         sent.sent.append(message)
 
     monkeypatch.setattr(sent, "publish", publish)
     answer = teardown(w)
     assert answer.guests == ["vt-7-n1-0"] and answer.disks_removed == 1 and answer.reason == ""
-    # When the epilogue hears it, nothing of the job runs: its domain is gone (and its shared memory, which
-    # only a live QEMU maps); its disks, guest directory, job file and network are still there...
-    assert at_answer == {"domains": {}, "guest dirs": ["vt-7-n1-0"], "job files": ["vt-7-n1-0.json"],
-                         "shm": False, "networks": [4242]}
+    # When the epilogue hears it, nothing of the job runs: its QEMU is gone (and its shared memory, which only
+    # a live QEMU maps); a killed QEMU's domain, its disks, guest directory, job file and network are still
+    # there...
+    assert at_answer == {"running": set(), "domains": ["vt-7-n1-0"] if killable else [],
+                         "guest dirs": ["vt-7-n1-0"], "job files": ["vt-7-n1-0.json"], "shm": False,
+                         "networks": [4242]}
     # ... and gone when the handler returns (before the command is acked).
-    assert left_of(w, region) == NOTHING
+    assert left_of(w, region) == NOTHING and hv.domains == {}
 
 
 def test_a_worker_that_dies_after_the_answer_leaves_nothing_for_good(tmp_path, monkeypatch):
@@ -171,7 +184,7 @@ def test_a_worker_that_dies_after_the_answer_leaves_nothing_for_good(tmp_path, m
 
     from vtorque.services.node_worker.reconcile import Reconciler
 
-    w, sent, hv, region = a_job_here(tmp_path, monkeypatch, names=("vt-7-n1-0", "vt-7-n1-1"))
+    w, sent, hv, region = a_job_here(tmp_path, monkeypatch, names=("vt-7-n1-0", "vt-7-n1-1"), killable=True)
 
     def dies(job_id, result):
         raise SystemExit("killed")
@@ -180,7 +193,8 @@ def test_a_worker_that_dies_after_the_answer_leaves_nothing_for_good(tmp_path, m
     with pytest.raises(SystemExit):
         w.on_teardown_guests(m.TeardownGuests.new(job_id="7", deadline=60.0, node=NODE))
     (answer,) = sent.sent
-    assert sorted(answer.guests) == ["vt-7-n1-0", "vt-7-n1-1"] and hv.domains == {}
+    assert sorted(answer.guests) == ["vt-7-n1-0", "vt-7-n1-1"] and hv.running == set()
+    assert sorted(hv.domains) == ["vt-7-n1-0", "vt-7-n1-1"]  # killed, not yet undefined
     assert left_of(w, region) == {"guest dirs": ["vt-7-n1-0", "vt-7-n1-1"],
                                   "job files": ["vt-7-n1-0.json", "vt-7-n1-1.json"], "shm": False,
                                   "networks": [4242]}
@@ -195,4 +209,36 @@ def test_a_worker_that_dies_after_the_answer_leaves_nothing_for_good(tmp_path, m
     reconciler = Reconciler(w, threading.Event(), 60.0, alive=lambda job: False)
     reconciler.run_once()
     reconciler.run_once()  # a job network goes when two rounds in a row found it unused
-    assert left_of(w, region) == NOTHING
+    assert left_of(w, region) == NOTHING and hv.domains == {}
+
+
+def _qemu_like(argv_tail: list[str]):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *argv_tail])
+
+
+def test_kill_stops_only_the_domains_own_qemu_and_waits_for_it(tmp_path):
+    """Hypervisor.kill reads the domain's pid file, checks that the process is that guest's QEMU (its -name
+    guest=<name>, argument), kills it and returns once it has exited, without waiting for its reaping."""
+    from vtorque.services.node_worker.hypervisor import Hypervisor
+
+    hv = Hypervisor("qemu:///system", qemu_run_dir=tmp_path)
+    ours = _qemu_like(["-name", "guest=vt-7-n1-0,debug-threads=on"])
+    other = _qemu_like(["-name", "guest=vt-7-n1-00,debug-threads=on"])  # another guest's, under our name's file
+    try:
+        (tmp_path / "vt-7-n1-0.pid").write_text(f"{ours.pid}\n")
+        (tmp_path / "vt-7-n1-1.pid").write_text(f"{other.pid}\n")
+        assert hv.kill("vt-7-n1-0") is True
+        assert ours.poll() is not None or ours.wait(timeout=1) == -9  # exited (and reaped only now, by us)
+        assert hv.kill("vt-7-n1-1") is False and other.poll() is None  # not that guest's: left alone
+        assert hv.kill("vt-7-n1-2") is False  # no pid file
+        (tmp_path / "vt-7-n1-3.pid").write_text("garbage")
+        assert hv.kill("vt-7-n1-3") is False
+        # Another driver (the test driver, a remote libvirt) has no QEMU of this host to kill: libvirt it is.
+        assert Hypervisor("test:///default").kill("vt-7-n1-0") is False
+    finally:
+        for proc in (ours, other):
+            proc.kill()
+            proc.wait()
