@@ -232,7 +232,8 @@ def raw_setup(url: str, n: int) -> list[str]:
 
 
 def raw_round(url: str, names: list[str], body: bytes, mode: str, workdir: Path) -> float:
-    """First publish → last delivery, seconds. mode: confirm (one wait per message), none, batch (one wait)."""
+    """First publish → last delivery, seconds. mode: confirm (one wait per message), none, batch (one wait),
+    bcc (one publish, the other queues' keys in its BCC header, as the bridge sends a job's BootGuests)."""
     s = Sink(url, names, len(names), workdir)
     conn = amqp.Connection(**_amqp_args(url), confirm_publish=(mode == "confirm"))
     conn.connect()
@@ -242,8 +243,14 @@ def raw_round(url: str, names: list[str], body: bytes, mode: str, workdir: Path)
         ch.confirm_select()
         ch.events["basic_ack"].add(lambda tag, multiple: acked.__setitem__(0, max(acked[0], tag)))
     t0 = time.monotonic()
-    for name in names:
-        ch.basic_publish(amqp.Message(body, delivery_mode=2, content_type="application/json"), RAW_EXCHANGE, name)
+    if mode == "bcc":
+        ch.confirm_select()
+        ch.basic_publish(amqp.Message(body, delivery_mode=2, content_type="application/json",
+                                      application_headers={"BCC": names[1:]}), RAW_EXCHANGE, names[0])
+    else:
+        for name in names:
+            ch.basic_publish(amqp.Message(body, delivery_mode=2, content_type="application/json"), RAW_EXCHANGE,
+                             name)
     while mode == "batch" and acked[0] < len(names):
         conn.drain_events(timeout=30)
     result = s.result()
@@ -531,6 +538,7 @@ def main(argv=None) -> int:
                 row["raw_batch"] = raw_round(url, raw_names, small, "batch", root)
                 row["raw_big_none"] = raw_round(url, raw_names, big, "none", root)
                 row["raw_big_batch"] = raw_round(url, raw_names, big, "batch", root)
+                row["raw_big_bcc"] = raw_round(url, raw_names, big, "bcc", root)
                 row["beats_publish"], row["beats_drained"] = beat_burst(publisher, broker, sink_hosts)
                 row["bridge"] = bridge_fanout(url, publisher, sink_hosts, root)
                 for size in sizes:
@@ -572,11 +580,13 @@ def report(rounds, sizes, growth, boot_size, depths, args, by_size) -> None:
     line(f"raw: {n} × 1 KiB, confirms awaited once, s", "raw_batch")
     line(f"raw: {n} × {boot_size} B, no confirms, s", "raw_big_none")
     line(f"raw: {n} × {boot_size} B, confirms awaited once, s", "raw_big_batch")
+    line(f"raw: 1 × {boot_size} B, BCC to {n} queues, s", "raw_big_bcc")
     line(f"bridge: JobStarted → its BootGuests delivered from the last of {n} node queues, s", "bridge")
     for label, key in (
         ("1 KiB none", "raw_none"),
         ("1 KiB batch", "raw_batch"),
         ("same bytes, batch", "raw_big_batch"),
+        ("same body, one BCC publish", "raw_big_bcc"),
     ):
         ratios = [r[key] / r["bridge"] for r in rounds]
         print(
