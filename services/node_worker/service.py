@@ -60,6 +60,7 @@ class NodeWorker(Service):
         self._booting_jobs: dict[str, int] = {}  # job → boots under way here (its network must stay)
         self._idle_segments: set[int] = set()  # job networks the last reconcile round found unused
         self._accounts: dict[tuple[str, str], trust.OwnerAccount] = {}  # (job, guest) → checked owner
+        self.teardown_threads: list[threading.Thread] = []  # removing files after a teardown's answer
 
     def queues(self):
         return [node_queue(self.node)]
@@ -381,8 +382,20 @@ class NodeWorker(Service):
         self.publisher.publish(m.GuestsTornDown.new(
             job_id=cmd.job_id, deadline=cmd.deadline, node=self.node, guests=result.removed,
             disks_removed=result.disks_removed, not_removed=sorted(result.failed), reason=reason[:1000]))
+        if not result.undefine:
+            self._files_after(cmd.job_id, result)  # unlinks and rmdirs: milliseconds
+            return
+        # Killed guests' domains: libvirt's destroy waits for their QEMUs to be reaped (seconds here), so off the
+        # node's queue: the next job's boot does not wait for this one's clean-up.
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(self._files_after, cmd.job_id, result),
+                                  name="teardown-files", daemon=True)
+        with self._thread_lock:
+            self.teardown_threads = [t for t in self.teardown_threads if t.is_alive()] + [thread]
+        thread.start()
+
+    def _files_after(self, job_id: str, result: Teardown) -> None:
         with _phase("remove guest files"):
-            self.remove_job_files(cmd.job_id, result)
+            self.remove_job_files(job_id, result)
 
     def _remove_job_shmem(self, job_id: str) -> None:
         """The job's ivshmem region on this node (QEMU leaves it in /dev/shm), once its guests here are gone."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_slurm_vm_job import submit, vtorque_leftovers
+from tests.e2e.test_slurm_vm_job import gone_soon, running_qemus, submit
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.guest]
 
@@ -88,4 +88,4 @@ def _run_mpi_job(slurm):
     assert "agent: forwarded" in out and "ssh-dir: authorized_keys \n" in out, report
     assert f"VT-MPI allreduce-sum={RANKS * (RANKS + 1) // 2} expected={RANKS * (RANKS + 1) // 2}" in out, report
     assert slurm.exit_code(job_id) == 0, report
-    assert vtorque_leftovers(job_id) == ([], [])
+    assert running_qemus(job_id) == [] and gone_soon(job_id) == ([], [])

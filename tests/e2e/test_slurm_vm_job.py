@@ -31,6 +31,30 @@ def vtorque_leftovers(job_id: str) -> tuple[list[str], list[str]]:
     return domains, disks
 
 
+def running_qemus(job_id: str) -> list[str]:
+    """The job's guests whose QEMU runs on this host (an exited one, reaped or not, has no argv left)."""
+    from vtorque.shared.messages import domain_name
+
+    prefix = "guest=" + domain_name(job_id, "", 0).removesuffix("-0")  # -name guest=vt-<job>-<node>-<i>,...
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        found += [a.split(",")[0][len("guest="):] for a in argv if a.startswith(prefix)]
+    return found
+
+
+def gone_soon(job_id: str, within: float = 15.0) -> tuple[list[str], list[str]]:
+    """What is left of the job once its domains and files had `within` s after the job left the queue: the
+    epilogue's answer comes once the guests are stopped, the undefine and the files follow it."""
+    deadline = time.monotonic() + within
+    while (left := vtorque_leftovers(job_id)) != ([], []) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
 def submit(slurm, *args) -> str:
     proc = slurm.run("vsub", *args)
     assert proc.returncode == 0, proc.stderr
@@ -52,8 +76,10 @@ def test_a_vm_job_runs_in_its_guest_and_leaves_nothing(slurm):
     assert "to-stderr" in err
     assert slurm.exit_code(job_id) == 0
 
-    # (c) the epilogue's teardown is confirmed before Slurm lets the job go
-    assert vtorque_leftovers(job_id) == ([], [])
+    # (c) the epilogue's teardown is confirmed before Slurm lets the job go: no guest of the job runs then; its
+    # domain and disks go right after
+    assert running_qemus(job_id) == []
+    assert gone_soon(job_id) == ([], [])
 
     # (d) one trace, from every part, every span with the job id
     config = load_config()
@@ -79,7 +105,8 @@ def test_the_guest_exit_code_becomes_the_job_exit_code(slurm):
     slurm.wait(job_id)
     assert "before" in (slurm.workdir / f"three.sh.o{job_id}").read_text()  # named as qsub names it
     assert slurm.exit_code(job_id) == 3
-    assert vtorque_leftovers(job_id) == ([], [])
+    assert running_qemus(job_id) == []
+    assert gone_soon(job_id) == ([], [])
 
 
 def test_a_job_without_vm_runs_on_the_host_as_with_qsub(slurm):
