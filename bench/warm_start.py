@@ -1,0 +1,162 @@
+#!/opt/vtorque/venv/bin/python
+"""Warm start against a cold boot of the same guest, side by side in one run (issue 13 item 6).
+
+What is timed is the node worker's part of a prologue: its handler gets the job's BootGuests and the time runs
+until every guest's GuestReady is published (prepare disks, define/start or restore, identity, sshd's banner
+through the guest's link). Two node workers of the same site run in this process, on an in-memory publisher (no
+broker): `cold` with no warm image and `warm` with one of the same shape (made first by services/node_worker/
+warm.py, as `vtorque images warm` does). Each round runs cold and warm for a job of 1 guest and a job of 4
+(one job network, as the bridge plans a job of several guests), interleaved, each job torn down before the next;
+the table gives per-kind medians and the median of the per-round ratios warm/cold.
+
+Usage (root; it boots real guests, so take the e2e lock on a shared machine):
+    flock /tmp/vtorque-e2e.lock bench/warm_start.py [--rounds 3] [--vcpus 1] [--ram 192]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from vtorque.services.node_worker import warm
+from vtorque.services.node_worker.service import NodeWorker
+from vtorque.shared import messages as m
+from vtorque.shared.config import load_config
+from vtorque.shared.image_store import ImageStore
+from vtorque.shared.job_boot import hoist
+from vtorque.shared.job_network import job_network
+
+ROOT = Path(__file__).resolve().parent.parent
+GUEST_DIR = Path("/var/cache/vtorque/testguest")
+
+
+class Collected:
+    """The node worker's publisher: what it publishes, kept."""
+
+    def __init__(self):
+        self.events: list = []
+
+    def publish(self, event) -> None:
+        self.events.append(event)
+
+    def close(self) -> None:
+        pass
+
+
+def site(root: Path, node: str, warm_dir: Path) -> Path:
+    sums = dict(reversed(line.split()) for line in (GUEST_DIR / "SHA256SUMS").read_text().splitlines())
+    path = root / f"{warm_dir.name}.toml"
+    path.write_text(f"""state_dir = "{root}/state"
+[tracing]
+dir = "{root}/traces"
+[images]
+store = "{root}/images"
+[spec]
+host_reserve_cores = 0
+host_reserve_ram = "0M"
+[node]
+name = "{node}"
+guest_dir = "{root}/guests"
+ramdisk_dir = "{root}/shm/guests"
+warm_dir = "{warm_dir}"
+allow_system_owners = true
+boot_timeout = 180
+[images.catalog.tiny]
+source = "{GUEST_DIR}/rootfs.qcow2"
+sha256 = "{sums['rootfs.qcow2']}"
+format = "qcow2"
+kernel = "{GUEST_DIR}/vmlinux"
+initrd = "{GUEST_DIR}/initrd.img"
+""")
+    return path
+
+
+def job_of(config, job: str, count: int, vcpus: int, ram_mib: int, key: str) -> m.BootGuests:
+    entry, node = config.images.catalog["tiny"], config.node.name
+    guests = [m.GuestPlan(name=m.domain_name(job, node, i), node=node, index=i, image="tiny",
+                          image_digest=entry.sha256, vcpus=vcpus, ram_mib=ram_mib, cores=None,
+                          owner=m.Owner(user="root", uid=0, gid=0), ssh_authorized_keys=[key])
+              for i in range(count)]
+    network = job_network(job, {node: config.node.job_network_localaddr}) if count > 1 else None
+    return hoist(job, 600.0, guests, network=network)
+
+
+def run_job(worker: NodeWorker, publisher: Collected, cmd: m.BootGuests, count: int) -> tuple[float, str]:
+    publisher.events.clear()
+    started = time.monotonic()
+    worker.on_boot_guests(cmd)
+    elapsed = time.monotonic() - started
+    ready = [e for e in publisher.events if isinstance(e, m.GuestReady)]
+    failed = [e for e in publisher.events if isinstance(e, m.GuestFailed)]
+    restored = sum(1 for e in ready if e.timings.kernel_up is None)
+    worker.on_teardown_guests(m.TeardownGuests.new(job_id=cmd.job_id, deadline=60.0, node=worker.node))
+    if failed or len(ready) != count:
+        raise SystemExit(f"job {cmd.job_id}: {[e.reason for e in failed]}")
+    return elapsed, f"{restored}/{count} restored"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--vcpus", type=int, default=1)
+    parser.add_argument("--ram", type=int, default=192, help="MiB")
+    parser.add_argument("--json", help="also write the raw results here")
+    args = parser.parse_args()
+    subprocess.run([str(ROOT / "tests/guest/build.sh"), str(GUEST_DIR)], check=True, capture_output=True)
+    root = Path(tempfile.mkdtemp(prefix="vtorque-bench-warm-", dir="/tmp"))
+    root.chmod(0o711)
+    for sub in ("state", "guests", "images", "traces"):
+        (root / sub).mkdir(mode=0o711)
+    node = f"bw{uuid.uuid4().hex[:8]}"
+    key_dir = Path(tempfile.mkdtemp(prefix="vtorque-bench-key-"))
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key_dir / "k")], check=True)
+    key = (key_dir / "k.pub").read_text().strip()
+    try:
+        cold_cfg = load_config(site(root, node, root / "state/no-warm"), env={})
+        warm_cfg = load_config(site(root, node, root / "state/warm"), env={})
+        entry = cold_cfg.images.catalog["tiny"]
+        store = ImageStore(cold_cfg.images.store)
+        store.stage(entry.source, entry.sha256)
+        cold_pub, warm_pub = Collected(), Collected()
+        cold, hot = NodeWorker(cold_cfg, cold_pub), NodeWorker(warm_cfg, warm_pub)  # type: ignore[arg-type]
+        t = time.monotonic()
+        made = warm.build(warm_cfg, hot.hv, hot.store, "tiny", args.vcpus, args.ram, hot.domain_type)
+        print(f"warm image {made.dir.name}: made in {time.monotonic() - t:.1f}s "
+              f"(boot {made.meta['boot_s']}s, save {made.meta['save_s']}s, {made.meta['save_bytes'] / 2**20:.0f} MiB)")
+        results: dict[str, list[float]] = {k: [] for k in ("cold 1", "warm 1", "cold 4", "warm 4")}
+        for r in range(args.rounds):
+            for count in (1, 4):
+                # Alternate which goes first, so neither always finds the other's leftovers in the page cache.
+                order = [("cold", cold, cold_pub), ("warm", hot, warm_pub)]
+                for kind, worker, pub in order if r % 2 == 0 else reversed(order):
+                    job = f"bw{uuid.uuid4().hex[:6]}"
+                    cfg = cold_cfg if kind == "cold" else warm_cfg
+                    elapsed, how = run_job(worker, pub, job_of(cfg, job, count, args.vcpus, args.ram, key), count)
+                    results[f"{kind} {count}"].append(elapsed)
+                    print(f"round {r + 1}: {kind} {count} guest(s): {elapsed:.2f}s ({how})", flush=True)
+        print()
+        print(f"{'guests':>6}  {'cold median':>11}  {'warm median':>11}  {'warm/cold (median of rounds)':>28}")
+        summary = {}
+        for count in (1, 4):
+            c, w = results[f"cold {count}"], results[f"warm {count}"]
+            ratio = statistics.median(wv / cv for wv, cv in zip(w, c, strict=True))
+            summary[count] = {"cold": c, "warm": w, "ratio": ratio}
+            print(f"{count:>6}  {statistics.median(c):>10.2f}s  {statistics.median(w):>10.2f}s  {ratio:>27.2f}x")
+        if args.json:
+            Path(args.json).write_text(json.dumps(summary, indent=1))
+    finally:
+        shutil.rmtree(key_dir, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
