@@ -7,6 +7,7 @@ become the job's, through ssh with the job's own key.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -34,6 +35,14 @@ def remote_command(job_id: str) -> str:
 
 def job_id_from_env(env=os.environ) -> str | None:
     return env.get("PBS_JOBID") or env.get("SLURM_JOB_ID")
+
+
+def alone_in_its_job(job_dir: Path, env=os.environ) -> bool:
+    """True when guest 0 is the job's only guest: one node (the scheduler says so) and one guest file here. Such
+    a job needs no agent (an MPI launcher in it has no other guest to reach), so none is started: ssh-agent and
+    ssh-add are two more processes before the script's first line. Unknown counts as not alone."""
+    nodes = env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or env.get("PBS_NUM_NODES")
+    return nodes == "1" and len(list(job_dir.glob("*.json"))) == 1
 
 
 def find_first_guest(job_dir: Path, wait: float) -> dict | None:
@@ -105,7 +114,8 @@ def _launch(ssh_key: str, traceparent: str | None, wait: float, vm_prologue: str
     rc = 255
     try:
         # The job's agent, forwarded into guest 0: mpirun there reaches the job's other guests (job_agent).
-        with tracing.job_trace(job_id, traceparent), job_agent(ssh_key) as agent_env:
+        agent = contextlib.nullcontext(None) if alone_in_its_job(config.job_dir(job_id)) else job_agent(ssh_key)
+        with tracing.job_trace(job_id, traceparent), agent as agent_env:
             if "ssh_socket" in guest:
                 argv = ssh_argv(ssh_key, guest["ssh_socket"], guest["user"], remote_command(job_id),
                                 forward_agent=agent_env is not None)

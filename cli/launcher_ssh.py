@@ -1,8 +1,11 @@
 """ssh to a job's guest through its link's unix socket (services/node_worker/guest_link.py), never a TCP port.
 
-`python -m vtorque.cli.launcher_ssh SOCKET` is ssh's ProxyCommand with `ProxyUseFdpass`: it asks the guest's
+`python -I -S …/cli/launcher_ssh.py SOCKET` is ssh's ProxyCommand with `ProxyUseFdpass`: it asks the guest's
 link for a connection to the guest's sshd and passes that socket to ssh on its stdout, then exits; ssh talks to
-the guest directly on it. Only root and the job's owner may open SOCKET.
+the guest directly on it. Only root and the job's owner may open SOCKET. It runs as a file, without site-packages
+(`-S`; the standard library is all it needs, shared/guest_ssh.py loaded by its path), because every job's ssh
+waits for it: `python -m vtorque.cli.launcher_ssh` took 60-300 ms to start here, most of it site and the
+editable install's finder.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ def ssh_argv(key: str | Path, ssh_socket: str | Path, user: str, command: str | 
              python: str = sys.executable, forward_agent: bool = False) -> list[str]:
     """The ssh command line that runs `command` as `user` in the guest behind `ssh_socket`. `forward_agent`
     forwards the agent in the environment's SSH_AUTH_SOCK: give it only the job's own agent (job_agent)."""
-    proxy = " ".join(shlex.quote(a) for a in (python, "-m", "vtorque.cli.launcher_ssh", str(ssh_socket)))
+    proxy = " ".join(shlex.quote(a) for a in (python, "-I", "-S", str(Path(__file__).resolve()), str(ssh_socket)))
     forward = ["-o", "ForwardAgent=yes"] if forward_agent else []
     argv = ["ssh", "-i", str(key), *SSH_OPTIONS, *forward, "-o", "ProxyUseFdpass=yes",
             # ssh execs the ProxyCommand with the user's shell and expands %-tokens in it: a path's own % is doubled.
@@ -78,8 +81,23 @@ def job_agent(key: str | Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _guest_ssh():
+    """shared/guest_ssh.py, also when this runs as a file without site-packages (the ProxyCommand)."""
+    try:
+        from vtorque.shared import guest_ssh
+    except ImportError:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(
+            "vtorque_guest_ssh", Path(__file__).resolve().parents[1] / "shared" / "guest_ssh.py")
+        assert spec is not None and spec.loader is not None
+        guest_ssh = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(guest_ssh)
+    return guest_ssh
+
+
 def main(argv: list[str]) -> int:
-    from vtorque.shared.guest_ssh import connect
+    connect = _guest_ssh().connect
 
     if len(argv) != 1:
         print("usage: python -m vtorque.cli.launcher_ssh SOCKET (ssh's ProxyCommand, with ProxyUseFdpass)",

@@ -5,8 +5,13 @@ import base64
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+from vtorque.cli import launcher_ssh
+from vtorque.cli.launcher import alone_in_its_job
 from vtorque.cli.launcher_ssh import ssh_argv
+
+PROXY = str(Path(launcher_ssh.__file__).resolve())
 
 
 def test_ssh_goes_through_the_socket_with_fd_passing_and_a_quoted_path():
@@ -15,7 +20,8 @@ def test_ssh_goes_through_the_socket_with_fd_passing_and_a_quoted_path():
     assert "ProxyUseFdpass=yes" in argv
     proxy = next(a for a in argv if a.startswith("ProxyCommand="))
     # The user's shell runs it (spaces quoted) after ssh expanded %-tokens (a path's % doubled).
-    assert proxy == "ProxyCommand=/venv/bin/python -m vtorque.cli.launcher_ssh '/g/vt-1 x%%/ssh.sock'"
+    # As a file without site-packages (-I -S): it starts in a few ms, not the package's tens to hundreds.
+    assert proxy == f"ProxyCommand=/venv/bin/python -I -S {PROXY} '/g/vt-1 x%%/ssh.sock'"
     assert "-p" not in argv
 
 
@@ -44,9 +50,25 @@ def launch(tmp_path, doc):
 def test_the_launcher_uses_the_guests_socket(tmp_path):
     argv = launch(tmp_path, {"ssh_socket": "/g/vt-7-n1-0/ssh.sock"})
     assert "ProxyUseFdpass=yes" in argv and "-p" not in argv
-    assert any(a.endswith("vtorque.cli.launcher_ssh /g/vt-7-n1-0/ssh.sock") for a in argv)
+    assert any(a.endswith(f"-I -S {PROXY} /g/vt-7-n1-0/ssh.sock") for a in argv)
 
 
 def test_a_job_file_of_an_older_node_worker_still_names_its_port(tmp_path):
     argv = launch(tmp_path, {"address": "127.0.0.1", "ssh_port": 22007})
     assert argv[argv.index("-p") + 1] == "22007" and "bob@127.0.0.1" in argv
+
+
+def test_the_proxy_runs_without_site_packages_and_says_why_it_cannot_connect(tmp_path):
+    proc = subprocess.run([sys.executable, "-I", "-S", PROXY, str(tmp_path / "no.sock")], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 1 and "cannot reach the guest through" in proc.stderr, proc.stderr
+
+
+def test_a_guest_alone_in_its_job_needs_no_agent(tmp_path):
+    (tmp_path / "vt-7-n1-0.json").write_text("{}")
+    assert alone_in_its_job(tmp_path, {"SLURM_JOB_NUM_NODES": "1"})
+    assert alone_in_its_job(tmp_path, {"PBS_NUM_NODES": "1"})
+    assert not alone_in_its_job(tmp_path, {"SLURM_JOB_NUM_NODES": "2"})  # its other guests are elsewhere
+    assert not alone_in_its_job(tmp_path, {})  # unknown: the agent is started
+    (tmp_path / "vt-7-n1-1.json").write_text("{}")
+    assert not alone_in_its_job(tmp_path, {"SLURM_JOB_NUM_NODES": "1"})  # two guests here
