@@ -22,6 +22,8 @@ import json
 import logging
 import os
 import re
+import select
+import struct
 import threading
 import time
 import uuid
@@ -217,6 +219,86 @@ def read_header(path: Path | None) -> JobHeader | None:
         return None
 
 
+# -- pure: when to ask Slurm again --------------------------------------------------------------------------
+
+MAX_POLL = 30.0  # s between two squeue calls at most, while queued VM jobs are watched and nothing changes
+
+
+def next_poll(interval: float, base: float, changed: bool, watching: bool) -> float | None:
+    """Seconds until the next `squeue`, after one that `changed` something (or not): None when there is no
+    queued VM job to watch (a new submission wakes the prefetcher, see SlurmSubmissions); `base` again after a
+    change; else twice the last interval, up to MAX_POLL."""
+    if not watching:
+        return None
+    return base if changed else min(MAX_POLL, max(base, 2 * interval))
+
+
+class SlurmSubmissions:
+    """Wakes the Slurm prefetcher when a job is submitted: slurmctld writes every new job's script into its
+    StateSaveLocation (`hash.<id % 10>/job.<id>/`), so inotify on those ten directories (and on the state
+    directory, for a hash directory made later) says "a job was submitted" without asking slurmctld anything.
+    `wait(timeout)` is True when one was (or may have been: an overflow) since the last call."""
+
+    IN_CREATE, IN_MOVED_TO, IN_Q_OVERFLOW, IN_ISDIR = 0x100, 0x80, 0x4000, 0x40000000
+    _EVENT = struct.Struct("iIII")
+
+    def __init__(self, state_dir: str):
+        import ctypes
+
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        self.state_dir = Path(state_dir)
+        try:
+            self._top = self._watch(self.state_dir)
+            self._hashes: set[int] = set()
+            for n in range(10):
+                self._watch_hash(f"hash.{n}")
+        except OSError:
+            os.close(self.fd)
+            raise
+
+    def _watch(self, path: Path) -> int:
+        import ctypes
+
+        wd = self._libc.inotify_add_watch(self.fd, os.fsencode(path), self.IN_CREATE | self.IN_MOVED_TO)
+        if wd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+        return wd
+
+    def _watch_hash(self, name: str) -> None:
+        if (self.state_dir / name).is_dir():
+            self._hashes.add(self._watch(self.state_dir / name))
+
+    def wait(self, timeout: float) -> bool:
+        ready, _, _ = select.select([self.fd], [], [], max(0.0, timeout))
+        if not ready:
+            return False
+        submitted = False
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return submitted
+            offset = 0
+            while offset < len(data):
+                wd, mask, _cookie, length = self._EVENT.unpack_from(data, offset)
+                name = data[offset + self._EVENT.size:offset + self._EVENT.size + length].rstrip(b"\0").decode()
+                offset += self._EVENT.size + length
+                if mask & self.IN_Q_OVERFLOW or wd in self._hashes:
+                    submitted = True  # a job.<id> directory (or lost events: look anyway)
+                elif wd == self._top and mask & self.IN_ISDIR and re.fullmatch(r"hash\.\d", name):
+                    self._watch_hash(name)  # slurmctld's first job of that hash: the job is in it already
+                    submitted = True
+                # Anything else in the state directory (job_state, node_state … rewritten on every change) is
+                # not a submission.
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 # -- I/O: the prefetchers ---------------------------------------------------------------------------------
 
 class _Prefetcher:
@@ -356,6 +438,7 @@ class SlurmPrefetch(_Prefetcher):
         super().__init__(config, publisher, state_path)
         self.state_dir = state_dir or config.prefetch.slurm_state_dir or os.environ.get("VTORQUE_SLURM_STATE")
         self.known: dict[str, str] = dict(self._load_state().get("jobs", {}))
+        self.changed = False  # whether the last step saw a job come, start or go
 
     def _header(self, job_id: str) -> JobHeader | None:
         try:
@@ -386,7 +469,48 @@ class SlurmPrefetch(_Prefetcher):
             self.known.pop(job_id, None)
         if withdrawn or done:
             self._save_state({"scheduler": "slurm", "jobs": self.known})
+        self.changed = bool(new or withdrawn or done)
         return acted
+
+    def watching(self) -> bool:
+        """Whether a queued VM job is known: only then is slurmctld asked again without a new submission."""
+        return "vm" in self.known.values()
+
+    def run(self, stop: threading.Event) -> None:
+        """squeue only while queued VM jobs are watched (backing off from poll_interval to MAX_POLL while
+        nothing changes) and when a job was submitted; none at all while nothing is queued. Without a readable
+        state directory (no inotify to learn of submissions) it polls every poll_interval, as before."""
+        try:
+            submissions = SlurmSubmissions(self.state_dir) if self.state_dir else None
+        except OSError as exc:
+            log(LOG, logging.WARNING, "slurm submissions not watched: polling squeue", error=str(exc))
+            submissions = None
+        if submissions is None:
+            super().run(stop)
+            return
+        log(LOG, logging.INFO, "prefetch following the scheduler", scheduler=self.scheduler,
+            submissions=str(self.state_dir))
+        base = self.config.prefetch.poll_interval
+        interval: float | None = 0.0  # look once at start: jobs queued while we were down
+        try:
+            while not stop.is_set():
+                due = time.monotonic() + interval if interval is not None else None
+                # Woken by a submission, at the poll's time, or every second to see `stop`.
+                woken = False
+                while not stop.is_set() and not woken and (due is None or time.monotonic() < due):
+                    woken = submissions.wait(1.0 if due is None else min(1.0, due - time.monotonic()))
+                if stop.is_set():
+                    break
+                try:
+                    self.step()
+                except Exception as exc:  # noqa: BLE001 - broker or scheduler hiccup: the saved state lets us retry
+                    log(LOG, logging.WARNING, "prefetch step failed, retrying", error=f"{type(exc).__name__}: {exc}")
+                    interval = min(10.0, 5 * base)
+                    continue
+                # After a submission, one more look in poll_interval: a job that squeue did not show yet.
+                interval = base if woken else next_poll(interval or base, base, self.changed, self.watching())
+        finally:
+            submissions.close()
 
 
 def detect_scheduler(config: Config) -> str:
