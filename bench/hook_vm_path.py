@@ -140,6 +140,13 @@ def main(argv=None) -> int:
         print("|---|---|---|---|")
         for name, t in times.items():
             print(f"| {name} | {statistics.median(t) * 1e3:.1f} ms | {min(t) * 1e3:.1f} ms | {max(t) * 1e3:.1f} ms |")
+        if args.also:
+            this, other = times[rows[1][0]], times[rows[2][0]]
+            ratios = [a / b for a, b in zip(this, other, strict=True)]
+            saved = [(b - a) * 1e3 for a, b in zip(this, other, strict=True)]
+            print(f"\nper round, this tree / {args.also}: " + " ".join(f"{r:.2f}" for r in ratios))
+            print(f"median of per-round ratios: {statistics.median(ratios):.2f}; "
+                  f"median saved per round: {statistics.median(saved):.1f} ms")
     return 0
 
 
