@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from hook_fast_path import timed  # bench/ is on sys.path: run as a script
 
 DIGEST = "ab" * 32
 DRIVER = '''
@@ -105,15 +105,6 @@ allow_system_owners = true
             "SLURM_JOB_CPUS_PER_NODE": "1"}
 
 
-def once(argv: list[str], env: dict) -> float:
-    t0 = time.perf_counter()
-    proc = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    took = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"{argv} exited {proc.returncode}: {proc.stderr[-2000:]}")
-    return took
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=20)
@@ -135,7 +126,7 @@ def main(argv=None) -> int:
         times: dict[str, list[float]] = {name: [] for name, _, _ in rows}
         for _ in range(args.runs):
             for name, cmd, cmd_env in rows:
-                times[name].append(once(cmd, cmd_env))
+                times[name] += timed(cmd, cmd_env, 1)
         print(f"| command ({args.runs} runs each, interleaved) | median | min | max |")
         print("|---|---|---|---|")
         for name, t in times.items():
