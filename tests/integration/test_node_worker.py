@@ -85,6 +85,10 @@ def test_boot_reannounce_and_teardown(broker_url, worker, ssh_key):
         publisher.publish(m.TeardownGuests.new(job_id=job, deadline=60.0, node=config.node.name))
         gone = expect(waiter, m.GuestsTornDown, timeout=60)
         assert gone.guests == [plan.name] and gone.disks_removed == 1
+        # Answered once the guest's QEMU has exited; its domain and files go right after, off the queue.
+        assert f"guest={plan.name},".encode() not in b"\n".join(_argvs()), "the guest's QEMU still runs"
+        for thread in svc.teardown_threads:
+            thread.join(60)
         assert svc.hv.lookup(plan.name) is None
         assert not (Path(config.node.guest_dir) / plan.name).exists()
         assert not config.job_dir(job).exists()
@@ -95,6 +99,16 @@ def test_boot_reannounce_and_teardown(broker_url, worker, ssh_key):
     finally:
         waiter.close()
         publisher.close()
+
+
+def _argvs() -> list[bytes]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            found.append(cmdline.read_bytes())
+        except OSError:
+            pass  # gone meanwhile
+    return found
 
 
 def test_an_image_this_node_does_not_know_fails_cleanly(broker_url, worker, ssh_key):
