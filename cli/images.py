@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import subprocess
 import sys
 import time
 import uuid
@@ -313,19 +314,14 @@ def remove(name: str) -> None:
             raise click.ClickException(f"no image {name!r} in the catalog")
         del entries[name]
     click.echo(f"removed {name} from {config.images.catalog_file}")
-    gone = _warm_sweep(config)  # warm images go with their image (services/node_worker/warm.py)
-    if gone:
-        click.echo(f"removed {len(gone)} warm image(s) of it on this node")
+    _warm("sweep")  # this node's warm images of it go too (services/node_worker/warm.py)
 
 
-def _warm_sweep(config: Config) -> list[str]:
-    """This node's warm images of images no longer in the catalog or the store, removed."""
-    from vtorque.services.node_worker import warm
-    from vtorque.shared.config import refresh_catalog
-    from vtorque.shared.image_store import ImageStore
-
-    refresh_catalog(config)
-    return warm.sweep(config, ImageStore(config.images.store), {e.sha256 for e in config.images.catalog.values()})
+def _warm(*args: str) -> None:
+    """The node worker's warm images module, run (the cli imports no service: tests/unit/test_import_rules.py)."""
+    run = subprocess.run([sys.executable, "-m", "vtorque.services.node_worker.warm", *args], check=False)
+    if run.returncode:
+        raise click.exceptions.Exit(run.returncode)
 
 
 @images.command()
@@ -396,44 +392,15 @@ def pull(name: str, timeout: float) -> None:
 def warm_image(name: str | None, vcpus: int | None, ram: str | None, force: bool, listing: bool,
                timeout: float) -> None:
     """Make a warm image of NAME on this node: boot it once with no job identity in the given shape, save it.
-    A job's guest of that image and shape is then restored from it instead of booted (about 5x faster for the
-    test guest); rebuilt when the image's digest or the shape changes (run this again), removed with the
-    image. Needs the image in this node's store (`vtorque images pull NAME`) and an image whose init takes its
-    identity after a restore (the test guest's does)."""
-    from vtorque.services.node_worker import warm
-    from vtorque.services.node_worker.hypervisor import Hypervisor
-    from vtorque.shared.domain_type import detect_domain_type
-    from vtorque.shared.image_store import ImageStore
-    from vtorque.shared.spec import parse_size_mib
-
+    A job's guest of that image and shape is then restored from it instead of booted (docs/benchmarks.md);
+    once there is one, the node worker makes the next when the image's digest or a job's shape changes, and it
+    is removed with the image. Needs the image in this node's store (`vtorque images pull NAME`) and an image
+    whose init takes its identity after a restore (the test guest's does)."""
     _root_only("vtorque images warm")
-    config = _config()
     if listing:
-        images = warm.listing(config)
-        if not images:
-            click.echo(f"no warm images on this node ({warm.root_of(config)})")
-        for image in images:
-            meta = image.meta
-            click.echo(f"{meta.get('image', '?'):12} {meta.get('vcpus')} vCPU {meta.get('ram_mib')} MiB  "
-                       f"{_mib(meta.get('save_bytes'))}  made {_when(meta.get('created'))}  {image.dir}")
+        _warm("list")
         return
     if not name:
         raise click.ClickException("name an image (or --list)")
-    store = ImageStore(config.images.store)
-    _warm_sweep(config)
-    try:
-        ram_mib = parse_size_mib(ram or config.spec.default_ram)
-    except ValueError:
-        raise click.ClickException(f"--ram {ram}: a size as in a spec (512M, 2G)") from None
-    started = time.monotonic()
-
-    def progress(text: str) -> None:
-        click.echo(f"[{time.monotonic() - started:5.1f}s] {text}", err=True)
-
-    try:
-        made = warm.build(config, Hypervisor(config.node.libvirt_uri), store, name,
-                          vcpus or config.spec.default_vcpus, ram_mib, detect_domain_type(config.node.domain_type),
-                          progress=progress, timeout=timeout, force=force)
-    except warm.WarmError as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(f"{name}: warm image {made.dir.name} ({made.meta['vcpus']} vCPU, {made.meta['ram_mib']} MiB)")
+    _warm("build", name, *(["--vcpus", str(vcpus)] if vcpus else []), *(["--ram", ram] if ram else []),
+          *(["--force"] if force else []), "--timeout", str(timeout))

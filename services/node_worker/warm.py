@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -203,6 +204,12 @@ def remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def rebuild_wanted(config: Config, image: str, digest: str, key: str) -> bool:
+    """Whether this node keeps warm images of `image` (the operator made one: of an older digest, or another
+    shape) but has none of this digest and shape: then the node worker makes it, once it is idle."""
+    return any(w.meta.get("image") == image and (w.digest, w.key) != (digest, key) for w in listing(config))
+
+
 # -- making one -------------------------------------------------------------------------------------------------
 
 def build(config: Config, hv: Hypervisor, store: ImageStore, image: str, vcpus: int, ram_mib: int,
@@ -313,3 +320,70 @@ def _wait_warm_ready(gdir: Path, console: str, hv: Hypervisor, name: str, deadli
                                      "(tests/guest/vtorque-init)?", False, console_tail(console)) from None
             if GUEST_FAILED.decode() in console_tail(console) or not hv.is_active(name):
                 raise BootFailed("the guest failed while booting for its warm image", False, console_tail(console))
+
+
+# -- the operator's command (`vtorque images warm` runs this module: the cli imports no service) ---------------
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from vtorque.shared.config import ConfigError, load_config, refresh_catalog
+    from vtorque.shared.domain_type import detect_domain_type
+    from vtorque.shared.spec import parse_size_mib
+
+    parser = argparse.ArgumentParser(prog="vtorque images warm")
+    sub = parser.add_subparsers(dest="what", required=True)
+    make = sub.add_parser("build")
+    make.add_argument("image")
+    make.add_argument("--vcpus", type=int)
+    make.add_argument("--ram")
+    make.add_argument("--force", action="store_true")
+    make.add_argument("--timeout", type=float, default=300.0)
+    sub.add_parser("list")
+    sub.add_parser("sweep")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config()
+    except ConfigError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    refresh_catalog(config)
+    store = ImageStore(config.images.store)
+    if args.what == "list":
+        images = listing(config)
+        if not images:
+            print(f"no warm images on this node ({root_of(config)})")
+        for image in images:
+            meta = image.meta
+            made = datetime.fromtimestamp(meta.get("created", 0)).strftime("%Y-%m-%d %H:%M")
+            print(f"{meta.get('image', '?'):12} {meta.get('vcpus')} vCPU {meta.get('ram_mib')} MiB  "
+                  f"{meta.get('save_bytes', 0) / 2**20:.0f}M  made {made}  {image.dir}")
+        return 0
+    gone = sweep(config, store, {e.sha256 for e in config.images.catalog.values()})
+    if args.what == "sweep":
+        print(f"removed {len(gone)} warm image(s) of images no longer in the catalog or the store" if gone
+              else "no warm image to remove")
+        return 0
+    try:
+        ram_mib = parse_size_mib(args.ram or config.spec.default_ram)
+    except ValueError:
+        print(f"Error: --ram {args.ram}: a size as in a spec (512M, 2G)", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+
+    def progress(text: str) -> None:
+        print(f"[{time.monotonic() - started:5.1f}s] {text}", file=sys.stderr, flush=True)
+
+    try:
+        made = build(config, Hypervisor(config.node.libvirt_uri), store, args.image,
+                     args.vcpus or config.spec.default_vcpus, ram_mib, detect_domain_type(config.node.domain_type),
+                     progress=progress, timeout=args.timeout, force=args.force)
+    except WarmError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.image}: warm image {made.dir.name} ({made.meta['vcpus']} vCPU, {made.meta['ram_mib']} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

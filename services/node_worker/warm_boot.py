@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import secrets
 import shutil
+import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -125,6 +126,8 @@ def try_restore(worker, cmd: BootOrder, guest: m.GuestPlan, entry: ImageEntry, b
         why = None if image else f"no warm image of {guest.image} for this shape ({key[:12]}) on this node"
     if image is None:
         span.set_attributes({PATH: "cold", WHY: why or ""})
+        if why and why.startswith("no warm image"):
+            rebuild_later(worker, guest, key)
         return None
     try:
         result = _restore(worker, cmd, guest, entry, base, boot, image, job_nic, deadline, t0, t_image)
@@ -138,6 +141,49 @@ def try_restore(worker, cmd: BootOrder, guest: m.GuestPlan, entry: ImageEntry, b
     span.set_attributes({PATH: "warm", WHY: f"warm image {image.dir.name}", "vtorque.warm_image": image.dir.name})
     log(LOG, logging.INFO, "guest restored from a warm image", guest=guest.name, warm_image=image.dir.name)
     return result
+
+
+_rebuilding: set[str] = set()
+_rebuilding_lock = threading.Lock()
+IDLE_POLL = 2.0
+
+
+def rebuild_later(worker, guest: m.GuestPlan, key: str) -> threading.Thread | None:
+    """On demand: a warm image of this guest's image and shape made in the background, once this node boots
+    nothing, when the operator keeps warm images of that image here (a new digest, or a new shape, of one)
+    and the shape is one `vtorque images warm` makes (else it would be made again at every boot)."""
+    config = worker.config
+    entry = config.images.catalog.get(guest.image)
+    if entry is None or not warm.rebuild_wanted(config, guest.image, guest.image_digest, key):
+        return None
+    boot = BootSource(entry.kernel, entry.initrd, entry.cmdline)
+    plan = warm.warm_plan("vt-warm", guest.image, entry, worker.node, guest.vcpus, guest.ram_mib, guest.arch)
+    if warm.shape_key(plan, boot, worker.domain_type) != key:
+        return None
+    with _rebuilding_lock:
+        if key in _rebuilding:
+            return None
+        _rebuilding.add(key)
+
+    def run() -> None:
+        try:
+            while worker.booting_now():  # a build is a whole boot: never beside a job's
+                time.sleep(IDLE_POLL)
+            warm.build(config, worker.hv, worker.store, guest.image, guest.vcpus, guest.ram_mib,
+                       worker.domain_type)
+            # The warm images of this image's older digests go: nothing will ask for them again.
+            for old in warm.listing(config):
+                if old.meta.get("image") == guest.image and old.digest != guest.image_digest:
+                    warm.remove(old.dir)
+        except warm.WarmError as exc:
+            log(LOG, logging.WARNING, "warm image not made", image=guest.image, error=str(exc))
+        finally:
+            with _rebuilding_lock:
+                _rebuilding.discard(key)
+
+    thread = threading.Thread(target=run, name=f"warm-{key[:8]}", daemon=True)
+    thread.start()
+    return thread
 
 
 def _restore(worker, cmd: BootOrder, guest: m.GuestPlan, entry: ImageEntry, base: Path, boot: BootSource,

@@ -254,8 +254,9 @@ def span(monkeypatch):
     return recorded
 
 
-def worker():
-    return SimpleNamespace(domain_type="qemu", config=None, store=None)
+def worker(catalog=None, booting=()):
+    return SimpleNamespace(domain_type="qemu", config=SimpleNamespace(images=SimpleNamespace(catalog=catalog or {})),
+                           store=None, node="n1", hv=None, booting_now=lambda: set(booting))
 
 
 CMD = SimpleNamespace(job_id="7.srv", deadline=datetime(2030, 1, 1, tzinfo=UTC), peers=[], network=None)
@@ -296,3 +297,35 @@ def test_a_restore_that_worked_is_the_guest(monkeypatch, span):
     assert warm_boot.try_restore(worker(), CMD, GUEST, ENTRY, Path("/b"), None, 1e9, 0.0) == (
         timings, Path("/g/ssh.sock"))
     assert span.attributes[warm_boot.PATH] == "warm"
+
+
+def test_a_new_digest_of_a_kept_warm_image_is_made_on_demand_once_the_node_is_idle(monkeypatch, span):
+    old = warm.WarmImage(dir=Path("/w/old"), key="k-old", digest="0" * 64, saved_dir="/g/x", meta={"image": "tiny"})
+    monkeypatch.setattr(warm, "find", lambda *_a: None)
+    monkeypatch.setattr(warm, "listing", lambda _c: [old])
+    removed, built = [], []
+    monkeypatch.setattr(warm, "remove", removed.append)
+    monkeypatch.setattr(warm_boot, "IDLE_POLL", 0.01)
+    booting = {"vt-7_srv-n1-0"}
+    w = worker({"tiny": ENTRY}, booting)
+    w.booting_now = lambda: set(booting)
+
+    def build(_config, _hv, _store, image, vcpus, ram_mib, _domain_type):
+        assert not booting  # never beside a boot
+        built.append((image, vcpus, ram_mib))
+
+    monkeypatch.setattr(warm, "build", build)
+    guest = msgspec.structs.replace(GUEST, vcpus=1)
+    assert warm_boot.try_restore(w, CMD, guest, ENTRY, Path("/b"), None, 1e9, 0.0) is None
+    [thread] = [t for t in __import__("threading").enumerate() if t.name.startswith("warm-")]
+    booting.clear()
+    thread.join(5)
+    assert built == [("tiny", 1, 256)] and removed == [old.dir]
+
+
+def test_no_warm_image_is_made_for_an_image_the_operator_keeps_none_of(monkeypatch, span):
+    monkeypatch.setattr(warm, "find", lambda *_a: None)
+    monkeypatch.setattr(warm, "listing", lambda _c: [])
+    monkeypatch.setattr(warm, "build", lambda *_a: pytest.fail("built"))
+    key = warm.shape_key(GUEST, BOOT, "qemu")
+    assert warm_boot.rebuild_later(worker({"tiny": ENTRY}), GUEST, key) is None
