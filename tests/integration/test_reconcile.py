@@ -125,6 +125,10 @@ def test_a_worker_killed_mid_boot_does_not_boot_the_guest_twice(site, broker_url
             Publisher(broker_url).publish(m.TeardownGuests.new(job_id=job, deadline=60.0, node=node))
             done = waiter.next(time.monotonic() + 60)
             assert isinstance(done, m.GuestsTornDown) and done.guests == [name], (done, second.log.read_text())
+            # Answered once its QEMU has exited; the domain is undefined right after, off the node's queue.
+            gone_by = time.monotonic() + 30
+            while hv.lookup(name) is not None and time.monotonic() < gone_by:
+                time.sleep(0.2)
             assert hv.lookup(name) is None
         finally:
             second.send_signal(signal.SIGTERM)
