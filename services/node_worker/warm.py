@@ -355,9 +355,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"no warm images on this node ({root_of(config)})")
         for image in images:
             meta = image.meta
-            made = datetime.fromtimestamp(meta.get("created", 0)).strftime("%Y-%m-%d %H:%M")
+            when = datetime.fromtimestamp(meta.get("created", 0)).strftime("%Y-%m-%d %H:%M")
             print(f"{meta.get('image', '?'):12} {meta.get('vcpus')} vCPU {meta.get('ram_mib')} MiB  "
-                  f"{meta.get('save_bytes', 0) / 2**20:.0f}M  made {made}  {image.dir}")
+                  f"{meta.get('save_bytes', 0) / 2**20:.0f}M  made {when}  {image.dir}")
         return 0
     gone = sweep(config, store, {e.sha256 for e in config.images.catalog.values()})
     if args.what == "sweep":
