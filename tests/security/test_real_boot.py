@@ -52,6 +52,8 @@ def test_an_ordinary_users_guest_boots_with_her_disk_as_roots_private_copy(guest
                 assert stat.S_IMODE(path.stat().st_mode) == 0o600, path  # root's or QEMU's, nobody else's
     finally:
         site.worker.on_teardown_guests(m.TeardownGuests.new(job_id=j, deadline=60.0, node=site.node))
+        for thread in site.worker.teardown_threads:  # the files follow the answer, in their own thread
+            thread.join(60)
     assert isinstance(site.sent.sent[-1], m.GuestsTornDown) and site.sent.sent[-1].guests == [plan.name]
     assert not (Path(site.config.node.guest_dir) / plan.name).exists()
     assert file_state(img) == before
@@ -82,6 +84,8 @@ def test_a_ramdisk_guest_boots_on_a_tmpfs_of_its_own_sized_as_its_job_was_counte
         assert (gdir / "root.qcow2").exists() and (gdir / "data.qcow2").exists()
     finally:
         site.worker.on_teardown_guests(m.TeardownGuests.new(job_id=j, deadline=60.0, node=site.node))
+        for thread in site.worker.teardown_threads:  # the files follow the answer, in their own thread
+            thread.join(60)
         for name in site.domains():
             site.worker.hv.remove(name)
     assert site.sent.sent[-1].guests == [plan.name]

@@ -114,6 +114,8 @@ def test_a_guest_boots_and_only_its_owner_gets_in_while_a_user_holds_every_old_p
         assert again.stdout.strip() == "still-in", again.stderr
     finally:
         site.worker.on_teardown_guests(m.TeardownGuests.new(job_id=j, deadline=60.0, node=site.node))
+        for thread in site.worker.teardown_threads:  # the files follow the answer, in their own thread
+            thread.join(60)
     assert not (Path(site.config.node.guest_dir) / plan.name).exists()
     # The link process went with its guest (it sees QEMU's end close).
     deadline = time.monotonic() + 10
