@@ -412,8 +412,16 @@ def test_a_vm_job_runs_end_to_end_in_compose(stack):
     assert result.returncode == 0, f"{result}\n{project.logs()}"
     assert "removed 1 guest" in result.stdout, str(result)
 
-    # Nothing of the guest outlives the job: no domain, no disks, no job directory.
+    # Nothing of the guest outlives the job: no domain, no disks, no job directory (they go right after the
+    # teardown's answer, which comes once the guest's QEMU has exited).
+    gone_by = time.monotonic() + 30
+    while [n for n, meta in hv.vtorque_domains().items() if meta.get("job") == job_id] \
+            and time.monotonic() < gone_by:
+        time.sleep(0.2)
     assert not [n for n, meta in hv.vtorque_domains().items() if meta.get("job") == job_id]
+    while (list((state / "guests").rglob("*.qcow2")) or (state / "jobs" / job_id).exists()) \
+            and time.monotonic() < gone_by:
+        time.sleep(0.2)
     assert not list((state / "guests").rglob("*.qcow2")), sorted((state / "guests").rglob("*"))
     assert not (state / "jobs" / job_id).exists()
 
