@@ -403,6 +403,10 @@ def _message_attributes(message, destination: str, routing_key: str, operation: 
                if not isinstance(g, str)}
     if len(digests) == 1 and IMAGE_DIGEST not in attrs and next(iter(digests)):
         attrs[IMAGE_DIGEST] = digests.pop()
+    # A job's one BootGuests names its guests' image once, in its template.
+    template = getattr(message, "guest", None)
+    if not isinstance(template, str) and getattr(template, "image_digest", "") and IMAGE_DIGEST not in attrs:
+        attrs[IMAGE_DIGEST] = template.image_digest
     return attrs
 
 
