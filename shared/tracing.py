@@ -404,9 +404,9 @@ def _message_attributes(message, destination: str, routing_key: str, operation: 
     if len(digests) == 1 and IMAGE_DIGEST not in attrs and next(iter(digests)):
         attrs[IMAGE_DIGEST] = digests.pop()
     # A job's one BootGuests names its guests' image once, in its template.
-    template = getattr(message, "guest", None)
-    if not isinstance(template, str) and getattr(template, "image_digest", "") and IMAGE_DIGEST not in attrs:
-        attrs[IMAGE_DIGEST] = template.image_digest
+    template_digest = getattr(getattr(message, "guest", None), "image_digest", None)
+    if isinstance(template_digest, str) and template_digest and IMAGE_DIGEST not in attrs:
+        attrs[IMAGE_DIGEST] = template_digest
     return attrs
 
 
