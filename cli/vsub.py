@@ -400,6 +400,7 @@ def _submit_vm_job(qsub_args: list[str], vm: list[str], script_at: int | None, d
     import shutil
     import subprocess
     import tempfile
+    import threading
     import time
     import uuid
     from pathlib import Path
@@ -446,6 +447,8 @@ def _submit_vm_job(qsub_args: list[str], vm: list[str], script_at: int | None, d
     key_dir = Path.home() / ".vtorque" / "keys" / uuid.uuid4().hex
     submitted = False
     cluster = None
+    asked: dict[str, str | None] = {}
+    asking: threading.Thread | None = None
     try:
         with tracing.tracer().start_as_current_span("vsub submit", attributes={
                 "vtorque.image.name": spec.img, "vtorque.vcpus": spec.vcpus, "vtorque.ram_mib": spec.ram_mib,
@@ -463,6 +466,12 @@ def _submit_vm_job(qsub_args: list[str], vm: list[str], script_at: int | None, d
                     print(shlex.join(argv))
                     print(wrapper, end="")
                     return 0
+                # Slurm's cluster name (a `scontrol show config`, for the key's CLUSTER_FILE) while qsub runs:
+                # not one more round trip after the job id is known. Torque's is in the job id.
+                asking = threading.Thread(target=lambda: asked.update(cluster=scheduler_identity(config, "")),
+                                          daemon=True) if config.scheduler.kind == "slurm" else None
+                if asking is not None:
+                    asking.start()
                 proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
             sys.stdout.write(proc.stdout)
             job_id = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
@@ -470,7 +479,9 @@ def _submit_vm_job(qsub_args: list[str], vm: list[str], script_at: int | None, d
                 span.set_attribute(tracing.JOB_ID, job_id)
                 # Which job of which cluster the key is for, so that a later vsub can remove it once that
                 # scheduler is done with the job even if it never ran (sweep_keys).
-                cluster = scheduler_identity(config, job_id)
+                if asking is not None:
+                    asking.join()
+                cluster = asked.get("cluster") if asking is not None else scheduler_identity(config, job_id)
                 (key_dir / JOB_FILE).write_text(job_id + "\n")
                 (key_dir / CLUSTER_FILE).write_text((cluster or "") + "\n")
                 submitted = True
