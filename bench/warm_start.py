@@ -97,10 +97,22 @@ def run_job(worker: NodeWorker, publisher: Collected, cmd: m.BootGuests, count: 
     ready = [e for e in publisher.events if isinstance(e, m.GuestReady)]
     failed = [e for e in publisher.events if isinstance(e, m.GuestFailed)]
     restored = sum(1 for e in ready if e.timings.kernel_up is None)
+    slowest = max(ready, key=lambda e: e.timings.ready).timings if ready else None
     worker.on_teardown_guests(m.TeardownGuests.new(job_id=cmd.job_id, deadline=60.0, node=worker.node))
+    # The teardown answers once the domains are stopped and removes the rest after: the next job starts on a
+    # node with nothing of this one left (QEMU exiting and files going would be charged to whichever is next).
+    until = time.monotonic() + 60
+    prefix = m.domain_name(cmd.job_id, "", 0).removesuffix("-0")
+    while time.monotonic() < until and (
+            any(meta.get("job") == cmd.job_id for meta in worker.hv.vtorque_domains().values())
+            or any(p.name.startswith(prefix) for p in Path(worker.config.node.guest_dir).iterdir())):
+        time.sleep(0.1)
+    time.sleep(1.0)
     if failed or len(ready) != count:
         raise SystemExit(f"job {cmd.job_id}: {[e.reason for e in failed]}")
-    return elapsed, f"{restored}/{count} restored"
+    phases = (f"; slowest guest: disks {slowest.disks:.2f}, define {slowest.define:.2f}, start {slowest.start:.2f}, "
+              f"ready {slowest.ready:.2f}s") if slowest else ""
+    return elapsed, f"{restored}/{count} restored{phases}"
 
 
 def main() -> int:
