@@ -148,6 +148,7 @@ def connect(url: str, heartbeat: int = 0, timeout: float = 5.0, confirm_publish:
 BROKER_ERRORS: tuple[type[BaseException], ...] = (OSError, ConnectionError, kombu.exceptions.KombuError,
                                                   amqp.exceptions.AMQPError)
 RECONNECT_MAX_DELAY = 2.0  # seconds; back at work within a few seconds of the broker's return
+CONFIRM_STALL = 5.0  # seconds without a confirm (or anything else) from the broker: the connection is taken for lost
 
 
 def broker_user_of(url: str) -> str | None:
@@ -219,10 +220,19 @@ class Confirms:
     def pending(self) -> int:
         return self.sent - self._upto
 
-    def wait(self, conn: Connection) -> None:
-        """Until the broker has settled everything sent; a nack raises MessageNacked (as py-amqp's own wait)."""
+    def wait(self, conn: Connection, stalled_after: float = CONFIRM_STALL) -> None:
+        """Until the broker has settled everything sent; a nack raises MessageNacked (as py-amqp's own wait).
+
+        A wait that hears nothing for `stalled_after` seconds raises TimeoutError (an OSError: the Publisher
+        takes it for a lost connection, reconnects and sends again). Publishers' connections carry no AMQP
+        heartbeat, so a broker node cut off the network (no FIN, no RST) would otherwise hold the wait until the
+        kernel gives up on the socket: on the rig a node worker's heartbeat thread stayed in it for 30 s after
+        its broker node's link came back, and the bridge refused a job for a node "not heard from"."""
         while self._upto < self.sent:
-            conn.drain_events()
+            try:
+                conn.drain_events(timeout=stalled_after)
+            except TimeoutError:  # socket.timeout: nothing came in that time
+                raise TimeoutError(f"no publisher confirm from the broker in {stalled_after:g} s") from None
         if self._nacked:
             nacked, self._nacked = self._nacked, 0
             raise amqp.exceptions.MessageNacked(f"the broker refused {nacked} message(s)")
@@ -274,7 +284,7 @@ class Publisher:
                 ensure_queues(local.producer.channel, missing)
                 local.declared.update(q.name for q in missing)
         except BaseException:
-            self.close()
+            self.close(lost=True)
             raise
 
     def publish(self, message: m.Message) -> None:
@@ -290,12 +300,12 @@ class Publisher:
                 self._publish_once(messages)
                 return
             except (OSError, kombu.exceptions.OperationalError, ConnectionError) as exc:
-                self.close()
+                self.close(lost=True)
                 if attempt == 2:
                     raise
                 log(LOG, logging.WARNING, "publish failed, reconnecting", error=str(exc))
             except BaseException:
-                self.close()  # a channel error (say a nack or a 404) leaves the channel unusable
+                self.close(lost=True)  # a channel error (say a nack or a 404) leaves the channel unusable
                 raise
 
     def _publish_once(self, messages: list[m.Message]) -> None:
@@ -340,16 +350,18 @@ class Publisher:
             local.confirms.sent += 1
             local.confirms.wait(local.conn)
         except BaseException:
-            self.close()
+            self.close(lost=True)
             raise
 
-    def close(self) -> None:
-        """Close this thread's connection; the next publish from this thread opens a new one."""
+    def close(self, lost: bool = False) -> None:
+        """Close this thread's connection; the next publish from this thread opens a new one. `lost`: after an
+        error, the socket is dropped without AMQP's close handshake, whose wait for the broker's close-ok has no
+        end on a connection that went silent (tests/integration/test_publisher_stall.py)."""
         local = self._thread()
         if local.conn is not None:
             with self._open_lock:
                 self._open.discard(local.conn)
-            _release(local.conn)
+            _release(local.conn, lost)
         local.conn = local.producer = local.confirms = None
         local.declared.clear()
 
@@ -363,9 +375,12 @@ class Publisher:
         self.close()
 
 
-def _release(conn: Connection) -> None:
+def _release(conn: Connection, lost: bool = False) -> None:
     try:
-        conn.release()
+        if lost:
+            conn.collect()  # the socket closed, nothing sent or awaited
+        else:
+            conn.release()
     except Exception:  # noqa: BLE001 - closing a broken connection must not mask the real error
         pass
 

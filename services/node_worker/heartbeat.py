@@ -119,7 +119,7 @@ class Heartbeat:
             self.publisher.publish_many(beats)
         except Exception as exc:  # noqa: BLE001 - a missed beat must not end the beating
             log(LOG, logging.WARNING, "heartbeat not sent", error=str(exc))
-            self.publisher.close()
+            self.publisher.close(lost=True)
 
     def _run(self) -> None:
         while not self.stop.wait(self.interval):
