@@ -1,5 +1,6 @@
 """Every -vm key of one job, through Slurm, seen where it must land: the guest, its definition, its disks."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,10 @@ def test_every_key_reaches_guest_definition_and_disks(slurm):
     assert "user-data-packages: 1" in out
     assert "vm-epilogue-saw: from-vm-prologue" in out
     assert slurm.exit_code(job_id) == 0
+    # The teardown answers once the guest's QEMU has exited; its files go right after it (bounded wait).
+    gone_by = time.monotonic() + 60
+    while Path(config.node.ramdisk_dir, name).exists() and time.monotonic() < gone_by:
+        time.sleep(0.2)
     assert not Path(config.node.ramdisk_dir, name).exists()
 
 

@@ -82,6 +82,15 @@ def test_four_guests_on_two_nodes_reach_each_other(site, two_node_workers, tmp_p
         assert sorted(o for o in out if o.startswith("reach-")) == sorted(f"reach-{n}" for n in names)
     finally:
         assert run_epilogue(job, config, 0, lines.append), lines
+    # The epilogue's answer means the guests' QEMUs have exited; domains and files go right after (bounded).
     hv = Hypervisor(config.node.libvirt_uri)
-    assert [n for n, meta in hv.vtorque_domains().items() if meta.get("job") == job_id] == []
+    gone_by = time.monotonic() + 60
+    while (_job_domains(hv, job_id) or list(Path(config.node.guest_dir).glob(f"vt-{job_id}-*"))) \
+            and time.monotonic() < gone_by:
+        time.sleep(0.2)
+    assert _job_domains(hv, job_id) == []
     assert not list(Path(config.node.guest_dir).glob(f"vt-{job_id}-*"))
+
+
+def _job_domains(hv: Hypervisor, job_id: str) -> list[str]:
+    return [n for n, meta in hv.vtorque_domains().items() if meta.get("job") == job_id]

@@ -24,12 +24,16 @@ class ScriptedChannel:
         self.selected = False
         self.script: list[tuple[str, int, bool]] = []
         self.drains = 0
+        self.timeouts: list[float | None] = []
 
     def confirm_select(self):
         self.selected = True
 
-    def drain_events(self):  # stands for the connection: the next frame the broker sends
+    def drain_events(self, timeout=None):  # stands for the connection: the next frame the broker sends
         self.drains += 1
+        self.timeouts.append(timeout)
+        if not self.script:  # a broker that sends nothing more: py-amqp's drain times out
+            raise TimeoutError("timed out")
         kind, tag, multiple = self.script.pop(0)
         for callback in list(self.events[f"basic_{kind}"]):
             callback(tag, multiple)
@@ -69,6 +73,17 @@ def test_a_nack_in_a_batch_raises_once_all_are_settled():
     confirms.sent += 1
     channel.script = [("ack", 4, False)]
     confirms.wait(channel)  # the nack was reported once, not again
+
+
+def test_a_wait_that_hears_nothing_raises_a_timeout_a_publisher_takes_for_a_lost_connection():
+    channel = ScriptedChannel()
+    confirms = Confirms(channel)
+    confirms.sent = 2
+    channel.script = [("ack", 1, False)]  # the second confirm never comes
+    with pytest.raises(TimeoutError, match="no publisher confirm from the broker in 2.5 s"):
+        confirms.wait(channel, stalled_after=2.5)
+    assert channel.timeouts == [2.5, 2.5] and confirms.pending == 1
+    assert issubclass(TimeoutError, OSError)  # what publish_many reconnects and resends on
 
 
 # -- the hypervisor and the heartbeat on libvirt's test driver ---------------------------------------------
