@@ -281,7 +281,7 @@ def check_hook_config(config) -> Check:
     if problem:
         return Check("hook config", FAIL, problem)
     python = env.get("VTORQUE_PYTHON") or checks.DEFAULT_PYTHON
-    module, user = "torque", "root"
+    module, user = "torque.entry", "root"  # the Python side the entry points exec (its package imports nothing)
     if config.scheduler.kind == "slurm":
         module = "slurm"
         user = slurm_user(_slurm_config(config, env)[0]) or "slurm"
@@ -334,7 +334,12 @@ def check_prologue_timeout(config) -> Check:
         wait, scheduler = prolog_deadline(timeout, margin, cap), f"PrologEpilogTimeout={timeout}"
         need = f"PrologEpilogTimeout to at least {cap + margin:.0f}"
     else:
-        from vtorque.hooks.torque import TORQUE_ALARM_SLACK, prologue_deadline, read_prologalarm, torque_kill_after
+        from vtorque.hooks.torque.deadline import (
+            TORQUE_ALARM_SLACK,
+            prologue_deadline,
+            read_prologalarm,
+            torque_kill_after,
+        )
 
         home = Path(config.torque.home)
         alarm = read_prologalarm(home)

@@ -197,7 +197,7 @@ def hooks_python(env_file: str = HOOKS_ENV) -> str:
 def hook_findings(torque_home: Path, prologue_margin: float = 15.0, prologue_cap: float = 240.0,
                   python: str | None = None) -> list[tuple[str, str]]:
     """(status, text) per finding, status ok|warn|fail; what `vtorque doctor` prints for the Torque hooks."""
-    from vtorque.hooks.torque import prologue_deadline, read_prologalarm, torque_kill_after
+    from vtorque.hooks.torque.deadline import prologue_deadline, read_prologalarm, torque_kill_after
 
     mom_priv = torque_home / "mom_priv"
     if not mom_priv.is_dir():
@@ -260,7 +260,7 @@ def hook_findings(torque_home: Path, prologue_margin: float = 15.0, prologue_cap
                   f"guests get up to {max(wait, 0):.0f} s to boot"))
     python = python or hooks_python()
     try:
-        proc = subprocess.run([python, "-P", "-c", "import vtorque.hooks.torque"], capture_output=True,
+        proc = subprocess.run([python, "-P", "-c", "import vtorque.hooks.torque.entry"], capture_output=True,
                               timeout=30, stdin=subprocess.DEVNULL, env={"PATH": "/bin:/usr/bin"})
         good, why = proc.returncode == 0, proc.stderr.decode(errors="replace").strip().splitlines()[-1:]
     except OSError as exc:

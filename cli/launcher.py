@@ -99,7 +99,7 @@ def _launch(ssh_key: str, traceparent: str | None, wait: float, vm_prologue: str
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     if os.environ.get("SLURM_JOB_ID"):
-        # On Slurm a VM job the prologue did not start still runs this batch step (hooks/slurm.py): its
+        # On Slurm a VM job the prologue did not start still runs this batch step (hooks/slurm/): its
         # Comment says why, and that one line goes to the job's own error file.
         from vtorque.hooks.slurm import refusal
 

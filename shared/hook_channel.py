@@ -165,7 +165,7 @@ class EventChannel:
             pass
 
 
-HookChannel = EventChannel  # the hooks' name for it: their adapters subclass it (hooks/torque.py, hooks/slurm.py)
+HookChannel = EventChannel  # the hooks' name for it: their adapters subclass it (hooks/{torque,slurm}/channel.py)
 
 
 def EventWaiter(url: str, patterns: Iterable[str], timeout: float = 5.0,

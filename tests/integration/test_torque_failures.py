@@ -148,7 +148,7 @@ class Stack:
 
 
 def ih_reason_name(inv: tr.Invocation) -> str:
-    from vtorque.hooks.torque import reason_file_name
+    from vtorque.hooks.torque.owner_notes import reason_file_name
 
     return reason_file_name(inv.argv[3], inv.job_id)
 
@@ -267,7 +267,7 @@ def test_multi_node_job_names_its_nodes_and_cores_from_exec_host(stack):
     inv = job(first(PROLOGUES, "1.vm"))
     attrs = dict(tr.first_start_record("1.vm").attrs, exec_host="vm.cluster/0-1+n2.cluster/2-3")
     tr.qstat_stand_in(stack.root / "bin", {inv.job_id: attrs})
-    from vtorque.hooks.torque import nodes_from_nodefile, qstat_exec_host
+    from vtorque.hooks.torque.job import nodes_from_nodefile, qstat_exec_host
     from vtorque.shared.config import load_config
 
     config = load_config(str(stack.root / "vtorque.toml"))

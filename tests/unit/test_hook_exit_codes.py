@@ -1,13 +1,14 @@
-from vtorque.hooks import slurm, torque
+from vtorque.hooks import slurm
 from vtorque.hooks.job_hook import Outcome, Verdict
+from vtorque.hooks.torque import exit_codes, job
 
 
 def test_torque_prologue_codes_follow_torque_rules():
-    assert torque.prologue_exit_code(Outcome(Verdict.READY), 0, 2) == 0
-    assert torque.prologue_exit_code(Outcome(Verdict.REJECTED), 0, 2) == 1
-    assert torque.prologue_exit_code(Outcome(Verdict.FAILED), 0, 2) == 2
-    assert torque.prologue_exit_code(Outcome(Verdict.FAILED), 1, 2) == 2
-    assert torque.prologue_exit_code(Outcome(Verdict.FAILED), 2, 2) == 1  # never an endless requeue
+    assert exit_codes.prologue_exit_code(Outcome(Verdict.READY), 0, 2) == 0
+    assert exit_codes.prologue_exit_code(Outcome(Verdict.REJECTED), 0, 2) == 1
+    assert exit_codes.prologue_exit_code(Outcome(Verdict.FAILED), 0, 2) == 2
+    assert exit_codes.prologue_exit_code(Outcome(Verdict.FAILED), 1, 2) == 2
+    assert exit_codes.prologue_exit_code(Outcome(Verdict.FAILED), 2, 2) == 1  # never an endless requeue
 
 
 def test_slurm_cancels_rejections_and_the_last_failure():
@@ -19,7 +20,7 @@ def test_slurm_cancels_rejections_and_the_last_failure():
 def test_nodefile_gives_hosts_in_order_with_core_counts(tmp_path):
     nodefile = tmp_path / "1.vm"
     nodefile.write_text("n2.cluster\nn2.cluster\nn1.cluster\n")
-    nodes = torque.nodes_from_nodefile(str(nodefile))
+    nodes = job.nodes_from_nodefile(str(nodefile))
     assert [(n.host, n.ncpus) for n in nodes] == [("n2", 2), ("n1", 1)]
 
 

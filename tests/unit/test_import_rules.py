@@ -89,7 +89,7 @@ def test_the_checker_sees_a_forbidden_import(tmp_path):
     for rel, (text, _) in cases.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(text)
-    (tmp_path / "cli" / "ok.py").write_text("from vtorque.hooks.torque import prologue_deadline\n"
+    (tmp_path / "cli" / "ok.py").write_text("from vtorque.hooks.torque.deadline import prologue_deadline\n"
                                             "from vtorque.shared import messages\n")
     found = violations(tmp_path)
     assert len(found) == len(cases), found

@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 
 from vtorque.hooks import slurm as slurm_hook
-from vtorque.hooks import torque as torque_hook
+from vtorque.hooks.torque import job as torque_job
 from vtorque.shared import slurm, torque
 from vtorque.shared.config import Config, SchedulerConfig
 from vtorque.shared.scheduler import SchedulerError, scheduler_for
@@ -67,9 +67,9 @@ def test_the_torque_prologue_reads_qstat_f_through_shared_torque(monkeypatch):
         ("-f", "3.vm"): (0, "Job Id: 3.vm\n    job_state = R\n    exec_host = n1/0-1+n2/\n\t2-3\n", ""),
         ("-f", "4.vm"): (153, "", "qstat: Unknown Job Id 4.vm\n"),
     })
-    assert torque_hook.qstat_exec_host("3.vm", config) == ({"n1": [0, 1], "n2": [2, 3]}, "")
-    assert torque_hook.qstat_exec_host("4.vm", config) == (None, "qstat -f 4.vm: Torque does not know the job")
-    assert torque_hook.qstat_exec_host("5.vm", config)[1].endswith("gave no answer within 10s")
+    assert torque_job.qstat_exec_host("3.vm", config) == ({"n1": [0, 1], "n2": [2, 3]}, "")
+    assert torque_job.qstat_exec_host("4.vm", config) == (None, "qstat -f 4.vm: Torque does not know the job")
+    assert torque_job.qstat_exec_host("5.vm", config)[1].endswith("gave no answer within 10s")
     assert {c[0] for c in calls} == {"/opt/torque/bin/qstat"}
 
 

@@ -1,4 +1,4 @@
-"""The Slurm PrologSlurmctld's answers, run through its real entry point (hooks/slurm.py main) with fake Slurm
+"""The Slurm PrologSlurmctld's answers, run through its real entry point (hooks/slurm/ main) with fake Slurm
 client binaries (a script that records its argv) and a fake bus channel: Comment, exit code, deadline, the
 node-worker check. The real Slurm is in tests/e2e/test_slurm_failure_reason.py."""
 

@@ -1,4 +1,4 @@
-"""The Torque hook's pure parts: deadlines from $prologalarm, walltime, names, exit codes (hooks/torque.py)."""
+"""The Torque hook's pure parts: deadlines from $prologalarm, walltime, names, exit codes (hooks/torque/)."""
 
 from collections import OrderedDict
 from datetime import UTC, datetime
@@ -6,29 +6,29 @@ from pathlib import Path
 
 import pytest
 
-from vtorque.hooks import torque
 from vtorque.hooks.job_hook import Outcome, Verdict
+from vtorque.hooks.torque import deadline, exit_codes, job, owner_notes, state_files
 
 
 def test_prologalarm_from_mom_config():
     text = "$pbsserver vm\n$logevent 255\n# $prologalarm 5\n$prologalarm 30   # seconds\n"
-    assert torque.prologalarm_from_config(text) == 30
-    assert torque.prologalarm_from_config("$pbsserver vm\n") is None
-    assert torque.prologalarm_from_config("$prologalarm 30\n$prologalarm 600\n") == 600
+    assert deadline.prologalarm_from_config(text) == 30
+    assert deadline.prologalarm_from_config("$pbsserver vm\n") is None
+    assert deadline.prologalarm_from_config("$prologalarm 30\n$prologalarm 600\n") == 600
 
 
 @pytest.mark.parametrize("alarm, kill", [(300, 290), (30, 20), (11, 1), (10, 10), (5, 5)])
 def test_torque_kills_ten_seconds_early_when_it_can(alarm, kill):
-    assert torque.torque_kill_after(alarm) == kill  # recorded: $prologalarm 30 killed after 20 s
+    assert deadline.torque_kill_after(alarm) == kill  # recorded: $prologalarm 30 killed after 20 s
 
 
 def test_deadline_keeps_the_margin_below_torques_kill():
-    assert torque.prologue_deadline(300, 15, 240) == 240  # hooks.prologue_timeout caps it
-    assert torque.prologue_deadline(300, 15, 1000) == 275
-    assert torque.prologue_deadline(30, 5, 240) == 15
-    assert torque.prologue_deadline(30, 5, 240, elapsed=12.5) == 2.5  # a chained site prologue took 12.5 s
-    assert torque.prologue_deadline(300, 15, 1.0, elapsed=0.5) == 1.0  # the cap is for the wait alone
-    assert torque.prologue_room(12, 5) < 1  # nothing fits: the hook aborts and says so
+    assert deadline.prologue_deadline(300, 15, 240) == 240  # hooks.prologue_timeout caps it
+    assert deadline.prologue_deadline(300, 15, 1000) == 275
+    assert deadline.prologue_deadline(30, 5, 240) == 15
+    assert deadline.prologue_deadline(30, 5, 240, elapsed=12.5) == 2.5  # a chained site prologue took 12.5 s
+    assert deadline.prologue_deadline(300, 15, 1.0, elapsed=0.5) == 1.0  # the cap is for the wait alone
+    assert deadline.prologue_room(12, 5) < 1  # nothing fits: the hook aborts and says so
 
 
 @pytest.mark.parametrize("resources, seconds", [
@@ -41,7 +41,7 @@ def test_deadline_keeps_the_margin_below_torques_kill():
     ("walltime=1::0", None),
 ])
 def test_walltime_from_resource_list(resources, seconds):
-    assert torque.walltime_seconds(resources) == seconds
+    assert job.walltime_seconds(resources) == seconds
 
 
 @pytest.mark.parametrize("name, job_id, want", [
@@ -51,53 +51,54 @@ def test_walltime_from_resource_list(resources, seconds):
     ("", "5.vm", "job.v5"),
 ])
 def test_reason_file_sits_beside_the_output_names(name, job_id, want):
-    assert torque.reason_file_name(name, job_id) == want
+    assert owner_notes.reason_file_name(name, job_id) == want
 
 
 @pytest.mark.parametrize("job_id, ok", [("1.vm", True), ("12[3].vm", True), ("..", False), ("a/b", False),
                                         (".hidden", False), ("", False)])
 def test_job_ids_usable_as_a_file_name(job_id, ok):
-    assert torque.safe_job_id(job_id) is ok
+    assert job.safe_job_id(job_id) is ok
 
 
 def test_torque_home_from_the_hooks_own_path():
-    assert str(torque.torque_home("/var/spool/torque/mom_priv/prologue", "/x")) == "/var/spool/torque"
-    assert str(torque.torque_home("/opt/t/mom_priv/epilogue", "/x")) == "/opt/t"
-    assert str(torque.torque_home("/work/main/hooks/torque/prologue", "/cfg")) == "/cfg"
-    assert str(torque.torque_home(None, "/cfg")) == "/cfg"
+    assert str(job.torque_home("/var/spool/torque/mom_priv/prologue", "/x")) == "/var/spool/torque"
+    assert str(job.torque_home("/opt/t/mom_priv/epilogue", "/x")) == "/opt/t"
+    assert str(job.torque_home("/work/main/hooks/torque/prologue", "/cfg")) == "/cfg"
+    assert str(job.torque_home(None, "/cfg")) == "/cfg"
 
 
 def test_exec_host_cores_only_where_they_agree_with_the_node_file():
     counts = OrderedDict([("n1", 2), ("n2", 2), ("n3", 1)])
     exec_host = OrderedDict([("n1", [0, 1]), ("n2", [2]), ("n3", [5])])
-    nodes = torque.nodes_with_cores(counts, exec_host)
+    nodes = job.nodes_with_cores(counts, exec_host)
     assert [(n.host, n.ncpus, n.cores) for n in nodes] == [("n1", 2, [0, 1]), ("n2", 2, None), ("n3", 1, [5])]
-    assert [n.cores for n in torque.nodes_with_cores(counts, None)] == [None, None, None]
+    assert [n.cores for n in job.nodes_with_cores(counts, None)] == [None, None, None]
 
 
 def test_every_failure_is_bounded():
     failed, rejected = Outcome(Verdict.FAILED, "x"), Outcome(Verdict.REJECTED, "x")
     for max_requeues in (0, 1, 2, 5):
-        codes = [torque.prologue_exit_code(failed, n, max_requeues) for n in range(max_requeues + 3)]
-        assert codes == [torque.REQUEUE] * max_requeues + [torque.ABORT] * 3
-        assert torque.prologue_exit_code(rejected, 0, max_requeues) == torque.ABORT
+        codes = [exit_codes.prologue_exit_code(failed, n, max_requeues) for n in range(max_requeues + 3)]
+        assert codes == [exit_codes.REQUEUE] * max_requeues + [exit_codes.ABORT] * 3
+        assert exit_codes.prologue_exit_code(rejected, 0, max_requeues) == exit_codes.ABORT
 
 
 def test_unreadable_requeue_counter_counts_as_exhausted(tmp_path):
     counter = tmp_path / "1%2Evm.requeues"
-    assert torque.read_requeues(counter, 2) == 0
+    assert state_files.read_requeues(counter, 2) == 0
     counter.write_text("1\n")
-    assert torque.read_requeues(counter, 2) == 1
+    assert state_files.read_requeues(counter, 2) == 1
     counter.write_text("garbage")
-    assert torque.read_requeues(counter, 2) == 2
+    assert state_files.read_requeues(counter, 2) == 2
 
 
 def test_reason_text_says_what_happens_next():
     when = datetime(2026, 11, 26, 0, 23, 1, tzinfo=UTC)
-    abort = torque.reason_text("3.vm", "pexit1", torque.ABORT, "bad VM spec: -vm img: unknown", 1, 2, "vm", when)
+    abort = owner_notes.reason_text("3.vm", "pexit1", exit_codes.ABORT, "bad VM spec: -vm img: unknown", 1, 2, "vm",
+                                    when)
     assert abort.splitlines()[0] == "vtorque: job 3.vm (pexit1) did not start: bad VM spec: -vm img: unknown"
     assert "not delivered" in abort and "vtorque trace 3.vm" in abort
-    requeue = torque.reason_text("4.vm", "j", torque.REQUEUE, "boot timeout", 1, 2, "vm", when)
+    requeue = owner_notes.reason_text("4.vm", "j", exit_codes.REQUEUE, "boot timeout", 1, 2, "vm", when)
     assert "requeue 1 of 2" in requeue
 
 
@@ -105,21 +106,21 @@ def test_the_final_reason_file_says_the_final_outcome():
     """Torque delivers the .o/.e of every requeued attempt: what vtorque writes last must not promise
     another start that will not come, nor say "did not start" of a job that started."""
     when = datetime(2026, 11, 26, 0, 23, 1, tzinfo=UTC)
-    requeue = torque.reason_text("4.vm", "j", torque.REQUEUE, "boot timeout", 2, 2, "vm", when)
+    requeue = owner_notes.reason_text("4.vm", "j", exit_codes.REQUEUE, "boot timeout", 2, 2, "vm", when)
     assert "not the job's end" in requeue
-    last = torque.reason_text("4.vm", "j", torque.ABORT, "boot timeout", 3, 2, "vm", when)
+    last = owner_notes.reason_text("4.vm", "j", exit_codes.ABORT, "boot timeout", 3, 2, "vm", when)
     assert "after 2 requeue(s)): this is its end" in last and "not the last word" in last
-    started = torque.started_text("4.vm", "j", 2, "vm", when)
+    started = owner_notes.started_text("4.vm", "j", 2, "vm", when)
     assert started.startswith("vtorque: job 4.vm (j) started on attempt 2, after 1 requeue(s)")
-    note = torque.final_note("4.vm", torque.ABORT, "boot timeout", 3, "/home/u/j.v4")
+    note = owner_notes.final_note("4.vm", exit_codes.ABORT, "boot timeout", 3, "/home/u/j.v4")
     assert note == "vtorque: FINAL: job 4.vm was aborted on attempt 3, not requeued again: boot timeout " \
                    "(see /home/u/j.v4)\n"
-    assert torque.final_note("4.vm", torque.REQUEUE, "x", 2, None) == ""
+    assert owner_notes.final_note("4.vm", exit_codes.REQUEUE, "x", 2, None) == ""
 
 
 def test_delivered_paths_come_from_qstat():
     attrs = {"Output_Path": "login1.cluster:/home/u/j.o4", "Error_Path": "login1.cluster:/home/u/j.e4"}
-    assert torque.delivered_paths(attrs) == [Path("/home/u/j.o4"), Path("/home/u/j.e4")]
+    assert owner_notes.delivered_paths(attrs) == [Path("/home/u/j.o4"), Path("/home/u/j.e4")]
     joined = {"Output_Path": "vm:/home/u/j.o4", "Error_Path": "vm:/home/u/j.o4"}
-    assert torque.delivered_paths(joined) == [Path("/home/u/j.o4")]
-    assert torque.delivered_paths(None) == [] and torque.delivered_paths({"Error_Path": "vm:relative"}) == []
+    assert owner_notes.delivered_paths(joined) == [Path("/home/u/j.o4")]
+    assert owner_notes.delivered_paths(None) == [] and owner_notes.delivered_paths({"Error_Path": "vm:relative"}) == []

@@ -16,6 +16,10 @@ What the owner is told, and how (docs/design.md, "Failure classes"):
   what this did before, also SIGKILLs the hook itself and the job's EpilogSlurmctld — recorded on Slurm
   22.05 — and leaves no file: slurmd never hears of the job.)
 - a job that starts after a requeue gets the user's own Comment back.
+
+This folder holds the hook: the shell entry points `prolog_slurmctld` and `epilog_slurmctld` (what slurm.conf
+names; they exec `python -m vtorque.hooks.slurm`, which runs `main` here), this module's policy (the Comment,
+when to requeue, how long to wait) and `channel.py` (the prologue's HookChannel, loaded only by a prologue).
 """
 
 from __future__ import annotations
@@ -24,9 +28,9 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vtorque.hooks.process_age import process_age  # slurmscriptd started the shell entry point, which exec'd us
 from vtorque.shared.job_script import JobHeader, ScriptError, parse_header, slurm_script_head
 from vtorque.shared.scheduler import SchedulerError
 
@@ -35,7 +39,7 @@ from vtorque.shared.scheduler import SchedulerError
 from vtorque.shared.slurm import Slurm, expand_cpus_per_node, job_comment, parse_cpu_ids, prolog_epilog_timeout  # noqa: F401
 
 if TYPE_CHECKING:  # imported where used: vtorque-launch calls refusal() for every Slurm VM job, without pika
-    from .job_hook import JobContext, Outcome
+    from vtorque.hooks.job_hook import JobContext, Outcome
 
 PREFIX = "vtorque: "
 NOT_STARTED = PREFIX + "not started: "  # the launcher refuses to run a job whose Comment starts so
@@ -96,7 +100,7 @@ def refusal_line(job_id: str, comment: str) -> str | None:
 
 def decide(outcome: Outcome, restarts: int, max_requeues: int) -> str:
     """run | requeue | refuse."""
-    from .job_hook import Verdict
+    from vtorque.hooks.job_hook import Verdict
 
     if outcome.verdict is Verdict.READY:
         return "run"
@@ -108,16 +112,6 @@ def decide(outcome: Outcome, restarts: int, max_requeues: int) -> str:
 def should_cancel(outcome: Outcome, restarts: int, max_requeues: int) -> bool:
     """True when the job is not to start in guests (refused; it is no longer scancel'ed, see the module)."""
     return decide(outcome, restarts, max_requeues) == "refuse"
-
-
-def process_age(pid: int | str = "self") -> float:
-    """Seconds since this process started: slurmscriptd started the shell entry point, which exec'd us."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")
-        return max(0.0, float(Path("/proc/uptime").read_text().split()[0]) - started)
-    except (OSError, ValueError, IndexError):
-        return 0.0
 
 
 # -- I/O ----------------------------------------------------------------------------------------------------
@@ -134,9 +128,8 @@ def slurm_for(config=None) -> Slurm:
 
 
 def job_context(env, header: JobHeader, tools: Slurm | None = None, show_job_text: str = "") -> JobContext:
+    from vtorque.hooks.job_hook import JobContext
     from vtorque.shared import messages as m
-
-    from .job_hook import JobContext
 
     tools = tools or Slurm()
     hosts = tools.hostnames(env.get("SLURM_JOB_NODELIST", ""))
@@ -151,26 +144,16 @@ def job_context(env, header: JobHeader, tools: Slurm | None = None, show_job_tex
 
 
 def slurm_channel_factory(hosts: list[str], grace: float = NODE_WORKER_GRACE):
-    """HookChannel that fails at once (an infrastructure failure: bounded requeue) when a node of the job has no
-    node worker consuming its queue, instead of waiting out the whole deadline; the same check the Torque
-    prologue makes (hooks/torque.py)."""
-    import pika.exceptions
+    """What run_prologue opens its channel with: a SlurmChannel (hooks/slurm/channel.py) that fails at once (an
+    infrastructure failure: bounded requeue) when a node of the job has no node worker consuming its queue,
+    instead of waiting out the whole deadline; the same check the Torque prologue makes
+    (hooks/torque/channel.py). Imported here, not at the top: vtorque-launch imports this package for refusal()
+    and must not load pika."""
+    import functools
 
-    from vtorque.shared.hook_channel import BrokerUnreachable, HookChannel, missing_node_workers, no_node_worker_reason
+    from .channel import SlurmChannel
 
-    class SlurmChannel(HookChannel):
-        def __init__(self, url, patterns, attempts=3, timeout=5.0):
-            super().__init__(url, patterns, attempts=attempts, timeout=timeout)
-            try:
-                missing = missing_node_workers(self.conn, hosts, grace)
-            except pika.exceptions.AMQPError as exc:
-                self.close()
-                raise BrokerUnreachable(f"cannot ask the broker for the node workers: {exc!r}") from None
-            if missing:
-                self.close()
-                raise BrokerUnreachable(no_node_worker_reason(missing))
-
-    return SlurmChannel
+    return functools.partial(SlurmChannel, hosts=hosts, grace=grace)
 
 
 # -- entry point --------------------------------------------------------------------------------------------
@@ -269,7 +252,3 @@ def _refuse(job_id: str, reason: str, old_comment: str, restarts: int, tools: Sl
     print(f"vtorque: job {job_id}: Comment not set ({problem}); cancelling it", file=sys.stderr)
     tools.cancel(job_id)  # Slurm SIGKILLs this hook now: nothing may follow
     return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
