@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import amqp.exceptions
 import click
 
 from vtorque.shared import topology
@@ -71,6 +72,11 @@ def _write_secret(path: Path, text: str, group: str | None) -> None:
     os.replace(tmp, path)
 
 
+# Shared queues whose content is transient (they hold the last minute of heartbeats): made again when the table
+# changed their arguments. Others are never deleted by the set-up.
+REMADE_WHEN_CHANGED = frozenset({topology.NODES_Q})
+
+
 def _declare_shared_topology(url: str) -> None:
     """The exchanges and the durable queues no single service may create (their users hold no configure right
     on them): made once here, by a set-up user that exists only for this."""
@@ -81,7 +87,19 @@ def _declare_shared_topology(url: str) -> None:
         declare_topology(channel)
         for spec in topology.QUEUES.values():
             if spec.kind != "private" and "{" not in spec.name:
-                kombu_queue(spec)(channel).declare()
+                try:
+                    kombu_queue(spec)(channel).declare()
+                except amqp.exceptions.PreconditionFailed:
+                    # Declared before with other arguments (vtorque.nodes was a classic queue until 2026-12):
+                    # a queue that holds only the last minute of heartbeats is made again; any other is the
+                    # operator's to move, its messages may matter.
+                    if spec.name not in REMADE_WHEN_CHANGED:
+                        raise
+                    channel = conn.channel()  # the failed declare closed the last one
+                    channel.queue_delete(spec.name)
+                    kombu_queue(spec)(channel).declare()
+                    click.echo(f"broker setup: {spec.name} made again as a {spec.kind} queue "
+                               f"(it held only the last minute of heartbeats)")
 
 
 def _secret_on_file(path: Path, user: str) -> str | None:

@@ -149,6 +149,18 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (OSError, ConnectionError, komb
                                                   amqp.exceptions.AMQPError)
 RECONNECT_MAX_DELAY = 2.0  # seconds; back at work within a few seconds of the broker's return
 CONFIRM_STALL = 5.0  # seconds without a confirm (or anything else) from the broker: the connection is taken for lost
+PUBLISH_PATIENCE = 30.0  # seconds a publish is sent again for (lost connections, nacks) before its caller hears
+# What the broker may do for a while and then not (a node stopping, lost, electing leaders): sent again. A
+# channel error (a missing exchange, a refused user_id) is not among them: sent again it fails again.
+class PublishFailed(ConnectionError):
+    """The broker did not take a publish within PUBLISH_PATIENCE. A handler that fails so is not at fault:
+    its message goes back to its queue (redelivered, bounded by the quorum queues' delivery limit), not to
+    the dead letters."""
+
+
+PUBLISH_TRANSIENT: tuple[type[BaseException], ...] = (
+    OSError, ConnectionError, kombu.exceptions.OperationalError, amqp.exceptions.RecoverableConnectionError,
+    amqp.exceptions.MessageNacked)
 
 
 def broker_user_of(url: str) -> str | None:
@@ -292,20 +304,29 @@ class Publisher:
 
     def publish_many(self, messages: Iterable[m.Message]) -> None:
         """Every message, in order, then one wait for all their confirms. Returns once the broker has all of
-        them; a connection lost on the way sends the whole batch again on a new one, which may duplicate some
-        (consumers are idempotent)."""
+        them. A connection lost on the way, or a nack, sends the whole batch again on a new connection (the
+        next broker node of the URL list), which may duplicate some (consumers are idempotent), for up to
+        `PUBLISH_PATIENCE` seconds: a broker node that stops or is lost takes its quorum queues' leaders with it,
+        and they nack until a new leader is elected (a few seconds on the rig), so a handler whose publish was
+        nacked once would otherwise crash and its message be dead-lettered (fault test a)."""
         messages = list(messages)
-        for attempt in (1, 2):
+        give_up = time.monotonic() + PUBLISH_PATIENCE
+        delay = 0.1
+        while True:
             try:
                 self._publish_once(messages)
                 return
-            except (OSError, kombu.exceptions.OperationalError, ConnectionError) as exc:
+            except PUBLISH_TRANSIENT as exc:
                 self.close(lost=True)
-                if attempt == 2:
-                    raise
-                log(LOG, logging.WARNING, "publish failed, reconnecting", error=str(exc))
+                if time.monotonic() + delay > give_up:
+                    raise PublishFailed(f"the broker did not take {len(messages)} message(s) in "
+                                        f"{PUBLISH_PATIENCE:g} s: {type(exc).__name__}: {exc}") from exc
+                log(LOG, logging.WARNING, "publish failed, sending again", error=f"{type(exc).__name__}: {exc}",
+                    retry_in_s=delay)
+                time.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_DELAY)
             except BaseException:
-                self.close(lost=True)  # a channel error (say a nack or a 404) leaves the channel unusable
+                self.close(lost=True)  # a channel error (say a 404) leaves the channel unusable
                 raise
 
     def _publish_once(self, messages: list[m.Message]) -> None:
@@ -551,6 +572,13 @@ class ServiceRunner:
         exc = pending.future.exception()
         if exc is None:
             pending.raw.ack()
+        elif isinstance(exc, PublishFailed):
+            log(LOG, logging.WARNING, "handler's messages not taken by the broker; its message goes back to the "
+                "queue", error=str(exc)[:500])
+            try:
+                pending.raw.requeue()
+            except BROKER_ERRORS:
+                pass  # the connection is gone: the broker redelivers what was not acked
         else:
             LOG.error("handler crashed", exc_info=exc)
             self._dead_letter(pending.raw, f"handler crashed: {type(exc).__name__}: {exc}")

@@ -72,7 +72,8 @@ class QueueSpec:
     @property
     def queue_arguments(self) -> dict:
         by_kind: dict[str, dict] = {"quorum": QUORUM_ARGS, "classic": CLASSIC_ARGS, "private": {}}
-        return {**by_kind[self.kind], **self.arguments}
+        merged = {**by_kind[self.kind], **self.arguments}
+        return {key: value for key, value in merged.items() if value is not None}  # None: the kind's default off
 
 
 QUEUES: dict[str, QueueSpec] = {q.name: q for q in (
@@ -87,8 +88,13 @@ QUEUES: dict[str, QueueSpec] = {q.name: q for q in (
               why="deleted queued jobs: a staging nobody waits for stops"),
     QueueSpec(NODE_Q, "node", COMMANDS, ("node.{node}",), "classic",
               why="one node's commands (a quorum queue per node does not scale: 1,024 wedged the broker)"),
-    QueueSpec(NODES_Q, "operator", EVENTS, ("node.*.heartbeat",), "classic",
-              {"x-message-ttl": 60_000, "x-max-length": 100_000, "x-overflow": "drop-head"},
+    # Quorum, not a mirrored classic queue: a heartbeat is confirmed once a majority of broker nodes has it. A
+    # mirror on a broker node cut off the network held every node's heartbeat unconfirmed until the link came
+    # back (20-38 s on the rig), and a bridge started meanwhile took healthy nodes for dead. No delivery limit:
+    # every reader returns every heartbeat, each read counts as a delivery.
+    QueueSpec(NODES_Q, "operator", EVENTS, ("node.*.heartbeat",), "quorum",
+              {"x-message-ttl": 60_000, "x-max-length": 100_000, "x-overflow": "drop-head",
+               "x-delivery-limit": None},
               why="the last minute of heartbeats, read without ack by `vtorque nodes` and the bridge",
               readers=("bridge",)),
     QueueSpec(HOOK_Q, "hook", EVENTS, ("job.{job}.#", "image.{digest}.#"), "private",

@@ -343,7 +343,7 @@ broker_users() {
     --hook-group slurm --amqp "amqp://$(addr_of head):5672" --remove-guest >"$RIG_DIR/hosts/head/log/rig-broker-setup.log" 2>&1 ||
     die "vtorque broker setup (see $RIG_DIR/hosts/head/log/rig-broker-setup.log)"
   # A node's classic queue lives on one broker node: mirrored on every node, it outlives the loss of that one.
-  on head rabbitmqctl -q set_policy -p "$VHOST" --apply-to queues vtorque-nodes-ha '^vtorque\.(node\..+|nodes|dead)$' \
+  on head rabbitmqctl -q set_policy -p "$VHOST" --apply-to queues vtorque-nodes-ha '^vtorque\.(node\..+|dead)$' \
     '{"ha-mode":"all","ha-sync-mode":"automatic"}' >/dev/null || die "rabbitmqctl set_policy"
   # each compute host gets its node worker's secret (and the operator's, for `vtorque nodes` there)
   for c in "${COMPUTE[@]}"; do
