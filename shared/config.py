@@ -256,6 +256,9 @@ class NodeConfig(_Section):
     # Warm images (services/node_worker/warm.py, `vtorque images warm`): saved booted guests a job's guest of the
     # same image and shape is restored from instead of booted. Root's alone (0700); "" = <state_dir>/warm.
     warm_dir: str = ""
+    # The warm pool (services/node_worker/warm_pool.py): this many single-use guests per warm image kept restored
+    # and paused ahead of demand, taken by a job at its prologue; 0 = none. Their RAM is held while they wait.
+    warm_pool: int = 0
 
     def node_name(self) -> str:
         return self.name or socket.gethostname().split(".")[0]

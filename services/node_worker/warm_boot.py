@@ -113,9 +113,11 @@ def identity_env(seed: dict[str, bytes], clock: float | None = None) -> bytes:
 
 
 def try_restore(worker, cmd: BootOrder, guest: m.GuestPlan, entry: ImageEntry, base: Path,
-                job_nic: JobNic | None, deadline: float, t0: float) -> tuple[m.PhaseTimings, Path] | None:
-    """The guest restored from a warm image and ready, or None (the caller boots it cold) with why in the span."""
-    span = trace.get_current_span()
+                job_nic: JobNic | None, deadline: float, t0: float, pool_why: str = ""
+                ) -> tuple[m.PhaseTimings, Path] | None:
+    """The guest restored from a warm image and ready, or None (the caller boots it cold) with why in the span.
+    `pool_why`: why the warm pool (warm_pool.py) gave no guest, said first in `vtorque.boot.why`."""
+    span = _Prefixed(trace.get_current_span(), pool_why)
     t_image = time.monotonic()
     boot = BootSource(entry.kernel, entry.initrd, entry.cmdline)
     why = warm.why_not_warm(guest)
@@ -141,6 +143,18 @@ def try_restore(worker, cmd: BootOrder, guest: m.GuestPlan, entry: ImageEntry, b
     span.set_attributes({PATH: "warm", WHY: f"warm image {image.dir.name}", "vtorque.warm_image": image.dir.name})
     log(LOG, logging.INFO, "guest restored from a warm image", guest=guest.name, warm_image=image.dir.name)
     return result
+
+
+class _Prefixed:
+    """The span, with the warm pool's reason before the restore's own in `vtorque.boot.why`."""
+
+    def __init__(self, span, prefix: str):
+        self.span, self.prefix = span, prefix
+
+    def set_attributes(self, attrs: dict) -> None:
+        if self.prefix and WHY in attrs:
+            attrs = {**attrs, WHY: f"{self.prefix}; {attrs[WHY]}"[:500]}
+        self.span.set_attributes(attrs)
 
 
 _rebuilding: set[str] = set()
