@@ -26,7 +26,7 @@ from pathlib import Path
 
 from vtorque.shared.logs import log
 
-from . import disks
+from . import disks, warm_pool
 
 LOG = logging.getLogger("vtorque.node_worker.reconcile")
 
@@ -132,7 +132,9 @@ class Reconciler:
                 mtime = disks.mtime_of(gdir, "job")
                 if mtime is not None and self._dir_node(gdir) in (w.node, None):
                     dirs[name] = mtime
-        removals, stale = decide(domains, dirs, w.booting_now(), self.alive, datetime.now(UTC),
+        # The warm pool's guests it recognises are kept (not orphans); the rest of the pool it removes itself.
+        pooled = warm_pool.pool_of(w).reconcile() if hasattr(w, "store") else set()  # (a test double: none)
+        removals, stale = decide(domains, dirs, w.booting_now() | pooled, self.alive, datetime.now(UTC),
                                  time.time())
         for removal in removals:
             log(LOG, logging.WARNING, "reconcile: removing guest", guest=removal.name, reason=removal.reason)

@@ -31,7 +31,7 @@ from vtorque.shared.service import Service
 from vtorque.shared.spec import parse_size_mib, ramdisk_mib
 from vtorque.shared.user_files import UserFileRefused
 
-from . import disks, guest_link, iocm, job_cgroup, numa, trust, vrdma, warm_boot
+from . import disks, guest_link, iocm, job_cgroup, numa, trust, vrdma, warm_boot, warm_pool
 from .domain import USER_NET_MAC, BootSource, GuestMetadata, JobNic, domain_xml, parse_metadata
 from .hypervisor import Hypervisor, HypervisorError
 from .job_segment import JobSegments, SegmentError, bridge_name, segment_for
@@ -78,6 +78,7 @@ class NodeWorker(Service):
         Heartbeat(self, stop).start()  # NodeHeartbeat events for `vtorque nodes` and the bridge
         # At start and on a timer: nothing outlives its job, even when a hook or this worker died mid-way.
         Reconciler(self, stop, self.config.node.reconcile_interval, scheduler_check(self.config)).start()
+        warm_pool.pool_of(self).start(stop)  # `[node] warm_pool`: restored, paused guests kept ahead of demand
 
     # -- boot -------------------------------------------------------------------------------------------
 
@@ -261,7 +262,11 @@ class NodeWorker(Service):
         mac = guest_mac(cmd.job_id, guest.index) if cmd.network else None
         job_nic = JobNic(bridge_name(cmd.network.vni), mac, self.config.node.job_network_mtu) \
             if cmd.network and mac else None
-        restored = warm_boot.try_restore(self, cmd, guest, entry, base, job_nic, deadline, t0)
+        # A pooled guest (warm_pool.py), else a restore from the warm image (warm_boot.py), else cold below.
+        pooled, pool_why = warm_pool.pool_of(self).claim_for(cmd, guest, entry, job_nic, deadline, t0)
+        if pooled is not None:
+            return pooled
+        restored = warm_boot.try_restore(self, cmd, guest, entry, base, job_nic, deadline, t0, pool_why)
         if restored is not None:
             return restored  # from a warm image (warm_boot.py); else booted cold below, the span says why
         with _phase("prepare disks"):
@@ -344,13 +349,15 @@ class NodeWorker(Service):
         jdir = trust.secure_dir(self.config.job_dir(trust.check_job_id(job_id)), 0o755)
         doc = {"job_id": job_id, "guest": guest.name, "index": guest.index, "node": self.node,
                "ssh_socket": str(ssh_socket), "user": guest.owner.user, "vcpus": guest.vcpus}
-        tmp = jdir / f".{trust.check_guest_name(guest.name)}.json.tmp"
+        # Named after the guest's domain (its directory): a pooled guest's keeps its pool name (warm_pool.py).
+        domain = trust.check_guest_name(ssh_socket.parent.name)
+        tmp = jdir / f".{domain}.json.tmp"
         tmp.unlink(missing_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         with open(fd, "w") as fh:
             fh.write(json.dumps(doc))
         os.chmod(tmp, 0o644)
-        os.rename(tmp, jdir / f"{guest.name}.json")
+        os.rename(tmp, jdir / f"{domain}.json")
 
     def _fail(self, cmd: m.BootGuests | NodeBoot | m.TeardownGuests, guest: m.GuestPlan | str | None, reason: str,
               retryable: bool, tail: str) -> m.GuestFailed:
