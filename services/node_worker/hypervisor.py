@@ -65,6 +65,11 @@ class Hypervisor:
             future.cancel()
             raise HypervisorError(f"libvirt did not answer {what} within {timeout:.0f}s") from None
 
+    def timed(self, what: str, fn: Callable[..., T], *args, timeout: float | None = None) -> T:
+        """Any other libvirt call a part of the node worker makes on a domain it holds (IOcm's counters and
+        pinning, a restore's steps), with the same deadline as the calls above: the query deadline unless told."""
+        return self._timed(what, self.query_timeout if timeout is None else timeout, fn, *args)
+
     def _ensure_threads(self) -> None:
         # Daemon threads of our own (not an executor's, which the interpreter joins at exit: a hung libvirt
         # call must not hang the process's exit either). Each keeps its own connection (self.conn).

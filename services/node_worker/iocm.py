@@ -320,14 +320,16 @@ class IocmController:
         for name, meta in self.hv.vtorque_domains().items():
             if not meta.get("iocm-cores"):
                 continue
+            # Every libvirt call with a deadline (hypervisor.py): a wedged libvirtd fails the round, it does not
+            # hold the controller for ever.
             dom = self.hv.lookup(name)
-            if dom is None or not dom.isActive():
+            if dom is None or not self.hv.timed(f"is {name} active", dom.isActive):
                 continue
-            guest = guest_iocm(self.hv.xml(dom), meta)  # with a deadline (hypervisor.py)
+            guest = guest_iocm(self.hv.xml(dom), meta)
             if guest is None:
                 continue
             seen.add(name)
-            cur = sample(dom, guest)
+            cur = self.hv.timed(f"{name}'s I/O counters", sample, dom, guest)
             prev = self._last.get(name)
             self._last[name] = cur
             state = self._state.get(name) or State(guest.active_now())
@@ -339,7 +341,7 @@ class IocmController:
             if new.active != state.active:
                 cores = guest.io_cores[:new.active]
                 try:
-                    self.backend.apply(dom, guest, cores)
+                    self.hv.timed(f"{name}'s I/O pinning", self.backend.apply, dom, guest, cores)
                 except Exception as exc:  # noqa: BLE001 - keep the old count; retried next round
                     log(LOG, logging.WARNING, "IOcm pinning not applied", guest=name, error=str(exc))
                     new = replace(state, above=0, below=0)
