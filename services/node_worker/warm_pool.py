@@ -418,7 +418,7 @@ class WarmPool:
 
     def fill(self, target: Target) -> str:
         from . import disks, guest_link, warm, warm_boot
-        from .domain import USER_NET_MAC, BootSource, domain_xml
+        from .domain import IDENTITY_SOCKET, USER_NET_MAC, BootSource, domain_xml
         from .save_image import copy_with_xml, read_header
 
         w = self.worker
@@ -451,6 +451,13 @@ class WarmPool:
                     hv._timed("restore", hv.start_timeout, warm_boot._restore_paused, hv, str(copy))
                 finally:
                     copy.unlink(missing_ok=True)
+                # Its identity channel root's alone from now on (libvirt makes it QEMU's, group-writable): the
+                # guest may wait long before a job takes it, and nothing but this worker may speak to it.
+                channel = gdir / IDENTITY_SOCKET
+                if not stat.S_ISSOCK(os.lstat(channel).st_mode):
+                    raise OSError(f"{channel} is not the guest's channel socket")
+                os.chown(channel, 0, 0, follow_symlinks=False)
+                os.chmod(channel, 0o600)
                 start_relay(gdir)
                 _write_root_file(gdir / RECORD, record_text(target.key, target.digest, target.created, self.clock()))
             except BaseException:
