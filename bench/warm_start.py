@@ -1,13 +1,16 @@
 #!/opt/vtorque/venv/bin/python
-"""Warm start against a cold boot of the same guest, side by side in one run (issue 13 item 6).
+"""Warm start and the warm pool against a cold boot of the same guest, side by side in one run (issue 13 items 3, 6).
 
 What is timed is the node worker's part of a prologue: its handler gets the job's BootGuests and the time runs
 until every guest's GuestReady is published (prepare disks, define/start or restore, identity, sshd's banner
-through the guest's link). Two node workers of the same site run in this process, on an in-memory publisher (no
-broker): `cold` with no warm image and `warm` with one of the same shape (made first by services/node_worker/
-warm.py, as `vtorque images warm` does). Each round runs cold and warm for a job of 1 guest and a job of 4
-(one job network, as the bridge plans a job of several guests), interleaved, each job torn down before the next;
-the table gives per-kind medians and the median of the per-round ratios warm/cold.
+through the guest's link). Three node workers of the same site run in this process, on an in-memory publisher
+(no broker): `cold` with no warm image, `warm` with one of the same shape (made first by services/node_worker/
+warm.py, as `vtorque images warm` does) and `pool` with the same warm image and `[node] warm_pool` = the job's
+guest count (services/node_worker/warm_pool.py): its pooled guests are restored and paused before the job, off
+the clock, as the refill thread does while the node is idle. Each round runs cold, warm and pool for a job of 1
+guest and a job of 4 (one job network, as the bridge plans a job of several guests), interleaved (the order turned
+every round), each job torn down before the next; the table gives per-kind medians and the medians of the per-round
+ratios warm/cold and pool/cold.
 
 Usage (root; it boots real guests, so take the e2e lock on a shared machine):
     flock /tmp/vtorque-e2e.lock bench/warm_start.py [--rounds 3] [--vcpus 1] [--ram 192]
@@ -26,7 +29,7 @@ import time
 import uuid
 from pathlib import Path
 
-from vtorque.services.node_worker import warm
+from vtorque.services.node_worker import warm, warm_pool
 from vtorque.services.node_worker.service import NodeWorker
 from vtorque.shared import messages as m
 from vtorque.shared.config import load_config
@@ -51,9 +54,9 @@ class Collected:
         pass
 
 
-def site(root: Path, node: str, warm_dir: Path) -> Path:
+def site(root: Path, node: str, warm_dir: Path, pool: int = 0) -> Path:
     sums = dict(reversed(line.split()) for line in (GUEST_DIR / "SHA256SUMS").read_text().splitlines())
-    path = root / f"{warm_dir.name}.toml"
+    path = root / f"{warm_dir.name}-{pool}.toml"
     path.write_text(f"""state_dir = "{root}/state"
 [tracing]
 dir = "{root}/traces"
@@ -67,6 +70,7 @@ name = "{node}"
 guest_dir = "{root}/guests"
 ramdisk_dir = "{root}/shm/guests"
 warm_dir = "{warm_dir}"
+warm_pool = {pool}
 allow_system_owners = true
 boot_timeout = 180
 [images.catalog.tiny]
@@ -97,6 +101,7 @@ def run_job(worker: NodeWorker, publisher: Collected, cmd: m.BootGuests, count: 
     ready = [e for e in publisher.events if isinstance(e, m.GuestReady)]
     failed = [e for e in publisher.events if isinstance(e, m.GuestFailed)]
     restored = sum(1 for e in ready if e.timings.kernel_up is None)
+    pooled = sum(1 for e in ready if warm_pool.POOL_PREFIX in e.address)
     slowest = max(ready, key=lambda e: e.timings.ready).timings if ready else None
     worker.on_teardown_guests(m.TeardownGuests.new(job_id=cmd.job_id, deadline=60.0, node=worker.node))
     # The teardown answers once the domains are stopped and removes the rest after: the next job starts on a
@@ -112,7 +117,7 @@ def run_job(worker: NodeWorker, publisher: Collected, cmd: m.BootGuests, count: 
         raise SystemExit(f"job {cmd.job_id}: {[e.reason for e in failed]}")
     phases = (f"; slowest guest: disks {slowest.disks:.2f}, define {slowest.define:.2f}, start {slowest.start:.2f}, "
               f"ready {slowest.ready:.2f}s") if slowest else ""
-    return elapsed, f"{restored}/{count} restored{phases}"
+    return elapsed, f"{restored}/{count} restored, {pooled} of them pooled{phases}"
 
 
 def main() -> int:
@@ -131,40 +136,62 @@ def main() -> int:
     key_dir = Path(tempfile.mkdtemp(prefix="vtorque-bench-key-"))
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key_dir / "k")], check=True)
     key = (key_dir / "k.pub").read_text().strip()
+    pooling: NodeWorker | None = None
     try:
         cold_cfg = load_config(site(root, node, root / "state/no-warm"), env={})
         warm_cfg = load_config(site(root, node, root / "state/warm"), env={})
+        pool_cfg = load_config(site(root, node, root / "state/warm", pool=4), env={})
         entry = cold_cfg.images.catalog["tiny"]
         store = ImageStore(cold_cfg.images.store)
         store.stage(entry.source, entry.sha256)
-        cold_pub, warm_pub = Collected(), Collected()
+        cold_pub, warm_pub, pool_pub = Collected(), Collected(), Collected()
         cold, hot = NodeWorker(cold_cfg, cold_pub), NodeWorker(warm_cfg, warm_pub)  # type: ignore[arg-type]
+        pooling = NodeWorker(pool_cfg, pool_pub)  # type: ignore[arg-type]
+        pool = warm_pool.pool_of(pooling)
         t = time.monotonic()
         made = warm.build(warm_cfg, hot.hv, hot.store, "tiny", args.vcpus, args.ram, hot.domain_type)
         print(f"warm image {made.dir.name}: made in {time.monotonic() - t:.1f}s "
               f"(boot {made.meta['boot_s']}s, save {made.meta['save_s']}s, {made.meta['save_bytes'] / 2**20:.0f} MiB)")
-        results: dict[str, list[float]] = {k: [] for k in ("cold 1", "warm 1", "cold 4", "warm 4")}
+        kinds = ("cold", "warm", "pool")
+        results: dict[str, list[float]] = {f"{k} {n}": [] for k in kinds for n in (1, 4)}
+        fills: list[float] = []
         for r in range(args.rounds):
             for count in (1, 4):
                 # Alternate which goes first, so neither always finds the other's leftovers in the page cache.
-                order = [("cold", cold, cold_pub), ("warm", hot, warm_pub)]
-                for kind, worker, pub in order if r % 2 == 0 else reversed(order):
+                order = [("cold", cold, cold_pub, cold_cfg), ("warm", hot, warm_pub, warm_cfg),
+                         ("pool", pooling, pool_pub, pool_cfg)]
+                for kind, worker, pub, cfg in order[r % 3:] + order[:r % 3]:
                     job = f"bw{uuid.uuid4().hex[:6]}"
-                    cfg = cold_cfg if kind == "cold" else warm_cfg
+                    if kind == "pool":  # off the clock: what the refill thread does while the node is idle
+                        pool.size = count
+                        t = time.monotonic()
+                        made_now = pool.fill_to_target()
+                        if made_now:
+                            fills.append((time.monotonic() - t) / made_now)
+                        time.sleep(1.0)
                     elapsed, how = run_job(worker, pub, job_of(cfg, job, count, args.vcpus, args.ram, key), count)
                     results[f"{kind} {count}"].append(elapsed)
                     print(f"round {r + 1}: {kind} {count} guest(s): {elapsed:.2f}s ({how})", flush=True)
         print()
-        print(f"{'guests':>6}  {'cold median':>11}  {'warm median':>11}  {'warm/cold (median of rounds)':>28}")
-        summary = {}
+        if fills:
+            print(f"pool refill (off the clock): {statistics.median(fills):.2f}s per pooled guest (median)")
+        print(f"{'guests':>6}  {'cold median':>11}  {'warm median':>11}  {'pool median':>11}  "
+              f"{'warm/cold':>9}  {'pool/cold':>9}  (ratios: median of rounds)")
+        summary: dict = {"refill_s": fills}
         for count in (1, 4):
-            c, w = results[f"cold {count}"], results[f"warm {count}"]
+            c, w, p = results[f"cold {count}"], results[f"warm {count}"], results[f"pool {count}"]
             ratio = statistics.median(wv / cv for wv, cv in zip(w, c, strict=True))
-            summary[count] = {"cold": c, "warm": w, "ratio": ratio}
-            print(f"{count:>6}  {statistics.median(c):>10.2f}s  {statistics.median(w):>10.2f}s  {ratio:>27.2f}x")
+            pratio = statistics.median(pv / cv for pv, cv in zip(p, c, strict=True))
+            summary[count] = {"cold": c, "warm": w, "pool": p, "ratio": ratio, "pool_ratio": pratio}
+            print(f"{count:>6}  {statistics.median(c):>10.2f}s  {statistics.median(w):>10.2f}s  "
+                  f"{statistics.median(p):>10.2f}s  {ratio:>8.3f}x  {pratio:>8.3f}x")
         if args.json:
             Path(args.json).write_text(json.dumps(summary, indent=1))
     finally:
+        guests = root / "guests"
+        for name in [p.name for p in guests.iterdir()] if guests.is_dir() else []:
+            if warm_pool.is_pool_name(name) and pooling is not None:  # pooled guests no job took (a failed run)
+                pooling.remove_guest(name, None)
         shutil.rmtree(key_dir, ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
     return 0
