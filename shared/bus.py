@@ -132,12 +132,18 @@ def ensure_queues(channel, queues: Iterable[Queue]) -> None:
             probe.close()
 
 
-def connect(url: str, heartbeat: int = 0, timeout: float = 5.0, confirm_publish: bool = True) -> Connection:
+def connect(url: str, heartbeat: int = 0, timeout: float = 5.0, confirm_publish: bool = True,
+            io_timeout: float | None = None) -> Connection:
     """`confirm_publish`: each publish waits for its confirm (py-amqp's way). The Publisher turns it off and
-    counts confirms itself (`Confirms`), so that a batch waits once."""
+    counts confirms itself (`Confirms`), so that a batch waits once. `io_timeout`: any read or write on the
+    socket that waits longer raises TimeoutError (the AMQP handshake, a channel's open, a declare's answer):
+    without it a broker node that accepts the connection but stops answering (paused on a partition, restarting)
+    held a node worker's heartbeat for a minute and more on the rig."""
+    options: dict = {"confirm_publish": confirm_publish}
+    if io_timeout is not None:
+        options.update(read_timeout=io_timeout, write_timeout=io_timeout)
     conn = Connection(broker_tls.split(url)[0], heartbeat=heartbeat, connect_timeout=timeout,
-                      ssl=broker_tls.kombu_ssl(url),
-                      transport_options={"confirm_publish": confirm_publish})
+                      ssl=broker_tls.kombu_ssl(url), transport_options=options)
     conn.ensure_connection(max_retries=3, interval_start=0.2, interval_step=0.5, timeout=timeout)
     return conn
 
@@ -150,14 +156,16 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (OSError, ConnectionError, komb
 RECONNECT_MAX_DELAY = 2.0  # seconds; back at work within a few seconds of the broker's return
 CONFIRM_STALL = 5.0  # seconds without a confirm (or anything else) from the broker: the connection is taken for lost
 PUBLISH_PATIENCE = 30.0  # seconds a publish is sent again for (lost connections, nacks) before its caller hears
-# What the broker may do for a while and then not (a node stopping, lost, electing leaders): sent again. A
-# channel error (a missing exchange, a refused user_id) is not among them: sent again it fails again.
+
+
 class PublishFailed(ConnectionError):
     """The broker did not take a publish within PUBLISH_PATIENCE. A handler that fails so is not at fault:
     its message goes back to its queue (redelivered, bounded by the quorum queues' delivery limit), not to
     the dead letters."""
 
 
+# What the broker may do for a while and then not (a node stopping, lost, electing leaders): sent again. A
+# channel error (a missing exchange, a refused user_id) is not among them: sent again it fails again.
 PUBLISH_TRANSIENT: tuple[type[BaseException], ...] = (
     OSError, ConnectionError, kombu.exceptions.OperationalError, amqp.exceptions.RecoverableConnectionError,
     amqp.exceptions.MessageNacked)
@@ -276,7 +284,8 @@ class Publisher:
     def _ensure(self):
         local = self._thread()
         if local.producer is None:
-            local.conn = connect(self.url, heartbeat=0, timeout=self.timeout, confirm_publish=False)
+            local.conn = connect(self.url, heartbeat=0, timeout=self.timeout, confirm_publish=False,
+                                 io_timeout=CONFIRM_STALL)
             with self._open_lock:
                 self._open.add(local.conn)
             channel = local.conn.channel()

@@ -122,3 +122,27 @@ def test_a_wait_that_hears_nothing_raises_a_timeout_the_publisher_takes_for_a_lo
         assert time.monotonic() - t0 < 1
     finally:
         publisher.close(lost=True)
+
+
+
+def test_a_connection_silent_after_its_handshake_fails_its_next_wait_at_the_io_timeout(relay):
+    """py-amqp bounds the handshake by connect_timeout, and nothing after it: a channel's open, a declare's
+    answer waited without end on a broker node that stopped answering once connected (paused on a partition,
+    restarting), and held the rig's c2 heartbeat for a minute after its link returned (fault c). The
+    Publisher's connections carry CONFIRM_STALL as their socket's read timeout."""
+    conn = bus.connect(relay.url, io_timeout=1.0)
+    try:
+        relay.freeze()  # connected; from now on the broker says nothing
+        t0 = time.monotonic()
+        with pytest.raises(OSError):  # socket.timeout, taken by the Publisher for a lost connection
+            conn.channel()
+        assert time.monotonic() - t0 < 4
+    finally:
+        bus._release(conn, lost=True)
+    publisher = Publisher(relay.url)
+    try:
+        local = publisher._ensure()
+        transport = local.conn.connection.transport  # SO_RCVTIMEO/SO_SNDTIMEO on its socket
+        assert transport.read_timeout == transport.write_timeout == bus.CONFIRM_STALL
+    finally:
+        publisher.close(lost=True)
