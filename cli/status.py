@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import msgspec
 
 from vtorque.cli.trace_view import SpanRow, queue_wait
-from vtorque.shared.scheduler import JobInfo
+from vtorque.shared.scheduler import FORGETS, JobInfo
 
 # The job's phase is the furthest one its published messages reached (later entries win).
 _PHASES = (
@@ -84,9 +84,6 @@ def ask_scheduler(config, job_id: str) -> SchedulerAnswer:
         return SchedulerAnswer(sched.kind, error=str(exc))
 
 
-# What the scheduler forgets, and after how long by default (for the note that says so).
-_FORGETS = {"slurm": "Slurm forgets a job MinJobAge seconds, 300 by default, after it ends",
-            "torque": "Torque forgets a job keep_completed seconds after it ends"}
 _STARTED = {"prologue", "planned", "booting", "running"}
 
 
@@ -137,7 +134,7 @@ def with_scheduler(st: JobStatus, spans: list[SpanRow], answer: SchedulerAnswer 
         elif answer.error:
             notes.append(f"cannot ask {answer.kind}: {answer.error}; state from the trace")
         else:
-            notes.append(f"{answer.kind} no longer knows job {st.job_id} ({_FORGETS.get(answer.kind, 'it ended')}): "
+            notes.append(f"{answer.kind} no longer knows job {st.job_id} ({FORGETS.get(answer.kind, 'it ended')}): "
                          "state and exit code from the trace")
             if spans and not any(s.name == "prologue" for s in spans):
                 notes.append("its trace has no prologue: vtorque's hook never ran for it (it ran without its "

@@ -18,6 +18,10 @@ import msgspec
 # The states a user knows from both schedulers, in vtorque's words.
 State = Literal["queued", "running", "suspended", "exiting", "completed", "failed", "cancelled", "unknown"]
 ALIVE: frozenset[str] = frozenset({"queued", "running", "suspended", "exiting"})
+# How long each scheduler still knows a job after it ended: past that, `job()` answers None, which a caller
+# takes for "ended" (`vtorque status` says so, and why, before it falls back to the job's trace).
+FORGETS: dict[str, str] = {"slurm": "Slurm forgets a job MinJobAge seconds, 300 by default, after it ends",
+                           "torque": "Torque forgets a job keep_completed seconds after it ends"}
 
 
 class JobInfo(msgspec.Struct, kw_only=True, frozen=True):
