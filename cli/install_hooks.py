@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from vtorque.hooks.torque.cancel import CANCEL_DIR  # where epilogue.precancel asks, made by the prologue
+
 HOOKS = {"prologue": 0o500, "epilogue": 0o500, "epilogue.precancel": 0o555}
 SITE_DIR = "vtorque-site"
-CANCEL_DIR = "vtorque-cancel"
 MARKER = "# vtorque-hook: "
 HOOKS_ENV = "/etc/vtorque/hooks.env"
 DEFAULT_PYTHON = "/opt/vtorque/venv/bin/python"
@@ -36,7 +37,8 @@ class InstallError(Exception):
 
 
 def packaged_hook(name: str) -> bytes:
-    return (resources.files("vtorque.hooks") / "torque" / name).read_bytes()
+    """One of the shell entry points in hooks/torque/, as this vtorque ships it."""
+    return (resources.files("vtorque.hooks.torque") / name).read_bytes()
 
 
 def is_ours(path: Path, name: str) -> bool:

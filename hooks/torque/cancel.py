@@ -6,21 +6,29 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from vtorque.hooks.job_hook import JobContext
 from vtorque.shared import messages as m
 
-from .job import safe_job_id
 from .log import hook_log
+
+if TYPE_CHECKING:  # `vtorque install-hooks` imports CANCEL_DIR from here: not the hooks' pika and tracing
+    from vtorque.hooks.job_hook import JobContext
 
 CANCEL_DIR = "vtorque-cancel"  # in mom_priv: <jobid>/ per VM job, owned by the job's owner
 CANCEL_REQUEST = "requested"  # what epilogue.precancel makes inside it
 WATCH_POLL = 0.25
+
+
+def safe_job_id(job_id: str) -> bool:
+    """A job id usable as one file name (the cancel directory); Torque's are `<seq>[<idx>].<server>`."""
+    return bool(re.fullmatch(r"[A-Za-z0-9_\-\[\]][A-Za-z0-9_.\-\[\]]*", job_id)) and job_id not in (".", "..")
 
 
 def cancel_root(home: Path) -> Path:

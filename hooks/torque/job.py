@@ -58,11 +58,6 @@ def walltime_seconds(resource_list: str) -> int | None:
     return days * 86400 + total
 
 
-def safe_job_id(job_id: str) -> bool:
-    """A job id usable as one file name (the cancel directory); Torque's are `<seq>[<idx>].<server>`."""
-    return bool(re.fullmatch(r"[A-Za-z0-9_\-\[\]][A-Za-z0-9_.\-\[\]]*", job_id)) and job_id not in (".", "..")
-
-
 def torque_home(hook_path: str | None, configured: str) -> Path:
     """TORQUE_HOME: the parent of the mom_priv the hook was run from, else `[torque] home`."""
     if hook_path:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from vtorque.hooks.job_hook import Outcome, Verdict
-from vtorque.hooks.torque import deadline, exit_codes, job, owner_notes, state_files
+from vtorque.hooks.torque import cancel, deadline, exit_codes, job, owner_notes, state_files
 
 
 def test_prologalarm_from_mom_config():
@@ -57,7 +57,7 @@ def test_reason_file_sits_beside_the_output_names(name, job_id, want):
 @pytest.mark.parametrize("job_id, ok", [("1.vm", True), ("12[3].vm", True), ("..", False), ("a/b", False),
                                         (".hidden", False), ("", False)])
 def test_job_ids_usable_as_a_file_name(job_id, ok):
-    assert job.safe_job_id(job_id) is ok
+    assert cancel.safe_job_id(job_id) is ok
 
 
 def test_torque_home_from_the_hooks_own_path():
