@@ -18,8 +18,9 @@ What the owner is told, and how (docs/design.md, "Failure classes"):
 - a job that starts after a requeue gets the user's own Comment back.
 
 This folder holds the hook: the shell entry points `prolog_slurmctld` and `epilog_slurmctld` (what slurm.conf
-names; they exec `python -m vtorque.hooks.slurm`, which runs `main` here), this module's policy (the Comment,
-when to requeue, how long to wait) and `channel.py` (the prologue's HookChannel, loaded only by a prologue).
+names; they exec `python -m vtorque.hooks.slurm`, which runs `main` here), this module's policy (when to
+requeue, how long to wait), `comment.py` (what the Comment says) and `channel.py` (the prologue's HookChannel,
+loaded only by a prologue).
 """
 
 from __future__ import annotations
@@ -34,20 +35,25 @@ from vtorque.hooks.process_age import process_age  # slurmscriptd started the sh
 from vtorque.shared.job_script import JobHeader, ScriptError, parse_header, slurm_script_head
 from vtorque.shared.scheduler import SchedulerError
 
-# What Slurm says and how it is asked live in shared/slurm.py (the bridge's prefetch asks it too); the hook
-# keeps its policy: what the Comment says, when to requeue, how long to wait.
+# What Slurm says and how it is asked live in shared/slurm.py (the bridge's prefetch asks it too), what the
+# Comment says in comment.py; here the hook's policy: when to requeue, how long to wait.
 from vtorque.shared.slurm import Slurm, expand_cpus_per_node, job_comment, parse_cpu_ids, prolog_epilog_timeout  # noqa: F401
+
+from .comment import (
+    PREFIX,
+    comment_with,
+    not_started_comment,
+    one_line,
+    refusal_line,
+    requeue_comment,
+    users_comment,
+)
 
 if TYPE_CHECKING:  # imported where used: vtorque-launch calls refusal() for every Slurm VM job, without pika
     from vtorque.hooks.job_hook import JobContext, Outcome
 
-PREFIX = "vtorque: "
-NOT_STARTED = PREFIX + "not started: "  # the launcher refuses to run a job whose Comment starts so
-REQUEUED = PREFIX + "requeued "
-USER_PART = " | your comment: "  # the owner's own --comment, kept after ours
 PROLOG_MARGIN = 10.0  # s kept below Slurm's kill for the answer: the Comment, the exit, tracing's flush
 NODE_WORKER_GRACE = 5.0  # s a node's queue may go without a consumer (a node worker restarting)
-COMMENT_MAX = 400  # characters of reason in the Comment (and the owner's one line)
 
 
 # -- pure ---------------------------------------------------------------------------------------------------
@@ -61,41 +67,6 @@ def prolog_deadline(timeout: int | None, margin: float, cap: float, elapsed: flo
     """How long the prologue may wait for guests: never past Slurm's kill, never above hooks.prologue_timeout."""
     room = prolog_room(timeout, margin, elapsed)
     return cap if room is None else min(cap, room)
-
-
-def users_comment(comment: str) -> str:
-    """What the owner put in --comment, with any comment of ours taken off."""
-    if comment.startswith(PREFIX):
-        return comment.partition(USER_PART)[2]
-    return comment
-
-
-def one_line(text: str, limit: int = COMMENT_MAX) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def comment_with(old: str, ours: str) -> str:
-    """Our comment first, the owner's own after it (kept across requeues)."""
-    theirs = users_comment(old)
-    return ours + (USER_PART + theirs if theirs else "")
-
-
-def requeue_comment(reason: str, attempt: int, max_requeues: int) -> str:
-    return f"{REQUEUED}({attempt} of {max_requeues}): {one_line(reason)}"
-
-
-def not_started_comment(reason: str, restarts: int) -> str:
-    after = f" (after {restarts} requeue{'s' if restarts != 1 else ''})" if restarts else ""
-    return f"{NOT_STARTED}{one_line(reason)}{after}"
-
-
-def refusal_line(job_id: str, comment: str) -> str | None:
-    """The owner's one line for a job the hook did not start, from its Comment; None when it may run."""
-    if not comment.startswith(NOT_STARTED):
-        return None
-    why = comment[len(NOT_STARTED):].partition(USER_PART)[0]
-    return f"vtorque: job {job_id} did not start: {why}"
 
 
 def decide(outcome: Outcome, restarts: int, max_requeues: int) -> str:

@@ -5,6 +5,7 @@ import pytest
 
 from vtorque.hooks import slurm
 from vtorque.hooks.job_hook import Outcome, Verdict
+from vtorque.hooks.slurm import comment as slurm_comment
 
 CONFIG_22_05 = """Configuration data as of 2026-12-01T17:58:10
 AccountingStorageBackupHost = (null)
@@ -59,27 +60,27 @@ def test_the_comment_is_parsed_with_its_spaces():
 
 
 def test_the_owners_own_comment_is_kept_across_requeues():
-    first = slurm.comment_with("my run 7", slurm.requeue_comment("broker unreachable", 1, 2))
+    first = slurm_comment.comment_with("my run 7", slurm_comment.requeue_comment("broker unreachable", 1, 2))
     assert first == "vtorque: requeued (1 of 2): broker unreachable | your comment: my run 7"
-    final = slurm.comment_with(first, slurm.not_started_comment("image tiny: sha256 mismatch", 2))
+    final = slurm_comment.comment_with(first, slurm_comment.not_started_comment("image tiny: sha256 mismatch", 2))
     assert final == ("vtorque: not started: image tiny: sha256 mismatch (after 2 requeues)"
                      " | your comment: my run 7")
-    assert slurm.users_comment(final) == "my run 7"
-    assert slurm.comment_with("", slurm.not_started_comment("x", 0)) == "vtorque: not started: x"
+    assert slurm_comment.users_comment(final) == "my run 7"
+    assert slurm_comment.comment_with("", slurm_comment.not_started_comment("x", 0)) == "vtorque: not started: x"
 
 
 def test_the_reason_is_one_bounded_line():
-    text = slurm.not_started_comment("guest g0 failed:\nkernel panic\n" + "x" * 2000, 0)
+    text = slurm_comment.not_started_comment("guest g0 failed:\nkernel panic\n" + "x" * 2000, 0)
     assert "\n" not in text and len(text) < 450
 
 
 def test_the_launcher_prints_one_line_for_a_refused_job_and_nothing_otherwise():
-    comment = slurm.comment_with("mine", slurm.not_started_comment("image tiny: sha256 mismatch", 1))
-    line = slurm.refusal_line("12", comment)
+    comment = slurm_comment.comment_with("mine", slurm_comment.not_started_comment("image tiny: sha256 mismatch", 1))
+    line = slurm_comment.refusal_line("12", comment)
     assert line == "vtorque: job 12 did not start: image tiny: sha256 mismatch (after 1 requeue)"
-    assert slurm.refusal_line("12", "vtorque: requeued (1 of 2): broker unreachable") is None
-    assert slurm.refusal_line("12", "mine") is None
-    assert slurm.refusal_line("12", "") is None
+    assert slurm_comment.refusal_line("12", "vtorque: requeued (1 of 2): broker unreachable") is None
+    assert slurm_comment.refusal_line("12", "mine") is None
+    assert slurm_comment.refusal_line("12", "") is None
 
 
 def test_the_process_age_is_small_for_this_process_and_zero_for_none():

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from vtorque.hooks import slurm
+from vtorque.hooks.slurm import comment as slurm_comment
 from vtorque.shared import messages as m
 from vtorque.shared.hook_channel import BrokerUnreachable, missing_node_workers
 
@@ -102,7 +103,7 @@ def test_a_staging_failure_is_told_in_the_comment_and_the_job_is_left_to_fail_in
     assert code == 0  # the batch step runs, as the owner: vtorque-launch prints the reason into the .e file
     (comment,) = updates(log)
     assert comment == "vtorque: not started: image tiny: sha256 mismatch: catalog bbbb…, file 1234…"
-    assert slurm.refusal_line("12", comment) == (
+    assert slurm_comment.refusal_line("12", comment) == (
         "vtorque: job 12 did not start: image tiny: sha256 mismatch: catalog bbbb…, file 1234…")
     assert "scancel" not in log.read_text()  # a scancel would SIGKILL this hook and the job's EpilogSlurmctld
 
