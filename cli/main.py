@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import json
 import signal
@@ -61,6 +62,9 @@ def run(service: str) -> None:
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     setup_logging(f"vtorque-{service}", config.log_level)
+    # `kill -USR1 PID` writes every thread's stack to stderr (the service's log, the journal): where a service
+    # that seems stuck waits, without stopping it.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     tracing.setup_tracing(f"vtorque-{service}", config.tracing)
     url = config.broker.connection_url()
     publisher = Publisher(url)  # every thread of the service publishes through it (one connection per thread)

@@ -34,8 +34,19 @@ def latest_per_node(beats: list) -> list:
     return [latest[n] for n in sorted(latest)]
 
 
+# The queue's own bound (topology.py x-max-length): a reader never takes more than it can hold.
+MAX_READ = 100_000
+
+
 def read_heartbeats(url: str, timeout: float = 5.0) -> list:
-    """Every heartbeat in the vtorque.nodes queue, taken without acknowledging (so they stay for others)."""
+    """Every heartbeat in the vtorque.nodes queue, taken without acknowledging (so they stay for others).
+
+    Read until the broker has nothing more for this channel: what it took stays unacknowledged, so it is never
+    given to it again. The same heartbeat twice (one message id) is normal, not the end: a publisher that
+    heard no confirm sends again (shared/bus.py), and the first copy often got in. Stopping at the first
+    repeat read an old copy as the end of the queue and missed every newer heartbeat behind it until the
+    copy expired, a minute: after a broker node's link came back, every node looked dead for that long and a
+    bridge started meanwhile refused jobs (the rig, fault tests c and d)."""
     beats = []
     conn = connect(url, timeout=timeout)
     try:
@@ -45,16 +56,16 @@ def read_heartbeats(url: str, timeout: float = 5.0) -> list:
         ensure_queue(channel, queue)
         bound = queue(channel)
         seen: set[str] = set()
-        while True:
+        for _ in range(MAX_READ):
             raw = bound.get(no_ack=False)
             if raw is None:
                 break
-            if raw.properties.get("message_id") in seen:
-                break  # a requeued one came round again: we have them all
             try:
                 msg = m.decode(raw.body)
             except (msgspec.DecodeError, msgspec.ValidationError):
                 raw.ack()  # not a heartbeat anyone can read: drop it
+                continue
+            if msg.message_id in seen:
                 continue
             seen.add(msg.message_id)
             if isinstance(msg, m.NodeHeartbeat):
