@@ -447,3 +447,42 @@ def test_the_relay_hands_the_guest_to_root_and_its_owner_alone():
 
         shutil.rmtree(gdir, ignore_errors=True)
         top.rmdir()
+
+
+def test_the_refill_thread_runs_with_the_worker_and_ends_with_its_stop(site, monkeypatch):
+    pool, guests, hv = site
+    monkeypatch.setattr(pool, "targets", lambda: [TARGET])
+    monkeypatch.setattr(warm_pool, "_log", lambda *a, **k: None)
+    monkeypatch.setattr(warm_pool, "REFILL_POLL", 0.01)
+    calls = []
+
+    def fill_once():
+        calls.append(time.monotonic())
+        if len(calls) == 2:
+            raise OSError("libvirt said no")  # one failed fill does not end the refill
+        return None
+
+    monkeypatch.setattr(pool, "fill_once", fill_once)
+    stop = threading.Event()
+    thread = pool.start(stop)
+    assert thread is not None
+    until = time.monotonic() + 5
+    while len(calls) < 4 and time.monotonic() < until:
+        time.sleep(0.01)
+    assert len(calls) >= 4
+    stop.set()
+    thread.join(2)
+    assert not thread.is_alive()
+    pool.size = 0
+    assert pool.start(threading.Event()) is None  # off: no thread
+
+
+def test_no_fill_while_the_node_boots(site, monkeypatch):
+    pool, guests, hv = site
+    monkeypatch.setattr(pool, "targets", lambda: [TARGET])
+    monkeypatch.setattr(pool, "fill", lambda target: pytest.fail("filled while booting"))
+    pool.worker.booting_now = lambda: {"vt-7_srv-n1-0"}
+    assert pool.fill_once() is None
+    pool.worker.booting_now = set
+    monkeypatch.setattr(pool, "fill", lambda target: "made")
+    assert pool.fill_once() == "made"
