@@ -311,15 +311,16 @@ class Publisher:
     def publish(self, message: m.Message) -> None:
         self.publish_many([message])
 
-    def publish_many(self, messages: Iterable[m.Message]) -> None:
+    def publish_many(self, messages: Iterable[m.Message], patience: float = PUBLISH_PATIENCE) -> None:
         """Every message, in order, then one wait for all their confirms. Returns once the broker has all of
         them. A connection lost on the way, or a nack, sends the whole batch again on a new connection (the
         next broker node of the URL list), which may duplicate some (consumers are idempotent), for up to
         `PUBLISH_PATIENCE` seconds: a broker node that stops or is lost takes its quorum queues' leaders with it,
         and they nack until a new leader is elected (a few seconds on the rig), so a handler whose publish was
-        nacked once would otherwise crash and its message be dead-lettered (fault test a)."""
+        nacked once would otherwise crash and its message be dead-lettered (fault test a). `patience`: less for
+        a message that a newer one replaces (a heartbeat)."""
         messages = list(messages)
-        give_up = time.monotonic() + PUBLISH_PATIENCE
+        give_up = time.monotonic() + patience
         delay = 0.1
         while True:
             try:
@@ -329,7 +330,7 @@ class Publisher:
                 self.close(lost=True)
                 if time.monotonic() + delay > give_up:
                     raise PublishFailed(f"the broker did not take {len(messages)} message(s) in "
-                                        f"{PUBLISH_PATIENCE:g} s: {type(exc).__name__}: {exc}") from exc
+                                        f"{patience:g} s: {type(exc).__name__}: {exc}") from exc
                 log(LOG, logging.WARNING, "publish failed, sending again", error=f"{type(exc).__name__}: {exc}",
                     retry_in_s=delay)
                 time.sleep(delay)

@@ -109,19 +109,27 @@ class Heartbeat:
         self.thread.start()
         return self
 
-    def _beat(self) -> None:
+    def _beat(self) -> bool:
+        """One beat; False when it did not go out. A beat is sent again for at most one interval: after that
+        the next, fresh one replaces it (the bridge judges a node by its newest beat's time, and a beat resent
+        for 30 s would arrive as old as that)."""
         try:
             # The durable queue that keeps every node's latest beat for readers, declared where missing.
             self.publisher.ensure_queues([nodes_queue()])
             beats = [node_facts(worker) for worker in self.workers]
             for beat in beats:
                 metrics.set_guests_running(beat.node, beat.guests_running)
-            self.publisher.publish_many(beats)
+            self.publisher.publish_many(beats, patience=self.interval)
+            return True
         except Exception as exc:  # noqa: BLE001 - a missed beat must not end the beating
             log(LOG, logging.WARNING, "heartbeat not sent", error=str(exc))
             self.publisher.close(lost=True)
+            return False
 
     def _run(self) -> None:
-        while not self.stop.wait(self.interval):
-            self._beat()
+        sent = True
+        # After a beat that did not go out, the next one is made and sent at once (it has waited a whole
+        # interval already, in the tries): the node is heard again as soon as the broker takes messages.
+        while not self.stop.wait(self.interval if sent else 0.1):
+            sent = self._beat()
         self.publisher.close()  # this thread's connection
