@@ -91,10 +91,11 @@ QUEUES: dict[str, QueueSpec] = {q.name: q for q in (
     # Quorum, not a mirrored classic queue: a heartbeat is confirmed once a majority of broker nodes has it. A
     # mirror on a broker node cut off the network held every node's heartbeat unconfirmed until the link came
     # back (20-38 s on the rig), and a bridge started meanwhile took healthy nodes for dead. No delivery limit:
-    # every reader returns every heartbeat, each read counts as a delivery.
+    # every reader returns every heartbeat, each read counts as a delivery. No dead-letter exchange: a
+    # heartbeat that expires is no dead letter (vtorque.dead filled with one per node per interval).
     QueueSpec(NODES_Q, "operator", EVENTS, ("node.*.heartbeat",), "quorum",
               {"x-message-ttl": 60_000, "x-max-length": 100_000, "x-overflow": "drop-head",
-               "x-delivery-limit": None},
+               "x-delivery-limit": None, "x-dead-letter-exchange": None},
               why="the last minute of heartbeats, read without ack by `vtorque nodes` and the bridge",
               readers=("bridge",)),
     QueueSpec(HOOK_Q, "hook", EVENTS, ("job.{job}.#", "image.{digest}.#"), "private",

@@ -227,9 +227,8 @@ def queue_stats(via: str = "head") -> dict[str, dict]:
 
 
 def dead_letters() -> list[str]:
-    """Every message a service dead-lettered (bus.py logs each, with its reason). Not vtorque.dead's depth:
-    heartbeats that expire in vtorque.nodes are dead-lettered there by the broker too (see docs/benchmarks.md,
-    "Faults on the rig")."""
+    """Every message a service dead-lettered (bus.py logs each, with its reason). Not vtorque.dead's depth: the
+    broker dead-letters there too (a quorum queue's message past its delivery limit, not a service's doing)."""
     return [f"{h}/{s}: {line.get('reason')}" for h, s in SERVICES for line in log_lines(h, s)
             if line.get("msg") == "dead-lettering a message"]
 
