@@ -70,6 +70,14 @@ class Hypervisor:
         pinning, a restore's steps), with the same deadline as the calls above: the query deadline unless told."""
         return self._timed(what, self.query_timeout if timeout is None else timeout, fn, *args)
 
+    def metadata_changed(self, dom) -> None:
+        """A domain whose vtorque metadata was set after its define (a pooled guest claimed by a job): read it
+        again now, so listings see the job's metadata and not the cached empty one."""
+        meta = parse_metadata(self.timed("the domain's XML", dom.XMLDesc, 0))
+        key = self.timed("the domain's UUID", dom.UUIDString)
+        with self._meta_lock:
+            self._meta[key] = meta
+
     def _ensure_threads(self) -> None:
         # Daemon threads of our own (not an executor's, which the interpreter joins at exit: a hung libvirt
         # call must not hang the process's exit either). Each keeps its own connection (self.conn).

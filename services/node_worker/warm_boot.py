@@ -223,7 +223,7 @@ def _restore(worker, cmd: BootOrder, guest: m.GuestPlan, entry: ImageEntry, base
         copy_with_xml(image.save, copy, xml)
         t_define = time.monotonic()
         try:
-            hv._timed("restore", hv.start_timeout, _restore_paused, hv, str(copy))
+            hv.timed("restore", _restore_paused, hv, str(copy), timeout=hv.start_timeout)
         finally:
             copy.unlink(missing_ok=True)  # 70 MB of the saved guest's memory: not kept per guest
         dom = hv.lookup(guest.name)
@@ -231,8 +231,8 @@ def _restore(worker, cmd: BootOrder, guest: m.GuestPlan, entry: ImageEntry, base
             raise RestoreFailed("the restored domain is not there")
         if job_nic:
             nic = job_nic_xml(guest, files, boot, meta, worker.domain_type, job_nic)
-            hv._timed("attach the job network NIC", hv.change_timeout, dom.attachDeviceFlags, nic,
-                      libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            hv.timed("attach the job network NIC", dom.attachDeviceFlags, nic, libvirt.VIR_DOMAIN_AFFECT_LIVE,
+                     timeout=hv.change_timeout)
         layout = worker.config.node.job_cgroup
         if layout:
             try:

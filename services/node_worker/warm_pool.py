@@ -448,7 +448,7 @@ class WarmPool:
                 copy = gdir / RESTORE_COPY
                 copy_with_xml(image.save, copy, xml)
                 try:
-                    hv._timed("restore", hv.start_timeout, warm_boot._restore_paused, hv, str(copy))
+                    hv.timed("restore", warm_boot._restore_paused, hv, str(copy), timeout=hv.start_timeout)
                 finally:
                     copy.unlink(missing_ok=True)
                 # Its identity channel root's alone from now on (libvirt makes it QEMU's, group-writable): the
@@ -550,7 +550,7 @@ class WarmPool:
         from vtorque.shared.job_network import guest_mac
 
         from . import disks, guest_link, job_cgroup, numa, warm_boot
-        from .domain import IDENTITY_SOCKET, METADATA_NS, GuestMetadata, domain_xml, parse_metadata
+        from .domain import IDENTITY_SOCKET, METADATA_NS, GuestMetadata, domain_xml
         from .identity_channel import IDENTITY_OK, IdentityChannel
         from .readiness import wait_ready
         from .seed import seed_files
@@ -581,22 +581,22 @@ class WarmPool:
         # In the namespace as a default one: libvirt declares its own prefix on the element ("failed to create a
         # new XML namespace" when the element declares that prefix already); the children keep the namespace.
         text = ET.tostring(element, encoding="unicode", default_namespace=METADATA_NS)
-        hv._timed("set metadata", hv.change_timeout, dom.setMetadata, libvirt.VIR_DOMAIN_METADATA_ELEMENT, text,
-                  "vtorque", METADATA_NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-        self._cache_metadata(dom, parse_metadata)
+        hv.timed("set metadata", dom.setMetadata, libvirt.VIR_DOMAIN_METADATA_ELEMENT, text, "vtorque", METADATA_NS,
+                 libvirt.VIR_DOMAIN_AFFECT_LIVE, timeout=hv.change_timeout)
+        hv.metadata_changed(dom)
         t_disks = time.monotonic()
         host_cpus = os.cpu_count() or 1
         for vcpu, cpus in pins.vcpus.items():
-            hv._timed("pin a vCPU", hv.change_timeout, dom.pinVcpuFlags, vcpu, cpumap(cpus, host_cpus),
-                      libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            hv.timed("pin a vCPU", dom.pinVcpuFlags, vcpu, cpumap(cpus, host_cpus), libvirt.VIR_DOMAIN_AFFECT_LIVE,
+                     timeout=hv.change_timeout)
         if pins.emulator:
-            hv._timed("pin the emulator", hv.change_timeout, dom.pinEmulator, cpumap(pins.emulator, host_cpus),
-                      libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            hv.timed("pin the emulator", dom.pinEmulator, cpumap(pins.emulator, host_cpus),
+                     libvirt.VIR_DOMAIN_AFFECT_LIVE, timeout=hv.change_timeout)
         if job_nic:
             nic = warm_boot.job_nic_xml(msgspec_replace(guest, name=taken.name), files, boot, meta, w.domain_type,
                                         job_nic)
-            hv._timed("attach the job network NIC", hv.change_timeout, dom.attachDeviceFlags, nic,
-                      libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            hv.timed("attach the job network NIC", dom.attachDeviceFlags, nic, libvirt.VIR_DOMAIN_AFFECT_LIVE,
+                     timeout=hv.change_timeout)
         layout = w.config.node.job_cgroup
         if layout:
             try:
@@ -617,7 +617,7 @@ class WarmPool:
             channel.expect(IDENTITY_OK, deadline)
         ready = wait_ready(files.console_log, gdir / guest_link.SSH_SOCKET, lambda: hv.is_active(taken.name),
                            deadline)
-        self._cache_metadata(dom, parse_metadata)  # again: a listing that read the XML before the change is over
+        hv.metadata_changed(dom)  # again: a listing that read the XML before the change is over
         timings = m.PhaseTimings(image=t_image - t0, disks=t_disks - t0, define=t_define - t0, start=t_start - t0,
                                  kernel_up=None, ready=ready.ready - t0)
         return timings, job_socket
@@ -636,16 +636,6 @@ class WarmPool:
         _log(logging.INFO, "pooled guest already the job's, announcing it again", guest=guest.name, pooled=name)
         zero = m.PhaseTimings(image=0, disks=0, define=0, start=0, kernel_up=None, ready=time.monotonic() - started)
         return zero, gdir / JOB_SSH_SOCKET
-
-    def _cache_metadata(self, dom, parse_metadata) -> None:
-        """The hypervisor keeps a domain's metadata by UUID, as written at define; a claimed guest's changed."""
-        hv = self.worker.hv
-        meta = parse_metadata(hv._timed("domain XML", hv.query_timeout, dom.XMLDesc, 0))
-        lock = getattr(hv, "_meta_lock", None)
-        cache = getattr(hv, "_meta", None)
-        if lock is not None and isinstance(cache, dict):
-            with lock:
-                cache[dom.UUIDString()] = meta
 
     def claimed_for(self, job_id: str, index: int) -> str | None:
         """A pooled guest this job already took for its guest `index` (a redelivered BootGuests)."""

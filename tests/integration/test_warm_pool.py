@@ -126,28 +126,8 @@ def test_two_jobs_from_the_pool_share_nothing_and_no_guest_is_taken_twice(broker
         assert connect_as(ra.address, alice.uid) and not connect_as(ra.address, bob.uid)
         assert connect_as(rb.address, bob.uid) and not connect_as(rb.address, alice.uid)
 
-        probe = ("id -un; id -u; id -g; hostname; date +%s; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; "
-                 "echo; cat /proc/sys/kernel/random/boot_id")
-        out_a = ssh(key_a, ra, alice.user, probe + "; echo secret-a > $HOME/secret; echo secret-a > /tmp/secret-a",
-                    tmp_path / "known_a")
-        out_b = ssh(key_b, rb, bob.user, probe, tmp_path / "known_b")
-        assert out_a.returncode == 0, out_a.stderr
-        assert out_b.returncode == 0, out_b.stderr
-        a, b = out_a.stdout.split(), out_b.stdout.split()
-        assert a[:4] == [alice.user, str(alice.uid), str(alice.gid), plan_a.name]
-        assert b[:4] == [bob.user, str(bob.uid), str(bob.gid), plan_b.name]
-        now = time.time()
-        assert abs(int(a[4]) - now) < 60 and abs(int(b[4]) - now) < 60  # the clock set at the claim
-        assert a[5] != b[5] and len(a[5]) == 64  # random state reseeded
-        host_a = (tmp_path / "known_a").read_text().split()[1:]
-        host_b = (tmp_path / "known_b").read_text().split()[1:]
-        assert host_a and host_b and host_a != host_b
-        seen = ssh(key_b, rb, bob.user, f"ls -A /home; echo --; ls -A /tmp; echo --; grep -c {alice.user} "
-                                        "/etc/passwd; echo --; find / -xdev -name 'secret*' 2>/dev/null")
-        home, tmp, users, found = [part.split() for part in seen.stdout.split("--")]
-        assert home == [bob.user] and "secret-a" not in tmp and users == ["0"] and found == [], seen.stdout
-        assert ssh(key_a, rb, bob.user, "true").returncode != 0
-        assert ssh(key_b, ra, alice.user, "true").returncode != 0
+        test_warm_start.check_two_jobs_share_nothing(tmp_path, (key_a, ra, alice, plan_a.name),
+                                                     (key_b, rb, bob, plan_b.name))
 
         # Job A ends: its pooled guest goes with it, as any guest, and is never pooled again.
         publisher.publish(m.TeardownGuests.new(job_id=job_a, deadline=60.0, node=config.node.name))

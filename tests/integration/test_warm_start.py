@@ -127,34 +127,8 @@ def test_two_jobs_restored_from_one_warm_image_share_nothing(broker_url, worker,
             sock = os.lstat(gdir / "identity.sock")
             assert (sock.st_uid, stat.S_IMODE(sock.st_mode)) == (0, 0o600)  # the channel: root's alone
 
-        probe = ("id -un; id -u; id -g; hostname; date +%s; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; "
-                 "echo; cat /proc/sys/kernel/random/boot_id")
-        out_a = ssh(key_a, ra, alice.user, probe + "; echo secret-a > $HOME/secret; echo secret-a > /tmp/secret-a",
-                    tmp_path / "known_a")
-        out_b = ssh(key_b, rb0, bob.user, probe, tmp_path / "known_b")
-        assert out_a.returncode == 0, out_a.stderr
-        assert out_b.returncode == 0, out_b.stderr
-        a, b = out_a.stdout.split(), out_b.stdout.split()
-        # The right owner, uid and gid, hostname: each its own job's.
-        assert a[:4] == [alice.user, str(alice.uid), str(alice.gid), guests_a[0].name]
-        assert b[:4] == [bob.user, str(bob.uid), str(bob.gid), guests_b[0].name]
-        # The clock was set at the restore (the save was earlier).
-        now = time.time()
-        assert abs(int(a[4]) - now) < 60 and abs(int(b[4]) - now) < 60
-        # Random state reseeded: different bytes (the saved CRNG state is the same in every copy).
-        assert a[5] != b[5] and len(a[5]) == 64
-        # Different ssh host keys (made after the identity, from the reseeded random state).
-        host_a = (tmp_path / "known_a").read_text().split()[1:]
-        host_b = (tmp_path / "known_b").read_text().split()[1:]
-        assert host_a and host_b and host_a != host_b
-        # Nothing of the first job in the second: no file, no user, no key that logs in.
-        seen = ssh(key_b, rb0, bob.user, f"ls -A /home; echo --; ls -A /tmp; echo --; grep -c {alice.user} "
-                                         "/etc/passwd; echo --; find / -xdev -name 'secret*' 2>/dev/null")
-        home, tmp, users, found = [part.split() for part in seen.stdout.split("--")]
-        assert home == [bob.user] and "secret-a" not in tmp and users == ["0"] and found == [], seen.stdout
-        assert ssh(key_a, rb0, alice.user, "true").returncode != 0
-        assert ssh(key_a, rb0, bob.user, "true").returncode != 0
-        assert ssh(key_b, ra, alice.user, "true").returncode != 0
+        check_two_jobs_share_nothing(tmp_path, (key_a, ra, alice, guests_a[0].name),
+                                     (key_b, rb0, bob, guests_b[0].name))
         # The two-guest job: its job network NIC was hot-plugged into each restored guest; they reach each other.
         # (ping needs root in the guest: the other guest's sshd, by name and by address, answers instead.)
         names = ssh(key_b, rb1, bob.user, f"cat /etc/vtorque/nodefile; for h in {guests_b[0].name} "
@@ -213,3 +187,33 @@ def test_a_warm_image_that_does_not_restore_falls_back_to_a_cold_boot(broker_url
     finally:
         waiter.close()
         publisher.close()
+
+
+def check_two_jobs_share_nothing(tmp_path, job_a: tuple, job_b: tuple) -> None:
+    """Two jobs' guests made from one saved image (a warm restore, a pooled guest), each (job key, GuestReady,
+    owner, guest name): each its own owner, uid, gid and hostname, its clock set, its random state and ssh host
+    key its own, and nothing of the first job (a file, a user, a key that logs in) in the second."""
+    (key_a, ra, alice, name_a), (key_b, rb, bob, name_b) = job_a, job_b
+    probe = ("id -un; id -u; id -g; hostname; date +%s; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; "
+             "echo; cat /proc/sys/kernel/random/boot_id")
+    out_a = ssh(key_a, ra, alice.user, probe + "; echo secret-a > $HOME/secret; echo secret-a > /tmp/secret-a",
+                tmp_path / "known_a")
+    out_b = ssh(key_b, rb, bob.user, probe, tmp_path / "known_b")
+    assert out_a.returncode == 0, out_a.stderr
+    assert out_b.returncode == 0, out_b.stderr
+    a, b = out_a.stdout.split(), out_b.stdout.split()
+    assert a[:4] == [alice.user, str(alice.uid), str(alice.gid), name_a]
+    assert b[:4] == [bob.user, str(bob.uid), str(bob.gid), name_b]
+    now = time.time()  # the clock set at the restore or the claim (the save was earlier)
+    assert abs(int(a[4]) - now) < 60 and abs(int(b[4]) - now) < 60
+    assert a[5] != b[5] and len(a[5]) == 64  # reseeded: the saved CRNG state is the same in every copy
+    host_a = (tmp_path / "known_a").read_text().split()[1:]  # host keys made after the identity
+    host_b = (tmp_path / "known_b").read_text().split()[1:]
+    assert host_a and host_b and host_a != host_b
+    seen = ssh(key_b, rb, bob.user, f"ls -A /home; echo --; ls -A /tmp; echo --; grep -c {alice.user} "
+                                    "/etc/passwd; echo --; find / -xdev -name 'secret*' 2>/dev/null")
+    home, tmp, users, found = [part.split() for part in seen.stdout.split("--")]
+    assert home == [bob.user] and "secret-a" not in tmp and users == ["0"] and found == [], seen.stdout
+    assert ssh(key_a, rb, alice.user, "true").returncode != 0
+    assert ssh(key_a, rb, bob.user, "true").returncode != 0
+    assert ssh(key_b, ra, alice.user, "true").returncode != 0
