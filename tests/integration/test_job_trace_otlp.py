@@ -360,6 +360,13 @@ def test_one_job_one_trace_over_otlp(stack, owner, tmp_path):
     assert units["vtorque.guest.boot.phase.duration"] == "s" and units["vtorque.image.staged.size"] == "By"
 
     # Logs: JSON lines; every line about this job carries its trace id; the handlers' lines carry the job id.
+    # "guests removed" is the teardown's last line, written by its clean-up thread after the answer the
+    # epilogue waited for: waited for, bounded.
+    gone_by = time.monotonic() + 30
+    while time.monotonic() < gone_by and not any(
+            json.loads(line).get("msg") == "guests removed" and json.loads(line).get("job_id") == job_id
+            for line in (logs / "node-worker.log").read_text().splitlines()):
+        time.sleep(0.2)
     job_lines = []
     for service in ("bridge", "stager", "node-worker"):
         for line in (logs / f"{service}.log").read_text().splitlines():
