@@ -31,21 +31,35 @@ class ScriptedPublisher:
         pass
 
 
+class RecordingStop(threading.Event):
+    """The heartbeat's stop event: records how long each wait between beats was asked to be, and returns at once
+    (no test waits out an interval); set once `until` is."""
+
+    def __init__(self, until: threading.Event):
+        super().__init__()
+        self.until, self.waits = until, []
+
+    def wait(self, timeout=None):
+        self.waits.append(timeout)
+        if self.until.is_set() and len(self.waits) > 3:
+            self.set()
+        return self.is_set()
+
+
 def test_a_beat_not_taken_is_replaced_by_a_fresh_one_at_once_not_an_interval_later(monkeypatch):
     made = iter(range(100))
     monkeypatch.setattr(heartbeat, "node_facts", lambda worker: SimpleNamespace(n=next(made), node="n1",
                                                                                guests_running=0))
     publisher = ScriptedPublisher(fail_first=2)
     worker = SimpleNamespace(config=SimpleNamespace(node=SimpleNamespace(heartbeat_interval=2.0)), publisher=publisher)
-    stop = threading.Event()
+    stop = RecordingStop(until=publisher.done)
     beating = heartbeat.Heartbeat(worker, stop)
     beating.thread.start()
-    try:
-        assert publisher.done.wait(10)
-    finally:
-        stop.set()
-        beating.thread.join(5)
-    (t1, p1, b1), (t2, p2, b2), (t3, p3, b3) = publisher.sent[:3]
+    beating.thread.join(10)
+    assert not beating.thread.is_alive()
+    (_, p1, b1), (_, p2, b2), (_, p3, b3) = publisher.sent[:3]
     assert p1 == p2 == p3 == 2.0  # each beat is tried for one interval at most
     assert [b[0].n for b in (b1, b2, b3)] == [0, 1, 2]  # a new beat each time, not the old one again
-    assert t2 - t1 < 0.5 and t3 - t2 < 0.5  # after a failed beat the next goes at once
+    # The waits between beats: a whole interval before the first, next to none after each that failed, a whole
+    # interval after the one that went out.
+    assert stop.waits[:4] == [2.0, 0.1, 0.1, 2.0], stop.waits
