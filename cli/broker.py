@@ -94,7 +94,10 @@ def _declare_shared_topology(url: str) -> None:
                     # a queue that holds only the last minute of heartbeats is made again; any other is the
                     # operator's to move, its messages may matter.
                     if spec.name not in REMADE_WHEN_CHANGED:
-                        raise
+                        raise click.ClickException(
+                            f"queue {spec.name} exists with other arguments than the topology's "
+                            f"({spec.queue_arguments}): move its messages, delete it, and run broker setup again"
+                        ) from None
                     channel = conn.channel()  # the failed declare closed the last one
                     channel.queue_delete(spec.name)
                     kombu_queue(spec)(channel).declare()
