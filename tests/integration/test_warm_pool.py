@@ -24,7 +24,7 @@ from vtorque.shared.job_boot import hoist
 
 from . import test_warm_start
 from .guests import expect, node_worker
-from .test_warm_start import RAM_MIB, VCPUS, console, keypair, plans, ssh
+from .test_warm_start import RAM_MIB, VCPUS, console, keypair, plans
 
 pytestmark = [pytest.mark.slow, pytest.mark.guest]
 owners = test_warm_start.owners  # the fixture: two job owners on the host
@@ -169,21 +169,7 @@ def test_a_pooled_guest_that_cannot_resume_falls_back_to_a_restore(broker_url, w
     assert pool.fill_to_target() == 1
     [name] = pooled_names(config)
     svc.hv.kill(name)  # its QEMU gone: the claim finds no domain
-    key = keypair(tmp_path, "a")
-    job = f"wp-{uuid.uuid4().hex[:6]}"
-    [plan] = plans(config, job, owners[0], key)
-    waiter = EventWaiter(broker_url, [f"job.{job}.#"])
-    publisher = Publisher(broker_url)
-    try:
-        publisher.publish(hoist(job, 300.0, [plan]))
-        ready = expect(waiter, m.GuestReady)
+    with test_warm_start.one_guest_job(broker_url, config, owners[0], tmp_path, "wp") as (plan, ready):
         assert Path(ready.address).parent.name == plan.name  # restored from the warm image under its own name
         assert ready.timings.kernel_up is None
         assert not (Path(config.node.guest_dir) / name).exists()  # the failed pooled guest removed
-        run = ssh(key, ready, owners[0].user, "id -un")
-        assert run.returncode == 0 and run.stdout.strip() == owners[0].user, run.stderr
-        publisher.publish(m.TeardownGuests.new(job_id=job, deadline=60.0, node=config.node.name))
-        assert expect(waiter, m.GuestsTornDown, timeout=60).guests == [plan.name]
-    finally:
-        waiter.close()
-        publisher.close()

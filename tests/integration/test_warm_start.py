@@ -5,6 +5,7 @@ restored guests go at teardown and by reconciliation as cold ones do."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import subprocess
@@ -170,18 +171,26 @@ def test_a_warm_image_that_does_not_restore_falls_back_to_a_cold_boot(broker_url
     config, svc = worker
     made = warm.build(config, svc.hv, svc.store, "tiny", VCPUS, RAM_MIB, svc.domain_type)
     made.save.write_bytes(made.save.read_bytes()[:100_000])  # cut short: libvirt cannot restore it
+    with one_guest_job(broker_url, config, owners[0], tmp_path, "ws") as (plan, ready):
+        assert ready.timings.kernel_up is not None  # booted: its kernel came up
+        assert "restored=1" not in console(config, plan.name)
+
+
+@contextlib.contextmanager
+def one_guest_job(broker_url, config, owner, tmp_path, prefix: str):
+    """A one-guest job of `owner` booted through the broker: (its plan, its GuestReady) for the test to look at;
+    then its owner's ssh runs in it as the owner, and its teardown removes exactly its guest."""
     key = keypair(tmp_path, "a")
-    job = f"ws-{uuid.uuid4().hex[:6]}"
-    [plan] = plans(config, job, owners[0], key)
+    job = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    [plan] = plans(config, job, owner, key)
     waiter = EventWaiter(broker_url, [f"job.{job}.#"])
     publisher = Publisher(broker_url)
     try:
         publisher.publish(hoist(job, 300.0, [plan]))
         ready = expect(waiter, m.GuestReady)
-        assert ready.timings.kernel_up is not None  # booted: its kernel came up
-        assert "restored=1" not in console(config, plan.name)
-        run = ssh(key, ready, owners[0].user, "id -un")
-        assert run.returncode == 0 and run.stdout.strip() == owners[0].user, run.stderr
+        yield plan, ready
+        run = ssh(key, ready, owner.user, "id -un")
+        assert run.returncode == 0 and run.stdout.strip() == owner.user, run.stderr
         publisher.publish(m.TeardownGuests.new(job_id=job, deadline=60.0, node=config.node.name))
         assert expect(waiter, m.GuestsTornDown, timeout=60).guests == [plan.name]
     finally:
