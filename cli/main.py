@@ -250,8 +250,16 @@ def _register_broker() -> None:
     main.add_command(broker)  # vtorque broker setup|permissions (cli/broker.py)
 
 
+def _register_suspend() -> None:
+    from vtorque.cli.suspend import resume, suspend
+
+    main.add_command(suspend)  # vtorque suspend|resume JOBID: asks the scheduler (cli/suspend.py)
+    main.add_command(resume)
+
+
 _register_images()
 _register_broker()
+_register_suspend()
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -52,6 +52,14 @@ class Scheduler(Protocol):
     def job(self, job_id: str) -> JobInfo | None:
         """The job as the scheduler knows it; None when it no longer knows the job. Raises SchedulerError."""
 
+    def suspend(self, job_id: str) -> None:
+        """Ask the scheduler to suspend the running job (`scontrol suspend`, `qsig -s suspend`): its processes stop,
+        its walltime clock stops, and the node workers pause its guests (services/node_worker/suspend.py). Only
+        the scheduler's operators may; a refusal is SchedulerError with the scheduler's own one line."""
+
+    def resume(self, job_id: str) -> None:
+        """Ask the scheduler to resume the suspended job (`scontrol resume`, `qsig -s resume`); as `suspend`."""
+
     def binary(self, name: str) -> str:
         """The absolute path of one of its client binaries (qsub, qstat, scontrol, ...)."""
 

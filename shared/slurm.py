@@ -129,6 +129,19 @@ class Slurm:
             return None
         return slurm_job_info(job_id, proc.stdout)
 
+    def suspend(self, job_id: str) -> None:
+        self._control("suspend", job_id)
+
+    def resume(self, job_id: str) -> None:
+        self._control("resume", job_id)
+
+    def _control(self, verb: str, job_id: str) -> None:
+        """`scontrol suspend|resume JOBID`: Slurm lets its operators and administrators alone (SlurmUser, root,
+        AdminLevel); anyone else's request, or a job in the wrong state, is its one-line refusal."""
+        proc = self.run("scontrol", verb, job_id)
+        if proc.returncode != 0:
+            raise SchedulerError(f"scontrol {verb} {job_id}: {_refusal(proc)}")
+
     def show_job(self, job_id: str) -> str:
         """`scontrol show job -d JOBID` (the cores of each node, the Comment), '' when scontrol does not answer."""
         try:
@@ -237,6 +250,12 @@ def parse_squeue(text: str) -> dict[str, str]:
         if sep and job_id.isdigit():
             states[job_id] = state.strip().upper()
     return states
+
+
+def _refusal(proc: subprocess.CompletedProcess) -> str:
+    """scontrol's refusal without its `scontrol: error: ` prefix (Slurm's own words are kept)."""
+    text = _last_line(proc.stderr or proc.stdout)
+    return re.sub(r"^(scontrol: )?(error: )?", "", text) if text != "no message" else f"exit {proc.returncode}"
 
 
 def _last_line(text: str) -> str:

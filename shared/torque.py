@@ -76,6 +76,21 @@ class Torque:
         """One of its client binaries (argv[0], by the configured path) with the configured time limit."""
         return run_client([self.binary(argv[0]), *argv[1:]], self.config.timeout)
 
+    def suspend(self, job_id: str) -> None:
+        self._signal("suspend", job_id)
+
+    def resume(self, job_id: str) -> None:
+        self._signal("resume", job_id)
+
+    def _signal(self, verb: str, job_id: str) -> None:
+        """`qsig -s suspend|resume JOBID`: pbs_server takes them from its managers and operators alone (others get
+        `qsig: Unauthorized Request`); the mom stops (SIGSTOP) or continues the job's processes, job_state S."""
+        proc = self.run("qsig", "-s", verb, job_id)
+        if proc.returncode != 0:
+            lines = [line.strip() for line in (proc.stderr or proc.stdout).splitlines() if line.strip()]
+            why = lines[-1][:200] if lines else f"exit {proc.returncode}"
+            raise SchedulerError(f"qsig -s {verb} {job_id}: {why.removeprefix('qsig: ')}")
+
     def _qstat_f(self, job_id: str) -> str | None:
         # Plain -f: TORQUE shows a completed job (C) while keep_completed lasts. Its -x is not PBS Pro's
         # "finished jobs too" but XML output (qstat.c: case 'x': DisplayXML), which this parser cannot read.
