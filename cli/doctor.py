@@ -7,7 +7,6 @@ Each check does its own I/O and never raises: whatever goes wrong is its answer.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -229,21 +228,13 @@ def _slurm_config(config, hook_env: dict[str, str]) -> tuple[str, str]:
     value = hook_env.get("SLURM_CONF") or os.environ.get("SLURM_CONF")
     if value:
         env["SLURM_CONF"] = value
-    exe = config.scheduler.binary("scontrol")
+    from vtorque.shared.scheduler import SchedulerError
+    from vtorque.shared.slurm import Slurm
+
     try:
-        proc = subprocess.run([exe, "show", "config"], capture_output=True, text=True, env=env,
-                              timeout=config.scheduler.timeout, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return "", f"{exe} show config: {exc}"
-    if proc.returncode != 0:
-        return "", f"{exe} show config: exit {proc.returncode}: {proc.stderr.strip()[:200]}"
-    return proc.stdout, ""
-
-
-def slurm_user(show_config: str) -> str | None:
-    """SlurmUser (who runs PrologSlurmctld) from `scontrol show config`: `SlurmUser = slurm(64030)`."""
-    match = re.search(r"(?m)^SlurmUser\s*=\s*([^\s(]+)", show_config)
-    return match.group(1) if match else None
+        return Slurm(config.scheduler).show_config(env=env), ""
+    except SchedulerError as exc:
+        return "", str(exc)
 
 
 HOOK_PROBE = """from vtorque.shared.config import config_path, load_config
@@ -283,6 +274,8 @@ def check_hook_config(config) -> Check:
     python = env.get("VTORQUE_PYTHON") or checks.DEFAULT_PYTHON
     module, user = "torque.entry", "root"  # the Python side the entry points exec (its package imports nothing)
     if config.scheduler.kind == "slurm":
+        from vtorque.shared.slurm import slurm_user
+
         module = "slurm"
         user = slurm_user(_slurm_config(config, env)[0]) or "slurm"
     run_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **_hooks_base_env(config), **env}

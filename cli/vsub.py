@@ -274,16 +274,15 @@ VSUB_OPTIONS = """\
 
 def _qsub_usage(config) -> str:
     """The site's qsub's own --help text (qsub named vsub), or one line saying why there is none."""
-    import subprocess
+    from vtorque.shared.scheduler import SchedulerError, run_client
 
     try:
         qsub = qsub_binary(config)
     except UsageError as exc:
         return f"(no qsub usage: {exc})"
     try:
-        usage = subprocess.run([qsub, "--help"], capture_output=True, text=True, timeout=30,
-                               stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        usage = run_client([qsub, "--help"], 30.0)
+    except SchedulerError as exc:
         return f"(no qsub usage: {qsub} --help: {exc})"
     text = usage.stdout.strip()
     if usage.returncode != 0 or not text:
@@ -398,7 +397,6 @@ def _submit_vm_job(qsub_args: list[str], vm: list[str], script_at: int | None, d
                    prefix: str = DEFAULT_PREFIX, stdin_data: bytes | None = None) -> int:
     import shlex
     import shutil
-    import subprocess
     import tempfile
     import threading
     import time
@@ -409,6 +407,7 @@ def _submit_vm_job(qsub_args: list[str], vm: list[str], script_at: int | None, d
     from vtorque.shared import tracing
     from vtorque.shared.config import ConfigError
     from vtorque.shared.job_script import ScriptError, inline_vm_options, render_wrapper
+    from vtorque.shared.scheduler import SchedulerError, scheduler_for
     from vtorque.shared.spec import SpecError, parse_options, validate, validate_user_metadata
     from vtorque.shared.user_files import check_user_file
 
@@ -442,6 +441,7 @@ def _submit_vm_job(qsub_args: list[str], vm: list[str], script_at: int | None, d
         print(f"vsub: {note} so {spec.vms_per_node} VM(s) × {spec.vcpus} vCPU / {spec.ram_mib} MiB fit "
               f"beside the host reserve", file=sys.stderr)
     args = [*config.spec.exclusive_args, *fitted.args]
+    scheduler = scheduler_for(config)
 
     tracing.setup_tracing("vtorque-vsub", config.tracing, metrics=False)
     key_dir = Path.home() / ".vtorque" / "keys" / uuid.uuid4().hex
@@ -461,18 +461,21 @@ def _submit_vm_job(qsub_args: list[str], vm: list[str], script_at: int | None, d
             with tempfile.TemporaryDirectory(prefix="vsub-") as tmp:
                 wrapper_path = Path(tmp) / script_name
                 wrapper_path.write_text(wrapper)
-                argv = [qsub, *args, str(wrapper_path), *after]
+                submit_args = [*args, str(wrapper_path), *after]
                 if dry_run:
-                    print(shlex.join(argv))
+                    print(shlex.join([qsub, *submit_args]))
                     print(wrapper, end="")
                     return 0
                 # Slurm's cluster name (a `scontrol show config`, for the key's CLUSTER_FILE) while qsub runs:
                 # not one more round trip after the job id is known. Torque's is in the job id.
-                asking = threading.Thread(target=lambda: asked.update(cluster=scheduler_identity(config, "")),
+                asking = threading.Thread(target=lambda: asked.update(cluster=scheduler.cluster("")),
                                           daemon=True) if config.scheduler.kind == "slurm" else None
                 if asking is not None:
                     asking.start()
-                proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
+                try:
+                    proc = scheduler.submit(submit_args)
+                except SchedulerError as exc:
+                    raise UsageError(str(exc)) from None
             sys.stdout.write(proc.stdout)
             job_id = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
             if proc.returncode == 0 and job_id:
@@ -481,7 +484,7 @@ def _submit_vm_job(qsub_args: list[str], vm: list[str], script_at: int | None, d
                 # scheduler is done with the job even if it never ran (sweep_keys).
                 if asking is not None:
                     asking.join()
-                cluster = asked.get("cluster") if asking is not None else scheduler_identity(config, job_id)
+                cluster = asked.get("cluster") if asking is not None else scheduler.cluster(job_id)
                 (key_dir / JOB_FILE).write_text(job_id + "\n")
                 (key_dir / CLUSTER_FILE).write_text((cluster or "") + "\n")
                 submitted = True
@@ -544,27 +547,8 @@ def refuse_shell_words(options: list[str], wrapper_path: str, script_args: list[
 
 
 JOB_FILE = "job"  # in a key directory: the id of the job the key was made for
-CLUSTER_FILE = "cluster"  # ... and the scheduler that has it (scheduler_identity)
+CLUSTER_FILE = "cluster"  # ... and the scheduler that has it (Scheduler.cluster)
 ORPHAN_AGE = 3600.0  # a key directory with no job after this long: its vsub died before qsub answered
-
-
-def scheduler_identity(config, job_id: str) -> str | None:
-    """Which scheduler a job id belongs to: one home is often mounted on several clusters, and a job another
-    cluster runs is unknown to this one (a job of this one that is unknown has ended). Torque: the server in
-    the job id (`12.server`); Slurm: ClusterName. None when it cannot be told (such keys are never swept)."""
-    import re
-
-    from vtorque.shared.scheduler import SchedulerError, scheduler_for
-
-    if config.scheduler.kind == "torque":
-        server = job_id.partition(".")[2]
-        return f"torque:{server}" if server else None
-    try:
-        proc = scheduler_for(config).run("scontrol", "show", "config")
-    except SchedulerError:
-        return None
-    found = re.search(r"^ClusterName\s*=\s*(\S+)", proc.stdout, re.M) if proc.returncode == 0 else None
-    return f"slurm:{found.group(1)}" if found else None
 
 
 def sweep_keys(keys_root, config, cluster: str | None, now: float | None = None, keep: str = "") -> list[str]:

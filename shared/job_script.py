@@ -140,17 +140,9 @@ def user_script_from_stdin(data: str) -> bytes:
     return base64.decodebytes(data.encode())
 
 
-def slurm_script_head(job_id: str, state_dir: str | None, run) -> str:
-    """The first HEADER_LINES lines of a Slurm job's batch script: from slurmctld's state directory when it is
-    readable here (no process started), else `scontrol write batch_script` through `run(*argv)`. '' when
-    neither has it."""
-    if state_dir:
-        path = Path(state_dir) / f"hash.{int(job_id) % 10}" / f"job.{job_id}" / "script"
-        try:
-            with open(path, encoding="utf-8", errors="replace") as fh:
-                return "".join(fh.readline() for _ in range(HEADER_LINES))
-        except OSError:
-            pass
-    proc = run("scontrol", "write", "batch_script", job_id, "-")
-    return "\n".join(proc.stdout.splitlines()[:HEADER_LINES]) if proc.returncode == 0 else ""
-
+def read_head(path: str | Path) -> str:
+    """The first HEADER_LINES lines of a job script file, where the hooks and prefetch look for the header (a
+    Torque server's copy, a Torque prologue's $8, slurmctld's; shared/torque.py and shared/slurm.py say where
+    those are). Raises OSError."""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return "".join(fh.readline() for _ in range(HEADER_LINES))

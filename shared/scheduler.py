@@ -1,4 +1,5 @@
-"""What vtorque asks the resource manager, as one small interface: a job's state, exit code, owner and nodes.
+"""What vtorque asks the resource manager, as one small interface: a job's state, exit code, owner, nodes and
+cores, queue; which cluster it is; a job submitted or cancelled.
 
 `Scheduler` has a Torque implementation (shared/torque.py) and a Slurm one (shared/slurm.py), each the one home
 of what vtorque knows of that scheduler; the site names which one, and where its client binaries are, once in
@@ -36,6 +37,8 @@ class JobInfo(msgspec.Struct, kw_only=True, frozen=True):
     stdout: str | None = None  # where the job's output and error files go (paths on the job's first node)
     stderr: str | None = None
     mem_mib: int | None = None  # memory the job was given in all (Slurm TRES mem, Torque Resource_List.mem)
+    cores: tuple[int, ...] = ()  # cores the job has on each of `nodes`, in that order; () when not told
+    queue: str | None = None  # Torque's queue, Slurm's partition
 
     @property
     def alive(self) -> bool:
@@ -63,15 +66,28 @@ class Scheduler(Protocol):
     def binary(self, name: str) -> str:
         """The absolute path of one of its client binaries (qsub, qstat, scontrol, ...)."""
 
-    def run(self, *argv: str) -> subprocess.CompletedProcess:
-        """One of its client binaries (argv[0], by the configured path), bounded by `[scheduler] timeout`.
-        Raises SchedulerError when it cannot be run or does not answer in time."""
+    def run(self, *argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        """One of its client binaries (argv[0], by the configured path), bounded by `[scheduler] timeout`
+        (`env`: the whole environment it runs with, else the caller's). Raises SchedulerError when it cannot be
+        run or does not answer in time."""
+
+    def cluster(self, job_id: str) -> str | None:
+        """Which scheduler has `job_id` (one home is often mounted on several clusters): `torque:<server>`,
+        `slurm:<ClusterName>`; None when it cannot be told."""
+
+    def submit(self, args: list[str]) -> subprocess.CompletedProcess:
+        """The site's qsub with `args` (the job id on its stdout, captured; its stderr and stdin the caller's,
+        unbounded as qsub itself is). Raises SchedulerError when it cannot be run."""
+
+    def cancel(self, job_id: str) -> None:
+        """Ask the scheduler to cancel the job (qdel, scancel); a failure to ask is ignored."""
 
 
-def run_client(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+def run_client(argv: list[str], timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """A scheduler client binary, bounded; every failure to run it is SchedulerError."""
     try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                              env=env)
     except FileNotFoundError:
         raise SchedulerError(f"{argv[0]}: no such file (set [scheduler] in vtorque.toml)") from None
     except subprocess.TimeoutExpired:
@@ -116,6 +132,15 @@ def hms_seconds(text: str) -> int | None:
         dd, hh, mm, ss = map(int, parts)
         seconds = ((dd * 24 + hh) * 60 + mm) * 60 + ss
     return days * 86400 + seconds
+
+
+def submit_client(argv: list[str]) -> subprocess.CompletedProcess:
+    """qsub (Torque's, or slurm-wlm-torque's on Slurm) as vsub runs it: the job id on stdout, captured; stderr
+    and stdin the caller's; no time limit (qsub waits for the server as long as it must)."""
+    try:
+        return subprocess.run(argv, stdout=subprocess.PIPE, text=True)
+    except OSError as exc:
+        raise SchedulerError(f"{argv[0]}: {exc.strerror}") from None
 
 
 def scheduler_for(config) -> Scheduler:

@@ -1,9 +1,11 @@
-"""What vtorque knows of Slurm, in one place: its job states, `scontrol -o show job`, host lists, the cores of
-`scontrol show job -d`, PrologEpilogTimeout, the Comment, `squeue`, and the one class that asks it (`Slurm`:
-the shared/scheduler.py interface plus the few calls the hooks and prefetch make: `show_job`, `hostnames`,
-`prolog_epilog_timeout`, `set_comment`, `queue_states`). The Slurm hooks, the launcher, the bridge's prefetch,
-reconciliation and `vtorque status` all ask Slurm through here. Parsers are pure and unit-tested on recorded
-output; only `Slurm.run` runs a command. Light to import: PrologSlurmctld starts it.
+"""What vtorque knows of Slurm, in one place: its job states, `scontrol -o -d show job`, host lists, the cores
+of `scontrol show job -d`, `scontrol show config` (PrologEpilogTimeout, ClusterName, SlurmUser), the Comment,
+`squeue`, where slurmctld keeps a job's script, and the one class that asks it (`Slurm`: the shared/scheduler.py
+interface plus the few calls the hooks, prefetch and doctor make: `show_job`, `hostnames`, `show_config`,
+`prolog_epilog_timeout`, `script_head`, `set_comment`, `queue_states`). vsub, the Slurm hooks, the launcher,
+the bridge's prefetch, reconciliation, doctor and `vtorque status` all ask Slurm through here. Parsers are pure
+and unit-tested on recorded output; only `Slurm.run` (and `submit`) run a command. Light to import:
+PrologSlurmctld starts it.
 """
 
 from __future__ import annotations
@@ -11,8 +13,19 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from pathlib import Path
 
-from vtorque.shared.scheduler import ALIVE, JobInfo, SchedulerError, State, hms_seconds, mem_mib, run_client
+from vtorque.shared.job_script import HEADER_LINES, read_head
+from vtorque.shared.scheduler import (
+    ALIVE,
+    JobInfo,
+    SchedulerError,
+    State,
+    hms_seconds,
+    mem_mib,
+    run_client,
+    submit_client,
+)
 
 NO_TIMEOUT = 65534  # what `scontrol show config` prints for an unset PrologEpilogTimeout: wait indefinitely
 
@@ -88,7 +101,34 @@ def slurm_job_info(job_id: str, text: str) -> JobInfo:
     mem = mem_mib(tres["mem"]) if "mem" in tres else None
     return JobInfo(job_id=job_id, state=state, raw_state=raw, exit_code=exit_code, owner=owner, nodes=nodes,
                    walltime_s=wall, reason=reason, stdout=paths.get("StdOut"), stderr=paths.get("StdErr"),
-                   mem_mib=mem)
+                   mem_mib=mem, cores=_cores_of(text, job_id, nodes),
+                   queue=f["Partition"] if f.get("Partition") not in (None, "", "(null)") else None)
+
+
+def _cores_of(text: str, job_id: str, nodes: tuple[str, ...]) -> tuple[int, ...]:
+    """How many cores the job has on each node, from the `Nodes=n[1-2] CPU_IDs=0-1 Mem=...` words that -d puts
+    on the job's line; () when they are not there (or name a node list this cannot expand)."""
+    lines = [line for line in text.splitlines() if line.lstrip().startswith(f"JobId={job_id} ")] or text.splitlines()
+    counts: dict[str, int] = {}
+    for match in re.finditer(r"(?:^|\s)Nodes=(\S+)\s+CPU_IDs=([0-9,-]+)", lines[0] if lines else ""):
+        for host in expand_hostlist(match.group(1)):
+            counts[host] = counts.get(host, 0) + _count_ids(match.group(2))
+    if not counts or set(counts) != set(nodes):
+        return ()
+    return tuple(counts[n] for n in nodes)
+
+
+def _count_ids(ids: str) -> int:
+    total = 0
+    for part in filter(None, ids.split(",")):
+        lo, _, hi = part.partition("-")
+        total += int(hi or lo) - int(lo) + 1
+    return total
+
+
+def script_path(state_dir: str | Path, job_id: str) -> Path:
+    """Where slurmctld keeps a job's batch script in its StateSaveLocation: `hash.<id % 10>/job.<id>/script`."""
+    return Path(state_dir) / f"hash.{int(job_id) % 10}" / f"job.{job_id}" / "script"
 
 
 class Slurm:
@@ -112,13 +152,14 @@ class Slurm:
     def timeout(self) -> float:
         return self.config.timeout if self.config is not None else 10.0
 
-    def run(self, *argv: str) -> subprocess.CompletedProcess:
+    def run(self, *argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         """One of its client binaries (argv[0], by the configured path) with the time limit. Raises
         SchedulerError when it cannot be run or gives no answer in time."""
-        return run_client([self.binary(argv[0]), *argv[1:]], self.timeout)
+        return run_client([self.binary(argv[0]), *argv[1:]], self.timeout, env)
 
     def job(self, job_id: str) -> JobInfo | None:
-        proc = self.run("scontrol", "-o", "show", "job", job_id)
+        # -d: the cores of each node (`Nodes=... CPU_IDs=...`) on the same line.
+        proc = self.run("scontrol", "-o", "-d", "show", "job", job_id)
         if proc.returncode != 0:
             if "Invalid job id" in proc.stderr:  # never known, or forgotten MinJobAge seconds after it ended
                 return None
@@ -163,15 +204,46 @@ class Slurm:
             raise ValueError(f"scontrol show hostnames {expr}: {proc.stderr.strip()[:200]}")
         return proc.stdout.split()
 
+    def show_config(self, env: dict[str, str] | None = None) -> str:
+        """`scontrol show config` (with `env` as its whole environment: doctor asks with the hooks' SLURM_CONF).
+        Raises SchedulerError, saying so, when scontrol cannot be run or refuses."""
+        try:
+            proc = self.run("scontrol", "show", "config", env=env)
+        except SchedulerError as exc:
+            raise SchedulerError(f"scontrol show config: {exc}") from None
+        if proc.returncode != 0:
+            raise SchedulerError(f"scontrol show config: exit {proc.returncode}: {proc.stderr.strip()[:200]}")
+        return proc.stdout
+
     def prolog_epilog_timeout(self) -> tuple[int | None, str]:
         """(PrologEpilogTimeout, '') or (None, why not); None and '' when Slurm waits indefinitely."""
         try:
-            proc = self.run("scontrol", "show", "config")
+            return prolog_epilog_timeout(self.show_config()), ""
         except SchedulerError as exc:
-            return None, f"scontrol show config: {exc}"
-        if proc.returncode != 0:
-            return None, f"scontrol show config: exit {proc.returncode}: {proc.stderr.strip()[:200]}"
-        return prolog_epilog_timeout(proc.stdout), ""
+            return None, str(exc)
+
+    def cluster(self, job_id: str = "") -> str | None:
+        """`slurm:<ClusterName>` (the same for every job id of this controller); None when Slurm cannot say."""
+        try:
+            name = config_value(self.show_config(), "ClusterName")
+        except SchedulerError:
+            return None
+        return f"slurm:{name}" if name else None
+
+    def submit(self, args: list[str]) -> subprocess.CompletedProcess:
+        """slurm-wlm-torque's qsub ([scheduler] qsub) with `args`: vsub takes qsub's options on Slurm too."""
+        return submit_client([self.binary("qsub"), *args])
+
+    def script_head(self, job_id: str, state_dir: str | None) -> str:
+        """The first HEADER_LINES lines of the job's batch script: from slurmctld's state directory when it is
+        readable here (no process started), else `scontrol write batch_script`. '' when neither has it."""
+        if state_dir:
+            try:
+                return read_head(script_path(state_dir, job_id))
+            except OSError:
+                pass
+        proc = self.run("scontrol", "write", "batch_script", job_id, "-")
+        return "\n".join(proc.stdout.splitlines()[:HEADER_LINES]) if proc.returncode == 0 else ""
 
     def set_comment(self, job_id: str, text: str) -> str | None:
         """None when Slurm took the job's new Comment, else why not."""
@@ -225,6 +297,18 @@ def parse_cpu_ids(text: str, expand=None) -> dict[str, list[int]]:
         for host in hosts:
             cores.setdefault(host, []).extend(cpu_ids)
     return cores
+
+
+def config_value(show_config: str, key: str) -> str | None:
+    """One `Key = value` of `scontrol show config` (its first word: `SlurmUser = slurm(64030)` → `slurm(64030)`)."""
+    match = re.search(rf"(?m)^{re.escape(key)}\s*=\s*(\S+)", show_config)
+    return match.group(1) if match else None
+
+
+def slurm_user(show_config: str) -> str | None:
+    """SlurmUser (who runs PrologSlurmctld) from `scontrol show config`: `SlurmUser = slurm(64030)` → slurm."""
+    value = config_value(show_config, "SlurmUser")
+    return value.split("(")[0] or None if value else None
 
 
 def prolog_epilog_timeout(show_config: str) -> int | None:

@@ -1,9 +1,10 @@
 """What vtorque knows of Torque, in one place: its job states, `qstat -f` and its folded lines, `exec_host`
-(which hosts and cores a job has), the server's accounting records, and the one class that asks it (`Torque`:
-the shared/scheduler.py interface, plus `attrs`, the raw `qstat -f` a prologue needs for exec_host and the
-.o/.e paths). The hooks, the bridge's prefetch, reconciliation and `vtorque status` all read Torque through
-here. Parsers are pure (text in, values out) and unit-tested on recorded output; only `Torque.run` runs a
-command. Light to import: the Torque prologue starts it.
+(which hosts and cores a job has), PBS_NODEFILE and the prologue's Resource_List, the server's accounting
+records, and the one class that asks it (`Torque`: the shared/scheduler.py interface, plus `attrs`, the raw
+`qstat -f` a prologue needs for exec_host and the .o/.e paths). vsub, the hooks, the bridge's prefetch,
+reconciliation and `vtorque status` all read Torque through here. Parsers are pure (text in, values out) and
+unit-tested on recorded output; only `Torque.run` (and `submit`) run a command. Light to import: the Torque
+prologue starts it.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import subprocess
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
-from vtorque.shared.scheduler import JobInfo, SchedulerError, State, hms_seconds, mem_mib, run_client
+from vtorque.shared import messages as m
+from vtorque.shared.scheduler import JobInfo, SchedulerError, State, hms_seconds, mem_mib, run_client, submit_client
 
 # qstat job_state letters (TORQUE 6.1): C is kept only while keep_completed lasts.
 _TORQUE_STATES: dict[str, State] = {"Q": "queued", "H": "queued", "W": "queued", "T": "queued", "R": "running",
@@ -60,7 +63,17 @@ def job_info_from_attrs(job_id: str, a: dict[str, str]) -> JobInfo:
     wall = hms_seconds(a["Resource_List.walltime"]) if "Resource_List.walltime" in a else None
     mem = mem_mib(a["Resource_List.mem"], bare="b") if "Resource_List.mem" in a else None
     return JobInfo(job_id=job_id, state=state, raw_state=raw, exit_code=exit_code, owner=owner, nodes=nodes,
-                   walltime_s=wall, reason=a.get("comment") or None, mem_mib=mem)
+                   walltime_s=wall, reason=a.get("comment") or None, mem_mib=mem,
+                   cores=_cores_of(a.get("exec_host", ""), nodes), queue=a.get("queue") or None)
+
+
+def _cores_of(exec_host: str, nodes: tuple[str, ...]) -> tuple[int, ...]:
+    """How many cores exec_host gives the job on each of `nodes`; () when it says nothing readable."""
+    try:
+        hosts = parse_exec_host(exec_host)
+    except ExecHostError:
+        return ()
+    return tuple(len(hosts[n]) for n in nodes) if set(hosts) == set(nodes) else ()
 
 
 class Torque:
@@ -72,9 +85,23 @@ class Torque:
     def binary(self, name: str) -> str:
         return self.config.binary(name)
 
-    def run(self, *argv: str) -> subprocess.CompletedProcess:
+    def run(self, *argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         """One of its client binaries (argv[0], by the configured path) with the configured time limit."""
-        return run_client([self.binary(argv[0]), *argv[1:]], self.config.timeout)
+        return run_client([self.binary(argv[0]), *argv[1:]], self.config.timeout, env)
+
+    def cluster(self, job_id: str) -> str | None:
+        """`torque:<server>`, the server in the job id (`12.head` → `torque:head`); None without one."""
+        server = job_id.partition(".")[2]
+        return f"torque:{server}" if server else None
+
+    def submit(self, args: list[str]) -> subprocess.CompletedProcess:
+        return submit_client([self.binary("qsub"), *args])
+
+    def cancel(self, job_id: str) -> None:
+        try:
+            self.run("qdel", job_id)
+        except SchedulerError:
+            pass
 
     def suspend(self, job_id: str) -> None:
         self._signal("suspend", job_id)
@@ -164,6 +191,71 @@ def parse_exec_host(text: str) -> OrderedDict[str, list[int]]:
         got += [c for c in parse_core_list(cores) if c not in got]
     return hosts
 
+
+def exec_host_of(attrs: dict[str, str] | None, why: str = "") -> tuple[OrderedDict[str, list[int]] | None, str]:
+    """The exec_host of `qstat -f`'s attributes (Torque.attrs), or (None, why not)."""
+    if attrs is None:
+        return None, why
+    value = attrs.get("exec_host")
+    if not value:
+        return None, "qstat -f shows no exec_host"
+    try:
+        return parse_exec_host(value), ""
+    except ExecHostError as exc:
+        return None, str(exc)
+
+
+# -- what a root prologue is handed: PBS_NODEFILE and Resource_List ($5) -----------------------------------------
+
+def nodes_from_nodefile(path: str | None, exec_host: OrderedDict[str, list[int]] | None = None
+                        ) -> list[m.NodeAllocation]:
+    """PBS_NODEFILE lists a host once per core, in allocation order; the first host is the mother superior.
+    exec_host (when known) says which cores: kept only where it agrees with the node file's count."""
+    counts: OrderedDict[str, int] = OrderedDict()
+    if path:
+        for line in Path(path).read_text().split():
+            host = short_host(line)
+            counts[host] = counts.get(host, 0) + 1
+    return nodes_with_cores(counts, exec_host)
+
+
+def nodes_with_cores(counts: OrderedDict[str, int], exec_host: OrderedDict[str, list[int]] | None
+                     ) -> list[m.NodeAllocation]:
+    nodes = []
+    for host, n in counts.items():
+        cores = exec_host.get(host) if exec_host else None
+        nodes.append(m.NodeAllocation(host=host, ncpus=n, cores=list(cores) if cores and len(cores) == n else None))
+    return nodes
+
+
+def walltime_seconds(resource_list: str) -> int | None:
+    """walltime from Resource_List ($5 of the prologue): `walltime=01:00:00`, `walltime=90`, `1:02:00:00`."""
+    match = re.search(r"(?:^|,)walltime=([0-9:]+)(?:,|$)", resource_list)
+    if not match:
+        return None
+    parts = match.group(1).split(":")
+    if "" in parts or len(parts) > 4:
+        return None
+    values = [int(p) for p in parts]
+    days = values.pop(0) if len(values) == 4 else 0
+    total = 0
+    for v in values:
+        total = total * 60 + v
+    return days * 86400 + total
+
+
+
+def server_job_script(torque_home: str | Path, job_id: str) -> Path | None:
+    """The server's copy of a job's script: server_priv/jobs/<id>.SC, or jobs/<last digit>/<id>.SC when the
+    server has use_jobs_subdirs; None when there is none (or the id could name another path)."""
+    jobs = Path(torque_home) / "server_priv" / "jobs"
+    if "/" in job_id or job_id.startswith("."):
+        return None
+    candidates = [jobs / f"{job_id}.SC"]
+    digits = re.match(r"\d+", job_id)
+    if digits:
+        candidates.append(jobs / digits.group()[-1] / f"{job_id}.SC")
+    return next((p for p in candidates if p.is_file()), None)
 
 
 # -- the server's accounting records ---------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import time
 from typing import TYPE_CHECKING
 
 from vtorque.hooks.process_age import process_age  # slurmscriptd started the shell entry point, which exec'd us
-from vtorque.shared.job_script import JobHeader, ScriptError, parse_header, slurm_script_head
+from vtorque.shared.job_script import JobHeader, ScriptError, parse_header
 from vtorque.shared.scheduler import SchedulerError
 
 # What Slurm says and how it is asked live in shared/slurm.py (the bridge's prefetch asks it too), what the
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None, env=os.environ, channel_factory=None, ag
         config_error = exc
     tools = slurm_for(config)
     try:
-        header = parse_header(slurm_script_head(job_id, env.get("VTORQUE_SLURM_STATE"), tools.run))
+        header = parse_header(tools.script_head(job_id, env.get("VTORQUE_SLURM_STATE")))
         if header is None:
             return 0  # not a VM job (the shell entry point lets those go without Python unless it cannot read)
         if config_error is not None:

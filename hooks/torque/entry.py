@@ -16,12 +16,13 @@ from pathlib import Path
 
 from vtorque.hooks.job_hook import JobContext, Outcome, Verdict
 from vtorque.shared.job_script import ScriptError
+from vtorque.shared.torque import exec_host_of, nodes_from_nodefile, walltime_seconds
 
 from .cancel import make_cancel_dir, remove_cancel_dir, spawn_cancel_watcher, watch_main
 from .channel import torque_channel_factory
 from .deadline import hook_age, prologue_deadline, prologue_room, read_prologalarm, torque_kill_after
 from .exit_codes import ABORT, PY_REQUEUE, REQUEUE, RUN, prologue_exit_code
-from .job import HookUsage, exec_host_of, job_context, nodes_from_nodefile, qstat_attrs, torque_home, walltime_seconds
+from .job import HookUsage, job_context, qstat_attrs, torque_home
 from .log import hook_log, setup_hook_log
 from .owner_notes import delivered_paths, final_note, reason_text, started_text, write_as_user, write_reason
 from .state_files import guests_marker, nothing_asked, quiet_marker, read_requeues, requeue_counter

@@ -1,61 +1,23 @@
 """The job as Torque hands it to a root hook (argv, PBS_NODEFILE, the script's header, the mom_priv it runs from)
 and as `qstat -f` adds to it (exec_host: which cores), made into the scheduler-neutral JobContext of
-hooks/job_hook.py."""
+hooks/job_hook.py. What those say is read by shared/torque.py (nodes_from_nodefile, walltime_seconds,
+exec_host_of); here is only the hook's use of it."""
 
 from __future__ import annotations
 
 import grp
 import pwd
-import re
 from collections import OrderedDict
 from pathlib import Path
 
 from vtorque.hooks.job_hook import JobContext
 from vtorque.shared import messages as m
-from vtorque.shared.job_script import HEADER_LINES, JobHeader, parse_header
+from vtorque.shared.job_script import JobHeader, parse_header, read_head
+from vtorque.shared.torque import exec_host_of, nodes_from_nodefile, walltime_seconds
 
 
 class HookUsage(Exception):
     pass
-
-
-# -- pure ---------------------------------------------------------------------------------------------------
-
-def nodes_from_nodefile(path: str | None, exec_host: OrderedDict[str, list[int]] | None = None
-                        ) -> list[m.NodeAllocation]:
-    """PBS_NODEFILE lists a host once per core, in allocation order; the first host is the mother superior.
-    exec_host (when known) says which cores: kept only where it agrees with the node file's count."""
-    counts: OrderedDict[str, int] = OrderedDict()
-    if path:
-        for line in Path(path).read_text().split():
-            host = line.split(".")[0]
-            counts[host] = counts.get(host, 0) + 1
-    return nodes_with_cores(counts, exec_host)
-
-
-def nodes_with_cores(counts: OrderedDict[str, int], exec_host: OrderedDict[str, list[int]] | None
-                     ) -> list[m.NodeAllocation]:
-    nodes = []
-    for host, n in counts.items():
-        cores = exec_host.get(host) if exec_host else None
-        nodes.append(m.NodeAllocation(host=host, ncpus=n, cores=list(cores) if cores and len(cores) == n else None))
-    return nodes
-
-
-def walltime_seconds(resource_list: str) -> int | None:
-    """walltime from Resource_List ($5 of the prologue): `walltime=01:00:00`, `walltime=90`, `1:02:00:00`."""
-    match = re.search(r"(?:^|,)walltime=([0-9:]+)(?:,|$)", resource_list)
-    if not match:
-        return None
-    parts = match.group(1).split(":")
-    if "" in parts or len(parts) > 4:
-        return None
-    values = [int(p) for p in parts]
-    days = values.pop(0) if len(values) == 4 else 0
-    total = 0
-    for v in values:
-        total = total * 60 + v
-    return days * 86400 + total
 
 
 def torque_home(hook_path: str | None, configured: str) -> Path:
@@ -67,26 +29,11 @@ def torque_home(hook_path: str | None, configured: str) -> Path:
     return Path(configured)
 
 
-def exec_host_of(attrs: dict[str, str] | None, why: str = "") -> tuple[OrderedDict[str, list[int]] | None, str]:
-    from vtorque.shared.torque import ExecHostError, parse_exec_host
-
-    if attrs is None:
-        return None, why
-    value = attrs.get("exec_host")
-    if not value:
-        return None, "qstat -f shows no exec_host"
-    try:
-        return parse_exec_host(value), ""
-    except ExecHostError as exc:
-        return None, str(exc)
-
-
 # -- I/O ----------------------------------------------------------------------------------------------------
 
 def read_header(script: str) -> JobHeader | None:
     try:
-        with open(script, encoding="utf-8", errors="replace") as fh:
-            head = "".join(fh.readline() for _ in range(HEADER_LINES))
+        head = read_head(script)
     except OSError:
         return None
     return parse_header(head)

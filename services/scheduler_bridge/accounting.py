@@ -36,13 +36,13 @@ from typing import ClassVar, Literal
 from vtorque.shared import messages as m
 from vtorque.shared import tracing
 from vtorque.shared.config import Config
-from vtorque.shared.job_script import HEADER_LINES, JobHeader, ScriptError, parse_header, slurm_script_head
+from vtorque.shared.job_script import JobHeader, ScriptError, parse_header, read_head
 from vtorque.shared.logs import log
 from vtorque.shared.scheduler import SchedulerError
 
 # What Torque's accounting records and Slurm's queue say is read by shared/torque.py and shared/slurm.py.
 from vtorque.shared.slurm import Slurm
-from vtorque.shared.torque import AccountingRecord, parse_record
+from vtorque.shared.torque import AccountingRecord, parse_record, server_job_script
 
 LOG = logging.getLogger("vtorque.prefetch")
 _LOG_NAME = re.compile(r"^\d{8}$")
@@ -191,25 +191,11 @@ class AccountingFollower:
             out.append((None, self.cursor))
 
 
-def torque_job_script(torque_home: str | Path, job_id: str) -> Path | None:
-    """The server's copy of a job's script: server_priv/jobs/<id>.SC, or jobs/<last digit>/<id>.SC when the
-    server has use_jobs_subdirs."""
-    jobs = Path(torque_home) / "server_priv" / "jobs"
-    if "/" in job_id or job_id.startswith("."):
-        return None
-    candidates = [jobs / f"{job_id}.SC"]
-    digits = re.match(r"\d+", job_id)
-    if digits:
-        candidates.append(jobs / digits.group()[-1] / f"{job_id}.SC")
-    return next((p for p in candidates if p.is_file()), None)
-
-
 def read_header(path: Path | None) -> JobHeader | None:
     if path is None:
         return None
     try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            head = "".join(fh.readline() for _ in range(HEADER_LINES))
+        head = read_head(path)
     except OSError:
         return None
     try:
@@ -371,7 +357,7 @@ class TorquePrefetch(_Prefetcher):
         self.follower = AccountingFollower(self.directory, cursor or Cursor(None))
 
     def _header(self, job_id: str) -> JobHeader | None:
-        return read_header(torque_job_script(self.torque_home, job_id))
+        return read_header(server_job_script(self.torque_home, job_id))
 
     def _vm_probe(self, headers: dict[str, JobHeader]):
         """The book's is_vm for one record: a job is a VM job when its script has a header, kept in `headers`."""
@@ -442,7 +428,7 @@ class SlurmPrefetch(_Prefetcher):
 
     def _header(self, job_id: str) -> JobHeader | None:
         try:
-            return parse_header(slurm_script_head(job_id, self.state_dir, Slurm(self.config.scheduler).run))
+            return parse_header(Slurm(self.config.scheduler).script_head(job_id, self.state_dir))
         except (ScriptError, SchedulerError, OSError) as exc:
             log(LOG, logging.WARNING, "job script unreadable", job_id=job_id, error=str(exc))
             return None

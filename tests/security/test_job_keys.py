@@ -156,10 +156,10 @@ def test_a_key_of_another_clusters_job_stays(users, submit_site):
 
 
 def test_a_torque_job_belongs_to_the_server_in_its_id():
-    from vtorque.cli.vsub import scheduler_identity
     from vtorque.shared.config import Config, SchedulerConfig
+    from vtorque.shared.scheduler import scheduler_for
 
-    config = Config(scheduler=SchedulerConfig(kind="torque"))
-    assert scheduler_identity(config, "12.head.cluster") == "torque:head.cluster"
-    assert scheduler_identity(config, "12[3].head") == "torque:head"
-    assert scheduler_identity(config, "12") is None  # a key that can never be told apart is never swept
+    torque = scheduler_for(Config(scheduler=SchedulerConfig(kind="torque")))
+    assert torque.cluster("12.head.cluster") == "torque:head.cluster"
+    assert torque.cluster("12[3].head") == "torque:head"
+    assert torque.cluster("12") is None  # a key that can never be told apart is never swept

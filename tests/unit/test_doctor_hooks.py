@@ -13,6 +13,7 @@ import pytest
 
 from vtorque.cli import checks, doctor
 from vtorque.shared.config import Config, HooksConfig, SchedulerConfig, TorqueConfig
+from vtorque.shared.slurm import slurm_user
 
 CLI = Path(doctor.__file__).parent
 
@@ -159,8 +160,8 @@ def test_torque_prologalarm_against_hooks_prologue_timeout(torque_site, alarm, s
 
 
 def test_slurm_user_from_show_config():
-    assert doctor.slurm_user("SlurmUser               = slurm(64030)\n") == "slurm"
-    assert doctor.slurm_user("SlurmctldPort = 1\n") is None
+    assert slurm_user("SlurmUser               = slurm(64030)\n") == "slurm"
+    assert slurm_user("SlurmctldPort = 1\n") is None
 
 
 # -- structure ---------------------------------------------------------------------------------------------

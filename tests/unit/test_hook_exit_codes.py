@@ -1,6 +1,6 @@
 from vtorque.hooks import slurm
 from vtorque.hooks.job_hook import Outcome, Verdict
-from vtorque.hooks.torque import exit_codes, job
+from vtorque.hooks.torque import exit_codes
 
 
 def test_torque_prologue_codes_follow_torque_rules():
@@ -15,13 +15,6 @@ def test_slurm_cancels_rejections_and_the_last_failure():
     assert slurm.should_cancel(Outcome(Verdict.REJECTED), 0, 2)
     assert not slurm.should_cancel(Outcome(Verdict.FAILED), 1, 2)
     assert slurm.should_cancel(Outcome(Verdict.FAILED), 2, 2)
-
-
-def test_nodefile_gives_hosts_in_order_with_core_counts(tmp_path):
-    nodefile = tmp_path / "1.vm"
-    nodefile.write_text("n2.cluster\nn2.cluster\nn1.cluster\n")
-    nodes = job.nodes_from_nodefile(str(nodefile))
-    assert [(n.host, n.ncpus) for n in nodes] == [("n2", 2), ("n1", 1)]
 
 
 def test_slurm_cpus_per_node_expands():

@@ -276,7 +276,7 @@ def test_ask_scheduler_turns_errors_into_an_answer(monkeypatch):
     from vtorque.shared import scheduler, slurm
     from vtorque.shared.config import Config, SchedulerConfig
 
-    def fail(argv, timeout):
+    def fail(argv, timeout, env=None):
         raise scheduler.SchedulerError("scontrol: no such file")
 
     monkeypatch.setattr(slurm, "run_client", fail)

@@ -116,7 +116,7 @@ def test_hostlists_and_time_limits():
 def _answer(monkeypatch, rc: int, stdout: str = "", stderr: str = ""):
     calls = []
 
-    def run(argv, timeout):
+    def run(argv, timeout, env=None):
         calls.append(argv)
         return subprocess.CompletedProcess(argv, rc, stdout, stderr)
 
@@ -127,7 +127,7 @@ def _answer(monkeypatch, rc: int, stdout: str = "", stderr: str = ""):
 def test_slurm_job_asks_scontrol_by_absolute_path(monkeypatch):
     calls = _answer(monkeypatch, 0, FAILED_1)
     info = Slurm(SchedulerConfig(kind="slurm", bin_dir="/opt/slurm/bin")).job("1")
-    assert calls == [["/opt/slurm/bin/scontrol", "-o", "show", "job", "1"]] and info.exit_code == 1
+    assert calls == [["/opt/slurm/bin/scontrol", "-o", "-d", "show", "job", "1"]] and info.exit_code == 1
     assert scheduler.scheduler_for(SchedulerConfig(kind="slurm")).kind == "slurm"
 
 
@@ -170,3 +170,83 @@ def test_the_hooks_comment_is_the_reason_without_trailing_blanks():
     assert info.state == "failed" and info.exit_code == 1 and info.nodes == ("vm",)
     assert info.reason.startswith("vtorque: not started: image badsum-") and info.reason.endswith("nothing was staged")
     assert info.stderr.endswith("/badsum.e10")
+
+
+# Recorded: `scontrol -o -d show job 1` on the single-host stack (Slurm 22.05.8): -d puts each node's cores on
+# the job's line (`Nodes=vm CPU_IDs=0 Mem=256 GRES=`).
+DETAILED_1 = (
+    "JobId=1 JobName=vmdemo UserId=root(0) GroupId=root(0) MCS_label=N/A Priority=4294901759 Nice=0 "
+    "Account=(null) QOS=(null) JobState=COMPLETED Reason=None Dependency=(null) Requeue=1 Restarts=0 BatchFlag=1 "
+    "Reboot=0 ExitCode=0:0 DerivedExitCode=0:0 RunTime=00:00:11 TimeLimit=365-00:00:00 TimeMin=N/A "
+    "SubmitTime=2026-12-03T08:43:04 EligibleTime=2026-12-03T08:43:04 AccrueTime=2026-12-03T08:43:04 "
+    "StartTime=2026-12-03T08:43:04 EndTime=2026-12-03T08:43:15 Deadline=N/A SuspendTime=None SecsPreSuspend=0 "
+    "LastSchedEval=2026-12-03T08:43:04 Scheduler=Backfill Partition=batch AllocNode:Sid=localhost:4691 "
+    "ReqNodeList=(null) ExcNodeList=(null) NodeList=vm BatchHost=vm NumNodes=1 NumCPUs=1 NumTasks=1 CPUs/Task=1 "
+    "ReqB:S:C:T=0:0:*:* TRES=cpu=1,mem=256M,node=1,billing=1 Socks/Node=* NtasksPerN:B:S:C=0:0:*:* CoreSpec=* "
+    "JOB_GRES=(null)   Nodes=vm CPU_IDs=0 Mem=256 GRES= MinCPUsNode=1 MinMemoryNode=256M MinTmpDiskNode=0 "
+    "Features=(null) DelayBoot=00:00:00 OverSubscribe=OK Contiguous=0 Licenses=(null) Network=(null) "
+    "Command=/tmp/vsub-tzxnv0nz/vmdemo.sh WorkDir=/var/lib/vtorque-stack/jobs "
+    "StdErr=/var/lib/vtorque-stack/jobs/vmdemo.sh.e1 StdIn=/dev/null StdOut=/var/lib/vtorque-stack/jobs/vmdemo.sh.o1 "
+    "Power= \n")
+
+
+def test_a_detailed_job_says_the_cores_of_each_node_and_its_partition():
+    info = slurm_job_info("1", DETAILED_1)
+    assert (info.state, info.exit_code, info.nodes, info.cores, info.queue) == ("completed", 0, ("vm",), (1,),
+                                                                                "batch")
+    assert info.stdout == "/var/lib/vtorque-stack/jobs/vmdemo.sh.o1" and info.mem_mib == 256
+    two = DETAILED_1.replace("NodeList=vm", "NodeList=n[1-3]").replace(
+        "Nodes=vm CPU_IDs=0 Mem=256 GRES=", "Nodes=n[1-2] CPU_IDs=0-1,4 Mem=256 GRES= Nodes=n3 CPU_IDs=2 Mem=256 GRES=")
+    assert slurm_job_info("1", two).cores == (3, 3, 1)
+    assert slurm_job_info("1", FAILED_1).cores == ()  # without -d: not told
+
+
+def test_show_config_says_the_cluster_the_timeout_and_the_slurm_user(monkeypatch):
+    calls = []
+
+    def run(argv, timeout, env=None):
+        calls.append((argv, env))
+        return subprocess.CompletedProcess(argv, 0, "ClusterName             = vts\nSlurmUser = slurm(64030)\n"
+                                                    "PrologEpilogTimeout     = 300\n", "")
+
+    monkeypatch.setattr(slurm, "run_client", run)
+    site = Slurm(SchedulerConfig(kind="slurm", bin_dir="/opt/slurm/bin"))
+    assert site.cluster("") == "slurm:vts" and site.prolog_epilog_timeout() == (300, "")
+    assert slurm.slurm_user(site.show_config(env={"SLURM_CONF": "/etc/x.conf"})) == "slurm"
+    assert calls[-1] == (["/opt/slurm/bin/scontrol", "show", "config"], {"SLURM_CONF": "/etc/x.conf"})
+    assert calls[0][1] is None  # the caller's environment unless told
+
+
+def test_show_config_refused_or_unanswered_is_a_scheduler_error(monkeypatch):
+    _answer(monkeypatch, 1, stderr="slurm_load_ctl_conf error: Unable to contact slurm controller\n")
+    site = Slurm(SchedulerConfig(kind="slurm"))
+    with pytest.raises(SchedulerError, match="scontrol show config: exit 1: slurm_load_ctl_conf"):
+        site.show_config()
+    assert site.cluster("5") is None
+    assert site.prolog_epilog_timeout()[1].startswith("scontrol show config: exit 1")
+
+
+def test_a_jobs_script_head_from_the_state_directory_else_scontrol(monkeypatch, tmp_path):
+    calls = _answer(monkeypatch, 0, "".join(f"line {n}\n" for n in range(100)))
+    site = Slurm(SchedulerConfig(kind="slurm", bin_dir="/opt/slurm/bin"))
+    script = slurm.script_path(tmp_path, "23")
+    assert script == tmp_path / "hash.3" / "job.23" / "script"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n# vtorque-spec: img=tiny\n" + "echo\n" * 100)
+    assert site.script_head("23", str(tmp_path)).splitlines()[:2] == ["#!/bin/sh", "# vtorque-spec: img=tiny"]
+    assert calls == []  # read where slurmctld keeps it: no process
+    head = site.script_head("24", str(tmp_path))  # not there: asked
+    assert head.splitlines() == [f"line {n}" for n in range(64)]
+    assert calls == [["/opt/slurm/bin/scontrol", "write", "batch_script", "24", "-"]]
+    _answer(monkeypatch, 1, stderr="Invalid job id\n")
+    assert site.script_head("25", None) == ""
+
+
+def test_slurm_submits_with_the_sites_qsub(tmp_path):
+    qsub = tmp_path / "qsub"
+    qsub.write_text('#!/bin/sh\necho "args $*" >&2\necho 41\n')
+    qsub.chmod(0o755)
+    proc = Slurm(SchedulerConfig(kind="slurm", qsub=str(qsub))).submit(["-l", "nodes=1", "job.sh"])
+    assert (proc.returncode, proc.stdout) == (0, "41\n")
+    with pytest.raises(SchedulerError):
+        Slurm(SchedulerConfig(kind="slurm", qsub=str(tmp_path / "none"))).submit([])

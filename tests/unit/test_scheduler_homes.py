@@ -17,7 +17,7 @@ def _answers(monkeypatch, module, replies):
     """Every client call of `module` recorded; `replies` maps argv[1:] (as a tuple) to (rc, stdout, stderr)."""
     calls = []
 
-    def run(argv, timeout):
+    def run(argv, timeout, env=None):
         calls.append(argv)
         reply = replies.get(tuple(argv[1:]))
         if reply is None:

@@ -1,10 +1,21 @@
-"""exec_host, qstat -f and accounting records, parsed (shared/torque.py)."""
+"""exec_host, qstat -f, accounting records, PBS_NODEFILE and the prologue's Resource_List, parsed (shared/torque.py)."""
 
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
 
-from vtorque.shared.torque import ExecHostError, parse_accounting, parse_core_list, parse_exec_host, parse_qstat_f
+from vtorque.shared.torque import (
+    ExecHostError,
+    exec_host_of,
+    nodes_from_nodefile,
+    nodes_with_cores,
+    parse_accounting,
+    parse_core_list,
+    parse_exec_host,
+    parse_qstat_f,
+    walltime_seconds,
+)
 
 RECORDED = Path(__file__).parents[1] / "data" / "torque-recorded" / "accounting" / "20261126"
 
@@ -126,3 +137,79 @@ def test_torque_job_nodes_are_short_names_as_the_hooks_give_them():
 
     text = QSTAT_F_RUNNING.replace("exec_host = vm/0-1", "exec_host = n1.cluster/0-1+n2.cluster/0-1+n1.cluster/2")
     assert torque_job_info("12.vm", text).nodes == ("n1", "n2")
+
+
+@pytest.mark.parametrize("resources, seconds", [
+    ("nodes=1:ppn=2,walltime=00:05:00,mem=100mb,neednodes=1:ppn=2", 300),
+    ("walltime=00:01:00,nodes=1,neednodes=1", 60),
+    ("prologue=/home/u/p.sh,epilogue=e.sh,walltime=01:02:03,nodes=1", 3723),
+    ("walltime=90", 90),
+    ("walltime=2:00:00:00", 172800),
+    ("nodes=1", None),
+    ("walltime=1::0", None),
+])
+def test_walltime_from_resource_list(resources, seconds):
+    assert walltime_seconds(resources) == seconds
+
+
+def test_exec_host_cores_only_where_they_agree_with_the_node_file():
+    counts = OrderedDict([("n1", 2), ("n2", 2), ("n3", 1)])
+    exec_host = OrderedDict([("n1", [0, 1]), ("n2", [2]), ("n3", [5])])
+    nodes = nodes_with_cores(counts, exec_host)
+    assert [(n.host, n.ncpus, n.cores) for n in nodes] == [("n1", 2, [0, 1]), ("n2", 2, None), ("n3", 1, [5])]
+    assert [n.cores for n in nodes_with_cores(counts, None)] == [None, None, None]
+
+
+def test_nodefile_gives_hosts_in_order_with_core_counts(tmp_path):
+    nodefile = tmp_path / "1.vm"
+    nodefile.write_text("n2.cluster\nn2.cluster\nn1.cluster\n")
+    nodes = nodes_from_nodefile(str(nodefile))
+    assert [(n.host, n.ncpus) for n in nodes] == [("n2", 2), ("n1", 1)]
+
+
+def test_exec_host_of_qstat_attributes_or_why_not():
+    assert exec_host_of({"exec_host": "n1/0-1+n2/2"}) == ({"n1": [0, 1], "n2": [2]}, "")
+    assert exec_host_of(None, "qstat gave no answer") == (None, "qstat gave no answer")
+    assert exec_host_of({"job_state": "R"}) == (None, "qstat -f shows no exec_host")
+    assert exec_host_of({"exec_host": "vm/"})[0] is None
+
+
+def test_torque_job_info_says_the_cores_of_each_node_and_the_queue():
+    from vtorque.shared.torque import torque_job_info
+
+    assert torque_job_info("12.vm", QSTAT_F_RUNNING).cores == (2,)
+    text = QSTAT_F_RUNNING.replace("exec_host = vm/0-1", "exec_host = n1.cluster/0-1+n2.cluster/0-1+n1.cluster/2")
+    info = torque_job_info("12.vm", text.replace("queue = batch", "queue = long"))
+    assert (info.nodes, info.cores, info.queue) == (("n1", "n2"), (3, 2), "long")
+    queued = torque_job_info("12.vm", QSTAT_F_RUNNING.replace("    exec_host = vm/0-1\n", ""))
+    assert queued.cores == () and queued.nodes == ()
+
+
+def test_the_servers_copy_of_a_job_script(tmp_path):
+    from vtorque.shared.torque import server_job_script
+
+    jobs = tmp_path / "server_priv" / "jobs"
+    (jobs / "7").mkdir(parents=True)
+    (jobs / "12.vm.SC").write_text("#!/bin/sh\n")
+    (jobs / "7" / "17.vm.SC").write_text("#!/bin/sh\n")  # use_jobs_subdirs: by the id's last digit
+    assert server_job_script(tmp_path, "12.vm") == jobs / "12.vm.SC"
+    assert server_job_script(tmp_path, "17.vm") == jobs / "7" / "17.vm.SC"
+    assert server_job_script(tmp_path, "13.vm") is None
+    assert server_job_script(tmp_path, "../12.vm") is None and server_job_script(tmp_path, ".x") is None
+
+
+def test_torque_names_its_cluster_by_the_server_submits_with_qsub_and_cancels_with_qdel(tmp_path):
+    from vtorque.shared.config import SchedulerConfig
+    from vtorque.shared.torque import Torque
+
+    log = tmp_path / "log"
+    for name, body in (("qsub", 'echo "qsub $*" >> {log}; echo 12.head'), ("qdel", 'echo "qdel $*" >> {log}')):
+        (tmp_path / name).write_text("#!/bin/sh\n" + body.format(log=log) + "\n")
+        (tmp_path / name).chmod(0o755)
+    torque = Torque(SchedulerConfig(kind="torque", bin_dir=str(tmp_path), timeout=5.0))
+    proc = torque.submit(["-N", "x", "job.sh"])
+    assert (proc.returncode, proc.stdout) == (0, "12.head\n")
+    torque.cancel("12.head")
+    assert log.read_text().splitlines() == ["qsub -N x job.sh", "qdel 12.head"]
+    assert torque.cluster("12.head") == "torque:head"
+    Torque(SchedulerConfig(kind="torque", bin_dir=str(tmp_path / "none"), timeout=5.0)).cancel("1.head")  # no raise

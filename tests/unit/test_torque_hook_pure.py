@@ -1,6 +1,6 @@
-"""The Torque hook's pure parts: deadlines from $prologalarm, walltime, names, exit codes (hooks/torque/)."""
+"""The Torque hook's pure parts: deadlines from $prologalarm, names, exit codes (hooks/torque/). What Torque's
+walltime, node file and exec_host say is shared/torque.py's: tests/unit/test_torque_exec_host.py."""
 
-from collections import OrderedDict
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -31,19 +31,6 @@ def test_deadline_keeps_the_margin_below_torques_kill():
     assert deadline.prologue_room(12, 5) < 1  # nothing fits: the hook aborts and says so
 
 
-@pytest.mark.parametrize("resources, seconds", [
-    ("nodes=1:ppn=2,walltime=00:05:00,mem=100mb,neednodes=1:ppn=2", 300),
-    ("walltime=00:01:00,nodes=1,neednodes=1", 60),
-    ("prologue=/home/u/p.sh,epilogue=e.sh,walltime=01:02:03,nodes=1", 3723),
-    ("walltime=90", 90),
-    ("walltime=2:00:00:00", 172800),
-    ("nodes=1", None),
-    ("walltime=1::0", None),
-])
-def test_walltime_from_resource_list(resources, seconds):
-    assert job.walltime_seconds(resources) == seconds
-
-
 @pytest.mark.parametrize("name, job_id, want", [
     ("hooktest", "1.vm", "hooktest.v1"),
     ("arr", "12[3].vm", "arr.v12-3"),
@@ -65,14 +52,6 @@ def test_torque_home_from_the_hooks_own_path():
     assert str(job.torque_home("/opt/t/mom_priv/epilogue", "/x")) == "/opt/t"
     assert str(job.torque_home("/work/main/hooks/torque/prologue", "/cfg")) == "/cfg"
     assert str(job.torque_home(None, "/cfg")) == "/cfg"
-
-
-def test_exec_host_cores_only_where_they_agree_with_the_node_file():
-    counts = OrderedDict([("n1", 2), ("n2", 2), ("n3", 1)])
-    exec_host = OrderedDict([("n1", [0, 1]), ("n2", [2]), ("n3", [5])])
-    nodes = job.nodes_with_cores(counts, exec_host)
-    assert [(n.host, n.ncpus, n.cores) for n in nodes] == [("n1", 2, [0, 1]), ("n2", 2, None), ("n3", 1, [5])]
-    assert [n.cores for n in job.nodes_with_cores(counts, None)] == [None, None, None]
 
 
 def test_every_failure_is_bounded():
