@@ -18,10 +18,11 @@ each with a deadline) under a host-wide lock, as two node workers of a test host
 from __future__ import annotations
 
 import fcntl
-import ipaddress
 import json
 import os
+import re
 import subprocess
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -107,7 +108,8 @@ def forwarding_commands(seg: Segment, present: set[tuple[str, str]]) -> list[lis
     """The VXLAN forwarding entries the segment lacks: floods to every other node of the job, and each remote
     guest's MAC to its node. `present` holds the (MAC, endpoint) entries already there."""
     wanted = [(FLOOD_MAC, r) for r in seg.remotes] + list(seg.remote_macs)
-    return [["bridge", "fdb", "append" if mac == FLOOD_MAC else "replace", mac, "dev", seg.vxlan, "dst", dst]
+    vxlan = seg.vxlan
+    return [["bridge", "fdb", "append" if mac == FLOOD_MAC else "replace", mac, "dev", vxlan, "dst", dst]
             for mac, dst in wanted if (mac, dst) not in present]
 
 
@@ -128,15 +130,23 @@ def guard_commands(port: int) -> list[tuple[list[str], list[str]]]:
     ]
 
 
+# A dotted quad as ipaddress.IPv4Address takes it: four ASCII decimal octets, no leading zeros.
+_OCTET = r"(0|[1-9][0-9]{0,2})"
+_DOTTED_QUAD = re.compile(r"\.".join([_OCTET] * 4))
+
+
 def check_endpoint(address: str, local: str) -> str | None:
-    """Why `address` cannot be a VXLAN endpoint of a job seen from a node whose own is `local`, or None."""
-    try:
-        ip = ipaddress.IPv4Address(address)
-    except ValueError:
+    """Why `address` cannot be a VXLAN endpoint of a job seen from a node whose own is `local`, or None.
+    The same verdicts as ipaddress.IPv4Address and its is_multicast/is_unspecified/is_loopback
+    (tests/unit/test_job_segment.py compares them), without it: a node checks every endpoint of a job, 1,023 at
+    1,024 nodes, and ipaddress took 10 ms of each node's boot there (docs/benchmarks.md, scale)."""
+    match = _DOTTED_QUAD.fullmatch(address) if isinstance(address, str) else None
+    octets = [int(o) for o in match.groups()] if match else []
+    if not octets or max(octets) > 255:
         return "is not an IPv4 address"
-    if ip.is_multicast or ip.is_unspecified or ip == ipaddress.IPv4Address("255.255.255.255"):
+    if 224 <= octets[0] <= 239 or octets in ([0, 0, 0, 0], [255, 255, 255, 255]):
         return "is not a unicast address"
-    if ip.is_loopback and address != local:
+    if octets[0] == 127 and address != local:
         return "is a loopback address other than this node's own"
     return None
 
@@ -212,8 +222,7 @@ class JobSegments:
                 except SegmentError:
                     self._delete(seg.vni)  # nothing half-made left behind
                     raise
-            for argv in forwarding_commands(seg, self._forwarding(seg.vxlan)):
-                self._must(argv)
+            self._must_all(forwarding_commands(seg, self._forwarding(seg.vxlan)))
         return seg.bridge
 
     def remove(self, vni: int, job_id: str) -> bool:
@@ -255,6 +264,23 @@ class JobSegments:
             raise SegmentError(f"job network: {argv[0]} failed: {exc}") from None
         if done.returncode != 0:
             raise SegmentError(f"job network: {' '.join(argv[:4])}: {(done.stderr or done.stdout).strip()[:300]}")
+
+    def _must_all(self, commands: list[list[str]]) -> None:
+        """`bridge` commands, in one `bridge -batch` when there are several: a node of a 1,024-node job adds
+        2,046 forwarding entries (a flood and a MAC per other node), 2,046 processes of ~3 ms each one by one.
+        Without -force the batch stops at its first failing line and exits non-zero (that line in its stderr)."""
+        if len(commands) <= 1:
+            for argv in commands:
+                self._must(argv)
+            return
+        assert all(argv[0] == "bridge" for argv in commands)
+        fd, path = tempfile.mkstemp(prefix="vtorque-fdb-", suffix=".batch")  # 0600, a name of its own
+        try:
+            with os.fdopen(fd, "w") as batch:
+                batch.writelines(" ".join(argv[1:]) + "\n" for argv in commands)
+            self._must(["bridge", "-batch", path])
+        finally:
+            os.unlink(path)
 
     def _host_lock(self):
         return _FileLock(self.lock_path)

@@ -106,10 +106,26 @@ def shape_key(guest: m.GuestPlan, boot: BootSource, domain_type: str) -> str:
     canonical = msgspec.structs.replace(
         guest, name="vt-warm", node="", index=0, image="", cores=None, emulator_cores=None, io_cores=None,
         owner=m.Owner(user="root", uid=0, gid=0), ssh_authorized_keys=[], user_metadata={}, end_by=None)
+    # Pure in these: worked out once per shape in a process, not once per boot (an XML built, parsed and
+    # written again, 1.5 ms of every cold boot: docs/benchmarks.md, scale).
+    memo = (msgspec.json.encode(canonical), boot, domain_type)
+    key = _shape_keys.get(memo)
+    if key is None:
+        key = _shape_key(canonical, guest.image_digest, boot, domain_type)
+        if len(_shape_keys) >= 256:
+            _shape_keys.clear()
+        _shape_keys[memo] = key
+    return key
+
+
+_shape_keys: dict[tuple[bytes, BootSource, str], str] = {}
+
+
+def _shape_key(canonical: m.GuestPlan, digest: str, boot: BootSource, domain_type: str) -> str:
     place = "/warm"
     files = GuestDisks(overlay=f"{place}/{OVERLAY}", seed=f"{place}/seed.iso", console_log=f"{place}/console.log")
     xml = domain_xml(canonical, files, boot, _no_meta(), domain_type, identity_channel=True)
-    return sha256(f"{FORMAT}\n{guest.image_digest}\n{without_metadata(xml)}".encode()).hexdigest()[:24]
+    return sha256(f"{FORMAT}\n{digest}\n{without_metadata(xml)}".encode()).hexdigest()[:24]
 
 
 def without_metadata(xml: str) -> str:
