@@ -165,7 +165,32 @@ class EventChannel:
             pass
 
 
-HookChannel = EventChannel  # the hooks' name for it: their adapters subclass it (hooks/{torque,slurm}/channel.py)
+HookChannel = EventChannel  # the hooks' name for it (hooks/job_hook.py's default channel)
+
+
+class NodeWorkersMissing(BrokerUnreachable):
+    """A node of the job has no node worker consuming its queue: its guests cannot boot there."""
+
+
+class NodeWorkerChannel(EventChannel):
+    """Both prologues' channel (Torque's and Slurm's): before anything is published, it fails at once (a
+    BrokerUnreachable: an infrastructure failure, a bounded requeue) when a node of `hosts` has no node worker
+    consuming its queue after up to `grace` s, instead of the job waiting out its whole deadline. No hosts: no
+    check (Torque's `[torque] require_node_workers = false`). hooks/torque/channel.py adds Torque's cancel."""
+
+    def __init__(self, url: str, patterns: Iterable[str], attempts: int = 3, timeout: float = 5.0, *,
+                 hosts: list[str], grace: float):
+        super().__init__(url, patterns, attempts=attempts, timeout=timeout)
+        if not hosts:
+            return
+        try:
+            missing = missing_node_workers(self.conn, hosts, grace)
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            self.close()
+            raise BrokerUnreachable(f"cannot ask the broker for the node workers: {describe(exc)}") from None
+        if missing:
+            self.close()
+            raise NodeWorkersMissing(no_node_worker_reason(missing))
 
 
 def EventWaiter(url: str, patterns: Iterable[str], timeout: float = 5.0,

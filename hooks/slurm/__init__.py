@@ -19,8 +19,8 @@ What the owner is told, and how (docs/design.md, "Failure classes"):
 
 This folder holds the hook: the shell entry points `prolog_slurmctld` and `epilog_slurmctld` (what slurm.conf
 names; they exec `python -m vtorque.hooks.slurm`, which runs `main` here), this module's policy (when to
-requeue, how long to wait), `comment.py` (what the Comment says) and `channel.py` (the prologue's HookChannel,
-loaded only by a prologue).
+requeue, how long to wait) and `comment.py` (what the Comment says). The prologue's channel is
+shared/hook_channel.py's NodeWorkerChannel (slurm_channel_factory), loaded only by a prologue.
 """
 
 from __future__ import annotations
@@ -115,16 +115,15 @@ def job_context(env, header: JobHeader, tools: Slurm | None = None, show_job_tex
 
 
 def slurm_channel_factory(hosts: list[str], grace: float = NODE_WORKER_GRACE):
-    """What run_prologue opens its channel with: a SlurmChannel (hooks/slurm/channel.py) that fails at once (an
-    infrastructure failure: bounded requeue) when a node of the job has no node worker consuming its queue,
-    instead of waiting out the whole deadline; the same check the Torque prologue makes
-    (hooks/torque/channel.py). Imported here, not at the top: vtorque-launch imports this package for refusal()
-    and must not load pika."""
+    """What run_prologue opens its channel with: shared/hook_channel.py's NodeWorkerChannel, which fails at once
+    (an infrastructure failure: bounded requeue) when a node of the job has no node worker consuming its queue,
+    instead of waiting out the whole deadline; the Torque prologue's channel is the same with Torque's cancel.
+    Imported here, not at the top: vtorque-launch imports this package for refusal() and must not load pika."""
     import functools
 
-    from .channel import SlurmChannel
+    from vtorque.shared.hook_channel import NodeWorkerChannel
 
-    return functools.partial(SlurmChannel, hosts=hosts, grace=grace)
+    return functools.partial(NodeWorkerChannel, hosts=hosts, grace=grace)
 
 
 # -- entry point --------------------------------------------------------------------------------------------

@@ -256,3 +256,39 @@ def test_a_broken_config_refuses_a_vm_job_but_never_touches_a_plain_one(site, tm
     script.write_text("#!/bin/sh\necho plain job\n")
     assert slurm.main(["prolog"], env, channel_factory=channel([])) == 0
     assert updates(log) == []  # a job without -vm keeps its Comment
+
+
+def test_both_prologues_make_the_one_node_worker_check(monkeypatch):
+    """shared/hook_channel.NodeWorkerChannel is the check's one home: the Slurm prologue's channel is it, the
+    Torque prologue's adds its cancel to it and leaves the check out only where `[torque] require_node_workers`
+    says so; a broker that will not say is BrokerUnreachable too (a bounded requeue), never a crash."""
+    import pika.exceptions
+
+    import vtorque.shared.hook_channel as hc
+    from vtorque.hooks.torque.channel import TorqueChannel, torque_channel_factory
+    from vtorque.shared.config import Config, TorqueConfig
+
+    conns = iter([FakeConn({"vm": 1}), FakeConn({"vm": 1}), FakeConn({"vm": 1}), None])
+
+    def fake_init(self, url, patterns, attempts=3, timeout=5.0, **kw):
+        self.conn = next(conns)
+
+    closed = []
+    monkeypatch.setattr(hc.EventChannel, "__init__", fake_init)
+    monkeypatch.setattr(hc.EventChannel, "close", lambda self: closed.append(self))
+    factories = [slurm.slurm_channel_factory(["vm", "n2"], grace=0.05),
+                 torque_channel_factory(Config(torque=TorqueConfig(node_worker_grace=0.05)), ["vm", "n2"])]
+    for factory in factories:
+        with pytest.raises(hc.NodeWorkersMissing, match="no node worker is running on n2"):
+            factory("amqp://x//", [])
+    assert len(closed) == 2
+    unchecked = torque_channel_factory(Config(torque=TorqueConfig(require_node_workers=False)), ["n2"])
+    assert isinstance(unchecked("amqp://x//", []), TorqueChannel)  # n2 has none, and nobody asked
+
+    class Refused:
+        def channel(self):
+            raise pika.exceptions.ChannelClosedByBroker(403, "ACCESS_REFUSED")
+
+    conns = iter([Refused()])
+    with pytest.raises(BrokerUnreachable, match="cannot ask the broker for the node workers: the broker refused: 403"):
+        slurm.slurm_channel_factory(["vm"], grace=0.05)("amqp://x//", [])
