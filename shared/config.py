@@ -274,7 +274,7 @@ class HooksConfig(_Section):
 
 
 class TorqueConfig(_Section):
-    """Torque's side (hooks/torque.py, `vtorque install-hooks`); see docs/admin-guide.md."""
+    """Torque's side (hooks/torque/, `vtorque install-hooks`); see docs/admin-guide.md."""
 
     # TORQUE_HOME; a hook installed in <home>/mom_priv finds it from its own path first.
     home: str = "/var/spool/torque"
