@@ -126,9 +126,13 @@ def _count_ids(ids: str) -> int:
     return total
 
 
+# slurmctld's StateSaveLocation keeps each job's files in one of ten directories, by the job id's last digit.
+STATE_HASHES = tuple(f"hash.{n}" for n in range(10))
+
+
 def script_path(state_dir: str | Path, job_id: str) -> Path:
     """Where slurmctld keeps a job's batch script in its StateSaveLocation: `hash.<id % 10>/job.<id>/script`."""
-    return Path(state_dir) / f"hash.{int(job_id) % 10}" / f"job.{job_id}" / "script"
+    return Path(state_dir) / STATE_HASHES[int(job_id) % 10] / f"job.{job_id}" / "script"
 
 
 class Slurm:

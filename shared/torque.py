@@ -245,6 +245,11 @@ def walltime_seconds(resource_list: str) -> int | None:
 
 
 
+def accounting_dir(torque_home: str | Path) -> Path:
+    """Where pbs_server writes its accounting records: server_priv/accounting/YYYYMMDD, a file a day."""
+    return Path(torque_home) / "server_priv" / "accounting"
+
+
 def server_job_script(torque_home: str | Path, job_id: str) -> Path | None:
     """The server's copy of a job's script: server_priv/jobs/<id>.SC, or jobs/<last digit>/<id>.SC when the
     server has use_jobs_subdirs; None when there is none (or the id could name another path)."""

@@ -41,8 +41,8 @@ from vtorque.shared.logs import log
 from vtorque.shared.scheduler import SchedulerError
 
 # What Torque's accounting records and Slurm's queue say is read by shared/torque.py and shared/slurm.py.
-from vtorque.shared.slurm import Slurm
-from vtorque.shared.torque import AccountingRecord, parse_record, server_job_script
+from vtorque.shared.slurm import STATE_HASHES, Slurm
+from vtorque.shared.torque import AccountingRecord, accounting_dir, parse_record, server_job_script
 
 LOG = logging.getLogger("vtorque.prefetch")
 _LOG_NAME = re.compile(r"^\d{8}$")
@@ -239,8 +239,8 @@ class SlurmSubmissions:
         try:
             self._top = self._watch(self.state_dir)
             self._hashes: set[int] = set()
-            for n in range(10):
-                self._watch_hash(f"hash.{n}")
+            for name in STATE_HASHES:
+                self._watch_hash(name)
         except OSError:
             os.close(self.fd)
             raise
@@ -275,7 +275,7 @@ class SlurmSubmissions:
                 offset += self._EVENT.size + length
                 if mask & self.IN_Q_OVERFLOW or wd in self._hashes:
                     submitted = True  # a job.<id> directory (or lost events: look anyway)
-                elif wd == self._top and mask & self.IN_ISDIR and re.fullmatch(r"hash\.\d", name):
+                elif wd == self._top and mask & self.IN_ISDIR and name in STATE_HASHES:
                     self._watch_hash(name)  # slurmctld's first job of that hash: the job is in it already
                     submitted = True
                 # Anything else in the state directory (job_state, node_state … rewritten on every change) is
@@ -349,7 +349,7 @@ class TorquePrefetch(_Prefetcher):
     def __init__(self, config: Config, publisher, state_path: Path, torque_home: str | Path | None = None):
         super().__init__(config, publisher, state_path)
         self.torque_home = Path(torque_home or config.prefetch.torque_home)
-        self.directory = self.torque_home / "server_priv" / "accounting"
+        self.directory = accounting_dir(self.torque_home)
         state = self._load_state()
         self.book = PrefetchBook(state.get("vm_jobs"))
         self.started = bool(state)
