@@ -318,8 +318,11 @@ def remove(name: str) -> None:
 
 
 def _warm(*args: str) -> None:
-    """The node worker's warm images module, run (the cli imports no service: tests/unit/test_import_rules.py)."""
-    run = subprocess.run([sys.executable, "-m", "vtorque.services.node_worker.warm", *args], check=False)
+    """The node worker's warm images module, run as a program (the cli imports no service, and names one only in
+    cli/main.py's table: tests/unit/test_import_rules.py)."""
+    from vtorque.cli.main import SERVICE_PROGRAMS
+
+    run = subprocess.run([sys.executable, "-m", SERVICE_PROGRAMS["warm-images"], *args], check=False)
     if run.returncode:
         raise click.exceptions.Exit(run.returncode)
 

@@ -18,6 +18,8 @@ SERVICE_CLASSES = {"bridge": "vtorque.services.scheduler_bridge.service:Schedule
                    "stager": "vtorque.services.image_stager.service:ImageStager",
                    "node-worker": "vtorque.services.node_worker.service:NodeWorker"}
 PREFETCHER = "vtorque.services.scheduler_bridge.accounting:make_prefetcher"
+# A service's module another command runs as a program (`python -m`): `vtorque images warm` (cli/images.py).
+SERVICE_PROGRAMS = {"warm-images": "vtorque.services.node_worker.warm"}
 SERVICES = (*SERVICE_CLASSES, "prefetch")
 
 

@@ -105,3 +105,32 @@ def test_the_checker_sees_a_forbidden_import(tmp_path):
 ])
 def test_the_rules(importer, imported, allowed):
     assert may_import(importer, imported) is allowed
+
+
+def service_names_in_strings(root: Path = ROOT) -> list[str]:
+    """cli/ files other than cli/main.py whose string constants name a service's module (a run by name, an
+    importlib or `python -m` of it): the cli names a service only in cli/main.py's table."""
+    found = []
+    for path in sorted((root / "cli").rglob("*.py")):
+        if path.relative_to(root) == Path("cli/main.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and \
+                    node.value.startswith("vtorque.services."):
+                found.append(f"{path.relative_to(root)}:{node.lineno} names {node.value}")
+    return found
+
+
+def test_the_cli_names_a_service_only_in_cli_mains_table(tmp_path):
+    import importlib.util
+
+    from vtorque.cli import main
+
+    assert service_names_in_strings() == []
+    for path in [*main.SERVICE_CLASSES.values(), main.PREFETCHER, *main.SERVICE_PROGRAMS.values()]:
+        assert importlib.util.find_spec(path.split(":")[0]) is not None, path
+    (tmp_path / "cli").mkdir()
+    (tmp_path / "cli" / "main.py").write_text('T = {"x": "vtorque.services.node_worker.warm"}\n')
+    (tmp_path / "cli" / "images.py").write_text('import subprocess\nsubprocess.run(["python", "-m", '
+                                                '"vtorque.services.node_worker.warm"])\n')
+    assert service_names_in_strings(tmp_path) == ["cli/images.py:2 names vtorque.services.node_worker.warm"]
