@@ -259,6 +259,13 @@ class NodeConfig(_Section):
     # The warm pool (services/node_worker/warm_pool.py): this many single-use guests per warm image kept restored
     # and paused ahead of demand, taken by a job at its prologue; 0 = none. Their RAM is held while they wait.
     warm_pool: int = 0
+    # A job the scheduler suspends (scontrol suspend, qsig -s suspend; services/node_worker/suspend.py): its guests
+    # here are paused in memory ("pause": virDomainSuspend, resumed in milliseconds) or saved to disk ("save":
+    # virDomainSave, the node's memory freed, restored on resume), within one reconcile_interval either way.
+    suspend: Literal["pause", "save"] = "pause"
+    # Where saved guests' memory goes (the owner's data): root's alone (0700, files 0600); "" = <state_dir>/suspended.
+    # On a local disk with room for the RAM of every guest the node may run.
+    suspend_dir: str = ""
 
     def node_name(self) -> str:
         return self.name or socket.gethostname().split(".")[0]

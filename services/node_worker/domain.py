@@ -63,9 +63,10 @@ class GuestMetadata:
 def domain_xml(guest: m.GuestPlan, disks: GuestDisks, boot: BootSource, meta: GuestMetadata,
                domain_type: str = "qemu", job_nic: JobNic | None = None,
                vrdma_choice: vrdma.Choice | None = None, numa_topology: numa.Topology | None = None,
-               identity_channel: bool = False) -> str:
+               identity_channel: bool = False, host_channel: bool = False) -> str:
     """`identity_channel`: the shape of a warm guest (warm.py): its identity channel, and a VM generation ID
-    (libvirt gives each restore a new one; the guest kernel reseeds its random state on a change)."""
+    (libvirt gives each restore a new one; the guest kernel reseeds its random state on a change).
+    `host_channel`: the same channel alone, for a cold guest (its clock after a resume: suspend.py)."""
     ET.register_namespace("qemu", QEMU_NS)
     dom = ET.Element("domain", {"type": domain_type})
     ET.SubElement(dom, "name").text = guest.name
@@ -159,7 +160,7 @@ def domain_xml(guest: m.GuestPlan, disks: GuestDisks, boot: BootSource, meta: Gu
     serial = ET.SubElement(dev, "serial", {"type": "file"})
     ET.SubElement(serial, "source", {"path": disks.console_log})
     ET.SubElement(serial, "target", {"port": "0"})
-    if identity_channel:
+    if identity_channel or host_channel:
         channel = ET.SubElement(dev, "channel", {"type": "unix"})
         ET.SubElement(channel, "source", {"mode": "bind", "path": str(Path(disks.overlay).parent / IDENTITY_SOCKET)})
         ET.SubElement(channel, "target", {"type": "virtio", "name": IDENTITY_CHANNEL})

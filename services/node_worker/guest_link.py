@@ -15,7 +15,9 @@ connects to the guest's sshd inside its namespace and hands the connected socket
 it as its own (`ProxyUseFdpass`, cli/launcher_ssh.py). No byte of a session passes through here but the frames.
 
 It exits when QEMU's side of the link closes (the guest is gone), when QEMU never came, or when its guest
-directory is removed; a node worker restart leaves it running.
+directory is removed; a node worker restart leaves it running. A guest saved to disk while its job is suspended
+(suspend.py: root's `saved` file in its directory) is not gone: the link waits for the restored QEMU, keeping its
+namespace and the job's ssh connections in it, which carry on after the restore.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import os
 import pwd
 import selectors
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -38,6 +41,7 @@ from vtorque.shared.guest_ssh import CONNECT_TIMEOUT
 LINK_SOCKET = "link.sock"  # QEMU's end of the guest's link (libvirt-qemu's, 0600)
 SSH_SOCKET = "ssh.sock"  # the owner's way to the guest's sshd
 LOG_FILE = "link.log"
+SAVED_MARK = "saved"  # suspend.py's mark of a guest saved to disk: the link waits for its restored QEMU
 # The user that runs QEMU (libvirt's qemu.conf `user`): Debian's name, then Red Hat's.
 QEMU_USERS = ("libvirt-qemu", "qemu")
 SSH_PORT = 22
@@ -195,6 +199,14 @@ def serve(guest_dir: Path, owner_uid: int, quid: int, mac: str) -> None:
                 elif what == "qemu":
                     assert qemu is not None  # registered once it connected
                     data = qemu.recv(1 << 20)
+                    if not data and _saved(guest_dir):
+                        # Saved, not gone: the restore's QEMU joins again (no frame is lost that TCP misses).
+                        sel.unregister(qemu)
+                        qemu.close()
+                        qemu, buf = None, b""
+                        link_listener = _bound(guest_dir / LINK_SOCKET, quid)
+                        sel.register(link_listener, selectors.EVENT_READ, "link-listen")
+                        continue
                     if not data:
                         return  # the guest is gone
                     buf += data
@@ -250,11 +262,20 @@ def serve(guest_dir: Path, owner_uid: int, quid: int, mac: str) -> None:
                     client.close()
                     tcp.close()
                     del pending[fd]
-            if (qemu is None and now - started > START_TIMEOUT) or not guest_dir.is_dir():
+            if (qemu is None and now - started > START_TIMEOUT and not _saved(guest_dir)) or not guest_dir.is_dir():
                 return
     finally:
         (guest_dir / SSH_SOCKET).unlink(missing_ok=True)
         (guest_dir / LINK_SOCKET).unlink(missing_ok=True)
+
+
+def _saved(guest_dir: Path) -> bool:
+    """suspend.py's mark of a guest saved to disk (SAVED_MARK): a regular file of root's, in root's directory."""
+    try:
+        st = os.lstat(guest_dir / SAVED_MARK)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == 0
 
 
 if __name__ == "__main__":

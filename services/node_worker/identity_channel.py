@@ -17,6 +17,9 @@ from pathlib import Path
 
 WARM_READY = "VTORQUE-WARM-READY"
 IDENTITY_OK = "IDENTITY-OK"
+# After a resume or a restore from a suspension (suspend.py) any guest, cold or warm, takes `CLOCK <seconds since
+# the epoch>` and answers CLOCK-OK: its clock stood still while it was paused or saved.
+CLOCK_OK = "CLOCK-OK"
 MAX_LINE = 1 << 16
 
 
@@ -76,6 +79,19 @@ class IdentityChannel:
     def send_identity(self, env: bytes) -> None:
         self.sock.settimeout(10.0)
         self.sock.sendall(b"IDENTITY " + base64.b64encode(env) + b"\n")
+
+    def send_clock(self, lead: float = 0.3, clock=time.time, sleep=time.sleep) -> int:
+        """`CLOCK <s>` sent on the host's whole second s (the guest's `date -s @s` takes whole seconds), at least
+        `lead` s after the connection: the guest, which looks at its port every 0.25 s while no host holds it,
+        is by then waiting in its read, so its clock is set within milliseconds of the host's. Returns s."""
+        now = clock()
+        second = int(now) + 1
+        if second - now < lead:
+            second += 1
+        sleep(second - now)
+        self.sock.settimeout(10.0)
+        self.sock.sendall(f"CLOCK {second}\n".encode())
+        return second
 
     def close(self) -> None:
         self.sock.close()

@@ -3,11 +3,16 @@
 At start and every `node.reconcile_interval` seconds the node worker looks at what is on this node — domains
 carrying vtorque metadata for this node, guest directories, the launcher's job files — and removes:
 - a domain whose job the scheduler says is no longer running (finished, cancelled, requeued, unknown);
-- a domain past its job's end (start + walltime, when the scheduler gave a walltime) plus a grace period;
+- a domain past its job's end (start + walltime, when the scheduler gave a walltime, + the time the guest spent
+  suspended: the scheduler stops a suspended job's walltime clock) plus a grace period; never a domain of a job the
+  scheduler says is suspended (the scheduler ends such a job when it must, and its guests go as any job's);
 - a domain that never became ready and whose boot deadline passed;
 - a guest directory (overlay, seed, console) with no domain, unless a boot of it is under way here;
 - a job file directory whose guests are gone;
-- a job network (job_segment.py) that no guest of its job uses, two rounds in a row.
+- a job network (job_segment.py) that no guest of its job uses, two rounds in a row;
+- a suspended guest's record or save file (suspend.py) whose guest is gone.
+Then each guest of a job the scheduler says is suspended is paused or saved, and each one this node suspended
+whose job runs again is resumed or restored (suspend.py): one scheduler question per job per round for both.
 When the scheduler cannot be asked (command missing, timeout), nothing is removed for that reason: a wrong
 "gone" would kill a running job.
 
@@ -26,7 +31,7 @@ from pathlib import Path
 
 from vtorque.shared.logs import log
 
-from . import disks, warm_pool
+from . import disks, suspend, warm_pool
 
 LOG = logging.getLogger("vtorque.node_worker.reconcile")
 
@@ -39,6 +44,8 @@ class Domain:
     boot_deadline: datetime | None
     end_by: datetime | None
     ready: bool
+    suspended_s: float = 0.0  # how long the guest was suspended in all (suspend.py): its job ends that much later
+    job_suspended: bool = False  # the scheduler says its job is suspended now: its walltime clock stands still
 
 
 @dataclass(frozen=True)
@@ -61,7 +68,7 @@ def decide(domains: list[Domain], guest_dirs: dict[str, float], booting: set[str
             verdicts[dom.job_id] = alive(dom.job_id)
         if verdicts[dom.job_id] is False:
             removals.append(Removal(dom.name, f"job {dom.job_id} is no longer running"))
-        elif dom.end_by and now > dom.end_by + grace:
+        elif dom.end_by and not dom.job_suspended and now > dom.end_by + timedelta(seconds=dom.suspended_s) + grace:
             removals.append(Removal(dom.name, f"job {dom.job_id} passed its walltime"))
         elif not dom.ready and dom.boot_deadline and now > dom.boot_deadline + grace:
             removals.append(Removal(dom.name, "never became ready before its boot deadline"))
@@ -71,21 +78,37 @@ def decide(domains: list[Domain], guest_dirs: dict[str, float], booting: set[str
     return removals, sorted(stale)
 
 
-def scheduler_check(config) -> Callable[[str], bool | None]:
-    """job id -> is it still running (True/False), or None when the scheduler cannot be asked."""
+GONE = "gone"  # what `scheduler_states` answers for a job the scheduler no longer knows
+
+
+def scheduler_states(config) -> Callable[[str], str | None]:
+    """job id -> its state in the scheduler's words (shared/scheduler.py State; GONE when it no longer knows the
+    job), or None when the scheduler cannot be asked."""
     from vtorque.shared.scheduler import SchedulerError, scheduler_for
 
     scheduler = scheduler_for(config)
 
-    def alive(job_id: str) -> bool | None:
+    def state(job_id: str) -> str | None:
         try:
             info = scheduler.job(job_id)
         except SchedulerError as exc:
             log(LOG, logging.WARNING, "scheduler not answering", job_id=job_id, error=str(exc))
             return None
-        return info is not None and info.alive
+        return GONE if info is None else info.state
 
-    return alive
+    return state
+
+
+def alive_of(state: str | None) -> bool | None:
+    from vtorque.shared.scheduler import ALIVE
+
+    return None if state is None else state in ALIVE
+
+
+def scheduler_check(config) -> Callable[[str], bool | None]:
+    """job id -> is it still running (True/False), or None when the scheduler cannot be asked."""
+    states = scheduler_states(config)
+    return lambda job_id: alive_of(states(job_id))
 
 
 def _parse_time(text: str | None) -> datetime | None:
@@ -99,8 +122,12 @@ def _parse_time(text: str | None) -> datetime | None:
 
 
 class Reconciler:
-    def __init__(self, worker, stop: threading.Event, interval: float, alive: Callable[[str], bool | None]):
-        self.worker, self.stop, self.interval, self.alive = worker, stop, interval, alive
+    """`states` (scheduler_states): the scheduler's word for each job, asked once per job per round, for removal
+    and suspension alike; a reconciler given only `alive` (job → still running?) suspends and resumes nothing."""
+
+    def __init__(self, worker, stop: threading.Event, interval: float,
+                 alive: Callable[[str], bool | None] | None = None, states: Callable[[str], str | None] | None = None):
+        self.worker, self.stop, self.interval, self.alive, self.states = worker, stop, interval, alive, states
         self.thread = threading.Thread(target=self._loop, name="reconcile", daemon=True)
 
     def start(self) -> None:
@@ -116,14 +143,28 @@ class Reconciler:
 
     def run_once(self) -> list[Removal]:
         w = self.worker
+        asked: dict[str, str | None] = {}
+
+        def state_of(job_id: str) -> str | None:
+            if job_id not in asked:
+                asked[job_id] = self.states(job_id) if self.states else None
+            return asked[job_id]
+
+        alive = (lambda job_id: alive_of(state_of(job_id))) if self.states or self.alive is None else self.alive
+        suspender: suspend.Suspender | None = getattr(w, "suspender", None)  # (a test double: none)
         domains = []
+        now_wall = time.time()
         for name, meta in w.hv.vtorque_domains().items():
             if meta.get("node", w.node) != w.node:
                 continue  # another node worker's guest on a shared test host
-            domains.append(Domain(name=name, job_id=meta.get("job", ""),
+            job_id = meta.get("job", "")
+            record = suspender.record(name) if suspender else None
+            domains.append(Domain(name=name, job_id=job_id,
                                   boot_deadline=_parse_time(meta.get("deadline")),
                                   end_by=_parse_time(meta.get("end-by")),
-                                  ready=(w.config.job_dir(meta.get("job", "")) / f"{name}.json").exists()))
+                                  ready=(w.config.job_dir(job_id) / f"{name}.json").exists(),
+                                  suspended_s=suspend.suspended_seconds(record, now_wall),
+                                  job_suspended=bool(self.states) and state_of(job_id) == "suspended"))
         dirs = {}
         for root in w.guest_roots():
             # Only directories root made in a root that is still root's alone (disks.guest_dirs): a tree a user
@@ -134,7 +175,7 @@ class Reconciler:
                     dirs[name] = mtime
         # The warm pool's guests it recognises are kept (not orphans); the rest of the pool it removes itself.
         pooled = warm_pool.pool_of(w).reconcile() if hasattr(w, "store") else set()  # (a test double: none)
-        removals, stale = decide(domains, dirs, w.booting_now() | pooled, self.alive, datetime.now(UTC),
+        removals, stale = decide(domains, dirs, w.booting_now() | pooled, alive, datetime.now(UTC),
                                  time.time())
         for removal in removals:
             log(LOG, logging.WARNING, "reconcile: removing guest", guest=removal.name, reason=removal.reason)
@@ -145,6 +186,12 @@ class Reconciler:
             w.remove_guest(name, None)
         w.remove_orphan_job_files()
         w.remove_idle_networks()
+        if suspender is not None:
+            removed = {r.name for r in removals}
+            kept = {d.name: d.job_id for d in domains if d.name not in removed}
+            suspender.remove_orphans(set(kept) | w.booting_now())
+            if self.states:
+                suspender.reconcile(kept, state_of, w.booting_now())
         return removals
 
     @staticmethod

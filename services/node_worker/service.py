@@ -31,7 +31,7 @@ from vtorque.shared.service import Service
 from vtorque.shared.spec import parse_size_mib, ramdisk_mib
 from vtorque.shared.user_files import UserFileRefused
 
-from . import disks, guest_link, iocm, job_cgroup, numa, trust, vrdma, warm_boot, warm_pool
+from . import disks, guest_link, iocm, job_cgroup, numa, suspend, trust, vrdma, warm_boot, warm_pool
 from .domain import USER_NET_MAC, BootSource, GuestMetadata, JobNic, domain_xml, parse_metadata
 from .hypervisor import Hypervisor, HypervisorError
 from .job_segment import JobSegments, SegmentError, bridge_name, segment_for
@@ -61,6 +61,7 @@ class NodeWorker(Service):
         self._idle_segments: set[int] = set()  # job networks the last reconcile round found unused
         self._accounts: dict[tuple[str, str], trust.OwnerAccount] = {}  # (job, guest) → checked owner
         self.teardown_threads: list[threading.Thread] = []  # removing files after a teardown's answer
+        self.suspender = suspend.Suspender(self)  # guests of jobs the scheduler suspends (suspend.py)
 
     def queues(self):
         return [node_queue(self.node)]
@@ -70,14 +71,15 @@ class NodeWorker(Service):
 
     def start(self, stop: threading.Event) -> None:
         from .heartbeat import Heartbeat
-        from .reconcile import Reconciler, scheduler_check
+        from .reconcile import Reconciler, scheduler_states
 
         # IOcm: moves running guests' I/O cores between iocm_min_cores and iocm_max_cores with their load.
         iocm.start(self, stop)  # first: a bad IOcm configuration is said before anything runs
         job_cgroup.start(self, stop)  # guests into their job's cgroup once it exists (and a bad layout said)
         Heartbeat(self, stop).start()  # NodeHeartbeat events for `vtorque nodes` and the bridge
-        # At start and on a timer: nothing outlives its job, even when a hook or this worker died mid-way.
-        Reconciler(self, stop, self.config.node.reconcile_interval, scheduler_check(self.config)).start()
+        # At start and on a timer: nothing outlives its job, even when a hook or this worker died mid-way; and the
+        # guests of a job the scheduler suspended are paused (or saved), and brought back when it resumes.
+        Reconciler(self, stop, self.config.node.reconcile_interval, states=scheduler_states(self.config)).start()
         warm_pool.pool_of(self).start(stop)  # `[node] warm_pool`: restored, paused guests kept ahead of demand
 
     # -- boot -------------------------------------------------------------------------------------------
@@ -236,6 +238,7 @@ class NodeWorker(Service):
         return self.config.node.ramdisk_dir if guest.fs_type == "ramdisk" else self.config.node.guest_dir
 
     def _remove_disks(self, name: str) -> int:
+        self.suspender.remove(name)  # a suspended guest's record and saved memory (the owner's data) go with it
         return sum(disks.remove(root, name, store=self.config.images.store) for root in self._roots())
 
     def _user_image(self, cmd: NodeBoot, guest: m.GuestPlan, deadline: float) -> disks.UserImage | None:
@@ -290,9 +293,10 @@ class NodeWorker(Service):
             ssh_socket = gdir / guest_link.SSH_SOCKET
             meta = GuestMetadata(job_id=cmd.job_id, owner=guest.owner.user, deadline=cmd.deadline,
                                  index=guest.index, node=self.node, end_by=guest.end_by)
+            # The host channel (identity_channel.py): its clock after a resume from a suspension (suspend.py).
             xml = domain_xml(guest, files, BootSource(entry.kernel, entry.initrd, entry.cmdline), meta,
                              self.domain_type, job_nic, vrdma_choice=vrdma.for_guest(self, cmd, guest),
-                             numa_topology=numa.host_topology())
+                             numa_topology=numa.host_topology(), host_channel=True)
             with _phase("define domain"):
                 dom = self.hv.define(xml)
             t_define = time.monotonic()
@@ -348,7 +352,9 @@ class NodeWorker(Service):
         (only the owner and root may connect to it, guest_link.py)."""
         jdir = trust.secure_dir(self.config.job_dir(trust.check_job_id(job_id)), 0o755)
         doc = {"job_id": job_id, "guest": guest.name, "index": guest.index, "node": self.node,
-               "ssh_socket": str(ssh_socket), "user": guest.owner.user, "vcpus": guest.vcpus}
+               "ssh_socket": str(ssh_socket), "user": guest.owner.user, "vcpus": guest.vcpus,
+               # The job's trace, for what the node does to the guest later (suspend.py's pause and resume spans).
+               "traceparent": tracing.current_traceparent()}
         # Named after the guest's domain (its directory): a pooled guest's keeps its pool name (warm_pool.py).
         domain = trust.check_guest_name(ssh_socket.parent.name)
         tmp = jdir / f".{domain}.json.tmp"
