@@ -112,18 +112,10 @@ def _cores_of(text: str, job_id: str, nodes: tuple[str, ...]) -> tuple[int, ...]
     counts: dict[str, int] = {}
     for match in re.finditer(r"(?:^|\s)Nodes=(\S+)\s+CPU_IDs=([0-9,-]+)", lines[0] if lines else ""):
         for host in expand_hostlist(match.group(1)):
-            counts[host] = counts.get(host, 0) + _count_ids(match.group(2))
+            counts[host] = counts.get(host, 0) + len(cpu_ids(match.group(2)))
     if not counts or set(counts) != set(nodes):
         return ()
     return tuple(counts[n] for n in nodes)
-
-
-def _count_ids(ids: str) -> int:
-    total = 0
-    for part in filter(None, ids.split(",")):
-        lo, _, hi = part.partition("-")
-        total += int(hi or lo) - int(lo) + 1
-    return total
 
 
 # slurmctld's StateSaveLocation keeps each job's files in one of ten directories, by the job id's last digit.
@@ -293,14 +285,19 @@ def parse_cpu_ids(text: str, expand=None) -> dict[str, list[int]]:
     cores: dict[str, list[int]] = {}
     for match in re.finditer(r"(?m)^\s*Nodes=(\S+)\s+CPU_IDs=([0-9,-]+)", text):
         nodes, ids = match.groups()
-        cpu_ids: list[int] = []
-        for part in filter(None, ids.split(",")):
-            lo, _, hi = part.partition("-")
-            cpu_ids += range(int(lo), int(hi or lo) + 1)
         hosts = expand(nodes) if expand and "[" in nodes else nodes.split(",")
         for host in hosts:
-            cores.setdefault(host, []).extend(cpu_ids)
+            cores.setdefault(host, []).extend(cpu_ids(ids))
     return cores
+
+
+def cpu_ids(ids: str) -> list[int]:
+    """CPU_IDs=0-1,4 → [0, 1, 4]."""
+    out: list[int] = []
+    for part in filter(None, ids.split(",")):
+        lo, _, hi = part.partition("-")
+        out += range(int(lo), int(hi or lo) + 1)
+    return out
 
 
 def config_value(show_config: str, key: str) -> str | None:
