@@ -38,7 +38,7 @@ from . import disks, guest_link, job_cgroup, numa, warm
 from .domain import IDENTITY_SOCKET, QEMU_NS, USER_NET_MAC, BootSource, GuestMetadata, JobNic, domain_xml
 from .hypervisor import HypervisorError
 from .identity_channel import IDENTITY_OK, ChannelError, IdentityChannel
-from .readiness import BootFailed, wait_ready
+from .readiness import BootFailed, EarlyBanner, wait_ready
 from .save_image import SaveImageError, copy_with_xml, read_header
 from .seed import seed_files
 
@@ -240,13 +240,22 @@ def _restore(worker, cmd: BootOrder, guest: m.GuestPlan, entry: ImageEntry, base
                                  guest.owner.uid, worker.node)
             except OSError as exc:  # the watcher tries again, as for a cold guest
                 log(LOG, logging.WARNING, "guest not moved into its job's cgroup", guest=guest.name, error=str(exc))
-        hv.resume(dom)
-        t_start = time.monotonic()
         ssh_socket = gdir / guest_link.SSH_SOCKET
-        with IdentityChannel.open(gdir / IDENTITY_SOCKET, deadline, root_only=True) as channel:
-            channel.send_identity(identity_env(seed))
-            channel.expect(IDENTITY_OK, deadline)
-        ready = wait_ready(files.console_log, ssh_socket, lambda: hv.is_active(guest.name), deadline)
+        # The identity is written while the guest is still paused (QEMU holds it in the socket): the restored
+        # guest finds it at its first read, with no poll on its path.
+        banner = None
+        try:
+            with IdentityChannel.open(gdir / IDENTITY_SOCKET, deadline, root_only=True) as channel:
+                channel.send_identity(identity_env(seed))
+                hv.resume(dom)
+                t_start = time.monotonic()
+                banner = EarlyBanner(ssh_socket, deadline)
+                channel.expect(IDENTITY_OK, deadline)
+            ready = wait_ready(files.console_log, ssh_socket, lambda: hv.is_active(guest.name), deadline,
+                               banner=banner)
+        finally:
+            if banner is not None:
+                banner.close()
     except BaseException:
         try:
             hv.remove(guest.name)

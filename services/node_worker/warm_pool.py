@@ -552,7 +552,7 @@ class WarmPool:
         from . import disks, guest_link, job_cgroup, numa, warm_boot
         from .domain import IDENTITY_SOCKET, METADATA_NS, GuestMetadata, domain_xml
         from .identity_channel import IDENTITY_OK, IdentityChannel
-        from .readiness import wait_ready
+        from .readiness import EarlyBanner, wait_ready
         from .seed import seed_files
 
         w = self.worker
@@ -608,15 +608,25 @@ class WarmPool:
         st = os.lstat(job_socket)
         if not stat.S_ISSOCK(st.st_mode) or st.st_uid != 0:
             raise OSError("the pooled guest's ssh relay socket is not root's")
-        os.chown(job_socket, guest.owner.uid, guest.owner.gid, follow_symlinks=False)  # the owner's way in
         t_define = time.monotonic()
-        hv.resume(dom)
-        t_start = time.monotonic()
-        with IdentityChannel.open(gdir / IDENTITY_SOCKET, deadline, root_only=True) as channel:
-            channel.send_identity(warm_boot.identity_env(seed))
-            channel.expect(IDENTITY_OK, deadline)
-        ready = wait_ready(files.console_log, gdir / guest_link.SSH_SOCKET, lambda: hv.is_active(taken.name),
-                           deadline)
+        # The identity is written while the guest is still paused (QEMU holds it in the socket): the resumed
+        # guest finds it at its first read, with no poll on its path.
+        banner = None
+        try:
+            with IdentityChannel.open(gdir / IDENTITY_SOCKET, deadline, root_only=True) as channel:
+                channel.send_identity(warm_boot.identity_env(seed))
+                hv.resume(dom)
+                t_start = time.monotonic()
+                banner = EarlyBanner(gdir / guest_link.SSH_SOCKET, deadline)
+                channel.expect(IDENTITY_OK, deadline)
+            # The owner's way in only once the guest is theirs: its sshd already listens (started before the
+            # save), and no login of the owner's may come before the identity and the host's random bytes are in.
+            os.chown(job_socket, guest.owner.uid, guest.owner.gid, follow_symlinks=False)
+            ready = wait_ready(files.console_log, gdir / guest_link.SSH_SOCKET, lambda: hv.is_active(taken.name),
+                               deadline, banner=banner)
+        finally:
+            if banner is not None:
+                banner.close()
         hv.metadata_changed(dom)  # again: a listing that read the XML before the change is over
         timings = m.PhaseTimings(image=t_image - t0, disks=t_disks - t0, define=t_define - t0, start=t_start - t0,
                                  kernel_up=None, ready=ready.ready - t0)
