@@ -81,12 +81,12 @@ def decide(domains: list[Domain], guest_dirs: dict[str, float], booting: set[str
 GONE = "gone"  # what `scheduler_states` answers for a job the scheduler no longer knows
 
 
-def scheduler_states(config) -> Callable[[str], str | None]:
+def scheduler_states(config, scheduler=None) -> Callable[[str], str | None]:
     """job id -> its state in the scheduler's words (shared/scheduler.py State; GONE when it no longer knows the
-    job), or None when the scheduler cannot be asked."""
+    job), or None when the scheduler cannot be asked. `scheduler`: the node worker's (else the site's)."""
     from vtorque.shared.scheduler import SchedulerError, scheduler_for
 
-    scheduler = scheduler_for(config)
+    scheduler = scheduler or scheduler_for(config)
 
     def state(job_id: str) -> str | None:
         try:

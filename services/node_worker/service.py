@@ -27,6 +27,7 @@ from vtorque.shared.image_store import ImageStore
 from vtorque.shared.job_boot import NodeBoot
 from vtorque.shared.job_network import guest_mac
 from vtorque.shared.logs import log
+from vtorque.shared.scheduler import Scheduler, scheduler_for
 from vtorque.shared.service import Service
 from vtorque.shared.spec import parse_size_mib, ramdisk_mib
 from vtorque.shared.user_files import UserFileRefused
@@ -48,8 +49,13 @@ class NodeWorker(Service):
     name = "node-worker"
 
     def __init__(self, config: Config, publisher: Publisher, hypervisor: Hypervisor | None = None,
-                 store: ImageStore | None = None, segments: JobSegments | None = None):
+                 store: ImageStore | None = None, segments: JobSegments | None = None,
+                 scheduler: Scheduler | None = None, waiter=EventWaiter):
         self.config, self.publisher = config, publisher
+        # What reconciliation asks of the site's scheduler, and how a boot waits for its image's staging
+        # (shared/hook_channel.py's EventWaiter: url, patterns): a test passes its own (tests/unit/flow_site.py).
+        self.scheduler = scheduler or scheduler_for(config)
+        self.waiter = waiter
         self.node = config.node.node_name()
         self.hv = hypervisor or Hypervisor(config.node.libvirt_uri)
         self.store = store or ImageStore(config.images.store)
@@ -79,7 +85,8 @@ class NodeWorker(Service):
         Heartbeat(self, stop).start()  # NodeHeartbeat events for `vtorque nodes` and the bridge
         # At start and on a timer: nothing outlives its job, even when a hook or this worker died mid-way; and the
         # guests of a job the scheduler suspended are paused (or saved), and brought back when it resumes.
-        Reconciler(self, stop, self.config.node.reconcile_interval, states=scheduler_states(self.config)).start()
+        states = scheduler_states(self.config, self.scheduler)
+        Reconciler(self, stop, self.config.node.reconcile_interval, states=states).start()
         warm_pool.pool_of(self).start(stop)  # `[node] warm_pool`: restored, paused guests kept ahead of demand
 
     # -- boot -------------------------------------------------------------------------------------------
@@ -322,7 +329,7 @@ class NodeWorker(Service):
     def _wait_for_image(self, cmd: NodeBoot, digest: str, deadline: float) -> Path:
         if self.store.has(digest):
             return self.store.path(digest)
-        waiter = EventWaiter(self.config.broker.connection_url(), topology.bindings(topology.WAIT_Q, digest=digest))
+        waiter = self.waiter(self.config.broker.connection_url(), topology.bindings(topology.WAIT_Q, digest=digest))
         try:
             # Subscribed first, then looked again: a staging that finished in between is not missed.
             if self.store.has(digest):

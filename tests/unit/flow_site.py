@@ -9,9 +9,9 @@ What stands in, and where (the narrowest place each):
 - the machine under each node worker: services/node_worker/instant.py (the test driver, guests that are ready
   at once, disks.prepare and guest_link.start replaced while the site is open, job networks whose `ip`
   commands are taken as done);
-- the node worker's image wait: its module's EventWaiter and Publisher names (services/node_worker/service.py
-  builds both from the broker URL inside `_wait_for_image`, so they are not injectable; patched there only);
-- the scheduler the bridge asks (`FakeScheduler`): what Torque would say of the job.
+- the node worker's image wait: `bus.waiter`, passed in as its `waiter`;
+- the scheduler the bridge and the node workers' reconciliation ask (`FakeScheduler`): what Torque would say of
+  the job.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import time
 from pathlib import Path
-from unittest import mock
 
 import msgspec
 
@@ -55,8 +54,23 @@ class FakeScheduler:
     def binary(self, name: str) -> str:
         return f"/nonexistent/{name}"
 
-    def run(self, *argv: str):
+    def run(self, *argv: str, env=None):
         raise AssertionError(f"the flow asked the scheduler to run {argv}")
+
+    def cluster(self, job_id: str) -> str | None:
+        return "torque:flow"
+
+    def submit(self, args: list[str]):
+        raise AssertionError(f"the flow asked the scheduler to submit {args}")
+
+    def cancel(self, job_id: str) -> None:
+        self.jobs.pop(job_id, None)
+
+    def suspend(self, job_id: str) -> None:
+        self.jobs[job_id] = msgspec.structs.replace(self.jobs[job_id], state="suspended", raw_state="S")
+
+    def resume(self, job_id: str) -> None:
+        self.jobs[job_id] = msgspec.structs.replace(self.jobs[job_id], state="running", raw_state="R")
 
 
 class Site:
@@ -79,8 +93,6 @@ class Site:
         self.guests = InstantGuests()
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(instant_host(self.guests))
-        self._stack.enter_context(mock.patch.object(node_service, "EventWaiter", self.bus.waiter))
-        self._stack.enter_context(mock.patch.object(node_service, "Publisher", lambda url: self.bus.publisher()))
         self.bridge = SchedulerBridge(self.config, self.bus.publisher(), scheduler=self.scheduler)
         self.stager = ImageStager(self.config, self.bus.publisher(), store=self.store)
         self.workers = {}
@@ -92,7 +104,7 @@ class Site:
             config = msgspec.structs.replace(self.config, node=node, state_dir=str(work / "state"))
             self.workers[name] = node_service.NodeWorker(
                 config, self.bus.publisher(), hypervisor=InstantHypervisor(self.guests, str(work)), store=self.store,
-                segments=instant_segments(work))
+                segments=instant_segments(work), scheduler=self.scheduler, waiter=self.bus.waiter)
         for service in (self.bridge, self.stager, *self.workers.values()):
             self.bus.serve(service)
         for name in nodes:  # what each node's heartbeat says of it (the bridge plans only onto known nodes)

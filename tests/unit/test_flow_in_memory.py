@@ -122,3 +122,23 @@ def test_a_redelivered_boot_announces_the_running_guest_again_and_boots_nothing_
     assert isinstance(again, m.GuestReady) and again.guest == outcome.ready[0].guest
     assert again.timings.disks == 0 and len(site.domains()) == 1
     waiter.close()
+
+
+def test_a_job_whose_epilogue_never_came_is_removed_by_reconciliation(site):
+    """A hook or the bridge died before the teardown: the node worker's reconciliation asks the scheduler it was
+    built with (the site's FakeScheduler here) and removes the guests of a job that scheduler no longer knows."""
+    import threading
+
+    from vtorque.services.node_worker.reconcile import Reconciler, scheduler_states
+
+    job = site.submit("7.srv")
+    outcome, _ = site.prologue(job)
+    assert outcome.verdict is Verdict.READY
+    worker = site.workers["n1"]
+    assert worker.scheduler is site.scheduler
+    rounds = Reconciler(worker, threading.Event(), 60.0, states=scheduler_states(worker.config, worker.scheduler))
+    assert rounds.run_once() == [] and len(site.domains()) == 1  # still running: kept
+    site.scheduler.cancel("7.srv")  # ended, and forgotten, without an epilogue
+    [removal] = rounds.run_once()
+    assert removal.name == outcome.ready[0].guest
+    assert site.domains() == {} and not (Path(worker.config.node.guest_dir) / removal.name).exists()
