@@ -334,6 +334,31 @@ cat '{answers}/'"$1"
     return script
 
 
+def suspendable_stand_ins(directory: Path, job_id: str, attrs: dict[str, str]) -> tuple[Path, Path]:
+    """(qstat, qsig) for one running job that its operator can suspend and resume: `qsig -s suspend|resume JOBID`
+    as root (a Torque manager) turns the job's `job_state` in `qstat -f` to S and back to R, as pbs_server does;
+    anyone else gets pbs_server's refusal (exit 159), another job Torque's Unknown Job (153)."""
+    answers = directory / "qstat-answers"
+    answers.mkdir(parents=True, exist_ok=True)
+    (answers / job_id).write_text(qstat_f_text(job_id, attrs))
+    qstat = qstat_stand_in(directory, {job_id: attrs})
+    qsig = directory / "qsig"
+    qsig.write_text(f"""#!/bin/sh
+[ "$1" = -s ] && [ -n "$3" ] || {{ echo "usage: qsig [-s signal] job_identifier..." >&2; exit 2; }}
+[ -f '{answers}/'"$3" ] || {{ echo "qsig: Unknown Job Id $3" >&2; exit 153; }}
+[ "$(id -u)" = 0 ] || {{ echo "qsig: Unauthorized Request  MSG=operation not permitted $3" >&2; exit 159; }}
+case "$2" in
+    suspend) from=R to=S ;;
+    resume) from=S to=R ;;
+    *) echo "qsig: Invalid request $2" >&2; exit 2 ;;
+esac
+grep -q "job_state = $from" '{answers}/'"$3" || {{ echo "qsig: Request invalid for state of job $3" >&2; exit 170; }}
+sed -i "s/job_state = $from/job_state = $to/" '{answers}/'"$3"
+""")
+    qsig.chmod(0o755)
+    return qstat, qsig
+
+
 # -- a broker vhost of one's own ---------------------------------------------------------------------------
 
 class PrivateVhost:

@@ -1,0 +1,368 @@
+"""Suspend and resume through the scheduler (issue 14 item 1) on a real Slurm with a real guest: `vtorque suspend
+JOBID` asks Slurm (`scontrol suspend`), the node worker's reconciler sees the job SUSPENDED and pauses the job's
+guest (or saves it to disk, `[node] suspend = "save"`) within one reconcile period; the program in the guest (a
+counter with its clock) does not advance while suspended; `vtorque resume` brings it back, the counter carries on
+from where it stopped, and the guest's clock is the host's within a second. Saved memory is root's alone and
+goes with the restore, or with the job when it ends suspended (teardown and reconciliation alike). An ordinary
+user (the job's owner included) is refused by Slurm, in one line, and nothing happens to the guest.
+
+The single-host stack's Slurm is not touched: this test starts a slurmctld and slurmd of its own (own ports,
+state and spool, the stack's munge), as tests/e2e/test_guest_cgroup.py does, and stops them by their pids. The
+node worker is a real one (no broker: its handlers are called with the commands, as in tests/security), with its
+reconciler on a short period.
+
+Boots guests and runs Slurm jobs: run under the lock,
+    flock /tmp/vtorque-e2e.lock python -m pytest tests/e2e/test_suspend_resume.py
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import libvirt
+import pytest
+from security.conftest import base_image, make_site, users  # noqa: F401 - fixtures used here
+
+from vtorque.cli.launcher_ssh import ssh_argv
+from vtorque.services.node_worker.reconcile import Reconciler, scheduler_states
+from vtorque.shared import messages as m
+from vtorque.shared.config import SchedulerConfig
+from vtorque.shared.scheduler import scheduler_for
+
+from .conftest import PREFIX
+from .test_guest_cgroup import HOST, CgroupSlurm, _free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.guest]
+
+PERIOD = 2.0  # the test's reconcile period
+SLURM_CONF = """ClusterName=vtsusp
+SlurmctldHost={host}(127.0.0.1)
+SlurmUser=slurm
+SlurmdUser=root
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={munge}
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool
+SlurmctldPidFile={d}/run/slurmctld.pid
+SlurmdPidFile={d}/run/slurmd.pid
+SlurmctldLogFile={d}/log/slurmctld.log
+SlurmdLogFile={d}/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MpiDefault=none
+MailProg=/bin/true
+SchedulerType=sched/backfill
+SchedulerParameters=batch_sched_delay=0,bf_interval=1
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=100
+ReturnToService=2
+NodeName={host} NodeAddr=127.0.0.1 CPUs=2 RealMemory=4000 State=UNKNOWN
+PartitionName=batch Nodes={host} Default=YES MaxTime=INFINITE State=UP
+"""
+COUNTER = 'i=0; while :; do i=$((i + 1)); echo "$i $(date +%s)"; sleep 0.5; done'
+
+
+@pytest.fixture(scope="module")
+def own_slurm():
+    stack = Path(os.environ.get("VTORQUE_STACK_DIR", "/var/lib/vtorque-stack"))
+    munge = stack / "slurm" / "munge-run" / "munge.socket"
+    if not munge.exists():
+        pytest.fail(f"{munge} missing: the single-host stack's munge is not running")
+    d = Path(tempfile.mkdtemp(prefix="vtorque-suspslurm-"))
+    os.chmod(d, 0o755)
+    for sub in ("etc", "state", "spool", "run", "log", "jobs"):
+        (d / sub).mkdir()
+    for sub in ("state", "run", "log"):
+        shutil.chown(d / sub, "slurm", "slurm")
+    os.chmod(d / "jobs", 0o1777)
+    conf = d / "etc" / "slurm.conf"
+    conf.write_text(SLURM_CONF.format(host=HOST, ctld_port=_free_port(), slurmd_port=_free_port(), munge=munge, d=d))
+    env = {"PATH": f"{PREFIX}/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin", "SLURM_CONF": str(conf)}
+    procs = [subprocess.Popen([daemon, "-D", *extra, "-f", str(conf)], env=env, stdin=subprocess.DEVNULL,
+                              stdout=open(d / "log" / f"{daemon}.out", "w"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+             for daemon, extra in (("slurmctld", ["-c"]), ("slurmd", ["-N", HOST]))]
+    slurm = CgroupSlurm(d, env)
+    try:
+        deadline = time.monotonic() + 30
+        while slurm.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.strip() != "idle":
+            assert time.monotonic() < deadline, (d / "log" / "slurmd.log").read_text()[-2000:]
+            time.sleep(0.2)
+        yield slurm
+    finally:
+        jobs = slurm.run("squeue", "-h", "-o", "%i", check=False).stdout.split()
+        if jobs:
+            slurm.run("scancel", "--quiet", "--full", *jobs, check=False)
+        deadline = time.monotonic() + 30
+        while slurm.run("squeue", "-h", "-o", "%i", check=False).stdout.strip() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+class Node:
+    """A node worker of the test's own (its guests' directories, its suspend directory) with its reconciler, and
+    the site's scheduler: our own Slurm, or Torque's stand-ins."""
+
+    def __init__(self, site, mode: str, scheduler: SchedulerConfig, env: dict, slurm: CgroupSlurm | None = None):
+        self.site, self.slurm, self.env = site, slurm, env
+        site.config.node.suspend = mode
+        site.config.node.reconcile_interval = PERIOD
+        site.config.scheduler = scheduler
+        self.toml = site.root / "vtorque.toml"
+        binaries = "".join(f'{k} = "{v}"\n' for k in ("qstat", "qsig") if (v := getattr(scheduler, k)))
+        self.toml.write_text(f'state_dir = "{site.config.state_dir}"\n[scheduler]\nkind = "{scheduler.kind}"\n'
+                             f'{binaries}[node]\nreconcile_interval = {PERIOD}\n')
+        self.toml.chmod(0o644)
+        self.stop = threading.Event()
+        self.reconciler = Reconciler(site.worker, self.stop, PERIOD, states=scheduler_states(site.config))
+
+    def job_state(self, job: str) -> str | None:
+        info = scheduler_for(self.site.config).job(job)
+        return None if info is None else info.state
+
+    def vtorque(self, *args: str, user=None) -> subprocess.CompletedProcess:
+        kw = {"user": user.uid, "group": user.gid, "extra_groups": [], "cwd": user.home} if user else {}
+        env = {**self.env, "VTORQUE_CONFIG": str(self.toml)}
+        return subprocess.run([f"{PREFIX}/venv/bin/vtorque", *args], env=env, capture_output=True, text=True,
+                              timeout=60, **kw)
+
+    def state(self, name: str) -> int | None:
+        dom = self.site.worker.hv.lookup(name)
+        return None if dom is None else dom.state()[0]
+
+    def wait_state(self, name: str, want: int | None, timeout: float) -> float:
+        t0 = time.monotonic()
+        while self.state(name) != want:
+            assert time.monotonic() - t0 < timeout, f"{name}: state {self.state(name)}, want {want}"
+            time.sleep(0.05)
+        return time.monotonic() - t0
+
+
+@pytest.fixture
+def node(request, own_slurm, base_image, test_guest, monkeypatch):  # noqa: F811 - the fixture imported above
+    monkeypatch.setenv("SLURM_CONF", own_slurm.env["SLURM_CONF"])  # the reconciler's scontrol asks our Slurm
+    site = make_site(base_image, entry=test_guest, boot_timeout=150.0)
+    n = Node(site, getattr(request, "param", "pause"), SchedulerConfig(kind="slurm"), own_slurm.env, own_slurm)
+    n.reconciler.start()
+    try:
+        yield n
+    finally:
+        n.stop.set()
+        n.reconciler.thread.join(30)
+        for name in site.domains():
+            site.worker.hv.remove(name)
+        shutil.rmtree(site.root, ignore_errors=True)
+
+
+class Counter:
+    """The guest's program: a counter with the guest's clock, read over the owner's ssh as it prints."""
+
+    def __init__(self, owner, key: Path, sock: Path):
+        self.lines: list[tuple[float, int, int]] = []  # (host time received, count, guest's time)
+        self.proc = subprocess.Popen(ssh_argv(key, sock, owner.name, COUNTER), user=owner.uid, group=owner.gid,
+                                     extra_groups=[], cwd=owner.home, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            count, guest_time = line.split()
+            self.lines.append((time.time(), int(count), int(guest_time)))
+
+    def since(self, t: float) -> list[tuple[float, int, int]]:
+        return [entry for entry in self.lines if entry[0] >= t]
+
+    def wait_count(self, more_than: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.lines or self.lines[-1][1] <= more_than:
+            assert self.proc.poll() is None, self.proc.stderr.read() if self.proc.stderr else ""
+            assert time.monotonic() < deadline, f"the counter stands at {self.lines[-1:]}"
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def _key(user) -> Path:
+    key = user.home / f"job_key_{uuid.uuid4().hex[:6]}"
+    assert user.run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)).returncode == 0
+    return key
+
+
+def _job_with_a_guest(node: Node, owner, job: str | None = None) -> tuple[str, str, Counter]:
+    if job is None:
+        assert node.slurm is not None
+        job = node.slurm.submit(owner, "-c", "1")
+        node.slurm.wait_running(job)
+    key = _key(owner)
+    guest = node.site.plan(owner, job, vcpus=1, ssh_authorized_keys=[key.with_suffix(".pub").read_text().strip()])
+    answers = node.site.boot(job, guest)
+    assert len(answers) == 1 and isinstance(answers[0], m.GuestReady), answers
+    counter = Counter(owner, key, Path(answers[0].address))
+    counter.wait_count(3)
+    return job, guest.name, counter
+
+
+def _clock_behind(counter: Counter, after: float) -> float:
+    """How far the guest's clock is behind the host's, from the counter's lines after `after`: each line's guest
+    second is at most its host arrival time, later by the line's way here (ssh, a loaded box), so the least
+    difference is the guest's lag, in [0, 1) for a guest whose clock is the host's (whole seconds)."""
+    lines = counter.since(after)
+    assert lines, "no line of the counter"
+    return min(host - guest for host, _, guest in lines)
+
+
+def _suspend_and_resume(node: Node, owner, paused_state: int | None, job: str | None = None) -> dict:
+    job, name, counter = _job_with_a_guest(node, owner, job)
+    try:
+        assert -0.5 < _clock_behind(counter, 0) < 1.5  # a cold guest starts with the host's time
+        asked = node.vtorque("suspend", job)
+        assert asked.returncode == 0, asked.stderr
+        assert node.job_state(job) == "suspended"
+        took = node.wait_state(name, paused_state, PERIOD + 30 if paused_state is None else PERIOD + 3)
+        paused_at = time.time()
+        count = counter.lines[-1][1]
+        time.sleep(6)
+        assert [c for _, c, _ in counter.since(paused_at + 1.0)] == []  # the program stood still
+        assert node.job_state(job) == "suspended"
+        back = node.vtorque("resume", job)
+        assert back.returncode == 0, back.stderr
+        resumed = node.wait_state(name, libvirt.VIR_DOMAIN_RUNNING, PERIOD + 30)
+        at = time.time()
+        counter.wait_count(count + 3)
+        after = [c for _, c, _ in counter.since(at - 1.0)]
+        assert after[0] <= count + 2, (count, after)  # carried on where it was, not from the start
+        time.sleep(3)
+        assert -0.5 < _clock_behind(counter, at + 2.5) < 1.5  # its clock set right (it stood still ~8 s)
+        return {"job": job, "name": name, "counter": counter, "suspend_s": took, "resume_s": resumed}
+    except BaseException:
+        counter.stop()
+        raise
+
+
+def test_a_suspended_jobs_guest_pauses_and_carries_on_with_its_clock_set(node, users):  # noqa: F811 - fixture
+    attacker, owner = users
+    got = _suspend_and_resume(node, owner, libvirt.VIR_DOMAIN_PAUSED)
+    got["counter"].stop()
+    assert got["suspend_s"] <= PERIOD + 3
+    # Nobody but Slurm's operators: neither another user nor the job's owner makes root pause the guest.
+    for who in (attacker, owner):
+        refused = node.vtorque("suspend", got["job"], user=who)
+        assert refused.returncode != 0
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"Error: scontrol suspend {got['job']}: "), refused.stderr
+    time.sleep(PERIOD + 1)
+    assert node.slurm.state(got["job"]) == "RUNNING"
+    assert node.state(got["name"]) == libvirt.VIR_DOMAIN_RUNNING
+    node.slurm.run("scancel", got["job"])
+
+
+@pytest.mark.parametrize("node", ["save"], indirect=True)
+def test_save_mode_frees_the_memory_keeps_it_root_only_and_removes_it(node, users):  # noqa: F811 - fixture
+    _, owner = users
+    suspender = node.site.worker.suspender
+    job, name, counter = _job_with_a_guest(node, owner)
+    try:
+        asked = node.vtorque("suspend", job)
+        assert asked.returncode == 0, asked.stderr
+        node.wait_state(name, libvirt.VIR_DOMAIN_SHUTOFF, PERIOD + 30)
+        save = suspender.path(name, ".save")
+        st, top = save.stat(), suspender.root.stat()
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600) and st.st_size > 16 << 20  # the guest's memory
+        assert (top.st_uid, stat.S_IMODE(top.st_mode)) == (0, 0o700)
+        assert name not in node.site.worker.hv.active_names()  # no QEMU: the node's memory is free
+    finally:
+        counter.stop()
+    # The job ends while saved: its teardown (the epilogue's) removes the guest and its memory.
+    node.slurm.run("scancel", job)
+    node.site.worker.on_teardown_guests(m.TeardownGuests.new(job_id=job, deadline=60.0, node=node.site.node))
+    for thread in node.site.worker.teardown_threads:
+        thread.join(60)
+    assert node.site.worker.hv.lookup(name) is None
+    assert not save.exists() and not suspender.path(name, ".json").exists()
+
+
+@pytest.mark.parametrize("node", ["save"], indirect=True)
+def test_save_mode_restores_the_guest_and_its_program_carries_on(node, users):  # noqa: F811 - fixture
+    _, owner = users
+    got = _suspend_and_resume(node, owner, libvirt.VIR_DOMAIN_SHUTOFF)
+    got["counter"].stop()
+    assert not node.site.worker.suspender.path(got["name"], ".save").exists()  # not kept once restored
+    # Suspended and saved again, then ended: reconciliation removes the guest and its memory by itself.
+    assert node.vtorque("suspend", got["job"]).returncode == 0
+    node.wait_state(got["name"], libvirt.VIR_DOMAIN_SHUTOFF, PERIOD + 30)
+    assert node.site.worker.suspender.path(got["name"], ".save").exists()
+    node.slurm.run("scancel", got["job"])
+    node.wait_state(got["name"], None, PERIOD + 30)
+    deadline = time.monotonic() + 5  # the domain first, then its files: the same round, moments later
+    while list(node.site.worker.suspender.root.iterdir()):
+        assert time.monotonic() < deadline, list(node.site.worker.suspender.root.iterdir())
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def torque_node(base_image, test_guest, users, tmp_path):  # noqa: F811 - the fixture imported above
+    """The node worker on a Torque site, whose qstat and qsig are the contract's stand-ins (torque_replay.py):
+    `qstat -f` shows `job_state = S` once root has `qsig -s suspend`ed the job, as pbs_server does."""
+    from integration.torque_replay import suspendable_stand_ins
+
+    _, owner = users
+    site = make_site(base_image, entry=test_guest, boot_timeout=150.0)
+    job = f"{uuid.uuid4().int % 100000}.tq"
+    bin_dir = site.root / "torque-bin"
+    bin_dir.mkdir(mode=0o755)
+    qstat, qsig = suspendable_stand_ins(bin_dir, job, {"owner": f"{owner.name}@{HOST}", "queue": "batch",
+                                                      "exec_host": f"{site.node}/0", "jobname": "counter"})
+    n = Node(site, "pause", SchedulerConfig(kind="torque", qstat=str(qstat), qsig=str(qsig)),
+             {"PATH": f"{PREFIX}/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin"})
+    n.torque_job, n.torque_answers = job, bin_dir / "qstat-answers"  # type: ignore[attr-defined]
+    n.reconciler.start()
+    try:
+        yield n
+    finally:
+        n.stop.set()
+        n.reconciler.thread.join(30)
+        for name in site.domains():
+            site.worker.hv.remove(name)
+        shutil.rmtree(site.root, ignore_errors=True)
+
+
+def test_on_torque_qsig_suspends_and_the_guest_follows_job_state_s(torque_node, users):  # noqa: F811 - fixture
+    attacker, owner = users
+    job = torque_node.torque_job
+    got = _suspend_and_resume(torque_node, owner, libvirt.VIR_DOMAIN_PAUSED, job=job)
+    got["counter"].stop()
+    assert got["suspend_s"] <= PERIOD + 3
+    refused = torque_node.vtorque("suspend", job, user=attacker)
+    assert refused.returncode != 0
+    assert refused.stderr.strip().splitlines() == [
+        f"Error: qsig -s suspend {job}: Unauthorized Request  MSG=operation not permitted {job}"]
+    # Torque forgets the job (it ended): reconciliation removes its guest, as for any job.
+    (torque_node.torque_answers / job).unlink()
+    torque_node.wait_state(got["name"], None, PERIOD + 30)
