@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from typing import TYPE_CHECKING
 
 from vtorque.shared import messages as m
 from vtorque.shared import metrics
@@ -23,6 +24,9 @@ from vtorque.shared.logs import log
 from vtorque.shared.node_registry import TTL_INTERVALS, nodes_queue
 
 from . import iocm, vrdma
+
+if TYPE_CHECKING:  # the worker these parts serve (services/node_worker/service.py); not imported at run time
+    from .service import NodeWorker
 
 LOG = logging.getLogger("vtorque.node_worker.heartbeat")
 
@@ -47,7 +51,7 @@ def capabilities(domain_type: str, kernel_boot_images: int, hugepages: bool) -> 
 
 # -- I/O -------------------------------------------------------------------------------------------------
 
-def node_facts(worker) -> m.NodeHeartbeat:
+def node_facts(worker: NodeWorker) -> m.NodeHeartbeat:
     config = worker.config
     try:
         meminfo = open("/proc/meminfo", encoding="ascii").read()
@@ -94,7 +98,7 @@ class Heartbeat:
     identities of one process (bench/many_nodes.py): one thread and one connection beat for all of them, their
     beats published as one batch (a broker here takes about 830 connections, not one per simulated node)."""
 
-    def __init__(self, workers, stop: threading.Event):
+    def __init__(self, workers: NodeWorker | list[NodeWorker] | tuple[NodeWorker, ...], stop: threading.Event):
         self.workers = list(workers) if isinstance(workers, (list, tuple)) else [workers]
         self.worker, self.stop = self.workers[0], stop
         self.interval = max(0.5, float(self.worker.config.node.heartbeat_interval))

@@ -25,8 +25,12 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vtorque.shared.logs import log
+
+if TYPE_CHECKING:  # the worker these parts serve (services/node_worker/service.py); not imported at run time
+    from .service import NodeWorker
 
 LOG = logging.getLogger("vtorque.node_worker.iocm")
 
@@ -368,6 +372,6 @@ def policy_from(node_config) -> Policy:
                   up_samples=n.iocm_widen_samples, down_samples=n.iocm_narrow_samples)
 
 
-def start(worker, stop: threading.Event) -> IocmController:
+def start(worker: NodeWorker, stop: threading.Event) -> IocmController:
     """The node worker's IOcm thread (cli/main.py starts it beside the heartbeat)."""
     return IocmController(worker.hv, stop, worker.config.node.iocm_interval, policy_from(worker.config.node)).start()

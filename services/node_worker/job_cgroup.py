@@ -33,8 +33,12 @@ import string
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vtorque.shared.logs import log
+
+if TYPE_CHECKING:  # the worker these parts serve (services/node_worker/service.py); not imported at run time
+    from .service import NodeWorker
 
 LOG = logging.getLogger("vtorque.node_worker.job_cgroup")
 PLACEHOLDERS = ("job", "uid", "node")
@@ -179,7 +183,7 @@ def adopt(layout: dict[str, str], root: str, name: str, job_id: str, uid: int, n
     return "placed"
 
 
-def start_guest(worker, dom, job_id: str, guest) -> None:
+def start_guest(worker: NodeWorker, dom, job_id: str, guest) -> None:
     """Starts the guest's domain; with a job cgroup layout, paused, moved into the job's cgroups, then run.
     A job cgroup that does not exist yet is left to the watcher (`start`)."""
     layout = worker.config.node.job_cgroup
@@ -195,7 +199,7 @@ def start_guest(worker, dom, job_id: str, guest) -> None:
         worker.hv.resume(dom)
 
 
-def start(worker, stop: threading.Event) -> Watcher | None:
+def start(worker: NodeWorker, stop: threading.Event) -> Watcher | None:
     """The watcher: every running guest of this node goes into its job's cgroups as soon as they exist."""
     layout = worker.config.node.job_cgroup
     if not layout:
@@ -209,7 +213,7 @@ def start(worker, stop: threading.Event) -> Watcher | None:
 
 
 class Watcher:
-    def __init__(self, worker, pid_of=qemu_pid):
+    def __init__(self, worker: NodeWorker, pid_of=qemu_pid):
         self.worker, self.pid_of = worker, pid_of
         self.first_seen: dict[str, float] = {}
         self.warned: set[str] = set()

@@ -28,10 +28,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vtorque.shared.logs import log
 
 from . import disks, suspend, warm_pool
+
+if TYPE_CHECKING:  # the worker these parts serve (services/node_worker/service.py); not imported at run time
+    from .service import NodeWorker
 
 LOG = logging.getLogger("vtorque.node_worker.reconcile")
 
@@ -125,7 +129,7 @@ class Reconciler:
     """`states` (scheduler_states): the scheduler's word for each job, asked once per job per round, for removal
     and suspension alike; a reconciler given only `alive` (job → still running?) suspends and resumes nothing."""
 
-    def __init__(self, worker, stop: threading.Event, interval: float,
+    def __init__(self, worker: NodeWorker, stop: threading.Event, interval: float,
                  alive: Callable[[str], bool | None] | None = None, states: Callable[[str], str | None] | None = None):
         self.worker, self.stop, self.interval, self.alive, self.states = worker, stop, interval, alive, states
         self.thread = threading.Thread(target=self._loop, name="reconcile", daemon=True)

@@ -25,6 +25,10 @@ import subprocess
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the worker these parts serve (services/node_worker/service.py); not imported at run time
+    from .service import NodeWorker
 
 SRIOV, SKVM, PVRDMA, IVSHMEM = "sriov-vf", "skvm-virtio-rdma", "pvrdma", "ivshmem"
 BACKENDS = (SRIOV, SKVM, PVRDMA, IVSHMEM)
@@ -348,7 +352,7 @@ def _single_node(cmd, node: str) -> bool:
     return all(p.node == node for p in cmd.peers)
 
 
-def _used_vfs(worker) -> frozenset[str]:
+def _used_vfs(worker: NodeWorker) -> frozenset[str]:
     xmls = []
     for name in worker.hv.vtorque_domains():
         dom = worker.hv.lookup(name)
@@ -361,7 +365,7 @@ def _used_vfs(worker) -> frozenset[str]:
     return used_vfs(xmls)
 
 
-def check_boot(worker, cmd, guests) -> str | None:
+def check_boot(worker: NodeWorker, cmd, guests) -> str | None:
     """Before any of the job's guests boots here: the reason this node cannot give them vRDMA, or None."""
     if not any(g.vrdma for g in guests):
         return None
@@ -373,7 +377,7 @@ def check_boot(worker, cmd, guests) -> str | None:
     return None
 
 
-def for_guest(worker, cmd, guest) -> Choice | None:
+def for_guest(worker: NodeWorker, cmd, guest) -> Choice | None:
     """The backend for one guest, chosen right before its domain is defined (under the node worker's define
     lock, so two guests never get the same VF). Raises BootFailed (not retryable) when there is none."""
     if not guest.vrdma:
