@@ -136,7 +136,14 @@ class Site:
         spec = validate(parse_options([vm]), self.config)
         wrapper = render_wrapper("#!/bin/sh\necho hello\n", spec.as_options(), PUBKEY, "/root/.vtorque/keys/k",
                                  None, "/usr/bin/vtorque-launch", submitted_ns=time.time_ns())
-        header: JobHeader = parse_header(wrapper)
+        return self.started(job_id, wrapper, nodes, owner)
+
+    def started(self, job_id: str, wrapper: str, nodes: tuple[str, ...] | None = None,
+                owner: str = "root") -> JobContext:
+        """The scheduler starting the job whose script is `wrapper`: its prologue's JobContext, as the hook reads
+        it (the header of the script's leading lines)."""
+        header: JobHeader | None = parse_header(wrapper)
+        assert header is not None, "not a VM job's wrapper"
         nodes = nodes or tuple(self.workers)
         self.scheduler.jobs[job_id] = JobInfo(job_id=job_id, state="running", raw_state="R", owner=owner,
                                               nodes=nodes)

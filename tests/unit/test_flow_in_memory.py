@@ -1,4 +1,4 @@
-"""The whole flow of a VM job in memory, in milliseconds: vsub's wrapper → the prologue (the real
+"""The whole flow of a VM job in memory, in milliseconds: vsub (cli/vsub.py itself, its wrapper) → the prologue (the real
 run_prologue) → JobStarted → the bridge (scheduler check, spec, plan) → StageImage → the stager (a real copy
 into a real store) and BootGuests → the node worker (its checks, domain XML on libvirt's test driver, the
 readiness wait) → GuestReady → the prologue's wait; then the epilogue → JobEnded → TeardownGuests → the node
@@ -142,3 +142,44 @@ def test_a_job_whose_epilogue_never_came_is_removed_by_reconciliation(site):
     [removal] = rounds.run_once()
     assert removal.name == outcome.ready[0].guest
     assert site.domains() == {} and not (Path(worker.config.node.guest_dir) / removal.name).exists()
+
+
+def test_vsubs_own_wrapper_runs_the_whole_flow(site, tmp_path, monkeypatch):
+    """vsub itself (cli/vsub.py, as a user runs it on a `#PBS -vm` script) submits through the site's scheduler
+    interface; the wrapper it wrote is what the prologue reads, and the job runs to its teardown."""
+    import subprocess
+
+    import msgspec
+
+    from vtorque.cli import vsub
+    from vtorque.shared import scheduler as scheduler_module
+    from vtorque.shared.config import SchedulerConfig
+
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/sh\n#PBS -vm img=tiny,vcpus=1\n#PBS -N flow\necho hello\n")
+    submitted: dict[str, list[str]] = {}
+
+    def submit(args: list[str]):
+        submitted["args"], submitted["wrapper"] = args, Path(args[-1]).read_text()  # the wrapper, by the script's name
+        return subprocess.CompletedProcess(args, 0, "8.srv\n")
+
+    monkeypatch.setattr(site.scheduler, "submit", submit)
+    monkeypatch.setattr(scheduler_module, "scheduler_for", lambda config: site.scheduler)
+    config = msgspec.structs.replace(site.config, scheduler=SchedulerConfig(kind="torque", qsub="/bin/true"))
+    monkeypatch.setattr(vsub, "_load_config", lambda: config)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert vsub.main([str(script)]) == 0
+    assert Path(submitted["args"][-1]).name == "job.sh" and "-N" not in submitted["args"]  # directives stay inside
+    wrapper = submitted.pop("wrapper")
+    assert "# vtorque-spec: " in wrapper and "#PBS -N flow" in wrapper and "vtorque-launch" in wrapper
+    [key_dir] = (tmp_path / "home" / ".vtorque" / "keys").iterdir()
+    assert (key_dir / "job").read_text() == "8.srv\n" and (key_dir / "cluster").read_text() == "torque:flow\n"
+
+    job = site.started("8.srv", wrapper)
+    assert job.header.ssh_pubkeys == [(key_dir / "id_ed25519.pub").read_text().strip()]
+    outcome, lines = site.prologue(job)
+    assert outcome.verdict is Verdict.READY, (outcome.reason, lines, site.bus.dead)
+    [started] = site.of_type(m.JobStarted)
+    assert started.ssh_authorized_keys == job.header.ssh_pubkeys  # vsub's key, on to the guest's seed
+    confirmed, _ = site.epilogue(job)
+    assert confirmed and site.domains() == {}
