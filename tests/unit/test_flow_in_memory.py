@@ -1,5 +1,5 @@
-"""The whole flow of a VM job in memory, in milliseconds: vsub (cli/vsub.py itself, its wrapper) → the prologue (the real
-run_prologue) → JobStarted → the bridge (scheduler check, spec, plan) → StageImage → the stager (a real copy
+"""The whole flow of a VM job in memory, in milliseconds: vsub (cli/vsub.py itself, its wrapper) → the prologue
+(the real run_prologue) → JobStarted → the bridge (scheduler check, spec, plan) → StageImage → the stager (a real copy
 into a real store) and BootGuests → the node worker (its checks, domain XML on libvirt's test driver, the
 readiness wait) → GuestReady → the prologue's wait; then the epilogue → JobEnded → TeardownGuests → the node
 worker → GuestsTornDown. No broker, no guest (tests/unit/flow_site.py says what stands in)."""
