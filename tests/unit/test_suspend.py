@@ -282,3 +282,36 @@ def test_a_cold_guest_has_the_host_channel_for_its_clock_but_no_generation_id():
     assert cold.find("genid") is None and channel is not None and channel.get("type") == "unix"
     assert channel.find("target").get("name") == IDENTITY_CHANNEL
     assert channel.find("source").get("path") == "/g/x/identity.sock"
+
+
+def test_the_log_says_paused_and_resumed_with_the_job_id_and_the_jobs_trace_id(tmp_path):
+    import io
+    import json
+    import logging
+
+    from vtorque.shared.logs import JsonFormatter
+
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    hv = StandInHypervisor({"vt-7-n1-0": RUNNING})
+    w = site(tmp_path, hv)
+    jobs = w.config.job_dir("7")
+    jobs.mkdir(parents=True)
+    (jobs / "vt-7-n1-0.json").write_text(json.dumps({"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}))
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JsonFormatter("vtorque-node-worker"))
+    logger = logging.getLogger("vtorque.node_worker.suspend")
+    logger.addHandler(handler)
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        round_with(w, {"7": "suspended"})
+        round_with(w, {"7": "running"})
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    said = {line["msg"]: line for line in lines}
+    for msg in ("guest paused", "guest resumed"):
+        assert said[msg]["job_id"] == "7" and said[msg]["trace_id"] == trace_id and said[msg]["guest"] == "vt-7-n1-0"
+    assert said["guest resumed"]["clock"].startswith("not set")  # the stand-in has no channel
