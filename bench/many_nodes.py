@@ -14,8 +14,10 @@ NodeHost for why). What is instant, and only that:
   bench/job_vs_bare.py, and would only measure this 2-core box's fork rate at 1,024 guests).
 Reconciliation and the IOcm controller are not started (timers, not on a job's path).
 
-As a script (bench/scale_nodes.py starts it): `many_nodes.py CONFIG PREFIX COUNT PORT_BASE` runs COUNT nodes
-named PREFIX0000… until SIGTERM; prints one JSON line {"ready": COUNT, "seconds": …} once all consume.
+As a script (bench/scale_nodes.py starts it): `many_nodes.py CONFIG PREFIX COUNT PORT_BASE [FIRST]` runs COUNT
+nodes named PREFIX<FIRST>… (4 digits; FIRST 0 unless told) until SIGTERM; prints one JSON line
+{"ready": COUNT, "seconds": …} once all consume. scale_nodes.py starts one per CPU, each with its share of the
+nodes: the nodes of a cluster work side by side, and one Python process is one core (its GIL).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class NodeHost:
     for `beat_group` nodes. Within a group commands are handled one at a time, as each node handles its own."""
 
     def __init__(self, config: Config, prefix: str, count: int, port_base: int, workdir: Path, ports: int = 4,
-                 group: int = 16, beat_group: int = 128):
+                 group: int = 16, beat_group: int = 128, first: int = 0):
         self.stop = threading.Event()
         self.guests = InstantGuests()
         self.workers: list[node_service.NodeWorker] = []
@@ -74,10 +76,10 @@ class NodeHost:
         self.beat_group = beat_group
         url = config.broker.connection_url()
         store = node_service.ImageStore(config.images.store)
-        for first in range(0, count, group):
+        for start in range(first, first + count, group):
             publisher = Publisher(url)
             members = {}
-            for i in range(first, min(count, first + group)):
+            for i in range(start, min(first + count, start + group)):
                 cfg = node_config(config, f"{prefix}{i:04d}", i, workdir, port_base, ports)
                 worker = node_service.NodeWorker(cfg, publisher, store=store,
                                                  hypervisor=InstantHypervisor(self.guests, str(workdir)),
@@ -129,11 +131,12 @@ def _dispatch(members: dict, kind: type):
 
 def main(argv: list[str]) -> int:
     config_path, prefix, count, port_base = argv[0], argv[1], int(argv[2]), int(argv[3])
+    first = int(argv[4]) if len(argv) > 4 else 0
     config = load_config(config_path, env={})
     workdir = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=Path(config.state_dir)))
     os.chmod(workdir, 0o711)
     t0 = time.monotonic()
-    host = NodeHost(config, prefix, count, port_base, workdir)
+    host = NodeHost(config, prefix, count, port_base, workdir, first=first)
     with instant_host(host.guests):
         done = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

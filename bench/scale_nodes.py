@@ -101,6 +101,19 @@ class OwnBroker:
                     ) from None
                 time.sleep(1)
 
+    def beam_pids(self) -> list[int]:
+        """The broker's Erlang VM (beam.smp, in the session the server script started)."""
+        found = []
+        for entry in os.listdir("/proc"):
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                if entry.isdigit() and int(fields[3]) == self.proc.pid and \
+                        Path(f"/proc/{entry}/comm").read_text().strip().startswith("beam"):
+                    found.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+        return found
+
     def ctl(self, *args: str, timeout: float = 120) -> str:
         return subprocess.run(["rabbitmqctl", "--erlang-cookie", self.cookie, "-n", self.node, "-q", *args],
                               check=True, capture_output=True, text=True, timeout=timeout).stdout
@@ -271,18 +284,33 @@ def job_event(job_id: str, hosts: list[str]) -> m.JobStarted:
                             spec={"img": "tiny", "vcpus": "1", "ram": "128M"}, ssh_authorized_keys=[KEY])
 
 
-def run_job(url: str, publisher: Publisher, hosts: list[str]) -> tuple[float, float]:
-    """(job event → every GuestReady, JobEnded → every GuestsTornDown), seconds."""
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of these processes (all their threads) so far, s."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def run_job(url: str, publisher: Publisher, hosts: list[str], pids: dict[str, list[int]] | None = None
+            ) -> tuple[float, float, dict[str, float]]:
+    """(job event → every GuestReady, JobEnded → every GuestsTornDown, seconds; the CPU seconds each group of
+    `pids` (the node hosts, the bridge, the broker) spent from the job event to the last GuestReady)."""
+    pids = pids or {}
     job_id = f"s{uuid.uuid4().hex[:8]}"
     waiter = EventWaiter(url, [f"job.{m.routing_word(job_id)}.#"])
     try:
+        cpu0 = {k: cpu_seconds(v) for k, v in pids.items()}
         t0 = time.monotonic()
         publisher.publish(job_event(job_id, hosts))
         ready = _collect(waiter, m.GuestReady, len(hosts), t0)
+        cpu = {k: cpu_seconds(v) - cpu0[k] for k, v in pids.items()}
         t1 = time.monotonic()
         publisher.publish(m.JobEnded.new(job_id=job_id, deadline=120.0, scheduler="slurm", nodes=hosts))
         _collect(waiter, m.GuestsTornDown, len(hosts), t1)
-        return ready, time.monotonic() - t1
+        return ready, time.monotonic() - t1, cpu
     finally:
         waiter.close()
 
@@ -384,8 +412,9 @@ def _publish_all(publisher: Publisher, messages: list) -> None:
 
 # -- (d) one node, many guests -------------------------------------------------------------------------------
 
-def per_node_growth(config, url: str, workdir: Path, counts=(1, 8, 32, 128)) -> list[dict]:
-    """Per operation on one node as its guests grow: a boot of one more, a heartbeat's facts, a teardown."""
+def per_node_growth(config, url: str, workdir: Path, counts=(1, 8, 32, 128, 256)) -> list[dict]:
+    """Per operation on one node as its guests grow: a boot of one more, a heartbeat's facts, a teardown of one;
+    at each count the median of REPEATS (the teardown of the newest guest, then its boot again as a new job)."""
     cfg = many_nodes.node_config(config, "grow0000", 0, workdir / "grow", 28200, max(counts) + 8)
     guests = many_nodes.InstantGuests()
     worker = node_service.NodeWorker(cfg, Publisher(url), hypervisor=many_nodes.InstantHypervisor(
@@ -395,24 +424,26 @@ def per_node_growth(config, url: str, workdir: Path, counts=(1, 8, 32, 128)) -> 
     node_facts(worker)  # once before: its first call probes QEMU's devices (vRDMA), once per process
     with many_nodes.instant_host(guests):
         for k in range(max(counts)):
-            job_id = f"g{k}"
-            plan = _one_guest_boot(config, job_id, cfg.node.name)
-            t0 = time.monotonic()
-            worker.on_boot_guests(plan)
-            boot = time.monotonic() - t0
-            jobs.append(job_id)
-            if k + 1 in counts:
+            jobs.append(f"g{k}")
+            worker.on_boot_guests(_one_guest_boot(config, jobs[-1], cfg.node.name))
+            if k + 1 not in counts:
+                continue
+            facts, boots, downs = [], [], []
+            for i in range(REPEATS):
                 t0 = time.monotonic()
                 beat = node_facts(worker)
-                facts = time.monotonic() - t0
+                facts.append(time.monotonic() - t0)
                 assert beat.guests_running == k + 1, beat.guests_running
-                rows.append({"guests": k + 1, "boot_s": boot, "facts_s": facts})
-        for row in reversed(rows):  # a teardown with `guests` guests on the node, the torn-down one included
-            while len(jobs) > row["guests"]:
+                t0 = time.monotonic()
                 worker.teardown_job(jobs.pop())
-            t0 = time.monotonic()
-            worker.teardown_job(jobs.pop())
-            row["teardown_s"] = time.monotonic() - t0
+                downs.append(time.monotonic() - t0)
+                jobs.append(f"g{k}r{i}")
+                plan = _one_guest_boot(config, jobs[-1], cfg.node.name)
+                t0 = time.monotonic()
+                worker.on_boot_guests(plan)
+                boots.append(time.monotonic() - t0)
+            rows.append({"guests": k + 1, "boot_s": median(boots), "facts_s": median(facts),
+                         "teardown_s": median(downs)})
         while jobs:
             worker.teardown_job(jobs.pop())
     return rows
@@ -432,17 +463,25 @@ def per_node_job_size(config, url: str, workdir: Path, sizes=(1, 64, 256, 1024))
                 guests, str(workdir)), store=node_service.ImageStore(config.images.store),
                 segments=many_nodes.instant_segments(workdir))
             hosts = [cfg.node.name] + [f"peer{i:04d}" for i in range(n - 1)]
-            command = job_boot_command(config, f"z{n}", hosts)
-            body = m.encode(command)
-            t0 = time.monotonic()
-            decoded = m.decode(body)
-            decode = time.monotonic() - t0
-            t0 = time.monotonic()
-            worker.on_boot_guests(decoded)
-            boot = time.monotonic() - t0
-            worker.teardown_job(command.job_id)
-            rows.append({"nodes": n, "bytes": len(body), "decode_s": decode, "boot_s": boot})
+            samples = []
+            for k in range(REPEATS + 1):  # the first: this worker's first boot (its libvirt threads start)
+                command = job_boot_command(config, f"z{n}k{k}", hosts)
+                body = m.encode(command)
+                t0, c0 = time.monotonic(), time.process_time()
+                decoded = m.decode(body)
+                decode = time.monotonic() - t0
+                t0 = time.monotonic()
+                worker.on_boot_guests(decoded)
+                samples.append((decode, time.monotonic() - t0, time.process_time() - c0))
+                worker.teardown_job(command.job_id)
+            rest = samples[1:]
+            rows.append({"nodes": n, "bytes": len(body), "decode_s": median([d for d, _, _ in rest]),
+                         "boot_s": median([b for _, b, _ in rest]), "cpu_s": median([c for _, _, c in rest]),
+                         "first_boot_s": samples[0][1]})
     return rows
+
+
+REPEATS = 5  # boots per job size in (d), after the first
 
 
 def _one_guest_boot(config, job_id: str, host: str) -> m.BootGuests:
@@ -452,15 +491,25 @@ def _one_guest_boot(config, job_id: str, host: str) -> m.BootGuests:
 # -- the run ------------------------------------------------------------------------------------------------
 
 def start_nodes(procs: list, config_path: Path, env: dict, args, log: Path) -> None:
-    """Guests' ports from 24,000, 4 per node: below Linux's ephemeral range (32768-60999), where this run's own
-    client sockets would take them."""
+    """`args.node_procs` node host processes, each with its share of the nodes (node0000… in order): a cluster's
+    nodes work side by side, and one Python process uses one core. Guests' ports from 24,000, 4 per node: below
+    Linux's ephemeral range (32768-60999), where this run's own client sockets would take them."""
     t0 = time.monotonic()
-    procs.append(subprocess.Popen([PY, str(HERE / "many_nodes.py"), str(config_path), "node", str(args.nodes),
-                                   "24000"], env=env, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True))
-    started = json.loads(procs[-1].stdout.readline() or "{}")
-    if "ready" not in started:
-        raise RuntimeError(f"node host failed:\n{log.read_text()[-3000:]}")
-    print(f"{args.nodes} node identities consuming after {time.monotonic() - t0:.1f} s", flush=True)
+    share = -(-args.nodes // args.node_procs)
+    hosts = []
+    for first in range(0, args.nodes, share):
+        count = min(share, args.nodes - first)
+        part = log.with_suffix(f".{first}.log")
+        hosts.append((part, subprocess.Popen(
+            [PY, str(HERE / "many_nodes.py"), str(config_path), "node", str(count), "24000", str(first)],
+            env=env, stdout=subprocess.PIPE, stderr=open(part, "w"), text=True)))
+        procs.append(hosts[-1][1])
+    for part, proc in hosts:
+        started = json.loads(proc.stdout.readline() or "{}")
+        if "ready" not in started:
+            raise RuntimeError(f"node host failed:\n{part.read_text()[-3000:]}")
+    print(f"{args.nodes} node identities in {len(hosts)} processes consuming after {time.monotonic() - t0:.1f} s",
+          flush=True)
 
 
 def median(values):
@@ -472,6 +521,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--nodes", type=int, default=1024)
     parser.add_argument("--heartbeat", type=float, default=10.0, help="the nodes' heartbeat interval, s")
+    parser.add_argument("--node-procs", type=int, default=os.cpu_count() or 1,
+                        help="node host processes sharing the nodes (default: one per CPU)")
     parser.add_argument("--skip-jobs", action="store_true",
                         help="no node host: only (b), (c)'s burst and (d) (e.g. to measure an older commit)")
     parser.add_argument("--sink", nargs=3, help=argparse.SUPPRESS)
@@ -530,9 +581,10 @@ def main(argv=None) -> int:
                 print(f"(c) bridge heartbeat queue depth while {args.nodes} nodes beat every {args.heartbeat} s:",
                       depths, flush=True)
 
+            pids = {"nodes": [p.pid for p in procs[1:]], "bridge": [procs[0].pid], "broker": broker.beam_pids()}
             rounds = []
             for r in range(args.rounds):
-                row: dict = {}
+                row: dict = {"load1": os.getloadavg()[0]}
                 small = b"x" * 1024
                 big = b"x" * boot_size
                 row["raw_confirm"] = raw_round(url, raw_names, small, "confirm", root)
@@ -541,10 +593,12 @@ def main(argv=None) -> int:
                 row["raw_big_none"] = raw_round(url, raw_names, big, "none", root)
                 row["raw_big_batch"] = raw_round(url, raw_names, big, "batch", root)
                 row["raw_big_bcc"] = raw_round(url, raw_names, big, "bcc", root)
+                row["raw_small_bcc"] = raw_round(url, raw_names, small, "bcc", root)
                 row["beats_publish"], row["beats_drained"] = beat_burst(publisher, broker, sink_hosts)
                 row["bridge_first"], row["bridge"] = bridge_fanout(url, publisher, sink_hosts, root)
                 for size in sizes:
-                    row[f"job{size}"], row[f"down{size}"] = run_job(url, publisher, hosts[:size])
+                    row[f"job{size}"], row[f"down{size}"], cpu = run_job(url, publisher, hosts[:size], pids)
+                    row.update({f"cpu_{k}{size}": v for k, v in cpu.items()})
                 rounds.append(row)
                 print(f"round {r + 1}:", json.dumps({k: round(v, 3) for k, v in row.items()}), flush=True)
             report(rounds, sizes, growth, boot_size, depths, args, by_size)
@@ -569,12 +623,20 @@ def report(rounds, sizes, growth, boot_size, depths, args, by_size) -> None:
     print("| what | " + " | ".join(f"round {i + 1}" for i in range(len(rounds))) + " | median |")
     print("|---|" + "---|" * (len(rounds) + 1))
 
-    def line(label, key):
-        vals = [r[key] for r in rounds]
+    def line(label, key, scale=1.0):
+        vals = [r[key] * scale for r in rounds]
         print(f"| {label} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | **{median(vals):.3f}** |")
 
+    line("load average (1 min) at the round's start", "load1")
     for size in sizes:
         line(f"job of {size} node(s): event → all GuestReady, s", f"job{size}")
+    for size in sizes:
+        line(f"job of {size} node(s): the node hosts' CPU from event to ready, ms per node", f"cpu_nodes{size}",
+             1e3 / size)
+    for size in sizes:
+        line(f"job of {size} node(s): the broker's CPU from event to ready, s", f"cpu_broker{size}")
+    for size in sizes:
+        line(f"job of {size} node(s): the bridge's CPU from event to ready, s", f"cpu_bridge{size}")
     for size in sizes:
         line(f"teardown of {size} node(s): JobEnded → all GuestsTornDown, s", f"down{size}")
     line(f"raw: {n} × 1 KiB, a confirm per message, s", "raw_confirm")
@@ -583,6 +645,7 @@ def report(rounds, sizes, growth, boot_size, depths, args, by_size) -> None:
     line(f"raw: {n} × {boot_size} B, no confirms, s", "raw_big_none")
     line(f"raw: {n} × {boot_size} B, confirms awaited once, s", "raw_big_batch")
     line(f"raw: 1 × {boot_size} B, BCC to {n} queues, s", "raw_big_bcc")
+    line(f"raw: 1 × 1 KiB, BCC to {n} queues, s", "raw_small_bcc")
     line(f"bridge: JobStarted → its BootGuests delivered from the first of {n} node queues, s", "bridge_first")
     line(f"bridge: JobStarted → its BootGuests delivered from the last of {n} node queues, s", "bridge")
     for label, key in (
@@ -601,15 +664,18 @@ def report(rounds, sizes, growth, boot_size, depths, args, by_size) -> None:
     print("| heartbeats consumed by the bridge, per s | " + " | ".join(f"{v:.0f}" for v in rates)
           + f" | **{median(rates):.0f}** |")
     print(f"\n(c) bridge heartbeat queue depth, every 2 s, {n} nodes beating every {args.heartbeat} s: {depths}")
-    print("\n(d) one node | boot of one more guest, ms | heartbeat facts, ms | teardown of one guest, ms |")
+    print(f"\n(d) one node (median of {REPEATS}) | boot of one more guest, ms | heartbeat facts, ms | "
+          "teardown of one guest, ms |")
     print("|---|---|---|---|")
     for row in growth:
         print(f"| {row['guests']} guests | {row['boot_s'] * 1e3:.1f} | {row['facts_s'] * 1e3:.1f} | "
               f"{row['teardown_s'] * 1e3:.1f} |")
-    print("\n(d) one node, its guest of a job of n nodes | BootGuests bytes | decode, ms | boot, ms |")
-    print("|---|---|---|---|")
+    print(f"\n(d) one node, its guest of a job of n nodes (median of {REPEATS}) | BootGuests bytes | decode, ms | "
+          "boot, ms | CPU of decode + boot, ms | the worker's first boot, ms |")
+    print("|---|---|---|---|---|---|")
     for row in by_size:
-        print(f"| {row['nodes']} nodes | {row['bytes']} | {row['decode_s'] * 1e3:.1f} | {row['boot_s'] * 1e3:.1f} |")
+        print(f"| {row['nodes']} nodes | {row['bytes']} | {row['decode_s'] * 1e3:.1f} | {row['boot_s'] * 1e3:.1f} | "
+              f"{row['cpu_s'] * 1e3:.1f} | {row['first_boot_s'] * 1e3:.1f} |")
 
 
 if __name__ == "__main__":
