@@ -15,6 +15,7 @@ import re
 import subprocess
 from pathlib import Path
 
+from vtorque.shared.cpu_list import parse_cpu_list
 from vtorque.shared.job_script import HEADER_LINES, read_head
 from vtorque.shared.scheduler import (
     ALIVE,
@@ -292,12 +293,8 @@ def parse_cpu_ids(text: str, expand=None) -> dict[str, list[int]]:
 
 
 def cpu_ids(ids: str) -> list[int]:
-    """CPU_IDs=0-1,4 → [0, 1, 4]."""
-    out: list[int] = []
-    for part in filter(None, ids.split(",")):
-        lo, _, hi = part.partition("-")
-        out += range(int(lo), int(hi or lo) + 1)
-    return out
+    """CPU_IDs=0-1,4 → [0, 1, 4] (shared/cpu_list.py)."""
+    return parse_cpu_list(ids)
 
 
 def config_value(show_config: str, key: str) -> str | None:

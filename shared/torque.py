@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 from vtorque.shared import messages as m
+from vtorque.shared.cpu_list import parse_cpu_list
 from vtorque.shared.scheduler import JobInfo, SchedulerError, State, hms_seconds, mem_mib, run_client, submit_client
 
 # qstat job_state letters (TORQUE 6.1): C is kept only while keep_completed lasts.
@@ -164,17 +165,14 @@ def short_host(host: str) -> str:
 
 
 def parse_core_list(text: str) -> list[int]:
-    """'0-1,4' -> [0, 1, 4] (in the order given, without repeats)."""
+    """'0-1,4' -> [0, 1, 4] (in the order given, without repeats; shared/cpu_list.py), nothing but digits,
+    dashes and commas."""
     if not _CORES.match(text):
         raise ExecHostError(f"bad core list {text!r}")
-    cores: list[int] = []
-    for part in text.split(","):
-        low, _, high = part.partition("-")
-        first, last = int(low), int(high or low)
-        if last < first:
-            raise ExecHostError(f"bad core range {part!r}")
-        cores += [c for c in range(first, last + 1) if c not in cores]
-    return cores
+    try:
+        return parse_cpu_list(text)
+    except ValueError as exc:
+        raise ExecHostError(str(exc).replace("CPU", "core")) from None
 
 
 def parse_exec_host(text: str) -> OrderedDict[str, list[int]]:

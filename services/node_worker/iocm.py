@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vtorque.shared.cpu_list import parse_cpu_list
 from vtorque.shared.logs import log
 
 if TYPE_CHECKING:  # the worker these parts serve (services/node_worker/service.py); not imported at run time
@@ -141,12 +142,8 @@ class GuestIocm:
 
 
 def parse_cpuset(text: str) -> list[int]:
-    """'0-2,5' → [0, 1, 2, 5] (libvirt's and the kernel's cpuset syntax)."""
-    cores: list[int] = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        lo, _, hi = part.partition("-")
-        cores += range(int(lo), int(hi or lo) + 1)
-    return cores
+    """'0-2,5' → [0, 1, 2, 5] (libvirt's and the kernel's cpuset syntax: shared/cpu_list.py)."""
+    return parse_cpu_list(text)
 
 
 def guest_iocm(xml: str, meta: dict[str, str]) -> GuestIocm | None:

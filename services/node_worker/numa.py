@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from vtorque.shared.cpu_list import parse_cpu_list
+
 Topology = dict[int, frozenset[int]]  # NUMA node → its CPUs
 
 # Where host_topology reads the machine's facts; tests point it at a fake host's sysfs tree.
@@ -25,11 +27,8 @@ def nodeset(cores: list[int] | None, topology: Topology) -> str | None:
 
 
 def parse_cpulist(text: str) -> frozenset[int]:
-    cpus: set[int] = set()
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        lo, _, hi = part.partition("-")
-        cpus.update(range(int(lo), int(hi or lo) + 1))
-    return frozenset(cpus)
+    """A NUMA node's sysfs cpulist (`0-3,8-11\n`; a memory-only node's is blank) as a set (shared/cpu_list.py)."""
+    return frozenset(parse_cpu_list(text))
 
 
 def host_topology(sysfs: str | None = None) -> Topology:

@@ -57,6 +57,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from vtorque.shared.cpu_list import parse_cpu_list
+
 POOL_PREFIX = "vt-pool-"
 POOL_NAME = re.compile(r"^vt-pool-([0-9a-f]{12})-([0-9a-f]{8})$")
 POOL_JOB = "vt-pool"  # the `job` file of a pooled guest until its claim
@@ -203,14 +205,11 @@ def removals(pooled: dict[str, Pooled | None], dir_mtimes: dict[str, float], act
 
 
 def parse_cpuset(text: str) -> set[int]:
-    """libvirt's cpuset ("3", "0-2,5") as CPU numbers; ValueError on anything else."""
-    cpus: set[int] = set()
-    for part in text.split(","):
-        lo, sep, hi = part.strip().partition("-")
-        if not lo.isdigit() or (sep and not hi.isdigit()):
-            raise ValueError(f"cpuset {text!r}")
-        cpus.update(range(int(lo), int(hi if sep else lo) + 1))
-    return cpus
+    """libvirt's cpuset ("3", "0-2,5") as CPU numbers (shared/cpu_list.py); ValueError on anything else, an empty
+    cpuset included (a pin without one is no pin)."""
+    if not text.strip():
+        raise ValueError(f"cpuset {text!r}")
+    return set(parse_cpu_list(text))
 
 
 @dataclass(frozen=True)
