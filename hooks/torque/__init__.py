@@ -17,9 +17,9 @@ and publishes JobEnded, so the teardown starts at once; the epilogue then confir
 
 The parts, one concern each: `entry` (the Python side of the shell entry points `prologue`, `epilogue`, which
 live in this folder too and are what `vtorque install-hooks` copies into mom_priv; `python -m
-vtorque.hooks.torque` runs `entry.main`), `job` (the job as Torque hands it over, and `qstat -f`'s exec_host),
-`deadline` ($prologalarm), `exit_codes`, `owner_notes` (the reason file and final note), `state_files`
-(requeue count, markers), `cancel` (precancel's request and the root watcher), `channel` (the prologue's
-HookChannel), `log`. Nothing is imported here: the shell entry points' `python -m` and `vtorque doctor`'s
-import check load only what they use.
+vtorque.hooks.torque` runs `entry.main`), `job` (the job as Torque hands it over, and `qstat -f`'s exec_host;
+what those say is read by shared/torque.py), `deadline` ($prologalarm), `exit_codes`, `owner_notes` (the reason
+file and final note), `state_files` (requeue count, markers), `cancel` (precancel's request and the root
+watcher), `channel` (the prologue's NodeWorkerChannel with Torque's cancel), `log`. Nothing is imported here:
+the shell entry points' `python -m` and `vtorque doctor`'s import check load only what they use.
 """
