@@ -58,9 +58,12 @@ class Removal:
     reason: str
 
 
+GRACE = timedelta(minutes=2)
+
+
 def decide(domains: list[Domain], guest_dirs: dict[str, float], booting: set[str],
            alive: Callable[[str], bool | None], now: datetime, now_mono_wall: float,
-           grace: timedelta = timedelta(minutes=2)) -> tuple[list[Removal], list[str]]:
+           grace: timedelta = GRACE) -> tuple[list[Removal], list[str]]:
     """(domains to remove with why, guest directories to remove). `guest_dirs` maps a directory name to its
     mtime (wall clock seconds); `alive(job_id)` is True, False, or None when unknown."""
     removals: list[Removal] = []
@@ -132,6 +135,7 @@ class Reconciler:
     def __init__(self, worker: NodeWorker, stop: threading.Event, interval: float,
                  alive: Callable[[str], bool | None] | None = None, states: Callable[[str], str | None] | None = None):
         self.worker, self.stop, self.interval, self.alive, self.states = worker, stop, interval, alive, states
+        self.grace = GRACE  # past a deadline (boot, walltime) before a guest is removed for it
         self.thread = threading.Thread(target=self._loop, name="reconcile", daemon=True)
 
     def start(self) -> None:
@@ -180,7 +184,7 @@ class Reconciler:
         # The warm pool's guests it recognises are kept (not orphans); the rest of the pool it removes itself.
         pooled = warm_pool.pool_of(w).reconcile() if hasattr(w, "store") else set()  # (a test double: none)
         removals, stale = decide(domains, dirs, w.booting_now() | pooled, alive, datetime.now(UTC),
-                                 time.time())
+                                 time.time(), self.grace)
         for removal in removals:
             log(LOG, logging.WARNING, "reconcile: removing guest", guest=removal.name, reason=removal.reason)
             job = next(d.job_id for d in domains if d.name == removal.name)

@@ -17,6 +17,7 @@ Boots guests and runs Slurm jobs: run under the lock,
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import stat
@@ -25,6 +26,7 @@ import tempfile
 import threading
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import libvirt
@@ -281,6 +283,45 @@ def test_a_suspended_jobs_guest_pauses_and_carries_on_with_its_clock_set(node, u
     assert node.slurm.state(got["job"]) == "RUNNING"
     assert node.state(got["name"]) == libvirt.VIR_DOMAIN_RUNNING
     node.slurm.run("scancel", got["job"])
+
+
+def test_a_suspended_job_past_its_walltime_ends_as_slurm_says(node, users, caplog):  # noqa: F811 - fixture
+    """Issue 14 item 5: a job with 60 s of walltime, suspended after 5 s and kept suspended until its walltime and
+    the reconciler's grace have passed by the wall clock: its guest stays (paused), as Slurm keeps the job; once
+    resumed, Slurm ends it when its 60 s of run time are used (TIMEOUT), and only then does its guest go, for
+    that reason (not for its walltime: the time it spent suspended moved its end)."""
+    _, owner = users
+    grace = 40.0  # above slurmctld's 30 s between time-limit checks: its TIMEOUT comes first
+    node.reconciler.grace = timedelta(seconds=grace)
+    job = node.slurm.submit(owner, "-c", "1", "-t", "1")
+    node.slurm.wait_running(job)
+    start = datetime.now(UTC)
+    key = _key(owner)
+    guest = node.site.plan(owner, job, vcpus=1, ssh_authorized_keys=[key.with_suffix(".pub").read_text().strip()],
+                           end_by=start + timedelta(seconds=60))
+    (ready,) = node.site.boot(job, guest)
+    assert isinstance(ready, m.GuestReady), ready
+    time.sleep(5)
+    assert node.vtorque("suspend", job).returncode == 0
+    node.wait_state(guest.name, libvirt.VIR_DOMAIN_PAUSED, PERIOD + 3)
+    past = start + timedelta(seconds=60 + grace + 3 * PERIOD)
+    while datetime.now(UTC) < past:
+        assert node.state(guest.name) == libvirt.VIR_DOMAIN_PAUSED, "removed while its job was suspended"
+        time.sleep(1)
+    assert node.job_state(job) == "suspended"
+    caplog.set_level(logging.WARNING, logger="vtorque.node_worker.reconcile")
+    assert node.vtorque("resume", job).returncode == 0
+    node.wait_state(guest.name, libvirt.VIR_DOMAIN_RUNNING, PERIOD + 3)
+    deadline = time.monotonic() + 180
+    while (state := node.job_state(job)) in ("running", "suspended"):
+        assert node.state(guest.name) == libvirt.VIR_DOMAIN_RUNNING, "removed before Slurm ended its job"
+        assert time.monotonic() < deadline, "Slurm never ended the job"
+        time.sleep(0.5)
+    assert node.slurm.run("scontrol", "show", "job", job).stdout.split("JobState=")[1].split()[0] == "TIMEOUT", state
+    node.wait_state(guest.name, None, PERIOD + 30)
+    reasons = [r.fields.get("reason") for r in caplog.records if r.getMessage() == "reconcile: removing guest"
+               and getattr(r, "fields", {}).get("guest") == guest.name]
+    assert reasons == [f"job {job} is no longer running"], reasons
 
 
 @pytest.mark.parametrize("node", ["save"], indirect=True)
