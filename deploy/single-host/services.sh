@@ -1,7 +1,9 @@
 #!/bin/bash
 # Start/stop the vtorque services on this machine (no systemd): bridge, stager, node worker, and prefetch
 # (follows Slurm's queue and stages a VM job's image while it waits).
-# Usage: services.sh start|stop|status     Logs: /var/log/vtorque/<service>.log
+# Usage: services.sh start|stop|status [SERVICE...]     Logs: /var/log/vtorque/<service>.log
+#        (SERVICE: bridge, stager, node-worker, prefetch; all of them when none is named. A service started
+#        alone takes the VTORQUE_* overrides of the caller's environment, e.g. VTORQUE_NODE__WARM_POOL=1.)
 #
 # Each service runs under a small supervisor (this script, `supervise NAME`) that does what the systemd units'
 # Restart=on-failure / RestartSec=1 do on a cluster: a service that exits with an error or dies of a signal is
@@ -110,10 +112,18 @@ status() {
   return $rc
 }
 
-case "${1:-}" in
+action=${1:-}
+[ $# -gt 0 ] && shift
+if [ "$action" != supervise ] && [ $# -gt 0 ]; then
+  for s in "$@"; do
+    case " $SERVICES " in *" $s "*) ;; *) echo "services: no service '$s' (one of: $SERVICES)" >&2; exit 2 ;; esac
+  done
+  SERVICES="$*"
+fi
+case "$action" in
   start) start ;;
   stop) stop ;;
   status) status ;;
-  supervise) supervise "${2:?supervise NAME}" ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+  supervise) supervise "${1:?supervise NAME}" ;;
+  *) echo "usage: $0 start|stop|status [SERVICE...]" >&2; exit 2 ;;
 esac

@@ -84,6 +84,37 @@ def test_a_crashed_service_is_restarted_a_finished_one_is_not(supervised):
     assert len(_starts(tmp, "bridge")) == 1
 
 
+def test_one_service_is_stopped_and_started_alone_with_the_callers_overrides(supervised):
+    sh, tmp = supervised
+    assert sh("start").returncode == 0
+    others = {name: _starts(tmp, name) for name in ("bridge", "stager", "prefetch")}
+    worker = _starts(tmp, "node-worker")
+    assert sh("stop", "node-worker").returncode == 0
+    _wait(lambda: not _alive(worker[0]), 10, "the node worker to stop")
+    assert all(_alive(pids[0]) for pids in others.values())  # the others run on
+    assert sh("status").returncode == 1 and "node-worker: down" in sh("status").stdout
+    env_seen = tmp / "node-worker.env"
+    (tmp / "prefix/venv/bin/vtorque").write_text(
+        (tmp / "prefix/venv/bin/vtorque").read_text().replace(
+            "echo consuming", f'echo "$VTORQUE_NODE__WARM_POOL" > {tmp}/$2.env\necho consuming'))
+    started = subprocess.run([str(SERVICES_SH), "start", "node-worker"], capture_output=True, text=True, timeout=60,
+                             env=dict(os.environ, PREFIX=str(tmp / "prefix"), RUN_DIR=str(tmp / "run"),
+                                      LOG_DIR=str(tmp / "log"), VTORQUE_STACK_DIR=str(tmp / "no-stack"),
+                                      VTORQUE_NODE__WARM_POOL="2"))
+    assert started.returncode == 0 and "node-worker up" in started.stdout and "bridge" not in started.stdout
+    assert env_seen.read_text().strip() == "2"  # the override reached the service
+    assert {name: _starts(tmp, name) for name in others} == others  # none of the others started again
+    assert sh("status").returncode == 0
+
+
+def test_an_unknown_service_is_refused_in_one_line(supervised):
+    sh, _ = supervised
+    refused = sh("stop", "bridge", "nodeworker")
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == ("services: no service 'nodeworker' "
+                                      "(one of: bridge stager node-worker prefetch)")
+
+
 def test_status_does_not_take_a_killed_service_for_running(supervised):
     sh, tmp = supervised
     assert sh("start").returncode == 0
