@@ -10,7 +10,7 @@ from vtorque.hooks import slurm as slurm_hook
 from vtorque.hooks.torque import job as torque_job
 from vtorque.shared import slurm, torque
 from vtorque.shared.config import Config, SchedulerConfig
-from vtorque.shared.scheduler import SchedulerError, scheduler_for
+from vtorque.shared.scheduler import Scheduler, SchedulerError, scheduler_for
 
 
 def _answers(monkeypatch, module, replies):
@@ -32,7 +32,10 @@ def test_every_part_gets_the_same_implementation_of_the_one_interface():
     for kind, cls in (("torque", torque.Torque), ("slurm", slurm.Slurm)):
         site = scheduler_for(Config(scheduler=SchedulerConfig(kind=kind)))
         assert type(site) is cls and site.kind == kind
-        assert all(callable(getattr(site, name)) for name in ("job", "binary", "run"))
+        # Every call of the interface (shared/scheduler.py's Scheduler), on both.
+        asked = [name for name in vars(Scheduler) if not name.startswith("_") and callable(vars(Scheduler)[name])]
+        assert {"job", "binary", "run", "cluster", "submit", "cancel"} <= set(asked)
+        assert all(callable(getattr(site, name)) for name in asked), kind
     # The Slurm hook's own calls (Comment, timeout, host lists) are the same class's.
     assert type(slurm_hook.slurm_for(Config(scheduler=SchedulerConfig(kind="slurm")))) is slurm.Slurm
 
