@@ -40,6 +40,8 @@ if ldd "$BUSYBOX" >/dev/null 2>&1; then
 fi
 DROPBEAR=/usr/sbin/dropbear
 [ -x "$DROPBEAR" ] || die "required file $DROPBEAR not found (package dropbear-bin)"
+DROPBEARKEY=/usr/bin/dropbearkey
+[ -x "$DROPBEARKEY" ] || die "required file $DROPBEARKEY not found (package dropbear-bin)"
 for f in initrd-init vtorque-init; do
     [ -r "$HERE/$f" ] || die "missing $HERE/$f"
 done
@@ -208,9 +210,11 @@ cp "$BUSYBOX" "$RF/bin/busybox"
 for a in $("$BUSYBOX" --list); do
     [ "$a" = busybox ] || ln -s busybox "$RF/bin/$a"
 done
-# dropbear + the shared libraries ldd lists + the dynamic loader
+# dropbear and dropbearkey (the host key made once the guest is ready, not at the job's first login) + the
+# shared libraries ldd lists + the dynamic loader
 cp "$DROPBEAR" "$RF/bin/dropbear"
-ldd "$DROPBEAR" | awk '/=> \// {print $3} /^\t\/[^ ]+ \(/ {print $1}' | while read -r lib; do
+cp "$DROPBEARKEY" "$RF/bin/dropbearkey"
+ldd "$DROPBEAR" "$DROPBEARKEY" | awk '/=> \// {print $3} /^\t\/[^ ]+ \(/ {print $1}' | sort -u | while read -r lib; do
     mkdir -p "$RF$(dirname "$lib")"
     cp -L "$lib" "$RF$lib"
 done
