@@ -162,7 +162,8 @@ class Reconciler:
         suspender: suspend.Suspender | None = getattr(w, "suspender", None)  # (a test double: none)
         domains = []
         now_wall = time.time()
-        for name, meta in w.hv.vtorque_domains().items():
+        listed = w.hv.vtorque_domains()
+        for name, meta in listed.items():
             if meta.get("node", w.node) != w.node:
                 continue  # another node worker's guest on a shared test host
             job_id = meta.get("job", "")
@@ -197,7 +198,8 @@ class Reconciler:
         if suspender is not None:
             removed = {r.name for r in removals}
             kept = {d.name: d.job_id for d in domains if d.name not in removed}
-            suspender.remove_orphans(set(kept) | w.booting_now())
+            # Any domain of this host keeps its files (another node worker of a test host may share the directory).
+            suspender.remove_orphans(set(listed) | w.booting_now())
             if self.states:
                 suspender.reconcile(kept, state_of, w.booting_now())
         return removals

@@ -23,6 +23,7 @@ and reconciliation: `remove`), and a file whose guest is gone is removed by reco
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -50,6 +51,7 @@ Action = Literal["none", "pause", "save", "resume", "restore", "settle"]
 RECORD, SAVE = ".json", ".save"
 CLOCK_TIMEOUT = 5.0  # s for a guest to take its clock after a resume (its init looks at its port every 0.25 s)
 SMALL = 4096
+PARALLEL = 8  # guests acted on at once (the libvirt calls themselves go through the hypervisor's own pool)
 
 
 @dataclass(frozen=True)
@@ -211,9 +213,11 @@ class Suspender:
     # -- one round ---------------------------------------------------------------------------------------
 
     def reconcile(self, guests: dict[str, str], state_of, booting: set[str]) -> dict[str, Action]:
-        """Each guest (name → job) as its job's state says; what was done to whom."""
-        done: dict[str, Action] = {}
+        """Each guest (name → job) as its job's state says; what was done to whom. The guests side by side (a
+        job's guests on a node are suspended together; a save is seconds of disk, a clock waits for the host's
+        next whole second)."""
         mode: Mode = self.worker.config.node.suspend
+        todo = []
         for name, job_id in sorted(guests.items()):
             if name in booting:
                 continue
@@ -226,22 +230,28 @@ class Suspender:
                 continue
             raw = self.worker.hv.timed(f"the state of {name}", dom.state)[0]
             what = action(job_state, domain_state(raw, self.has_save(name)), record, mode)
-            if what == "none":
-                continue
-            with tracing.job_trace(job_id, self._traceparent(job_id, name)):
-                with tracing.tracer().start_as_current_span(
-                        f"{what} guest", attributes={tracing.JOB_ID: job_id, "vtorque.guest": name,
-                                                     "vtorque.node": self.worker.node,
-                                                     "vtorque.suspend.mode": mode}) as span:
-                    try:
-                        self._apply(what, name, job_id, dom, record, mode)
-                    except (HypervisorError, libvirt.libvirtError, OSError, trust.Refused) as exc:
-                        tracing.mark_error(span, exc)
-                        log(LOG, logging.ERROR, f"guest not {_PAST[what]}", guest=name, job_id=job_id,
-                            error=str(exc))
-                        continue
-            done[name] = what
-        return done
+            if what != "none":
+                todo.append((what, name, job_id, dom, record))
+        if not todo:
+            return {}
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(todo), PARALLEL),
+                                                   thread_name_prefix="suspend") as pool:
+            outcomes = list(pool.map(lambda t: self._traced(t[0], t[1], t[2], t[3], t[4], mode), todo))
+        return {name: what for (what, name, *_), ok in zip(todo, outcomes, strict=True) if ok}
+
+    def _traced(self, what: Action, name: str, job_id: str, dom, record: Suspension | None, mode: Mode) -> bool:
+        with tracing.job_trace(job_id, self._traceparent(job_id, name)):
+            with tracing.tracer().start_as_current_span(
+                    f"{what} guest", attributes={tracing.JOB_ID: job_id, "vtorque.guest": name,
+                                                 "vtorque.node": self.worker.node,
+                                                 "vtorque.suspend.mode": mode}) as span:
+                try:
+                    self._apply(what, name, job_id, dom, record, mode)
+                except (HypervisorError, libvirt.libvirtError, OSError, trust.Refused) as exc:
+                    tracing.mark_error(span, exc)
+                    log(LOG, logging.ERROR, f"guest not {_PAST[what]}", guest=name, job_id=job_id, error=str(exc))
+                    return False
+        return True
 
     def _apply(self, what: Action, name: str, job_id: str, dom, record: Suspension | None, mode: Mode) -> None:
         hv, t0 = self.worker.hv, time.monotonic()

@@ -315,3 +315,17 @@ def test_the_log_says_paused_and_resumed_with_the_job_id_and_the_jobs_trace_id(t
     for msg in ("guest paused", "guest resumed"):
         assert said[msg]["job_id"] == "7" and said[msg]["trace_id"] == trace_id and said[msg]["guest"] == "vt-7-n1-0"
     assert said["guest resumed"]["clock"].startswith("not set")  # the stand-in has no channel
+
+
+def test_a_jobs_guests_come_back_side_by_side(tmp_path, monkeypatch):
+    """A clock waits for the host's next whole second: eight guests one after the other would take seconds."""
+    import time
+
+    names = [f"vt-7-n1-{i}" for i in range(4)]
+    hv = StandInHypervisor(dict.fromkeys(names, RUNNING))
+    w = site(tmp_path, hv)
+    round_with(w, {"7": "suspended"})
+    monkeypatch.setattr(w.suspender, "set_clock", lambda name: time.sleep(0.5) or "set")
+    t0 = time.monotonic()
+    round_with(w, {"7": "running"})
+    assert time.monotonic() - t0 < 1.5 and sorted(n for what, n in hv.calls if what == "resume") == names
