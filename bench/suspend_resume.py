@@ -8,7 +8,8 @@ test guest booted cold), with its reconciler on a `--period` s timer, so a reque
 next round: the table gives the whole latency and, apart, the node worker's own part (the libvirt call, the save
 or restore, the clock over the host channel). The scheduler is Torque's contract stand-ins (qstat -f showing
 job_state S once `qsig -s suspend`: tests/integration/torque_replay.py), so `vtorque suspend` is the real CLI
-and the scheduler's own latency is a shell script's (a real `scontrol suspend` took ~10 ms more here). Each round
+and the scheduler's own latency is a shell script's (a real scheduler adds its round trip, not measured here:
+tests/e2e/test_suspend_resume.py checks the same path on a real Slurm, within one reconcile period). Each round
 runs a pause-mode job and a save-mode job, their order turned every round; every job is torn down before the
 next.
 
