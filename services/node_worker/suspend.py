@@ -186,9 +186,11 @@ class Suspender:
             return
         for kind in (SAVE, RECORD):
             try:
-                self.path(name, kind).unlink(missing_ok=True)
+                path = self.path(name, kind)
             except trust.Refused:
                 return
+            path.unlink(missing_ok=True)
+            path.with_name(f".{path.name}.tmp").unlink(missing_ok=True)  # a save or write cut short
 
     def remove_orphans(self, domains: set[str]) -> list[str]:
         """Records and save files of guests with no domain on this node (removed while this worker was down,
@@ -197,7 +199,10 @@ class Suspender:
             return []
         gone = []
         for entry in os.scandir(self.root):
-            name, dot, kind = entry.name.rpartition(".")
+            base = entry.name
+            if base.startswith(".") and base.endswith(".tmp"):
+                base = base[1:-4]  # a save or write cut short (the worker died in it): the owner's memory too
+            name, dot, kind = base.rpartition(".")
             if not dot or f".{kind}" not in (RECORD, SAVE) or name.startswith(".") or name in domains:
                 continue
             try:

@@ -247,6 +247,7 @@ def test_files_whose_guest_is_gone_are_removed_and_a_planted_directory_is_never_
     (top / "vt-9-n1-0.save").write_bytes(b"memory of a guest removed while the worker was down")
     (top / "vt-9-n1-0.json").write_bytes(suspend.encode(Suspension("9", mode="save", since=1.0)))
     (top / "notes.txt").write_text("not ours")
+    (top / ".vt-9-n1-1.save.tmp").write_bytes(b"a save cut short by a worker that died in it")
     round_with(w, {"7": "running"})
     assert sorted(p.name for p in top.iterdir()) == ["notes.txt"]
     # A directory someone else can write is refused: no record read from it, nothing saved into it.
