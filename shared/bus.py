@@ -25,6 +25,7 @@ from kombu import Connection, Exchange, Queue, binding
 
 from vtorque.shared import broker_tls, hook_channel, topology, tracing
 from vtorque.shared import messages as m
+from vtorque.shared.clock import SYSTEM_CLOCK, Clock
 from vtorque.shared.logs import job_context, log
 
 LOG = logging.getLogger("vtorque.bus")
@@ -439,8 +440,10 @@ class ServiceRunner:
 
     def __init__(self, url: str, queues: list[Queue], handlers: Mapping[type, Handler], *,
                  heartbeat: int = 30, prefetch: int = 1,
-                 on_idle: Callable[[], None] | None = None, user_prefix: str = topology.USER_PREFIX):
+                 on_idle: Callable[[], None] | None = None, user_prefix: str = topology.USER_PREFIX,
+                 clock: Clock = SYSTEM_CLOCK):
         self.url, self.queues, self.handlers = url, queues, dict(handlers)
+        self.clock = clock  # the service's (shared/clock.py): whether a command is past its deadline
         # Only the consuming thread uses this one; handlers publish through their own (one per thread).
         self.publisher = Publisher(url)
         self.heartbeat, self.prefetch = heartbeat, prefetch
@@ -553,7 +556,7 @@ class ServiceRunner:
             if refused:
                 self._dead_letter(raw, f"refused sender: {refused}")
                 return
-        if isinstance(message, m.Command) and message.expired():
+        if isinstance(message, m.Command) and message.expired(self.clock.utcnow()):
             with job_context(message.job_id):
                 log(LOG, logging.WARNING, "command past its deadline, dropped", command=type(message).__name__)
                 self.publisher.publish(m.CommandExpired.new(

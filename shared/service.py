@@ -1,10 +1,10 @@
 """The one shape of a vtorque service, and how `vtorque run NAME` runs any of them.
 
 A service is a small class (nameko's model): built from its config and a publisher (its other dependencies
-— hypervisor, store, scheduler — are keyword arguments with real defaults, so a test passes its own), it names
-the queues it consumes (each from the topology table, shared/topology.py), maps each message type it handles to
-a typed handler, and owns its background tasks (`start`, stopped by the event it is given). Nothing here knows
-which services exist: cli/main.py names them.
+— hypervisor, store, scheduler, clock — are keyword arguments with real defaults, so a test passes its own), it
+names the queues it consumes (each from the topology table, shared/topology.py), maps each message type it
+handles to a typed handler, and owns its background tasks (`start`, stopped by the event it is given). Nothing
+here knows which services exist: cli/main.py names them.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from kombu import Queue
 
 from vtorque.shared import messages as m
 from vtorque.shared.bus import Publisher, ServiceRunner
+from vtorque.shared.clock import SYSTEM_CLOCK, Clock
 from vtorque.shared.config import Config
 
 Handler = Callable[[m.Message], None]
@@ -27,6 +28,9 @@ LOG = logging.getLogger("vtorque")
 
 class Service:
     name: ClassVar[str]
+    # What it decides time by (shared/clock.py): a command's deadline, a heartbeat's age, a grace. A service
+    # takes `clock=` as it takes its other dependencies; a test passes shared.testing.FakeClock.
+    clock: Clock = SYSTEM_CLOCK
 
     def __init__(self, config: Config, publisher: Publisher):
         self.config, self.publisher = config, publisher
@@ -51,7 +55,7 @@ def run_service(service: Service, config: Config) -> None:
     """Consume the service's queues until SIGTERM/SIGINT; its extra consumers and background tasks with it."""
     url = config.broker.connection_url()
     runners = [ServiceRunner(url, queues, handlers, heartbeat=config.broker.heartbeat,
-                             user_prefix=config.broker.user_prefix)
+                             user_prefix=config.broker.user_prefix, clock=service.clock)
                for queues, handlers in [(service.queues(), service.handlers()), *service.extra_consumers()]]
     main, extra = runners[0], runners[1:]
     def stop_all(*_) -> None:

@@ -16,6 +16,8 @@ way, so a message that would not survive the wire does not survive here either.
   `next(deadline)`, `close()`: it stands in for the hooks' HookChannel (pass `bus.channel` as a hook's
   `channel_factory`) and for EventWaiter.
 - `bus.settle()`: until every served queue is empty and no handler runs.
+- `FakeClock`: a service's clock (shared/clock.py) that moves only when the test says (`advance`); a served
+  service's commands are judged past their deadline by its own clock, as `vtorque run` does.
 
 Not modelled: sender checks (user_id), the dead-letter exchange's queue, broker failures; the real-broker tests
 (tests/integration/test_bus.py) cover those.
@@ -29,13 +31,44 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import msgspec
 
 from vtorque.shared import messages as m
 from vtorque.shared import topology, tracing
 from vtorque.shared.bus import sender_selected
+from vtorque.shared.clock import Clock
 from vtorque.shared.logs import job_context
+
+
+class FakeClock:
+    """A Clock that stands still until `advance`d: from the real time it was made at (so messages stamped by the
+    real clock compare sanely with it), or from `start` (epoch seconds)."""
+
+    def __init__(self, start: float | None = None):
+        self._lock = threading.Lock()
+        self._wall = time.time() if start is None else float(start)
+        self._mono = 1000.0
+
+    def now(self) -> float:
+        with self._lock:
+            return self._wall
+
+    def monotonic(self) -> float:
+        with self._lock:
+            return self._mono
+
+    def utcnow(self) -> datetime:
+        return datetime.fromtimestamp(self.now(), UTC)
+
+    def advance(self, seconds: float) -> None:
+        """Both clocks move on by `seconds` (never back)."""
+        if seconds < 0:
+            raise ValueError("a clock does not go back")
+        with self._lock:
+            self._wall += seconds
+            self._mono += seconds
 
 
 @dataclass
@@ -132,12 +165,13 @@ class InMemoryBus:
             names = [self.declare_queue(q) for q in queues]
             with self._cond:
                 self._served.update(names)
-            thread = threading.Thread(target=self._consume, args=(names, dict(handlers)),
+            thread = threading.Thread(target=self._consume,
+                                      args=(names, dict(handlers), service.clock),
                                       name=f"consumer-{service.name}", daemon=True)
             self._threads.append(thread)
             thread.start()
 
-    def _consume(self, names: list[str], handlers: dict) -> None:
+    def _consume(self, names: list[str], handlers: dict, clock: Clock) -> None:
         while not self._stop.is_set():
             with self._cond:
                 got = self._take(names, None)
@@ -145,13 +179,14 @@ class InMemoryBus:
                     return
                 self._busy += 1
             try:
-                self._deliver(handlers, *got)
+                self._deliver(handlers, clock, *got)
             finally:
                 with self._cond:
                     self._busy -= 1
                     self._cond.notify_all()
 
-    def _deliver(self, handlers: dict, queue: str, body: bytes, headers: dict, key: str, exchange: str) -> None:
+    def _deliver(self, handlers: dict, clock: Clock, queue: str, body: bytes, headers: dict, key: str,
+                 exchange: str) -> None:
         try:
             message = m.decode(body)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -161,7 +196,7 @@ class InMemoryBus:
         if handler is None:
             self.dead.append((message, f"no handler for {type(message).__name__} here"))
             return
-        if isinstance(message, m.Command) and message.expired():
+        if isinstance(message, m.Command) and message.expired(clock.utcnow()):
             self.publish(m.CommandExpired.new(job_id=message.job_id, deadline=60.0, command=type(message).__name__,
                                               command_id=message.message_id))
             return

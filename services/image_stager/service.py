@@ -19,6 +19,7 @@ from opentelemetry import trace
 from vtorque.shared import messages as m
 from vtorque.shared import topology
 from vtorque.shared.bus import Publisher, stager_queue, table_queue
+from vtorque.shared.clock import SYSTEM_CLOCK, Clock
 from vtorque.shared.config import Config, ImageEntry, refresh_catalog
 from vtorque.shared.image_store import ImageStore, StageCancelled, StageError, parse_size
 from vtorque.shared.logs import log
@@ -56,9 +57,11 @@ class ProgressMeter:
 class ImageStager(Service):
     name = "stager"
 
-    def __init__(self, config: Config, publisher: Publisher, store: ImageStore | None = None):
+    def __init__(self, config: Config, publisher: Publisher, store: ImageStore | None = None,
+                 clock: Clock = SYSTEM_CLOCK):
         # Shared by every consumer's handler thread: the Publisher gives each thread its own connection.
         self.config, self.publisher = config, publisher
+        self.clock = clock  # how often progress is said, and when a command is past its deadline
         images = config.images
         self.store = store or ImageStore(images.store, budget=parse_size(images.store_budget),
                                          http_timeout=images.http_timeout, http_retries=images.http_retries)
@@ -91,7 +94,7 @@ class ImageStager(Service):
         if self.store.job_cancelled(cmd.job_id, cmd.created_at.timestamp()):
             self._cancelled(cmd, f"job {cmd.job_id} was deleted before its image was staged")
             return
-        meter = ProgressMeter(self.config.images.progress_interval)
+        meter = ProgressMeter(self.config.images.progress_interval, self.clock.monotonic)
 
         def progress(done: int, total: int | None) -> None:
             report = meter.update(done, total, final=total is not None and done >= total)

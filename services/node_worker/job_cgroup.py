@@ -31,7 +31,6 @@ import pwd
 import re
 import string
 import threading
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -221,7 +220,7 @@ class Watcher:
     def run(self, stop: threading.Event) -> None:
         while not stop.wait(WATCH_INTERVAL):
             try:
-                self.tick(time.monotonic())
+                self.tick(self.worker.clock.monotonic())  # the worker's clock: when a guest is warned of
             except Exception as exc:  # noqa: BLE001 - libvirt down or wedged: look again next time
                 log(LOG, logging.WARNING, "job cgroups: libvirt not answering", error=str(exc))
 

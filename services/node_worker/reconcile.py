@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -136,6 +135,7 @@ class Reconciler:
                  alive: Callable[[str], bool | None] | None = None, states: Callable[[str], str | None] | None = None):
         self.worker, self.stop, self.interval, self.alive, self.states = worker, stop, interval, alive, states
         self.grace = GRACE  # past a deadline (boot, walltime) before a guest is removed for it
+        self.clock = worker.clock  # the worker's (shared/clock.py): walltimes, deadlines and the grace go by it
         self.thread = threading.Thread(target=self._loop, name="reconcile", daemon=True)
 
     def start(self) -> None:
@@ -161,7 +161,7 @@ class Reconciler:
         alive = (lambda job_id: alive_of(state_of(job_id))) if self.states or self.alive is None else self.alive
         suspender: suspend.Suspender | None = getattr(w, "suspender", None)  # (a test double: none)
         domains = []
-        now_wall = time.time()
+        now_wall = self.clock.now()
         listed = w.hv.vtorque_domains()
         for name, meta in listed.items():
             if meta.get("node", w.node) != w.node:
@@ -184,8 +184,8 @@ class Reconciler:
                     dirs[name] = mtime
         # The warm pool's guests it recognises are kept (not orphans); the rest of the pool it removes itself.
         pooled = warm_pool.pool_of(w).reconcile() if hasattr(w, "store") else set()  # (a test double: none)
-        removals, stale = decide(domains, dirs, w.booting_now() | pooled, alive, datetime.now(UTC),
-                                 time.time(), self.grace)
+        removals, stale = decide(domains, dirs, w.booting_now() | pooled, alive, self.clock.utcnow(),
+                                 self.clock.now(), self.grace)
         for removal in removals:
             log(LOG, logging.WARNING, "reconcile: removing guest", guest=removal.name, reason=removal.reason)
             job = next(d.job_id for d in domains if d.name == removal.name)

@@ -21,6 +21,7 @@ from pathlib import Path
 from vtorque.shared import job_boot, topology, tracing
 from vtorque.shared import messages as m
 from vtorque.shared.bus import EventWaiter, Publisher, node_queue
+from vtorque.shared.clock import SYSTEM_CLOCK, Clock
 from vtorque.shared.config import Config, refresh_catalog
 from vtorque.shared.domain_type import detect_domain_type
 from vtorque.shared.image_store import ImageStore
@@ -50,8 +51,12 @@ class NodeWorker(Service):
 
     def __init__(self, config: Config, publisher: Publisher, hypervisor: Hypervisor | None = None,
                  store: ImageStore | None = None, segments: JobSegments | None = None,
-                 scheduler: Scheduler | None = None, waiter=EventWaiter):
+                 scheduler: Scheduler | None = None, waiter=EventWaiter, clock: Clock = SYSTEM_CLOCK):
         self.config, self.publisher = config, publisher
+        # What the worker and its background tasks decide time by (shared/clock.py): the time left to a command's
+        # deadline, a guest past its walltime and the reconciler's grace. Its waits on libvirt, sockets and the
+        # guest keep the real clock.
+        self.clock = clock
         # What reconciliation asks of the site's scheduler, and how a boot waits for its image's staging
         # (shared/hook_channel.py's EventWaiter: url, patterns): a test passes its own (tests/unit/flow_site.py).
         self.scheduler = scheduler or scheduler_for(config)
@@ -191,10 +196,19 @@ class NodeWorker(Service):
             return m.GuestReady.new(job_id=cmd.job_id, deadline=cmd.deadline, guest=guest.name, node=self.node,
                                     index=guest.index, address=str(ssh_socket), ssh_port=0, timings=timings)
 
+    def _time_left(self, cmd: NodeBoot) -> float:
+        """Seconds until the command's deadline by the worker's clock; what a boot may wait, at most, on the real
+        monotonic clock it waits by."""
+        return (cmd.deadline - self.clock.utcnow()).total_seconds()
+
+    def _boot_deadline(self, cmd: NodeBoot) -> float:
+        """When a boot gives up, on the monotonic clock: the command's deadline, never past boot_timeout."""
+        return time.monotonic() + min(self.config.node.boot_timeout, self._time_left(cmd))
+
     def _wait_for_hypervisor(self, cmd: NodeBoot, poll: float = 1.0) -> None:
         """libvirt answering, or waited for within the boot's deadline: a libvirtd restart (seconds) is not a
         failed boot and a requeued job (issue 12 item 8). Raises BootFailed (retryable) past the deadline."""
-        deadline = time.monotonic() + min(self.config.node.boot_timeout, (cmd.deadline - m.utcnow()).total_seconds())
+        deadline = self._boot_deadline(cmd)
         why = self.hv.unavailable()
         if why:
             log(LOG, logging.WARNING, "libvirt not answering: the boot waits for it", error=why)
@@ -224,7 +238,7 @@ class NodeWorker(Service):
                 if not console.is_file() or console.is_symlink():
                     raise BootFailed("a running guest without its files", True)
                 log(LOG, logging.INFO, "guest already booting, waiting for it", guest=guest.name)
-                deadline = started + max(1.0, (cmd.deadline - m.utcnow()).total_seconds())
+                deadline = started + max(1.0, self._time_left(cmd))
                 wait_ready(console, ssh_socket, lambda: self.hv.is_active(guest.name),
                            min(deadline, started + self.config.node.boot_timeout))
             log(LOG, logging.INFO, "guest already running, announcing it again", guest=guest.name)
@@ -259,8 +273,7 @@ class NodeWorker(Service):
                                timeout=max(5.0, min(600.0, deadline - time.monotonic())))
 
     def _boot_fresh(self, cmd: NodeBoot, guest: m.GuestPlan, t0: float) -> tuple[m.PhaseTimings, Path]:
-        deadline = min(time.monotonic() + self.config.node.boot_timeout,
-                       time.monotonic() + (cmd.deadline - m.utcnow()).total_seconds())
+        deadline = self._boot_deadline(cmd)
         entry = self.config.images.catalog.get(guest.image)
         if (entry is None or entry.sha256 != guest.image_digest) and refresh_catalog(self.config):
             entry = self.config.images.catalog.get(guest.image)  # added by `vtorque images add` since we started

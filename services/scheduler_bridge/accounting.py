@@ -35,6 +35,7 @@ from typing import ClassVar, Literal
 
 from vtorque.shared import messages as m
 from vtorque.shared import tracing
+from vtorque.shared.clock import SYSTEM_CLOCK, Clock
 from vtorque.shared.config import Config
 from vtorque.shared.job_script import JobHeader, ScriptError, parse_header, read_head
 from vtorque.shared.logs import log
@@ -290,8 +291,9 @@ class SlurmSubmissions:
 class _Prefetcher:
     scheduler: ClassVar[Literal["torque", "slurm"]]  # each prefetcher's own
 
-    def __init__(self, config: Config, publisher, state_path: Path):
+    def __init__(self, config: Config, publisher, state_path: Path, clock: Clock = SYSTEM_CLOCK):
         self.config, self.publisher, self.state_path = config, publisher, Path(state_path)
+        self.clock = clock  # what its messages' times and deadlines are stamped by (shared/clock.py)
 
     def _load_state(self) -> dict:
         try:
@@ -315,16 +317,18 @@ class _Prefetcher:
     def _queued(self, job_id: str, header: JobHeader, key: str) -> None:
         # In the job's own trace (its script header carries vsub's context), so a job stays one trace.
         with tracing.job_trace(job_id, header.traceparent), tracing.tracer().start_as_current_span("prefetch image"):
+            now = self.clock.utcnow()
             self.publisher.publish(m.JobQueued(
-                message_id=_message_id(self.scheduler, key), job_id=job_id, created_at=m.utcnow(),
-                deadline=m.utcnow() + timedelta(seconds=self.config.prefetch.deadline),
+                message_id=_message_id(self.scheduler, key), job_id=job_id, created_at=now,
+                deadline=now + timedelta(seconds=self.config.prefetch.deadline),
                 scheduler=self.scheduler, spec=dict(header.spec)))
         log(LOG, logging.INFO, "VM job queued: image prefetch asked", job_id=job_id, spec=header.spec)
 
     def _deleted(self, job_id: str, reason: str, key: str) -> None:
+        now = self.clock.utcnow()
         self.publisher.publish(m.JobDeleted(
-            message_id=_message_id(self.scheduler, key), job_id=job_id, created_at=m.utcnow(),
-            deadline=m.utcnow() + timedelta(seconds=self.config.prefetch.deadline), scheduler=self.scheduler,
+            message_id=_message_id(self.scheduler, key), job_id=job_id, created_at=now,
+            deadline=now + timedelta(seconds=self.config.prefetch.deadline), scheduler=self.scheduler,
             reason=reason))
         log(LOG, logging.INFO, "VM job deleted while queued: its staging withdrawn", job_id=job_id, reason=reason)
 
@@ -346,8 +350,9 @@ class _Prefetcher:
 class TorquePrefetch(_Prefetcher):
     scheduler = "torque"
 
-    def __init__(self, config: Config, publisher, state_path: Path, torque_home: str | Path | None = None):
-        super().__init__(config, publisher, state_path)
+    def __init__(self, config: Config, publisher, state_path: Path, torque_home: str | Path | None = None,
+                 clock: Clock = SYSTEM_CLOCK):
+        super().__init__(config, publisher, state_path, clock=clock)
         self.torque_home = Path(torque_home or config.prefetch.torque_home)
         self.directory = accounting_dir(self.torque_home)
         state = self._load_state()
@@ -383,7 +388,7 @@ class TorquePrefetch(_Prefetcher):
         for job_id in still_queued(records):
             header = self._header(job_id)
             if header is not None:
-                self.book.vm_jobs[job_id] = time.time()
+                self.book.vm_jobs[job_id] = self.clock.now()
                 self._queued(job_id, header, f"start:{names[-1]}:{job_id}")
         self.follower.cursor = read[-1][1] if read else Cursor(names[-1])
         self._save_state(self._state())
@@ -420,8 +425,9 @@ class TorquePrefetch(_Prefetcher):
 class SlurmPrefetch(_Prefetcher):
     scheduler = "slurm"
 
-    def __init__(self, config: Config, publisher, state_path: Path, state_dir: str | None = None):
-        super().__init__(config, publisher, state_path)
+    def __init__(self, config: Config, publisher, state_path: Path, state_dir: str | None = None,
+                 clock: Clock = SYSTEM_CLOCK):
+        super().__init__(config, publisher, state_path, clock=clock)
         self.state_dir = state_dir or config.prefetch.slurm_state_dir or os.environ.get("VTORQUE_SLURM_STATE")
         self.known: dict[str, str] = dict(self._load_state().get("jobs", {}))
         self.changed = False  # whether the last step saw a job come, start or go
@@ -503,10 +509,10 @@ def detect_scheduler(config: Config) -> str:
     return config.scheduler.kind
 
 
-def make_prefetcher(config: Config, publisher) -> _Prefetcher:
+def make_prefetcher(config: Config, publisher, clock: Clock = SYSTEM_CLOCK) -> _Prefetcher:
     scheduler = detect_scheduler(config)
     state = Path(config.prefetch.state_file or Path(config.state_dir) / "prefetch" / f"{scheduler}.json")
-    return (TorquePrefetch if scheduler == "torque" else SlurmPrefetch)(config, publisher, state)
+    return (TorquePrefetch if scheduler == "torque" else SlurmPrefetch)(config, publisher, state, clock=clock)
 
 
 def _message_id(scheduler: str, key: str) -> str:

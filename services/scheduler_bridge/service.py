@@ -12,6 +12,7 @@ import uuid
 from vtorque.shared import messages as m
 from vtorque.shared import topology
 from vtorque.shared.bus import Publisher, service_queues, table_queue
+from vtorque.shared.clock import SYSTEM_CLOCK, Clock
 from vtorque.shared.config import Config, refresh_catalog
 from vtorque.shared.logs import log
 from vtorque.shared.node_registry import read_heartbeats
@@ -29,9 +30,11 @@ LOG = logging.getLogger("vtorque.bridge")
 class SchedulerBridge(Service):
     name = "bridge"
 
-    def __init__(self, config: Config, publisher: Publisher, scheduler: Scheduler | None = None):
+    def __init__(self, config: Config, publisher: Publisher, scheduler: Scheduler | None = None,
+                 clock: Clock = SYSTEM_CLOCK):
         self.config, self.publisher = config, publisher
         self.scheduler = scheduler or scheduler_for(config)  # a test passes its own (tests/unit/flow_site.py)
+        self.clock = clock  # how old a node's heartbeat is, and when a command is past its deadline
         # The nodes' latest heartbeats: what each node can do. Not job state: every replica keeps its own copy
         # from its own subscription (and the retained ones in vtorque.nodes), so none needs another's.
         self.beats: dict[str, m.NodeHeartbeat] = {}
@@ -65,7 +68,7 @@ class SchedulerBridge(Service):
         if not self.config.spec.check_node_capabilities:
             return None
         self._know_nodes([n.host for n in job.nodes])
-        return check_nodes(spec, job.nodes, self.beats, self.config, m.utcnow())
+        return check_nodes(spec, job.nodes, self.beats, self.config, self.clock.utcnow())
 
     def _endpoints(self, guests: list[m.GuestPlan]) -> tuple[dict[str, str], Unfit | None]:
         """Each node's job network endpoint, from its heartbeats; a job of one guest needs none."""

@@ -12,6 +12,8 @@ What stands in, and where (the narrowest place each):
 - the node worker's image wait: `bus.waiter`, passed in as its `waiter`;
 - the scheduler the bridge and the node workers' reconciliation ask (`FakeScheduler`): what Torque would say of
   the job.
+- the services' clock: one FakeClock (shared/testing.py) for all of them, `site.clock`, that moves only when a
+  test advances it (deadlines, heartbeat ages, walltimes and the reconciler's grace go by it; waits do not).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from vtorque.shared.image_store import ImageStore
 from vtorque.shared.job_script import JobHeader, parse_header, render_wrapper
 from vtorque.shared.scheduler import JobInfo
 from vtorque.shared.spec import parse_options, validate
-from vtorque.shared.testing import InMemoryBus
+from vtorque.shared.testing import FakeClock, InMemoryBus
 
 OWNER = m.Owner(user="root", uid=0, gid=0, group="root")
 PUBKEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFlowFlowFlowFlowFlowFlowFlowFlowFlowFlowFlow flow@test"
@@ -88,13 +90,14 @@ class Site:
             node=NodeConfig(name=nodes[0], allow_system_owners=True, boot_timeout=10.0),
             hooks=HooksConfig(epilogue_timeout=5.0))
         self.bus = InMemoryBus()
+        self.clock = FakeClock()
         self.scheduler = FakeScheduler()
         self.store = ImageStore(self.config.images.store)
         self.guests = InstantGuests()
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(instant_host(self.guests))
-        self.bridge = SchedulerBridge(self.config, self.bus.publisher(), scheduler=self.scheduler)
-        self.stager = ImageStager(self.config, self.bus.publisher(), store=self.store)
+        self.bridge = SchedulerBridge(self.config, self.bus.publisher(), scheduler=self.scheduler, clock=self.clock)
+        self.stager = ImageStager(self.config, self.bus.publisher(), store=self.store, clock=self.clock)
         self.workers = {}
         for i, name in enumerate(nodes):
             work = root / name
@@ -104,7 +107,7 @@ class Site:
             config = msgspec.structs.replace(self.config, node=node, state_dir=str(work / "state"))
             self.workers[name] = node_service.NodeWorker(
                 config, self.bus.publisher(), hypervisor=InstantHypervisor(self.guests, str(work)), store=self.store,
-                segments=instant_segments(work), scheduler=self.scheduler, waiter=self.bus.waiter)
+                segments=instant_segments(work), scheduler=self.scheduler, waiter=self.bus.waiter, clock=self.clock)
         for service in (self.bridge, self.stager, *self.workers.values()):
             self.bus.serve(service)
         for name in nodes:  # what each node's heartbeat says of it (the bridge plans only onto known nodes)
