@@ -278,6 +278,10 @@ class HooksConfig(_Section):
     broker_attempts: int = 3
     # Infrastructure failures requeue a job at most this many times, then it is aborted with the reason.
     max_requeues: int = 2
+    # Both prologues (Torque's, Slurm's PrologSlurmctld) fail the job early (infrastructure: bounded requeue) when a
+    # node of the job has no node worker consuming its queue after this many seconds (one restarting gets them),
+    # instead of waiting out the whole deadline. On Torque, `[torque] node_worker_grace`, where set, wins.
+    node_worker_grace: float = 5.0
 
 
 class TorqueConfig(_Section):
@@ -288,9 +292,15 @@ class TorqueConfig(_Section):
     # Seconds kept free below Torque's own prologue kill ($prologalarm - 10 s) for start-up and the answer.
     prologue_margin: float = 15.0
     # The prologue fails the job early (infrastructure: bounded requeue) when a node of the job has no node
-    # worker consuming its queue after this many seconds, instead of waiting out the whole deadline.
+    # worker consuming its queue after `[hooks] node_worker_grace` seconds, instead of waiting out the whole deadline.
     require_node_workers: bool = True
-    node_worker_grace: float = 5.0
+    # Torque's own spelling of that grace, kept as documented: where set, it is the Torque prologue's (unset: the
+    # [hooks] one, which both schedulers' prologues read).
+    node_worker_grace: float | None = None
+
+    def grace(self, hooks: HooksConfig) -> float:
+        """The Torque prologue's node worker grace: this section's where set, else `[hooks] node_worker_grace`."""
+        return self.node_worker_grace if self.node_worker_grace is not None else hooks.node_worker_grace
     # The hooks' own structured log (the job's .o/.e never reach the user when the prologue aborts).
     log_file: str = "/var/log/vtorque/torque-hooks.log"
 

@@ -53,7 +53,6 @@ if TYPE_CHECKING:  # imported where used: vtorque-launch calls refusal() for eve
     from vtorque.hooks.job_hook import JobContext, Outcome
 
 PROLOG_MARGIN = 10.0  # s kept below Slurm's kill for the answer: the Comment, the exit, tracing's flush
-NODE_WORKER_GRACE = 5.0  # s a node's queue may go without a consumer (a node worker restarting)
 
 
 # -- pure ---------------------------------------------------------------------------------------------------
@@ -114,10 +113,11 @@ def job_context(env, header: JobHeader, tools: Slurm | None = None, show_job_tex
                       header=header)
 
 
-def slurm_channel_factory(hosts: list[str], grace: float = NODE_WORKER_GRACE):
+def slurm_channel_factory(hosts: list[str], grace: float):
     """What run_prologue opens its channel with: shared/hook_channel.py's NodeWorkerChannel, which fails at once
     (an infrastructure failure: bounded requeue) when a node of the job has no node worker consuming its queue,
     instead of waiting out the whole deadline; the Torque prologue's channel is the same with Torque's cancel.
+    `grace`: s a node's queue may go without a consumer (a node worker restarting), `[hooks] node_worker_grace`.
     Imported here, not at the top: vtorque-launch imports this package for refusal() and must not load pika."""
     import functools
 
@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None, env=os.environ, channel_factory=None, ag
                               f"(vtorque keeps {PROLOG_MARGIN:.0f} s for its answer): the administrator must raise it")
         else:
             deadline_s = prolog_deadline(timeout, PROLOG_MARGIN, config.hooks.prologue_timeout, age())
-            factory = channel_factory or slurm_channel_factory([n.host for n in job.nodes])
+            factory = channel_factory or slurm_channel_factory([n.host for n in job.nodes],
+                                                               config.hooks.node_worker_grace)
             outcome = run_prologue(job, config, deadline_s, progress, channel_factory=factory)
         what = decide(outcome, restarts, config.hooks.max_requeues)
         if what == "run":

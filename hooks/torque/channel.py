@@ -24,6 +24,7 @@ class TorqueChannel(NodeWorkerChannel):
 
 def torque_channel_factory(config, hosts: list[str]):
     """What run_prologue opens its channel with: a TorqueChannel for this job's hosts and the site's
-    `[torque]` node worker check (run_prologue passes the url, patterns, attempts and timeout)."""
+    node worker check (`[torque] require_node_workers`; the grace `[hooks] node_worker_grace`, or `[torque]`'s
+    where set); run_prologue passes the url, patterns, attempts and timeout."""
     return functools.partial(TorqueChannel, hosts=hosts if config.torque.require_node_workers else [],
-                             grace=config.torque.node_worker_grace)
+                             grace=config.torque.grace(config.hooks))

@@ -292,3 +292,38 @@ def test_both_prologues_make_the_one_node_worker_check(monkeypatch):
     conns = iter([Refused()])
     with pytest.raises(BrokerUnreachable, match="cannot ask the broker for the node workers: the broker refused: 403"):
         slurm.slurm_channel_factory(["vm"], grace=0.05)("amqp://x//", [])
+
+
+def test_both_prologues_take_their_node_worker_grace_from_one_key(site, tmp_path, monkeypatch):
+    """`[hooks] node_worker_grace` is the one home of the grace both prologues give a node's worker (5 s by
+    default); Torque's documented `[torque] node_worker_grace`, where set, still wins for the Torque prologue."""
+    from vtorque.hooks.torque.channel import torque_channel_factory
+    from vtorque.shared.config import load_config
+
+    def graces(text: str, env=None) -> tuple[float, float]:
+        path = tmp_path / "grace.toml"
+        path.write_text(text)
+        config = load_config(str(path), env or {})
+        return (slurm.slurm_channel_factory(["vm"], config.hooks.node_worker_grace).keywords["grace"],
+                torque_channel_factory(config, ["vm"]).keywords["grace"])
+
+    assert graces("") == (5.0, 5.0)
+    assert graces("[hooks]\nnode_worker_grace = 2.5\n") == (2.5, 2.5)
+    assert graces("[hooks]\nnode_worker_grace = 2.5\n[torque]\nnode_worker_grace = 8\n") == (2.5, 8.0)
+    assert graces("[torque]\nnode_worker_grace = 8\n") == (5.0, 8.0)
+    assert graces("", {"VTORQUE_HOOKS__NODE_WORKER_GRACE": "1.5"}) == (1.5, 1.5)
+
+    # The Slurm prologue itself opens its channel with the configured grace.
+    env, _ = site
+    config = Path(os.environ["VTORQUE_CONFIG"])
+    config.write_text(config.read_text().replace("max_requeues = 2\n", "max_requeues = 2\nnode_worker_grace = 0.5\n"))
+    asked = []
+    plan = m.JobPlanned.new(job_id="12", deadline=60, guests=[])
+
+    def factory(hosts, grace):
+        asked.append((hosts, grace))
+        return channel([plan])
+
+    monkeypatch.setattr(slurm, "slurm_channel_factory", factory)
+    slurm.main(["prolog"], env)
+    assert asked == [(["vm"], 0.5)]
