@@ -125,3 +125,27 @@ def test_prefetch_stamps_its_messages_deadline_by_its_clock(tmp_path):
     assert queued.created_at.timestamp() == 2_000_000_000.0
     assert (queued.deadline - queued.created_at).total_seconds() == Config().prefetch.deadline
     assert deleted.created_at.timestamp() == 2_000_000_030.0
+
+
+def test_a_boot_past_its_commands_deadline_by_the_workers_clock_does_not_wait_for_libvirt():
+    from vtorque.services.node_worker.readiness import BootFailed
+    from vtorque.services.node_worker.service import NodeWorker
+    from vtorque.shared.config import NodeConfig
+    from vtorque.shared.job_boot import NodeBoot
+
+    class Down:
+        calls = 0
+
+        def unavailable(self) -> str:
+            Down.calls += 1
+            return "cannot connect to qemu:///system"
+
+    clock = FakeClock()
+    worker = NodeWorker(Config(node=NodeConfig(name="n1", domain_type="qemu")), None, hypervisor=Down(),
+                        store=object(), clock=clock)
+    cmd = NodeBoot(job_id="5", deadline=clock.utcnow() + timedelta(seconds=60), node="n1", guests=[], peers=[],
+                   network=None)
+    clock.advance(61)  # a minute on by the worker's clock; the wall clock barely moved
+    with pytest.raises(BootFailed, match="did not answer before the boot's deadline") as failed:
+        worker._wait_for_hypervisor(cmd, poll=5.0)  # a real wait would poll once and sleep 5 s
+    assert failed.value.retryable and Down.calls == 1
