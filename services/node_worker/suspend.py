@@ -262,7 +262,7 @@ class Suspender:
         hv, t0 = self.worker.hv, time.monotonic()
         if what in ("pause", "save"):
             # The record first: a worker that dies right after the pause still knows to resume the guest.
-            self._write(name, started(record, job_id, what, time.time()))
+            self._write(name, started(record, job_id, what, self.worker.clock.now()))  # the clock walltimes go by
             if what == "pause":
                 hv.timed("suspend", dom.suspend, timeout=hv.change_timeout)
             else:
@@ -275,9 +275,10 @@ class Suspender:
         if what in ("resume", "restore", "settle"):
             assert record is not None  # action() brings back only what a record says was suspended here
             clock = self.set_clock(name)
-            self._write(name, ended(record, time.time()))
+            now = self.worker.clock.now()
+            self._write(name, ended(record, now))
             log(LOG, logging.INFO, f"guest {_PAST[what]}", guest=name, job_id=job_id, seconds=seconds,
-                suspended_s=round(time.time() - (record.since or time.time()), 1), clock=clock)
+                suspended_s=round(now - (record.since or now), 1), clock=clock)
         else:
             log(LOG, logging.INFO, f"guest {_PAST[what]}", guest=name, job_id=job_id, seconds=seconds, mode=mode)
 

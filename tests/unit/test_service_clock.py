@@ -149,3 +149,24 @@ def test_a_boot_past_its_commands_deadline_by_the_workers_clock_does_not_wait_fo
     with pytest.raises(BootFailed, match="did not answer before the boot's deadline") as failed:
         worker._wait_for_hypervisor(cmd, poll=5.0)  # a real wait would poll once and sleep 5 s
     assert failed.value.retryable and Down.calls == 1
+
+
+def test_a_suspended_job_keeps_its_guest_past_its_walltime_and_ends_that_much_later(site):
+    """Issue 14's walltime rule on the worker's clock: the time a job spends suspended (the scheduler's clock for
+    it stands still) moves its end, and reconciliation removes the guest only past that end and the grace."""
+    outcome, _ = site.prologue(site.submit("8.srv"), deadline_s=60)
+    [guest] = [g.guest for g in outcome.ready]
+    worker = site.workers["n1"]
+    rounds = Reconciler(worker, threading.Event(), 60.0, states=scheduler_states(worker.config, worker.scheduler))
+    site.clock.advance(600)
+    site.scheduler.suspend("8.srv")
+    assert rounds.run_once() == []
+    assert worker.suspender.record(guest).since == site.clock.now()  # paused, on the worker's clock
+    site.clock.advance(3600)  # suspended past the walltime and the grace: kept
+    assert rounds.run_once() == [] and len(site.domains()) == 1
+    site.scheduler.resume("8.srv")
+    assert rounds.run_once() == [] and worker.suspender.record(guest).total == 3600
+    site.clock.advance(3000 + GRACE.total_seconds() - 10)  # 600 + 3000 s run of its 3600: within the grace
+    assert rounds.run_once() == []
+    site.clock.advance(20)
+    assert [(r.name, r.reason) for r in rounds.run_once()] == [(guest, "job 8.srv passed its walltime")]
