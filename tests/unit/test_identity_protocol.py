@@ -40,7 +40,7 @@ def run_guest_side(tmp_path: Path, wire: bytes) -> dict[str, str]:
     port = tmp_path / "port"
     os.mkfifo(port)
     script = "\n".join([
-        'say() { :; }', 'fail() { echo "FAILED $1"; exit 3; }', 'usleep() { :; }',
+        'say() { :; }', 'fail() { echo "FAILED $1"; exit 3; }', 'pause_s() { :; }',
         'dated=$2; date() { echo "$*" > "$dated"; }',  # the clock is the guest's to set; here it is only written down
         "VT_WARM=1 VT_CLOCK= VT_RANDOM=",
         guest_function("wait_identity"),
@@ -104,7 +104,7 @@ def test_the_guest_reads_every_value_of_its_identity_as_the_host_wrote_it(tmp_pa
 def test_a_malformed_identity_fails_the_guest(tmp_path, wire):
     port = tmp_path / "port"
     os.mkfifo(port)
-    script = "\n".join(['say() { :; }', 'fail() { echo "FAILED $1"; exit 3; }', 'usleep() { :; }',
+    script = "\n".join(['say() { :; }', 'fail() { echo "FAILED $1"; exit 3; }', 'pause_s() { :; }',
                         guest_function("wait_identity"), 'wait_identity "$1"', 'echo "TAKEN $VT_USER"'])
     proc = subprocess.Popen([BUSYBOX, "sh", "-c", script, "guest", str(port)], stdout=subprocess.PIPE)
     with open(port, "wb") as fifo:
