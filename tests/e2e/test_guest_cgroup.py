@@ -17,9 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
@@ -32,11 +30,10 @@ from vtorque.cli.launcher_ssh import ssh_argv
 from vtorque.services.node_worker import job_cgroup
 from vtorque.shared import messages as m
 
-from .conftest import PREFIX
+from .own_slurm import HOST, own_slurm
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.guest]
 
-HOST = socket.gethostname().split(".")[0]
 CGROUP = Path("/sys/fs/cgroup")
 # This Debian build of Slurm 22.05 names its cgroup root slurm_<NodeName> (measured: slurm_vm).
 SLURM_ROOT = f"slurm_{HOST}"
@@ -87,12 +84,6 @@ AllowedSwapSpace=0
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _remove_empty_tree(top: Path) -> None:
     """A cgroup tree our slurmd made, deepest first (rmdir: a cgroup still in use stays)."""
     if not top.is_dir():
@@ -102,77 +93,15 @@ def _remove_empty_tree(top: Path) -> None:
             os.rmdir(here)
 
 
-class CgroupSlurm:
-    def __init__(self, d: Path, env: dict):
-        self.d, self.env = d, env
-
-    def run(self, *argv: str, user=None, check=True) -> subprocess.CompletedProcess:
-        kw = {"user": user.uid, "group": user.gid, "extra_groups": [], "cwd": self.d / "jobs"} if user else {}
-        done = subprocess.run(list(argv), env=self.env, capture_output=True, text=True, timeout=60, **kw)
-        assert not check or done.returncode == 0, (argv, done.stdout, done.stderr)
-        return done
-
-    def submit(self, user, *options: str) -> str:
-        out = self.run("sbatch", "--parsable", "-D", str(self.d / "jobs"), "-o", "/dev/null", *options,
-                       "--wrap", "sleep 600", user=user)
-        return out.stdout.strip().split(";")[0]
-
-    def state(self, job: str) -> str:
-        return self.run("squeue", "-h", "-j", job, "-o", "%T", check=False).stdout.strip()
-
-    def wait_running(self, job: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while self.state(job) != "RUNNING":
-            assert time.monotonic() < deadline, (self.state(job), (self.d / "log/slurmd.log").read_text()[-2000:])
-            time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def cgroup_slurm():
-    stack = Path(os.environ.get("VTORQUE_STACK_DIR", "/var/lib/vtorque-stack"))
-    munge = stack / "slurm" / "munge-run" / "munge.socket"
-    if not munge.exists():
-        pytest.fail(f"{munge} missing: the single-host stack's munge is not running")
     for c in ("memory", "freezer", "cpuacct"):
         if any((CGROUP / c / SLURM_ROOT).glob("uid_*/job_*")):
             pytest.fail(f"{CGROUP / c / SLURM_ROOT} has jobs: another Slurm with cgroups runs on this host")
-    d = Path(tempfile.mkdtemp(prefix="vtorque-cgslurm-"))
-    os.chmod(d, 0o755)
-    for sub in ("etc", "state", "spool", "run", "log", "jobs"):
-        (d / sub).mkdir()
-    for sub in ("state", "run", "log"):
-        shutil.chown(d / sub, "slurm", "slurm")
-    os.chmod(d / "jobs", 0o1777)
-    conf = d / "etc" / "slurm.conf"
-    conf.write_text(SLURM_CONF.format(host=HOST, ctld_port=_free_port(), slurmd_port=_free_port(), munge=munge, d=d))
-    (d / "etc" / "cgroup.conf").write_text(CGROUP_CONF)
-    env = {"PATH": f"{PREFIX}/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin", "SLURM_CONF": str(conf)}
-    procs = [subprocess.Popen([daemon, "-D", *extra, "-f", str(conf)], env=env, stdin=subprocess.DEVNULL,
-                              stdout=open(d / "log" / f"{daemon}.out", "w"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
-             for daemon, extra in (("slurmctld", ["-c"]), ("slurmd", ["-N", HOST]))]
-    slurm = CgroupSlurm(d, env)
     try:
-        deadline = time.monotonic() + 30
-        while slurm.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.strip() != "idle":
-            assert time.monotonic() < deadline, (d / "log" / "slurmd.log").read_text()[-2000:]
-            time.sleep(0.2)
-        yield slurm
+        with own_slurm(SLURM_CONF, "vtorque-cgslurm-", {"cgroup.conf": CGROUP_CONF}) as slurm:
+            yield slurm
     finally:
-        jobs = slurm.run("squeue", "-h", "-o", "%i", check=False).stdout.split()
-        if jobs:
-            slurm.run("scancel", "--quiet", "--full", *jobs, check=False)
-        deadline = time.monotonic() + 30
-        while slurm.run("squeue", "-h", "-o", "%i", check=False).stdout.strip() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
         # A slurmstepd of ours that outlived its slurmd (only our Slurm uses this tree here: checked at start).
         for procs_file in (CGROUP / "freezer" / SLURM_ROOT).rglob("cgroup.procs"):
             for pid in procs_file.read_text().split():
@@ -181,7 +110,6 @@ def cgroup_slurm():
         time.sleep(0.5)
         for c in ("memory", "freezer", "cpuacct", "cpuset", "cpu", "pids", "devices"):
             _remove_empty_tree(CGROUP / c / SLURM_ROOT)
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

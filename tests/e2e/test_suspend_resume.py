@@ -7,7 +7,7 @@ goes with the restore, or with the job when it ends suspended (teardown and reco
 user (the job's owner included) is refused by Slurm, in one line, and nothing happens to the guest.
 
 The single-host stack's Slurm is not touched: this test starts a slurmctld and slurmd of its own (own ports,
-state and spool, the stack's munge), as tests/e2e/test_guest_cgroup.py does, and stops them by their pids. The
+state and spool, the stack's munge: tests/e2e/own_slurm.py), and stops them by their pids. The
 node worker is a real one (no broker: its handlers are called with the commands, as in tests/security), with its
 reconciler on a short period.
 
@@ -18,11 +18,9 @@ Boots guests and runs Slurm jobs: run under the lock,
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import stat
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
@@ -40,7 +38,7 @@ from vtorque.shared.config import SchedulerConfig
 from vtorque.shared.scheduler import scheduler_for
 
 from .conftest import PREFIX
-from .test_guest_cgroup import HOST, CgroupSlurm, _free_port
+from .own_slurm import HOST, OwnSlurm, own_slurm
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.guest]
 
@@ -80,55 +78,16 @@ COUNTER = 'i=0; while :; do i=$((i + 1)); echo "$i $(date +%s)"; sleep 0.5; done
 
 
 @pytest.fixture(scope="module")
-def own_slurm():
-    stack = Path(os.environ.get("VTORQUE_STACK_DIR", "/var/lib/vtorque-stack"))
-    munge = stack / "slurm" / "munge-run" / "munge.socket"
-    if not munge.exists():
-        pytest.fail(f"{munge} missing: the single-host stack's munge is not running")
-    d = Path(tempfile.mkdtemp(prefix="vtorque-suspslurm-"))
-    os.chmod(d, 0o755)
-    for sub in ("etc", "state", "spool", "run", "log", "jobs"):
-        (d / sub).mkdir()
-    for sub in ("state", "run", "log"):
-        shutil.chown(d / sub, "slurm", "slurm")
-    os.chmod(d / "jobs", 0o1777)
-    conf = d / "etc" / "slurm.conf"
-    conf.write_text(SLURM_CONF.format(host=HOST, ctld_port=_free_port(), slurmd_port=_free_port(), munge=munge, d=d))
-    env = {"PATH": f"{PREFIX}/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin", "SLURM_CONF": str(conf)}
-    procs = [subprocess.Popen([daemon, "-D", *extra, "-f", str(conf)], env=env, stdin=subprocess.DEVNULL,
-                              stdout=open(d / "log" / f"{daemon}.out", "w"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
-             for daemon, extra in (("slurmctld", ["-c"]), ("slurmd", ["-N", HOST]))]
-    slurm = CgroupSlurm(d, env)
-    try:
-        deadline = time.monotonic() + 30
-        while slurm.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.strip() != "idle":
-            assert time.monotonic() < deadline, (d / "log" / "slurmd.log").read_text()[-2000:]
-            time.sleep(0.2)
+def our_slurm():
+    with own_slurm(SLURM_CONF, "vtorque-suspslurm-") as slurm:
         yield slurm
-    finally:
-        jobs = slurm.run("squeue", "-h", "-o", "%i", check=False).stdout.split()
-        if jobs:
-            slurm.run("scancel", "--quiet", "--full", *jobs, check=False)
-        deadline = time.monotonic() + 30
-        while slurm.run("squeue", "-h", "-o", "%i", check=False).stdout.strip() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        shutil.rmtree(d, ignore_errors=True)
 
 
 class Node:
     """A node worker of the test's own (its guests' directories, its suspend directory) with its reconciler, and
     the site's scheduler: our own Slurm, or Torque's stand-ins."""
 
-    def __init__(self, site, mode: str, scheduler: SchedulerConfig, env: dict, slurm: CgroupSlurm | None = None):
+    def __init__(self, site, mode: str, scheduler: SchedulerConfig, env: dict, slurm: OwnSlurm | None = None):
         self.site, self.slurm, self.env = site, slurm, env
         site.config.node.suspend = mode
         site.config.node.reconcile_interval = PERIOD
@@ -162,12 +121,22 @@ class Node:
             time.sleep(0.05)
         return time.monotonic() - t0
 
+    def wait_saved(self, name: str, timeout: float) -> float:
+        """Shut off with its memory in its save file (libvirt says shut off moments before its save returns and
+        the node worker gives the file its name)."""
+        t0 = time.monotonic()
+        self.wait_state(name, libvirt.VIR_DOMAIN_SHUTOFF, timeout)
+        while not self.site.worker.suspender.path(name, ".save").exists():
+            assert time.monotonic() - t0 < timeout, f"{name}: shut off, no save file"
+            time.sleep(0.05)
+        return time.monotonic() - t0
+
 
 @pytest.fixture
-def node(request, own_slurm, base_image, test_guest, monkeypatch):  # noqa: F811 - the fixture imported above
-    monkeypatch.setenv("SLURM_CONF", own_slurm.env["SLURM_CONF"])  # the reconciler's scontrol asks our Slurm
+def node(request, our_slurm, base_image, test_guest, monkeypatch):  # noqa: F811 - the fixture imported above
+    monkeypatch.setenv("SLURM_CONF", our_slurm.env["SLURM_CONF"])  # the reconciler's scontrol asks our Slurm
     site = make_site(base_image, entry=test_guest, boot_timeout=150.0)
-    n = Node(site, getattr(request, "param", "pause"), SchedulerConfig(kind="slurm"), own_slurm.env, own_slurm)
+    n = Node(site, getattr(request, "param", "pause"), SchedulerConfig(kind="slurm"), our_slurm.env, our_slurm)
     n.reconciler.start()
     try:
         yield n
@@ -247,7 +216,8 @@ def _suspend_and_resume(node: Node, owner, paused_state: int | None, job: str | 
         asked = node.vtorque("suspend", job)
         assert asked.returncode == 0, asked.stderr
         assert node.job_state(job) == "suspended"
-        took = node.wait_state(name, paused_state, PERIOD + 30 if paused_state is None else PERIOD + 3)
+        took = (node.wait_saved(name, PERIOD + 30) if paused_state == libvirt.VIR_DOMAIN_SHUTOFF
+                else node.wait_state(name, paused_state, PERIOD + 3))
         paused_at = time.time()
         count = counter.lines[-1][1]
         time.sleep(6)
@@ -332,7 +302,7 @@ def test_save_mode_frees_the_memory_keeps_it_root_only_and_removes_it(node, user
     try:
         asked = node.vtorque("suspend", job)
         assert asked.returncode == 0, asked.stderr
-        node.wait_state(name, libvirt.VIR_DOMAIN_SHUTOFF, PERIOD + 30)
+        node.wait_saved(name, PERIOD + 30)
         save = suspender.path(name, ".save")
         st, top = save.stat(), suspender.root.stat()
         assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600) and st.st_size > 16 << 20  # the guest's memory
@@ -357,8 +327,7 @@ def test_save_mode_restores_the_guest_and_its_program_carries_on(node, users):  
     assert not node.site.worker.suspender.path(got["name"], ".save").exists()  # not kept once restored
     # Suspended and saved again, then ended: reconciliation removes the guest and its memory by itself.
     assert node.vtorque("suspend", got["job"]).returncode == 0
-    node.wait_state(got["name"], libvirt.VIR_DOMAIN_SHUTOFF, PERIOD + 30)
-    assert node.site.worker.suspender.path(got["name"], ".save").exists()
+    node.wait_saved(got["name"], PERIOD + 30)
     node.slurm.run("scancel", got["job"])
     node.wait_state(got["name"], None, PERIOD + 30)
     deadline = time.monotonic() + 5  # the domain first, then its files: the same round, moments later
