@@ -341,11 +341,14 @@ def _write_root_file(path: Path, text: str, exclusive: bool = False) -> None:
 
 class WarmPool:
     """One node worker's pool. `worker` gives config, hv, store, node, domain_type, booting_now() and
-    _remove_disks(); `mem_available` and `clock` are injected (tests)."""
+    _remove_disks(); `mem_available` and `clock` are injected (tests). The clock (wall seconds) is the worker's
+    own (shared/clock.py) unless one is given: a pooled guest's age is judged by the time its node worker decides by."""
 
     def __init__(self, worker, mem_available: Callable[[], int | None] = mem_available_mib,
-                 clock: Callable[[], float] = time.time):
-        self.worker, self.mem_available, self.clock = worker, mem_available, clock
+                 clock: Callable[[], float] | None = None):
+        worker_clock = getattr(worker, "clock", None)
+        self.worker, self.mem_available = worker, mem_available
+        self.clock = clock or (worker_clock.now if worker_clock is not None else time.time)
         self.size = max(0, int(getattr(worker.config.node, "warm_pool", 0) or 0))
         self.lock = threading.Lock()
         self.filling: set[str] = set()

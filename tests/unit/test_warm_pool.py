@@ -437,3 +437,14 @@ def test_no_fill_while_the_node_boots(site, monkeypatch):
     pool.worker.booting_now = set
     monkeypatch.setattr(pool, "fill", lambda target: "made")
     assert pool.fill_once() == "made"
+
+
+def test_the_pool_judges_time_by_its_node_workers_clock():
+    from vtorque.shared.testing import FakeClock
+
+    clock = FakeClock()
+    worker = type("W", (), {"clock": clock, "config": type("C", (), {"node": type("N", (), {"warm_pool": 1})()})()})()
+    pool = warm_pool.WarmPool(worker)
+    before = pool.clock()
+    clock.advance(3600)
+    assert pool.clock() == before + 3600  # the worker's clock, moved by hand: not the machine's
