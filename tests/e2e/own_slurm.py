@@ -51,6 +51,42 @@ class OwnSlurm:
             time.sleep(0.2)
 
 
+def slurm_conf(cluster: str, plugins: str) -> str:
+    """A one-node slurm.conf template for `own_slurm`: the cluster's name and its process tracking, task and
+    accounting-gather lines (what the tests differ in), the rest the same for every test."""
+    return f"ClusterName={cluster}\n" + _DAEMONS + plugins.strip() + "\n" + _SITE
+
+
+_DAEMONS = """SlurmctldHost={host}(127.0.0.1)
+SlurmUser=slurm
+SlurmdUser=root
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={munge}
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool
+SlurmctldPidFile={d}/run/slurmctld.pid
+SlurmdPidFile={d}/run/slurmd.pid
+SlurmctldLogFile={d}/log/slurmctld.log
+SlurmdLogFile={d}/log/slurmd.log
+"""
+_SITE = """AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MpiDefault=none
+MailProg=/bin/true
+SchedulerType=sched/backfill
+SchedulerParameters=batch_sched_delay=0,bf_interval=1
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=100
+ReturnToService=2
+NodeName={host} NodeAddr=127.0.0.1 CPUs=2 RealMemory=4000 State=UNKNOWN
+PartitionName=batch Nodes={host} Default=YES MaxTime=INFINITE State=UP
+"""
+
+
 @contextlib.contextmanager
 def own_slurm(conf: str, prefix: str, extra: dict[str, str] | None = None) -> Iterator[OwnSlurm]:
     """Our Slurm from `conf`, a slurm.conf template ({host}, {ctld_port}, {slurmd_port}, {munge}, {d}: its

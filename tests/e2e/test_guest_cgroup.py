@@ -30,7 +30,7 @@ from vtorque.cli.launcher_ssh import ssh_argv
 from vtorque.services.node_worker import job_cgroup
 from vtorque.shared import messages as m
 
-from .own_slurm import HOST, own_slurm
+from .own_slurm import HOST, own_slurm, slurm_conf
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.guest]
 
@@ -42,39 +42,13 @@ LAYOUT = {"memory": SLURM_ROOT + "/uid_{uid}/job_{job}/step_extern/task_0",
           "freezer": SLURM_ROOT + "/uid_{uid}/job_{job}/step_extern"}
 MIB = 1 << 20
 
-SLURM_CONF = """ClusterName=vtcg
-SlurmctldHost={host}(127.0.0.1)
-SlurmUser=slurm
-SlurmdUser=root
-SlurmctldPort={ctld_port}
-SlurmdPort={slurmd_port}
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket={munge}
-StateSaveLocation={d}/state
-SlurmdSpoolDir={d}/spool
-SlurmctldPidFile={d}/run/slurmctld.pid
-SlurmdPidFile={d}/run/slurmd.pid
-SlurmctldLogFile={d}/log/slurmctld.log
-SlurmdLogFile={d}/log/slurmd.log
+SLURM_CONF = slurm_conf("vtcg", """
 ProctrackType=proctrack/cgroup
 TaskPlugin=task/cgroup
 PrologFlags=Alloc,Contain
 JobAcctGatherType=jobacct_gather/cgroup
 JobAcctGatherFrequency=task=1
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-MpiDefault=none
-MailProg=/bin/true
-SchedulerType=sched/backfill
-SchedulerParameters=batch_sched_delay=0,bf_interval=1
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-DefMemPerCPU=100
-ReturnToService=2
-NodeName={host} NodeAddr=127.0.0.1 CPUs=2 RealMemory=4000 State=UNKNOWN
-PartitionName=batch Nodes={host} Default=YES MaxTime=INFINITE State=UP
-"""
+""")
 CGROUP_CONF = """CgroupPlugin=cgroup/v1
 ConstrainCores=yes
 ConstrainRAMSpace=yes

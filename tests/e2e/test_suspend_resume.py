@@ -38,42 +38,16 @@ from vtorque.shared.config import SchedulerConfig
 from vtorque.shared.scheduler import scheduler_for
 
 from .conftest import PREFIX
-from .own_slurm import HOST, OwnSlurm, own_slurm
+from .own_slurm import HOST, OwnSlurm, own_slurm, slurm_conf
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.guest]
 
 PERIOD = 2.0  # the test's reconcile period
-SLURM_CONF = """ClusterName=vtsusp
-SlurmctldHost={host}(127.0.0.1)
-SlurmUser=slurm
-SlurmdUser=root
-SlurmctldPort={ctld_port}
-SlurmdPort={slurmd_port}
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket={munge}
-StateSaveLocation={d}/state
-SlurmdSpoolDir={d}/spool
-SlurmctldPidFile={d}/run/slurmctld.pid
-SlurmdPidFile={d}/run/slurmd.pid
-SlurmctldLogFile={d}/log/slurmctld.log
-SlurmdLogFile={d}/log/slurmd.log
+SLURM_CONF = slurm_conf("vtsusp", """
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-MpiDefault=none
-MailProg=/bin/true
-SchedulerType=sched/backfill
-SchedulerParameters=batch_sched_delay=0,bf_interval=1
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-DefMemPerCPU=100
-ReturnToService=2
-NodeName={host} NodeAddr=127.0.0.1 CPUs=2 RealMemory=4000 State=UNKNOWN
-PartitionName=batch Nodes={host} Default=YES MaxTime=INFINITE State=UP
-"""
+""")
 COUNTER = 'i=0; while :; do i=$((i + 1)); echo "$i $(date +%s)"; sleep 0.5; done'
 
 
@@ -99,6 +73,18 @@ class Node:
         self.toml.chmod(0o644)
         self.stop = threading.Event()
         self.reconciler = Reconciler(site.worker, self.stop, PERIOD, states=scheduler_states(site.config))
+
+    def reconciling(self):
+        """Its reconciler running while the test does (a fixture's body); then its guests and files gone."""
+        self.reconciler.start()
+        try:
+            yield self
+        finally:
+            self.stop.set()
+            self.reconciler.thread.join(30)
+            for name in self.site.domains():
+                self.site.worker.hv.remove(name)
+            shutil.rmtree(self.site.root, ignore_errors=True)
 
     def job_state(self, job: str) -> str | None:
         info = scheduler_for(self.site.config).job(job)
@@ -137,15 +123,7 @@ def node(request, our_slurm, base_image, test_guest, monkeypatch):  # noqa: F811
     monkeypatch.setenv("SLURM_CONF", our_slurm.env["SLURM_CONF"])  # the reconciler's scontrol asks our Slurm
     site = make_site(base_image, entry=test_guest, boot_timeout=150.0)
     n = Node(site, getattr(request, "param", "pause"), SchedulerConfig(kind="slurm"), our_slurm.env, our_slurm)
-    n.reconciler.start()
-    try:
-        yield n
-    finally:
-        n.stop.set()
-        n.reconciler.thread.join(30)
-        for name in site.domains():
-            site.worker.hv.remove(name)
-        shutil.rmtree(site.root, ignore_errors=True)
+    yield from n.reconciling()
 
 
 class Counter:
@@ -352,15 +330,7 @@ def torque_node(base_image, test_guest, users, tmp_path):  # noqa: F811 - the fi
     n = Node(site, "pause", SchedulerConfig(kind="torque", qstat=str(qstat), qsig=str(qsig)),
              {"PATH": f"{PREFIX}/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin"})
     n.torque_job, n.torque_answers = job, bin_dir / "qstat-answers"  # type: ignore[attr-defined]
-    n.reconciler.start()
-    try:
-        yield n
-    finally:
-        n.stop.set()
-        n.reconciler.thread.join(30)
-        for name in site.domains():
-            site.worker.hv.remove(name)
-        shutil.rmtree(site.root, ignore_errors=True)
+    yield from n.reconciling()
 
 
 def test_on_torque_qsig_suspends_and_the_guest_follows_job_state_s(torque_node, users):  # noqa: F811 - fixture
