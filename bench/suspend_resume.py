@@ -33,16 +33,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import libvirt  # noqa: E402
-from e2e.test_suspend_resume import HOST, Counter, Node, _key  # noqa: E402
-from integration.torque_replay import suspendable_stand_ins  # noqa: E402
+from e2e.test_suspend_resume import Counter, _key, torque_node_of  # noqa: E402
 from security.conftest import _useradd, make_site  # noqa: E402
 
 from vtorque.services.node_worker import suspend  # noqa: E402
 from vtorque.shared import messages as m  # noqa: E402
-from vtorque.shared.config import ImageEntry, SchedulerConfig  # noqa: E402
+from vtorque.shared.config import ImageEntry  # noqa: E402
 
 GUEST_DIR = Path("/var/cache/vtorque/testguest")
-PREFIX = Path(os.environ.get("PREFIX", "/opt/vtorque"))
 
 
 def test_guest() -> ImageEntry:
@@ -56,13 +54,8 @@ def test_guest() -> ImageEntry:
 
 def one_job(entry: ImageEntry, owner, mode: str, period: float, ram: int) -> dict[str, float]:
     site = make_site(None, entry=entry, boot_timeout=150.0)
-    job = f"{uuid.uuid4().int % 100000}.tq"
-    bin_dir = site.root / "torque-bin"
-    bin_dir.mkdir(mode=0o755)
-    qstat, qsig = suspendable_stand_ins(bin_dir, job, {"owner": f"{owner.name}@{HOST}", "queue": "batch",
-                                                      "exec_host": f"{site.node}/0", "jobname": "counter"})
-    node = Node(site, mode, SchedulerConfig(kind="torque", qstat=str(qstat), qsig=str(qsig)),
-                {"PATH": f"{PREFIX}/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin"})
+    node = torque_node_of(site, owner, mode)
+    job = node.torque_job  # type: ignore[attr-defined]
     node.reconciler.interval = period
     acted: dict[str, float] = {}  # the node worker's whole action, and the clock's part of it
     suspender = site.worker.suspender

@@ -318,19 +318,25 @@ def test_save_mode_restores_the_guest_and_its_program_carries_on(node, users):  
 def torque_node(base_image, test_guest, users, tmp_path):  # noqa: F811 - the fixture imported above
     """The node worker on a Torque site, whose qstat and qsig are the contract's stand-ins (torque_replay.py):
     `qstat -f` shows `job_state = S` once root has `qsig -s suspend`ed the job, as pbs_server does."""
+    _, owner = users
+    yield from torque_node_of(make_site(base_image, entry=test_guest, boot_timeout=150.0), owner,
+                              "pause").reconciling()
+
+
+def torque_node_of(site, owner, mode: str) -> Node:
+    """A Node on a Torque site with one job of `owner`'s that qstat knows (its `torque_job`, and the stand-ins'
+    `torque_answers`): bench/suspend_resume.py's node too."""
     from integration.torque_replay import suspendable_stand_ins
 
-    _, owner = users
-    site = make_site(base_image, entry=test_guest, boot_timeout=150.0)
     job = f"{uuid.uuid4().int % 100000}.tq"
     bin_dir = site.root / "torque-bin"
     bin_dir.mkdir(mode=0o755)
     qstat, qsig = suspendable_stand_ins(bin_dir, job, {"owner": f"{owner.name}@{HOST}", "queue": "batch",
                                                       "exec_host": f"{site.node}/0", "jobname": "counter"})
-    n = Node(site, "pause", SchedulerConfig(kind="torque", qstat=str(qstat), qsig=str(qsig)),
+    n = Node(site, mode, SchedulerConfig(kind="torque", qstat=str(qstat), qsig=str(qsig)),
              {"PATH": f"{PREFIX}/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin"})
     n.torque_job, n.torque_answers = job, bin_dir / "qstat-answers"  # type: ignore[attr-defined]
-    yield from n.reconciling()
+    return n
 
 
 def test_on_torque_qsig_suspends_and_the_guest_follows_job_state_s(torque_node, users):  # noqa: F811 - fixture
