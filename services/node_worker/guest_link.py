@@ -10,7 +10,7 @@ So the guest's one NIC sits on a QEMU hub with slirp (its outbound network, as b
 `stream` netdev to this process, a root process per guest. It writes the guest's frames into a tap in a network
 namespace of its own, which only root can enter, and reaches the guest's sshd there on its IPv6 link-local
 address (slirp, IPv4 only, ignores those frames, so it never answers them). The owner asks over
-`<guest dir>/ssh.sock` (the owner's, 0600; the peer's uid checked again: root or the owner): this process
+`<guest dir>/ssh.sock` (the owner's, 0600; the peer's uid checked again: root or the socket file's owner): this process
 connects to the guest's sshd inside its namespace and hands the connected socket over (SCM_RIGHTS), and ssh uses
 it as its own (`ProxyUseFdpass`, cli/launcher_ssh.py). No byte of a session passes through here but the frames.
 
@@ -18,6 +18,12 @@ It exits when QEMU's side of the link closes (the guest is gone), when QEMU neve
 directory is removed; a node worker restart leaves it running. A guest saved to disk while its job is suspended
 (suspend.py: root's `saved` file in its directory) is not gone: the link waits for the restored QEMU, keeping its
 namespace and the job's ssh connections in it, which carry on after the restore.
+
+Who may connect is the socket file's owner, looked at on each connection (the file is root's to change: the guest
+directory is root's). A guest restored from a warm image, or waiting in the warm pool, has its link started for
+root alone (owner uid 0), and `hand_over` makes the socket its job owner's once the guest holds its identity: no
+login of the owner's can reach the guest's sshd (started before the save) before the identity and the host's
+random bytes are in, and a node worker restart changes nothing.
 """
 
 from __future__ import annotations
@@ -109,6 +115,21 @@ def start(guest_dir: Path, owner_uid: int, mac: str, timeout: float = 10.0) -> N
         proc.wait()
         tail = (guest_dir / LOG_FILE).read_text(errors="replace")[-300:].strip()
         raise LinkError(f"the guest's ssh link did not start: {tail or 'no reason given'}")
+
+
+def allowed(peer_uid: int, socket_owner: int) -> bool:
+    """Who the link lets in: root, and the owner of its ssh socket file (root's alone until the guest is a job's)."""
+    return peer_uid in (0, socket_owner)
+
+
+def hand_over(guest_dir: Path, uid: int, gid: int) -> None:
+    """The guest's ssh socket made its job owner's: from now on the link lets them in. The socket must be the
+    link's own, root's: anything else in its place is not given away. Raises LinkError."""
+    path = guest_dir / SSH_SOCKET
+    st = os.lstat(path)
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != 0:
+        raise LinkError(f"{path} is not the guest link's own socket")
+    os.chown(path, uid, gid, follow_symlinks=False)
 
 
 def eui64_link_local(mac: str) -> str:
@@ -228,7 +249,10 @@ def serve(guest_dir: Path, owner_uid: int, quid: int, mac: str) -> None:
                         qemu.setblocking(False)
                 elif what == "ssh-listen":
                     client, _ = ssh_listener.accept()
-                    if _peer_uid(client) not in (0, owner_uid):
+                    peer = _peer_uid(client)
+                    if not allowed(peer, _socket_owner(guest_dir / SSH_SOCKET)):
+                        # Recorded: the file's mode keeps others out, so a refused peer means a widened mode.
+                        print(f"guest link: refused uid {peer}", file=sys.stderr, flush=True)
                         client.close()
                         continue
                     tcp = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
@@ -267,6 +291,15 @@ def serve(guest_dir: Path, owner_uid: int, quid: int, mac: str) -> None:
     finally:
         (guest_dir / SSH_SOCKET).unlink(missing_ok=True)
         (guest_dir / LINK_SOCKET).unlink(missing_ok=True)
+
+
+def _socket_owner(path: Path) -> int:
+    """The uid of the ssh socket file; root's when it is anything but a socket (then only root gets in)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return 0
+    return st.st_uid if stat.S_ISSOCK(st.st_mode) else 0
 
 
 def _saved(guest_dir: Path) -> bool:

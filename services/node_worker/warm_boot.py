@@ -213,7 +213,8 @@ def _restore(worker, cmd: BootOrder, guest: m.GuestPlan, entry: ImageEntry, base
         # Its root disk as the saved guest left it, a copy of its own: the memory restored expects that disk.
         shutil.copyfile(image.overlay, files.overlay)
         t_disks = time.monotonic()
-        guest_link.start(gdir, guest.owner.uid, USER_NET_MAC)
+        # Root's alone until the guest holds its identity (hand_over below): its sshd listens from before the save.
+        guest_link.start(gdir, 0, USER_NET_MAC)
         meta = GuestMetadata(job_id=cmd.job_id, owner=guest.owner.user, deadline=cmd.deadline, index=guest.index,
                              node=worker.node, end_by=guest.end_by)
         fresh = domain_xml(guest, files, boot, meta, worker.domain_type, numa_topology=numa.host_topology(),
@@ -251,6 +252,7 @@ def _restore(worker, cmd: BootOrder, guest: m.GuestPlan, entry: ImageEntry, base
                 t_start = time.monotonic()
                 banner = EarlyBanner(ssh_socket, deadline)
                 channel.expect(IDENTITY_OK, deadline)
+            guest_link.hand_over(gdir, guest.owner.uid, guest.owner.gid)
             ready = wait_ready(files.console_log, ssh_socket, lambda: hv.is_active(guest.name), deadline,
                                banner=banner)
         finally:

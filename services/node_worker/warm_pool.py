@@ -9,14 +9,12 @@ shape: `vtorque images warm`); 0, the default, keeps none. What holds, and why:
   `job` file) and goes with it at teardown like any guest; a failure after the claim removes it. Nothing a job
   touched is ever pooled again: the pool only ever restores the warm image's own files.
 - Root's alone until claimed: `<guest_dir>/vt-pool-<key12>-<hex8>/` (root's, as every guest directory) with its
-  `pool.json` record (0600, written last: no record, no pooled guest), the link's ssh socket made for root only
-  (owner uid 0) and the job's ssh socket `job-ssh.sock` (the relay below, root's, 0600). The guest has never run
-  after its restore (paused), holds no identity, no key and no user, and its channel socket is made root's.
-- Its owner's way in: the link process (guest_link.py) is started before the restore (QEMU joins it then) and
-  cannot learn an owner later, so a relay process (`relay` below) hands the owner the link's connected socket:
-  it accepts on `job-ssh.sock`, lets in root and the uid that owns that socket file, asks the root-only link,
-  passes the fd on. At the claim the node worker makes `job-ssh.sock` the owner's (chown in a root-only
-  directory): who may connect is the file's owner, so a node worker restart changes nothing.
+  `pool.json` record (0600, written last: no record, no pooled guest) and the link's ssh socket made for root only
+  (owner uid 0). The guest has never run after its restore (paused), holds no identity, no key and no user, and
+  its channel socket is made root's.
+- Its owner's way in: the link (guest_link.py) lets in root and the uid that owns its ssh socket file, looked at
+  on each connection; once the claimed guest holds its identity the node worker makes that socket the owner's
+  (`guest_link.hand_over`, a chown in a root-only directory): a node worker restart changes nothing.
 - The domain keeps its pool name (libvirt renames no running domain): the job's guest is named in its metadata,
   the GuestReady and the launcher's job file (named after the domain, `<domain>.json`, as teardown and
   reconciliation look for it); its hostname is the job's (the identity).
@@ -33,7 +31,7 @@ shape: `vtorque images warm`); 0, the default, keeps none. What holds, and why:
   `vtorque.boot.why` says why (the pool's reason first).
 
 The pure part (names, records, what to refill, which pooled guest fits, what reconciliation removes, live
-pinning) is apart from the I/O (`WarmPool`, `relay`), whose dependencies (worker, clock, free memory) are injected.
+pinning) is apart from the I/O (`WarmPool`), whose dependencies (worker, clock, free memory) are injected.
 """
 
 from __future__ import annotations
@@ -43,13 +41,8 @@ import logging
 import os
 import re
 import secrets
-import select
 import shutil
-import socket
 import stat
-import struct
-import subprocess
-import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -64,13 +57,11 @@ POOL_NAME = re.compile(r"^vt-pool-([0-9a-f]{12})-([0-9a-f]{8})$")
 POOL_JOB = "vt-pool"  # the `job` file of a pooled guest until its claim
 RECORD = "pool.json"
 CLAIM = "claim"
-JOB_SSH_SOCKET = "job-ssh.sock"
 RESTORE_COPY = "pool-restore.save"
 FORMAT = 1
 GRACE = 120.0  # seconds: an incomplete pooled guest, or a claim that never became a job's guest, is left that long
 OVERHEAD_MIB = 64  # what QEMU takes beside a guest's RAM
 REFILL_POLL = 2.0
-RELAY_TIMEOUT = 10.0
 LOG = logging.getLogger("vtorque.node_worker.warm_pool")
 
 
@@ -235,82 +226,6 @@ def cpumap(cpus: set[int], host_cpus: int) -> tuple[bool, ...]:
     return tuple(i in cpus for i in range(host_cpus))
 
 
-def relay_allowed(peer_uid: int, socket_owner: int) -> bool:
-    """Who the relay lets in: root, and the owner of its socket file (root until a job claims the guest)."""
-    return peer_uid in (0, socket_owner)
-
-
-# -- the relay: the owner's way to a pooled guest's sshd --------------------------------------------------------
-
-def _peer_uid(sock: socket.socket) -> int:
-    _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    return uid
-
-
-def relay(guest_dir: Path) -> None:
-    """Serve `<guest_dir>/job-ssh.sock`: each connection of root or of the socket file's owner gets the link's
-    connected socket to the guest's sshd (as guest_link.py hands it: one byte and the fd). Exits when the guest
-    directory or the socket goes."""
-    path = guest_dir / JOB_SSH_SOCKET
-    link = guest_dir / "ssh.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)  # 0600 from the start, root's
-    try:
-        listener.bind(str(path))
-    finally:
-        os.umask(old)
-    listener.listen(16)
-    if os.fork():
-        os._exit(0)
-    print("ready", flush=True)
-    os.close(1)
-    os.open(os.devnull, os.O_WRONLY)
-    try:
-        while guest_dir.is_dir():
-            if not select.select([listener], [], [], 1.0)[0]:
-                continue
-            client, _ = listener.accept()
-            with client:
-                try:
-                    st = os.lstat(path)
-                    if not stat.S_ISSOCK(st.st_mode) or not relay_allowed(_peer_uid(client), st.st_uid):
-                        continue
-                    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as up:
-                        up.settimeout(RELAY_TIMEOUT)
-                        up.connect(str(link))
-                        _, fds, _, _ = socket.recv_fds(up, 1, 1)
-                    try:
-                        if fds:
-                            client.settimeout(5)
-                            socket.send_fds(client, [b"\0"], fds[:1])
-                    finally:
-                        for fd in fds:
-                            os.close(fd)
-                except OSError:
-                    continue
-    finally:
-        path.unlink(missing_ok=True)
-
-
-def start_relay(guest_dir: Path, timeout: float = 10.0) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "vtorque.services.node_worker.warm_pool", "relay", str(guest_dir)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            start_new_session=True, close_fds=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
-    assert proc.stdout is not None
-    try:
-        ready = select.select([proc.stdout], [], [], timeout)[0]
-        line = proc.stdout.readline() if ready else b""
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        line = b""
-    finally:
-        proc.stdout.close()
-    if line.strip() != b"ready":
-        proc.kill()
-        proc.wait()
-        raise OSError("the pooled guest's ssh relay did not start")
-
-
 # -- the I/O part ------------------------------------------------------------------------------------------------
 
 def mem_available_mib() -> int | None:
@@ -441,7 +356,7 @@ class WarmPool:
             try:
                 shutil.copyfile(image.overlay, files.overlay)
                 os.chmod(files.overlay, 0o600)
-                guest_link.start(gdir, 0, USER_NET_MAC)  # root's alone until a job claims it (the relay)
+                guest_link.start(gdir, 0, USER_NET_MAC)  # root's alone until a job claims it (hand_over)
                 plan = warm.warm_plan(name, target.image, entry, w.node, int(image.meta["vcpus"]), target.ram_mib)
                 boot = BootSource(entry.kernel, entry.initrd, entry.cmdline)
                 fresh = domain_xml(plan, files, boot, warm._no_meta(), w.domain_type, identity_channel=True)
@@ -460,7 +375,6 @@ class WarmPool:
                     raise OSError(f"{channel} is not the guest's channel socket")
                 os.chown(channel, 0, 0, follow_symlinks=False)
                 os.chmod(channel, 0o600)
-                start_relay(gdir)
                 _write_root_file(gdir / RECORD, record_text(target.key, target.digest, target.created, self.clock()))
             except BaseException:
                 hv.remove(name)
@@ -606,10 +520,10 @@ class WarmPool:
                                  w.node)
             except OSError as exc:
                 _log(logging.WARNING, "guest not moved into its job's cgroup", guest=taken.name, error=str(exc))
-        job_socket = gdir / JOB_SSH_SOCKET
-        st = os.lstat(job_socket)
+        ssh_socket = gdir / guest_link.SSH_SOCKET
+        st = os.lstat(ssh_socket)
         if not stat.S_ISSOCK(st.st_mode) or st.st_uid != 0:
-            raise OSError("the pooled guest's ssh relay socket is not root's")
+            raise OSError("the pooled guest's ssh socket is not root's")
         t_define = time.monotonic()
         # The identity is written while the guest is still paused (QEMU holds it in the socket): the resumed
         # guest finds it at its first read, with no poll on its path.
@@ -623,8 +537,8 @@ class WarmPool:
                 channel.expect(IDENTITY_OK, deadline)
             # The owner's way in only once the guest is theirs: its sshd already listens (started before the
             # save), and no login of the owner's may come before the identity and the host's random bytes are in.
-            os.chown(job_socket, guest.owner.uid, guest.owner.gid, follow_symlinks=False)
-            ready = wait_ready(files.console_log, gdir / guest_link.SSH_SOCKET, lambda: hv.is_active(taken.name),
+            guest_link.hand_over(gdir, guest.owner.uid, guest.owner.gid)
+            ready = wait_ready(files.console_log, ssh_socket, lambda: hv.is_active(taken.name),
                                deadline, banner=banner)
         finally:
             if banner is not None:
@@ -632,7 +546,7 @@ class WarmPool:
         hv.metadata_changed(dom)  # again: a listing that read the XML before the change is over
         timings = m.PhaseTimings(image=t_image - t0, disks=t_disks - t0, define=t_define - t0, start=t_start - t0,
                                  kernel_up=None, ready=ready.ready - t0)
-        return timings, job_socket
+        return timings, ssh_socket
 
     def _again(self, name: str, guest, deadline: float):
         """A redelivered BootGuests: the pooled guest this job took already runs; announced again, not taken twice."""
@@ -647,7 +561,7 @@ class WarmPool:
                    deadline)
         _log(logging.INFO, "pooled guest already the job's, announcing it again", guest=guest.name, pooled=name)
         zero = m.PhaseTimings(image=0, disks=0, define=0, start=0, kernel_up=None, ready=time.monotonic() - started)
-        return zero, gdir / JOB_SSH_SOCKET
+        return zero, gdir / guest_link.SSH_SOCKET
 
     def claimed_for(self, job_id: str, index: int) -> str | None:
         """A pooled guest this job already took for its guest `index` (a redelivered BootGuests)."""
@@ -713,14 +627,3 @@ def pool_of(worker) -> WarmPool:
         pool = WarmPool(worker)
         worker._warm_pool = pool
     return pool
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "relay":
-        try:
-            relay(Path(sys.argv[2]))
-        except Exception as exc:  # noqa: BLE001 - any failure: one line, the node worker sees no "ready"
-            print(f"pool relay: {type(exc).__name__}: {exc}", file=sys.stderr)
-            sys.exit(1)
-    else:
-        sys.exit("usage: warm_pool relay GUEST_DIR")

@@ -92,7 +92,7 @@ def test_two_jobs_from_the_pool_share_nothing_and_no_guest_is_taken_twice(broker
         assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600)
         st = os.lstat(gdir / "root.qcow2")  # QEMU's while it runs (libvirt's DAC labelling), as any guest's disk
         assert st.st_uid in (0, guest_link.qemu_uid()) and stat.S_IMODE(st.st_mode) == 0o600
-        for fname in (warm_pool.JOB_SSH_SOCKET, "ssh.sock", "identity.sock"):
+        for fname in ("ssh.sock", "identity.sock"):
             st = os.lstat(gdir / fname)
             assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600), fname
         assert not (gdir / warm_pool.CLAIM).exists()
@@ -121,7 +121,7 @@ def test_two_jobs_from_the_pool_share_nothing_and_no_guest_is_taken_twice(broker
             assert (gdir / "job").read_text() == job
             assert svc.hv.vtorque_domains()[gdir.name]["job"] == job  # the job's now: teardown finds it
             assert (config.job_dir(job) / f"{gdir.name}.json").exists()  # the launcher's file, by domain name
-        # The job's ssh socket is its owner's: the other job's owner is refused by the relay.
+        # The guest's ssh socket is its owner's: the other job's owner is refused by the link.
         assert os.lstat(ra.address).st_uid == alice.uid and os.lstat(rb.address).st_uid == bob.uid
         assert connect_as(ra.address, alice.uid) and not connect_as(ra.address, bob.uid)
         assert connect_as(rb.address, bob.uid) and not connect_as(rb.address, alice.uid)

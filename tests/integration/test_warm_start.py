@@ -124,6 +124,8 @@ def test_two_jobs_restored_from_one_warm_image_share_nothing(broker_url, worker,
         for event in ready.values():
             gdir = Path(config.node.guest_dir) / event.guest
             assert event.address == str(gdir / "ssh.sock")
+            # Handed to its owner once it held its identity (root's until then: guest_link.hand_over).
+            assert os.lstat(event.address).st_uid == (alice if event.job_id == job_a else bob).uid
             assert not (gdir / "restore.save").exists()
             sock = os.lstat(gdir / "identity.sock")
             assert (sock.st_uid, stat.S_IMODE(sock.st_mode)) == (0, 0o600)  # the channel: root's alone

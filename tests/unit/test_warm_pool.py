@@ -3,7 +3,6 @@ removes, live pinning, who the relay lets in) and its claim, relay and reconcili
 
 import json
 import os
-import socket
 import threading
 import time
 from datetime import UTC, datetime
@@ -12,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from vtorque.services.node_worker import warm_boot, warm_pool
+from vtorque.services.node_worker import guest_link, warm_boot, warm_pool
 from vtorque.services.node_worker.domain import BootSource, GuestDisks, GuestMetadata, domain_xml
 from vtorque.services.node_worker.warm_pool import Pooled, Target
 from vtorque.shared import messages as m
@@ -196,10 +195,10 @@ def test_a_job_guests_pinning_is_read_from_its_own_xml():
             warm_pool.cpumap(cpus, 6)
 
 
-def test_the_relay_lets_in_root_and_the_sockets_owner_alone():
-    assert warm_pool.relay_allowed(0, 0) and warm_pool.relay_allowed(0, 1001) and warm_pool.relay_allowed(1001, 1001)
-    assert not warm_pool.relay_allowed(1001, 0)  # unclaimed: root's alone
-    assert not warm_pool.relay_allowed(1002, 1001)
+def test_the_link_lets_in_root_and_the_sockets_owner_alone():
+    assert guest_link.allowed(0, 0) and guest_link.allowed(0, 1001) and guest_link.allowed(1001, 1001)
+    assert not guest_link.allowed(1001, 0)  # unclaimed: root's alone
+    assert not guest_link.allowed(1002, 1001)
 
 
 def test_the_pool_is_off_unless_configured():
@@ -354,50 +353,6 @@ def test_reconciliation_keeps_current_pooled_guests_and_removes_a_rebuilt_warm_i
     monkeypatch.setattr(pool, "targets", lambda: [])
     assert pool.reconcile() == set()
     assert not (guests / current).exists()
-
-
-def _link(path: Path, stop: threading.Event) -> None:
-    """A stand-in for the guest's link: each connection gets one end of a socketpair, the other says hello."""
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(str(path))
-    srv.listen(4)
-    srv.settimeout(0.2)
-    while not stop.is_set():
-        try:
-            conn, _ = srv.accept()
-        except TimeoutError:
-            continue
-        a, b = socket.socketpair()
-        b.sendall(b"SSH-2.0-fake\r\n")
-        socket.send_fds(conn, [b"\0"], [a.fileno()])
-        for s in (conn, a, b):
-            s.close()
-    srv.close()
-
-
-def _connect_as(path: Path, uid: int) -> bytes:
-    """What a process of `uid` gets through the relay: the guest's banner, or b"" when refused."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        try:
-            os.setgid(65534)
-            os.setuid(uid)
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(5)
-                sock.connect(str(path))
-                _, fds, _, _ = socket.recv_fds(sock, 1, 1)
-            got = socket.socket(fileno=fds[0]).recv(4) if fds else b""
-        except OSError:
-            got = b""
-        os.write(w, got)
-        os._exit(0)
-    os.close(w)
-    os.waitpid(pid, 0)
-    out = os.read(r, 100)
-    os.close(r)
-    return out
 
 
 def test_the_refill_thread_runs_with_the_worker_and_ends_with_its_stop(site, monkeypatch):
