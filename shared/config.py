@@ -198,6 +198,13 @@ class SpecConfig(_Section):
     vrdma_require: list[Literal["sriov-vf", "skvm-virtio-rdma", "pvrdma", "ivshmem"]] = []
     # The bridge plans only onto nodes whose node worker sent a fresh heartbeat with what the spec needs.
     check_node_capabilities: bool = True
+    # Checkpoint across a requeue (-vm checkpoint=, services/node_worker/checkpoint.py): whether users may ask,
+    # what a job gets when it does not say ("off", "requeue", or an interval such as "1h": the site's choice for
+    # every VM job), and the shortest interval a job may ask for (each periodic checkpoint stops the guests for
+    # the seconds its save and restore take).
+    checkpoint_enabled: bool = True
+    default_checkpoint: str = "off"
+    min_checkpoint_interval: str = "10m"
 
 
 class GuestMount(_Section):
@@ -266,6 +273,11 @@ class NodeConfig(_Section):
     # Where saved guests' memory goes (the owner's data): root's alone (0700, files 0600); "" = <state_dir>/suspended.
     # On a local disk with room for the RAM of every guest the node may run.
     suspend_dir: str = ""
+    # Checkpoints of jobs that asked for them (-vm checkpoint=, services/node_worker/checkpoint.py): each guest's
+    # memory and disks, the owner's data, root's alone (0700, files 0600), by job and guest rank, not by node: a
+    # requeued job may start on another node, so on a cluster a directory every compute node sees (root-owned,
+    # no root squash). "" = <state_dir>/checkpoints. Room for the RAM + written disk of every checkpointed guest.
+    checkpoint_dir: str = ""
 
     def node_name(self) -> str:
         return self.name or socket.gethostname().split(".")[0]

@@ -110,6 +110,7 @@ class GuestPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     disk: DataDisk | None = None
     user_metadata: dict[str, Any] = {}
     end_by: datetime | None = None  # the job's start + walltime, when the scheduler gave a walltime
+    checkpoint: int | None = None  # -vm checkpoint=: None none, 0 on requeue, N also every N s (checkpoint.py)
 
 
 class PhaseTimings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -302,6 +303,7 @@ class GuestTemplate(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     fs_type: Literal["ramdisk", "sharedfs"] = "sharedfs"
     user_metadata: dict[str, Any] = {}
     end_by: datetime | None = None
+    checkpoint: int | None = None
 
 
 class NodeCores(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):

@@ -132,6 +132,14 @@ KEYS_TABLE: tuple[Key, ...] = (
         lambda s: f"size ≤ {s.max_disk} or your image file",
     ),
     Key(
+        "checkpoint",
+        "restart from a checkpoint of the VMs when the scheduler requeues or preempts the job: requeue, or an "
+        "interval (e.g. 30m) to also checkpoint that often (for a node that fails)",
+        lambda s: s.default_checkpoint,
+        lambda s: f"off|requeue|interval ≥ {s.min_checkpoint_interval}" if s.checkpoint_enabled
+        else "off (disabled on this site)",
+    ),
+    Key(
         "metadata",
         "your cloud-init YAML (keys: " + ", ".join(USER_METADATA_KEYS) + "), merged with vtorque's",
         lambda s: "none",
@@ -164,6 +172,9 @@ class VMSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     fs_type: str
     disk: DiskSpec | None
     metadata: str | None
+    # Checkpoint across a requeue (services/node_worker/checkpoint.py): None = none; 0 = when the scheduler requeues
+    # or preempts the job; N > 0 = that too, and every N seconds while it runs (a node that fails).
+    checkpoint: int | None = None
 
     def as_options(self) -> dict[str, str]:
         """The spec again as `-vm` options, normalised: validating them gives this spec back."""
@@ -180,6 +191,7 @@ class VMSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
                 opts[key] = getattr(self, key)
         if self.disk:
             opts["disk"] = self.disk.image or f"{self.disk.size_mib}M"
+        opts["checkpoint"] = checkpoint_text(self.checkpoint)
         return opts
 
     def cores_per_node(self, site: SpecConfig) -> int:
@@ -204,6 +216,42 @@ def ramdisk_mib(fs_type: str, disk_mib: int | None, own_image: bool, site: SpecC
         return 0
     data = disk_mib or (parse_size_mib(site.max_disk) if own_image else 0)
     return parse_size_mib(site.ramdisk_root_max) + data
+
+
+_INTERVAL = re.compile(r"^([0-9]{1,7})([smhd]?)$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_interval(text: str) -> int:
+    """'90s', '30m', '2h', '1d', '600' (seconds) → seconds; ValueError otherwise."""
+    found = _INTERVAL.match(text.strip().lower())
+    if not found:
+        raise ValueError(text)
+    return int(found.group(1)) * _SECONDS[found.group(2) or "s"]
+
+
+def checkpoint_text(value: int | None) -> str:
+    """VMSpec.checkpoint as its -vm value again (what `checkpoint` parses back to it)."""
+    return "off" if value is None else "requeue" if value == 0 else f"{value}s"
+
+
+def _checkpoint(text: str, site: SpecConfig) -> int | None:
+    low = text.strip().lower()
+    if low in _FALSE or low in ("none", ""):
+        return None
+    if not site.checkpoint_enabled:
+        raise SpecError("checkpoint", text, "checkpoints are disabled on this site")
+    if low in ("requeue", "preempt") or low in _TRUE:
+        return 0
+    try:
+        seconds = parse_interval(low)
+        least = parse_interval(site.min_checkpoint_interval)
+    except ValueError:
+        seconds, least = -1, 0
+    if seconds < max(1, least):
+        raise SpecError("checkpoint", text, f"off, requeue, or an interval of at least "
+                        f"{site.min_checkpoint_interval} (e.g. 30m, 2h): every so often while the job runs")
+    return seconds
 
 
 def split_pairs(text: str, skip_empty: bool = False) -> list[tuple[str, str]]:
@@ -356,11 +404,13 @@ def validate(options: Mapping[str, str], config: Config) -> VMSpec:
     scripts = {k: _user_path(k, options[k]) if get(k) else None for k in ("vm_prologue", "vm_epilogue")}
     metadata = _user_path("metadata", options["metadata"], (".yaml", ".yml", ".json")) if get("metadata") else None
 
+    checkpoint = _checkpoint(get("checkpoint", site.default_checkpoint), site)
+
     spec = VMSpec(img=img, distro=distro, arch=arch, vcpus=vcpus, ram_mib=ram, vcpu_pinning=pinning,
                   pin_map=pin_map, vms_per_node=vms, vm_prologue=scripts["vm_prologue"],
                   vm_epilogue=scripts["vm_epilogue"], vrdma=vrdma, iocm=iocm,
                   iocm_min_cores=io_min if iocm else 0, iocm_max_cores=io_max if iocm else 0, fs_type=fs_type,
-                  disk=disk, metadata=metadata)
+                  disk=disk, metadata=metadata, checkpoint=checkpoint)
     if spec.cores_per_node(site) > site.max_cores_per_node:
         raise SpecError("vcpus", str(vcpus), f"{spec.cores_per_node(site)} cores per node needed "
                         f"(vcpus × vms_per_node + host reserve {site.host_reserve_cores}"

@@ -25,7 +25,7 @@ from vtorque.shared import messages as m
 from vtorque.shared.config import IMAGE_NAME, Config
 from vtorque.shared.job_boot import Malformed, NodeBoot, expand, guest_counts
 from vtorque.shared.job_network import VNI_MAX, VNI_MIN
-from vtorque.shared.spec import SpecError, validate, validate_user_metadata
+from vtorque.shared.spec import SpecError, checkpoint_text, validate, validate_user_metadata
 
 from .job_segment import check_endpoint
 
@@ -116,7 +116,7 @@ def spec_options(guest: m.GuestPlan, vms_on_node: int) -> dict[str, str]:
     opts = {"img": guest.image, "distro": guest.distro, "arch": guest.arch, "vcpus": str(guest.vcpus),
             "ram": f"{guest.ram_mib}M", "vms_per_node": str(vms_on_node),
             "vcpu_pinning": "true" if guest.cores else "false", "vrdma": str(guest.vrdma).lower(),
-            "fs_type": guest.fs_type}
+            "fs_type": guest.fs_type, "checkpoint": checkpoint_text(guest.checkpoint)}
     if guest.iocm_max_cores:
         opts |= {"iocm": "true", "iocm_min_cores": str(guest.iocm_min_cores),
                  "iocm_max_cores": str(guest.iocm_max_cores)}
@@ -159,7 +159,8 @@ def check_guest(guest: m.GuestPlan, cmd_job: str, vms_on_node: int, config: Conf
         metadata = validate_user_metadata(guest.user_metadata)
     except SpecError as exc:
         raise Refused(f"guest {guest.name}: {exc}") from None
-    if (spec.vcpus, spec.ram_mib) != (guest.vcpus, guest.ram_mib) or spec.distro != guest.distro:
+    if (spec.vcpus, spec.ram_mib, spec.checkpoint) != (guest.vcpus, guest.ram_mib, guest.checkpoint) \
+            or spec.distro != guest.distro:
         raise Refused(f"guest {guest.name}: the plan differs from its own spec")  # e.g. distro case games
     if metadata != guest.user_metadata:
         raise Refused(f"guest {guest.name}: metadata changed by validation")

@@ -75,6 +75,7 @@ def plan_guests(job: m.JobStarted, spec: VMSpec, config: Config, user_metadata: 
                 iocm_max_cores=spec.iocm_max_cores, vrdma=spec.vrdma, fs_type=_fs_type(spec), disk=disk,
                 user_metadata=dict(user_metadata or {}),
                 end_by=job.created_at + timedelta(seconds=job.walltime) if job.walltime else None,
+                checkpoint=spec.checkpoint,
             ))
     return guests
 
