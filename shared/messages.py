@@ -335,10 +335,90 @@ class TeardownGuests(Command, frozen=True):
     node: NodeName
 
 
+# -- live migration (services/node_worker/migrate.py, cli/migrate.py) -------------------------------------------
+
+GuestName = Annotated[str, msgspec.Meta(min_length=1, max_length=160, pattern=r"^vt-[A-Za-z0-9_-]+$")]
+
+
+class MigrateGuests(Command, frozen=True):
+    """Move the job's running guests on `node` (the source, whose queue this is) to `target`, live: the
+    operator's `vtorque migrate`. Both must be nodes the scheduler gave the job; the source checks again."""
+
+    node: NodeName
+    target: NodeName
+    guests: list[GuestName] = []  # the guests to move; none: every guest of the job on the source
+
+
+class PrepareMigration(Command, frozen=True):
+    """From the source's node worker to the target's (routed to `target`'s queue): make ready for one guest's
+    incoming migration (its directory, an empty overlay on the same base image, its seed, its ssh link, the
+    job's network), then answer MigrationPrepared. libvirt copies the memory and the overlay's blocks."""
+
+    node: NodeName  # the source, the sender
+    target: NodeName
+    guest: GuestName
+    index: int
+    owner: str  # the owner's user name: the target takes uid and gid from its own password database
+    image_digest: Digest
+    overlay_bytes: int  # the overlay's virtual size
+    seed: bytes  # the guest's NoCloud seed (ISO 9660, read-only in the guest): libvirt does not copy it
+    fs_type: Literal["ramdisk", "sharedfs"] = "sharedfs"
+    vni: int | None = None  # the job network's, when the guest has one
+    # The job network seen from the source: every other guest's MAC → the VXLAN endpoint of its node now, and
+    # every endpoint of the job's nodes (for floods).
+    guest_endpoints: dict[str, str] = {}
+    endpoints: list[str] = []
+
+
+class JobGuestMoved(Command, frozen=True):
+    """From the source's node worker to every other node of the job (routed to `peer`'s queue): the guest with
+    job network MAC `mac` is now behind VXLAN endpoint `endpoint` (the target's): the job's frames follow it."""
+
+    node: NodeName  # the source, the sender
+    peer: NodeName
+    target: NodeName
+    mac: Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")]
+    endpoint: str
+    vni: int
+
+
+class MigrationPrepared(Event, frozen=True):
+    """The target's answer to PrepareMigration: ready for the guest (reason ""), or why not."""
+
+    node: NodeName  # the target
+    source: NodeName
+    guest: GuestName
+    reason: str = ""
+
+
+class GuestMigrated(Event, frozen=True):
+    """A guest moved from `node` (the source) to `target` and runs there; what the migration took."""
+
+    node: NodeName
+    target: NodeName
+    guest: GuestName
+    seconds: float  # from the start of the copy to the guest running on the target
+    downtime_ms: float | None = None  # the guest paused for the last copy (libvirt's job statistics)
+    memory_iterations: int | None = None  # pre-copy rounds
+    memory_bytes: int | None = None  # memory sent
+    disk_bytes: int | None = None  # overlay blocks sent
+
+
+class MigrationFailed(Event, frozen=True):
+    """A guest was not moved: it runs on where it was (`running_on`), or the reason says what is known."""
+
+    node: NodeName
+    target: NodeName
+    guest: str
+    reason: str
+    running_on: str = ""
+
+
 AnyMessage: TypeAlias = (
     JobStarted | JobEnded | JobPlanned | JobRejected | ImageStaged | ImageStageFailed | GuestReady | GuestFailed
     | GuestsTornDown | CommandExpired | StageImage | BootGuests | TeardownGuests | NodeHeartbeat
-    | ImageStagingProgress | ImageStageCancelled | JobQueued | JobDeleted
+    | ImageStagingProgress | ImageStageCancelled | JobQueued | JobDeleted | MigrateGuests | PrepareMigration
+    | JobGuestMoved | MigrationPrepared | GuestMigrated | MigrationFailed
 )
 MESSAGE_TYPES: tuple[type[Message], ...] = get_args(AnyMessage)
 

@@ -38,6 +38,7 @@ BRIDGE_Q, BRIDGE_PREFETCH_Q, BRIDGE_NODES_Q = "vtorque.bridge", "vtorque.bridge.
 STAGER_Q, STAGER_CANCEL_Q = "vtorque.stager", "vtorque.stager.cancel"
 NODE_Q, NODES_Q = "vtorque.node.{node}", "vtorque.nodes"
 HOOK_Q, WAIT_Q, PULL_Q = "vtorque.hook.{tag}", "vtorque.wait.{tag}", "vtorque.pull.{tag}"
+MIGRATION_Q, MIGRATE_WAIT_Q = "vtorque.migration.{tag}", "vtorque.migrating.{tag}"
 
 QUORUM_ARGS = {"x-queue-type": "quorum", "x-dead-letter-exchange": DEAD, "x-delivery-limit": 10}
 CLASSIC_ARGS = {"x-dead-letter-exchange": DEAD}
@@ -86,7 +87,10 @@ QUEUES: dict[str, QueueSpec] = {q.name: q for q in (
     QueueSpec(STAGER_Q, "stager", COMMANDS, ("stager",), "quorum", why="StageImage, competing stagers"),
     QueueSpec(STAGER_CANCEL_Q, "stager", EVENTS, ("job.*.job_deleted",), "quorum",
               why="deleted queued jobs: a staging nobody waits for stops"),
-    QueueSpec(NODE_Q, "node", COMMANDS, ("node.{node}",), "classic",
+    # Two bindings: `node.<host>` for the bridge's and the operator's commands, `migrate.<host>` for what another
+    # node's worker may send it (a live migration's): a node's broker user may publish `migrate.*` keys, never
+    # `node.*` ones, so it cannot put a BootGuests into another node's queue even where no consumer checked.
+    QueueSpec(NODE_Q, "node", COMMANDS, ("node.{node}", "migrate.{node}"), "classic",
               why="one node's commands (a quorum queue per node does not scale: 1,024 wedged the broker)"),
     # Quorum, not a mirrored classic queue: a heartbeat is confirmed once a majority of broker nodes has it. A
     # mirror on a broker node cut off the network held every node's heartbeat unconfirmed until the link came
@@ -104,6 +108,10 @@ QUEUES: dict[str, QueueSpec] = {q.name: q for q in (
               why="a node worker waiting for an image's staging"),
     QueueSpec(PULL_Q, "operator", EVENTS, ("image.{digest}.#",), "private",
               why="`vtorque images pull` showing a staging's progress"),
+    QueueSpec(MIGRATION_Q, "node", EVENTS, ("job.{job}.migration_prepared", "job.{job}.migration_failed"),
+              "private", why="a node worker moving a guest, or taking one in, waiting for the other side"),
+    QueueSpec(MIGRATE_WAIT_Q, "operator", EVENTS, ("job.{job}.guest_migrated", "job.{job}.migration_failed"),
+              "private", why="`vtorque migrate` waiting for its guests' moves"),
     QueueSpec(DEAD_QUEUE, "operator", DEAD, ("",), "classic", why="dead letters, each with x-vtorque-reason"),
 )}
 
@@ -142,6 +150,15 @@ FLOWS: dict[type, Flow] = {
     m.GuestsTornDown: _flow("node", "job.{job}.guests_torn_down", _HOOK),
     m.NodeHeartbeat: _flow("node", "node.{node}.heartbeat", "vtorque.bridge.nodes.{tag} vtorque.nodes"),
     m.CommandExpired: _flow("stager node", "job.{job}.command_expired", _HOOK),
+    # Live migration (services/node_worker/migrate.py): the operator asks the source; the source's node worker
+    # asks the target's (on the node queue's `migrate.<host>` binding: a node's user may publish there, the
+    # consumer takes only these two types from a node), and tells the job's other nodes where the guest went.
+    m.MigrateGuests: _flow("operator", "node.{node}", "vtorque.node.{node}"),
+    m.PrepareMigration: _flow("node", "migrate.{target}", "vtorque.node.{node}"),
+    m.JobGuestMoved: _flow("node", "migrate.{peer}", "vtorque.node.{node}"),
+    m.MigrationPrepared: _flow("node", "job.{job}.migration_prepared", f"{_HOOK} {MIGRATION_Q}"),
+    m.GuestMigrated: _flow("node", "job.{job}.guest_migrated", f"{_HOOK} {MIGRATE_WAIT_Q}"),
+    m.MigrationFailed: _flow("node", "job.{job}.migration_failed", f"{_HOOK} {MIGRATION_Q} {MIGRATE_WAIT_Q}"),
 }
 
 
@@ -178,7 +195,13 @@ def command_queue(command: m.Command) -> QueueSpec:
     route = FLOWS[type(command)].route
     if route == "stager":
         return queue(STAGER_Q)
-    return queue(NODE_Q, node=command.node)  # type: ignore[attr-defined]
+    # node.{node}, or a node-to-node command's migrate.{target} / migrate.{peer}: the field its route names, and
+    # its route first among the queue's bindings (the publishers take the first as the routing key)
+    field = route.split("{", 1)[1].rstrip("}")
+    spec = queue(NODE_Q, node=getattr(command, field))
+    key = route.format_map(_Keep({field: getattr(command, field)}))
+    return QueueSpec(spec.name, spec.consumer, spec.exchange, (key, *(b for b in spec.bindings if b != key)),
+                     spec.kind, spec.arguments, spec.why, spec.readers)
 
 
 # Commands for many nodes at once: the field that lists them. Published once with every node's routing key (its
@@ -221,6 +244,7 @@ def consumers_of(message_type: type, sample: dict[str, str] | None = None) -> se
     """The table's queues (by their table name) that a message of this type reaches, its routing key made
     from sample names; each queue is rendered with the same names (a hook waits on its own job and image)."""
     sample = sample or {"job": "J", "digest": "D", "node": "N", "tag": "T"}
+    sample = {"target": sample.get("node", "N"), "peer": sample.get("node", "N"), **sample}  # node-to-node
     key = FLOWS[message_type].route.format_map(_Keep(sample))
     exchange = COMMANDS if issubclass(message_type, m.Command) else EVENTS
     reached = set()

@@ -116,12 +116,70 @@ host_dirs() {
   find "$d/libvirt/etc/qemu" -maxdepth 1 -name '*.xml' -delete 2>/dev/null
   sed -i '/^host_uuid/d' "$d/libvirt/etc/libvirtd.conf"
   echo "host_uuid = \"$(cat /proc/sys/kernel/random/uuid)\"" >>"$d/libvirt/etc/libvirtd.conf"
+  migration_tls "$h"
   # QEMU's capabilities, probed once on this machine (13.7 s per libvirtd otherwise): the same binaries
   [ -d /var/cache/libvirt/qemu ] && cp -a /var/cache/libvirt/. "$d/libvirt/cache/" 2>/dev/null
   chown rabbitmq:rabbitmq "$d"/rabbitmq/lib "$d"/log/rabbitmq
   chown munge:munge "$d"/munge-lib "$d"/log/munge
   mkdir -p "$d"/slurm/slurmctld "$d"/slurm/slurmd
   chown slurm:slurm "$d"/log/slurm "$d"/slurm/slurmctld
+}
+
+# Live migration between the hosts' libvirtds (services/node_worker/migrate.py): libvirtd listens for TLS only,
+# on the host's cluster address (never TCP without TLS, never a host network address), and takes only clients
+# whose certificate the rig's CA signed for a rig host; the migration stream itself (QEMU to QEMU, memory and
+# the disks' NBD copy) is TLS too, with the same certificates. The CA's key never leaves $RIG_DIR/shared/pki
+# (root's, 0700); each host's key is root's, 0600 (QEMU's copy root:libvirt-qemu 0440: QEMU speaks the TLS).
+make_pki_ca() {
+  local p=$RIG_DIR/shared/pki
+  install -d -m 700 "$p"
+  [ -s "$p/ca-key.pem" ] && [ -s "$p/ca-cert.pem" ] && return 0
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/O=vtorque-rig/CN=vtorque-rig CA" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    -keyout "$p/ca-key.pem" -out "$p/ca-cert.pem" >/dev/null 2>&1 || die "the rig's CA (openssl)"
+}
+migration_tls() {
+  local h=$1 d=$RIG_DIR/hosts/$1 p=$RIG_DIR/shared/pki a
+  a=$(addr_of "$h")
+  make_pki_ca
+  local k=$d/libvirt/etc/pki
+  install -d -m 755 "$k" && install -d -m 700 "$k/private" && install -d -m 750 -g libvirt-qemu "$k/qemu"
+  (umask 077; openssl req -newkey rsa:2048 -nodes -subj "/O=vtorque-rig/CN=$h" -keyout "$k/private/key.pem" \
+    -out "$k/host.csr" >/dev/null 2>&1) || die "key of $h"
+  printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature,keyEncipherment" \
+    "extendedKeyUsage=serverAuth,clientAuth" "subjectAltName=DNS:$h,IP:$a" >"$k/ext.cnf"
+  openssl x509 -req -in "$k/host.csr" -CA "$p/ca-cert.pem" -CAkey "$p/ca-key.pem" -CAcreateserial \
+    -CAserial "$p/ca.srl" -days 3650 -extfile "$k/ext.cnf" -out "$k/cert.pem" >/dev/null 2>&1 || die "cert of $h"
+  rm -f "$k/host.csr" "$k/ext.cnf"
+  install -m 644 "$p/ca-cert.pem" "$k/cacert.pem"
+  # the client side of peer-to-peer migration (qemu+tls://HOST/system?pkipath=/etc/libvirt/pki)
+  ln -sf cert.pem "$k/clientcert.pem"; ln -sf private/key.pem "$k/clientkey.pem"
+  # QEMU's own TLS directory (its x509 credentials object for the migration stream): libvirt-qemu reads it
+  install -m 644 "$p/ca-cert.pem" "$k/qemu/ca-cert.pem"
+  install -m 644 "$k/cert.pem" "$k/qemu/server-cert.pem"; install -m 644 "$k/cert.pem" "$k/qemu/client-cert.pem"
+  install -m 440 -g libvirt-qemu "$k/private/key.pem" "$k/qemu/server-key.pem"
+  install -m 440 -g libvirt-qemu "$k/private/key.pem" "$k/qemu/client-key.pem"
+  sed -i '/^listen_tls\|^listen_tcp\|^listen_addr\|^auth_tls\|^key_file\|^cert_file\|^ca_file\|^tls_allowed_dn_list/d' \
+    "$d/libvirt/etc/libvirtd.conf"
+  cat >>"$d/libvirt/etc/libvirtd.conf" <<EOF
+# deploy/rig/rig.sh: TLS only, on the cluster network, for the rig's hosts (live migration)
+listen_tls = 1
+listen_tcp = 0
+listen_addr = "$a"
+auth_tls = "none"
+key_file = "/etc/libvirt/pki/private/key.pem"
+cert_file = "/etc/libvirt/pki/cert.pem"
+ca_file = "/etc/libvirt/pki/cacert.pem"
+tls_allowed_dn_list = ["O=vtorque-rig,CN=c*"]
+EOF
+  sed -i '/^migrate_tls_x509\|^migration_host\|^migration_address\|^default_tls_x509/d' "$d/libvirt/etc/qemu.conf"
+  cat >>"$d/libvirt/etc/qemu.conf" <<EOF
+# deploy/rig/rig.sh: the migration stream on the cluster network, TLS with the host's certificate
+migration_host = "$a"
+migration_address = "$a"
+migrate_tls_x509_cert_dir = "/etc/libvirt/pki/qemu"
+migrate_tls_x509_verify = 1
+EOF
 }
 
 make_host_ns() {
@@ -324,7 +382,7 @@ cluster_full() { [ "$(rabbit_cluster_size)" = 3 ]; }
 start_libvirt() {
   local h=$1
   bg "$h" virtlogd virtlogd
-  bg "$h" libvirtd libvirtd
+  bg "$h" libvirtd libvirtd --listen
 }
 libvirt_ok() { on "$1" virsh -c qemu:///system version; }
 
@@ -530,6 +588,27 @@ cmd_kill() {
   say "$s on $h: SIG$sig sent (pid $(echo $pids))"
 }
 
+# service-restart HOST SERVICE: a vtorque service stopped (SIGTERM to it and its supervisor) and started again
+# under a new supervisor, e.g. to run new code of the checkout (supervise.sh restarts only what failed).
+cmd_service_restart() {
+  local h=${1:?service-restart HOST SERVICE} s=${2:?service-restart HOST SERVICE} sup pid end
+  case $s in bridge|stager|node-worker) ;; *) die "service-restart: $s is none of bridge, stager, node-worker" ;; esac
+  sup=$(cat "$RIG_DIR/hosts/$h/vtorque-$s.pid" 2>/dev/null)
+  pid=$(service_pid "$h" "$s")
+  [ -n "$sup" ] && kill -TERM "$sup" 2>/dev/null
+  [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null
+  end=$(( $(date +%s) + 30 ))
+  while { [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; } || { [ -n "$sup" ] && kill -0 "$sup" 2>/dev/null; }; do
+    [ "$(date +%s)" -lt "$end" ] || die "$s on $h still runs 30 s after SIGTERM"
+    sleep 0.1
+  done
+  local log=$RIG_DIR/hosts/$h/log/rig-vtorque-$s.log n
+  n=$(grep -c consuming "$log" 2>/dev/null)
+  start_service "$h" "$s"
+  wait_for 60 "$s on $h" sh -c "[ \$(grep -c consuming '$log') -gt ${n:-0} ]"
+  say "$s on $h restarted"
+}
+
 # A host cut off the cluster network and put back: its port on the switch (the veth end inside vtr-net) goes
 # down, as an unplugged cable or a dead switch port would; the host's own eth0 and addresses stay as they are.
 cmd_link() {
@@ -555,18 +634,19 @@ cmd_libvirtd_stop() {
 cmd_libvirtd_start() {
   local h=${1:?libvirtd-start HOST} t=$(now)
   [ -z "$(host_pids "$h" libvirtd)" ] || die "libvirtd already runs on $h"
-  bg "$h" libvirtd libvirtd
+  bg "$h" libvirtd libvirtd --listen
   wait_for 60 "libvirtd on $h" libvirt_ok "$h"
   say "libvirtd on $h back ($(since "$t"))"
 }
 
-usage="up|down|status|exec HOST CMD...|broker-kill HOST|broker-stop HOST|broker-start HOST|kill HOST SERVICE [SIGNAL]|link-down HOST|link-up HOST|libvirtd-stop HOST|libvirtd-start HOST|libvirtd-restart HOST"
+usage="up|down|status|exec HOST CMD...|service-restart HOST SERVICE|broker-kill HOST|broker-stop HOST|broker-start HOST|kill HOST SERVICE [SIGNAL]|link-down HOST|link-up HOST|libvirtd-stop HOST|libvirtd-start HOST|libvirtd-restart HOST"
 case "${1:-}" in
   up) cmd_up ;;
   broker-kill) need_root; cmd_broker_kill "${2:-}" ;;
   broker-start) need_root; cmd_broker_start "${2:-}" ;;
   broker-stop) need_root; cmd_broker_stop "${2:-}" ;;
   kill) need_root; cmd_kill "${2:-}" "${3:-}" "${4:-}" ;;
+  service-restart) need_root; cmd_service_restart "${2:-}" "${3:-}" ;;
   link-down) need_root; cmd_link "${2:-}" down ;;
   link-up) need_root; cmd_link "${2:-}" up ;;
   libvirtd-stop) need_root; cmd_libvirtd_stop "${2:-}" ;;
