@@ -278,6 +278,15 @@ class NodeConfig(_Section):
     # requeued job may start on another node, so on a cluster a directory every compute node sees (root-owned,
     # no root squash). "" = <state_dir>/checkpoints. Room for the RAM + written disk of every checkpointed guest.
     checkpoint_dir: str = ""
+    # Live migration (`vtorque migrate`, services/node_worker/migrate.py): the target node's libvirt as this
+    # node's libvirtd reaches it (peer to peer; {node} is the target's name; TLS with the hosts' certificates,
+    # never plain TCP), whether QEMU's own stream (memory and disk blocks) is TLS too, the longest a guest's move
+    # may take (then it is cancelled: the guest runs on here), and the longest pause libvirt may make for the last
+    # copy (milliseconds; 0: libvirt's default, 300 ms).
+    migration_uri: str = "qemu+tls://{node}/system"
+    migration_tls: bool = True
+    migration_timeout: float = 300.0
+    migration_max_downtime_ms: int = 0
 
     def node_name(self) -> str:
         return self.name or socket.gethostname().split(".")[0]
