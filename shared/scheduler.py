@@ -39,6 +39,10 @@ class JobInfo(msgspec.Struct, kw_only=True, frozen=True):
     mem_mib: int | None = None  # memory the job was given in all (Slurm TRES mem, Torque Resource_List.mem)
     cores: tuple[int, ...] = ()  # cores the job has on each of `nodes`, in that order; () when not told
     queue: str | None = None  # Torque's queue, Slurm's partition
+    # How often the scheduler has requeued the job so far (Slurm Restarts=, Torque start_count - 1); None: not told.
+    # Slurm counts a requeue the moment it happens, while the job is still COMPLETING (its epilogue runs then):
+    # a count above the one the job started with says this end is a requeue (services/node_worker/checkpoint.py).
+    restarts: int | None = None
 
     @property
     def alive(self) -> bool:

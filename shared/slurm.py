@@ -103,7 +103,8 @@ def slurm_job_info(job_id: str, text: str) -> JobInfo:
     return JobInfo(job_id=job_id, state=state, raw_state=raw, exit_code=exit_code, owner=owner, nodes=nodes,
                    walltime_s=wall, reason=reason, stdout=paths.get("StdOut"), stderr=paths.get("StdErr"),
                    mem_mib=mem, cores=_cores_of(text, job_id, nodes),
-                   queue=f["Partition"] if f.get("Partition") not in (None, "", "(null)") else None)
+                   queue=f["Partition"] if f.get("Partition") not in (None, "", "(null)") else None,
+                   restarts=int(f["Restarts"]) if f.get("Restarts", "").isdigit() else None)
 
 
 def _cores_of(text: str, job_id: str, nodes: tuple[str, ...]) -> tuple[int, ...]:

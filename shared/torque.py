@@ -65,7 +65,9 @@ def job_info_from_attrs(job_id: str, a: dict[str, str]) -> JobInfo:
     mem = mem_mib(a["Resource_List.mem"], bare="b") if "Resource_List.mem" in a else None
     return JobInfo(job_id=job_id, state=state, raw_state=raw, exit_code=exit_code, owner=owner, nodes=nodes,
                    walltime_s=wall, reason=a.get("comment") or None, mem_mib=mem,
-                   cores=_cores_of(a.get("exec_host", ""), nodes), queue=a.get("queue") or None)
+                   cores=_cores_of(a.get("exec_host", ""), nodes), queue=a.get("queue") or None,
+                   # start_count grows on every start, requeues included (../shared/reference/torque-hooks.md §8)
+                   restarts=max(0, int(a["start_count"]) - 1) if a.get("start_count", "").isdigit() else None)
 
 
 def _cores_of(exec_host: str, nodes: tuple[str, ...]) -> tuple[int, ...]:

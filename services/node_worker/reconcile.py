@@ -10,7 +10,8 @@ carrying vtorque metadata for this node, guest directories, the launcher's job f
 - a guest directory (overlay, seed, console) with no domain, unless a boot of it is under way here;
 - a job file directory whose guests are gone;
 - a job network (job_segment.py) that no guest of its job uses, two rounds in a row;
-- a suspended guest's record or save file (suspend.py) whose guest is gone.
+- a suspended guest's record or save file (suspend.py) whose guest is gone;
+- the checkpoints (checkpoint.py) of a job the scheduler says ended, of which this node wrote rank 0.
 Then each guest of a job the scheduler says is suspended is paused or saved, and each one this node suspended
 whose job runs again is resumed or restored (suspend.py): one scheduler question per job per round for both.
 When the scheduler cannot be asked (command missing, timeout), nothing is removed for that reason: a wrong
@@ -202,6 +203,11 @@ class Reconciler:
             suspender.remove_orphans(set(listed) | w.booting_now())
             if self.states:
                 suspender.reconcile(kept, state_of, w.booting_now())
+        checkpoints = getattr(w, "checkpoints", None)  # (a test double: none)
+        if checkpoints is not None and self.states:
+            kept = {d.name: d.job_id for d in domains if d.name not in {r.name for r in removals}}
+            # Periodic checkpoints that are due, and the checkpoints of jobs that ended (checkpoint.py).
+            checkpoints.reconcile(kept, state_of)
         return removals
 
     @staticmethod

@@ -33,7 +33,7 @@ from vtorque.shared.service import Service
 from vtorque.shared.spec import parse_size_mib, ramdisk_mib
 from vtorque.shared.user_files import UserFileRefused
 
-from . import disks, guest_link, iocm, job_cgroup, numa, suspend, trust, vrdma, warm_boot, warm_pool
+from . import checkpoint, disks, guest_link, iocm, job_cgroup, numa, suspend, trust, vrdma, warm_boot, warm_pool
 from .domain import USER_NET_MAC, BootSource, GuestMetadata, JobNic, domain_xml, parse_metadata
 from .hypervisor import Hypervisor, HypervisorError
 from .job_segment import JobSegments, SegmentError, bridge_name, segment_for
@@ -73,6 +73,7 @@ class NodeWorker(Service):
         self._accounts: dict[tuple[str, str], trust.OwnerAccount] = {}  # (job, guest) → checked owner
         self.teardown_threads: list[threading.Thread] = []  # removing files after a teardown's answer
         self.suspender = suspend.Suspender(self)  # guests of jobs the scheduler suspends (suspend.py)
+        self.checkpoints = checkpoint.Checkpoints(self)  # -vm checkpoint=: across a requeue (checkpoint.py)
 
     def queues(self):
         return [node_queue(self.node)]
@@ -181,6 +182,8 @@ class NodeWorker(Service):
                 if again is not None:
                     return again
                 timings, ssh_socket = self._boot_fresh(cmd, guest, started)
+                if guest.checkpoint is not None:
+                    self._note_checkpointing(cmd, guest, ssh_socket.parent)
             except BootFailed as exc:
                 tracing.mark_error(span, exc.reason)
                 return self._fail(cmd, guest, exc.reason, exc.retryable, exc.console_tail)
@@ -195,6 +198,13 @@ class NodeWorker(Service):
             # The guest's sshd is a unix socket on this node, not a port (guest_link.py): ssh_port 0.
             return m.GuestReady.new(job_id=cmd.job_id, deadline=cmd.deadline, guest=guest.name, node=self.node,
                                     index=guest.index, address=str(ssh_socket), ssh_port=0, timings=timings)
+
+    def _note_checkpointing(self, cmd: NodeBoot, guest: m.GuestPlan, gdir: Path) -> None:
+        """A guest whose job asked for checkpoints: what its teardown needs to tell a requeue (checkpoint.py)."""
+        try:
+            self.checkpoints.note_boot(cmd, guest, gdir)
+        except OSError as exc:
+            log(LOG, logging.ERROR, "guest will not be checkpointed", guest=guest.name, error=str(exc))
 
     def _time_left(self, cmd: NodeBoot) -> float:
         """Seconds until the command's deadline by the worker's clock; what a boot may wait, at most, on the real
@@ -285,7 +295,13 @@ class NodeWorker(Service):
         mac = guest_mac(cmd.job_id, guest.index) if cmd.network else None
         job_nic = JobNic(bridge_name(cmd.network.vni), mac, self.config.node.job_network_mtu) \
             if cmd.network and mac else None
-        # A pooled guest (warm_pool.py), else a restore from the warm image (warm_boot.py), else cold below.
+        # A requeued job's checkpoint (checkpoint.py), a pooled guest (warm_pool.py), else a restore from the warm
+        # image (warm_boot.py), else cold below.
+        if guest.checkpoint is not None:
+            with _phase("restore from checkpoint"):
+                restored = self.checkpoints.try_restore(cmd, guest, entry, base, job_nic, deadline, t0)
+            if restored is not None:
+                return restored
         pooled, pool_why = warm_pool.pool_of(self).claim_for(cmd, guest, entry, job_nic, deadline, t0)
         if pooled is not None:
             return pooled
@@ -405,6 +421,12 @@ class NodeWorker(Service):
         # keeps the job in its queue until the epilogue has every node's answer. The files follow the answer;
         # a worker that dies in between has its command redelivered, and reconciliation removes what is left
         # (guest directories without a domain, orphan job files, idle job networks: reconcile.py).
+        try:
+            # A requeue: the job's guests here checkpointed first (when it asked); an end for good: its
+            # checkpoints go (checkpoint.py). Before the answer: the requeued job may start at once.
+            self.checkpoints.at_teardown(cmd.job_id)
+        except (HypervisorError, OSError, trust.Refused) as exc:
+            log(LOG, logging.ERROR, "checkpoint at teardown failed", job_id=cmd.job_id, error=str(exc))
         try:
             with _phase("destroy guests"):
                 result = self.destroy_job(cmd.job_id)

@@ -38,7 +38,7 @@ import libvirt
 from vtorque.shared import tracing
 from vtorque.shared.logs import log
 
-from . import trust
+from . import root_files, trust
 from .domain import IDENTITY_SOCKET
 from .guest_link import SAVED_MARK  # while saved, the guest's ssh link waits for the restored QEMU
 from .hypervisor import HypervisorError
@@ -140,10 +140,7 @@ class Suspender:
 
     def directory(self) -> Path:
         """The directory, made root's, 0700, if it is not there; UnsafeDir if it is not root's alone."""
-        root = trust.secure_dir(self.root, 0o700)
-        if stat.S_IMODE(os.stat(root).st_mode) != 0o700:
-            os.chmod(root, 0o700)
-        return root
+        return root_files.private_dir(self.root)
 
     def path(self, name: str, kind: str) -> Path:
         return self.root / f"{trust.check_guest_name(name)}{kind}"
@@ -153,25 +150,13 @@ class Suspender:
         if trust.is_safe_dir(self.root):
             return None
         try:
-            fd = os.open(self.path(name, RECORD), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except (OSError, trust.Refused):
+            data = root_files.read_small(self.path(name, RECORD), SMALL)
+        except trust.Refused:
             return None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_size > SMALL:
-                return None
-            return decode(os.read(fd, SMALL))
-        finally:
-            os.close(fd)
+        return decode(data) if data is not None else None
 
     def _write(self, name: str, record: Suspension) -> None:
-        final = self.directory() / f"{trust.check_guest_name(name)}{RECORD}"
-        tmp = final.with_name(f".{final.name}.tmp")
-        tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with open(fd, "wb") as fh:
-            fh.write(encode(record))
-        os.rename(tmp, final)
+        root_files.write_atomic(self.directory() / f"{trust.check_guest_name(name)}{RECORD}", encode(record))
 
     def has_save(self, name: str) -> bool:
         try:
@@ -283,55 +268,19 @@ class Suspender:
             log(LOG, logging.INFO, f"guest {_PAST[what]}", guest=name, job_id=job_id, seconds=seconds, mode=mode)
 
     def _save(self, name: str, dom) -> None:
-        gdir = self.guest_dir(name)
-        if gdir is not None:
-            _root_file(gdir / SAVED_MARK)  # its ssh link waits for the restored QEMU (guest_link.py)
         self.directory()
-        path = self.path(name, SAVE)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.unlink(missing_ok=True)
-        try:
-            self.worker.hv.timed("save", dom.save, str(tmp), timeout=self.worker.hv.start_timeout)
-            os.chown(tmp, 0, 0, follow_symlinks=False)
-            os.chmod(tmp, 0o600)
-            os.rename(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            if gdir is not None:
-                (gdir / SAVED_MARK).unlink(missing_ok=True)
-            raise
+        save_guest(self.worker, name, dom, self.path(name, SAVE))
 
     def _restore(self, name: str) -> None:
-        hv = self.worker.hv
         path = self.path(name, SAVE)
-        hv.timed("restore", lambda: hv.conn.restore(str(path)), timeout=hv.start_timeout)
+        restore_guest(self.worker, name, path)
         path.unlink(missing_ok=True)  # the owner's memory: not kept once the guest runs from it
-        gdir = self.guest_dir(name)
-        if gdir is not None:
-            (gdir / SAVED_MARK).unlink(missing_ok=True)
 
     def guest_dir(self, name: str) -> Path | None:
-        for root in self.worker.guest_roots():
-            if trust.is_safe_dir(root) is None and trust.own_entry(Path(root), name):
-                return Path(root) / name
-        return None
+        return guest_dir_of(self.worker, name)
 
     def set_clock(self, name: str) -> str:
-        """The host's time given to the guest over its channel; what happened, for the log ("set", or why not:
-        a guest without the channel, an image whose init does not answer, keeps its stopped clock)."""
-        gdir = self.guest_dir(name)
-        sock = gdir / IDENTITY_SOCKET if gdir else None
-        if sock is None or not os.path.lexists(sock):
-            return "not set: the guest has no host channel"
-        deadline = time.monotonic() + CLOCK_TIMEOUT
-        try:
-            with IdentityChannel.open(sock, deadline, root_only=True) as channel:
-                channel.send_clock()
-                channel.expect(CLOCK_OK, deadline + 1.0)
-        except (ChannelError, OSError) as exc:
-            log(LOG, logging.WARNING, "guest clock not set", guest=name, error=str(exc))
-            return f"not set: {exc}"
-        return "set"
+        return set_clock(self.worker, name)
 
     def _traceparent(self, job_id: str, name: str) -> str | None:
         """The job's trace context the guest's boot left in the launcher's job file (service.py), if any."""
@@ -350,3 +299,67 @@ _PAST: dict[str, str] = {"pause": "paused", "save": "saved", "resume": "resumed"
 def _root_file(path: Path) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     os.close(fd)
+
+
+# -- a guest's memory to a file and back: suspension's save mode, and checkpoint.py's checkpoints ---------------
+
+def guest_dir_of(worker, name: str) -> Path | None:
+    """The guest's directory, when root made it in a root still root's alone (never a planted tree)."""
+    for root in worker.guest_roots():
+        if trust.is_safe_dir(root) is None and trust.own_entry(Path(root), name):
+            return Path(root) / name
+    return None
+
+
+def save_guest(worker, name: str, dom, path: Path) -> None:
+    """virDomainSave of the guest into `path` (in a directory of root's alone): QEMU writes its memory and exits.
+    The file is root's, 0600, and has its name only once the save returned (one cut short stays
+    `.<name>.tmp`, root_files.temp_of). Meanwhile the guest's ssh link waits for the restored QEMU (its `saved`
+    mark, guest_link.py), so the job's sessions survive a save that is restored."""
+    gdir = guest_dir_of(worker, name)
+    if gdir is not None:
+        _root_file(gdir / SAVED_MARK)
+    tmp = root_files.temp_of(path)
+    tmp.unlink(missing_ok=True)
+    try:
+        worker.hv.timed("save", dom.save, str(tmp), timeout=worker.hv.start_timeout)
+        os.chown(tmp, 0, 0, follow_symlinks=False)
+        os.chmod(tmp, 0o600)
+        os.rename(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        if gdir is not None:
+            (gdir / SAVED_MARK).unlink(missing_ok=True)
+        raise
+
+
+def restore_guest(worker, name: str, path: Path, paused: bool = False) -> None:
+    """The guest saved in `path` running again (`paused`: restored paused, for the caller to resume); the file is
+    the caller's to keep or remove; the link's `saved` mark goes."""
+    hv = worker.hv
+    if paused:
+        hv.timed("restore", lambda: hv.conn.restoreFlags(str(path), None, libvirt.VIR_DOMAIN_SAVE_PAUSED),
+                 timeout=hv.start_timeout)
+    else:
+        hv.timed("restore", lambda: hv.conn.restore(str(path)), timeout=hv.start_timeout)
+    gdir = guest_dir_of(worker, name)
+    if gdir is not None:
+        (gdir / SAVED_MARK).unlink(missing_ok=True)
+
+
+def set_clock(worker, name: str) -> str:
+    """The host's time given to the guest over its channel; what happened, for the log ("set", or why not: a
+    guest without the channel, an image whose init does not answer, keeps its stopped clock)."""
+    gdir = guest_dir_of(worker, name)
+    sock = gdir / IDENTITY_SOCKET if gdir else None
+    if sock is None or not os.path.lexists(sock):
+        return "not set: the guest has no host channel"
+    deadline = time.monotonic() + CLOCK_TIMEOUT
+    try:
+        with IdentityChannel.open(sock, deadline, root_only=True) as channel:
+            channel.send_clock()
+            channel.expect(CLOCK_OK, deadline + 1.0)
+    except (ChannelError, OSError) as exc:
+        log(LOG, logging.WARNING, "guest clock not set", guest=name, error=str(exc))
+        return f"not set: {exc}"
+    return "set"
