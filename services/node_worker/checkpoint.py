@@ -345,7 +345,9 @@ class Checkpoints:
             fresh = domain_xml(guest, files, BootSource(entry.kernel, entry.initrd, entry.cmdline), meta,
                                w.domain_type, job_nic, numa_topology=numa.host_topology(), host_channel=True)
             save = edir / f"{part.index}{SAVE}"
-            xml = restore_xml(read_header(save).xml, fresh, part.saved_dir, str(gdir))
+            # Saved on this node as this very guest: its paths are this directory's already (nothing to move).
+            moved_from = part.saved_dir if part.saved_dir != str(gdir) else "\0"
+            xml = restore_xml(read_header(save).xml, fresh, moved_from, str(gdir))
             copy = gdir / RESTORE_COPY
             copy_with_xml(save, copy, xml)
             t_define = time.monotonic()

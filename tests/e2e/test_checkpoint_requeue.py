@@ -1,0 +1,194 @@
+"""Checkpoint across a requeue (issue 14 item 2) on a real Slurm with a real guest: a job that asked for it
+(`checkpoint=requeue`) runs a counter in its guest; `scontrol requeue` makes Slurm requeue it, and its teardown
+(the epilogue's TeardownGuests, handed to the node worker) finds the requeue in Slurm's answer (Restarts grew
+while the job is COMPLETING, or it is PENDING again) and checkpoints the guest, memory and disk, into root's
+checkpoint directory; when Slurm starts the job again its BootGuests restores the guest from that checkpoint, and
+the counter carries on past the count it had reached instead of starting again from 1 (a file it wrote before
+the checkpoint is on its disk too). When the job then ends for good (scancel), its teardown removes the
+checkpoint. A job that did not ask for one boots cold after a requeue, and nothing is kept.
+
+The single-host stack's Slurm is not touched: this test starts a slurmctld and slurmd of its own
+(tests/e2e/own_slurm.py), stopped by their pids. The node worker is a real one (no broker: its handlers are
+called with the commands, as in tests/e2e/test_suspend_resume.py).
+
+Boots guests and runs Slurm jobs: run under the lock,
+    flock /tmp/vtorque-e2e.lock python -m pytest tests/e2e/test_checkpoint_requeue.py
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import stat
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import msgspec
+import pytest
+from security.conftest import base_image, make_site, users  # noqa: F401 - fixtures used here
+
+from vtorque.cli.launcher_ssh import ssh_argv
+from vtorque.shared import messages as m
+from vtorque.shared.config import SchedulerConfig
+from vtorque.shared.scheduler import scheduler_for
+
+from .own_slurm import own_slurm, slurm_conf
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.guest]
+
+SLURM_CONF = slurm_conf("vtckpt", """
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+""")
+# The guest's program: a counter of its own session (it outlives the login that started it), its count in a file
+# of the guest's disk; and a file written once, before the checkpoint.
+COUNTER = ("echo before-the-checkpoint > /tmp/mark; "
+           "(trap '' HUP; i=0; while :; do i=$((i + 1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; "
+           "sleep 0.5; done) </dev/null >/dev/null 2>&1 &")
+
+
+@pytest.fixture(scope="module")
+def our_slurm():
+    with own_slurm(SLURM_CONF, "vtorque-ckptslurm-") as slurm:
+        yield slurm
+
+
+@pytest.fixture
+def site(our_slurm, base_image, test_guest, monkeypatch):  # noqa: F811 - the fixture imported above
+    monkeypatch.setenv("SLURM_CONF", our_slurm.env["SLURM_CONF"])  # the node worker's scontrol asks our Slurm
+    s = make_site(base_image, entry=test_guest, boot_timeout=150.0)
+    s.config.scheduler = SchedulerConfig(kind="slurm")
+    s.worker.scheduler = scheduler_for(s.config)
+    yield s
+    for name in s.domains():
+        s.worker.hv.remove(name)
+    shutil.rmtree(s.root, ignore_errors=True)
+
+
+def _key(user) -> Path:
+    key = user.home / f"job_key_{uuid.uuid4().hex[:6]}"
+    assert user.run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)).returncode == 0
+    return key
+
+
+def _in_guest(owner, key: Path, sock: str, command: str) -> str:
+    done = subprocess.run(ssh_argv(key, Path(sock), owner.name, command), user=owner.uid, group=owner.gid,
+                          extra_groups=[], cwd=owner.home, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def _count(owner, key: Path, sock: str) -> int:
+    return int(_in_guest(owner, key, sock, "cat /tmp/count"))
+
+
+def _teardown(site, job: str) -> None:
+    site.worker.on_teardown_guests(m.TeardownGuests.new(job_id=job, deadline=120.0, node=site.node))
+    for thread in site.worker.teardown_threads:
+        thread.join(60)
+
+
+def _requeue_and_start_again(slurm, job: str) -> None:
+    slurm.run("scontrol", "requeue", job)
+    deadline = time.monotonic() + 30
+    while "Restarts=1" not in slurm.run("scontrol", "-o", "show", "job", job).stdout:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def _release(slurm, job: str) -> None:
+    """Slurm holds a requeued job back ~120 s (BeginTime); the test lets it start now."""
+    deadline = time.monotonic() + 60
+    while slurm.state(job) not in ("PENDING", "RUNNING"):
+        assert time.monotonic() < deadline, slurm.state(job)
+        time.sleep(0.2)
+    slurm.run("scontrol", "update", f"jobid={job}", "starttime=now", check=False)
+    slurm.wait_running(job, timeout=60)
+
+
+def test_a_requeued_job_restarts_from_its_checkpoint_and_its_program_carries_on(site, our_slurm, users,  # noqa: F811
+                                                                              caplog):
+    _, owner = users
+    caplog.set_level(logging.INFO, logger="vtorque.node_worker.checkpoint")
+    job = our_slurm.submit(owner, "-c", "1")
+    our_slurm.wait_running(job)
+    key = _key(owner)
+    guest = site.plan(owner, job, vcpus=1, checkpoint=0,
+                      ssh_authorized_keys=[key.with_suffix(".pub").read_text().strip()])
+    (ready,) = site.boot(job, guest)
+    assert isinstance(ready, m.GuestReady), ready
+    _in_guest(owner, key, ready.address, COUNTER)
+    deadline = time.monotonic() + 60
+    while _count(owner, key, ready.address) < 6:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    reached = _count(owner, key, ready.address)
+
+    # Slurm requeues the job (as a preemption with PreemptMode=REQUEUE would); its epilogue's teardown follows.
+    _requeue_and_start_again(our_slurm, job)
+    checkpoints = site.worker.checkpoints
+    t0 = time.monotonic()
+    _teardown(site, job)
+    took = time.monotonic() - t0
+    assert site.worker.hv.lookup(guest.name) is None  # the guest is gone from the node ...
+    epochs = checkpoints.epochs(job)
+    assert list(epochs) == ["r1"] and [p.index for p in epochs["r1"]] == [0], epochs  # ... its checkpoint kept
+    jdir = checkpoints.job_dir(job)
+    for path in [checkpoints.root, jdir, jdir / "r1"]:
+        st = path.stat()
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o700), path  # root's alone
+    for path in (jdir / "r1").iterdir():
+        st = os.lstat(path)
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600), path
+    assert epochs["r1"][0].save_size > 16 << 20  # the guest's memory
+
+    # Slurm starts it again: the same job's BootGuests restores the guest, and its program carries on.
+    _release(our_slurm, job)
+    (again,) = site.boot(job, guest)
+    assert isinstance(again, m.GuestReady), again
+    said = [(r.getMessage(), getattr(r, "fields", {})) for r in caplog.records
+            if r.name == "vtorque.node_worker.checkpoint"]
+    assert ("guest restored from a checkpoint", {"guest": guest.name, "epoch": "r1"}) in said, said
+    after = _count(owner, key, again.address)
+    assert after >= reached, (reached, after)  # not from 1: from where it was checkpointed
+    time.sleep(2)
+    later = _count(owner, key, again.address)
+    assert later > after, (after, later)  # and it runs on
+    assert _in_guest(owner, key, again.address, "cat /tmp/mark") == "before-the-checkpoint"  # its disk too
+    print(f"checkpoint at teardown {took:.2f} s; restored ready in {again.timings.ready:.2f} s; "
+          f"count {reached} -> {after} -> {later}")
+
+    # The job ends for good: its teardown removes the guest and its checkpoint.
+    our_slurm.run("scancel", job)
+    deadline = time.monotonic() + 30
+    while our_slurm.state(job) not in ("", "CANCELLED"):
+        assert time.monotonic() < deadline, our_slurm.state(job)
+        time.sleep(0.2)
+    _teardown(site, job)
+    assert site.worker.hv.lookup(guest.name) is None
+    assert not jdir.exists()
+
+
+def test_a_job_that_did_not_ask_boots_cold_after_a_requeue_and_nothing_is_kept(site, our_slurm, users):  # noqa: F811
+    _, owner = users
+    job = our_slurm.submit(owner, "-c", "1")
+    our_slurm.wait_running(job)
+    key = _key(owner)
+    guest = site.plan(owner, job, vcpus=1, ssh_authorized_keys=[key.with_suffix(".pub").read_text().strip()])
+    (ready,) = site.boot(job, guest)
+    assert isinstance(ready, m.GuestReady), ready
+    _in_guest(owner, key, ready.address, COUNTER)
+    time.sleep(2)
+    _requeue_and_start_again(our_slurm, job)
+    _teardown(site, job)
+    assert not site.worker.checkpoints.job_dir(job).exists()
+    _release(our_slurm, job)
+    (again,) = site.boot(job, msgspec.structs.replace(guest))
+    assert isinstance(again, m.GuestReady), again
+    assert _in_guest(owner, key, again.address, "cat /tmp/count 2>/dev/null || echo none") == "none"  # from start
+    our_slurm.run("scancel", job)
+    _teardown(site, job)
