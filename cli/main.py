@@ -259,9 +259,16 @@ def _register_suspend() -> None:
     main.add_command(resume)
 
 
+def _register_migrate() -> None:
+    from vtorque.cli.migrate import migrate
+
+    main.add_command(migrate)  # vtorque migrate JOBID --from NODE [--to NODE]: live, root's (cli/migrate.py)
+
+
 _register_images()
 _register_broker()
 _register_suspend()
+_register_migrate()
 
 if __name__ == "__main__":
     sys.exit(main())

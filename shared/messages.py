@@ -362,6 +362,8 @@ class PrepareMigration(Command, frozen=True):
     image_digest: Digest
     overlay_bytes: int  # the overlay's virtual size
     seed: bytes  # the guest's NoCloud seed (ISO 9660, read-only in the guest): libvirt does not copy it
+    base_format: Literal["qcow2", "raw"] = "qcow2"
+    vcpus: int = 1
     fs_type: Literal["ramdisk", "sharedfs"] = "sharedfs"
     vni: int | None = None  # the job network's, when the guest has one
     # The job network seen from the source: every other guest's MAC → the VXLAN endpoint of its node now, and
@@ -389,6 +391,7 @@ class MigrationPrepared(Event, frozen=True):
     source: NodeName
     guest: GuestName
     reason: str = ""
+    endpoint: str = ""  # the target's VXLAN endpoint ([node] job_network_localaddr): the job's frames go there
 
 
 class GuestMigrated(Event, frozen=True):
@@ -402,6 +405,7 @@ class GuestMigrated(Event, frozen=True):
     memory_iterations: int | None = None  # pre-copy rounds
     memory_bytes: int | None = None  # memory sent
     disk_bytes: int | None = None  # overlay blocks sent
+    remaining: int = 0  # guests of the same MigrateGuests still to move after this one
 
 
 class MigrationFailed(Event, frozen=True):
@@ -412,6 +416,7 @@ class MigrationFailed(Event, frozen=True):
     guest: str
     reason: str
     running_on: str = ""
+    remaining: int = 0  # guests of the same MigrateGuests still to move after this one
 
 
 AnyMessage: TypeAlias = (

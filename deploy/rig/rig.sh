@@ -327,6 +327,7 @@ guest_dir = "/var/lib/vtorque/guests"
 ramdisk_dir = "/dev/shm/vtorque-rig-$h/guests"
 job_network_localaddr = "$(addr_of "$h")"
 allow_system_owners = true
+migration_uri = "qemu+tls://{node}/system?pkipath=/etc/libvirt/pki"
 heartbeat_interval = 5.0
 
 [scheduler]

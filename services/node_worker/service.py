@@ -37,6 +37,7 @@ from . import checkpoint, disks, guest_link, iocm, job_cgroup, numa, suspend, tr
 from .domain import USER_NET_MAC, BootSource, GuestMetadata, JobNic, domain_xml, parse_metadata
 from .hypervisor import Hypervisor, HypervisorError
 from .job_segment import JobSegments, SegmentError, bridge_name, segment_for
+from .migrate import Migrator
 from .readiness import BootFailed, Readiness, ssh_banner, wait_ready
 from .seed import seed_files
 
@@ -73,13 +74,18 @@ class NodeWorker(Service):
         self._accounts: dict[tuple[str, str], trust.OwnerAccount] = {}  # (job, guest) → checked owner
         self.teardown_threads: list[threading.Thread] = []  # removing files after a teardown's answer
         self.suspender = suspend.Suspender(self)  # guests of jobs the scheduler suspends (suspend.py)
+        self.migrator = Migrator(self)  # live migration, `vtorque migrate` (migrate.py)
         self.checkpoints = checkpoint.Checkpoints(self)  # -vm checkpoint=: across a requeue (checkpoint.py)
 
     def queues(self):
         return [node_queue(self.node)]
 
     def handlers(self):
-        return {m.BootGuests: self.on_boot_guests, m.TeardownGuests: self.on_teardown_guests}
+        return {m.BootGuests: self.on_boot_guests, m.TeardownGuests: self.on_teardown_guests,
+                # live migration (migrate.py): the source's, the target's, the job's other nodes'
+                m.MigrateGuests: self.migrator.on_migrate_guests,
+                m.PrepareMigration: self.migrator.on_prepare_migration,
+                m.JobGuestMoved: self.migrator.on_job_guest_moved}
 
     def start(self, stop: threading.Event) -> None:
         from .heartbeat import Heartbeat

@@ -141,7 +141,7 @@ def test_no_queue_or_routing_pattern_is_typed_outside_the_table():
 ROLE_OF_MODULE = [
     ("hooks/", "hook"), ("services/scheduler_bridge/accounting.py", "prefetch"),
     ("services/scheduler_bridge/", "bridge"), ("services/image_stager/", "stager"),
-    ("services/node_worker/", "node"), ("cli/images.py", "operator"),
+    ("services/node_worker/", "node"), ("cli/images.py", "operator"), ("cli/migrate.py", "operator"),
 ]
 
 
