@@ -65,6 +65,7 @@ ARRIVE_WAIT = 120.0  # s the target waits for a guest it made ready to start arr
 # VIR_MIGRATE_LIVE | PEER2PEER | PERSIST_DEST | UNDEFINE_SOURCE | NON_SHARED_INC (by value: libvirt's python
 # binding is not needed to decide); TLS added where [node] migration_tls.
 LIVE, PEER2PEER, PERSIST_DEST, UNDEFINE_SOURCE, NON_SHARED_INC, TLS = 1, 2, 8, 16, 128, 65536
+MIGRATABLE_XML = 8  # VIR_DOMAIN_XML_MIGRATABLE: the XML as the target may take it (no live-only parts)
 
 
 class MigrationRefused(Exception):
@@ -294,6 +295,20 @@ class Migrator:
         return mine
 
     def _migrate_one(self, cmd: m.MigrateGuests, name: str, allocation: tuple[str, ...], remaining: int) -> None:
+        # In the job's own trace, a child of the guest's boot span (its traceparent in the launcher's job file,
+        # as suspend.py's spans): `vtorque trace JOBID` shows the move beside the boot.
+        with tracing.job_trace(cmd.job_id, self._traceparent(cmd.job_id, name)):
+            self._migrate_traced(cmd, name, allocation, remaining)
+
+    def _traceparent(self, job_id: str, name: str) -> str | None:
+        try:
+            doc = json.loads((self.w.config.job_dir(job_id) / f"{name}.json").read_text())
+        except (OSError, ValueError):
+            return None
+        value = doc.get("traceparent")
+        return value if isinstance(value, str) else None
+
+    def _migrate_traced(self, cmd: m.MigrateGuests, name: str, allocation: tuple[str, ...], remaining: int) -> None:
         node, w = self.w.node, self.w
         attrs = {tracing.JOB_ID: cmd.job_id, "vtorque.guest": name, "vtorque.node": node,
                  "vtorque.move.target": cmd.target}
@@ -372,7 +387,8 @@ class Migrator:
             waiter.close()
         span.add_event("target ready")
         t0 = time.monotonic()
-        stats = self._run_migration(dom, name, cmd.target, dest_xml(w.hv.xml(dom), cmd.target), span)
+        migratable = w.hv.timed("the domain's migratable XML", dom.XMLDesc, MIGRATABLE_XML)
+        stats = self._run_migration(dom, name, cmd.target, dest_xml(migratable, cmd.target), span)
         seconds = time.monotonic() - t0
         self._after_move(cmd, name, facts, allocation, endpoint)
         return summary(stats, seconds)
@@ -463,6 +479,10 @@ class Migrator:
         w._remove_disks(name)
         jdir = w.config.job_dir(trust.check_job_id(cmd.job_id))
         (jdir / f"{name}.json").unlink(missing_ok=True)
+        try:
+            jdir.rmdir()
+        except OSError:
+            pass  # other guests' files are still there
         if facts["vni"] is None or not facts["mac"]:
             return
         if check_endpoint(endpoint, w.config.node.job_network_localaddr):
