@@ -9,9 +9,10 @@ The node worker is the real one (its teardown's checkpoint step `Checkpoints.at_
 handler, real libvirt, the tiny test guest booted cold first), with the scheduler a stand-in that says the job
 was requeued (Restarts 0 -> 1), so the figures are the node's own. Before the checkpoint the guest's owner writes
 RAM/4 MiB of random bytes to a file in the guest's /tmp (a tmpfs: memory) and RAM/8 MiB to one in its home (its
-disk, and its page cache): what an application's data costs (an idle guest's memory is mostly zero pages, which
-the save stream skips); after the restore both files are checked whole. Each round runs every RAM size, the
-order turned every round; every job is torn down before the next.
+disk, and its page cache; as much as the test guest's small root file system takes, ~100 MB): what an
+application's data costs (an idle guest's memory is mostly zero pages, which the save stream skips); after the
+restore both files are checked whole. Each round runs every RAM size, the order turned every round; every job is
+torn down before the next.
 
 Usage (root; it boots real guests, so take the e2e lock on a shared machine):
     flock /tmp/vtorque-e2e.lock bench/checkpoint.py [--rounds 3] [--ram 256,512,1024]
@@ -65,6 +66,8 @@ def one_job(entry, owner, ram: int) -> dict[str, float]:
         assert isinstance(cold, m.GuestReady), cold
         _in_guest(owner, key, cold.address, f"dd if=/dev/urandom of=/tmp/data bs=1M count={ram // 4} 2>/dev/null; "
                   f"dd if=/dev/urandom of=$HOME/data bs=1M count={ram // 8} 2>/dev/null; sync")
+        # As much as the disk took (the test guest's root file system is small); checked whole after the restore.
+        written = _in_guest(owner, key, cold.address, "wc -c < /tmp/data; wc -c < $HOME/data; df -k /").split()
         scheduler.info = JobInfo(job_id=job, state="exiting", raw_state="COMPLETING", restarts=1)  # requeued
         t0 = time.monotonic()
         failed = site.worker.checkpoints.at_teardown(job)
@@ -75,12 +78,14 @@ def one_job(entry, owner, ram: int) -> dict[str, float]:
         scheduler.info = JobInfo(job_id=job, state="running", raw_state="RUNNING", restarts=1)
         (again,) = site.boot(job, guest)
         assert isinstance(again, m.GuestReady), again
-        assert _in_guest(owner, key, again.address, "wc -c < /tmp/data; wc -c < $HOME/data").split() == [
-            str((ram // 4) << 20), str((ram // 8) << 20)]
+        assert again.timings.kernel_up is None, "booted cold, not restored"  # a restore has no kernel boot
+        back = _in_guest(owner, key, again.address, "wc -c < /tmp/data; wc -c < $HOME/data; df -k /").split()
+        assert back[:2] == written[:2], (written, back)
         scheduler.info = JobInfo(job_id=job, state="completed", raw_state="COMPLETED", restarts=1)
         site.worker.teardown_job(job)
         site.worker.checkpoints.at_teardown(job)  # no guest left: the job ended, its checkpoint goes
-        return {"memory_mb": part.save_size / 1e6, "disk_mb": part.disk_size / 1e6, "checkpoint": took,
+        return {"data_mem_mb": int(written[0]) / 1e6, "data_disk_mb": int(written[1]) / 1e6,
+                "memory_mb": part.save_size / 1e6, "disk_mb": part.disk_size / 1e6, "checkpoint": took,
                 "restore": again.timings.ready, "cold": cold.timings.ready}
     finally:
         site.worker.teardown_job(job)
@@ -114,13 +119,14 @@ def main() -> None:
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     print(f"\nRun of {started}–{time.strftime('%H:%M:%S', time.gmtime())} UTC, commit {commit}; 1 vCPU, the tiny "
-          f"test guest (TCG), RAM/4 of data in the guest's memory and RAM/8 on its disk first; {args.rounds} "
-          f"rounds; load average {min(load):.1f}-{max(load):.1f}")
-    print("| guest RAM | memory saved (median; rounds) | overlay copied | checkpoint at teardown | "
-          "restore → sshd answers | cold boot → ready |")
-    print("|---|---|---|---|---|---|")
+          f"test guest (TCG), RAM/4 of data in the guest's memory and RAM/8 on its disk (at most what it takes) "
+          f"first; {args.rounds} rounds; load average {min(load):.1f}-{max(load):.1f}")
+    print("| guest RAM | data in memory / on disk | memory saved (median; rounds) | overlay copied | "
+          "checkpoint at teardown | restore → sshd answers | cold boot → ready |")
+    print("|---|---|---|---|---|---|---|")
     for ram, rows in results.items():
-        cells = []
+        cells = [f"{statistics.median(r['data_mem_mb'] for r in rows):.0f} / "
+                 f"{statistics.median(r['data_disk_mb'] for r in rows):.0f} MB"]
         for key, unit in (("memory_mb", " MB"), ("disk_mb", " MB"), ("checkpoint", " s"), ("restore", " s"),
                           ("cold", " s")):
             values = [row[key] for row in rows]

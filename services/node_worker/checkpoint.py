@@ -535,7 +535,10 @@ class Checkpoints:
             with trace.get_tracer("vtorque.checkpoint").start_as_current_span(
                     "checkpoint guests", attributes={"pbs.job_id": job_id, "vtorque.checkpoint.epoch": epoch}):
                 return self.take(job_id, epoch, guests)
-        if known:
+        # An end for good: the scheduler says the job ended or forgot it, or its guests here end without a requeue.
+        # A teardown that finds no guest of a job the scheduler still has (one redelivered after the requeued job
+        # started again) removes nothing.
+        if known and (info is None or info.state in ENDED or guests):
             self.remove_job(job_id)
         return {}
 

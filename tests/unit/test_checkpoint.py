@@ -315,6 +315,15 @@ def test_a_job_that_ends_for_good_has_its_checkpoints_removed(tmp_path):
     assert not w.checkpoints.job_dir("7").exists()
 
 
+def test_a_teardown_redelivered_after_the_requeued_job_started_again_keeps_its_checkpoint(tmp_path):
+    hv = StandIn({"vt-7-n1-0": RUNNING})
+    w = node(tmp_path, hv, {"7": job("queued", 1, "PENDING")})
+    teardown(w, "7")
+    w.scheduler.answers["7"] = job("running", 1, "RUNNING")  # started again elsewhere; the old command again
+    teardown(w, "7")
+    assert w.checkpoints.epochs("7")
+
+
 def test_an_ordinary_end_keeps_nothing_and_a_job_that_never_asked_is_not_asked_about(tmp_path):
     hv = StandIn({"vt-7-n1-0": RUNNING, "vt-9-n1-0": RUNNING})
     w = node(tmp_path, hv, {"7": job("exiting", 0, "COMPLETING")})
