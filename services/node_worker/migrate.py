@@ -59,7 +59,7 @@ LOG = logging.getLogger("vtorque.node_worker.migrate")
 SEED_MAX_BYTES = 4 << 20  # a NoCloud seed is a few hundred kB; a bigger one is not a seed of ours
 ISO_MAGIC_OFFSET, ISO_MAGIC = 0x8001, b"CD001"  # ISO 9660's primary volume descriptor
 PREPARE_TIMEOUT = 60.0  # s the source waits for the target's answer
-POLL = 0.25  # s between two looks at libvirt's job statistics
+POLL = 0.1  # s between two looks at libvirt's job statistics
 ARRIVE_WAIT = 120.0  # s the target waits for a guest it made ready to start arriving
 
 # VIR_MIGRATE_LIVE | PEER2PEER | PERSIST_DEST | UNDEFINE_SOURCE | NON_SHARED_INC (by value: libvirt's python

@@ -1,0 +1,154 @@
+"""Live migration on the cluster rig (issue 14 item 3; deploy/rig/rig.sh, services/node_worker/migrate.py):
+`vtorque migrate JOBID --from c2 --to c1` moves a running job's guest between two rig hosts' libvirtds (TLS,
+peer to peer, the overlay's blocks by NBD) while programs in it keep running.
+
+The job holds c1 and c2 (one tiny guest on each); c1 is the node the scheduler gave the job that the guest
+moves to. While guest 0's job script pings guest 1 over the job network every second, and a counter started
+in guest 1 counts every second into a file of its own, guest 1 moves from c2 to c1. Then: the guest runs on c1
+and nothing of it is left on c2 (domain, directory, job file, the job's network there); its counter has no
+gap and its kernel's uptime went on (the same running guest, not a new boot); the job's pings carried on (its
+private network followed the guest); the trace has the move with its pre-copy rounds and its downtime; the job
+completes and nothing of it is left after its end. An ordinary user's `vtorque migrate` is refused with one
+line, and a target the job does not hold is refused."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+
+import pytest
+
+from .rig_support import FaultJob, cancel_unfinished, domains, leftovers, wait_nothing_left
+from .test_rig import RIG_DIR, cluster, on  # noqa: F401 - the rig, up for this module
+
+pytestmark = [pytest.mark.slow]
+
+PINGS = 45
+SCRIPT = f"""#!/bin/sh
+echo "MIG-JOB-RAN on $(hostname)"
+peer=$(sed -n 2p "$PBS_NODEFILE")
+ping -c {PINGS} -W 2 "$peer"
+echo MIG-JOB-END
+"""
+# In the background, out of the ssh session's reach (its end hangs up the session: SIGHUP ignored, no terminal).
+COUNTER = ("trap '' HUP; (i=0; while :; do i=$((i+1)); echo \"$i $(cut -d' ' -f1 /proc/uptime)\" >> /tmp/count; "
+           "sleep 1; done) </dev/null >/dev/null 2>&1 &")
+
+
+class MigrateJob(FaultJob):
+    """A 2-host VM job whose script pings its second guest over the job network (vsub on head, the tiny guest)."""
+
+    def __init__(self):
+        self.dir = RIG_DIR / "jobs" / f"test-rig-{uuid.uuid4().hex[:8]}"
+        self.dir.mkdir(parents=True)
+        self.dir.chmod(0o755)
+        (self.dir / "job.sh").write_text(SCRIPT)
+        self.submitted = time.monotonic()
+        proc = on("head", "vsub", "-l", "nodes=2", "-vm", "img=tiny", "job.sh", cwd=self.dir)
+        self.id = proc.stdout.strip()
+        assert self.id.isdigit(), proc.stdout + proc.stderr
+        FaultJob.submitted_jobs.append(self)
+
+
+def job_key(job_id: str) -> str:
+    """The job's private key as root's home on the rig hosts names it (vsub keeps it there: `job` says whose)."""
+    keys = RIG_DIR / "shared" / "root-home" / ".vtorque" / "keys"
+    for d in keys.iterdir():
+        if (d / "job").exists() and (d / "job").read_text().strip() == job_id:
+            return f"/root/.vtorque/keys/{d.name}/id_ed25519"
+    pytest.fail(f"no key of job {job_id} in {keys}")
+
+
+def in_guest(host: str, guest: str, key: str, command: str) -> str:
+    """A command in the guest as root, through its ssh link on the host it runs on."""
+    code = ("import subprocess, sys; from vtorque.cli.launcher_ssh import ssh_argv; "
+            f"p = subprocess.run(ssh_argv({key!r}, '/var/lib/vtorque/guests/{guest}/ssh.sock', 'root', "
+            f"{command!r}), capture_output=True, text=True, timeout=40); "
+            "sys.stdout.write(p.stdout); sys.stderr.write(p.stderr); sys.exit(p.returncode)")
+    return on(host, "python", "-c", code, timeout=60).stdout
+
+
+def counts(text: str) -> list[tuple[int, float]]:
+    return [(int(a), float(b)) for a, b in re.findall(r"^(\d+) ([0-9.]+)$", text, re.M)]
+
+
+@pytest.fixture
+def no_job_left_behind(cluster):  # noqa: F811 - the fixture imported above
+    yield
+    cancel_unfinished()
+
+
+def test_a_running_guest_moves_to_another_node_of_its_job_and_keeps_running(no_job_left_behind):
+    job = MigrateJob()
+    job.wait_ready("c1")
+    job.wait_ready("c2")
+    moving = job.guest("c2")
+    key = job_key(job.id)
+    in_guest("c2", moving, key, COUNTER)
+    time.sleep(4)
+    before = counts(in_guest("c2", moving, key, "cat /tmp/count"))
+    assert before, "the counter did not start"
+
+    # an ordinary user is refused, with one line and a non-zero exit
+    refused = on("head", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "vtorque", "migrate",
+                 job.id, "--from", "c2", "--to", "c1", check=False)
+    assert refused.returncode != 0 and "only root" in refused.stderr, refused
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    # a target the job does not hold is refused before anything moves
+    elsewhere = on("head", "vtorque", "migrate", job.id, "--from", "c2", "--to", "c9", check=False)
+    assert elsewhere.returncode != 0 and "not one of the job's nodes" in elsewhere.stderr, elsewhere
+
+    t0 = time.monotonic()
+    moved = on("head", "vtorque", "migrate", job.id, "--from", "c2", "--to", "c1", timeout=300)
+    took = time.monotonic() - t0
+    print(moved.stdout, moved.stderr, f"vtorque migrate took {took:.2f}s")
+    line = re.search(rf"{moving}: c2 -> c1 in ([0-9.]+)s, downtime (\d+) ms, (\d+) pre-copy rounds", moved.stdout)
+    assert line, moved.stdout + moved.stderr
+
+    # where it runs: on c1 only; nothing of it left on c2
+    assert moving in on("c1", "virsh", "-q", "list", "--name").stdout.split()
+    assert moving not in domains("c2")
+    assert not (RIG_DIR / "hosts" / "c2" / "vtorque" / "lib" / "guests" / moving).exists()
+    assert not (RIG_DIR / "hosts" / "c2" / "vtorque" / "lib" / "jobs" / job.id / f"{moving}.json").exists()
+    doc = json.loads((RIG_DIR / "hosts" / "c1" / "vtorque" / "lib" / "jobs" / job.id / f"{moving}.json").read_text())
+    assert doc["node"] == "c1" and doc["guest"] == moving
+    assert "vtj" not in on("c2", "ip", "-br", "link").stdout  # the job's network there went with its last guest
+
+    # the same guest ran on: its counter has no gap, its uptime went on, and it still counts
+    time.sleep(3)
+    after = counts(in_guest("c1", moving, key, "cat /tmp/count"))
+    assert [i for i, _ in after] == list(range(1, len(after) + 1)), after
+    assert len(after) > len(before) + 2 and after[-1][1] > before[-1][1], (before, after)
+    gaps = [b[1] - a[1] for a, b in zip(after, after[1:], strict=False)]
+    print(f"counter: {len(after)} counts, largest gap {max(gaps):.2f}s of guest uptime")
+
+    # the job's pings over its network carried on, the job ends as it should, and nothing of it is left
+    show = job.wait_done(timeout=240)
+    out = job.output()
+    print(out[-1500:])
+    assert "JobState=COMPLETED" in show and "MIG-JOB-END" in out, show + out
+    replies = re.findall(r"seq=(\d+) ttl", out)
+    lost = PINGS - len(replies)
+    print(f"pings answered {len(replies)} of {PINGS}")
+    assert lost <= 3, out
+    wait_nothing_left(job)
+    assert not leftovers(job)
+
+    # the trace: the move, its pre-copy rounds and its downtime (the source's node worker's spans)
+    spans = []
+    for f in (RIG_DIR / "hosts" / "c2" / "vtorque" / "lib" / "traces").glob("vtorque-node-worker.*.jsonl"):
+        spans += [s for line in f.read_text().splitlines() for s in _spans(line)]
+    move = [s for s in spans if s["name"] == "migrate guest"]
+    assert move, [s["name"] for s in spans]
+    events = [e["name"] for s in move for e in s.get("events", [])]
+    assert "target ready" in events and "pre-copy round" in events and "downtime" in events, events
+
+
+def _spans(line: str) -> list[dict]:
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        return []
+    return [s for rs in doc.get("resourceSpans", []) for ss in rs.get("scopeSpans", []) for s in ss.get("spans", [])]
