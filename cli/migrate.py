@@ -37,8 +37,9 @@ def pick_target(source: str, allocation: tuple[str, ...], wanted: str | None) ->
 @click.argument("job_id")
 @click.option("--from", "source", required=True, help="The node whose guests of the job move.")
 @click.option("--to", "target", help="The node they move to (one of the job's; default: its first other node).")
+@click.option("--guest", "guests", multiple=True, help="Only this guest (repeatable; default: all on --from).")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for the moves.")
-def migrate(job_id: str, source: str, target: str | None, timeout: float) -> None:
+def migrate(job_id: str, source: str, target: str | None, guests: tuple[str, ...], timeout: float) -> None:
     """Move job JOBID's running guests on node --from to node --to, live: the program in them keeps running."""
     if os.geteuid() != 0:
         raise click.ClickException("vtorque migrate: only root (the operator) may move a job's guests")
@@ -67,7 +68,7 @@ def migrate(job_id: str, source: str, target: str | None, timeout: float) -> Non
     publisher = Publisher(url)
     failed = 0
     try:
-        cmd = m.MigrateGuests.new(job_id=job_id, deadline=timeout, node=source, target=to)
+        cmd = m.MigrateGuests.new(job_id=job_id, deadline=timeout, node=source, target=to, guests=list(guests))
         publisher.publish(cmd)
         click.echo(f"job {job_id}: moving its guests on {source} to {to}")
         end = time.monotonic() + timeout

@@ -26,10 +26,14 @@ from .test_rig import RIG_DIR, cluster, on  # noqa: F401 - the rig, up for this 
 pytestmark = [pytest.mark.slow]
 
 PINGS = 45
-SCRIPT = f"""#!/bin/sh
+
+
+def script(pings: int) -> str:
+    """Guest 0 pings the job's second guest once a second over the job network, `pings` times."""
+    return f"""#!/bin/sh
 echo "MIG-JOB-RAN on $(hostname)"
 peer=$(sed -n 2p "$PBS_NODEFILE")
-ping -c {PINGS} -W 2 "$peer"
+ping -c {pings} -W 2 "$peer"
 echo MIG-JOB-END
 """
 # In the background, out of the ssh session's reach (its end hangs up the session: SIGHUP ignored, no terminal).
@@ -40,11 +44,11 @@ COUNTER = ("trap '' HUP; (i=0; while :; do i=$((i+1)); echo \"$i $(cut -d' ' -f1
 class MigrateJob(FaultJob):
     """A 2-host VM job whose script pings its second guest over the job network (vsub on head, the tiny guest)."""
 
-    def __init__(self):
+    def __init__(self, pings: int = PINGS):
         self.dir = RIG_DIR / "jobs" / f"test-rig-{uuid.uuid4().hex[:8]}"
         self.dir.mkdir(parents=True)
         self.dir.chmod(0o755)
-        (self.dir / "job.sh").write_text(SCRIPT)
+        (self.dir / "job.sh").write_text(script(pings))
         self.submitted = time.monotonic()
         proc = on("head", "vsub", "-l", "nodes=2", "-vm", "img=tiny", "job.sh", cwd=self.dir)
         self.id = proc.stdout.strip()
