@@ -530,12 +530,16 @@ class Migrator:
                                       topology.bindings(topology.MIGRATION_Q, job=m.routing_word(cmd.job_id)))
                     made = True
                     ssh_socket = self._make_ready(cmd)
+                    # Written before the move: a guest that arrives while this worker is down (libvirtd finishes
+                    # the move on its own) is a ready guest to the restarted worker's reconciliation, not a boot
+                    # that never became ready; a guest that never arrives leaves an orphan file it removes.
+                    self._write_job_file(cmd, ssh_socket)
                 except (MigrationRefused, trust.Refused, disks.DiskError, guest_link.LinkError, SegmentError,
                         HypervisorError, OSError) as exc:
                     tracing.mark_error(span, str(exc))
                     log(LOG, logging.ERROR, "migration not prepared", guest=name, source=cmd.node, reason=str(exc))
                     if made:
-                        w._remove_disks(name)
+                        self._remove_incoming(cmd)
                     self._publish(m.MigrationPrepared.new(job_id=cmd.job_id, deadline=cmd.deadline, node=w.node,
                                                           source=cmd.node, guest=name,
                                                           reason=f"refused by node {w.node}: {exc}"[:1000]))
@@ -546,12 +550,11 @@ class Migrator:
                 arrived = self._wait_arrival(cmd, waiter)
                 if arrived:
                     span.add_event("guest running here")
-                    self._write_job_file(cmd, ssh_socket)
                     log(LOG, logging.INFO, "guest migrated in", guest=name, source=cmd.node)
                 else:
                     tracing.mark_error(span, "the guest did not arrive")
                     log(LOG, logging.WARNING, "migration did not arrive: made-ready files removed", guest=name)
-                    w._remove_disks(name)
+                    self._remove_incoming(cmd)
             finally:
                 if waiter is not None:
                     waiter.close()
@@ -587,6 +590,20 @@ class Migrator:
                 w.segments._must(argv)  # the guest is on this bridge now, no more behind the source
         guest_link.start(gdir, account.uid, USER_NET_MAC)
         return gdir / guest_link.SSH_SOCKET
+
+    def _remove_incoming(self, cmd: m.PrepareMigration) -> None:
+        """What the target made for a guest that did not arrive: its directory (link included: it ends with the
+        directory) and its job file; the job's network goes with reconciliation's idle networks."""
+        w = self.w
+        if w.hv.lookup(cmd.guest) is not None:
+            return  # it is here after all (libvirt's word over ours): keep it
+        w._remove_disks(cmd.guest)
+        jdir = w.config.job_dir(trust.check_job_id(cmd.job_id))
+        (jdir / f"{cmd.guest}.json").unlink(missing_ok=True)
+        try:
+            jdir.rmdir()
+        except OSError:
+            pass  # other guests' files are still there
 
     def _write_job_file(self, cmd: m.PrepareMigration, ssh_socket: Path) -> None:
         """The launcher's file for the guest, as the boot writes it (service.py), now naming this node."""
