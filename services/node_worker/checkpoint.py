@@ -50,6 +50,7 @@ import libvirt
 from opentelemetry import trace
 
 from vtorque.shared import messages as m
+from vtorque.shared import tracing
 from vtorque.shared.config import ImageEntry
 from vtorque.shared.job_network import guest_mac
 from vtorque.shared.logs import log
@@ -532,9 +533,13 @@ class Checkpoints:
             epoch = requeue_epoch(info, self.worker.clock.now())
             log(LOG, logging.INFO, "the job is requeued: checkpointing its guests", job_id=job_id, epoch=epoch,
                 guests=[g[0] for g in guests], restarts=info.restarts if info else None)
-            with trace.get_tracer("vtorque.checkpoint").start_as_current_span(
-                    "checkpoint guests", attributes={"pbs.job_id": job_id, "vtorque.checkpoint.epoch": epoch}):
-                return self.take(job_id, epoch, guests)
+            with tracing.tracer().start_as_current_span(
+                    "checkpoint guests", attributes={tracing.JOB_ID: job_id, "vtorque.node": self.worker.node,
+                                                     "vtorque.checkpoint.epoch": epoch}) as span:
+                failed = self.take(job_id, epoch, guests)
+                if failed:
+                    tracing.mark_error(span, "; ".join(f"{n}: {why}" for n, why in sorted(failed.items()))[:500])
+                return failed
         # An end for good: the scheduler says the job ended or forgot it, or its guests here end without a requeue.
         # A teardown that finds no guest of a job the scheduler still has (one redelivered after the requeued job
         # started again) removes nothing.

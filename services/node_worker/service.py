@@ -304,10 +304,9 @@ class NodeWorker(Service):
         # A requeued job's checkpoint (checkpoint.py), a pooled guest (warm_pool.py), else a restore from the warm
         # image (warm_boot.py), else cold below.
         if guest.checkpoint is not None:
-            with _phase("restore from checkpoint"):
-                restored = self.checkpoints.try_restore(cmd, guest, entry, base, job_nic, deadline, t0)
+            restored = self.checkpoints.try_restore(cmd, guest, entry, base, job_nic, deadline, t0)
             if restored is not None:
-                return restored
+                return restored  # the boot span's vtorque.boot.path says so, or vtorque.checkpoint.why why not
         pooled, pool_why = warm_pool.pool_of(self).claim_for(cmd, guest, entry, job_nic, deadline, t0)
         if pooled is not None:
             return pooled
