@@ -629,7 +629,11 @@ class Migrator:
         start_by = time.monotonic() + ARRIVE_WAIT
         end = time.monotonic() + self.w.config.node.migration_timeout + ARRIVE_WAIT
         while time.monotonic() < end:
-            dom = self.w.hv.lookup(name)
+            try:
+                dom = self.w.hv.lookup(name)
+            except HypervisorError:
+                time.sleep(0.25)
+                continue
             if dom is not None:
                 seen = True
                 try:
@@ -640,7 +644,16 @@ class Migrator:
                     return True
             elif seen or time.monotonic() > start_by:
                 return False
-            event = waiter.next(time.monotonic() + 0.25)
+            event = None
+            try:
+                if waiter is not None:
+                    event = waiter.next(time.monotonic() + 0.25)
+                else:
+                    time.sleep(0.25)
+            except Exception as exc:  # noqa: BLE001 - the broker lost (this node cut off): libvirt's word is enough
+                log(LOG, logging.WARNING, "migration: no more word from the source, watching libvirt alone",
+                    guest=name, error=str(exc)[:200])
+                waiter, event = None, None
             if isinstance(event, m.MigrationFailed) and event.guest == name:
                 return self.w.hv.lookup(name) is not None and self.w.hv.is_active(name)
         return False

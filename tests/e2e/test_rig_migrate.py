@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 import uuid
 
 import pytest
 
-from .rig_support import FaultJob, cancel_unfinished, domains, leftovers, wait_nothing_left
-from .test_rig import RIG_DIR, cluster, on  # noqa: F401 - the rig, up for this module
+from .rig_support import RECONCILE_PERIOD, FaultJob, cancel_unfinished, domains, leftovers, wait_nothing_left
+from .test_rig import PREFIX, RIG, RIG_DIR, cluster, on, rig  # noqa: F401 - the rig, up for this module
 
 pytestmark = [pytest.mark.slow]
 
@@ -156,3 +157,80 @@ def _spans(line: str) -> list[dict]:
     except ValueError:
         return []
     return [s for rs in doc.get("resourceSpans", []) for ss in rs.get("scopeSpans", []) for s in ss.get("spans", [])]
+
+
+# -- faults (issue 14 item 5): a move cut short leaves exactly one running copy and nothing else ----------------
+
+LOAD = ("trap '' HUP; (while :; do dd if=/dev/zero of=/dev/shm/vt-load bs=1M count=64 2>/dev/null; done) "
+        "</dev/null >/dev/null 2>&1 &")
+
+
+def running(host: str) -> list[str]:
+    return on(host, "virsh", "-q", "list", "--name").stdout.split()
+
+
+def start_move(job: MigrateJob, source: str, target: str) -> subprocess.Popen:
+    """`vtorque migrate` in the background, with the guest busy writing memory (the move takes rounds)."""
+    return subprocess.Popen([str(RIG), "exec", "head", "env", f"PATH={PREFIX}/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                             "vtorque", "migrate", job.id, "--from", source, "--to", target, "--guest",
+                             job.guest(source)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_incoming(job: MigrateJob, guest: str, host: str, timeout: float = 60.0) -> None:
+    """Until the incoming guest's domain exists on `host` (the move has started)."""
+    job.wait("the incoming domain", lambda: guest in domains(host), timeout=timeout, every=0.1)
+
+
+def test_the_targets_node_worker_killed_mid_move_leaves_the_guest_running_there_and_kept(no_job_left_behind):
+    job = MigrateJob(pings=90)
+    job.wait_ready("c1")
+    job.wait_ready("c2")
+    guest, key = job.guest("c2"), job_key(job.id)
+    in_guest("c2", guest, key, LOAD)
+    time.sleep(2)
+    move = start_move(job, "c2", "c1")
+    wait_incoming(job, guest, "c1")
+    rig("kill", "c1", "node-worker")  # SIGKILL; its supervisor starts it again after 1 s
+    out, err = move.communicate(timeout=400)
+    print(out, err)
+    # libvirtd finished the move on its own: one running copy, on the target
+    assert move.returncode == 0 and f"{guest}: c2 -> c1" in out, out + err
+    assert guest in running("c1") and guest not in domains("c2")
+    assert not (RIG_DIR / "hosts" / "c2" / "vtorque" / "lib" / "guests" / guest).exists()
+    # the restarted worker's reconciliation keeps it (a guest of a running job, ready: its job file is there)
+    time.sleep(RECONCILE_PERIOD + 5)
+    assert guest in running("c1"), "the migrated guest was reconciled away"
+    assert (RIG_DIR / "hosts" / "c1" / "vtorque" / "lib" / "jobs" / job.id / f"{guest}.json").exists()
+    show = job.wait_done(timeout=240)
+    assert "JobState=COMPLETED" in show, show + job.output()
+    wait_nothing_left(job)
+
+
+def test_a_move_to_a_target_cut_off_the_network_leaves_the_guest_running_where_it_was(no_job_left_behind):
+    job = MigrateJob(pings=150)
+    job.wait_ready("c1")
+    job.wait_ready("c2")
+    guest, key = job.guest("c2"), job_key(job.id)
+    in_guest("c2", guest, key, LOAD)
+    time.sleep(2)
+    move = start_move(job, "c2", "c1")
+    wait_incoming(job, guest, "c1")
+    rig("link-down", "c1")
+    cut = time.monotonic()
+    try:
+        out, err = move.communicate(timeout=400)
+    finally:
+        print(f"vtorque migrate returned {time.monotonic() - cut:.1f}s after the cut")
+        rig("link-up", "c1")
+    print(out, err)
+    assert move.returncode != 0 and "not moved" in err, out + err
+    # one running copy: the source's; the target's incoming domain and what its worker made go
+    assert guest in running("c2")
+    job.wait("the target's incoming domain gone", lambda: guest not in domains("c1"), timeout=120, every=0.5)
+    job.wait("the target's made-ready directory gone",
+             lambda: not (RIG_DIR / "hosts" / "c1" / "vtorque" / "lib" / "guests" / guest).exists(),
+             timeout=RECONCILE_PERIOD + 130, every=0.5)
+    assert guest in running("c2")
+    on("head", "scancel", job.id)
+    job.wait_done(timeout=240)
+    wait_nothing_left(job)
