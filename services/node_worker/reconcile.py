@@ -13,7 +13,8 @@ carrying vtorque metadata for this node, guest directories, the launcher's job f
 - a suspended guest's record or save file (suspend.py) whose guest is gone;
 - the checkpoints (checkpoint.py) of a job the scheduler says ended, of which this node wrote rank 0.
 Then each guest of a job the scheduler says is suspended is paused or saved, and each one this node suspended
-whose job runs again is resumed or restored (suspend.py): one scheduler question per job per round for both.
+whose job runs again is resumed or restored (suspend.py), and the guests of a running job whose periodic checkpoint
+is due are checkpointed (checkpoint.py): one scheduler question per job per round for all of these.
 When the scheduler cannot be asked (command missing, timeout), nothing is removed for that reason: a wrong
 "gone" would kill a running job.
 
