@@ -5,7 +5,9 @@ while the job is COMPLETING, or it is PENDING again) and checkpoints the guest, 
 checkpoint directory; when Slurm starts the job again its BootGuests restores the guest from that checkpoint, and
 the counter carries on past the count it had reached instead of starting again from 1 (a file it wrote before
 the checkpoint is on its disk too). When the job then ends for good (scancel), its teardown removes the
-checkpoint. A job that did not ask for one boots cold after a requeue, and nothing is kept.
+checkpoint. The requeued job restores on another node (the checkpoint directory shared, keyed by job and rank);
+after a node failure (no teardown) it restarts from its last periodic checkpoint (`checkpoint=<interval>`). A job
+that did not ask for one boots cold after a requeue, and nothing is kept.
 
 The single-host stack's Slurm is not touched: this test starts a slurmctld and slurmd of its own
 (tests/e2e/own_slurm.py), stopped by their pids. The node worker is a real one (no broker: its handlers are
@@ -22,6 +24,7 @@ import os
 import shutil
 import stat
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -31,6 +34,7 @@ import pytest
 from security.conftest import base_image, make_site, users  # noqa: F401 - fixtures used here
 
 from vtorque.cli.launcher_ssh import ssh_argv
+from vtorque.services.node_worker.reconcile import Reconciler, scheduler_states
 from vtorque.shared import messages as m
 from vtorque.shared.config import SchedulerConfig
 from vtorque.shared.scheduler import scheduler_for
@@ -171,6 +175,103 @@ def test_a_requeued_job_restarts_from_its_checkpoint_and_its_program_carries_on(
     _teardown(site, job)
     assert site.worker.hv.lookup(guest.name) is None
     assert not jdir.exists()
+
+
+def test_a_requeued_job_that_starts_on_another_node_restores_there(
+        site, our_slurm, users, base_image, test_guest):  # noqa: F811 - fixtures
+    """The checkpoint is keyed by job and rank, not node: the requeued job's guest on another node (its own name,
+    directory and image store, the site's checkpoint directory shared) is restored from it, its paths moved."""
+    _, owner = users
+    other = make_site(base_image, entry=test_guest, boot_timeout=150.0)
+    other.config.node.checkpoint_dir = str(site.worker.checkpoints.root)
+    other.config.scheduler = SchedulerConfig(kind="slurm")
+    other.worker.scheduler = scheduler_for(other.config)
+    try:
+        job = our_slurm.submit(owner, "-c", "1")
+        our_slurm.wait_running(job)
+        key = _key(owner)
+        keys = [key.with_suffix(".pub").read_text().strip()]
+        (ready,) = site.boot(job, site.plan(owner, job, vcpus=1, checkpoint=0, ssh_authorized_keys=keys))
+        assert isinstance(ready, m.GuestReady), ready
+        _in_guest(owner, key, ready.address, COUNTER)
+        time.sleep(3)
+        reached = _count(owner, key, ready.address)
+        _requeue_and_start_again(our_slurm, job)
+        _teardown(site, job)
+        _release(our_slurm, job)
+        guest = other.plan(owner, job, vcpus=1, checkpoint=0, ssh_authorized_keys=keys)
+        (again,) = other.boot(job, guest)
+        assert isinstance(again, m.GuestReady) and again.node == other.node, again
+        assert again.timings.kernel_up is None  # restored, not booted
+        after = _count(owner, key, again.address)
+        assert after >= reached, (reached, after)
+        assert _in_guest(owner, key, again.address, "cat /tmp/mark") == "before-the-checkpoint"
+        our_slurm.run("scancel", job)
+        deadline = time.monotonic() + 30
+        while our_slurm.state(job) not in ("", "CANCELLED"):
+            assert time.monotonic() < deadline, our_slurm.state(job)
+            time.sleep(0.2)
+        _teardown(other, job)
+        assert not other.worker.checkpoints.job_dir(job).exists()
+    finally:
+        for name in other.domains():
+            other.worker.hv.remove(name)
+        shutil.rmtree(other.root, ignore_errors=True)
+
+
+def test_after_a_node_failure_the_job_restarts_from_its_last_periodic_checkpoint(
+        site, our_slurm, users, base_image, test_guest):  # noqa: F811 - fixtures
+    """`checkpoint=<interval>`: the reconciler checkpoints the running guest and brings it back at once; the node
+    then fails (its guest killed, no teardown, nothing saved then), Slurm requeues the job, and it starts on
+    another node from that checkpoint: its counter is back where it was at the checkpoint, not at 1, and not
+    where it was when the node died."""
+    _, owner = users
+    other = make_site(base_image, entry=test_guest, boot_timeout=150.0)
+    other.config.node.checkpoint_dir = str(site.worker.checkpoints.root)
+    other.config.scheduler = SchedulerConfig(kind="slurm")
+    other.worker.scheduler = scheduler_for(other.config)
+    for s in (site, other):
+        s.config.spec.min_checkpoint_interval = "2s"  # the test's interval: 2 s
+    try:
+        job = our_slurm.submit(owner, "-c", "1")
+        our_slurm.wait_running(job)
+        key = _key(owner)
+        keys = [key.with_suffix(".pub").read_text().strip()]
+        guest = site.plan(owner, job, vcpus=1, checkpoint=2, ssh_authorized_keys=keys)
+        (ready,) = site.boot(job, guest)
+        assert isinstance(ready, m.GuestReady), ready
+        _in_guest(owner, key, ready.address, COUNTER)
+        time.sleep(3)
+        before = _count(owner, key, ready.address)
+        t0 = time.monotonic()
+        Reconciler(site.worker, threading.Event(), 60.0, states=scheduler_states(site.config,
+                                                                                 site.worker.scheduler)).run_once()
+        print(f"periodic checkpoint (the reconcile round: pause, save, copy, restore, clock) "
+              f"{time.monotonic() - t0:.2f} s")
+        (epoch,) = site.worker.checkpoints.epochs(job)
+        assert epoch.startswith("p"), epoch
+        assert site.worker.hv.is_active(guest.name)  # running again after its checkpoint ...
+        time.sleep(5)
+        died_at = _count(owner, key, ready.address)
+        assert died_at > before + 4, (before, died_at)  # ... and its program on with it
+        site.worker.hv.remove(guest.name)  # the node fails: the guest is gone, nothing saved now
+        _requeue_and_start_again(our_slurm, job)
+        _release(our_slurm, job)
+        (again,) = other.boot(job, other.plan(owner, job, vcpus=1, checkpoint=2, ssh_authorized_keys=keys))
+        assert isinstance(again, m.GuestReady) and again.timings.kernel_up is None, again
+        after = _count(owner, key, again.address)
+        assert before <= after < died_at, (before, after, died_at)  # from the checkpoint, not 1, not the end
+        our_slurm.run("scancel", job)
+        deadline = time.monotonic() + 30
+        while our_slurm.state(job) not in ("", "CANCELLED"):
+            assert time.monotonic() < deadline, our_slurm.state(job)
+            time.sleep(0.2)
+        _teardown(other, job)
+        assert not other.worker.checkpoints.job_dir(job).exists()
+    finally:
+        for name in other.domains():
+            other.worker.hv.remove(name)
+        shutil.rmtree(other.root, ignore_errors=True)
 
 
 def test_a_job_that_did_not_ask_boots_cold_after_a_requeue_and_nothing_is_kept(site, our_slurm, users):  # noqa: F811
