@@ -274,6 +274,34 @@ def test_after_a_node_failure_the_job_restarts_from_its_last_periodic_checkpoint
         shutil.rmtree(other.root, ignore_errors=True)
 
 
+def test_a_job_of_two_guests_is_checkpointed_whole_and_both_carry_on(site, our_slurm, users):  # noqa: F811
+    """Both guests paused, then each saved: one checkpoint of two parts, complete only with both, both restored."""
+    _, owner = users
+    job = our_slurm.submit(owner, "-c", "2")
+    our_slurm.wait_running(job)
+    key = _key(owner)
+    keys = [key.with_suffix(".pub").read_text().strip()]
+    guests = [site.plan(owner, job, vcpus=1, checkpoint=0, ssh_authorized_keys=keys, index=k,
+                        name=m.domain_name(job, site.node, k)) for k in (0, 1)]
+    ready = site.boot(job, *guests)
+    assert [type(r) for r in ready] == [m.GuestReady, m.GuestReady], ready
+    for r in ready:
+        _in_guest(owner, key, r.address, COUNTER)
+    time.sleep(3)
+    reached = [_count(owner, key, r.address) for r in ready]
+    _requeue_and_start_again(our_slurm, job)
+    _teardown(site, job)
+    epochs = site.worker.checkpoints.epochs(job)
+    assert sorted(p.index for p in epochs["r1"]) == [0, 1] and all(p.count == 2 for p in epochs["r1"]), epochs
+    _release(our_slurm, job)
+    again = site.boot(job, *guests)
+    assert all(isinstance(r, m.GuestReady) and r.timings.kernel_up is None for r in again), again
+    after = [_count(owner, key, r.address) for r in sorted(again, key=lambda r: r.index)]
+    assert all(a >= b for a, b in zip(after, reached, strict=True)), (reached, after)
+    our_slurm.run("scancel", job)
+    _teardown(site, job)
+
+
 def test_a_job_that_did_not_ask_boots_cold_after_a_requeue_and_nothing_is_kept(site, our_slurm, users):  # noqa: F811
     _, owner = users
     job = our_slurm.submit(owner, "-c", "1")
