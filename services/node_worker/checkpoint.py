@@ -43,6 +43,7 @@ import re
 import shutil
 import subprocess
 import time
+import urllib.parse
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -576,24 +577,35 @@ class Checkpoints:
         for entry in os.scandir(self.root):
             if not trust.own_entry(self.root, entry.name):
                 continue
-            try:
-                doc = json.loads(root_files.read_small(Path(entry.path) / JOB_RECORD) or b"null")
-            except ValueError:
-                continue
-            if not isinstance(doc, dict) or doc.get("node") != self.worker.node or not isinstance(doc.get("job_id"),
-                                                                                                str):
-                continue
-            job_id = doc["job_id"]
-            try:
-                if self.job_dir(job_id).name != entry.name:
-                    continue
-            except trust.Refused:
+            job_id = self._reconciled_here(Path(entry.path))
+            if job_id is None:
                 continue
             state = state_of(job_id)
             if state in ENDED or state == "gone":
                 log(LOG, logging.WARNING, "reconcile: removing the checkpoints of a job that ended", job_id=job_id,
                     state=state)
                 self.remove_job(job_id)
+
+    def _reconciled_here(self, jdir: Path) -> str | None:
+        """The job whose checkpoints `jdir` holds, when this node is the one to judge them: the node of its rank 0
+        (job.json), else, without that record (rank 0's node died before it wrote it), a node that wrote a part."""
+        try:
+            doc = json.loads(root_files.read_small(jdir / JOB_RECORD) or b"null")
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict) and isinstance(doc.get("job_id"), str):
+            job_id, mine = doc["job_id"], doc.get("node") == self.worker.node
+        else:
+            job_id = urllib.parse.unquote(jdir.name)  # messages.routing_word's escapes undone
+            mine = None
+        try:
+            if self.job_dir(job_id).name != jdir.name:
+                return None
+        except trust.Refused:
+            return None
+        if mine is None:
+            mine = any(p.node == self.worker.node for parts in self.epochs(job_id).values() for p in parts)
+        return job_id if mine else None
 
 
 def _rmtree(path: Path) -> None:

@@ -350,6 +350,17 @@ def test_reconciliation_removes_the_checkpoints_of_a_job_that_ended_that_this_no
     assert not w.checkpoints.job_dir("7").exists() and other.exists()
 
 
+def test_a_checkpoint_without_its_job_record_is_judged_by_a_node_that_wrote_a_part(tmp_path):
+    hv = StandIn({"vt-7-n1-0": RUNNING})
+    w = node(tmp_path, hv, {"7": job("queued", 1, "PENDING")})
+    teardown(w, "7")
+    (w.checkpoints.job_dir("7") / ck.JOB_RECORD).unlink()  # rank 0's node died before it wrote the record
+    Reconciler(w, threading.Event(), 60.0, states=lambda j: "queued").run_once()
+    assert w.checkpoints.epochs("7")
+    Reconciler(w, threading.Event(), 60.0, states=lambda j: GONE).run_once()
+    assert not w.checkpoints.job_dir("7").exists()
+
+
 def test_a_periodic_checkpoint_brings_the_guests_back_and_replaces_the_older_one(tmp_path):
     hv = StandIn({"vt-7-n1-0": RUNNING})
     w = node(tmp_path, hv, {})
