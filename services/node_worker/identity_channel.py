@@ -2,8 +2,9 @@
 
 The socket is libvirtd's (root's, in the guest's root-owned directory; domain.py IDENTITY_SOCKET): no user can
 connect to it, so what the guest reads there comes from this node worker only. The guest side is the test
-guest's init (tests/guest/vtorque-init, warm mode): it says VTORQUE-WARM-READY once booted with no identity,
-takes `IDENTITY <n>` and the n lines of a vtorque.env after a restore and answers IDENTITY-OK.
+guest's init (tests/guest/vtorque-init, warm mode) or a cloud image's agent (tests/guest/cloud/vtorque-agent): it
+says VTORQUE-WARM-READY once booted with no identity, takes `IDENTITY <n>` and the n lines of a vtorque.env after
+a restore and answers IDENTITY-OK.
 """
 
 from __future__ import annotations

@@ -90,7 +90,19 @@ def why_not_warm(guest: m.GuestPlan) -> str | None:
         return "the guest's disks are in node memory (fs_type=ramdisk)"
     if guest.distro == "osv":
         return "OSv guests take no identity after a restore"
+    if guest.user_metadata:
+        # cloud-init applies them on a first boot; a restored copy had its first boot without them.
+        return "the user's own cloud-init keys need a first boot"
     return None
+
+
+def identity_free_seed(name: str) -> dict[str, bytes]:
+    """The seed a warm image is booted with (and a pooled guest restored with): VT_WARM=1 and no identity. For a
+    cloud image: no user at all (cloud-init's default user would be in every copy) and one ssh host key type
+    (the guest's agent replaces it after each restore: tests/guest/cloud/vtorque-agent)."""
+    return {"meta-data": f'{{"instance-id": "{name}"}}\n'.encode(),
+            "user-data": b'#cloud-config\n{"users": [], "ssh_genkeytypes": ["ed25519"]}\n',
+            "vtorque.env": b"VT_WARM=1\n"}
 
 
 def warm_plan(name: str, image: str, entry: ImageEntry, node: str, vcpus: int, ram_mib: int,
@@ -269,8 +281,7 @@ def _build_locked(config: Config, hv: Hypervisor, store: ImageStore, image: str,
     disks.remove(guest_root, plan.name, store=config.images.store)
     try:
         progress(f"preparing {plan.name}: overlay on {entry.sha256[:12]}…, a seed with no identity")
-        seed = {"meta-data": f'{{"instance-id": "{plan.name}"}}\n'.encode(), "user-data": b"#cloud-config\n{}\n",
-                "vtorque.env": b"VT_WARM=1\n"}
+        seed = identity_free_seed(plan.name)
         files = disks.prepare(guest_root, plan.name, "warm", store.path(entry.sha256), entry.format, seed,
                               store=config.images.store, node=node)
         gdir = Path(files.overlay).parent

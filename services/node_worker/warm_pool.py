@@ -348,8 +348,7 @@ class WarmPool:
         with self.lock:
             self.filling.add(name)
         try:
-            seed = {"meta-data": f'{{"instance-id": "{name}"}}\n'.encode(), "user-data": b"#cloud-config\n{}\n",
-                    "vtorque.env": b"VT_WARM=1\n"}  # as the warm image's own: no identity
+            seed = warm.identity_free_seed(name)  # as the warm image's own: no identity
             files = disks.prepare(config.node.guest_dir, name, POOL_JOB, w.store.path(target.digest), entry.format,
                                   seed, store=config.images.store, node=w.node)
             gdir = Path(files.overlay).parent

@@ -16,13 +16,16 @@ import msgspec
 import pytest
 
 from vtorque.cli.launcher_ssh import ssh_argv
+from vtorque.services.node_worker import warm
 from vtorque.shared import messages as m
 from vtorque.shared.bus import EventWaiter, Publisher
 from vtorque.shared.config import ImageEntry
 from vtorque.shared.job_boot import hoist
 from vtorque.shared.job_network import guest_address, job_network
 
+from . import test_warm_start
 from .guests import node_worker
+from .test_warm_start import keypair, owners  # noqa: F401 - the owners fixture
 
 # Beyond pytest's 600 s default: a first build (about 2 min) plus a boot that may take up to BOOT_TIMEOUT.
 pytestmark = [pytest.mark.slow, pytest.mark.guest, pytest.mark.timeout(1800)]
@@ -178,3 +181,53 @@ def test_a_debian_cloud_guest_boots_with_the_seed(broker_url, worker, owner, ssh
     finally:
         waiter.close()
         publisher.close()
+
+
+def test_two_jobs_restored_from_one_warm_debian_cloud_image_share_nothing(broker_url, worker, owners,  # noqa: F811
+                                                                         tmp_path):
+    """Warm start for a real cloud-init guest (issue 13): its agent (tests/guest/cloud/vtorque-agent) says
+    WARM-READY once cloud-init's identity-free first boot is done; each restored copy takes its job's identity
+    over the channel (user, keys, hostname, new ssh host key and machine-id, the host's clock and random bytes)
+    and the two jobs share nothing (test_warm_start's checks)."""
+    config, svc = worker
+    vcpus, ram = 1, 768
+    made = warm.build(config, svc.hv, svc.store, "debian12-cloud", vcpus, ram, svc.domain_type,
+                      timeout=BOOT_TIMEOUT, progress=print)
+    assert not any(n.startswith(warm.WARM_GUEST_PREFIX) for n in svc.hv.vtorque_domains())
+    entry = config.images.catalog["debian12-cloud"]
+    alice, bob = owners
+    key_a, key_b = keypair(tmp_path, "a"), keypair(tmp_path, "b")
+    jobs = {}
+    for owner, key in ((alice, key_a), (bob, key_b)):
+        job = f"cg-{uuid.uuid4().hex[:6]}"
+        jobs[job] = (owner, key, m.GuestPlan(
+            name=f"vt-{job}-{config.node.name}-0", node=config.node.name, index=0, image="debian12-cloud",
+            image_digest=entry.sha256, vcpus=vcpus, ram_mib=ram, cores=None, owner=owner, distro="debian",
+            ssh_authorized_keys=[key.with_suffix(".pub").read_text().strip()]))
+    waiter = EventWaiter(broker_url, [f"job.{job}.#" for job in jobs])
+    publisher = Publisher(broker_url)
+    try:
+        for job, (_, _, plan) in jobs.items():
+            publisher.publish(hoist(job, 300.0, [plan]))
+        ready = {}
+        while len(ready) < 2:
+            event = expect(waiter, m.GuestReady, 300)
+            ready[event.job_id] = event
+        for job, event in ready.items():
+            console = (Path(config.node.guest_dir) / event.guest / "console.log").read_text(errors="replace")
+            assert "restored=1" in console and event.timings.kernel_up is None, console[-2000:]
+            print(f"{job}: restored to ready {event.timings.ready:.1f}s (the warm image's cold boot "
+                  f"{made.meta['boot_s']:.1f}s)")
+        (ja, (_, _, plan_a)), (jb, (_, _, plan_b)) = jobs.items()
+        test_warm_start.check_two_jobs_share_nothing(tmp_path, (key_a, ready[ja], alice, plan_a.name),
+                                                     (key_b, ready[jb], bob, plan_b.name))
+        ids = [ssh(key, ready[job].address, owner.user, "cat /etc/machine-id").stdout.strip()
+               for job, (owner, key, _) in jobs.items()]
+        assert len(ids[0]) == 32 and ids[0] != ids[1]
+        for job in jobs:
+            publisher.publish(m.TeardownGuests.new(job_id=job, deadline=60.0, node=config.node.name))
+            expect(waiter, m.GuestsTornDown, 60)
+    finally:
+        waiter.close()
+        publisher.close()
+        warm.remove(made.dir)

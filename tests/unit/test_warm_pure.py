@@ -161,10 +161,21 @@ def test_shape_key_ignores_who_and_where_and_names_the_devices():
     ({"iocm_max_cores": 2, "iocm_min_cores": 1, "io_cores": [1, 2]}, "IOcm"),
     ({"fs_type": "ramdisk"}, "ramdisk"),
     ({"distro": "osv"}, "OSv"),
+    ({"user_metadata": {"timezone": "Europe/Vienna"}}, "cloud-init keys"),
 ])
 def test_guests_a_warm_image_cannot_be(change, why):
     assert why in warm.why_not_warm(msgspec.structs.replace(GUEST, **change))
     assert warm.why_not_warm(GUEST) is None
+
+
+def test_the_identity_free_seed_names_no_user_and_one_host_key_type():
+    import json
+
+    seed = warm.identity_free_seed("vt-warm-x")
+    assert seed["vtorque.env"] == b"VT_WARM=1\n"
+    assert json.loads(seed["meta-data"]) == {"instance-id": "vt-warm-x"}
+    head, body = seed["user-data"].split(b"\n", 1)
+    assert head == b"#cloud-config" and json.loads(body) == {"users": [], "ssh_genkeytypes": ["ed25519"]}
 
 
 def test_only_a_warm_guest_has_the_channel_and_a_generation_id():

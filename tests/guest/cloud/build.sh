@@ -51,7 +51,7 @@ OUT=$(cd "$OUT" && pwd)
 VERSIONS=$(apt-cache policy "${KEYPKGS[@]}" 2>/dev/null |
            awk '/^[^ ]/ {p = $1} /Candidate:/ {printf "%s%s ", p, $2}')
 case "$VERSIONS" in *"(none)"*|"") die "apt-cache knows no candidate for some of ${KEYPKGS[*]} (run apt-get update): $VERSIONS" ;; esac
-STAMP=$( { sha256sum "$HERE/build.sh" "$HERE/../cache.sh" "$HERE/../debootstrap.sh" | awk '{print $1}'; echo "$SUITE ${PKGS[*]} $VERSIONS"; } |
+STAMP=$( { sha256sum "$HERE/build.sh" "$HERE/vtorque-agent" "$HERE/../cache.sh" "$HERE/../debootstrap.sh" | awk '{print $1}'; echo "$SUITE ${PKGS[*]} $VERSIONS"; } |
          sha256sum | awk '{print $1}')
 FILES=(rootfs.qcow2 vmlinux initrd.img cmdline)
 exit_if_cached_else_lock "${VERSIONS% }"
@@ -108,6 +108,21 @@ rm -f "$ROOT/var/lib/dbus/machine-id" "$ROOT"/etc/ssh/ssh_host_*
 in_root systemctl enable systemd-networkd.service > /dev/null 2>&1 || die "systemctl enable systemd-networkd failed"
 # A first boot would otherwise ask on the console for locale, keymap and root password.
 in_root systemctl mask systemd-firstboot.service > /dev/null 2>&1 || die "systemctl mask systemd-firstboot failed"
+# vtorque's agent on the host-only channel (warm start's identity, the clock after a resume): vtorque-agent.
+install -m 0755 "$HERE/vtorque-agent" "$ROOT/usr/local/sbin/vtorque-agent"
+cat > "$ROOT/etc/systemd/system/vtorque-agent.service" <<'EOF'
+[Unit]
+Description=vtorque agent: the host-only channel (warm start identity, clock after a resume)
+After=local-fs.target systemd-udevd.service
+
+[Service]
+ExecStart=/usr/local/sbin/vtorque-agent
+KillMode=process
+
+[Install]
+WantedBy=multi-user.target
+EOF
+in_root systemctl enable vtorque-agent.service > /dev/null 2>&1 || die "systemctl enable vtorque-agent failed"
 printf 'vtorque cloud guest: Debian %s, kernel %s, cloud-init %s, built %s\n' "$(cat "$ROOT/etc/debian_version")" \
     "$KVER" "$(in_root dpkg-query -W -f '${Version}' cloud-init)" "$(date -u +%FT%TZ)" > "$ROOT/etc/vtorque-guest-release"
 
