@@ -3,7 +3,9 @@
 (all its guests paused, each saved with virDomainSave, its overlay copied, its record written and synced:
 services/node_worker/checkpoint.py) and the requeued job's boot restored from it (the saved memory copied with
 this boot's XML in its header, the overlay copied and rebased, restored, its clock set, until its sshd answers),
-side by side with the same guest's cold boot, for guests of 256, 512 and 1024 MiB.
+side by side with the same guest's cold boot, for guests of 256, 512 and 1024 MiB; and how long a periodic
+checkpoint (`checkpoint=<interval>`) stops the guest (pause, save, disk copy, record, restore in place, resume;
+the clock set after it runs again is not counted).
 
 The node worker is the real one (its teardown's checkpoint step `Checkpoints.at_teardown` and its BootGuests
 handler, real libvirt, the tiny test guest booted cold first), with the scheduler a stand-in that says the job
@@ -38,6 +40,7 @@ from e2e.test_checkpoint_requeue import _in_guest, _key  # noqa: E402
 from security.conftest import _useradd, make_site  # noqa: E402
 from suspend_resume import test_guest  # noqa: E402
 
+from vtorque.services.node_worker import suspend  # noqa: E402
 from vtorque.shared import messages as m  # noqa: E402
 from vtorque.shared.scheduler import JobInfo  # noqa: E402
 
@@ -68,6 +71,27 @@ def one_job(entry, owner, ram: int) -> dict[str, float]:
                   f"dd if=/dev/urandom of=$HOME/data bs=1M count={ram // 8} 2>/dev/null; sync")
         # As much as the disk took (the test guest's root file system is small); checked whole after the restore.
         written = _in_guest(owner, key, cold.address, "wc -c < /tmp/data; wc -c < $HOME/data; df -k /").split()
+        # A periodic checkpoint (checkpoint=<interval>): the guest stops for the save and the restore in place; its
+        # clock is set after it runs again (on the host's next whole second), so that wait is not downtime.
+        clocked = []
+        real_clock = suspend.set_clock
+
+        def timed_clock(worker, name):
+            t = time.monotonic()
+            try:
+                return real_clock(worker, name)
+            finally:
+                clocked.append(time.monotonic() - t)
+
+        suspend.set_clock = timed_clock
+        try:
+            t0 = time.monotonic()
+            assert not site.worker.checkpoints.take(job, "p1", site.worker.checkpoints._guests_of(job), resume=True)
+            periodic = time.monotonic() - t0 - sum(clocked)
+        finally:
+            suspend.set_clock = real_clock
+        assert site.worker.hv.is_active(guest.name)
+        assert _in_guest(owner, key, cold.address, "wc -c < /tmp/data").split() == written[:1]  # running on
         scheduler.info = JobInfo(job_id=job, state="exiting", raw_state="COMPLETING", restarts=1)  # requeued
         t0 = time.monotonic()
         failed = site.worker.checkpoints.at_teardown(job)
@@ -86,6 +110,7 @@ def one_job(entry, owner, ram: int) -> dict[str, float]:
         site.worker.checkpoints.at_teardown(job)  # no guest left: the job ended, its checkpoint goes
         return {"data_mem_mb": int(written[0]) / 1e6, "data_disk_mb": int(written[1]) / 1e6,
                 "memory_mb": part.save_size / 1e6, "disk_mb": part.disk_size / 1e6, "checkpoint": took,
+                "periodic_down": periodic,
                 "restore": again.timings.ready, "cold": cold.timings.ready}
     finally:
         site.worker.teardown_job(job)
@@ -122,13 +147,13 @@ def main() -> None:
           f"test guest (TCG), RAM/4 of data in the guest's memory and RAM/8 on its disk (at most what it takes) "
           f"first; {args.rounds} rounds; load average {min(load):.1f}-{max(load):.1f}")
     print("| guest RAM | data in memory / on disk | memory saved (median; rounds) | overlay copied | "
-          "checkpoint at teardown | restore → sshd answers | cold boot → ready |")
-    print("|---|---|---|---|---|---|---|")
+          "checkpoint at teardown | restore → sshd answers | cold boot → ready | periodic checkpoint: guest stopped |")
+    print("|---|---|---|---|---|---|---|---|")
     for ram, rows in results.items():
         cells = [f"{statistics.median(r['data_mem_mb'] for r in rows):.0f} / "
                  f"{statistics.median(r['data_disk_mb'] for r in rows):.0f} MB"]
         for key, unit in (("memory_mb", " MB"), ("disk_mb", " MB"), ("checkpoint", " s"), ("restore", " s"),
-                          ("cold", " s")):
+                          ("cold", " s"), ("periodic_down", " s")):
             values = [row[key] for row in rows]
             fmt = ".0f" if unit == " MB" else ".2f"
             cells.append(f"{statistics.median(values):{fmt}}{unit} ({', '.join(f'{v:{fmt}}' for v in values)})")
