@@ -75,6 +75,7 @@ def node():
     sent = Recorder()
     worker = NodeWorker(config, sent, hypervisor=Hypervisor("test:///default"), scheduler=Scheduler(("n1", "n2")),
                         segments=JobSegments(789, run=kernel, lock_path=str(root / "net.lock")))
+    worker.migrator.background = False  # the handlers inline: their answers are there when they return
     yield worker, sent, kernel, root
     shutil.rmtree(root, ignore_errors=True)
 
@@ -221,3 +222,12 @@ def test_no_forwarding_entry_moves_for_a_sender_or_target_outside_the_job(node):
         worker.migrator.on_job_guest_moved(m.JobGuestMoved.new(
             job_id=j, deadline=60, node=sender, peer="n1", target=target, mac=mac, endpoint=endpoint, vni=7))
     assert kernel.ran == []
+
+
+def test_a_redelivered_command_is_not_acted_on_twice(node):
+    worker, sent, _, _ = node
+    worker.node = "n2"
+    cmd = m.MigrateGuests.new(job_id="7", deadline=60, node="n2", target="n3")
+    worker.migrator.on_migrate_guests(cmd)
+    worker.migrator.on_migrate_guests(m.decode(m.encode(cmd)))  # the same message, delivered again
+    assert len(sent.sent) == 1
