@@ -40,7 +40,7 @@ from vtorque.shared.logs import log
 
 from . import root_files, trust
 from .domain import IDENTITY_SOCKET
-from .guest_link import SAVED_MARK  # while saved, the guest's ssh link waits for the restored QEMU
+from .guest_link import LINK_SOCKET, SAVED_MARK, SSH_SOCKET  # while saved, the link waits for the restored QEMU
 from .hypervisor import HypervisorError
 from .identity_channel import CLOCK_OK, ChannelError, IdentityChannel
 
@@ -337,14 +337,30 @@ def restore_guest(worker, name: str, path: Path, paused: bool = False) -> None:
     """The guest saved in `path` running again (`paused`: restored paused, for the caller to resume); the file is
     the caller's to keep or remove; the link's `saved` mark goes."""
     hv = worker.hv
+    gdir = guest_dir_of(worker, name)
+    if gdir is not None:
+        _wait_for_link(gdir)
     if paused:
         hv.timed("restore", lambda: hv.conn.restoreFlags(str(path), None, libvirt.VIR_DOMAIN_SAVE_PAUSED),
                  timeout=hv.start_timeout)
     else:
         hv.timed("restore", lambda: hv.conn.restore(str(path)), timeout=hv.start_timeout)
-    gdir = guest_dir_of(worker, name)
     if gdir is not None:
         (gdir / SAVED_MARK).unlink(missing_ok=True)
+
+
+LINK_WAIT = 10.0  # s for a guest's link to see its saved QEMU go and listen again
+
+
+def _wait_for_link(gdir: Path) -> None:
+    """The guest's link listening for the restored QEMU again, which it does once it has seen the saved QEMU's end
+    (its link socket is there again). A restore right after a save (a periodic checkpoint) must not come first:
+    QEMU would find no link to join, and the link, seeing the old QEMU's end once the mark is gone, would end."""
+    if not os.path.lexists(gdir / SSH_SOCKET):
+        return  # no link (it ended, or the guest never had one)
+    deadline = time.monotonic() + LINK_WAIT
+    while not os.path.lexists(gdir / LINK_SOCKET) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def set_clock(worker, name: str) -> str:
