@@ -398,7 +398,7 @@ def warm_image(name: str | None, vcpus: int | None, ram: str | None, force: bool
     A job's guest of that image and shape is then restored from it instead of booted (docs/benchmarks.md);
     once there is one, the node worker makes the next when the image's digest or a job's shape changes, and it
     is removed with the image. Needs the image in this node's store (`vtorque images pull NAME`) and an image
-    whose init takes its identity after a restore (the test guest's does)."""
+    whose init takes its identity after a restore (the test guest's does, and the Debian cloud guest's agent)."""
     _root_only("vtorque images warm")
     if listing:
         _warm("list")
