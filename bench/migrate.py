@@ -30,9 +30,10 @@ from e2e.rig_support import cancel_unfinished  # noqa: E402
 from e2e.test_rig import RIG_DIR, on, rig, rig_netns  # noqa: E402
 from e2e.test_rig_migrate import MigrateJob, in_guest, job_key  # noqa: E402
 
-LOAD = ("trap '' HUP; (while :; do dd if=/dev/zero of=/dev/shm/vt-load bs=1M count=64 2>/dev/null; done) "
+LOAD_S = 20  # the load's own end (a guest whose one vCPU writes memory flat out answers ssh only slowly)
+LOAD = (f"trap '' HUP; (end=$(($(date +%s)+{LOAD_S})); while [ $(date +%s) -lt $end ]; do "
+        "dd if=/dev/zero of=/dev/shm/vt-load bs=1M count=64 2>/dev/null; done; rm -f /dev/shm/vt-load) "
         "</dev/null >/dev/null 2>&1 &")
-STOP_LOAD = "kill $(pidof dd) 2>/dev/null; for p in $(pgrep -f vt-load); do kill $p; done; rm -f /dev/shm/vt-load"
 LINE = re.compile(r": (c\d) -> (c\d) in ([0-9.]+)s, downtime (\d+) ms, (\d+) pre-copy rounds")
 
 
@@ -76,6 +77,7 @@ def main() -> int:
             for load in samples:
                 if load != "idle":
                     in_guest(where, guest, key, LOAD)
+                    started = time.monotonic()
                     time.sleep(3)
                 for _ in range(2):  # there and back
                     other = "c1" if where == "c2" else "c2"
@@ -90,7 +92,7 @@ def main() -> int:
                         print(f"{load}: THE GUEST'S KERNEL PANICKED after the move to {where}: {console}")
                         raise SystemExit(2)
                 if load != "idle":
-                    in_guest(where, guest, key, STOP_LOAD)
+                    time.sleep(max(0.0, LOAD_S + 2 - (time.monotonic() - started)))  # the load is over
         print("\n| tiny guest (256 MiB, TCG) | n | vtorque migrate s | libvirt s | downtime ms | pre-copy rounds |")
         print("|---|---|---|---|---|---|")
         for load, got in samples.items():
