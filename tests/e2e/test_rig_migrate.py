@@ -60,10 +60,12 @@ class MigrateJob(FaultJob):
 def job_key(job_id: str) -> str:
     """The job's private key as root's home on the rig hosts names it (vsub keeps it there: `job` says whose)."""
     keys = RIG_DIR / "shared" / "root-home" / ".vtorque" / "keys"
-    for d in keys.iterdir():
-        if (d / "job").exists() and (d / "job").read_text().strip() == job_id:
-            return f"/root/.vtorque/keys/{d.name}/id_ed25519"
-    pytest.fail(f"no key of job {job_id} in {keys}")
+    # the newest: the rig's Slurm numbers jobs from 1 again at every `up`, and root's home is kept
+    mine = sorted((d for d in keys.iterdir() if (d / "job").exists() and (d / "job").read_text().strip() == job_id),
+                  key=lambda d: d.stat().st_mtime)
+    if not mine:
+        pytest.fail(f"no key of job {job_id} in {keys}")
+    return f"/root/.vtorque/keys/{mine[-1].name}/id_ed25519"
 
 
 def in_guest(host: str, guest: str, key: str, command: str) -> str:
