@@ -569,7 +569,7 @@ class Migrator:
                     # Written before the move: a guest that arrives while this worker is down (libvirtd finishes
                     # the move on its own) is a ready guest to the restarted worker's reconciliation, not a boot
                     # that never became ready; a guest that never arrives leaves an orphan file it removes.
-                    self._write_job_file(cmd, ssh_socket)
+                    self.w.write_job_file(cmd.job_id, cmd.guest, cmd.index, cmd.owner, cmd.vcpus, ssh_socket)
                 except (MigrationRefused, trust.Refused, disks.DiskError, guest_link.LinkError, SegmentError,
                         HypervisorError, OSError) as exc:
                     tracing.mark_error(span, str(exc))
@@ -640,21 +640,6 @@ class Migrator:
             jdir.rmdir()
         except OSError:
             pass  # other guests' files are still there
-
-    def _write_job_file(self, cmd: m.PrepareMigration, ssh_socket: Path) -> None:
-        """The launcher's file for the guest, as the boot writes it (service.py), now naming this node."""
-        w = self.w
-        jdir = trust.secure_dir(w.config.job_dir(trust.check_job_id(cmd.job_id)), 0o755)
-        doc = {"job_id": cmd.job_id, "guest": cmd.guest, "index": cmd.index, "node": w.node,
-               "ssh_socket": str(ssh_socket), "user": cmd.owner, "vcpus": cmd.vcpus,
-               "traceparent": tracing.current_traceparent()}
-        tmp = jdir / f".{cmd.guest}.json.tmp"
-        tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        with open(fd, "w") as fh:
-            fh.write(json.dumps(doc))
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, jdir / f"{cmd.guest}.json")
 
     def _wait_arrival(self, cmd: m.PrepareMigration, waiter) -> bool:
         """True once the guest runs here (libvirt resumed it after the move), False when the move failed (the

@@ -389,11 +389,15 @@ class NodeWorker(Service):
             waiter.close()
 
     def _write_job_file(self, job_id: str, guest: m.GuestPlan, ssh_socket: Path) -> None:
+        self.write_job_file(job_id, guest.name, guest.index, guest.owner.user, guest.vcpus, ssh_socket)
+
+    def write_job_file(self, job_id: str, guest: str, index: int, user: str, vcpus: int, ssh_socket: Path) -> None:
         """What the job's launcher (running as the owner) reads to reach its guests: the guest's ssh socket
-        (only the owner and root may connect to it, guest_link.py)."""
+        (only the owner and root may connect to it, guest_link.py), on this node (a boot, or a guest that moved
+        here: migrate.py)."""
         jdir = trust.secure_dir(self.config.job_dir(trust.check_job_id(job_id)), 0o755)
-        doc = {"job_id": job_id, "guest": guest.name, "index": guest.index, "node": self.node,
-               "ssh_socket": str(ssh_socket), "user": guest.owner.user, "vcpus": guest.vcpus,
+        doc = {"job_id": job_id, "guest": guest, "index": index, "node": self.node,
+               "ssh_socket": str(ssh_socket), "user": user, "vcpus": vcpus,
                # The job's trace, for what the node does to the guest later (suspend.py's pause and resume spans).
                "traceparent": tracing.current_traceparent()}
         # Named after the guest's domain (its directory): a pooled guest's keeps its pool name (warm_pool.py).
