@@ -51,6 +51,22 @@ def two_node_workers(site, tmp_path):
 
 
 def test_four_guests_on_two_nodes_reach_each_other(site, two_node_workers, tmp_path):
+    _four_guests_on_two_nodes(site, two_node_workers, tmp_path, warm=False)
+
+
+def test_four_guests_on_two_nodes_restored_from_warm_images_reach_each_other(site, two_node_workers, tmp_path):
+    """Issue 13 item 4: the multi-node case with warm guests. A warm image of the job's shape made first (`vtorque
+    images warm`, as an operator does; the two node workers share this host's warm directory), then the
+    same job: every guest restored (its console says so), each with its own job network address, names and node
+    file, hot-plugged after the restore."""
+    made = subprocess.run([str(Path(sys.executable).parent / "vtorque"), "images", "warm", "tiny",
+                           "--vcpus", "1", "--ram", "128M"], env=site.env(), capture_output=True, text=True,
+                          timeout=300)
+    assert made.returncode == 0, made.stderr
+    _four_guests_on_two_nodes(site, two_node_workers, tmp_path, warm=True)
+
+
+def _four_guests_on_two_nodes(site, two_node_workers, tmp_path, warm: bool) -> None:
     config = site.config()
     key = tmp_path / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
@@ -80,6 +96,9 @@ def test_four_guests_on_two_nodes_reach_each_other(site, two_node_workers, tmp_p
         assert run.returncode == 0, run.stderr
         assert out[:4] == names  # one line per vCPU, rank order
         assert sorted(o for o in out if o.startswith("reach-")) == sorted(f"reach-{n}" for n in names)
+        restored = ["restored=1" in (Path(r.address).parent / "console.log").read_text(errors="replace")
+                    for r in outcome.ready]
+        assert restored == [warm] * 4, restored
     finally:
         assert run_epilogue(job, config, 0, lines.append), lines
     # The epilogue's answer means the guests' QEMUs have exited; domains and files go right after (bounded).
