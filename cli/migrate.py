@@ -33,6 +33,22 @@ def pick_target(source: str, allocation: tuple[str, ...], wanted: str | None) ->
     return others[0]
 
 
+def checked_command(job_id: str, source: str, target: str, guests: tuple[str, ...], timeout: float):
+    """The MigrateGuests to publish, checked as its consumer will check it (a guest name that is not a guest's,
+    a node name that is not a node's): refused here in one line, rather than dead-lettered by the node worker
+    while this waits for an answer. Raises click.ClickException."""
+    import msgspec
+
+    from vtorque.shared import messages as m
+
+    cmd = m.MigrateGuests.new(job_id=job_id, deadline=timeout, node=source, target=target, guests=list(guests))
+    try:
+        m.decode(m.encode(cmd))
+    except msgspec.ValidationError as exc:
+        raise click.ClickException(f"vtorque migrate: {exc}") from None
+    return cmd
+
+
 @click.command()
 @click.argument("job_id")
 @click.option("--from", "source", required=True, help="The node whose guests of the job move.")
@@ -51,6 +67,7 @@ def migrate(job_id: str, source: str, target: str | None, guests: tuple[str, ...
     from vtorque.shared.bus import EventWaiter, Publisher
     from vtorque.shared.scheduler import SchedulerError, scheduler_for
 
+    checked_command(job_id, source, target or source, guests, timeout)  # before anything is asked or sent
     config = _config()
     try:
         info = scheduler_for(config).job(job_id)
@@ -68,8 +85,7 @@ def migrate(job_id: str, source: str, target: str | None, guests: tuple[str, ...
     publisher = Publisher(url)
     failed = 0
     try:
-        cmd = m.MigrateGuests.new(job_id=job_id, deadline=timeout, node=source, target=to, guests=list(guests))
-        publisher.publish(cmd)
+        publisher.publish(checked_command(job_id, source, to, guests, timeout))
         click.echo(f"job {job_id}: moving its guests on {source} to {to}")
         end = time.monotonic() + timeout
         while True:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 import pytest
 
-from vtorque.cli.migrate import pick_target
+from vtorque.cli.migrate import checked_command, pick_target
 from vtorque.services.node_worker import migrate
 from vtorque.services.node_worker.domain import GuestDisks, GuestMetadata, JobNic, domain_xml, parse_metadata
 from vtorque.services.node_worker.job_segment import FLOOD_MAC
@@ -185,3 +185,20 @@ def test_the_node_to_node_commands_go_to_the_migrate_binding_of_the_receivers_qu
                                 mac="52:54:00:00:00:01", endpoint="10.0.0.1", vni=7)
     assert topology.command_queue(moved).bindings[0] == "migrate.n3"
     assert topology.command_queue(command()).bindings[0] == "node.n2"
+
+
+@pytest.mark.parametrize("source, target, guests", [
+    ("n2", "n1", ("../../etc/passwd",)),  # a path, not a guest's name
+    ("n2", "n1", ("vt-7-n2-0; reboot",)),
+    ("-n2", "n1", ()),  # not a node's name
+    ("n2", "n1/../x", ()),
+])
+def test_a_bad_name_is_refused_in_one_line_before_anything_is_sent(source, target, guests):
+    with pytest.raises(click.ClickException) as refused:
+        checked_command("7", source, target, guests, 60.0)
+    assert refused.value.message.startswith("vtorque migrate: ") and "\n" not in refused.value.message
+
+
+def test_a_good_command_is_what_the_node_worker_decodes():
+    cmd = checked_command("7.srv", "n2", "n1", ("vt-7-n2-0",), 60.0)
+    assert m.decode(m.encode(cmd)) == cmd and cmd.guests == ["vt-7-n2-0"] and cmd.target == "n1"
