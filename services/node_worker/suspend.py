@@ -175,7 +175,7 @@ class Suspender:
             except trust.Refused:
                 return
             path.unlink(missing_ok=True)
-            path.with_name(f".{path.name}.tmp").unlink(missing_ok=True)  # a save or write cut short
+            root_files.temp_of(path).unlink(missing_ok=True)  # a save or write cut short
 
     def remove_orphans(self, domains: set[str]) -> list[str]:
         """Records and save files of guests with no domain on this node (removed while this worker was down,

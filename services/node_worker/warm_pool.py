@@ -240,18 +240,16 @@ def mem_available_mib() -> int | None:
 
 
 def _write_root_file(path: Path, text: str, exclusive: bool = False) -> None:
-    """A root-only file (0600) written whole: O_EXCL when `exclusive` (the claim), else through a rename."""
-    if exclusive:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with open(fd, "w") as fh:
-            fh.write(text)
+    """A root-only file (0600) written whole: O_EXCL when `exclusive` (the claim: one winner), else through a
+    rename (root_files.write_atomic)."""
+    if not exclusive:
+        from . import root_files
+
+        root_files.write_atomic(path, text.encode())
         return
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with open(fd, "w") as fh:
         fh.write(text)
-    os.rename(tmp, path)
 
 
 class WarmPool:
