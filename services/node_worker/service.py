@@ -443,19 +443,22 @@ class NodeWorker(Service):
         except HypervisorError as exc:
             # libvirtd down or wedged: the epilogue hears so now (not after its deadline), reconciliation retries.
             result, reason = Teardown(removed=[], disks_removed=0, failed={}), f"libvirt: {exc}"
+        thread = None
+        if result.undefine:
+            # Killed guests' domains: libvirt's destroy waits for their QEMUs to be reaped (seconds here), so off
+            # the node's queue: the next job's boot does not wait for this one's clean-up. Listed before the
+            # answer goes out, so whoever hears the answer finds the clean-up among teardown_threads.
+            thread = threading.Thread(target=contextvars.copy_context().run,
+                                      args=(self._files_after, cmd.job_id, result), name="teardown-files", daemon=True)
+            with self._thread_lock:
+                self.teardown_threads = [t for t in self.teardown_threads if t.is_alive()] + [thread]
         self.publisher.publish(m.GuestsTornDown.new(
             job_id=cmd.job_id, deadline=cmd.deadline, node=self.node, guests=result.removed,
             disks_removed=result.disks_removed, not_removed=sorted(result.failed), reason=reason[:1000]))
-        if not result.undefine:
+        if thread is None:
             self._files_after(cmd.job_id, result)  # unlinks and rmdirs: milliseconds
-            return
-        # Killed guests' domains: libvirt's destroy waits for their QEMUs to be reaped (seconds here), so off the
-        # node's queue: the next job's boot does not wait for this one's clean-up.
-        thread = threading.Thread(target=contextvars.copy_context().run, args=(self._files_after, cmd.job_id, result),
-                                  name="teardown-files", daemon=True)
-        with self._thread_lock:
-            self.teardown_threads = [t for t in self.teardown_threads if t.is_alive()] + [thread]
-        thread.start()
+        else:
+            thread.start()
 
     def _files_after(self, job_id: str, result: Teardown) -> None:
         with _phase("remove guest files"):
