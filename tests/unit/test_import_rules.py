@@ -1,11 +1,12 @@
-"""The floor plan, enforced: parts talk only through messages (docs/design.md, "What may import what").
+"""The floor plan, enforced: parts talk only through messages (docs/design.md, "The parts, and what may import what").
 
 - shared/ imports nothing of vtorque but shared/ (it knows no service, no hook, no command);
 - a service (services/<name>/) imports shared/ and itself, never another service, a hook or the cli;
 - a hook imports shared/ and hooks/, never a service;
 - the cli imports shared/, hooks/ and cli/; it names a service only in cli/main.py's table, to run it (by its
   dotted path, so no static import of a service appears in cli/ at all).
-Every import counts, at module level or inside a function, absolute or relative."""
+Every import counts, at module level or inside a function, absolute or relative; so does a service's module
+named in a string (an importlib or `python -m` of it) by a part that may not import it."""
 
 from __future__ import annotations
 
@@ -108,20 +109,24 @@ def test_the_rules(importer, imported, allowed):
 
 
 def service_names_in_strings(root: Path = ROOT) -> list[str]:
-    """cli/ files other than cli/main.py whose string constants name a service's module (a run by name, an
-    importlib or `python -m` of it): the cli names a service only in cli/main.py's table."""
+    """Files whose string constants name a service's module they may not import (a run by name, an importlib or
+    `python -m` of it, which no import statement shows): a service may name its own modules only, shared/ and
+    the hooks none, the cli only in cli/main.py's table."""
     found = []
-    for path in sorted((root / "cli").rglob("*.py")):
+    for path in sorted(p for top in PARTS for p in (root / top).rglob("*.py")):
         if path.relative_to(root) == Path("cli/main.py"):
             continue
+        importer = part_of(module_of(path, root))
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and \
                     node.value.startswith("vtorque.services."):
-                found.append(f"{path.relative_to(root)}:{node.lineno} names {node.value}")
+                named = part_of(node.value.split(":")[0])
+                if named != importer:
+                    found.append(f"{path.relative_to(root)}:{node.lineno} names {node.value}")
     return found
 
 
-def test_the_cli_names_a_service_only_in_cli_mains_table(tmp_path):
+def test_a_service_module_is_named_only_where_it_may_be_imported(tmp_path):
     import importlib.util
 
     from vtorque.cli import main
@@ -129,8 +134,19 @@ def test_the_cli_names_a_service_only_in_cli_mains_table(tmp_path):
     assert service_names_in_strings() == []
     for path in [*main.SERVICE_CLASSES.values(), main.PREFETCHER, *main.SERVICE_PROGRAMS.values()]:
         assert importlib.util.find_spec(path.split(":")[0]) is not None, path
-    (tmp_path / "cli").mkdir()
-    (tmp_path / "cli" / "main.py").write_text('T = {"x": "vtorque.services.node_worker.warm"}\n')
-    (tmp_path / "cli" / "images.py").write_text('import subprocess\nsubprocess.run(["python", "-m", '
-                                                '"vtorque.services.node_worker.warm"])\n')
-    assert service_names_in_strings(tmp_path) == ["cli/images.py:2 names vtorque.services.node_worker.warm"]
+    files = {
+        "cli/main.py": 'T = {"x": "vtorque.services.node_worker.warm"}\n',  # the table: allowed
+        "cli/images.py": 'import subprocess\nsubprocess.run(["python", "-m", "vtorque.services.node_worker.warm"])\n',
+        "services/node_worker/link.py": 'ARGV = ["-m", "vtorque.services.node_worker.guest_link"]\n',  # its own
+        "services/scheduler_bridge/run.py": 'ARGV = ["-m", "vtorque.services.image_stager.service"]\n',
+        "hooks/torque/spawn.py": 'X = "vtorque.services.node_worker.reconcile:Reconciler"\n',
+        "shared/any.py": '\n\nX = "vtorque.services.scheduler_bridge"\n',
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    assert service_names_in_strings(tmp_path) == [
+        "cli/images.py:2 names vtorque.services.node_worker.warm",
+        "hooks/torque/spawn.py:1 names vtorque.services.node_worker.reconcile:Reconciler",
+        "services/scheduler_bridge/run.py:1 names vtorque.services.image_stager.service",
+        "shared/any.py:3 names vtorque.services.scheduler_bridge"]
