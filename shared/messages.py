@@ -253,6 +253,8 @@ class NodeHeartbeat(Event, frozen=True):
     # Why libvirt does not answer on this node ("" when it does): the worker is alive and beats on, and its boots
     # wait for libvirt to return within their deadline.
     hypervisor_down: str = ""
+    # The jobs with a guest on this node (cli/evacuate.py moves them off a node the scheduler takes out).
+    jobs: list[JobId] = []
 
 
 # -- commands ---------------------------------------------------------------------------------------------

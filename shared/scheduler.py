@@ -49,6 +49,14 @@ class JobInfo(msgspec.Struct, kw_only=True, frozen=True):
         return self.state in ALIVE
 
 
+class BadNode(msgspec.Struct, frozen=True):
+    """A node the scheduler has taken out (drained, down, offline), in its own words: the operator's or a site
+    health check's reason ('' when it gives none). cli/evacuate.py moves VM guests off it."""
+
+    name: str
+    reason: str = ""
+
+
 class SchedulerError(Exception):
     """The scheduler could not be asked (binary missing, timeout, an error it printed)."""
 
@@ -85,6 +93,19 @@ class Scheduler(Protocol):
 
     def cancel(self, job_id: str) -> None:
         """Ask the scheduler to cancel the job (qdel, scancel); a failure to ask is ignored."""
+
+    def requeue(self, job_id: str) -> None:
+        """Ask the scheduler to requeue the running job (`scontrol requeue`, `qrerun`): it ends here (the node
+        workers checkpoint the guests of a job that asked) and waits to start again. Raises SchedulerError with
+        the scheduler's one line (not requeueable, not running, not allowed)."""
+
+    def bad_nodes(self) -> list[BadNode]:
+        """Every node the scheduler has taken out (drained, draining, down, failing; Torque's offline, down) with
+        its reason. Raises SchedulerError."""
+
+    def note(self, job_id: str, text: str) -> str | None:
+        """Tell the job's owner `text` where they read about their job (Slurm's Comment); None when told, else
+        why not."""
 
 
 def run_client(argv: list[str], timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -19,6 +19,7 @@ from vtorque.shared.cpu_list import parse_cpu_list
 from vtorque.shared.job_script import HEADER_LINES, read_head
 from vtorque.shared.scheduler import (
     ALIVE,
+    BadNode,
     JobInfo,
     SchedulerError,
     State,
@@ -251,6 +252,20 @@ class Slurm:
             return str(exc)
         return None if proc.returncode == 0 else (proc.stderr.strip() or f"exit {proc.returncode}")[:200]
 
+    def note(self, job_id: str, text: str) -> str | None:
+        return self.set_comment(job_id, text)
+
+    def requeue(self, job_id: str) -> None:
+        proc = self.run("scontrol", "requeue", job_id)
+        if proc.returncode != 0:
+            raise SchedulerError(f"scontrol requeue {job_id}: {_refusal(proc)}")
+
+    def bad_nodes(self) -> list[BadNode]:
+        proc = self.run("scontrol", "-o", "show", "node")
+        if proc.returncode != 0:
+            raise SchedulerError(f"scontrol show node: {_refusal(proc)}")
+        return bad_nodes(proc.stdout)
+
     def cancel(self, job_id: str) -> None:
         try:
             self.run("scancel", job_id)
@@ -267,6 +282,23 @@ class Slurm:
 
 
 # -- what the hooks and prefetch read ------------------------------------------------------------------------
+
+# Node state flags (State=BASE+FLAG+...) that take a node out. A node that is only DOWN lost its slurmd; its
+# host may live on, so its guests are still tried.
+BAD_STATES = frozenset({"DRAIN", "DRAINING", "DRAINED", "DOWN", "FAIL", "FAILING", "MAINT"})
+
+
+def bad_nodes(show_nodes: str) -> list[BadNode]:
+    """`scontrol -o show node` (one line per node) → the nodes with a BAD_STATES flag, with their Reason
+    (Slurm's `[user@time]` after it kept: who took the node out is part of what an owner is told)."""
+    found = []
+    for line in show_nodes.splitlines():
+        fields = parse_scontrol_oneliner(line)
+        flags = set(re.split(r"[^A-Z]+", fields.get("State", "").upper())) - {""}
+        if fields.get("NodeName") and flags & BAD_STATES:
+            found.append(BadNode(fields["NodeName"], fields.get("Reason", "").strip()))
+    return found
+
 
 def expand_cpus_per_node(expr: str, count: int) -> list[int]:
     """SLURM_JOB_CPUS_PER_NODE: '2', '2(x3)', '4(x2),2'."""

@@ -18,7 +18,16 @@ from pathlib import Path
 
 from vtorque.shared import messages as m
 from vtorque.shared.cpu_list import parse_cpu_list
-from vtorque.shared.scheduler import JobInfo, SchedulerError, State, hms_seconds, mem_mib, run_client, submit_client
+from vtorque.shared.scheduler import (
+    BadNode,
+    JobInfo,
+    SchedulerError,
+    State,
+    hms_seconds,
+    mem_mib,
+    run_client,
+    submit_client,
+)
 
 # qstat job_state letters (TORQUE 6.1): C is kept only while keep_completed lasts.
 _TORQUE_STATES: dict[str, State] = {"Q": "queued", "H": "queued", "W": "queued", "T": "queued", "R": "running",
@@ -106,6 +115,23 @@ class Torque:
         except SchedulerError:
             pass
 
+    def requeue(self, job_id: str) -> None:
+        """`qrerun JOBID`: pbs_server requeues a rerunnable job (qsub -r y, the default) for its managers."""
+        proc = self.run("qrerun", job_id)
+        if proc.returncode != 0:
+            raise SchedulerError(f"qrerun {job_id}: {_last_line(proc, 'qrerun')}")
+
+    def bad_nodes(self) -> list[BadNode]:
+        proc = self.run("pbsnodes", "-l", "-n")
+        if proc.returncode != 0:
+            raise SchedulerError(f"pbsnodes -l: {_last_line(proc, 'pbsnodes')}")
+        return bad_nodes(proc.stdout)
+
+    def note(self, job_id: str, text: str) -> str | None:
+        # Torque's job comment is the server's own (qalter cannot set it): the owner reads it in the job's
+        # output only through the hooks (hooks/torque/owner_notes.py); here the log and the operator's output.
+        return "Torque keeps no job comment vtorque may set"
+
     def suspend(self, job_id: str) -> None:
         self._signal("suspend", job_id)
 
@@ -117,9 +143,7 @@ class Torque:
         `qsig: Unauthorized Request`); the mom stops (SIGSTOP) or continues the job's processes, job_state S."""
         proc = self.run("qsig", "-s", verb, job_id)
         if proc.returncode != 0:
-            lines = [line.strip() for line in (proc.stderr or proc.stdout).splitlines() if line.strip()]
-            why = lines[-1][:200] if lines else f"exit {proc.returncode}"
-            raise SchedulerError(f"qsig -s {verb} {job_id}: {why.removeprefix('qsig: ')}")
+            raise SchedulerError(f"qsig -s {verb} {job_id}: {_last_line(proc, 'qsig')}")
 
     def _qstat_f(self, job_id: str) -> str | None:
         # Plain -f: TORQUE shows a completed job (C) while keep_completed lasts. Its -x is not PBS Pro's
@@ -155,6 +179,26 @@ class Torque:
 # (../shared/reference/torque-hooks.md §8).
 
 _CORES = re.compile(r"^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*$")
+
+
+def _last_line(proc: subprocess.CompletedProcess, client: str) -> str:
+    """A Torque client's refusal in one line, without its `client: ` prefix."""
+    lines = [line.strip() for line in (proc.stderr or proc.stdout).splitlines() if line.strip()]
+    return lines[-1][:200].removeprefix(f"{client}: ") if lines else f"exit {proc.returncode}"
+
+
+# `pbsnodes -l` states that take a node out (a node listed there is not up).
+BAD_STATES = frozenset({"offline", "down", "unknown"})
+
+
+def bad_nodes(pbsnodes_ln: str) -> list[BadNode]:
+    """`pbsnodes -l -n` (`node  state[,state]  note` per line, the nodes not up) → BadNode list."""
+    found = []
+    for line in pbsnodes_ln.splitlines():
+        words = line.split(None, 2)
+        if len(words) >= 2 and set(words[1].split(",")) & BAD_STATES:
+            found.append(BadNode(words[0], words[2].strip() if len(words) > 2 else ""))
+    return found
 
 
 class ExecHostError(ValueError):

@@ -59,11 +59,12 @@ def node_facts(worker: NodeWorker) -> m.NodeHeartbeat:
         meminfo = ""
     # This node's guests (another node worker's on a shared test host are not ours to count), and which of them
     # run, from two listings: asking each domain in turn made every beat O(guests) round trips to libvirt.
-    down = ""
+    down, jobs = "", []
     try:
-        mine = {name for name, meta in worker.hv.vtorque_domains().items()
+        mine = {name: meta.get("job", "") for name, meta in worker.hv.vtorque_domains().items()
                 if meta.get("node", worker.node) == worker.node}
-        running = len(mine & worker.hv.active_names())
+        running = len(mine.keys() & worker.hv.active_names())
+        jobs = sorted({job for job in mine.values() if job})
     except Exception as exc:  # noqa: BLE001 - libvirtd down or restarting: the beat says so, it is not skipped
         # A node that stops beating is taken for a node without a worker and its jobs are refused and requeued;
         # libvirt away for a restart is not that (issue 12 item 8). Boots wait for it (NodeWorker._boot_traced).
@@ -76,7 +77,7 @@ def node_facts(worker: NodeWorker) -> m.NodeHeartbeat:
         mem_free_mib=mem_available_mib(meminfo), guests_running=running, domain_type=worker.domain_type,
         capabilities=capabilities(worker.domain_type, sum(1 for e in config.images.catalog.values() if e.kernel),
                                   hugepages) + iocm.capabilities() + vrdma.capabilities(vrdma.probe()),
-        interval=interval, tunnel_address=config.node.job_network_localaddr, hypervisor_down=down)
+        interval=interval, tunnel_address=config.node.job_network_localaddr, hypervisor_down=down, jobs=jobs)
 
 
 def _listdir(path: str) -> list[str]:

@@ -158,7 +158,10 @@ def test_a_heartbeat_counts_this_nodes_running_guests_only(hv, fake_host):
     _define(hv, "j2", "n1", 22003, start=False)  # defined, not running
     _define(hv, "j3", "n2", 22004)  # another node worker's, on this shared test driver
     worker = SimpleNamespace(config=Config(node=NodeConfig(name="n1")), hv=hv, node="n1", domain_type="qemu")
-    assert node_facts(worker).guests_running == 2
+    beat = node_facts(worker)
+    assert beat.guests_running == 2
+    # the jobs with a guest here, running or not (an evacuation moves them all), never another node's
+    assert beat.jobs == ["j1", "j2"]
 
 
 def test_a_node_takes_its_guest_of_a_job_of_1024_nodes_and_still_bounds_its_own_guests():
