@@ -265,10 +265,17 @@ def _register_migrate() -> None:
     main.add_command(migrate)  # vtorque migrate JOBID --from NODE [--to NODE]: live, root's (cli/migrate.py)
 
 
+def _register_evacuate() -> None:
+    from vtorque.cli.evacuate import evacuate
+
+    main.add_command(evacuate)  # vtorque evacuate [NODE...] [--watch]: guests off bad nodes (cli/evacuate.py)
+
+
 _register_images()
 _register_broker()
 _register_suspend()
 _register_migrate()
+_register_evacuate()
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -59,12 +59,7 @@ def migrate(job_id: str, source: str, target: str | None, guests: tuple[str, ...
     """Move job JOBID's running guests on node --from to node --to, live: the program in them keeps running."""
     if os.geteuid() != 0:
         raise click.ClickException("vtorque migrate: only root (the operator) may move a job's guests")
-    import time
-
     from vtorque.cli.main import _config
-    from vtorque.shared import messages as m
-    from vtorque.shared import topology
-    from vtorque.shared.bus import EventWaiter, Publisher
     from vtorque.shared.scheduler import SchedulerError, scheduler_for
 
     checked_command(job_id, source, target or source, guests, timeout)  # before anything is asked or sent
@@ -76,6 +71,22 @@ def migrate(job_id: str, source: str, target: str | None, guests: tuple[str, ...
     if info is None or info.state != "running":
         raise click.ClickException(f"job {job_id} is not running ({info.raw_state if info else 'unknown'})")
     to = pick_target(source, tuple(info.nodes), target)
+    click.echo(f"job {job_id}: moving its guests on {source} to {to}")
+    if move(config, checked_command(job_id, source, to, guests, timeout), click.echo):
+        raise click.exceptions.Exit(1)
+
+
+def move(config, cmd, echo) -> int:
+    """Publish the checked MigrateGuests `cmd` to its source node and wait for each guest's answer, each said in
+    one line through `echo(text, err=False)`; the number of guests not moved. Raises click.ClickException when
+    the broker cannot be reached or the source does not answer within the command's deadline."""
+    import time
+
+    from vtorque.shared import messages as m
+    from vtorque.shared import topology
+    from vtorque.shared.bus import EventWaiter, Publisher
+
+    job_id, source = cmd.job_id, cmd.node
     url = config.broker.connection_url()
     try:
         waiter = EventWaiter(url, topology.bindings(topology.MIGRATE_WAIT_Q, job=m.routing_word(job_id)),
@@ -85,23 +96,23 @@ def migrate(job_id: str, source: str, target: str | None, guests: tuple[str, ...
     publisher = Publisher(url)
     failed = 0
     try:
-        publisher.publish(checked_command(job_id, source, to, guests, timeout))
-        click.echo(f"job {job_id}: moving its guests on {source} to {to}")
-        end = time.monotonic() + timeout
+        publisher.publish(cmd)
+        end = time.monotonic() + cmd.deadline
         while True:
             event = waiter.next(end)
             if event is None:
-                raise click.ClickException(f"job {job_id}: no answer from {source}'s node worker in {timeout:.0f}s")
+                raise click.ClickException(f"job {job_id}: no answer from {source}'s node worker in "
+                                           f"{cmd.deadline:.0f}s")
             if event.job_id != job_id or getattr(event, "node", None) != source:
                 continue
             if isinstance(event, m.GuestMigrated):
                 down = f"{event.downtime_ms:.0f} ms" if event.downtime_ms is not None else "unknown"
-                click.echo(f"{event.guest}: {source} -> {event.target} in {event.seconds:.2f}s, downtime {down}, "
-                           f"{event.memory_iterations or 0} pre-copy rounds")
+                echo(f"{event.guest}: {source} -> {event.target} in {event.seconds:.2f}s, downtime {down}, "
+                     f"{event.memory_iterations or 0} pre-copy rounds")
             elif isinstance(event, m.MigrationFailed):
                 failed += 1
                 where = f" (it runs on {event.running_on})" if event.running_on else ""
-                click.echo(f"{event.guest or job_id}: not moved: {event.reason}{where}", err=True)
+                echo(f"{event.guest or job_id}: not moved: {event.reason}{where}", err=True)
             else:
                 continue
             if event.remaining == 0:
@@ -109,5 +120,4 @@ def migrate(job_id: str, source: str, target: str | None, guests: tuple[str, ...
     finally:
         waiter.close()
         publisher.close()
-    if failed:
-        raise click.exceptions.Exit(1)
+    return failed

@@ -3,8 +3,16 @@ in each scheduler's own output, and what each job on one gets."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
+import click
+import msgspec
+import pytest
+
+from vtorque.cli.evacuate import Evacuation
 from vtorque.cli.evacuation import Leave, Move, Requeue, owner_note, plan
-from vtorque.shared.scheduler import BadNode
+from vtorque.shared import messages as m
+from vtorque.shared.scheduler import BadNode, JobInfo, SchedulerError
 from vtorque.shared.slurm import bad_nodes as slurm_bad_nodes
 from vtorque.shared.torque import bad_nodes as torque_bad_nodes
 
@@ -62,3 +70,99 @@ def test_the_owner_reads_what_happened_and_why_in_one_line():
     assert note == ("vtorque: node c2 was taken out: requeued, no healthy node of the job to move to: "
                     "it holds no other node")
     assert "\n" not in owner_note(Leave("7", "c2", "x"), "a\nb".replace("\n", " "))
+
+
+# -- one round, the scheduler, the heartbeats and the moves replaced ---------------------------------------
+
+
+
+class Scheduler:
+    def __init__(self, bad, jobs, refuse_requeue=""):
+        self.bad, self.jobs, self.refuse_requeue = bad, jobs, refuse_requeue
+        self.requeued, self.notes = [], []
+
+    def bad_nodes(self):
+        return self.bad
+
+    def job(self, job_id):
+        return self.jobs.get(job_id)
+
+    def requeue(self, job_id):
+        if self.refuse_requeue:
+            raise SchedulerError(self.refuse_requeue)
+        self.requeued.append(job_id)
+
+    def note(self, job_id, text):
+        self.notes.append((job_id, text))
+
+
+def beat(node, jobs, free=1000):
+    return m.NodeHeartbeat.new(job_id="", deadline=30.0, node=node, cores=2, mem_free_mib=free, guests_running=1,
+                               domain_type="qemu", jobs=jobs)
+
+
+def running(job_id, nodes):
+    return JobInfo(job_id=job_id, state="running", raw_state="RUNNING", nodes=tuple(nodes), owner="alice")
+
+
+def evacuation(sched, beats, moves=None, fail_move="", requeue=True):
+    said = []
+    asked = [] if moves is None else moves
+
+    def move(config, cmd, echo):
+        asked.append((cmd.job_id, cmd.node, cmd.target, cmd.guests))
+        if fail_move:
+            echo(f"vt-{cmd.job_id}-{cmd.node}-0: not moved: {fail_move}", err=True)
+            return 1
+        echo(f"vt-{cmd.job_id}-{cmd.node}-0: {cmd.node} -> {cmd.target} in 2.00s, downtime 90 ms, 3 pre-copy rounds")
+        return 0
+
+    ev = Evacuation(config=None, scheduler=sched, echo=lambda text, err=False: said.append((err, text)),
+                    requeue=requeue, read_beats=lambda: beats, move=move)
+    return ev, said, asked
+
+
+def test_a_round_moves_each_vm_job_off_a_drained_node_once_and_tells_the_owner():
+    sched = Scheduler([BadNode("c2", "ECC [root@t]")], {"7": running("7", ["c1", "c2"]), "9": running("9", ["c2"])})
+    older = msgspec.structs.replace(beat("c2", ["7"], free=5), created_at=datetime(2026, 1, 1, tzinfo=UTC))
+    beats = [beat("c1", ["7"]), beat("c2", ["7", "9"]), older]  # an older beat read last is not the node's word
+    ev, said, asked = evacuation(sched, beats)
+    results = ev.round()
+    assert asked == [("7", "c2", "c1", [])]  # the move, to the job's healthy node; job 9 has none
+    assert [type(a).__name__ for a, _ in results] == ["Move", "Requeue"] and sched.requeued == ["9"]
+    assert sched.notes == [("7", "vtorque: node c2 was taken out (ECC [root@t]): guests moved live to c1"),
+                           ("9", "vtorque: node c2 was taken out (ECC [root@t]): requeued, no healthy node of the "
+                                 "job to move to: it holds no other node")]
+    assert any("c2 -> c1" in text for _, text in said)
+    # the next round, the node's beat still naming job 7 (beats are seconds apart): nothing again
+    assert ev.round() == [] and len(asked) == 1 and sched.requeued == ["9"]
+
+
+def test_a_failed_move_requeues_the_job_or_leaves_it_with_no_requeue():
+    sched = Scheduler([BadNode("c2", "")], {"7": running("7", ["c1", "c2"])})
+    ev, said, _ = evacuation(sched, [beat("c1", []), beat("c2", ["7"])], fail_move="target refused")
+    ((action, outcome),) = ev.round()
+    assert isinstance(action, Requeue) and "the move to c1 failed" in action.why and sched.requeued == ["7"]
+    sched = Scheduler([BadNode("c2", "")], {"7": running("7", ["c1", "c2"])})
+    ev, said, _ = evacuation(sched, [beat("c1", []), beat("c2", ["7"])], fail_move="target refused", requeue=False)
+    ((action, outcome),) = ev.round()
+    assert isinstance(action, Move) and "not moved" in outcome and sched.requeued == []
+    assert said[-1][0] is True  # said on stderr: the operator's attention
+
+
+def test_a_refused_requeue_is_said_and_jobs_not_running_or_not_vm_are_left_alone():
+    sched = Scheduler([BadNode("c2", "")], {"7": running("7", ["c2"]),
+                                            "8": JobInfo(job_id="8", state="suspended", raw_state="SUSPENDED")},
+                      refuse_requeue="scontrol requeue 7: Requested operation is presently disabled")
+    ev, said, asked = evacuation(sched, [beat("c2", ["7", "8"])])
+    results = ev.round()
+    assert "refused the requeue" in results[0][1] and isinstance(results[1][0], Leave) and asked == []
+    assert [j for j, _ in sched.notes] == ["7"]  # a suspended job's owner is not told of a move that was not made
+
+
+def test_a_named_node_must_be_taken_out_in_the_scheduler_first_and_a_silent_node_is_said():
+    sched = Scheduler([BadNode("c2", "")], {})
+    ev, said, _ = evacuation(sched, [])
+    with pytest.raises(click.ClickException, match="node c1 is not taken out in the scheduler: drain it first"):
+        ev.round(("c1",))
+    assert ev.round(("c2",)) == [] and "no heartbeat" in said[-1][1]
