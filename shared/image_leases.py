@@ -1,9 +1,10 @@
 """Leases: a guest overlay backed by a store image says so in the store, so eviction never removes that image.
 
-The node worker calls `take` just before it makes a guest's overlay and `release` when it removes the guest's
-directory (services/node_worker/disks.py). A lease is a file <store>/leases/<digest>/<host>--<guest dir>
-holding JSON {host, guest_dir, job_id, at}; the guest directory keeps the lease's path in `.image-lease`, so
-releasing needs nothing but that directory. Taking holds the digest's lock shared (eviction takes it
+The node worker calls `take` just before it makes a guest's overlay and, when it removes the guest's directory,
+unlinks the lease its marker names only if `is_lease_of` says it is that guest's own
+(services/node_worker/disks.py). A lease is a file <store>/leases/<digest>/<host>--<guest dir> holding JSON
+{host, guest_dir, job_id, at}; the guest directory keeps the lease's path in `.image-lease`, so releasing needs
+nothing but that directory. Taking holds the digest's lock shared (eviction takes it
 exclusive, without waiting), and checks the image is still there under it: a lease never points at an image
 that eviction already decided to remove.
 
@@ -26,7 +27,9 @@ from pathlib import Path
 from .image_store import HOST
 
 MARKER = ".image-lease"
+LEASES = "leases"  # <store>/leases/<digest>/<lease_name>
 LOCK_WAIT = 30.0
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 class LeaseError(OSError):
@@ -36,7 +39,7 @@ class LeaseError(OSError):
 def store_of(base: Path) -> tuple[Path, str] | None:
     """(store root, digest) when `base` is an image of a vtorque store (<root>/sha256/<digest>), else None."""
     base = Path(base)
-    if base.parent.name != "sha256" or not re.fullmatch(r"[0-9a-f]{64}", base.name):
+    if base.parent.name != "sha256" or not _DIGEST.fullmatch(base.name):
         return None
     return base.parent.parent, base.name
 
@@ -45,13 +48,24 @@ def lease_name(guest_dir: Path) -> str:
     return f"{HOST}--" + re.sub(r"[^A-Za-z0-9_.-]", "_", str(Path(guest_dir).resolve()).strip("/"))
 
 
+def is_lease_of(lease: Path, guest_dir: Path, store: str | Path | None = None) -> bool:
+    """Whether `lease` (the path a guest directory's marker names) is that guest's own lease file, as `take` made
+    it: <store>/leases/<digest>/<lease_name(guest_dir)>, absolute and normal, in `store` when given. Releasing
+    unlinks nothing else: never a path some file says."""
+    lease = Path(lease)
+    return (lease.is_absolute() and os.path.normpath(str(lease)) == str(lease)
+            and lease.name == lease_name(guest_dir) and _DIGEST.fullmatch(lease.parent.name) is not None
+            and lease.parent.parent.name == LEASES
+            and (store is None or lease.parent.parent == Path(store).resolve() / LEASES))
+
+
 def take(base: Path, guest_dir: Path, job_id: str = "") -> Path | None:
     """Lease `base` for the overlay in `guest_dir`; None when `base` is not a store image (nothing to hold)."""
     found = store_of(base)
     if found is None:
         return None
     root, digest = found
-    ldir = root / "leases" / digest
+    ldir = root / LEASES / digest
     ldir.mkdir(parents=True, exist_ok=True)
     (root / "locks").mkdir(parents=True, exist_ok=True)
     lease = ldir / lease_name(guest_dir)

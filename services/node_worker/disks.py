@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import stat
 import subprocess
@@ -210,12 +209,7 @@ def release_lease(gdir: Path, store: str | Path | None = None) -> bool:
     if text is None:
         return False
     lease = Path(text.strip())
-    expected_parent = (Path(store).resolve() / "leases") if store else None
-    fine = (lease.is_absolute() and os.path.normpath(str(lease)) == str(lease)
-            and lease.name == leases.lease_name(gdir) and re.fullmatch(r"[0-9a-f]{64}", lease.parent.name)
-            and lease.parent.parent.name == "leases"
-            and (expected_parent is None or lease.parent.parent == expected_parent))
-    if not fine:
+    if not leases.is_lease_of(lease, gdir, store or None):
         log(LOG, logging.WARNING, "lease marker names another file: left alone", guest_dir=str(gdir),
             named=text.strip()[:200])
         marker.unlink(missing_ok=True)

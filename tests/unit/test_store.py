@@ -128,3 +128,27 @@ def test_qemu_img_info_facts():
     assert facts_from_qemu_img({"format": "qcow2", "virtual-size": 2147483648,
                                 "backing-filename": "/etc/shadow"}) == ("qcow2", 2147483648, "/etc/shadow")
     assert facts_from_qemu_img({"format": "raw", "virtual-size": 10}) == ("raw", 10, None)
+
+
+def test_a_lease_is_released_only_when_its_marker_names_that_guests_own_lease_file(tmp_path):
+    """The layout `take` writes is the one `is_lease_of` accepts (the node worker unlinks nothing else)."""
+    from pathlib import Path
+
+    from vtorque.shared import image_leases as leases
+
+    digest = "ab" * 32
+    base = tmp_path / "store" / "sha256" / digest
+    base.parent.mkdir(parents=True)
+    base.write_bytes(b"image")
+    guest, other = tmp_path / "guests" / "vt-1-n1-0", tmp_path / "guests" / "vt-2-n1-0"
+    guest.mkdir(parents=True)
+    other.mkdir()
+    lease = leases.take(base, guest, "1.srv")
+    assert lease is not None and (guest / leases.MARKER).read_text() == str(lease)
+    assert leases.is_lease_of(lease, guest) and leases.is_lease_of(lease, guest, tmp_path / "store")
+    assert not leases.is_lease_of(lease, guest, tmp_path / "another-store")
+    assert not leases.is_lease_of(lease, other)  # another guest's
+    ldir = lease.parent
+    for named in (ldir / ".." / digest / lease.name, Path(lease.name), tmp_path / "etc" / "x" / lease.name,
+                  ldir.parent / ("0" * 63) / lease.name, tmp_path / "store" / "sha256" / digest / lease.name):
+        assert not leases.is_lease_of(named, guest), named
