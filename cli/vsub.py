@@ -274,14 +274,14 @@ VSUB_OPTIONS = """\
 
 def _qsub_usage(config) -> str:
     """The site's qsub's own --help text (qsub named vsub), or one line saying why there is none."""
-    from vtorque.shared.scheduler import SchedulerError, run_client
+    from vtorque.shared.scheduler import SchedulerError, scheduler_for
 
     try:
         qsub = qsub_binary(config)
     except UsageError as exc:
         return f"(no qsub usage: {exc})"
     try:
-        usage = run_client([qsub, "--help"], 30.0)
+        usage = scheduler_for(config).run("qsub", "--help")  # the site's qsub, bounded by [scheduler] timeout
     except SchedulerError as exc:
         return f"(no qsub usage: {qsub} --help: {exc})"
     text = usage.stdout.strip()
