@@ -97,12 +97,12 @@ def move(config, cmd, echo) -> int:
     failed = 0
     try:
         publisher.publish(cmd)
-        end = time.monotonic() + cmd.deadline
+        timeout = (cmd.deadline - cmd.created_at).total_seconds()  # the command's own deadline, absolute
+        end = time.monotonic() + timeout
         while True:
             event = waiter.next(end)
             if event is None:
-                raise click.ClickException(f"job {job_id}: no answer from {source}'s node worker in "
-                                           f"{cmd.deadline:.0f}s")
+                raise click.ClickException(f"job {job_id}: no answer from {source}'s node worker in {timeout:.0f}s")
             if event.job_id != job_id or getattr(event, "node", None) != source:
                 continue
             if isinstance(event, m.GuestMigrated):
