@@ -158,3 +158,17 @@ def test_systemd_unit_runs_the_same_command(service):
     argv = shlex.split(unit["Service"]["ExecStart"])
     assert argv == ["/opt/vtorque/venv/bin/vtorque", "run", service]
     assert unit["Service"]["Restart"] == "on-failure" and unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_the_evacuation_watcher_unit_runs_vtorque_evacuate_watch():
+    """Not a service of `vtorque run` (it consumes no queue): the operator's command, in a loop, supervised."""
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str
+    unit.read(REPO / "deploy" / "systemd" / "vtorque-evacuate.service")
+    argv = shlex.split(unit["Service"]["ExecStart"])
+    assert argv[:3] == ["/opt/vtorque/venv/bin/vtorque", "evacuate", "--watch"]
+    from click.testing import CliRunner
+
+    from vtorque.cli.main import main
+    assert CliRunner().invoke(main, [*argv[1:], "--help"]).exit_code == 0  # options the command has
+    assert unit["Service"]["Restart"] == "on-failure" and unit["Install"]["WantedBy"] == "multi-user.target"
