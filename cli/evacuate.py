@@ -81,7 +81,13 @@ class Evacuation:
                               remember=False)
         if info is None or info.state != "running":
             state = info.raw_state if info else "unknown"
-            return self._tell(Leave(job_id, node, f"not running ({state}): left to the scheduler"), bad, "")
+            return self._tell(Leave(job_id, node, f"not running ({state}): left to the scheduler"), bad, "",
+                              quiet=True)
+        if node not in info.nodes:
+            # The heartbeat is the node's word, the allocation the scheduler's: a node that names a job it does
+            # not hold (a lie, or a guest reconciliation has yet to remove) gets no other job moved or requeued.
+            return self._tell(Leave(job_id, node, f"the scheduler does not place it on {node} "
+                                                  f"({', '.join(info.nodes) or 'no nodes'})"), bad, "", quiet=True)
         action = plan(node, job_id, tuple(info.nodes), set(bad), free, self.requeue)
         outcome = ""
         if isinstance(action, Move):
@@ -115,11 +121,13 @@ class Evacuation:
             return exc.message
         return "" if not failed else f"{failed} guest(s) not moved: {lines[-1] if lines else 'no reason given'}"
 
-    def _tell(self, action: Action, bad: dict[str, str], outcome: str, remember: bool = True) -> tuple[Action, str]:
+    def _tell(self, action: Action, bad: dict[str, str], outcome: str, remember: bool = True,
+              quiet: bool = False) -> tuple[Action, str]:
+        """Say what was done: to the owner (unless `quiet`: nothing was done to their job), the operator, the log."""
         from vtorque.shared.logs import log
 
         note = owner_note(action, bad.get(action.source, ""), outcome)
-        if not isinstance(action, Leave) or "not running" not in action.why:
+        if not quiet:
             why_not = self.scheduler.note(action.job_id, note)
             if why_not:
                 log(LOG, logging.INFO, "owner not told through the scheduler", job_id=action.job_id, reason=why_not)

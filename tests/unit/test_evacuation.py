@@ -166,3 +166,12 @@ def test_a_named_node_must_be_taken_out_in_the_scheduler_first_and_a_silent_node
     with pytest.raises(click.ClickException, match="node c1 is not taken out in the scheduler: drain it first"):
         ev.round(("c1",))
     assert ev.round(("c2",)) == [] and "no heartbeat" in said[-1][1]
+
+
+def test_a_node_naming_a_job_the_scheduler_does_not_place_there_moves_and_requeues_nothing():
+    """NodeHeartbeat.jobs is the node's word (a compromised node may lie); what is done is the scheduler's."""
+    sched = Scheduler([BadNode("c2", "")], {"7": running("7", ["c1"]), "8": running("8", ["c3", "c4"])})
+    ev, said, asked = evacuation(sched, [beat("c1", []), beat("c2", ["7", "8"]), beat("c3", [])])
+    results = ev.round()
+    assert [type(a).__name__ for a, _ in results] == ["Leave", "Leave"] and asked == [] and sched.requeued == []
+    assert "does not place it on c2" in results[0][0].why and sched.notes == []
