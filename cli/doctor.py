@@ -327,12 +327,8 @@ def check_prologue_timeout(config) -> Check:
         wait, scheduler = prolog_deadline(timeout, margin, cap), f"PrologEpilogTimeout={timeout}"
         need = f"PrologEpilogTimeout to at least {cap + margin:.0f}"
     else:
-        from vtorque.hooks.torque.deadline import (
-            TORQUE_ALARM_SLACK,
-            prologue_deadline,
-            read_prologalarm,
-            torque_kill_after,
-        )
+        from vtorque.hooks.torque.deadline import prologue_deadline
+        from vtorque.shared.torque import TORQUE_ALARM_SLACK, read_prologalarm, torque_kill_after
 
         home = Path(config.torque.home)
         alarm = read_prologalarm(home)

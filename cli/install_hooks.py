@@ -199,7 +199,8 @@ def hooks_python(env_file: str = HOOKS_ENV) -> str:
 def hook_findings(torque_home: Path, prologue_margin: float = 15.0, prologue_cap: float = 240.0,
                   python: str | None = None) -> list[tuple[str, str]]:
     """(status, text) per finding, status ok|warn|fail; what `vtorque doctor` prints for the Torque hooks."""
-    from vtorque.hooks.torque.deadline import prologue_deadline, read_prologalarm, torque_kill_after
+    from vtorque.hooks.torque.deadline import prologue_deadline
+    from vtorque.shared.torque import read_prologalarm, torque_kill_after
 
     mom_priv = torque_home / "mom_priv"
     if not mom_priv.is_dir():

@@ -1,9 +1,9 @@
-"""What vtorque knows of Torque, in one place: its job states, `qstat -f` and its folded lines, `exec_host`
-(which hosts and cores a job has), PBS_NODEFILE and the prologue's Resource_List, the server's accounting
-records, and the one class that asks it (`Torque`: the shared/scheduler.py interface, plus `attrs`, the raw
-`qstat -f` a prologue needs for exec_host and the .o/.e paths). vsub, the hooks, the bridge's prefetch,
-reconciliation and `vtorque status` all read Torque through here. Parsers are pure (text in, values out) and
-unit-tested on recorded output; only `Torque.run` (and `submit`) run a command. Light to import: the Torque
+"""What vtorque knows of Torque, in one place: its job states, `qstat -f` and its folded lines, `exec_host` (which
+hosts and cores a job has), PBS_NODEFILE and the prologue's Resource_List, the .o/.e paths, the server's accounting
+records, pbs_mom's $prologalarm, and the one class that asks it (`Torque`: the shared/scheduler.py interface, plus
+`attrs`, the raw `qstat -f` a prologue needs for exec_host and the .o/.e paths). vsub, the hooks, the bridge's
+prefetch, reconciliation and `vtorque status` all read Torque through here. Parsers are pure (text in, values out)
+and unit-tested on recorded output; only `Torque.run` (and `submit`) run a command. Light to import: the Torque
 prologue starts it.
 """
 
@@ -288,6 +288,49 @@ def walltime_seconds(resource_list: str) -> int | None:
     return days * 86400 + total
 
 
+def output_paths(attrs: dict[str, str] | None) -> list[Path]:
+    """The job's .o/.e as `qstat -f` names them (Output_Path/Error_Path = `host:/path`): each absolute path once,
+    output first."""
+    paths: list[Path] = []
+    for key in ("Output_Path", "Error_Path"):
+        value = (attrs or {}).get(key, "")
+        path = value.split(":", 1)[1] if ":" in value else value
+        if path.startswith("/") and path not in [str(p) for p in paths]:
+            paths.append(Path(path))
+    return paths
+
+
+# -- pbs_mom's prologue alarm: when it kills a root prologue -----------------------------------------------------
+
+TORQUE_ALARM_SLACK = 10  # pbs_mom kills the prologue at $prologalarm - 10 s (when $prologalarm > 10)
+DEFAULT_PROLOGALARM = 300  # PBS_PROLOG_TIME
+
+
+def prologalarm_from_config(text: str) -> int | None:
+    """`$prologalarm N` from mom_priv/config (the last one wins, as pbs_mom reads the file top to bottom)."""
+    value = None
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if len(words) >= 2 and words[0] == "$prologalarm" and words[1].isdigit():
+            value = int(words[1])
+    return value
+
+
+def torque_kill_after(prologalarm: int) -> int:
+    """When pbs_mom SIGKILLs a prologue (recorded: $prologalarm 30 killed after 20 s)."""
+    return prologalarm - TORQUE_ALARM_SLACK if prologalarm > TORQUE_ALARM_SLACK else prologalarm
+
+
+def read_prologalarm(home: Path) -> int:
+    """This mom's $prologalarm (<TORQUE_HOME>/mom_priv/config), else Torque's default."""
+    try:
+        value = prologalarm_from_config((Path(home) / "mom_priv" / "config").read_text(errors="replace"))
+    except OSError:
+        value = None
+    return DEFAULT_PROLOGALARM if value is None else value
+
+
+# -- the server's files: accounting records and job scripts ------------------------------------------------------
 
 def accounting_dir(torque_home: str | Path) -> Path:
     """Where pbs_server writes its accounting records: server_priv/accounting/YYYYMMDD, a file a day."""

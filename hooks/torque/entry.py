@@ -16,15 +16,22 @@ from pathlib import Path
 
 from vtorque.hooks.job_hook import JobContext, Outcome, Verdict
 from vtorque.shared.job_script import ScriptError
-from vtorque.shared.torque import exec_host_of, nodes_from_nodefile, walltime_seconds
+from vtorque.shared.torque import (
+    exec_host_of,
+    nodes_from_nodefile,
+    output_paths,
+    read_prologalarm,
+    torque_kill_after,
+    walltime_seconds,
+)
 
 from .cancel import make_cancel_dir, remove_cancel_dir, spawn_cancel_watcher, watch_main
 from .channel import torque_channel_factory
-from .deadline import hook_age, prologue_deadline, prologue_room, read_prologalarm, torque_kill_after
+from .deadline import hook_age, prologue_deadline, prologue_room
 from .exit_codes import ABORT, PY_REQUEUE, REQUEUE, RUN, prologue_exit_code
 from .job import HookUsage, job_context, qstat_attrs, torque_home
 from .log import hook_log, setup_hook_log
-from .owner_notes import delivered_paths, final_note, reason_text, started_text, write_as_user, write_reason
+from .owner_notes import final_note, reason_text, started_text, write_as_user, write_reason
 from .state_files import guests_marker, nothing_asked, quiet_marker, read_requeues, requeue_counter
 
 
@@ -146,7 +153,7 @@ def _prologue(job: JobContext, args: list[str], config, home: Path, env, progres
             print(f"vtorque: job aborted: {outcome.reason}", file=sys.stderr)
             if requeues:  # the previous attempt's delivered .o/.e still say "requeued": they get the end
                 note = final_note(job.job_id, code, outcome.reason, requeues + 1, where)
-                for path in delivered_paths(attrs):
+                for path in output_paths(attrs):
                     problem = write_as_user(job.owner.uid, job.owner.gid, job.owner.user, path, note, append=True)
                     if problem:
                         hook_log(logging.INFO, "final note not added", path=str(path), error=problem)

@@ -66,17 +66,6 @@ def final_note(job_id: str, code: int, reason: str, attempt: int, reason_file: s
             if code == ABORT else "")
 
 
-def delivered_paths(attrs: dict[str, str] | None) -> list[Path]:
-    """The job's .o/.e as `qstat -f` names them (Output_Path/Error_Path = `host:/path`), where they exist here."""
-    paths: list[Path] = []
-    for key in ("Output_Path", "Error_Path"):
-        value = (attrs or {}).get(key, "")
-        path = value.split(":", 1)[1] if ":" in value else value
-        if path.startswith("/") and path not in [str(p) for p in paths]:
-            paths.append(Path(path))
-    return paths
-
-
 # -- I/O ----------------------------------------------------------------------------------------------------
 
 def write_as_user(uid: int, gid: int, user: str, path: Path, text: str, timeout: float = 5.0,

@@ -1,4 +1,5 @@
-"""exec_host, qstat -f, accounting records, PBS_NODEFILE and the prologue's Resource_List, parsed (shared/torque.py)."""
+"""exec_host, qstat -f (and its .o/.e paths), accounting records, PBS_NODEFILE and the prologue's Resource_List,
+mom_priv/config's $prologalarm, parsed (shared/torque.py)."""
 
 from collections import OrderedDict
 from pathlib import Path
@@ -10,10 +11,14 @@ from vtorque.shared.torque import (
     exec_host_of,
     nodes_from_nodefile,
     nodes_with_cores,
+    output_paths,
     parse_accounting,
     parse_core_list,
     parse_exec_host,
     parse_qstat_f,
+    prologalarm_from_config,
+    read_prologalarm,
+    torque_kill_after,
     walltime_seconds,
 )
 
@@ -213,3 +218,30 @@ def test_torque_names_its_cluster_by_the_server_submits_with_qsub_and_cancels_wi
     assert log.read_text().splitlines() == ["qsub -N x job.sh", "qdel 12.head"]
     assert torque.cluster("12.head") == "torque:head"
     Torque(SchedulerConfig(kind="torque", bin_dir=str(tmp_path / "none"), timeout=5.0)).cancel("1.head")  # no raise
+
+
+def test_prologalarm_from_mom_config():
+    text = "$pbsserver vm\n$logevent 255\n# $prologalarm 5\n$prologalarm 30   # seconds\n"
+    assert prologalarm_from_config(text) == 30
+    assert prologalarm_from_config("$pbsserver vm\n") is None
+    assert prologalarm_from_config("$prologalarm 30\n$prologalarm 600\n") == 600
+
+
+def test_a_mom_without_prologalarm_has_torques_default(tmp_path):
+    assert read_prologalarm(tmp_path) == 300  # no mom_priv/config
+    (tmp_path / "mom_priv").mkdir()
+    (tmp_path / "mom_priv" / "config").write_text("$pbsserver vm\n$prologalarm 45\n")
+    assert read_prologalarm(tmp_path) == 45
+
+
+@pytest.mark.parametrize("alarm, kill", [(300, 290), (30, 20), (11, 1), (10, 10), (5, 5)])
+def test_torque_kills_ten_seconds_early_when_it_can(alarm, kill):
+    assert torque_kill_after(alarm) == kill  # recorded: $prologalarm 30 killed after 20 s
+
+
+def test_the_output_paths_come_from_qstat():
+    attrs = {"Output_Path": "login1.cluster:/home/u/j.o4", "Error_Path": "login1.cluster:/home/u/j.e4"}
+    assert output_paths(attrs) == [Path("/home/u/j.o4"), Path("/home/u/j.e4")]
+    joined = {"Output_Path": "vm:/home/u/j.o4", "Error_Path": "vm:/home/u/j.o4"}
+    assert output_paths(joined) == [Path("/home/u/j.o4")]
+    assert output_paths(None) == [] and output_paths({"Error_Path": "vm:relative"}) == []

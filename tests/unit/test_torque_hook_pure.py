@@ -2,24 +2,11 @@
 walltime, node file and exec_host say is shared/torque.py's: tests/unit/test_torque_exec_host.py."""
 
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
 from vtorque.hooks.job_hook import Outcome, Verdict
 from vtorque.hooks.torque import cancel, deadline, exit_codes, job, owner_notes, state_files
-
-
-def test_prologalarm_from_mom_config():
-    text = "$pbsserver vm\n$logevent 255\n# $prologalarm 5\n$prologalarm 30   # seconds\n"
-    assert deadline.prologalarm_from_config(text) == 30
-    assert deadline.prologalarm_from_config("$pbsserver vm\n") is None
-    assert deadline.prologalarm_from_config("$prologalarm 30\n$prologalarm 600\n") == 600
-
-
-@pytest.mark.parametrize("alarm, kill", [(300, 290), (30, 20), (11, 1), (10, 10), (5, 5)])
-def test_torque_kills_ten_seconds_early_when_it_can(alarm, kill):
-    assert deadline.torque_kill_after(alarm) == kill  # recorded: $prologalarm 30 killed after 20 s
 
 
 def test_deadline_keeps_the_margin_below_torques_kill():
@@ -97,9 +84,3 @@ def test_the_final_reason_file_says_the_final_outcome():
     assert owner_notes.final_note("4.vm", exit_codes.REQUEUE, "x", 2, None) == ""
 
 
-def test_delivered_paths_come_from_qstat():
-    attrs = {"Output_Path": "login1.cluster:/home/u/j.o4", "Error_Path": "login1.cluster:/home/u/j.e4"}
-    assert owner_notes.delivered_paths(attrs) == [Path("/home/u/j.o4"), Path("/home/u/j.e4")]
-    joined = {"Output_Path": "vm:/home/u/j.o4", "Error_Path": "vm:/home/u/j.o4"}
-    assert owner_notes.delivered_paths(joined) == [Path("/home/u/j.o4")]
-    assert owner_notes.delivered_paths(None) == [] and owner_notes.delivered_paths({"Error_Path": "vm:relative"}) == []
