@@ -183,3 +183,36 @@ def test_vsubs_own_wrapper_runs_the_whole_flow(site, tmp_path, monkeypatch):
     assert started.ssh_authorized_keys == job.header.ssh_pubkeys  # vsub's key, on to the guest's seed
     confirmed, _ = site.epilogue(job)
     assert confirmed and site.domains() == {}
+
+
+def test_a_guest_never_ready_times_the_prologue_out_and_the_epilogue_removes_it(site, monkeypatch):
+    """The hook's own deadline: the plan came, the guest never said it was ready; the prologue gives up at its
+    deadline (an infrastructure failure: a bounded requeue), and the epilogue's teardown removes what booted."""
+    from vtorque.services.node_worker import instant
+
+    monkeypatch.setattr(instant.InstantGuests, "boot", staticmethod(lambda console: None))  # silent console
+    job = site.submit("9.srv")
+    t0 = time.monotonic()
+    outcome, lines = site.prologue(job, deadline_s=0.5)
+    assert outcome.verdict is Verdict.FAILED and outcome.planned, (outcome.reason, lines)
+    assert outcome.reason == "timed out after 0s waiting for 1 guest(s)"
+    assert time.monotonic() - t0 < 3
+    confirmed, lines = site.epilogue(job)
+    assert confirmed, lines
+    site.bus.settle()
+    assert site.domains() == {} and site.bus.dead == []
+
+
+def test_a_node_worker_refusing_the_owner_rejects_the_job_for_good(site):
+    """The node worker's own check of the plan (services/node_worker/trust.py), past the bridge: a system
+    account as the owner is refused on the node, the job rejected with the node's reason, nothing defined."""
+    import msgspec
+
+    worker = site.workers["n1"]
+    worker.config = msgspec.structs.replace(
+        worker.config, node=msgspec.structs.replace(worker.config.node, allow_system_owners=False))
+    outcome, lines = site.prologue(site.submit("10.srv"))
+    assert outcome.verdict is Verdict.REJECTED, (outcome.reason, lines)
+    assert "allow_system_owners" in outcome.reason and "root" in outcome.reason
+    site.bus.settle()
+    assert site.domains() == {} and site.of_type(m.GuestReady) == []
