@@ -19,6 +19,7 @@ Boots guests and runs Slurm jobs: run under the lock,
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import shutil
@@ -39,6 +40,7 @@ from vtorque.shared import messages as m
 from vtorque.shared.config import SchedulerConfig
 from vtorque.shared.scheduler import scheduler_for
 
+from .conftest import PREFIX
 from .own_slurm import own_slurm, slurm_conf
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.guest]
@@ -96,22 +98,53 @@ def _teardown(site, job: str) -> None:
         thread.join(60)
 
 
-def _requeue_and_start_again(slurm, job: str) -> None:
-    slurm.run("scontrol", "requeue", job)
-    deadline = time.monotonic() + 30
-    while "Restarts=1" not in slurm.run("scontrol", "-o", "show", "job", job).stdout:
-        assert time.monotonic() < deadline
+def _job_fields(slurm, job: str) -> dict[str, str]:
+    """`scontrol -o show job`'s KEY=VALUE words (the job's actual state, restarts, reason, exit code)."""
+    out = slurm.run("scontrol", "-o", "show", "job", job, check=False).stdout
+    return dict(word.split("=", 1) for word in out.split() if "=" in word)
+
+
+def _batch_step_runs(slurm, job: str) -> bool:
+    """The job's batch step is there (slurmd launched it), not only the job RUNNING in the controller's view."""
+    return f"{job}.batch" in slurm.run("squeue", "-h", "-s", "-j", job, "-o", "%i", check=False).stdout.split()
+
+
+def _requeue_and_start_again(slurm, job: str, restarts: int = 1) -> None:
+    """`scontrol requeue`, once the batch step really runs (a requeue that races the batch launch is one Slurm
+    may drop), and again if Slurm did not take it: done when the job's restart count is `restarts`."""
+    deadline = time.monotonic() + 60
+    while not _batch_step_runs(slurm, job):
+        assert time.monotonic() < deadline, _job_fields(slurm, job)
+        time.sleep(0.2)
+    asked = 0.0
+    while int(_job_fields(slurm, job).get("Restarts", "0")) < restarts:
+        assert time.monotonic() < deadline, _job_fields(slurm, job)
+        if time.monotonic() - asked > 10 and _job_fields(slurm, job).get("JobState") == "RUNNING":
+            slurm.run("scontrol", "requeue", job, check=False)
+            asked = time.monotonic()
         time.sleep(0.2)
 
 
 def _release(slurm, job: str) -> None:
-    """Slurm holds a requeued job back ~120 s (BeginTime); the test lets it start now."""
-    deadline = time.monotonic() + 60
-    while slurm.state(job) not in ("PENDING", "RUNNING"):
-        assert time.monotonic() < deadline, slurm.state(job)
+    """Slurm holds a requeued job back ~120 s (BeginTime); the test lets it start now, once the job has left
+    COMPLETING for 2 s: slurmd refuses a launch within the second its credentials were revoked by the requeue's
+    kill ("Job N already killed, do not launch batch job"), and Slurm then holds the job (launch failed
+    requeued held). Such a job is released and asked again, until its batch step runs."""
+    deadline = time.monotonic() + 180
+    pending_since = asked = None
+    while not (_job_fields(slurm, job).get("JobState") == "RUNNING" and _batch_step_runs(slurm, job)):
+        fields = _job_fields(slurm, job)
+        assert time.monotonic() < deadline, (fields, (slurm.d / "log/slurmd.log").read_text()[-2000:])
+        if fields.get("JobState") != "PENDING":
+            pending_since = None
+        elif pending_since is None:
+            pending_since = time.monotonic()
+        elif time.monotonic() - pending_since > 2 and (asked is None or time.monotonic() - asked > 10):
+            if "held" in fields.get("Reason", "").lower() or fields.get("Priority") == "0":
+                slurm.run("scontrol", "release", job, check=False)
+            slurm.run("scontrol", "update", f"jobid={job}", "starttime=now", check=False)
+            asked = time.monotonic()
         time.sleep(0.2)
-    slurm.run("scontrol", "update", f"jobid={job}", "starttime=now", check=False)
-    slurm.wait_running(job, timeout=60)
 
 
 def test_a_requeued_job_restarts_from_its_checkpoint_and_its_program_carries_on(site, our_slurm, users,  # noqa: F811
@@ -175,6 +208,91 @@ def test_a_requeued_job_restarts_from_its_checkpoint_and_its_program_carries_on(
     _teardown(site, job)
     assert site.worker.hv.lookup(guest.name) is None
     assert not jdir.exists()
+
+
+# The job's batch script itself counts (no detached child): across the requeue it must carry on, not start again.
+COUNTING_SCRIPT = """#!/bin/sh
+echo "$$" >> /tmp/script-starts
+i=0
+while [ $i -lt 40 ]; do i=$((i + 1)); echo "count $i"; sleep 0.5; done
+echo "the count ended at $i"
+exit 3
+"""
+
+
+def _launcher_job(slurm, site, owner, key: Path, script: str, *options: str) -> tuple[str, Path]:
+    """A job whose batch step is vtorque-launch (as vsub's wrapper: the user's script base64 on its stdin),
+    reading the site's job files (its config), as the owner: returns the job id and its output file."""
+    trace = site.root / "trace"
+    trace.mkdir(exist_ok=True)
+    trace.chmod(0o1777)
+    conf = site.root / "launcher.toml"
+    conf.write_text(f'state_dir = "{site.config.state_dir}"\n[tracing]\ndir = "{trace}"\n')
+    conf.chmod(0o644)
+    name = f"count-{uuid.uuid4().hex[:6]}"
+    wrapper = slurm.d / "jobs" / f"{name}.sh"
+    wrapper.write_text(f"#!/bin/sh\nexec {PREFIX}/venv/bin/vtorque-launch --ssh-key {key} --wait 300 "
+                       f"<<'VTORQUE_SCRIPT_END'\n{base64.b64encode(script.encode()).decode()}\nVTORQUE_SCRIPT_END\n")
+    os.chown(wrapper, owner.uid, owner.gid)
+    out = slurm.d / "jobs" / f"{name}.out"
+    done = slurm.run("sbatch", "--parsable", "-D", str(slurm.d / "jobs"), "-o", str(out), "-c", "1",
+                     f"--export=ALL,VTORQUE_CONFIG={conf}", *options, str(wrapper), user=owner)
+    return done.stdout.strip().split(";")[0], out
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+@pytest.mark.parametrize("open_mode", ["truncate", "append"])
+def test_the_batch_script_itself_carries_on_after_a_requeue_and_no_line_comes_twice(
+        site, our_slurm, users, open_mode):  # noqa: F811 - fixtures
+    """The launcher runs the job's script detached in the guest: Slurm's requeue kills the batch step (launcher
+    and ssh), not the script, which the checkpoint keeps running; the batch step that Slurm starts again on the
+    restored guest re-attaches to it (does not start it again) and goes on with its output where the job's
+    output file has it. The job's output then has every count once, in order, and the script's exit status.
+    Slurm truncates a requeued job's output file when it starts again (the default): the launcher sends all of
+    the script's output again; with --open-mode=append (or JobFileAppend) the file keeps the first batch
+    step's lines and the launcher goes on after them."""
+    _, owner = users
+    key = _key(owner)
+    job, out = _launcher_job(our_slurm, site, owner, key, COUNTING_SCRIPT, f"--open-mode={open_mode}")
+    our_slurm.wait_running(job)
+    guest = site.plan(owner, job, vcpus=1, checkpoint=0,
+                      ssh_authorized_keys=[key.with_suffix(".pub").read_text().strip()])
+    (ready,) = site.boot(job, guest)
+    assert isinstance(ready, m.GuestReady), ready
+    deadline = time.monotonic() + 120
+    while "count 6\n" not in _read(out):
+        assert time.monotonic() < deadline and our_slurm.state(job) == "RUNNING", (our_slurm.state(job), _read(out))
+        time.sleep(0.2)
+
+    _requeue_and_start_again(our_slurm, job)  # the batch step is killed; the script in the guest is not
+    _teardown(site, job)  # the epilogue's: the guest checkpointed with its script running
+    assert list(site.worker.checkpoints.epochs(job)) == ["r1"]
+    first = _read(out)
+    _release(our_slurm, job)
+    (again,) = site.boot(job, guest)
+    assert isinstance(again, m.GuestReady) and again.timings.kernel_up is None, again  # restored, not booted
+    deadline = time.monotonic() + 180
+    while our_slurm.state(job) not in ("", "COMPLETED", "FAILED"):
+        assert time.monotonic() < deadline, (our_slurm.state(job), _read(out))
+        time.sleep(0.5)
+    text = _read(out)
+    fields = _job_fields(our_slurm, job)
+    counts = [line for line in text.splitlines() if line.startswith("count ")]
+    assert counts == [f"count {i}" for i in range(1, 41)], text  # carried on: never from 1 again, none twice
+    assert "the count ended at 40" in text, text
+    assert fields.get("ExitCode") == "3:0" and int(fields.get("Restarts", "0")) >= 1, fields
+    kept = [line for line in first.splitlines() if line.startswith("count ")]
+    assert len(kept) >= 6, first
+    if open_mode == "append":
+        assert text.startswith(first), (first, text)  # the first step's lines stay, and are not sent again
+    # The script started once, in the first batch step: the second re-attached to it.
+    assert len(_in_guest(owner, key, again.address, "cat /tmp/script-starts").split()) == 1
+    print(f"{open_mode}: the first batch step wrote {len(kept)} counts; in the end {len(counts)}")
+    _teardown(site, job)
+    assert site.worker.hv.lookup(guest.name) is None and not site.worker.checkpoints.job_dir(job).exists()
 
 
 def test_a_requeued_job_that_starts_on_another_node_restores_there(
