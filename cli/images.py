@@ -69,10 +69,7 @@ def _store_state(config: Config, entry: ImageEntry) -> dict:
         return {"staged": False}
     except OSError:
         return {"staged": None}
-    try:
-        used = max(st.st_mtime, (store.root / "used" / entry.sha256).stat().st_mtime)
-    except OSError:
-        used = st.st_mtime
+    used = max(st.st_mtime, store.used_at(entry.sha256))
     try:
         leases = len(store.live_leases(entry.sha256))
     except OSError:

@@ -317,6 +317,10 @@ class ImageStore:
             raise StageError(f"image store {self.root} has {free / 2**30:.1f} GiB free, the image needs "
                              f"{needed / 2**30:.1f} GiB")
 
+    def used_at(self, digest: str) -> float:
+        """When a guest last used the image (its `used/` stamp's mtime, `touch`ed at each use); 0.0: never."""
+        return _mtime(self.root / "used" / digest)
+
     def touch(self, digest: str) -> None:
         stamp = self.root / "used" / digest
         try:
@@ -394,7 +398,7 @@ class ImageStore:
                 continue
             digest = entry.name
             leases = self.live_leases(digest)
-            used = _mtime(self.root / "used" / digest) or info.st_mtime  # the image's own mtime: when staged
+            used = self.used_at(digest) or info.st_mtime  # the image's own mtime: when staged
             last = max([used] + [_mtime(p) for p in leases])
             # Blocks, not the apparent size: a sparse raw image costs the store only its data.
             images.append(ImageUsage(digest, info.st_blocks * 512, last, len(leases), self._live_wants(digest),

@@ -152,3 +152,26 @@ def test_a_lease_is_released_only_when_its_marker_names_that_guests_own_lease_fi
     for named in (ldir / ".." / digest / lease.name, Path(lease.name), tmp_path / "etc" / "x" / lease.name,
                   ldir.parent / ("0" * 63) / lease.name, tmp_path / "store" / "sha256" / digest / lease.name):
         assert not leases.is_lease_of(named, guest), named
+
+
+def test_when_an_image_was_last_used_is_the_stores_to_say(tmp_path):
+    """`vtorque images list`'s last use and eviction's come from the one `used/` stamp (ImageStore.used_at)."""
+    import os
+
+    from vtorque.cli.images import _store_state
+    from vtorque.shared.config import Config, ImagesConfig
+    from vtorque.shared.image_store import ImageStore
+
+    digest = "cd" * 32
+    store = ImageStore(tmp_path / "store")
+    (store.root / "sha256").mkdir(parents=True)
+    (store.root / "used").mkdir()
+    store.path(digest).write_bytes(b"image")
+    os.utime(store.path(digest), (1000, 1000))
+    config = Config(images=ImagesConfig(store=str(store.root), catalog_file=None))
+    entry = ImageEntry(source="/dev/null", sha256=digest)
+    assert store.used_at(digest) == 0.0 and _store_state(config, entry)["last_used"] == 1000  # never used: staged
+    store.touch(digest)
+    assert store.used_at(digest) > 1000 and _store_state(config, entry)["last_used"] == store.used_at(digest)
+    [usage] = store.usage()
+    assert usage.last_used == store.used_at(digest)
