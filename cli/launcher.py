@@ -16,6 +16,7 @@ import re
 import selectors
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -46,7 +47,9 @@ def remote_command(job_id: str) -> str:
 # The same ssh then streams those files back until the exit status is there. A batch step that starts again on
 # a guest restored from that checkpoint finds the directory (a fresh guest cannot have it: /tmp is the guest's
 # own tmpfs, never a host mount) and re-attaches: the script is not started again, the streams go on from the
-# offsets the launcher gives. The first line on stdout says which ("vtorque-run started|attached|refused"), so
+# offsets the launcher gives. The runner traps (not ignores: the script gets them by default again) the signals
+# a kill of the batch step passes on to its group (_forwarder), so it outlives the script to write its status.
+# The first line on stdout says which ("vtorque-run started|attached|refused"), so
 # the launcher knows whether its offsets still count; everything after it is the script's output. The old
 # stream of a restored guest (its ssh session died with the batch step) sees a newer one's pid in `streamer`
 # and stops. Polled every 10 ms for the first half second (the script's first lines and a short job's end are
@@ -57,7 +60,7 @@ d=$VT_DIR
 if mkdir -m 700 "$d" 2>/dev/null; then
   cat > "$d/script" && chmod 700 "$d/script" && : > "$d/out" && : > "$d/err" || exit 255
   if [ -n "$SSH_AUTH_SOCK" ]; then ln -sfn "$SSH_AUTH_SOCK" "$d/agent"; export SSH_AUTH_SOCK="$d/agent"; fi
-  setsid sh -c 'echo $$ > "$1/pid"; "$1/script" </dev/null >>"$1/out" 2>>"$1/err"
+  setsid sh -c 'trap : TERM INT HUP; echo $$ > "$1/pid"; "$1/script" </dev/null >>"$1/out" 2>>"$1/err"
     echo $? > "$1/rc.new"; mv "$1/rc.new" "$1/rc"' vtorque-job "$d" </dev/null >/dev/null 2>&1 &
   o=0; e=0; echo vtorque-run started
 else
@@ -435,6 +438,22 @@ def _read_own(path: str) -> bytes:
         raise click.ClickException(f"cannot read {path}: {exc.strerror}") from exc
 
 
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _forwarder(argv_for, job_id: str, env: dict | None):
+    def forward(sig: int, _frame) -> None:
+        # The script's runner leads its own session (setsid): the signal goes to its whole process group.
+        command = f'read p < {shlex.quote(guest_run_dir(job_id))}/pid && kill -{int(sig)} -"$p"'
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            subprocess.run(argv_for(command), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, env=env, timeout=10)
+        # Then ended by the signal, as before: the job's key stays for a batch step started again (a requeue).
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+    return forward
+
+
 def _started_in_guest(argv_for, job_id: str, env: dict | None) -> bool:
     command = f"test -d {shlex.quote(guest_run_dir(job_id))}"
     return subprocess.run(argv_for(command), stdin=subprocess.DEVNULL, env=env).returncode == 0
@@ -446,9 +465,17 @@ def _stream_in_guest(argv_for, job_id: str, script: bytes, guest: dict, output: 
 
     with tracing.tracer().start_as_current_span("run job in guest", attributes={
             "vtorque.guest": guest["guest"], "vtorque.node": guest["node"]}) as span:
+        # The scheduler's kill of the batch step (scancel, qdel, a requeue) goes on to the script, as on a host,
+        # unless a requeue checkpoints the guest (the node worker's job file says so): then the script must stay
+        # running in the checkpoint, and a job that ends for good ends it with its guests. An older job file
+        # (or a migrated guest's) does not say: the script is left to the guests' end.
+        forward = guest.get("checkpoint") is False
+        old = {sig: signal.signal(sig, _forwarder(argv_for, job_id, env)) for sig in FORWARDED} if forward else {}
         try:
             rc, word = stream_job(lambda o: argv_for(job_command(job_id, o["out"], o["err"])), script, output, env)
         finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
             output.close(remove=False)
         # Done: the record is of no more use (a killed launcher never gets here, and its record stays for the
         # batch step that starts again).

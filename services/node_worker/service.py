@@ -389,9 +389,11 @@ class NodeWorker(Service):
             waiter.close()
 
     def _write_job_file(self, job_id: str, guest: m.GuestPlan, ssh_socket: Path) -> None:
-        self.write_job_file(job_id, guest.name, guest.index, guest.owner.user, guest.vcpus, ssh_socket)
+        self.write_job_file(job_id, guest.name, guest.index, guest.owner.user, guest.vcpus, ssh_socket,
+                            checkpoint=guest.checkpoint is not None)
 
-    def write_job_file(self, job_id: str, guest: str, index: int, user: str, vcpus: int, ssh_socket: Path) -> None:
+    def write_job_file(self, job_id: str, guest: str, index: int, user: str, vcpus: int, ssh_socket: Path,
+                       checkpoint: bool | None = None) -> None:
         """What the job's launcher (running as the owner) reads to reach its guests: the guest's ssh socket
         (only the owner and root may connect to it, guest_link.py), on this node (a boot, or a guest that moved
         here: migrate.py)."""
@@ -400,6 +402,10 @@ class NodeWorker(Service):
                "ssh_socket": str(ssh_socket), "user": user, "vcpus": vcpus,
                # The job's trace, for what the node does to the guest later (suspend.py's pause and resume spans).
                "traceparent": tracing.current_traceparent()}
+        if checkpoint is not None:
+            # Whether a requeue checkpoints the guest: the launcher then leaves the job's script running when the
+            # scheduler kills the batch step, else it passes the signal on to the script (cli/launcher.py).
+            doc["checkpoint"] = checkpoint
         # Named after the guest's domain (its directory): a pooled guest's keeps its pool name (warm_pool.py).
         domain = trust.check_guest_name(ssh_socket.parent.name)
         tmp = jdir / f".{domain}.json.tmp"

@@ -5,7 +5,9 @@ record of what was written (resume_offsets, encode/decode_record) and the remote
 side runs for real in tests/e2e/test_checkpoint_requeue.py."""
 
 import base64
+import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -121,12 +123,13 @@ COUNT = (b"#!/bin/sh\ni=0\nwhile [ $i -lt 10 ]; do i=$((i + 1)); echo \"count $i
          b"sleep 0.2; done\nexit 3\n")
 
 
-def _launcher(tmp_path, shell, job):
-    """`vtorque-launch` whose `ssh` runs the remote command in `shell` here: the guest's side, without a guest."""
+def _launcher(tmp_path, shell, job, checkpoint=True):
+    """`vtorque-launch` whose `ssh` runs the remote command in `shell` here: the guest's side, without a guest.
+    `checkpoint`: what the node worker's job file says of the guest."""
     jdir = tmp_path / "state" / "jobs" / job
     jdir.mkdir(parents=True, exist_ok=True)
     (jdir / "vt-x-n1-0.json").write_text(json.dumps({"guest": "vt-x-n1-0", "index": 0, "node": "n1", "user": "u",
-                                                     "ssh_socket": "/nonexistent"}))
+                                                     "ssh_socket": "/nonexistent", "checkpoint": checkpoint}))
     bindir = tmp_path / "bin"
     bindir.mkdir(exist_ok=True)
     (bindir / "ssh").write_text(f'#!/bin/sh\nfor a; do last=$a; done\nexec {shell} -c "$last"\n')
@@ -182,4 +185,37 @@ def test_a_normal_run_keeps_the_scripts_output_and_exit_status(tmp_path):
         assert sorted((tmp_path / "job.out").read_text().splitlines()) == ["err", "out"]
         assert not Path(f"{key}.stream").exists()
     finally:
+        shutil.rmtree(f"/tmp/vtorque-job.{job}", ignore_errors=True)
+
+
+TRAPPED = b"#!/bin/sh\ntrap 'echo terminated > \"$MARK\"; exit 143' TERM\necho up\nwhile :; do sleep 0.1; done\n"
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_the_batch_steps_kill_reaches_the_script_unless_a_requeue_checkpoints_it(tmp_path, checkpoint):
+    job = f"t{uuid.uuid4().hex[:8]}"
+    mark = tmp_path / "mark"
+    script = TRAPPED.replace(b"$MARK", str(mark).encode())
+    try:
+        proc, _ = _launcher(tmp_path, "busybox sh", job, checkpoint=checkpoint)
+        proc.stdin.write(base64.b64encode(script))
+        proc.stdin.close()
+        deadline = time.monotonic() + 30
+        while b"up" not in (tmp_path / "job.out").read_bytes():
+            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "job.out").read_bytes()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # scancel, or a requeue
+        assert proc.wait(20) == -signal.SIGTERM  # the launcher ends by the signal, as before
+        time.sleep(1)
+        if checkpoint:
+            assert not mark.exists()  # left running for the checkpoint (its guests' end ends it)
+            assert not Path(f"/tmp/vtorque-job.{job}/rc").exists()
+        else:
+            assert mark.read_text() == "terminated\n"  # the script got the signal, as on a host
+            assert Path(f"/tmp/vtorque-job.{job}/rc").read_text() == "143\n"
+    finally:
+        pid = Path(f"/tmp/vtorque-job.{job}/pid")
+        if pid.exists() and not Path(f"/tmp/vtorque-job.{job}/rc").exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(int(pid.read_text()), signal.SIGKILL)  # the runner we started: its own group
         shutil.rmtree(f"/tmp/vtorque-job.{job}", ignore_errors=True)
