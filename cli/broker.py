@@ -151,7 +151,8 @@ def setup(vhost: str, nodes: tuple[str, ...], credentials_dir: str, hook_group: 
     setup_secret = secrets.token_urlsafe(24)
     _ctl("add_user", setup_user, stdin=setup_secret + "\n")
     try:
-        _ctl("set_permissions", "-p", vhost, setup_user, r"^vtorque\.", r"^vtorque\.", r"^vtorque\.")
+        names = topology.namespace_regex()  # what the set-up declares: the table's exchanges and queues
+        _ctl("set_permissions", "-p", vhost, setup_user, names, names, names)
         scheme, _, where = amqp.partition("://")
         _declare_shared_topology(f"{scheme}://{setup_user}:{setup_secret}@{where.rstrip('/')}/{vhost}")
     finally:

@@ -19,6 +19,7 @@ from typing import Literal
 
 from vtorque.shared import messages as m
 
+NAMESPACE = "vtorque."  # every exchange and queue below starts with it (the set-up user may make only those)
 EVENTS = "vtorque.events"
 COMMANDS = "vtorque.commands"
 DEAD = "vtorque.dead"
@@ -217,6 +218,11 @@ def command_queues(command: m.Command) -> list[QueueSpec]:
     if field is None:
         return [command_queue(command)]
     return [queue(NODE_Q, node=node) for node in dict.fromkeys(getattr(command, field))]
+
+
+def namespace_regex() -> str:
+    """Every exchange and queue name of the table, and nothing else of the vhost, as a broker permission regex."""
+    return "^" + re.escape(NAMESPACE)
 
 
 def prefix(template: str) -> str:

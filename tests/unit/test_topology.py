@@ -119,6 +119,13 @@ NAMES = {q.name for q in t.QUEUES.values() if "{" not in q.name} | {t.prefix(q.n
 ROUTE_LITERAL = re.compile(r"^(job|image|node)\.(\*|#)(\.|$)")
 
 
+def test_every_name_of_the_table_is_in_its_namespace():
+    names = [*t.EXCHANGES, *(q.name for q in t.QUEUES.values())]
+    assert all(n.startswith(t.NAMESPACE) for n in names), names
+    assert all(re.match(t.namespace_regex(), n) for n in names)
+    assert t.namespace_regex() == r"^vtorque\." and not re.match(t.namespace_regex(), "vtorqueXevents")
+
+
 def test_no_queue_or_routing_pattern_is_typed_outside_the_table():
     offenders = []
     for folder in ("shared", "services", "cli", "hooks"):
@@ -132,7 +139,8 @@ def test_no_queue_or_routing_pattern_is_typed_outside_the_table():
                        == "getLogger" for a in c.args}
             for node in ast.walk(tree):
                 if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in exempt:
-                    if node.value in NAMES or ROUTE_LITERAL.match(node.value):
+                    # the namespace too, as the broker permission regex it becomes (topology.namespace_regex)
+                    if node.value in NAMES or ROUTE_LITERAL.match(node.value) or "vtorque\\." in node.value:
                         offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
     assert not offenders, "\n".join(offenders)
 
