@@ -21,6 +21,8 @@ import uuid
 
 import pytest
 
+from vtorque.services.node_worker.reconcile import GRACE
+
 from .rig_support import RECONCILE_PERIOD, FaultJob, cancel_unfinished, domains, leftovers, wait_nothing_left
 from .test_rig import PREFIX, RIG, RIG_DIR, cluster, on, rig  # noqa: F401 - the rig, up for this module
 
@@ -233,4 +235,41 @@ def test_a_move_to_a_target_cut_off_the_network_leaves_the_guest_running_where_i
     assert guest in running("c2")
     on("head", "scancel", job.id)
     job.wait_done(timeout=240)
+    wait_nothing_left(job)
+
+
+def test_the_sources_node_worker_killed_mid_move_leaves_one_running_copy_and_nothing_else(no_job_left_behind):
+    """The source's worker drives the move (libvirt peer to peer from its libvirtd): killed mid-move, whichever
+    way the move ends, exactly one copy of the guest runs, on one host, with its files there and none on the
+    other once reconciliation has been round; the job completes."""
+    job = MigrateJob(pings=240)  # running past the CLI's wait and a reconcile period
+    job.wait_ready("c1")
+    job.wait_ready("c2")
+    guest = job.guest("c2")
+    move = subprocess.Popen([str(RIG), "exec", "head", "env", f"PATH={PREFIX}/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                             "vtorque", "migrate", job.id, "--from", "c2", "--to", "c1", "--timeout", "60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_incoming(job, guest, "c1")
+    rig("kill", "c2", "node-worker")  # SIGKILL; its supervisor starts it again after 1 s
+    out, err = move.communicate(timeout=400)
+    print(out, err, f"vtorque migrate exit {move.returncode}")
+
+    def where() -> list[str]:
+        return [h for h in ("c1", "c2") if guest in running(h)]
+
+    job.wait("one running copy", lambda: len(where()) == 1, timeout=120, every=0.5)
+    time.sleep(RECONCILE_PERIOD + 5)  # the restarted worker's reconciliation has been round, and the target's
+    (host,) = where()
+    other = "c2" if host == "c1" else "c1"
+    print(f"the guest runs on {host}")
+    assert guest not in domains(other), f"a second, defined copy on {other}"
+    # The files the killed worker did not remove: reconciliation's, once they are past its grace (two minutes
+    # after the guest's boot wrote them: a directory without a domain may be a boot's) and a period.
+    job.wait(f"the guest's directory on {other} removed",
+             lambda: not (RIG_DIR / "hosts" / other / "vtorque" / "lib" / "guests" / guest).exists(),
+             timeout=GRACE.total_seconds() + RECONCILE_PERIOD + 10, every=1.0)
+    assert (RIG_DIR / "hosts" / host / "vtorque" / "lib" / "guests" / guest).exists()
+    assert job.running(), "the job ended before the check"
+    show = job.wait_done(timeout=400)
+    assert "JobState=COMPLETED" in show, show + job.output()
     wait_nothing_left(job)
