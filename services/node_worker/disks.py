@@ -23,6 +23,7 @@ from vtorque.shared.logs import log
 from vtorque.shared.messages import domain_name
 from vtorque.shared.user_files import copy_user_image
 
+from . import root_files
 from .domain import GuestDisks
 from .trust import Refused, check_guest_name, is_safe_dir, own_entry, secure_dir
 
@@ -163,17 +164,8 @@ def guest_dirs(root: str | Path) -> dict[str, Path]:
 
 def read_small(gdir: Path, name: str) -> str | None:
     """A small file root wrote in a guest directory (job, node), never through a symlink; None otherwise."""
-    try:
-        fd = os.open(gdir / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_size > SMALL:
-            return None
-        return os.read(fd, SMALL).decode(errors="replace")
-    finally:
-        os.close(fd)
+    data = root_files.read_small(gdir / name, SMALL)
+    return None if data is None else data.decode(errors="replace")
 
 
 def mtime_of(gdir: Path, name: str = "job") -> float | None:
