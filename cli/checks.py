@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 HOOKS_ENV = "/etc/vtorque/hooks.env"
@@ -32,18 +31,6 @@ class Check:
 def worst(statuses) -> str:
     statuses = list(statuses)
     return FAIL if FAIL in statuses else WARN if WARN in statuses else OK
-
-
-def env_file_lines(text: str) -> dict[str, str]:
-    """`NAME=value` lines (Torque's pbs_environment: no shell, no quotes removed but a surrounding pair)."""
-    env = {}
-    for line in text.splitlines():
-        name, sep, value = line.strip().partition("=")
-        if sep and name.isidentifier() and not line.lstrip().startswith("#"):
-            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-                value = value[1:-1]
-            env[name] = value
-    return env
 
 
 def hook_environment(env_file: str | None = None, base: dict[str, str] | None = None,
@@ -72,14 +59,6 @@ def hook_environment(env_file: str | None = None, base: dict[str, str] | None = 
 def hooks_python(env_file: str | None = None, base: dict[str, str] | None = None) -> str:
     """The interpreter the shell hooks exec: VTORQUE_PYTHON as hooks.env leaves it, else the default venv."""
     return hook_environment(env_file, base)[0].get("VTORQUE_PYTHON") or DEFAULT_PYTHON
-
-
-def torque_hook_base_env(torque_home: str | Path) -> dict[str, str]:
-    """What pbs_mom adds to its hooks' environment from <TORQUE_HOME>/pbs_environment ({} when absent)."""
-    try:
-        return env_file_lines((Path(torque_home) / "pbs_environment").read_text(errors="replace"))
-    except OSError:
-        return {}
 
 
 def is_root() -> bool:

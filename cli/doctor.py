@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from vtorque.cli.checks import FAIL, OK, WARN, Check, hook_environment, is_root, torque_hook_base_env, worst
+from vtorque.cli.checks import FAIL, OK, WARN, Check, hook_environment, is_root, worst
 
 # Check, OK, WARN, FAIL live in cli/checks.py (install_hooks.py needs them too) and are used from here as before.
 
@@ -219,7 +219,9 @@ def check_clock(config, max_skew: float = 2.0) -> Check:
 def _hooks_base_env(config) -> dict[str, str]:
     """What the scheduler gives its hooks before hooks.env: Slurm's PrologSlurmctld gets (almost) nothing,
     Torque's prologue gets <TORQUE_HOME>/pbs_environment."""
-    return torque_hook_base_env(config.torque.home) if config.scheduler.kind == "torque" else {}
+    from vtorque.shared.torque import hook_base_env
+
+    return hook_base_env(config.torque.home) if config.scheduler.kind == "torque" else {}
 
 
 def _slurm_config(config, hook_env: dict[str, str]) -> tuple[str, str]:

@@ -392,3 +392,25 @@ def parse_record(line: str) -> AccountingRecord | None:
 def parse_accounting(text: str) -> list[AccountingRecord]:
     """Every record of an accounting file's text (lines that are not records are passed over)."""
     return [rec for rec in map(parse_record, text.splitlines()) if rec is not None]
+
+
+# -- what pbs_mom gives its hooks ----------------------------------------------------------------------
+
+def pbs_environment_lines(text: str) -> dict[str, str]:
+    """`NAME=value` lines (Torque's pbs_environment: no shell, no quotes removed but a surrounding pair)."""
+    env = {}
+    for line in text.splitlines():
+        name, sep, value = line.strip().partition("=")
+        if sep and name.isidentifier() and not line.lstrip().startswith("#"):
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            env[name] = value
+    return env
+
+
+def hook_base_env(torque_home: str | Path) -> dict[str, str]:
+    """What pbs_mom adds to its hooks' environment from <TORQUE_HOME>/pbs_environment ({} when absent)."""
+    try:
+        return pbs_environment_lines((Path(torque_home) / "pbs_environment").read_text(errors="replace"))
+    except OSError:
+        return {}

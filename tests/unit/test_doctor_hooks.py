@@ -12,6 +12,7 @@ import msgspec
 import pytest
 
 from vtorque.cli import checks, doctor
+from vtorque.shared import torque
 from vtorque.shared.config import Config, HooksConfig, SchedulerConfig, TorqueConfig
 from vtorque.shared.slurm import slurm_user
 
@@ -56,9 +57,9 @@ def test_a_broken_hooks_env_is_a_problem_not_a_guess(tmp_path):
 
 def test_pbs_environment_lines(tmp_path):
     write(tmp_path / "pbs_environment", "PATH=/bin:/usr/bin\nVTORQUE_CONFIG=\"/site/vt.toml\"\n# x=y\nLANG=C\n")
-    assert checks.torque_hook_base_env(tmp_path) == {"PATH": "/bin:/usr/bin", "VTORQUE_CONFIG": "/site/vt.toml",
+    assert torque.hook_base_env(tmp_path) == {"PATH": "/bin:/usr/bin", "VTORQUE_CONFIG": "/site/vt.toml",
                                                      "LANG": "C"}
-    assert checks.torque_hook_base_env(tmp_path / "none") == {}
+    assert torque.hook_base_env(tmp_path / "none") == {}
 
 
 # -- which config the hooks read --------------------------------------------------------------------------
