@@ -75,6 +75,7 @@ def job_info_from_attrs(job_id: str, a: dict[str, str]) -> JobInfo:
     return JobInfo(job_id=job_id, state=state, raw_state=raw, exit_code=exit_code, owner=owner, nodes=nodes,
                    walltime_s=wall, reason=a.get("comment") or None, mem_mib=mem,
                    cores=_cores_of(a.get("exec_host", ""), nodes), queue=a.get("queue") or None,
+                   stdout=_path_of(a.get("Output_Path", "")), stderr=_path_of(a.get("Error_Path", "")),
                    # start_count grows on every start, requeues included (../shared/reference/torque-hooks.md §8)
                    restarts=max(0, int(a["start_count"]) - 1) if a.get("start_count", "").isdigit() else None)
 
@@ -293,11 +294,16 @@ def output_paths(attrs: dict[str, str] | None) -> list[Path]:
     output first."""
     paths: list[Path] = []
     for key in ("Output_Path", "Error_Path"):
-        value = (attrs or {}).get(key, "")
-        path = value.split(":", 1)[1] if ":" in value else value
-        if path.startswith("/") and path not in [str(p) for p in paths]:
+        path = _path_of((attrs or {}).get(key, ""))
+        if path and path not in [str(p) for p in paths]:
             paths.append(Path(path))
     return paths
+
+
+def _path_of(value: str) -> str | None:
+    """`host:/path` (qstat -f's Output_Path, Error_Path) → the absolute path; None when it names none."""
+    path = value.split(":", 1)[1] if ":" in value else value
+    return path if path.startswith("/") else None
 
 
 # -- pbs_mom's prologue alarm: when it kills a root prologue -----------------------------------------------------

@@ -100,6 +100,8 @@ def test_torque_job_info_of_a_running_and_a_completed_job():
     info = torque_job_info("12.vm", QSTAT_F_RUNNING)
     assert (info.state, info.alive, info.owner, info.nodes, info.walltime_s) == ("running", True, "trqtest",
                                                                                 ("vm",), 300)
+    # where its .o/.e go, as Slurm's StdOut/StdErr say it (`vtorque status` shows them)
+    assert (info.stdout, info.stderr) == ("/home/trqtest/hooktest.o12", "/home/trqtest/hooktest.e12")
     done = torque_job_info("12.vm", QSTAT_F_RUNNING.replace("job_state = R", "job_state = C\n    exit_status = -2"))
     assert (done.state, done.exit_code, done.alive) == ("failed", -2, False)
     qdel = torque_job_info("12.vm", QSTAT_F_RUNNING.replace("job_state = R", "job_state = C\n    exit_status = 271"))
