@@ -457,11 +457,12 @@ class ServiceRunner:
     def __init__(self, url: str, queues: list[Queue], handlers: Mapping[type, Handler], *,
                  heartbeat: int = 30, prefetch: int = 1,
                  on_idle: Callable[[], None] | None = None, user_prefix: str = topology.USER_PREFIX,
-                 clock: Clock = SYSTEM_CLOCK):
+                 clock: Clock = SYSTEM_CLOCK, publisher: Publisher | None = None):
         self.url, self.queues, self.handlers = url, queues, dict(handlers)
         self.clock = clock  # the service's (shared/clock.py): whether a command is past its deadline
-        # Only the consuming thread uses this one; handlers publish through their own (one per thread).
-        self.publisher = Publisher(url)
+        # The service's own (run_service passes it): a Publisher keeps a connection per thread, so the
+        # consuming thread's CommandExpired and dead letters go on a connection of their own through it.
+        self.publisher = publisher or Publisher(url)
         self.heartbeat, self.prefetch = heartbeat, prefetch
         self.on_idle = on_idle
         self.stop_event = threading.Event()

@@ -55,7 +55,7 @@ def run_service(service: Service, config: Config) -> None:
     """Consume the service's queues until SIGTERM/SIGINT; its extra consumers and background tasks with it."""
     url = config.broker.connection_url()
     runners = [ServiceRunner(url, queues, handlers, heartbeat=config.broker.heartbeat,
-                             user_prefix=config.broker.user_prefix, clock=service.clock)
+                             user_prefix=config.broker.user_prefix, clock=service.clock, publisher=service.publisher)
                for queues, handlers in [(service.queues(), service.handlers()), *service.extra_consumers()]]
     main, extra = runners[0], runners[1:]
     def stop_all(*_) -> None:
