@@ -449,22 +449,31 @@ class NodeWorker(Service):
         except HypervisorError as exc:
             # libvirtd down or wedged: the epilogue hears so now (not after its deadline), reconciliation retries.
             result, reason = Teardown(removed=[], disks_removed=0, failed={}), f"libvirt: {exc}"
-        thread = None
+        thread, answered = None, threading.Event()
         if result.undefine:
             # Killed guests' domains: libvirt's destroy waits for their QEMUs to be reaped (seconds here), so off
-            # the node's queue: the next job's boot does not wait for this one's clean-up. Listed before the
-            # answer goes out, so whoever hears the answer finds the clean-up among teardown_threads.
+            # the node's queue: the next job's boot does not wait for this one's clean-up. Listed and started
+            # before the answer goes out (whoever hears the answer finds it among teardown_threads and can join
+            # it: a thread not yet started cannot be joined); it waits for the answer to be out before it
+            # touches a file, so the answer never waits for the files.
             thread = threading.Thread(target=contextvars.copy_context().run,
-                                      args=(self._files_after, cmd.job_id, result), name="teardown-files", daemon=True)
+                                      args=(self._files_after_answer, answered, cmd.job_id, result),
+                                      name="teardown-files", daemon=True)
             with self._thread_lock:
                 self.teardown_threads = [t for t in self.teardown_threads if t.is_alive()] + [thread]
-        self.publisher.publish(m.GuestsTornDown.new(
-            job_id=cmd.job_id, deadline=cmd.deadline, node=self.node, guests=result.removed,
-            disks_removed=result.disks_removed, not_removed=sorted(result.failed), reason=reason[:1000]))
+            thread.start()
+        try:
+            self.publisher.publish(m.GuestsTornDown.new(
+                job_id=cmd.job_id, deadline=cmd.deadline, node=self.node, guests=result.removed,
+                disks_removed=result.disks_removed, not_removed=sorted(result.failed), reason=reason[:1000]))
+        finally:
+            answered.set()
         if thread is None:
             self._files_after(cmd.job_id, result)  # unlinks and rmdirs: milliseconds
-        else:
-            thread.start()
+
+    def _files_after_answer(self, answered: threading.Event, job_id: str, result: Teardown) -> None:
+        answered.wait()
+        self._files_after(job_id, result)
 
     def _files_after(self, job_id: str, result: Teardown) -> None:
         with _phase("remove guest files"):

@@ -160,7 +160,8 @@ def test_the_answer_goes_once_the_guests_are_stopped_and_the_files_after_it(tmp_
 
     def publish(message):
         at_answer.update(running=set(hv.running), domains=sorted(hv.domains), **left_of(w, region),
-                         clean_up_listed=len(w.teardown_threads))
+                         clean_up_listed=len(w.teardown_threads),
+                         clean_up_joinable=all(t.ident is not None for t in w.teardown_threads))
         sent.sent.append(message)
 
     monkeypatch.setattr(sent, "publish", publish)
@@ -171,8 +172,9 @@ def test_the_answer_goes_once_the_guests_are_stopped_and_the_files_after_it(tmp_
     # there...
     assert at_answer == {"running": set(), "domains": ["vt-7-n1-0"] if killable else [],
                          "guest dirs": ["vt-7-n1-0"], "job files": ["vt-7-n1-0.json"], "shm": False,
-                         "networks": [4242], "clean_up_listed": 1 if killable else 0}
-    # (a clean-up left to a thread is listed before the answer goes: whoever hears the answer can join it)
+                         "networks": [4242], "clean_up_listed": 1 if killable else 0, "clean_up_joinable": True}
+    # (a clean-up left to a thread is listed and started before the answer goes: whoever hears the answer can
+    # join it; joining a thread not yet started raises)
     # ... and gone once the teardown's own thread is done (the node's next command does not wait for it).
     for thread in w.teardown_threads:
         thread.join(10)
