@@ -92,9 +92,17 @@ class Evacuation:
         outcome = ""
         if isinstance(action, Move):
             outcome = self._move(action)
-            if outcome and self.requeue:  # not moved: the guest runs on where it was; take the job off the node
+            if not outcome:
+                told = self._tell(action, bad, outcome)
+                # Nothing of the job runs on the node now: give it back, so that the drain completes (the node
+                # DRAINED, free to be taken out) instead of waiting for the job's end.
+                kept = self.scheduler.release(info, node)
+                self.echo(f"job {job_id}: node {node} " + (f"stays the job's until it ends: {kept}" if kept
+                                                           else "taken out of its allocation"), err=bool(kept))
+                return told
+            if self.requeue:  # not moved: the guest runs on where it was; take the job off the node
                 action, outcome = Requeue(job_id, node, f"the move to {action.target} failed ({outcome})"), ""
-            elif outcome:
+            else:
                 outcome = f", not moved: {outcome}"
         if isinstance(action, Requeue):
             try:

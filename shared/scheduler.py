@@ -43,6 +43,7 @@ class JobInfo(msgspec.Struct, kw_only=True, frozen=True):
     # Slurm counts a requeue the moment it happens, while the job is still COMPLETING (its epilogue runs then):
     # a count above the one the job started with says this end is a requeue (services/node_worker/checkpoint.py).
     restarts: int | None = None
+    batch_host: str | None = None  # where the job's batch script runs (Slurm BatchHost, Torque's first exec_host)
 
     @property
     def alive(self) -> bool:
@@ -102,6 +103,11 @@ class Scheduler(Protocol):
     def bad_nodes(self) -> list[BadNode]:
         """Every node the scheduler has taken out (drained, draining, down, failing; Torque's offline, down) with
         its reason. Raises SchedulerError."""
+
+    def release(self, job: JobInfo, node: str) -> str | None:
+        """Take `node` out of the running job's allocation, so that nothing holds a node the scheduler drained
+        once the job's guests have left it (Slurm shrinks a running job: `scontrol update JobId= NodeList=`).
+        None when done, else why not (the batch host; a scheduler that cannot)."""
 
     def note(self, job_id: str, text: str) -> str | None:
         """Tell the job's owner `text` where they read about their job (Slurm's Comment); None when told, else

@@ -105,7 +105,8 @@ def slurm_job_info(job_id: str, text: str) -> JobInfo:
                    walltime_s=wall, reason=reason, stdout=paths.get("StdOut"), stderr=paths.get("StdErr"),
                    mem_mib=mem, cores=_cores_of(text, job_id, nodes),
                    queue=f["Partition"] if f.get("Partition") not in (None, "", "(null)") else None,
-                   restarts=int(f["Restarts"]) if f.get("Restarts", "").isdigit() else None)
+                   restarts=int(f["Restarts"]) if f.get("Restarts", "").isdigit() else None,
+                   batch_host=f["BatchHost"] if ran else None)
 
 
 def _cores_of(text: str, job_id: str, nodes: tuple[str, ...]) -> tuple[int, ...]:
@@ -254,6 +255,18 @@ class Slurm:
 
     def note(self, job_id: str, text: str) -> str | None:
         return self.set_comment(job_id, text)
+
+    def release(self, job: JobInfo, node: str) -> str | None:
+        rest = [n for n in job.nodes if n != node]
+        if node not in job.nodes:
+            return None
+        if node == job.batch_host or not rest:
+            return f"its batch script runs on {node}"
+        try:
+            proc = self.run("scontrol", "update", f"JobId={job.job_id}", f"NodeList={','.join(rest)}")
+        except SchedulerError as exc:
+            return str(exc)
+        return None if proc.returncode == 0 else f"scontrol update NodeList: {_refusal(proc)}"
 
     def requeue(self, job_id: str) -> None:
         proc = self.run("scontrol", "requeue", job_id)

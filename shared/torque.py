@@ -77,7 +77,8 @@ def job_info_from_attrs(job_id: str, a: dict[str, str]) -> JobInfo:
                    cores=_cores_of(a.get("exec_host", ""), nodes), queue=a.get("queue") or None,
                    stdout=_path_of(a.get("Output_Path", "")), stderr=_path_of(a.get("Error_Path", "")),
                    # start_count grows on every start, requeues included (../shared/reference/torque-hooks.md §8)
-                   restarts=max(0, int(a["start_count"]) - 1) if a.get("start_count", "").isdigit() else None)
+                   restarts=max(0, int(a["start_count"]) - 1) if a.get("start_count", "").isdigit() else None,
+                   batch_host=nodes[0] if nodes else None)  # exec_host's first: the mother superior
 
 
 def _cores_of(exec_host: str, nodes: tuple[str, ...]) -> tuple[int, ...]:
@@ -127,6 +128,9 @@ class Torque:
         if proc.returncode != 0:
             raise SchedulerError(f"pbsnodes -l: {_last_line(proc, 'pbsnodes')}")
         return bad_nodes(proc.stdout)
+
+    def release(self, job: JobInfo, node: str) -> str | None:
+        return "Torque takes no node from a running job"
 
     def note(self, job_id: str, text: str) -> str | None:
         # Torque's job comment is the server's own (qalter cannot set it): the owner reads it in the job's

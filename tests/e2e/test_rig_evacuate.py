@@ -47,6 +47,10 @@ def healthy_again(cluster):  # noqa: F811 - the fixture imported above
         on("head", "scontrol", "update", f"NodeName={node}", "State=RESUME", check=False)
 
 
+def comment_of(job: FaultJob) -> str:
+    return on("head", "squeue", "-h", "-j", job.id, "-o", "%k").stdout.strip()
+
+
 def field(show: str, key: str) -> str:
     return next((w.partition("=")[2] for w in show.split() if w.startswith(f"{key}=")), "")
 
@@ -77,13 +81,21 @@ def test_a_drained_nodes_guest_moves_to_a_healthy_node_of_its_job_and_the_owner_
                  timeout=180, every=0.5)
         job.wait("nothing of it on c2", lambda: moving not in domains("c2"), timeout=60, every=0.5)
         took = time.monotonic() - drained
+        job.wait("the owner told", lambda: "moved live" in comment_of(job), timeout=30, every=0.5)
+        job.wait("c2 out of the job's allocation", lambda: field(job.show(), "NodeList") == "c1", timeout=30)
     finally:
         out, err = stop(watch)
     print(out, err, f"drain -> moved in {took:.1f}s")
     assert f"{moving}: c2 -> c1" in out, out + err
     # the owner's word, in the job's Comment: what, where and why
-    comment = on("head", "squeue", "-h", "-j", job.id, "-o", "%k").stdout.strip()
+    comment = comment_of(job)
     assert comment.startswith(f"vtorque: node c2 was taken out ({REASON}") and "moved live to c1" in comment, comment
+
+    # nothing of the job runs on c2 any more: Slurm takes c2 from the job, and the drain completes at once
+    # (DRAINED: the operator may take it out now, not at the job's end)
+    job.wait("c2 drained", lambda: on("head", "sinfo", "-h", "-n", "c2", "-o", "%T").stdout.strip() == "drained",
+             timeout=60, every=0.5)
+    assert "node c2 taken out of its allocation" in out, out
 
     # the same guest ran on: its counter has no gap
     after = counts(in_guest("c1", moving, key, "cat /tmp/count"))
@@ -123,7 +135,7 @@ def test_a_job_with_nowhere_to_move_is_requeued_and_starts_again_on_a_healthy_no
     assert "requeued, no healthy node of the job to move to: it holds no other node" in done.stdout, done.stdout
     show = job.show()
     assert field(show, "Restarts") == "1", show
-    assert f"node {node} was taken out ({REASON}" in on("head", "squeue", "-h", "-j", job.id, "-o", "%k").stdout
+    assert f"node {node} was taken out ({REASON}" in comment_of(job)
     # Slurm holds a requeued job back (BeginTime, ~2 min): the operator lets it go now
     job.wait("pending again", lambda: field(job.show(), "JobState") == "PENDING", timeout=120, every=0.5)
     on("head", "scontrol", "update", f"JobId={job.id}", "StartTime=now")

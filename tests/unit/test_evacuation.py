@@ -79,7 +79,7 @@ def test_the_owner_reads_what_happened_and_why_in_one_line():
 class Scheduler:
     def __init__(self, bad, jobs, refuse_requeue=""):
         self.bad, self.jobs, self.refuse_requeue = bad, jobs, refuse_requeue
-        self.requeued, self.notes = [], []
+        self.requeued, self.notes, self.released = [], [], []
 
     def bad_nodes(self):
         return self.bad
@@ -94,6 +94,10 @@ class Scheduler:
 
     def note(self, job_id, text):
         self.notes.append((job_id, text))
+
+    def release(self, job, node):
+        self.released.append((job.job_id, node))
+        return None
 
 
 def beat(node, jobs, free=1000):
@@ -134,6 +138,7 @@ def test_a_round_moves_each_vm_job_off_a_drained_node_once_and_tells_the_owner()
                            ("9", "vtorque: node c2 was taken out (ECC [root@t]): requeued, no healthy node of the "
                                  "job to move to: it holds no other node")]
     assert any("c2 -> c1" in text for _, text in said)
+    assert sched.released == [("7", "c2")]  # the moved job gives the drained node back; the requeued one ends
     # the next round, the node's beat still naming job 7 (beats are seconds apart): nothing again
     assert ev.round() == [] and len(asked) == 1 and sched.requeued == ["9"]
 
@@ -175,3 +180,22 @@ def test_a_node_naming_a_job_the_scheduler_does_not_place_there_moves_and_requeu
     results = ev.round()
     assert [type(a).__name__ for a, _ in results] == ["Leave", "Leave"] and asked == [] and sched.requeued == []
     assert "does not place it on c2" in results[0][0].why and sched.notes == []
+
+
+def test_slurm_takes_the_node_from_the_job_unless_its_batch_script_runs_there(tmp_path):
+    """`scontrol update JobId= NodeList=` shrinks a running job (Slurm's own); the batch host cannot go."""
+    from vtorque.shared.config import SchedulerConfig
+    from vtorque.shared.slurm import Slurm, slurm_job_info
+
+    asked = tmp_path / "asked"
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {asked}\n')
+    scontrol.chmod(0o755)
+    slurm = Slurm(SchedulerConfig(kind="slurm", bin_dir=str(tmp_path)))
+    info = slurm_job_info("7", "JobId=7 JobName=j UserId=alice(1000) JobState=RUNNING Restarts=0 "
+                               "BatchHost=c1 NodeList=c[1-3] NumNodes=3")
+    assert info.batch_host == "c1" and info.nodes == ("c1", "c2", "c3")
+    assert slurm.release(info, "c2") is None
+    assert asked.read_text().split() == ["update", "JobId=7", "NodeList=c1,c3"]
+    assert slurm.release(info, "c1") == "its batch script runs on c1"
+    assert slurm.release(info, "c9") is None and len(asked.read_text().splitlines()) == 1
