@@ -7,7 +7,9 @@ the counter carries on past the count it had reached instead of starting again f
 the checkpoint is on its disk too). When the job then ends for good (scancel), its teardown removes the
 checkpoint. The requeued job restores on another node (the checkpoint directory shared, keyed by job and rank);
 after a node failure (no teardown) it restarts from its last periodic checkpoint (`checkpoint=<interval>`). A job
-that did not ask for one boots cold after a requeue, and nothing is kept.
+that did not ask for one boots cold after a requeue, and nothing is kept. With vtorque-launch as the batch step,
+the job's batch script itself carries on across the requeue (the launcher re-attaches to it in the restored
+guest), and a job without a checkpoint still has its script signalled by scancel.
 
 The single-host stack's Slurm is not touched: this test starts a slurmctld and slurmd of its own
 (tests/e2e/own_slurm.py), stopped by their pids. The node worker is a real one (no broker: its handlers are
@@ -293,6 +295,37 @@ def test_the_batch_script_itself_carries_on_after_a_requeue_and_no_line_comes_tw
     print(f"{open_mode}: the first batch step wrote {len(kept)} counts; in the end {len(counts)}")
     _teardown(site, job)
     assert site.worker.hv.lookup(guest.name) is None and not site.worker.checkpoints.job_dir(job).exists()
+
+
+TRAPPING_SCRIPT = """#!/bin/sh
+trap 'echo "got TERM" > /tmp/script-end; exit 143' TERM
+echo up
+while :; do sleep 0.2; done
+"""
+
+
+def test_scancel_of_a_job_without_checkpoint_still_ends_its_script_in_the_guest(site, our_slurm, users):  # noqa: F811
+    """The script runs detached in the guest; the batch step's kill (scancel) is passed on to it, as on a host:
+    it gets its SIGTERM while its guest still runs, and its exit status is written."""
+    _, owner = users
+    key = _key(owner)
+    job, out = _launcher_job(our_slurm, site, owner, key, TRAPPING_SCRIPT)
+    our_slurm.wait_running(job)
+    (ready,) = site.boot(job, site.plan(owner, job, vcpus=1,
+                                        ssh_authorized_keys=[key.with_suffix(".pub").read_text().strip()]))
+    assert isinstance(ready, m.GuestReady), ready
+    deadline = time.monotonic() + 120
+    while "up\n" not in _read(out):
+        assert time.monotonic() < deadline and our_slurm.state(job) == "RUNNING", (our_slurm.state(job), _read(out))
+        time.sleep(0.2)
+    our_slurm.run("scancel", job)
+    deadline = time.monotonic() + 60
+    while our_slurm.state(job) not in ("", "CANCELLED"):
+        assert time.monotonic() < deadline, our_slurm.state(job)
+        time.sleep(0.2)
+    assert _in_guest(owner, key, ready.address, "cat /tmp/script-end") == "got TERM"
+    assert _in_guest(owner, key, ready.address, f"cat /tmp/vtorque-job.{job}/rc") == "143"
+    _teardown(site, job)
 
 
 def test_a_requeued_job_that_starts_on_another_node_restores_there(
