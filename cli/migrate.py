@@ -102,7 +102,10 @@ def move(config, cmd, echo) -> int:
         while True:
             event = waiter.next(end)
             if event is None:
-                raise click.ClickException(f"job {job_id}: no answer from {source}'s node worker in {timeout:.0f}s")
+                # Not "not moved": libvirtd finishes a peer-to-peer move whose worker died (seen on the rig).
+                raise click.ClickException(
+                    f"job {job_id}: no answer from {source}'s node worker in {timeout:.0f}s; the move may have "
+                    f"finished without it: `virsh list` on {source} and {cmd.target} says where the guests run")
             if event.job_id != job_id or getattr(event, "node", None) != source:
                 continue
             if isinstance(event, m.GuestMigrated):

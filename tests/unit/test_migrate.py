@@ -202,3 +202,45 @@ def test_a_bad_name_is_refused_in_one_line_before_anything_is_sent(source, targe
 def test_a_good_command_is_what_the_node_worker_decodes():
     cmd = checked_command("7.srv", "n2", "n1", ("vt-7-n2-0",), 60.0)
     assert m.decode(m.encode(cmd)) == cmd and cmd.guests == ["vt-7-n2-0"] and cmd.target == "n1"
+
+
+def test_no_answer_from_the_source_is_one_line_that_does_not_say_not_moved(monkeypatch):
+    """The source's worker killed mid-move: libvirtd may have finished the move, so the CLI cannot say either
+    way; it says where to look, in one line, and publishes the command once."""
+    import types
+
+    from vtorque.cli import migrate as cli_migrate
+    from vtorque.shared import bus
+
+    sent = []
+
+    class Waiter:
+        def __init__(self, *a, **kw):
+            pass
+
+        def next(self, end):
+            return None  # nothing before the deadline
+
+        def close(self):
+            pass
+
+    class Publisher:
+        def __init__(self, url):
+            pass
+
+        def publish(self, message):
+            sent.append(message)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(bus, "EventWaiter", Waiter)
+    monkeypatch.setattr(bus, "Publisher", Publisher)
+    config = types.SimpleNamespace(broker=types.SimpleNamespace(connection_url=lambda: "amqp://x", connect_timeout=1))
+    cmd = checked_command("7", "n2", "n1", (), 0.01)
+    with pytest.raises(click.ClickException) as failed:
+        cli_migrate.move(config, cmd, lambda text, err=False: None)
+    assert sent == [cmd]
+    text = failed.value.message
+    assert "\n" not in text and "no answer from n2's node worker" in text and "not moved" not in text
+    assert "virsh list` on n2 and n1" in text
